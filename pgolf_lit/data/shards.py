@@ -1,0 +1,139 @@
+"""The upstream token-shard format: read (memory-mapped), write (atomically), validate.
+
+A shard is a 1024-byte header of 256 little-endian int32 words (magic 20240520, version 1, token count N,
+then zeros) followed by N little-endian uint16 tokens; the file size is exactly 1024 + 2N. Datasets live in
+``<root>/datasets/<name>/fineweb_{train,val}_NNNNNN.bin`` (spec/data.md §2-3).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pgolf_lit.errors import DataError
+from pgolf_lit.fileio import atomic_path
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_VOCAB = 1 << 16
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+def read_num_tokens(path: str | os.PathLike) -> int:
+    """Validate the header and the file size of a shard; return its token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: expected a shard file, found a directory") from None
+    if header.size < HEADER_INTS:
+        raise DataError(f"{path}: unexpected shard header: file has {size} bytes, a header needs {HEADER_BYTES}")
+    if int(header[0]) != SHARD_MAGIC:
+        raise DataError(f"{path}: unexpected shard header: magic {int(header[0])}, expected {SHARD_MAGIC}")
+    if int(header[1]) != SHARD_VERSION:
+        raise DataError(f"{path}: unexpected shard header: version {int(header[1])}, expected {SHARD_VERSION}")
+    num_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        raise DataError(
+            f"{path}: shard size mismatch: header says {num_tokens} tokens, so {expected} bytes expected, "
+            f"file has {size} bytes (truncated or corrupted)"
+        )
+    return num_tokens
+
+
+def load_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
+    """Memory-map a validated shard's tokens as a read-only little-endian uint16 array.
+
+    With ``vocab_size`` every token is checked to be < vocab_size (one pass over the shard).
+    """
+    path = Path(path)
+    num_tokens = read_num_tokens(path)
+    if num_tokens == 0:
+        tokens = np.zeros(0, dtype="<u2")
+    else:
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    if vocab_size is not None and num_tokens:
+        check_token_range(tokens, vocab_size, path)
+    return tokens
+
+
+@lru_cache(maxsize=1024)
+def _max_token(path: str, mtime_ns: int, size: int) -> int:
+    # Keyed on mtime and size so a rewritten shard is checked again; one pass per shard per process.
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES)
+    return int(tokens.max()) if tokens.size else -1
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, path: str | os.PathLike) -> None:
+    st = os.stat(path)
+    top = _max_token(str(path), st.st_mtime_ns, st.st_size)
+    if top >= vocab_size:
+        first = int(np.argmax(np.asarray(tokens) >= vocab_size))
+        raise DataError(
+            f"{path}: token id {top} at or above vocab_size {vocab_size} (first at index {first}); "
+            f"the shards were made with another tokenizer than the model's vocab_size expects"
+        )
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int] | torch.Tensor) -> Path:
+    """Write tokens as one shard, to a temporary name first, then rename."""
+    path = Path(path)
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise DataError(f"{path}: tokens must be 1-D, got shape {tuple(arr.shape)}")
+    if arr.size >= 2**31:
+        raise DataError(f"{path}: {arr.size} tokens do not fit one shard (< 2^31)")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= MAX_VOCAB):
+        raise DataError(f"{path}: token ids must lie in [0, {MAX_VOCAB}) to fit uint16; the vocabulary is too large")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(arr.astype("<u2", copy=False).tobytes())
+    return path
+
+
+def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Sorted ``fineweb_<split>_*.bin`` files of a dataset directory; a clear error when there are none."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: dataset directory not found (expected fineweb_{split}_*.bin shards in it)")
+    files = sorted(data_dir.glob(f"fineweb_{split}_*.bin"))
+    if not files:
+        raise DataError(f"{data_dir}: no {split} shards matching fineweb_{split}_*.bin")
+    return files
+
+
+def load_validation_tokens(data_dir: str | os.PathLike, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
+    """All val shards concatenated in name order, trimmed to ``floor((N-1)/seq_len)*seq_len + 1`` tokens.
+
+    Returned as an int64 CPU tensor (the val split is small: 62M tokens for sp1024).
+    """
+    files = list_shards(data_dir, "val")
+    parts = [np.asarray(load_shard(f, vocab_size)) for f in files]
+    tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise DataError(
+            f"{data_dir}: the validation split has {tokens.size} tokens, shorter than one sequence of "
+            f"{seq_len} + 1 tokens"
+        )
+    return torch.from_numpy(tokens[: usable + 1].astype(np.int64))

@@ -1,0 +1,160 @@
+"""SentencePiece tokenizers: load with checks, train with the upstream export settings, build byte LUTs.
+
+The byte LUTs turn token-level cross entropy into bits per byte (spec/evaluation.md §1.3-1.4): for a scored
+position with previous token ``u`` and target ``t`` the target is worth
+``base_bytes[t] + (has_leading_space[t] and not is_boundary[u])`` UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from pgolf_lit.errors import DataError
+
+SPACE = "\u2581"  # SentencePiece's whitespace marker "▁"
+
+# The upstream export's trainer settings (spec/data.md §7); everything else stays at the library default.
+EXPORT_TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    character_coverage=0.999,
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    pad_id=0,
+    bos_id=1,
+    eos_id=2,
+    unk_id=3,
+    hard_vocab_limit=False,
+)
+BOS_ID = 1
+
+
+class NoByteFallbackWarning(UserWarning):
+    """The tokenizer maps unknown characters to <unk>, which the byte LUTs count as 0 bytes."""
+
+
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
+    """Load a SentencePiece model; check the file exists and, if given, that its vocab equals ``vocab_size``."""
+    import sentencepiece as spm
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer model not found")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError with a long C++ message
+        raise DataError(f"{path}: not a readable SentencePiece model ({type(e).__name__})") from None
+    if vocab_size is not None and sp.vocab_size() != vocab_size:
+        raise DataError(
+            f"{path}: tokenizer has vocab_size {sp.vocab_size()}, the model config expects vocab_size {vocab_size}"
+        )
+    return sp
+
+
+def has_byte_fallback(sp) -> bool:
+    return any(sp.is_byte(i) for i in range(sp.vocab_size()))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_byte_luts(sp, vocab_size: int, *, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(base_bytes int16, has_leading_space bool, is_boundary bool)`` of length max(sp vocab, vocab_size).
+
+    Control, unknown and unused pieces are boundaries worth 0 bytes; a byte-fallback piece is worth 1 byte; any
+    other piece is worth the UTF-8 length of its text without one leading "▁", and the "▁" becomes a conditional
+    space byte (added unless the previous token is a boundary). Ids past the tokenizer's vocab are boundaries.
+    """
+    n_sp = sp.vocab_size()
+    size = max(n_sp, vocab_size)
+    base_bytes = torch.zeros(size, dtype=torch.int16)
+    has_leading_space = torch.zeros(size, dtype=torch.bool)
+    is_boundary = torch.ones(size, dtype=torch.bool)
+    if sp.piece_to_id(SPACE) == sp.unk_id():
+        raise DataError(
+            f"tokenizer has no standalone '{SPACE}' piece: spaces would be counted as 3 bytes (upstream issue #897)"
+        )
+    byte_fallback = False
+    for i in range(n_sp):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            byte_fallback = True
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith(SPACE):
+            has_leading_space[i] = True
+            piece = piece[1:]
+        if SPACE in piece:
+            raise DataError(
+                f"tokenizer piece {i} {sp.id_to_piece(i)!r} has '{SPACE}' after its first character; "
+                f"its space would be counted as 3 bytes"
+            )
+        base_bytes[i] = len(piece.encode("utf-8"))
+    if warn and not byte_fallback:
+        warnings.warn(
+            "tokenizer has no byte fallback: characters outside its vocabulary become <unk>, which counts 0 bytes, "
+            "so bits per byte is flattered",
+            NoByteFallbackWarning,
+            stacklevel=2,
+        )
+    return base_bytes, has_leading_space, is_boundary
+
+
+def count_bytes(tokens: torch.Tensor, luts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> int:
+    """Bytes of every target ``tokens[1:]`` given its previous token (the stream's BPB denominator)."""
+    base_bytes, has_leading_space, is_boundary = luts
+    prev, tgt = tokens[:-1].long(), tokens[1:].long()
+    b = base_bytes[tgt].long() + (has_leading_space[tgt] & ~is_boundary[prev]).long()
+    return int(b.sum())
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    model_prefix: str | os.PathLike,
+    *,
+    num_threads: int | None = None,
+    **overrides,
+) -> Path:
+    """Train a SentencePiece BPE model with the upstream export settings; return the ``.model`` path.
+
+    Each text has NUL replaced by a space and is stripped; empty texts are skipped (as upstream does for
+    tokenizer training). Writes ``<model_prefix>.model`` and ``.vocab``.
+    """
+    import sentencepiece as spm
+
+    model_prefix = Path(model_prefix)
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+
+    def sentences():
+        for t in texts:
+            t = t.replace("\x00", " ").strip()
+            if t:
+                yield t
+
+    options = dict(EXPORT_TRAINER_OPTIONS, vocab_size=vocab_size, **overrides)
+    if num_threads:
+        options["num_threads"] = num_threads
+    # Train into a scratch directory beside the target, then rename: no half-written .model under the final name.
+    with tempfile.TemporaryDirectory(dir=model_prefix.parent, prefix=".sp-train-") as tmp:
+        tmp_prefix = Path(tmp) / model_prefix.name
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=str(tmp_prefix), **options)
+        for ext in (".vocab", ".model"):
+            os.replace(f"{tmp_prefix}{ext}", f"{model_prefix}{ext}")
+    return Path(f"{model_prefix}.model")

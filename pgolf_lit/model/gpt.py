@@ -1,0 +1,314 @@
+"""The GPT of the baseline and every record system, built from a GPTConfig. Plain PyTorch.
+
+Forward, top to bottom (spec/model.md §1.3 and §2):
+  token embedding (+ BigramHash) → RMSNorm (→ embed_proj) (→ SmearGate) = x0
+  encoder half of the layer schedule, pushing each output on a stack
+  decoder half: pop a U-Net skip (scaled, optionally gated) before each block; from ``parallel_start_layer``
+  on, attention and MLP run in two lanes merged at the end
+  → forward_hidden ends here (pre final norm)
+  final RMSNorm (→ head_proj) → tied or untied head → softcap
+
+The layer schedule is the list of physical blocks executed; depth recurrence makes it longer without adding
+block parameters. Parameter names equal the upstream scripts' state-dict keys, so upstream checkpoints load as
+they are (``pgolf convert`` only checks them).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf_lit.config import GPTConfig
+from pgolf_lit.model.attention import CausalSelfAttention, Rotary
+from pgolf_lit.model.layers import MLP, BigramHash, CastedLinear, SmearGate, ValueEmbedding, rms_norm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layer schedules (depth recurrence) and U-Net skip plans
+# ---------------------------------------------------------------------------------------------------------
+
+
+def layer_schedule(cfg: GPTConfig, recurrence_active: bool) -> list[int]:
+    """Physical block index of every executed position.
+
+    group (PR #1334): the recur_layers re-run once as a group after the first pass of the last of them,
+        e.g. 4,5 → 0..5,4,5,6..10.
+    inplace (PR #1278): every recur layer runs twice in a row, e.g. 4,5 → 0..4,4,5,5,6..10.
+    loop (PR #1394): the segment [loop_start, loop_end] runs num_loops + 1 times, e.g. 2,4,5 → 0..5,4,5,4,5,6..10.
+    """
+    n = cfg.num_layers
+    if not recurrence_active or cfg.recurrence == "none":
+        return list(range(n))
+    if cfg.recurrence == "group":
+        last = cfg.recur_layers[-1]
+        return list(range(last + 1)) + list(cfg.recur_layers) + list(range(last + 1, n))
+    if cfg.recurrence == "inplace":
+        repeat = set(cfg.recur_layers)
+        return [j for i in range(n) for j in ([i, i] if i in repeat else [i])]
+    segment = list(range(cfg.loop_start, cfg.loop_end + 1))
+    return list(range(cfg.loop_start)) + segment * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, n))
+
+
+def num_skip_rows(cfg: GPTConfig) -> int:
+    """Rows of skip_weights: from the physical depth, or from the recurrent schedule (PR #1278 root, PR #1394)."""
+    n = len(layer_schedule(cfg, cfg.skip_rows == "recurrent"))
+    return min(n // 2, n - n // 2)
+
+
+def skip_plan(cfg: GPTConfig, schedule: list[int]) -> list[Optional[int]]:
+    """For each decoder position: the skip_weights row to add a popped skip with, -1 to pop and drop, None
+    to leave the stack alone.
+
+    standard: row j while the stack is non-empty and j < rows (every record script).
+    folder_copy: PR #1278's record-folder script: only while j < stack size, row min(j, rows-1).
+    """
+    rows = num_skip_rows(cfg)
+    n_enc = len(schedule) // 2
+    stack, plan = n_enc, []
+    for j in range(len(schedule) - n_enc):
+        row: Optional[int] = None
+        if cfg.skip_wiring == "folder_copy":
+            if stack and j < stack:
+                row = min(j, rows - 1) if rows else -1
+        elif stack and j < rows:
+            row = j
+        if row is not None:
+            stack -= 1
+        plan.append(row)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """resid_mix with x0 → x + attn_scale·attn(norm(x)·s) → x + mlp_scale·mlp(norm(x)·s) (→ DTG gate)."""
+
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        d = cfg.model_dim
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.attn = CausalSelfAttention(
+            d,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            rope_dims=cfg.rope_dims,
+            qk_gain_init=cfg.qk_gain_init,
+            xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n,
+            vrl_gate=cfg.vrl and layer_idx > 0,
+        )
+        self.mlp = MLP(d, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
+        self.ln_scale_factor = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
+        self.dtg_gate: Optional[nn.Linear] = None
+        if cfg.dtg:
+            self.dtg_gate = nn.Linear(d, 1, bias=True)
+            nn.init.zeros_(self.dtg_gate.weight)
+            nn.init.constant_(self.dtg_gate.bias, 2.0)
+
+    def forward(self, x, x0, rope, ve=None, v_first=None) -> tuple[Tensor, Tensor]:
+        mix = self.resid_mix.to(x.dtype)
+        x_in = mix[0] * x + mix[1] * x0
+        attn_out, v_raw = self.attn(rms_norm(x_in) * self.ln_scale_factor, rope, ve, v_first)
+        x = x_in + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale_factor)
+        if self.dtg_gate is not None:
+            gate = torch.sigmoid(self.dtg_gate(x_in.detach()))
+            x = x_in + gate * (x - x_in)
+        return x, v_raw
+
+    def forward_parallel(self, lane_a, lane_m, x0, rope, ve=None, v_first=None) -> tuple[Tensor, Tensor]:
+        """Parallel residual lanes: attention reads and writes lane_a (with resid_mix), the MLP lane_m only."""
+        mix = self.resid_mix.to(lane_a.dtype)
+        a_in = mix[0] * lane_a + mix[1] * x0
+        attn_out, _ = self.attn(rms_norm(a_in) * self.ln_scale_factor, rope, ve, v_first)
+        lane_a = a_in + self.attn_scale.to(a_in.dtype) * attn_out
+        lane_m = lane_m + self.mlp_scale.to(lane_m.dtype) * self.mlp(rms_norm(lane_m) * self.ln_scale_factor)
+        return lane_a, lane_m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        d, e, v = cfg.model_dim, cfg.emb_dim, cfg.vocab_size
+        self.tok_emb = nn.Embedding(v, e)
+        self.embed_proj = CastedLinear(e, d) if e != d else None
+        self.head_proj = CastedLinear(d, e) if e != d else None
+        self.bigram = (
+            BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bigram_trigram) if cfg.bigram_vocab_size else None
+        )
+        self.smear = SmearGate(d) if cfg.smear_gate else None
+        rows = num_skip_rows(cfg)
+        self.skip_weights = nn.Parameter(torch.ones(rows, d))
+        self.skip_gates = nn.Parameter(torch.zeros(rows, d)) if cfg.skip_gates else None
+        n_repeats = len(layer_schedule(cfg, True)) - cfg.num_layers
+        self.iter_embed = self.iter_gate = None
+        if cfg.iter_conditioning and n_repeats > 0:
+            self.iter_embed = nn.Parameter(torch.randn(n_repeats, d) * 0.02)
+            self.iter_gate = nn.Parameter(torch.full((n_repeats, d), -2.0))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.ve_shared = ValueEmbedding(v, cfg.ve_dim, cfg.kv_dim) if cfg.ve_enabled else None
+        self.ve_layer_scales = nn.ParameterList(
+            [nn.Parameter(torch.ones(1)) for _ in (cfg.ve_layers if cfg.ve_enabled else [])]
+        )
+        self._ve_index = {layer: j for j, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
+        self.lane_merge = nn.Parameter(torch.tensor(0.5)) if cfg.parallel_start_layer else None
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(e, v, zero_init=True)
+        self.mtp_heads = nn.ModuleList(CastedLinear(d, v, zero_init=True) for _ in range(cfg.mtp_num_heads))
+        self.rotary = Rotary(cfg.rope_dims or cfg.head_dim, cfg.rope_base, cfg.rope_train_seq_len)
+        self.recurrence_active = False
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        cfg = self.config
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
+            elif cfg.init == "orthogonal" and min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight, gain=1.0)
+                if cfg.proj_init_scale and (name.endswith(".proj") or ".proj." in name):
+                    with torch.no_grad():
+                        module.weight.mul_(1.0 / math.sqrt(2 * cfg.num_layers))
+
+    # --- recurrence state ------------------------------------------------------------------------------
+    def set_recurrence(self, active: bool) -> None:
+        """Switch depth recurrence on or off (a no-op for configs without recurrence)."""
+        self.recurrence_active = bool(active)
+
+    def layer_schedule(self) -> list[int]:
+        return self._plans[self.recurrence_active][0]
+
+    @cached_property
+    def _plans(self) -> dict[bool, tuple[list[int], list[Optional[int]]]]:
+        plans = {}
+        for active in (False, True):
+            schedule = layer_schedule(self.config, active)
+            plans[active] = (schedule, skip_plan(self.config, schedule))
+        return plans
+
+    # --- forward ---------------------------------------------------------------------------------------
+    def forward_hidden(self, ids: Tensor) -> Tensor:
+        """The residual stream after the last block, before the final norm: [B, T, model_dim]."""
+        cfg = self.config
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = rms_norm(x)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        x0 = x
+        rope = self.rotary(ids.size(1))
+        ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
+        schedule, plan = self._plans[self.recurrence_active]
+        n_enc = len(schedule) // 2
+
+        stack: list[Tensor] = []
+        v_first: Optional[Tensor] = None
+        seen: set[int] = set()
+        repeat_idx = 0
+        lanes: Optional[tuple[Tensor, Tensor]] = None
+        for pos, layer in enumerate(schedule):
+            if pos >= n_enc and lanes is None:
+                row = plan[pos - n_enc]
+                if row is not None:
+                    skip = stack.pop()
+                    if row >= 0:
+                        x = self._add_skip(x, skip, row)
+                if self.lane_merge is not None and layer >= cfg.parallel_start_layer:
+                    lanes = (x, x)
+            if layer in seen and self.iter_embed is not None:
+                gate = torch.sigmoid(self.iter_gate[repeat_idx].to(x.dtype))
+                x = x + gate * self.iter_embed[repeat_idx].to(x.dtype)
+                repeat_idx += 1
+            seen.add(layer)
+            ve = self._value_embedding(ve_base, layer)
+            block = self.blocks[layer]
+            if lanes is not None:
+                lanes = block.forward_parallel(lanes[0], lanes[1], x0, rope, ve, v_first)
+                continue
+            x, v_raw = block(x, x0, rope, ve, v_first)
+            if cfg.vrl and v_first is None:
+                v_first = v_raw
+            if pos < n_enc:
+                stack.append(x)
+        if lanes is not None:
+            m = self.lane_merge.to(lanes[0].dtype)
+            x = m * lanes[0] + (1 - m) * lanes[1]
+        return x
+
+    def _add_skip(self, x: Tensor, skip: Tensor, row: int) -> Tensor:
+        scaled = self.skip_weights[row].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[row].to(x.dtype)))
+
+    def _value_embedding(self, ve_base: Optional[Tensor], layer: int) -> Optional[Tensor]:
+        if ve_base is None or layer not in self._ve_index:
+            return None
+        return ve_base * self.ve_layer_scales[self._ve_index[layer]].to(ve_base.dtype)
+
+    def normalize_hidden(self, h: Tensor) -> Tensor:
+        """Final RMSNorm (and head_proj when embedding_dim != model_dim): the input of the output head."""
+        z = rms_norm(h)
+        return self.head_proj(z) if self.head_proj is not None else z
+
+    def logits_from_normed(self, z: Tensor, logit_bias: Optional[Tensor] = None) -> Tensor:
+        """Tied or untied head, an optional additive logit bias (SLOT), then the tanh softcap."""
+        raw = F.linear(z, self.tok_emb.weight) if self.lm_head is None else self.lm_head(z)
+        if logit_bias is not None:
+            raw = raw + logit_bias
+        c = self.config.logit_softcap
+        return c * torch.tanh(raw / c)
+
+    def logits_from_hidden(self, h: Tensor) -> Tensor:
+        return self.logits_from_normed(self.normalize_hidden(h))
+
+    def forward_logits(self, ids: Tensor) -> Tensor:
+        return self.logits_from_hidden(self.forward_hidden(ids))
+
+    def forward(self, ids: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+        """Logits [B,T,V] without targets; with targets the mean cross entropy (fp32) over all positions,
+        plus the multi-token-prediction loss in training mode when MTP heads exist."""
+        z = self.normalize_hidden(self.forward_hidden(ids))
+        logits = self.logits_from_normed(z)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        if self.training and len(self.mtp_heads) and self.config.mtp_loss_weight > 0:
+            loss = loss + self.config.mtp_loss_weight * self._mtp_loss(z, targets)
+        return loss
+
+    def _mtp_loss(self, z: Tensor, targets: Tensor) -> Tensor:
+        """Head k predicts the token k+1 positions after the main target (training only)."""
+        c = self.config.logit_softcap
+        losses = []
+        for k, head in enumerate(self.mtp_heads):
+            valid = z.size(1) - (k + 1)
+            if valid <= 0:
+                continue
+            logits = c * torch.tanh(head(z[:, :valid]) / c)
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets[:, k + 1 :].reshape(-1)))
+        return torch.stack(losses).mean() if losses else z.new_zeros(())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

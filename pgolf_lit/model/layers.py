@@ -1,0 +1,133 @@
+"""Building blocks of the GPT: weightless RMSNorm, CastedLinear (with a fake-quant hook), MLP, SmearGate,
+BigramHash, ValueEmbedding. Plain PyTorch (spec/model.md §1.2, §2.1, §2.9-2.11, §2.15)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Weightless RMS norm over the last dim. eps=None: PyTorch then uses float32's epsilon even for bf16."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def fake_quantize_rows(w: Tensor, bits: int) -> Tensor:
+    """The records' late-QAT quantizer: per-row scale max(|w|max / R, 1/R), codes clamped to [-R-1, R]."""
+    r = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        w32 = w.float()
+        scale = (w32.abs().amax(dim=1) / r).clamp_min(1.0 / r)
+        return torch.clamp(torch.round(w32 / scale[:, None]), -r - 1, r) * scale[:, None]
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free Linear whose fp32 weight is cast to the input dtype at call time (bf16 compute, fp32 master).
+
+    ``qat_bits > 0`` turns on straight-through fake quantization of the weight in training mode: the forward
+    sees the quantized weight, the gradient flows to the fp32 weight unchanged. Set by the LateQAT callback.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+        self.qat_bits = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.dtype)
+        if self.qat_bits and self.training:
+            w = w + (fake_quantize_rows(self.weight, self.qat_bits).to(x.dtype) - w).detach()
+        return F.linear(x, w)
+
+
+class MLP(nn.Module):
+    """proj(act(fc(x))²) with act = relu (baseline) or leaky_relu(slope) (every record)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "relu2", slope: float = 0.5):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden)
+        self.proj = CastedLinear(hidden, dim, zero_init=True)
+        self.activation = activation
+        self.slope = slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.slope) if self.activation == "leaky_relu2" else torch.relu(h)
+        return self.proj(h.square())
+
+
+class SmearGate(nn.Module):
+    """x[t] ← (1-g)·x[t] + g·x[t-1] per row, g = σ(gate) per channel; position 0 mixes with zeros."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))[None, None, :]
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return (1 - g) * x + g * prev
+
+
+def bigram_hash(tokens: Tensor, table_size: int) -> Tensor:
+    """(36313·t[i] XOR 27191·t[i-1]) mod (table_size-1) in int32; position 0 gets the reserved last bucket."""
+    t = tokens.to(torch.int32)
+    mod = table_size - 1
+    out = torch.empty_like(t)
+    out[..., 0] = mod
+    out[..., 1:] = torch.bitwise_xor(36313 * t[..., 1:], 27191 * t[..., :-1]) % mod
+    return out.long()
+
+
+def trigram_hash(tokens: Tensor, table_size: int) -> Tensor:
+    """Like bigram_hash over (t[i], t[i-1], t[i-2]); positions 0 and 1 get the reserved last bucket."""
+    t = tokens.to(torch.int32)
+    mod = table_size - 1
+    out = torch.full_like(t, mod)
+    if t.size(-1) > 2:
+        h = torch.bitwise_xor(36313 * t[..., 2:], 27191 * t[..., 1:-1])
+        out[..., 2:] = torch.bitwise_xor(h, 51497 * t[..., :-2]) % mod
+    return out.long()
+
+
+class BigramHash(nn.Module):
+    """A hashed table of token pairs, projected to the model width and scaled; added to the token embedding."""
+
+    def __init__(self, table_size: int, dim: int, model_dim: int, trigram: bool = False):
+        super().__init__()
+        self.table_size = table_size
+        self.trigram = trigram
+        self.embed = nn.Embedding(table_size, dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(dim, model_dim) if dim != model_dim else None
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(bigram_hash(ids, self.table_size))
+        if self.trigram:
+            h = h + self.embed(trigram_hash(ids, self.table_size))
+        if self.proj is not None:
+            h = self.proj(h)
+        return h * self.scale.to(h.dtype)
+
+
+class ValueEmbedding(nn.Module):
+    """A token table projected to the KV width, added to the value projection of selected layers."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = CastedLinear(dim, kv_dim) if dim != kv_dim else None
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        if self.proj is not None:
+            h = self.proj(h)
+        return h * self.scale.to(h.dtype)

@@ -1,0 +1,33 @@
+"""Shared test helpers: where the shared fixtures and tokenizers are (skip cleanly when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+def fixture_root(env_var: str, sub: str) -> Path | None:
+    """The fixture root named by ``env_var``, else ``../shared/fixtures/<sub>``; None when neither exists."""
+    p = Path(os.environ[env_var]) if os.environ.get(env_var) else SHARED / "fixtures" / sub
+    return p if p.is_dir() else None
+
+
+def fixture_cases(env_var: str, sub: str) -> list:
+    """One pytest param per case directory (a folder holding hparams.json); a skip marker when none."""
+    root = fixture_root(env_var, sub)
+    if root is None:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fixtures: set {env_var} or provide ../shared"))]
+    cases = sorted(p for p in root.iterdir() if (p / "hparams.json").is_file())
+    return [pytest.param(p, id=p.name) for p in cases]
+
+
+def shared_tokenizer(name: str) -> Path:
+    p = SHARED / "tokenizers" / name
+    if not p.is_file():
+        pytest.skip(f"shared tokenizer {name} not available (../shared/tokenizers)")
+    return p
