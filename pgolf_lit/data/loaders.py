@@ -1,0 +1,486 @@
+"""Rank-aware training token loaders: the three orders in which the record systems read the train shards.
+
+Each loader yields micro-batches ``(x, y)``, int64 CPU tensors of shape ``(rows, seq_len)`` with
+``rows = tokens_per_rank // seq_len``, where ``tokens_per_rank`` is upstream's ``L = B // (world_size * G)``; ``y``
+is ``x`` shifted one token to the right. One ``next_batch()`` call is one upstream ``next_batch`` call, so an
+optimizer step makes G of them (spec/data.md §9):
+
+- ``SequentialLoader``: the baseline's ``TokenStream`` + ``DistributedTokenLoader`` (one stream over the sorted
+  shards, wrapping after the last; each call takes ``world_size * (L + 1)`` tokens and rank r keeps slice r).
+- ``ShuffledSequenceLoader``: PR #1394 (rank-owned shards, random phase and order per shard, shard picked in
+  proportion to its remaining windows).
+- ``CoprimeStrideLoader``: PR #1334/#1333/#1421 and the 2026-03-29 record (per-shard coprime-stride cursors, a
+  shard mix that widens as training progresses).
+
+The random loaders draw from numpy's PCG64 in exactly upstream's order, so they give upstream's batches.
+
+Shards are memory-mapped (validated header and size; token ids checked against ``vocab_size`` on first use), never
+loaded into memory whole. ``state_dict()``/``load_state_dict()`` resume exactly and at once; ``skip(n)``
+fast-forwards n calls without reading tokens (free for the sequential loader, a replay of the random draws for the
+others: about 0.5 ms per call for the shuffled loader at 48 rows). A checkpoint written by rank 0 only can restore
+every rank: a state saved by another rank is replayed from the start by its call count, which gives the same
+position because every loader is a function of (shards, rank, world size, lengths, calls).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pgolf_lit.data.shards import list_shards, load_shard, read_num_tokens
+from pgolf_lit.errors import ConfigError, DataError
+
+# CoprimeStrideLoader's schedule (upstream constants): the shard mix widens and the preference for shards with
+# many blocks left flattens over the first MIX_WARMUP_CALLS calls.
+MIX_WARMUP_CALLS = 1800.0
+ALPHA_START, ALPHA_DROP = 0.90, 0.40
+FNV_PRIME = 1099511628211
+
+
+class ShardSet:
+    """A fixed list of (already validated) shards whose memory maps are opened, and vocab-checked, on first use."""
+
+    def __init__(self, files: list[Path], num_tokens: list[int], vocab_size: int | None):
+        self.files = files
+        self.vocab_size = vocab_size
+        self.num_tokens = np.array(num_tokens, dtype=np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def tokens(self, index: int) -> np.ndarray:
+        if index not in self._maps:
+            self._maps[index] = load_shard(self.files[index], self.vocab_size)
+        return self._maps[index]
+
+    def window(self, index: int, start: int, length: int) -> np.ndarray:
+        return np.asarray(self.tokens(index)[start : start + length], dtype=np.int64)
+
+
+def _random_phase(rng: np.random.Generator, num_tokens: int, seq_len: int) -> int:
+    """A random offset in [0, seq_len) for a shard's window grid, as upstream; no draw when there is no choice."""
+    max_phase = min(seq_len - 1, max(0, num_tokens - seq_len - 1))
+    return int(rng.integers(max_phase + 1)) if max_phase > 0 else 0
+
+
+class TokenLoader:
+    """Common shape, checks, iteration and resume logic; subclasses plan window positions and read them."""
+
+    kind = ""
+    # True when the position does not depend on the rank, so any rank's saved state restores this one directly.
+    rank_independent_position = False
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        rank: int,
+        world_size: int,
+        seq_len: int,
+        tokens_per_rank: int,
+        vocab_size: int | None = None,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
+        if seq_len < 1:
+            raise ConfigError(f"seq_len {seq_len}: must be positive")
+        if tokens_per_rank < seq_len or tokens_per_rank % seq_len:
+            raise ConfigError(
+                f"tokens_per_rank {tokens_per_rank} (train_batch_tokens // (world_size * grad_accum)): must be a "
+                f"positive multiple of seq_len {seq_len}"
+            )
+        self.data_dir = Path(data_dir)
+        self.rank, self.world_size = rank, world_size
+        self.seq_len, self.tokens_per_rank = seq_len, tokens_per_rank
+        self.rows = tokens_per_rank // seq_len
+        self.vocab_size = vocab_size
+        self.calls = 0
+        self.train_files = list_shards(self.data_dir, "train")
+        self.train_tokens = [read_num_tokens(f) for f in self.train_files]  # every header and size checked here
+
+    # subclass hooks ---------------------------------------------------------------------------------------------
+    def _plan(self):
+        """Advance the loader by one call and describe what to read (no token is read)."""
+        raise NotImplementedError
+
+    def _read(self, plan) -> np.ndarray:
+        """The planned windows as an int64 array of shape (rows, seq_len + 1)."""
+        raise NotImplementedError
+
+    def _position_state(self) -> dict:
+        raise NotImplementedError
+
+    def _load_position(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def _restart(self) -> None:
+        """Return to the state of a freshly built loader."""
+        raise NotImplementedError
+
+    def _resume_key(self) -> dict:
+        """What a saved state must agree on to be restored here: by default the shards and every length."""
+        return {"shards": self._shard_list(), "world_size": self.world_size, "seq_len": self.seq_len,
+                "tokens_per_rank": self.tokens_per_rank}
+
+    def _shard_list(self) -> list[list]:
+        return [[f.name, n] for f, n in zip(self.train_files, self.train_tokens)]
+
+    # public API ---------------------------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = torch.from_numpy(self._read(self._plan()))
+        self.calls += 1
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.next_batch()
+
+    def skip(self, calls: int) -> None:
+        """Fast-forward ``calls`` calls: the next batch is the one an uninterrupted loader would give then."""
+        for _ in range(calls):
+            self._plan()
+            self.calls += 1
+
+    def state_dict(self) -> dict:
+        """Plain Python values and int64 tensors (safe for ``torch.load(weights_only=True)``)."""
+        return {"kind": self.kind, "rank": self.rank, "calls": self.calls, **self._resume_key(),
+                **self._position_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise DataError(
+                f"{self.data_dir}: saved loader state is for a {state.get('kind')!r} loader, not {self.kind!r}"
+            )
+        for key, value in self._resume_key().items():
+            if state.get(key) != value:
+                raise DataError(
+                    f"{self.data_dir}: saved {self.kind} loader state has a different {key} "
+                    f"({_short(state.get(key))} saved, {_short(value)} now); it cannot be resumed exactly"
+                )
+        if state["rank"] == self.rank or self.rank_independent_position:
+            self._load_position(state)
+            self.calls = int(state["calls"])
+        else:
+            self._restart()
+            self.calls = 0
+            self.skip(int(state["calls"]))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class SequentialLoader(TokenLoader):
+    """Upstream ``TokenStream`` + ``DistributedTokenLoader``: the sorted shards as one cyclic stream.
+
+    Each call consumes ``world_size * (tokens_per_rank + 1)`` tokens and rank r keeps the r-th span, so any split
+    of a step between ranks and accumulation sees the same windows. The position is one offset into the cyclic
+    stream, rank-independent, so the saved state of any rank (of any world size) resumes every rank.
+    """
+
+    kind = "sequential"
+    rank_independent_position = True
+
+    def __init__(self, data_dir: str | os.PathLike, rank: int, world_size: int, seq_len: int, tokens_per_rank: int,
+                 vocab_size: int | None = None):
+        super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
+        self.shards = ShardSet(self.train_files, self.train_tokens, vocab_size)
+        self.span = tokens_per_rank + 1
+        self._shard_ends = np.cumsum(self.shards.num_tokens)
+        self.total_tokens = int(self._shard_ends[-1])
+        if self.total_tokens < world_size * self.span:
+            raise DataError(
+                f"{self.data_dir}: the train shards hold {self.total_tokens} tokens, fewer than one call takes "
+                f"(world_size {world_size} x (tokens_per_rank {tokens_per_rank} + 1))"
+            )
+        self.offset = 0
+
+    def _plan(self) -> int:
+        start = (self.offset + self.rank * self.span) % self.total_tokens
+        self.offset = (self.offset + self.world_size * self.span) % self.total_tokens
+        return start
+
+    def _read_stream(self, start: int, length: int) -> np.ndarray:
+        """``length`` tokens of the cyclic stream from global position ``start``, across shard ends and the wrap."""
+        pieces = []
+        position = start
+        while length:
+            shard = int(np.searchsorted(self._shard_ends, position, side="right"))
+            shard_start = int(self._shard_ends[shard] - self.shards.num_tokens[shard])
+            local = position - shard_start
+            take = min(length, int(self.shards.num_tokens[shard]) - local)
+            pieces.append(self.shards.window(shard, local, take))
+            length -= take
+            position = (position + take) % self.total_tokens
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _read(self, start: int) -> np.ndarray:
+        span = self._read_stream(start, self.span)
+        # Row i is span[i*T : i*T + T + 1]: x rows are consecutive T-token pieces and y the same shifted by one.
+        return np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(span, self.seq_len + 1)[:: self.seq_len])
+
+    def skip(self, calls: int) -> None:
+        self.offset = (self.offset + calls * self.world_size * self.span) % self.total_tokens
+        self.calls += calls
+
+    def _position_state(self) -> dict:
+        return {"offset": self.offset}
+
+    def _load_position(self, state: dict) -> None:
+        self.offset = int(state["offset"]) % self.total_tokens
+
+    def _restart(self) -> None:
+        self.offset = 0
+
+    def _resume_key(self) -> dict:
+        return {"shards": self._shard_list()}
+
+
+class ShuffledSequenceLoader(TokenLoader):
+    """PR #1394's ``ShuffledSequenceLoader``: each rank samples its own shards' windows without replacement.
+
+    Rank r owns shards ``sorted[r::world_size]`` and a ``Generator(PCG64(r))``. Each owned shard gets a random
+    phase and a random order of its windows (``seq_len + 1`` tokens, starting every ``seq_len``); each row picks a
+    shard with probability proportional to its windows left and takes its last one; when all are used, every shard
+    is reshuffled. Windows never cross shards.
+    """
+
+    kind = "shuffled"
+
+    def __init__(self, data_dir: str | os.PathLike, rank: int, world_size: int, seq_len: int, tokens_per_rank: int,
+                 vocab_size: int | None = None):
+        super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
+        owned = self.train_files[rank::world_size]
+        if not owned:
+            raise DataError(
+                f"{self.data_dir}: rank {rank} of {world_size} owns no train shard (only {len(self.train_files)} "
+                f"fineweb_train_*.bin); the shuffled loader needs at least one shard per rank"
+            )
+        self.shards = ShardSet(owned, self.train_tokens[rank::world_size], vocab_size)
+        if int(self.shards.num_tokens.max()) < seq_len + 1:
+            raise DataError(
+                f"{self.data_dir}: rank {rank}'s train shards are too short for one sequence: the longest has "
+                f"{int(self.shards.num_tokens.max())} tokens, a sequence needs seq_len + 1 = {seq_len + 1}"
+            )
+        self._restart()
+
+    def _reset_shard(self, index: int) -> None:
+        num_tokens = int(self.shards.num_tokens[index])
+        phase = _random_phase(self.rng, num_tokens, self.seq_len)
+        num_windows = max(0, (num_tokens - 1 - phase) // self.seq_len)
+        self.starts[index] = phase + self.rng.permutation(num_windows).astype(np.int64) * self.seq_len
+        self.remaining[index] = num_windows
+
+    def _restart(self) -> None:
+        self.rng = np.random.Generator(np.random.PCG64(self.rank))
+        self.starts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(self.shards.files)
+        self.remaining = [0] * len(self.shards.files)
+        for index in range(len(self.shards.files)):
+            self._reset_shard(index)
+
+    def _plan(self) -> list[tuple[int, int]]:
+        # Probabilities are remaining / remaining.sum() in float64, recomputed per row, as upstream: the exact
+        # floats matter because Generator.choice turns them into a CDF.
+        remaining = np.array(self.remaining, dtype=np.float64)
+        plan = []
+        for _ in range(self.rows):
+            total = remaining.sum()
+            if total <= 0:
+                for index in range(len(self.shards.files)):
+                    self._reset_shard(index)
+                remaining = np.array(self.remaining, dtype=np.float64)
+                total = remaining.sum()
+            index = int(self.rng.choice(len(self.shards.files), p=remaining / total))
+            self.remaining[index] -= 1
+            remaining[index] -= 1
+            plan.append((index, int(self.starts[index][self.remaining[index]])))
+        return plan
+
+    def _read(self, plan: list[tuple[int, int]]) -> np.ndarray:
+        return np.stack([self.shards.window(index, start, self.seq_len + 1) for index, start in plan])
+
+    def _position_state(self) -> dict:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "starts": [torch.from_numpy(s[:n].copy()) for s, n in zip(self.starts, self.remaining)],
+        }
+
+    def _load_position(self, state: dict) -> None:
+        self.rng = np.random.Generator(np.random.PCG64(self.rank))
+        self.rng.bit_generator.state = state["rng"]
+        self.starts = [torch.as_tensor(s, dtype=torch.int64).numpy() for s in state["starts"]]
+        self.remaining = [len(s) for s in self.starts]
+
+
+class CoprimeStrideLoader(TokenLoader):
+    """The coprime-stride multi-shard loader (PR #1334/#1333/#1421, 2026-03-29 record; upstream class name
+    ``DistributedTokenLoader``).
+
+    All ranks share one generator, seeded by an FNV-style hash of the sorted shard paths, and build the same
+    global batch of ``rows * world_size`` windows; rank r keeps windows r, r + W, ... Each shard has a cursor that
+    walks its blocks in the order ``start + k * stride (mod blocks)`` with ``gcd(stride, blocks) = 1``, so it visits
+    every block once per pass (sampling without replacement in O(1) state). Each call picks a mix of shards that
+    grows from ``low`` to ``high`` over the first 1800 calls and interleaves their windows.
+
+    The seed hashes ``str(path)`` of each shard as built from ``data_dir``: to reproduce an upstream run exactly,
+    spell ``data_dir`` as upstream did (``./data/datasets/fineweb10B_sp4096`` and ``data/datasets/...`` hash the
+    same; an absolute path does not).
+    """
+
+    kind = "coprime"
+
+    def __init__(self, data_dir: str | os.PathLike, rank: int, world_size: int, seq_len: int, tokens_per_rank: int,
+                 vocab_size: int | None = None):
+        super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
+        self.shards = ShardSet(self.train_files, self.train_tokens, vocab_size)
+        self.seed = self.path_hash(self.shards.files)
+        base_blocks = (self.shards.num_tokens - 1) // seq_len
+        self.eligible = np.nonzero(base_blocks > 0)[0].astype(np.int64)
+        if self.eligible.size == 0:
+            raise DataError(
+                f"{self.data_dir}: every train shard is too short for one sequence: the longest has "
+                f"{int(self.shards.num_tokens.max())} tokens, a sequence needs seq_len + 1 = {seq_len + 1}"
+            )
+        self.base_blocks = base_blocks[self.eligible]
+        self.global_windows = self.rows * world_size
+        self._restart()
+
+    @staticmethod
+    def path_hash(files: list[Path]) -> int:
+        """64-bit FNV-1-style hash (xor then multiply, starting from 0) of the UTF-8 bytes of every path string."""
+        seed = 0
+        for path in files:
+            for byte in str(path).encode():
+                seed = ((seed ^ byte) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+        return seed
+
+    def _restart(self) -> None:
+        self.rng = np.random.Generator(np.random.PCG64(self.seed))
+        n = len(self.shards.files)
+        self.cursor_phase = np.zeros(n, dtype=np.int64)
+        self.cursor_blocks = np.zeros(n, dtype=np.int64)
+        self.cursor_next = np.zeros(n, dtype=np.int64)
+        self.cursor_start = np.zeros(n, dtype=np.int64)
+        self.cursor_stride = np.ones(n, dtype=np.int64)
+        self.cursor_started = np.zeros(n, dtype=bool)
+
+    def _coprime_stride(self, blocks: int) -> int:
+        if blocks <= 1:
+            return 1
+        while True:
+            stride = int(self.rng.integers(1, blocks))
+            if math.gcd(stride, blocks) == 1:
+                return stride
+
+    def _reset_cursor(self, shard: int) -> None:
+        """A new pass over a shard: new phase, block count, start block and stride (drawn in that order)."""
+        phase = _random_phase(self.rng, int(self.shards.num_tokens[shard]), self.seq_len)
+        blocks = (int(self.shards.num_tokens[shard]) - 1 - phase) // self.seq_len
+        self.cursor_phase[shard] = phase
+        self.cursor_blocks[shard] = blocks
+        self.cursor_next[shard] = 0
+        self.cursor_start[shard] = int(self.rng.integers(blocks)) if blocks > 1 else 0
+        self.cursor_stride[shard] = self._coprime_stride(blocks)
+        self.cursor_started[shard] = True
+
+    def _take(self, shard: int, count: int) -> list[tuple[int, int]]:
+        """The next ``count`` window starts of a shard's cursor, starting new passes as needed."""
+        taken: list[tuple[int, int]] = []
+        while len(taken) < count:
+            if not self.cursor_started[shard] or self.cursor_next[shard] >= self.cursor_blocks[shard]:
+                self._reset_cursor(shard)
+            blocks, first = int(self.cursor_blocks[shard]), int(self.cursor_next[shard])
+            phase, start, stride = (int(self.cursor_phase[shard]), int(self.cursor_start[shard]),
+                                    int(self.cursor_stride[shard]))
+            n = min(count - len(taken), blocks - first)
+            taken += [(shard, phase + ((start + k * stride) % blocks) * self.seq_len) for k in range(first, first + n)]
+            self.cursor_next[shard] = first + n
+        return taken
+
+    def _shard_probabilities(self, progress: float) -> np.ndarray:
+        started = self.cursor_started[self.eligible]
+        left = np.maximum(self.cursor_blocks[self.eligible] - self.cursor_next[self.eligible], 1)
+        remaining = np.where(started, left, self.base_blocks).astype(np.float64)
+        weights = np.power(remaining, ALPHA_START - ALPHA_DROP * progress)
+        total = float(weights.sum())
+        if not np.isfinite(total) or total <= 0.0:
+            weights = np.ones(self.eligible.size, dtype=np.float64)
+            total = float(weights.sum())
+        return weights / total
+
+    def _plan(self) -> list[tuple[int, int]]:
+        eligible_count, global_windows = int(self.eligible.size), self.global_windows
+        progress = min(self.calls / MIX_WARMUP_CALLS, 1.0)  # calls are micro-batches, as upstream
+        probabilities = self._shard_probabilities(progress)
+        low = min(max(8, self.world_size), eligible_count, global_windows)
+        high = min(max(32, self.world_size * 8), eligible_count, global_windows)
+        mix = max(1, min(int(round(low + progress * (high - low))), eligible_count, global_windows))
+
+        picked = self.rng.choice(eligible_count, size=mix, replace=False, p=probabilities)
+        picked_probabilities = probabilities[picked].copy()
+        picked_probabilities /= picked_probabilities.sum()
+        counts = np.ones(mix, dtype=np.int64)
+        if global_windows > mix:
+            counts += self.rng.multinomial(global_windows - mix, picked_probabilities).astype(np.int64)
+        order = self.rng.permutation(mix)
+        shards, counts = self.eligible[picked][order], counts[order]
+
+        buckets = []
+        for shard, count in zip(shards.tolist(), counts.tolist()):
+            bucket = self._take(shard, count)
+            if len(bucket) > 1:
+                bucket = [bucket[k] for k in self.rng.permutation(len(bucket)).tolist()]
+            buckets.append(bucket)
+        # Interleave: each round visits the non-empty buckets in a fresh random order and takes each one's last.
+        windows: list[tuple[int, int]] = []
+        active = buckets
+        while active:
+            visiting = [active[k] for k in self.rng.permutation(len(active)).tolist()]
+            for bucket in visiting:
+                windows.append(bucket.pop())
+            active = [bucket for bucket in visiting if bucket]
+        return windows[self.rank :: self.world_size]
+
+    def _read(self, plan: list[tuple[int, int]]) -> np.ndarray:
+        return np.stack([self.shards.window(shard, start, self.seq_len + 1) for shard, start in plan])
+
+    def _position_state(self) -> dict:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "cursors": {name: torch.from_numpy(getattr(self, f"cursor_{name}").astype(np.int64))
+                        for name in ("phase", "blocks", "next", "start", "stride", "started")},
+        }
+
+    def _load_position(self, state: dict) -> None:
+        self.rng = np.random.Generator(np.random.PCG64(self.seed))
+        self.rng.bit_generator.state = state["rng"]
+        for name, values in state["cursors"].items():
+            dtype = bool if name == "started" else np.int64
+            setattr(self, f"cursor_{name}", torch.as_tensor(values).numpy().astype(dtype))
+
+
+LOADERS = {cls.kind: cls for cls in (SequentialLoader, ShuffledSequenceLoader, CoprimeStrideLoader)}
+
+
+def make_loader(
+    kind: str,
+    data_dir: str | os.PathLike,
+    rank: int,
+    world_size: int,
+    seq_len: int,
+    tokens_per_rank: int,
+    vocab_size: int | None = None,
+) -> TokenLoader:
+    """Build a loader by name (``sequential``, ``shuffled``, ``coprime``) over ``data_dir``'s fineweb_train_*.bin.
+
+    ``data_dir`` is the dataset folder (e.g. ``data/datasets/fineweb10B_sp1024``); ``tokens_per_rank`` is
+    ``train_batch_tokens // (world_size * grad_accum_steps)``; ``vocab_size`` checks every token id.
+    """
+    if kind not in LOADERS:
+        raise ConfigError(f"loader {kind!r}: expected one of {', '.join(LOADERS)}")
+    return LOADERS[kind](data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
