@@ -1,0 +1,114 @@
+"""A chain that presents the records' several optimizers as one, and the records' gradient clipping.
+
+Per step, after backward (spec/training.md §1): ``apply_schedule`` (schedule.py), ``clip_grad_norm`` over all
+parameters, then ``OptimizerChain.step()`` (token, [head], Muon, scalar) and ``zero_grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+
+
+class _ChainedState(MutableMapping):
+    """``optimizer.state`` of a chain: reads and writes go to the member optimizer that owns the parameter
+    (Lightning moves optimizer state between devices through this mapping)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], owners: dict[Tensor, torch.optim.Optimizer]):
+        self._optimizers = optimizers
+        self._owners = owners
+
+    def __getitem__(self, p: Tensor) -> Any:
+        return self._owners[p].state[p]
+
+    def __setitem__(self, p: Tensor, value: Any) -> None:
+        self._owners[p].state[p] = value
+
+    def __delitem__(self, p: Tensor) -> None:
+        del self._owners[p].state[p]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for opt in self._optimizers:
+            yield from opt.state
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers)
+
+
+class OptimizerChain(torch.optim.Optimizer):
+    """Several optimizers behind one ``torch.optim.Optimizer``: ``step`` runs them in list order.
+
+    Why: the LightningModule needs ONE optimizer object. In manual optimization Lightning counts one global
+    step per ``optimizer.step()`` call, so stepping the records' three or four optimizers separately would
+    advance ``trainer.global_step`` (and with it ``max_steps``, logging and checkpoint cadence) three or four
+    times per training step. ``param_groups`` is the concatenation of the members' group dicts (the same
+    objects, so lr/momentum written here reach the members, and LearningRateMonitor sees every group);
+    ``state_dict`` / ``load_state_dict`` round-trip every member's state. Groups cannot be added to the
+    chain; add them to a member before chaining.
+    """
+
+    def __init__(self, optimizers: Iterable[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+        if not self.optimizers:
+            raise ValueError("OptimizerChain: needs at least one optimizer")
+        owners: dict[Tensor, torch.optim.Optimizer] = {}
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p in owners:
+                        raise ValueError("OptimizerChain: a parameter belongs to two member optimizers")
+                    owners[p] = opt
+        super().__init__(list(owners), {})  # sets up torch's hook tables and step profiling
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+        self.state = _ChainedState(self.optimizers, owners)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(getattr(self, "state", None), _ChainedState):  # constructed: members own the groups
+            raise RuntimeError("OptimizerChain: add param groups to a member optimizer before chaining")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("optimizers")
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            found = len(states) if isinstance(states, list) else "no"
+            raise ValueError(f"OptimizerChain: state has {found} optimizer(s), the chain has {len(self.optimizers)}")
+        for opt, sd in zip(self.optimizers, states):
+            opt.load_state_dict(sd)
+
+    def __iter__(self) -> Iterator[torch.optim.Optimizer]:
+        return iter(self.optimizers)
+
+    def __repr__(self) -> str:
+        return f"OptimizerChain({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> Optional[Tensor]:
+    """Clip the global L2 norm of all gradients to ``max_norm`` and return the norm before clipping.
+
+    ``max_norm <= 0`` means off, as upstream's ``GRAD_CLIP_NORM=0``: nothing is computed and None is returned.
+    Pass every model parameter (the records clip over all of them, including any without an optimizer).
+    """
+    if max_norm <= 0:
+        return None
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)

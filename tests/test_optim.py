@@ -1,0 +1,247 @@
+"""pgolf_lit.optim beyond the upstream fixtures: rank-sharded Muon, the optimizer chain's checkpoint round
+trip, routing of every record config (against the group-size table of spec/training.md §2.1), and the
+configuration switches that no record exercises."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pgolf_lit.config import CONFIG_DIR, gpt_config_from_yaml
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.model.convert import config_from_upstream
+from pgolf_lit.model.gpt import GPT
+from pgolf_lit.optim import (
+    Muon,
+    OptimConfig,
+    OptimizerChain,
+    apply_schedule,
+    build_optimizers,
+    clip_grad_norm,
+    record_optim_config,
+    route_parameters,
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Rank-sharded Muon
+# ---------------------------------------------------------------------------------------------------------
+
+MUON_SHAPES = [(24, 16), (16, 40), (32, 32), (48, 8), (8, 8), (12, 20), (40, 24)]
+NO_GRAD_AT_STEP_1 = 4  # this parameter has no gradient in the second step: zero update, still decayed
+
+
+def _run_muon() -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+    """Two Muon steps on fixed random matrices in two groups (MuonEq-R on / off, both with decay).
+    Returns the parameters after and the momentum buffers this process holds, by parameter index."""
+    g = torch.Generator().manual_seed(1234)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in MUON_SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in MUON_SHAPES] for _ in range(2)]
+    opt = Muon(
+        [{"params": params[:3], "row_normalize": True}, {"params": params[3:]}],
+        lr=0.02,
+        momentum=0.95,
+        weight_decay=0.1,
+    )
+    for step, step_grads in enumerate(grads):
+        for i, (p, grad) in enumerate(zip(params, step_grads)):
+            p.grad = None if (step == 1 and i == NO_GRAD_AT_STEP_1) else grad
+        opt.step()
+    buffers = {i: opt.state[p]["momentum_buffer"] for i, p in enumerate(params) if "momentum_buffer" in opt.state[p]}
+    return [p.detach().clone() for p in params], buffers
+
+
+def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        params, buffers = _run_muon()
+        torch.save({"params": params, "buffers": buffers}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other is still communicating
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_muon_equals_unsharded(tmp_path):
+    world = 2
+    mp.spawn(_sharded_worker, args=(world, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+    want_params, want_buffers = _run_muon()
+    assert sorted(want_buffers) == list(range(len(MUON_SHAPES)))
+    for rank, got in enumerate(results):
+        for i, (p, want) in enumerate(zip(got["params"], want_params)):
+            assert torch.equal(p, want), f"rank {rank} param {i}"
+        assert sorted(got["buffers"]) == sorted(want_buffers)  # every rank holds the complete state
+        for i, want in want_buffers.items():
+            assert torch.equal(got["buffers"][i], want), f"rank {rank} buffer {i}"
+
+
+def test_muon_rejects_non_matrices():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([nn.Parameter(torch.zeros(4))], lr=0.01)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OptimizerChain: one optimizer object, checkpoint round trip
+# ---------------------------------------------------------------------------------------------------------
+
+# A small PR #1263-style model with an untied head, so all four optimizers and three token tables exist.
+TINY_1263 = dict(
+    vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, num_layers=3, rope_dims=4,
+    bigram_vocab_size=32, bigram_dim=8, ve_dim=8, ve_layers="1,2", tie_embeddings=False,
+)  # fmt: skip
+
+
+def _tiny_model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(config_from_upstream("pr1263", TINY_1263))
+    with torch.no_grad():  # move the zero-initialised tensors so every parameter gets a gradient
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _train(model: GPT, chain: OptimizerChain, cfg: OptimConfig, steps: range) -> None:
+    """The records' step order with a made-up schedule."""
+    g = torch.Generator().manual_seed(99)
+    batches = torch.randint(0, 64, (max(steps) + 1, 2, 17), generator=g)
+    model.train()
+    for s in steps:
+        chain.zero_grad(set_to_none=True)
+        model(batches[s][:, :-1], batches[s][:, 1:]).backward()
+        apply_schedule(chain, 1.0 - 0.2 * s, cfg.muon_momentum_at(s))
+        clip_grad_norm(model.parameters(), cfg.grad_clip_norm)
+        chain.step()
+
+
+def test_chain_presents_member_groups_and_state():
+    model = _tiny_model()
+    cfg = record_optim_config("pr1263", {"muon_momentum_warmup_steps": 3})
+    optimizers = build_optimizers(model, cfg)
+    assert [type(o).__name__ for o in optimizers] == ["AdamW", "Adam", "Muon", "AdamW"]
+    chain = OptimizerChain(optimizers)
+    assert all(a is b for a, b in zip(chain.param_groups, [g for o in optimizers for g in o.param_groups]))
+    _train(model, chain, cfg, range(2))
+    assert len(chain.state) == sum(len(o.state) for o in optimizers) == len(list(chain.state))
+    muon = optimizers[2]
+    p = muon.param_groups[0]["params"][0]
+    assert chain.state[p] is muon.state[p]
+    assert muon.param_groups[0]["momentum"] == cfg.muon_momentum_at(1)
+    assert muon.param_groups[0]["lr"] == cfg.matrix_lr * 0.8
+    with pytest.raises(RuntimeError, match="member"):
+        chain.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+def test_chain_state_dict_round_trip_resumes_identically():
+    cfg = record_optim_config("pr1263", {"muon_momentum_warmup_steps": 3})
+
+    straight = _tiny_model()
+    _train(straight, OptimizerChain(build_optimizers(straight, cfg)), cfg, range(4))
+
+    first = _tiny_model()
+    chain = OptimizerChain(build_optimizers(first, cfg))
+    _train(first, chain, cfg, range(2))
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": chain.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed = _tiny_model()
+    resumed.load_state_dict(ckpt["model"])
+    chain = OptimizerChain(build_optimizers(resumed, cfg))
+    chain.load_state_dict(ckpt["optim"])
+    _train(resumed, chain, cfg, range(2, 4))
+
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="optimizer"):
+        chain.load_state_dict({"optimizers": ckpt["optim"]["optimizers"][:2]})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing of every record config
+# ---------------------------------------------------------------------------------------------------------
+
+RECORD_YAMLS = sorted((CONFIG_DIR / "records").glob("*.yaml"))
+
+# spec/training.md §2.1 "Group sizes with record settings": Muon tensors / numel, scalar tensors / numel,
+# token numel (tables), total parameters.
+SPEC_GROUP_SIZES = {
+    "baseline_sp1024": (54, 16_515_072, 37, 20_552, 524_288, 1, 17_059_912),
+    "pr1263_slot16": (68, 26_050_560, 50, 25_692, 917_504, 3, 26_993_756),
+    "pr1321_slot48": (68, 26_050_560, 60, 25_702, 786_432, 3, 26_862_694),
+    "pr1278_slot32_recur": (68, 26_050_560, 62, 28_262, 786_432, 3, 26_865_254),
+    "pr1333_sp4096_causal_slot": (67, 31_752_192, 50, 27_740, 2_621_440, 2, 34_401_372),
+    "pr1421_recur_ema9965": (67, 31_752_192, 50, 27_740, 2_621_440, 2, 34_401_372),
+    "pr1394_sp8192_loop45": (66, 31_719_424, 46, 29_784, 4_194_304, 1, 35_943_512),
+}
+
+
+def test_spec_table_covers_record_configs():
+    assert sorted(SPEC_GROUP_SIZES) == sorted(p.stem for p in RECORD_YAMLS)
+
+
+@pytest.mark.parametrize("path", RECORD_YAMLS, ids=lambda p: p.stem)
+def test_record_routing(path, monkeypatch):
+    # Routing depends on names and shapes only; the orthogonal init of ~30M weights would dominate the run time.
+    monkeypatch.setattr(nn.init, "orthogonal_", lambda tensor, gain=1.0: tensor)
+    model = GPT(gpt_config_from_yaml(path))
+    cfg = record_optim_config(path.stem)
+    routing = route_parameters(model, cfg)
+    optimizers = build_optimizers(model, cfg)
+
+    names = {p: n for n, p in model.named_parameters()}
+    routed = [names[p] for o in optimizers for g in o.param_groups for p in g["params"]]
+    assert len(routed) == len(set(routed)) and set(routed) == set(names.values())
+    assert not routing.no_optimizer and not routing.head
+
+    def size(named):
+        return len(named), sum(p.numel() for _, p in named)
+
+    muon, scalar, token = size(routing.muon), size(routing.scalar), size(routing.token)
+    got = (*muon, *scalar, token[1], token[0], model.num_params())
+    assert got == SPEC_GROUP_SIZES[path.stem]
+    assert [n for n, _ in routing.muon] == [names[p] for p in optimizers[1].param_groups[0]["params"]]
+
+
+def test_embed_projections_default_trained_or_frozen_as_upstream():
+    cfg_model = config_from_upstream("pr1394", dict(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1,
+                                                    num_layers=3, rope_dims=4, embedding_dim=16, num_loops=1,
+                                                    loop_start=1, loop_end=1))  # fmt: skip
+    model = GPT(cfg_model)
+    projections = ["embed_proj.weight", "head_proj.weight"]
+
+    trained = route_parameters(model, record_optim_config("pr1394"))
+    assert [n for n, _ in trained.muon[-2:]] == projections and not trained.no_optimizer
+
+    quirk_cfg = record_optim_config("pr1394", {"train_embed_projections": False})
+    quirk = route_parameters(model, quirk_cfg)
+    assert [n for n, _ in quirk.no_optimizer] == projections
+    in_optimizers = {p for o in build_optimizers(model, quirk_cfg) for g in o.param_groups for p in g["params"]}
+    assert not {model.embed_proj.weight, model.head_proj.weight} & in_optimizers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_presets_aliases_and_env_style_overrides():
+    assert record_optim_config("pr1421") == record_optim_config("pr1421_recur_ema9965")
+    cfg = record_optim_config("pr1394", {"MUON_ROW_NORMALIZE": "0", "CONTROL_TENSOR_NAME_PATTERNS": "a,b", "X": 1})
+    assert cfg.muon_row_normalize is False and cfg.control_tensor_patterns == ["a", "b"]
+    assert record_optim_config("pr1263").token_wd == 0.04 and record_optim_config("pr1394").token_wd == 0.085
+    with pytest.raises(ConfigError, match="unknown record"):
+        record_optim_config("nope")
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="AdamW"):
+        OptimConfig(adam_wd=0.01)
+    with pytest.raises(ConfigError, match="unknown field"):
+        OptimConfig.from_dict({"matrix_lr": 0.1, "matrix_lrr": 0.1})
+    assert clip_grad_norm([nn.Parameter(torch.ones(2))], 0.0) is None
