@@ -1,0 +1,100 @@
+"""The quantized state dict: flat tensors plus one JSON-able meta entry per original tensor.
+
+Tensors (the upstream "w" naming): a quantized ``NAME`` stores ``NAME.q`` (int8 codes, the weight's shape) and
+``NAME.scale`` (fp16 ``[rows]``, or a 0-d per-tensor scale); a kept tensor stores ``NAME`` itself.
+
+Meta, in state-dict order, ``NAME → entry``:
+
+    {"kind": "int", "bits": 6, "dtype": "float32", "method": "gptq", ...}   quantized; dequantizes to ``dtype``
+    {"kind": "float", "dtype": "float32"}                                     kept float (stored maybe fp16)
+    {"kind": "raw"}                                                           non-float, stored unchanged
+
+Optional keys of an int entry say how it was made ("method": "gptq" | "rtn", "percentile", "clip_sigmas",
+"fallback"); dequantization needs only the tensors and ``dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from pgolf_lit.quant.rtn import dequantize_codes
+
+Meta = dict[str, dict[str, Any]]
+
+FLOAT_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def float_dtype(name: Any) -> torch.dtype:
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(FLOAT_DTYPES)}")
+    return FLOAT_DTYPES[name]
+
+
+def dequantize(quant: Mapping[str, Tensor], meta: Meta) -> dict[str, Tensor]:
+    """The float state dict: q · s per row (or per tensor) and kept tensors, each cast to its meta dtype."""
+    out = {}
+    for name, info in meta.items():
+        if info["kind"] == "int":
+            out[name] = dequantize_codes(quant[f"{name}.q"], quant[f"{name}.scale"], float_dtype(info["dtype"]))
+        elif info["kind"] == "float":
+            out[name] = quant[name].to(float_dtype(info["dtype"]))
+        else:
+            out[name] = quant[name]
+    return out
+
+
+def tensor_keys(name: str, info: Mapping[str, Any]) -> tuple[str, ...]:
+    return (f"{name}.q", f"{name}.scale") if info["kind"] == "int" else (name,)
+
+
+def validate(quant: Mapping[str, Tensor], meta: Meta) -> None:
+    """Raise ValueError unless ``quant`` holds exactly the tensors ``meta`` describes, with consistent shapes.
+
+    Run on everything read from disk, so that a crafted file cannot produce a wrong model silently.
+    """
+    if not isinstance(meta, dict):
+        raise ValueError("meta is not a mapping")
+    expected: set[str] = set()
+    for name, info in meta.items():
+        if not isinstance(name, str) or not isinstance(info, dict) or info.get("kind") not in ("int", "float", "raw"):
+            raise ValueError(f"meta entry {name!r} is malformed")
+        keys = tensor_keys(name, info)
+        missing = [k for k in keys if k not in quant]
+        if missing:
+            raise ValueError(f"tensor(s) {missing} of {name!r} are missing")
+        expected.update(keys)
+        if info["kind"] == "int":
+            _check_int_entry(name, info, quant[keys[0]], quant[keys[1]])
+        elif info["kind"] == "float":
+            float_dtype(info.get("dtype"))
+            if not quant[name].is_floating_point():
+                raise ValueError(f"{name!r} is marked float but stored as {quant[name].dtype}")
+    extra = sorted(set(quant) - expected)
+    if extra:
+        raise ValueError(f"tensor(s) {extra[:3]} are not described by the meta")
+
+
+def _check_int_entry(name: str, info: Mapping[str, Any], q: Tensor, scale: Tensor) -> None:
+    float_dtype(info.get("dtype"))
+    bits = info.get("bits")
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{name!r}: bits must be an int in [2, 8], got {bits!r}")
+    if q.dtype != torch.int8:
+        raise ValueError(f"{name!r}: codes must be int8, got {q.dtype}")
+    if not scale.is_floating_point():
+        raise ValueError(f"{name!r}: scale must be float, got {scale.dtype}")
+    per_row = scale.ndim == 1 and q.ndim >= 1 and scale.shape[0] == q.shape[0]
+    if not (per_row or scale.ndim == 0):
+        raise ValueError(f"{name!r}: scale shape {tuple(scale.shape)} does not fit codes {tuple(q.shape)}")
