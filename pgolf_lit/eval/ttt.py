@@ -1,0 +1,207 @@
+"""Score-first test-time training (spec/evaluation.md §6, PR #1334/#1421 ``eval_val_ttt``).
+
+The stream is cut into chunks of ``chunk_tokens`` positions; a window belongs to the chunk where its scored
+slice starts. Chunk by chunk: first score the chunk's windows with the current weights (no grad), then train
+on the chunk's full sequences, which were all scored in this or an earlier chunk. Weights and SGD momentum
+carry over from chunk to chunk; the last chunk is never trained on. Training happens on a deep copy, so the
+caller's model is untouched.
+
+Distributed training is world-size invariant: the chunk's sequences form global batches of ``batch_seqs``;
+each rank takes a contiguous part of a batch, backpropagates its share of the batch-mean loss, and the
+gradients are summed over ranks, so every rank applies the gradient of the whole batch. This equals the
+upstream AVG of per-rank means whenever ranks hold equal shares (the records' case), and unlike it does not
+deadlock when the shares differ: a rank without sequences still joins every all-reduce, with zero gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
+from pgolf_lit.eval.windows import (
+    WINDOW_RULES,
+    ForwardOptions,
+    Window,
+    WindowBatch,
+    WindowRule,
+    at_least_fp32,
+    batched,
+    model_device,
+    progress_bar,
+    rank_share,
+    score_batch,
+    sliding_windows,
+)
+from pgolf_lit.metrics import BitsPerByte
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    """Defaults: the PR #1334 settings on pgolf_lit's exact windows (``window_rule="ttt"`` reproduces PR #1334)."""
+
+    seq_len: int = 2048
+    stride: int = 64
+    window_rule: WindowRule = "exact"
+    chunk_tokens: int = 32768
+    lr: float = 0.002
+    momentum: float = 0.9
+    epochs: int = 3
+    batch_seqs: int = 32  # windows per scoring batch and sequences per training batch
+    freeze_blocks: int = 0  # the first n transformer blocks are not trained
+    grad_clip: float = 1.0  # global-norm clip over the trained parameters; 0 = off
+
+    def __post_init__(self) -> None:
+        def bad(name: str, msg: str) -> ConfigError:
+            return ConfigError(f"ttt.{name}: {msg}")
+
+        if self.window_rule not in WINDOW_RULES:
+            raise bad("window_rule", f"must be one of {WINDOW_RULES}, got {self.window_rule!r}")
+        if not 0 < self.stride <= self.seq_len:
+            raise bad("stride", f"must lie in [1, seq_len={self.seq_len}], got {self.stride}")
+        for name in ("chunk_tokens", "batch_seqs"):
+            if getattr(self, name) <= 0:
+                raise bad(name, f"must be positive, got {getattr(self, name)}")
+        if self.epochs < 0 or self.freeze_blocks < 0:
+            raise bad("epochs", f"epochs and freeze_blocks must be >= 0, got {self.epochs} / {self.freeze_blocks}")
+
+    @property
+    def compliant(self) -> bool:
+        """Score-first TTT is compliant (spec §7.4); only the legacy-style window lists re-score targets."""
+        return self.window_rule == "exact"
+
+    def lr_for_chunk(self, chunk: int, n_chunks: int) -> float:
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
+
+
+def chunk_windows(windows: Sequence[Window], chunk_tokens: int, total: int) -> list[list[Window]]:
+    """Windows grouped by the chunk holding the first position of their scored slice."""
+    n_chunks = -(-total // chunk_tokens)
+    chunks: list[list[Window]] = [[] for _ in range(n_chunks)]
+    for w in windows:
+        chunks[min((w.ws + w.s) // chunk_tokens, n_chunks - 1)].append(w)
+    return chunks
+
+
+def trainable_parameters(model: nn.Module, freeze_blocks: int) -> list[nn.Parameter]:
+    """Every parameter outside ``blocks.0 … blocks.{freeze_blocks-1}``; sets requires_grad accordingly."""
+    frozen_prefixes = tuple(f"blocks.{i}." for i in range(freeze_blocks))
+    trained = []
+    for name, p in model.named_parameters():
+        train = not name.startswith(frozen_prefixes)
+        p.requires_grad_(train)
+        if train:
+            trained.append(p)
+    return trained
+
+
+def _sum_gradients_over_ranks(params: Sequence[nn.Parameter]) -> None:
+    """One all-reduce of every gradient (zeros where this rank has none), so all ranks step identically."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+class _ScoreFirstLearner:
+    """The adapted copy of the model with its optimizer, scoring and training one chunk at a time."""
+
+    def __init__(self, model: nn.Module, cfg: TTTConfig, rank: int, world_size: int, options: ForwardOptions):
+        self.cfg, self.rank, self.world_size, self.options = cfg, rank, world_size, options
+        self.device = model_device(model)
+        self.model = copy.deepcopy(model)
+        self.params = trainable_parameters(self.model, cfg.freeze_blocks)
+        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)  # momentum carries over
+        self.forward = options.compiled(self.model.forward_logits)
+        self.reads_upto = NO_STATE  # the last stream index any update so far has read
+
+    def score(
+        self, tokens: Tensor, windows: Sequence[Window], metric: BitsPerByte, recorder: Optional[ScoreRecorder]
+    ) -> None:
+        """This rank's share of the chunk's windows, with the current weights, before any training on them."""
+        self.model.eval()
+        with torch.no_grad():
+            for group in batched(rank_share(windows, self.rank, self.world_size), self.cfg.batch_seqs):
+                batch = WindowBatch.gather(tokens, group, self.cfg.seq_len, self.device)
+                with self.options.autocast():
+                    logits = self.forward(batch.inputs)
+                score_batch(batch, logits, metric, recorder, torch.full((len(group),), self.reads_upto))
+
+    def train(
+        self, tokens: Tensor, chunk_start: int, n_seqs: int, lr: float, recorder: Optional[ScoreRecorder]
+    ) -> None:
+        """``epochs`` passes over the chunk's first ``n_seqs`` full sequences in global batches of ``batch_seqs``."""
+        cfg, seq_len = self.cfg, self.cfg.seq_len
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        for _ in range(cfg.epochs):
+            for first in range(0, n_seqs, cfg.batch_seqs):
+                count = min(cfg.batch_seqs, n_seqs - first)
+                mine = rank_share(range(first, first + count), self.rank, self.world_size)
+                self.optimizer.zero_grad(set_to_none=True)
+                if len(mine):
+                    seqs = tokens[chunk_start + mine.start * seq_len : chunk_start + mine.stop * seq_len + 1]
+                    seqs = seqs.to(device=self.device, dtype=torch.int64)
+                    with self.options.autocast():
+                        logits = self.forward(seqs[:-1].view(-1, seq_len))
+                    loss_sum = F.cross_entropy(
+                        at_least_fp32(logits.reshape(-1, logits.size(-1))), seqs[1:], reduction="sum"
+                    )
+                    (loss_sum / (count * seq_len)).backward()  # this rank's share of the global batch mean
+                if self.world_size > 1:
+                    _sum_gradients_over_ranks(self.params)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.optimizer.step()
+                batch_last = chunk_start + (first + count) * seq_len
+                self.reads_upto = max(self.reads_upto, batch_last)
+                if recorder is not None:
+                    recorder.on_update(chunk_start + first * seq_len, batch_last)
+
+
+def evaluate_ttt(
+    model: nn.Module,
+    tokens: Tensor,
+    metric: BitsPerByte,
+    cfg: TTTConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+    options: ForwardOptions = ForwardOptions(),
+    recorder: Optional[ScoreRecorder] = None,
+) -> None:
+    """Score-first TTT over the stream; this rank's scores go into ``metric``.
+
+    With ``world_size > 1`` a process group must be initialised (gradients are all-reduced every step).
+    ``recorder`` sees each optimizer step as an update reading the stream tokens of its global batch, and
+    each score with the last token any update so far has read.
+    """
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("TTT with world_size > 1 needs an initialised torch.distributed process group")
+    total = tokens.numel() - 1
+    chunks = chunk_windows(sliding_windows(total, cfg.seq_len, cfg.stride, cfg.window_rule), cfg.chunk_tokens, total)
+    learner = _ScoreFirstLearner(model, cfg, rank, world_size, options)
+    with progress_bar(len(chunks), "score-first TTT", progress) as bar:
+        for index, windows in enumerate(chunks):
+            bar.update()
+            if not windows:  # as upstream: a chunk without windows is neither scored nor trained on
+                continue
+            learner.score(tokens, windows, metric, recorder)
+            chunk_start = index * cfg.chunk_tokens
+            n_seqs = (min(chunk_start + cfg.chunk_tokens, total) - chunk_start) // cfg.seq_len
+            if index < len(chunks) - 1 and cfg.epochs > 0 and n_seqs > 0:
+                learner.train(tokens, chunk_start, n_seqs, cfg.lr_for_chunk(index, len(chunks)), recorder)
