@@ -1,0 +1,51 @@
+"""EMA of the weights, as the records keep it (spec/training.md §6.1).
+
+Built on Lightning's ``WeightAveraging`` (an ``AveragedModel`` updated after every optimizer step, stored in
+checkpoints, copied into the model at the end of training). Three points differ from Lightning's
+``EMAWeightAveraging`` and are overridden here: the shadow starts from the initial weights (not from the
+weights after the first step), mid-run validation sees the raw weights unless ``swap_for_validation``, and
+only parameters are averaged (the module's buffers are constants such as byte LUTs).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+
+class EMA(WeightAveraging):
+    def __init__(self, decay: float = 0.997, swap_for_validation: bool = False):
+        """
+        Args:
+            decay: shadow ← decay·shadow + (1 − decay)·weights after every step (0.997; PR #1421 uses 0.9965).
+            swap_for_validation: validate with the EMA weights (the records validate on the raw weights).
+        """
+        super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+        self.swap_for_validation = swap_for_validation
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # The records initialise the shadow from the weights training starts from (after compile priming).
+        avg = self._average_model
+        if avg is not None and int(avg.n_averaged) == 0:
+            avg.update_parameters(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero:
+            print(f"ema:applying EMA weights decay:{self.decay}", flush=True)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self.swap_for_validation:
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.swap_for_validation:
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    @torch.no_grad()
+    def shadow_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights under the LightningModule's parameter names (for tests and inspection)."""
+        assert self._average_model is not None
+        return {name: p.detach().clone() for name, p in self._average_model.module.named_parameters()}

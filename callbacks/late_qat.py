@@ -1,0 +1,56 @@
+"""Late QAT (PR #1263/#1278/#1321, spec/training.md §7): once the LR multiplier falls below a threshold,
+every CastedLinear in training mode fake-quantizes its weight per row (int6: scale max(|w|max/31, 1/31),
+codes in [-32, 31]) with a straight-through gradient.
+
+In the record runs the switch never took effect (a class flag flipped under torch.compile without a
+recompile), so ``apply`` defaults to False: the event is logged at the step the records log it and the
+weights train unquantized, which reproduces what ran. ``apply=True`` makes it real; under torch.compile the
+flip recompiles the training graph once (about 10 s on H100) unless CompilePriming primed the QAT graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+from pgolf_lit.model.layers import CastedLinear
+
+
+def set_qat_bits(model, bits: int) -> int:
+    """Set the fake-quant width of every 2-D CastedLinear weight; return how many layers it touched."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, CastedLinear) and module.weight.ndim == 2:
+            module.qat_bits = bits
+            n += 1
+    return n
+
+
+class LateQAT(Callback):
+    def __init__(self, lr_scale_below: float = 0.15, bits: int = 6, apply: bool = False):
+        self.lr_scale_below = lr_scale_below
+        self.bits = bits
+        self.apply = apply
+        self.enabled_at_step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.enabled_at_step >= 0 or self.lr_scale_below <= 0:
+            return
+        sched = pl_module.step_schedule()
+        if sched.lr_scale < self.lr_scale_below:
+            self.enabled_at_step = sched.step
+            layers = set_qat_bits(pl_module.model, self.bits) if self.apply else 0
+            note = f"layers:{layers}" if self.apply else "inert (apply=false reproduces the record runs)"
+            pl_module._log_text(f"late_qat:enabled step:{sched.step} scale:{sched.lr_scale:.4f} {note}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled_at_step": self.enabled_at_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.enabled_at_step = state_dict["enabled_at_step"]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After a resume the flag is back from the checkpoint; put the layers back into QAT mode too.
+        if self.enabled_at_step >= 0 and self.apply:
+            set_qat_bits(pl_module.model, self.bits)

@@ -1,0 +1,39 @@
+"""RecurrenceActivation: switch depth recurrence on during training (spec/training.md §8).
+
+PR #1333/#1421 switch at the top of step 3000 (``at_step=3000``), PR #1394 when the training fraction reaches
+0.5 (``at_fraction=0.5``), PR #1278 runs it from the start (``at_step=0``). Evaluation and export always run
+with recurrence on, whatever the training state. The state is saved with the module's checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lightning.pytorch.callbacks import Callback
+
+
+class RecurrenceActivation(Callback):
+    def __init__(self, at_step: Optional[int] = None, at_fraction: Optional[float] = None):
+        if (at_step is None) == (at_fraction is None):
+            from pgolf_lit.errors import ConfigError
+
+            raise ConfigError("RecurrenceActivation: give exactly one of at_step or at_fraction")
+        self.at_step = at_step
+        self.at_fraction = at_fraction
+
+    def due(self, step: int, frac: float) -> bool:
+        if self.at_step is not None:
+            return step >= self.at_step
+        return frac >= self.at_fraction
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        model = pl_module.model
+        if model.recurrence_active or model.config.recurrence == "none":
+            return
+        sched = pl_module.step_schedule()
+        if self.due(sched.step, sched.frac):
+            model.set_recurrence(True)
+            pl_module._log_text(
+                f"recurrence:activated step:{sched.step} frac:{sched.frac:.3f} lr_scale:{sched.lr_scale:.4f} "
+                f"schedule:{model.layer_schedule()}"
+            )

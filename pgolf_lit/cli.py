@@ -1,0 +1,94 @@
+"""The ``pgolf`` command.
+
+``pgolf fit|validate|test --config X.yaml`` is a LightningCLI over GolfModule + TokenShardDataModule (every
+Trainer flag works: ``--trainer.devices 8 --trainer.strategy ddp``; ``--print_config`` prints the merged
+config). The other subcommands are tools around a run: ``data build|download``, ``summary``, ``convert``,
+``export``, ``eval``, ``audit``, ``demo``, ``seeds``, ``record``, ``report``.
+
+Bad input ends in one line ``error: ...`` naming the file or field, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from pgolf_lit.errors import PgolfError
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _lightning_cli(args: Sequence[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from pgolf_lit.data.datamodule import TokenShardDataModule
+    from pgolf_lit.module import GolfModule
+
+    class GolfCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # One vocabulary: the data side checks its tokenizer and shards against the model's.
+            parser.link_arguments("model.gpt.vocab_size", "data.vocab_size")
+            parser.add_argument(
+                "--artifact", type=Optional[str], default=None, help="test/validate the weights of a pgolf artifact"
+            )
+
+        def before_validate(self) -> None:
+            self._load_artifact()
+
+        def before_test(self) -> None:
+            self._load_artifact()
+
+        def _load_artifact(self) -> None:
+            path = self.config[self.subcommand].get("artifact")
+            if path:
+                self.model.load_artifact(path)
+
+    GolfCLI(
+        GolfModule,
+        TokenShardDataModule,
+        args=list(args),
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else "--help"
+    try:
+        if command in TRAINER_COMMANDS:
+            _lightning_cli(argv)
+        elif command == "data":
+            from pgolf_lit.tools.data_cmd import main as data_main
+
+            data_main(argv[1:])
+        elif command in TOOLS:
+            module_name, func = TOOLS[command]
+            module = __import__(f"pgolf_lit.tools.{module_name}", fromlist=[func])
+            getattr(module, func)(argv[1:])
+        else:
+            print(USAGE)
+            if command not in ("-h", "--help", "help"):
+                print(f"error: unknown command '{command}'", file=sys.stderr)
+                sys.exit(2)
+    except PgolfError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+TOOLS = {
+    "summary": ("summary", "main"),
+    "convert": ("convert_cmd", "main"),
+}
+
+USAGE = """usage: pgolf COMMAND ...
+
+training (LightningCLI; see `pgolf fit --help`):
+  fit | validate | test     --config configs/records/<record>.yaml [--trainer.devices N --trainer.strategy ddp]
+data:
+  data build                text/JSONL (or the embedded corpus) -> tokenizer + upstream shards
+  data download             the official pre-tokenized shards from the Hugging Face hub
+model:
+  summary --config X        parameter counts by category, layer schedule, artifact size estimate
+  convert                   upstream train_gpt.py state dicts <-> pgolf checkpoints
+"""

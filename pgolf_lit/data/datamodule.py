@@ -1,0 +1,187 @@
+"""TokenShardDataModule: streams upstream token shards to the Trainer.
+
+Batch sizes are in tokens and global: ``train_batch_tokens`` per optimizer step whatever the device count.
+As upstream, ``grad_accum = grad_accum_base // world_size`` (8 // W on 8 GPUs) and every rank reads
+``train_batch_tokens // grad_accum_base`` tokens per micro-batch; one training batch stacks the
+``grad_accum`` micro-batches of one optimizer step, so the module steps once per batch.
+
+Validation is the whole val split trimmed as upstream (spec/data.md §10), split into contiguous sequence ranges
+per rank with no padding or duplicates (Lightning's DistributedSampler would duplicate samples, so the
+datasets here are rank-aware iterables).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from pgolf_lit.data.loaders import make_loader
+from pgolf_lit.data.shards import list_shards, load_validation_tokens
+from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
+from pgolf_lit.errors import ConfigError
+
+
+class TrainSteps(IterableDataset):
+    """Infinite stream of optimizer steps: (x, y) int64 tensors of shape [grad_accum, rows, T]."""
+
+    def __init__(self, loader, grad_accum: int):
+        self.loader = loader
+        self.grad_accum = grad_accum
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            xs, ys = zip(*(self.loader.next_batch() for _ in range(self.grad_accum)))
+            yield torch.stack(xs), torch.stack(ys)
+
+
+class ValSequences(IterableDataset):
+    """This rank's contiguous range of non-overlapping val sequences, ``seqs_per_batch`` at a time, each
+    ``seq_len + 1`` tokens (inputs and shifted targets)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, seqs_per_batch: int, rank: int, world_size: int):
+        total = (tokens.numel() - 1) // seq_len
+        self.tokens, self.seq_len, self.seqs_per_batch = tokens, seq_len, seqs_per_batch
+        self.first, self.last = total * rank // world_size, total * (rank + 1) // world_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for a in range(self.first, self.last, self.seqs_per_batch):
+            b = min(a + self.seqs_per_batch, self.last)
+            yield self.tokens[a * self.seq_len : b * self.seq_len + 1].unfold(0, self.seq_len + 1, self.seq_len)
+
+
+class TokenShardDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data/datasets/fineweb10B_sp1024",
+        tokenizer_path: Optional[str] = None,
+        vocab_size: int = 1024,
+        train_batch_tokens: int = 524_288,
+        train_seq_len: int = 1024,
+        grad_accum_base: int = 8,
+        loader: str = "sequential",
+        val_seq_len: Optional[int] = None,
+        val_batch_tokens: int = 524_288,
+        val_max_tokens: int = 0,
+        build_embedded: bool = False,
+    ):
+        """
+        Args:
+            data_dir: the dataset directory holding ``fineweb_train_*.bin`` and ``fineweb_val_*.bin``.
+            tokenizer_path: SentencePiece model for the byte LUTs; default
+                ``<data_dir>/../../tokenizers/fineweb_<vocab_size>_bpe.model`` (the upstream layout).
+            vocab_size: must equal the tokenizer's and the model's (linked to ``model.gpt.vocab_size``).
+            train_batch_tokens: global tokens per optimizer step (upstream TRAIN_BATCH_TOKENS).
+            train_seq_len: training sequence length (upstream TRAIN_SEQ_LEN).
+            grad_accum_base: world_size × grad_accum; upstream hard-codes 8, so a world size must divide it.
+            loader: ``sequential`` (baseline, PR #1263/#1278/#1321), ``shuffled`` (PR #1394) or ``coprime``
+                (PR #1333/#1334/#1421).
+            val_seq_len: sequence length of validation and of the val trimming (default train_seq_len).
+            val_batch_tokens: global validation tokens per step (upstream VAL_BATCH_SIZE / VAL_BATCH_TOKENS).
+            val_max_tokens: score only the first N val tokens (0 = the whole split); for quick CPU runs only.
+            build_embedded: if the data directory does not exist, build it from the embedded stdlib corpus
+                (the CPU demo's first run).
+        """
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
+        self.vocab_size = vocab_size
+        self.train_batch_tokens = train_batch_tokens
+        self.train_seq_len = train_seq_len
+        self.grad_accum_base = grad_accum_base
+        self.loader_kind = loader
+        self.val_seq_len = val_seq_len or train_seq_len
+        self.val_batch_tokens = val_batch_tokens
+        self.val_max_tokens = val_max_tokens
+        self.build_embedded = build_embedded
+        self.luts = None
+        self.val_tokens: Optional[torch.Tensor] = None
+        self.rank, self.world_size = 0, 1
+        self._check_sizes()
+
+    # --- sizes -----------------------------------------------------------------------------------------
+    def _check_sizes(self, world_size: int = 1) -> None:
+        if self.grad_accum_base % world_size:
+            raise ConfigError(
+                f"data.grad_accum_base: world size {world_size} does not divide {self.grad_accum_base} "
+                f"(gradient accumulation is grad_accum_base // world_size)"
+            )
+        micro = self.train_batch_tokens // self.grad_accum_base
+        if self.train_batch_tokens % self.grad_accum_base or micro % self.train_seq_len:
+            raise ConfigError(
+                f"data.train_batch_tokens: {self.train_batch_tokens} must split into {self.grad_accum_base} "
+                f"micro-batches of whole sequences of train_seq_len {self.train_seq_len}"
+            )
+        if self.val_batch_tokens // self.grad_accum_base < self.val_seq_len:
+            raise ConfigError(
+                f"data.val_batch_tokens: {self.val_batch_tokens} / {self.grad_accum_base} is less than one "
+                f"sequence of val_seq_len {self.val_seq_len}"
+            )
+
+    @property
+    def grad_accum(self) -> int:
+        return self.grad_accum_base // self.world_size
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        """Tokens per rank per micro-batch; fixed, so the global batch does not depend on the world size."""
+        return self.train_batch_tokens // self.grad_accum_base
+
+    @property
+    def default_tokenizer_path(self) -> Path:
+        return self.data_dir.parent.parent / "tokenizers" / f"fineweb_{self.vocab_size}_bpe.model"
+
+    # --- Lightning hooks -------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.build_embedded and not self.data_dir.exists():
+            from pgolf_lit.data.prepare import build_embedded_dataset
+
+            build_embedded_dataset(self.data_dir, self.vocab_size)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        self._check_sizes(self.world_size)
+        if self.luts is None:
+            sp = load_tokenizer(self.tokenizer_path or self.default_tokenizer_path, self.vocab_size)
+            self.luts = build_byte_luts(sp, self.vocab_size)
+        if self.val_tokens is None:
+            tokens = load_validation_tokens(self.data_dir, self.val_seq_len, self.vocab_size)
+            if self.val_max_tokens:
+                keep = max(self.val_max_tokens // self.val_seq_len, 1) * self.val_seq_len
+                tokens = tokens[: min(keep, tokens.numel() - 1) + 1]
+            self.val_tokens = tokens
+        if stage in (None, "fit"):
+            list_shards(self.data_dir, "train")  # a clear error now, not at the first batch
+
+    def make_train_loader(self, skip_steps: int = 0):
+        """A fresh training loader for this rank, fast-forwarded past ``skip_steps`` optimizer steps."""
+        loader = make_loader(
+            self.loader_kind,
+            self.data_dir,
+            rank=self.rank,
+            world_size=self.world_size,
+            seq_len=self.train_seq_len,
+            tokens_per_rank=self.micro_batch_tokens,
+            vocab_size=self.vocab_size,
+        )
+        if skip_steps:
+            loader.skip(skip_steps * self.grad_accum)
+        return loader
+
+    def train_dataloader(self) -> DataLoader:
+        # On resume the trainer has restored global_step before building dataloaders: continue the stream there.
+        skip = self.trainer.global_step if self.trainer is not None else 0
+        steps = TrainSteps(self.make_train_loader(skip), self.grad_accum)
+        return DataLoader(steps, batch_size=None, pin_memory=torch.cuda.is_available())
+
+    def _val_loader(self) -> DataLoader:
+        seqs = max(self.val_batch_tokens // self.grad_accum_base // self.val_seq_len, 1)
+        ds = ValSequences(self.val_tokens, self.val_seq_len, seqs, self.rank, self.world_size)
+        return DataLoader(ds, batch_size=None, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._val_loader()

@@ -1,0 +1,87 @@
+"""Evaluate an artifact on N devices with Lightning Fabric, outside the Trainer (``pgolf eval``).
+
+Every rank loads the artifact, the val split and the byte LUTs, then runs each method through
+``pgolf_lit.eval.run_method`` (the same code ``pgolf test`` runs inside the Trainer), so both paths give the
+same numbers. The model is not wrapped in DDP: the eval methods reduce their own sums, and TTT all-reduces its
+own gradients. Rank 0 prints one upstream-style line per pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+
+from pgolf_lit.data.shards import load_validation_tokens
+from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
+from pgolf_lit.eval import EvalResult, EvalSettings, ForwardOptions, format_result_line, run_method
+from pgolf_lit.fileio import atomic_write_text
+from pgolf_lit.quant.export import build_model_from_artifact
+
+
+def forward_options(precision: str, device: torch.device, compile: bool) -> ForwardOptions:
+    """bf16 autocast (+ compile) for ``bf16-mixed`` on CUDA, plain fp32 otherwise."""
+    if precision.startswith("bf16") and device.type == "cuda":
+        return ForwardOptions.bf16(compile=compile)
+    return ForwardOptions(compile=compile and device.type == "cuda")
+
+
+def evaluate_on_rank(
+    fabric: L.Fabric,
+    artifact: str,
+    data_dir: str,
+    tokenizer_path: Optional[str],
+    methods: Sequence[str],
+    settings: EvalSettings,
+    precision: str,
+    compile: bool,
+    val_max_tokens: int = 0,
+) -> list[EvalResult]:
+    model = build_model_from_artifact(artifact, device=fabric.device)
+    model.set_recurrence(True)  # evaluation always runs with depth recurrence on
+    vocab = model.config.vocab_size
+    tok_path = tokenizer_path or Path(data_dir).parent.parent / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    luts = build_byte_luts(load_tokenizer(tok_path, vocab), vocab)
+    tokens = load_validation_tokens(data_dir, settings.seq_len, vocab)
+    if val_max_tokens:
+        tokens = tokens[: max(val_max_tokens // settings.seq_len, 1) * settings.seq_len + 1]
+    settings.forward = forward_options(precision, fabric.device, compile)
+    results = []
+    for method in methods:
+        result = run_method(
+            method, model, tokens.to(fabric.device), luts, settings, rank=fabric.global_rank,
+            world_size=fabric.world_size,
+        )
+        fabric.print(format_result_line(result))
+        results.append(result)
+    return results
+
+
+def evaluate_artifact(
+    artifact: str,
+    data_dir: str,
+    methods: Sequence[str] = ("standard", "sliding"),
+    settings: Optional[EvalSettings] = None,
+    tokenizer_path: Optional[str] = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    precision: str = "32-true",
+    compile: bool = False,
+    val_max_tokens: int = 0,
+    results_json: Optional[str] = None,
+) -> list[EvalResult]:
+    """Launch Fabric and evaluate ``artifact`` with every method; returns rank 0's results."""
+    fabric = L.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+    fabric.launch()
+    results = evaluate_on_rank(
+        fabric, artifact, data_dir, tokenizer_path, methods, settings or EvalSettings(), precision, compile,
+        val_max_tokens,
+    )
+    if results_json and fabric.is_global_zero:
+        atomic_write_text(results_json, json.dumps([asdict(r) for r in results], indent=2))
+    return results

@@ -1,0 +1,266 @@
+"""GolfModule: the LightningModule around the GPT. It holds the step logic of the record scripts.
+
+One training batch is one optimizer step: the datamodule yields ``grad_accum`` micro-batches stacked, and
+``training_step`` runs them (DDP syncs gradients on the last one only), sets every group's LR from the
+schedule, clips, and steps the optimizers in the records' order (spec/training.md §1). Manual optimization
+keeps that order exact. Cross-cutting behaviour (EMA, SWA, late QAT, wallclock stop, recurrence switch,
+compile priming, export) lives in the callbacks of ``callbacks/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pgolf_lit.clock import TrainClock
+from pgolf_lit.config import GPTConfig
+from pgolf_lit.errors import PgolfError
+from pgolf_lit.metrics import BitsPerByte
+from pgolf_lit.model.gpt import GPT
+from pgolf_lit.optim.groups import OptimConfig, build_optimizers
+from pgolf_lit.optim.chain import OptimizerChain
+from pgolf_lit.optim.schedule import ScheduleConfig, apply_schedule
+from pgolf_lit.textlog import TextLog
+
+
+@dataclass
+class StepSchedule:
+    """Everything the schedule decides for one optimizer step, computed once at its start."""
+
+    step: int  # optimizer steps completed before this one
+    elapsed_ms: float  # training wallclock before this step
+    frac: float  # training fraction (wallclock over the budget, or steps over max_steps)
+    lr_scale: float
+    momentum: float
+
+
+def _as(cls, value):
+    """Accept a dataclass instance, a dict (from a checkpoint's hyperparameters) or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**value)
+    return value
+
+
+class GolfModule(L.LightningModule):
+    def __init__(
+        self,
+        gpt: GPTConfig = GPTConfig(),
+        optim: OptimConfig = OptimConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        compile: bool = False,
+        train_log_every: int = 200,
+        check_finite_every: int = 1,
+    ):
+        """
+        Args:
+            gpt: the architecture (defaults: the upstream baseline).
+            optim: optimizer routing and hyperparameters (defaults: the upstream baseline).
+            schedule: LR warmdown and Muon momentum warmup (defaults: the upstream baseline).
+            compile: torch.compile the model (fullgraph, static shapes); on by default on CUDA in record configs.
+            train_log_every: plain-text train lines at steps 1-10 and every N steps.
+            check_finite_every: check the training loss for NaN/inf every N steps (a host sync) and stop with
+                a clear error naming the step and the last checkpoint; 0 disables.
+        """
+        super().__init__()
+        self.gpt_config = _as(GPTConfig, gpt)
+        self.optim_config = _as(OptimConfig, optim)
+        self.schedule_config = _as(ScheduleConfig, schedule)
+        # Plain dicts only: checkpoints then load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "gpt": self.gpt_config.to_dict(),
+                "optim": dataclasses.asdict(self.optim_config),
+                "schedule": dataclasses.asdict(self.schedule_config),
+                "compile": compile,
+                "train_log_every": train_log_every,
+                "check_finite_every": check_finite_every,
+            }
+        )
+        self.model = GPT(self.gpt_config)
+        self.automatic_optimization = False
+        self.compile = compile
+        self.train_log_every = train_log_every
+        self.check_finite_every = check_finite_every
+        self.clock = TrainClock()
+        self.text_log = TextLog(enabled=False)
+        self.wallclock_budget = None  # set by callbacks.WallclockBudget when attached
+        self.val_metric: Optional[BitsPerByte] = None
+        self._schedule_cache: Optional[StepSchedule] = None
+        self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
+        self._forward = self.model  # replaced by the compiled model in setup()
+        self._last_loss: Optional[Tensor] = None
+        self._clock_was_running = False
+
+    # --------------------------------------------------------------------------------------------------
+    # Setup
+    # --------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "luts", None) is not None and self.val_metric is None:
+            self.val_metric = BitsPerByte(datamodule.luts)
+        if self.trainer.is_global_zero:
+            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            self.text_log = TextLog(f"{log_dir}/train.log")
+        if self.compile and self._forward is self.model:
+            # Stored outside the module tree so the state dict keeps one copy of every weight.
+            object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False, fullgraph=True))
+
+    def configure_optimizers(self):
+        return OptimizerChain(build_optimizers(self.model, self.optim_config))
+
+    # --------------------------------------------------------------------------------------------------
+    # Schedule
+    # --------------------------------------------------------------------------------------------------
+    @property
+    def max_steps(self) -> int:
+        steps = self.trainer.max_steps if self._trainer is not None else -1
+        return steps if steps and steps > 0 else 20000
+
+    def step_schedule(self) -> StepSchedule:
+        """LR multiplier, training fraction and Muon momentum of the current step (cached per step, so the
+        callbacks that read it see exactly what the step uses)."""
+        step = self.global_step
+        if self._schedule_cache is None or self._schedule_cache.step != step:
+            elapsed = self.clock.elapsed_ms()
+            budget = self.wallclock_budget
+            cap_ms = budget.effective_cap_ms if budget is not None else None
+            cfg = self.schedule_config
+            frac = cfg.training_fraction(step, elapsed, cap_ms, self.max_steps)
+            self._schedule_cache = StepSchedule(
+                step=step,
+                elapsed_ms=elapsed,
+                frac=frac,
+                lr_scale=cfg.lr_multiplier(step, elapsed, cap_ms, self.max_steps),
+                momentum=self.optim_config.muon_momentum_at(step),
+            )
+        return self._schedule_cache
+
+    # --------------------------------------------------------------------------------------------------
+    # Training
+    # --------------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # Priming callbacks ran before this hook; the wallclock starts now.
+        self.clock.start(self.device)
+        self._log_text(f"train:start steps:{self.max_steps} params:{self.model.num_params()}")
+
+    def _no_sync(self, skip_sync: bool):
+        model = self.trainer.model if self._trainer is not None else None
+        if skip_sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        sched = self.last_schedule = self.step_schedule()
+        loss = self.run_optimizer_step(batch, sched, opt)
+        self._last_loss = loss
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("lr_scale", sched.lr_scale)
+        return None
+
+    def run_optimizer_step(self, batch, sched: StepSchedule, optimizer, clip: Optional[bool] = None) -> Tensor:
+        """One optimizer step in the records' order: zero grads; forward/backward of every micro-batch (DDP
+        syncs on the last); LR = base_lr × multiplier and Muon momentum; clip the global grad norm; step.
+
+        ``optimizer`` is the LightningOptimizer in training (so Lightning counts the step) or the bare
+        OptimizerChain during compile priming. Returns the mean micro-batch loss (a device tensor, no sync).
+        """
+        x, y = batch  # [grad_accum, rows, T] each
+        optimizer.zero_grad(set_to_none=True)
+        accum = x.size(0)
+        total = torch.zeros((), device=x.device)
+        for i in range(accum):
+            with self._no_sync(i < accum - 1):
+                loss = self._forward(x[i], y[i])
+                self.manual_backward(loss / accum)
+            total += loss.detach()
+        chain = getattr(optimizer, "optimizer", optimizer)
+        apply_schedule(chain, sched.lr_scale, sched.momentum)
+        max_norm = self.optim_config.grad_clip_norm
+        if max_norm > 0 and clip is not False:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total / accum
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        step = self.global_step
+        if self.check_finite_every and step % self.check_finite_every == 0 and self._last_loss is not None:
+            value = float(self._last_loss)
+            if not math.isfinite(value):
+                ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved"
+                raise PgolfError(
+                    f"training loss is {value} at step {step}: stopping (last good checkpoint: {ckpt}); "
+                    f"lower the learning rates or check the data"
+                )
+        if step <= 10 or step % self.train_log_every == 0:
+            elapsed = self.clock.elapsed_ms()
+            tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
+            tok_s = step * tokens / max(elapsed / 1000.0, 1e-9)
+            self._log_text(
+                f"step:{step}/{self.max_steps} train_loss:{float(self._last_loss):.4f} "
+                f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(step, 1):.2f}ms tok/s:{tok_s:.0f}"
+            )
+        if step >= self.max_steps:
+            # Stopping through should_stop makes Lightning run the final validation at this step, as upstream.
+            self.trainer.should_stop = True
+
+    # --------------------------------------------------------------------------------------------------
+    # Validation: the full split, contiguous sequences, raw weights (spec/evaluation.md §2)
+    # --------------------------------------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._clock_was_running = self.clock.running
+        self.clock.pause(self.device)
+
+    def on_validation_end(self) -> None:
+        if self._clock_was_running:
+            self.clock.start(self.device)
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = self._forward(x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        self.val_metric.update(nll, x.reshape(-1), y.reshape(-1))
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_metric.compute()
+        self.val_metric.reset()
+        val_loss, val_bpb = float(result["loss"]), float(result["bpb"])
+        if not self.trainer.sanity_checking:
+            self.log("val_loss", val_loss, sync_dist=False)
+            self.log("val_bpb", val_bpb, prog_bar=True, sync_dist=False)
+        elapsed = self.clock.elapsed_ms()
+        self._log_text(
+            f"step:{self.global_step}/{self.max_steps} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+            f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(self.global_step, 1):.2f}ms"
+        )
+
+    # --------------------------------------------------------------------------------------------------
+    # Checkpoints: the wallclock and the recurrence state travel with the weights
+    # --------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pgolf"] = {
+            "clock": self.clock.state_dict(),
+            "recurrence_active": self.model.recurrence_active,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("pgolf")
+        if state:
+            self.clock.load_state_dict(state["clock"])
+            self.model.set_recurrence(state["recurrence_active"])
+
+    # --------------------------------------------------------------------------------------------------
+    def _log_text(self, line: str) -> None:
+        if self._trainer is None or self.trainer.is_global_zero:
+            self.text_log(line)

@@ -1,0 +1,37 @@
+"""Upstream-style plain-text log lines (``step:100/20000 train_loss:3.1234 ...``) on rank 0: printed and appended
+to ``<run dir>/train.log``, so existing log parsers and people used to the record logs read our runs as theirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+
+class TextLog:
+    def __init__(self, path: Optional[str | os.PathLike] = None, enabled: bool = True, echo: bool = True):
+        self.path = Path(path) if path else None
+        self.enabled = enabled
+        self.echo = echo
+        if self.enabled and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.echo:
+            print(line, flush=True)
+        if self.path is not None:
+            # Appending a line is the log's atomic unit; a summary file is written with fileio.atomic_path.
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+def format_metrics(**fields) -> str:
+    """``key:value`` pairs in the given order; floats with 4 decimals unless given as strings."""
+    parts = []
+    for k, v in fields.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        parts.append(f"{k}:{v}")
+    return " ".join(parts)
