@@ -18,7 +18,7 @@ from pgolf_lit.errors import PgolfError
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _lightning_cli(args: Sequence[str]) -> None:
+def _lightning_cli(args: Optional[Sequence[str]]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from pgolf_lit.data.datamodule import TokenShardDataModule
@@ -28,6 +28,8 @@ def _lightning_cli(args: Sequence[str]) -> None:
         def add_arguments_to_parser(self, parser) -> None:
             # One vocabulary: the data side checks its tokenizer and shards against the model's.
             parser.link_arguments("model.gpt.vocab_size", "data.vocab_size")
+            # The evaluation window length also trims the val split (upstream: EVAL_SEQ_LEN, or TRAIN_SEQ_LEN).
+            parser.link_arguments("model.evaluation.seq_len", "data.val_seq_len")
             parser.add_argument(
                 "--artifact", type=Optional[str], default=None, help="test/validate the weights of a pgolf artifact"
             )
@@ -46,22 +48,19 @@ def _lightning_cli(args: Sequence[str]) -> None:
     GolfCLI(
         GolfModule,
         TokenShardDataModule,
-        args=list(args),
+        args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "--help"
     try:
         if command in TRAINER_COMMANDS:
-            _lightning_cli(argv)
-        elif command == "data":
-            from pgolf_lit.tools.data_cmd import main as data_main
-
-            data_main(argv[1:])
+            _lightning_cli(None if from_console else argv)
         elif command in TOOLS:
             module_name, func = TOOLS[command]
             module = __import__(f"pgolf_lit.tools.{module_name}", fromlist=[func])
@@ -77,8 +76,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 TOOLS = {
+    "data": ("data_cmd", "main"),
     "summary": ("summary", "main"),
     "convert": ("convert_cmd", "main"),
+    "export": ("export_cmd", "main"),
+    "eval": ("eval_cmd", "main"),
+    "audit": ("audit_cmd", "main"),
+    "demo": ("demo", "main"),
 }
 
 USAGE = """usage: pgolf COMMAND ...
@@ -91,4 +95,10 @@ data:
 model:
   summary --config X        parameter counts by category, layer schedule, artifact size estimate
   convert                   upstream train_gpt.py state dicts <-> pgolf checkpoints
+artifacts and evaluation:
+  export --ckpt C --config X --out A     quantize + compress + size-check a checkpoint (GPTQExport's code)
+  eval A --data DIR --method M           evaluate an artifact under Lightning Fabric on N devices
+  audit                                  the empirical causality audit of every evaluation procedure
+demo:
+  demo                      the CPU demo: embedded corpus -> 60 s of training -> export -> roundtrip val_bpb
 """

@@ -7,6 +7,7 @@ Three float64 sums per process (nats, scored tokens, bytes), summed over ranks o
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,8 +32,16 @@ class BitsPerByte(Metric):
     higher_is_better = False
     is_differentiable = False
 
-    def __init__(self, luts: tuple[Tensor, Tensor, Tensor], **kwargs):
+    def __init__(self, luts: Optional[tuple[Tensor, Tensor, Tensor]] = None, vocab_size: int = 0, **kwargs):
+        """``luts`` from ``build_byte_luts``; or ``vocab_size`` alone to allocate them now and ``set_luts`` later
+        (a LightningModule builds its metric before the datamodule has read the tokenizer)."""
         super().__init__(**kwargs)
+        if luts is None:
+            luts = (
+                torch.zeros(vocab_size, dtype=torch.int16),
+                torch.zeros(vocab_size, dtype=torch.bool),
+                torch.ones(vocab_size, dtype=torch.bool),
+            )
         base_bytes, has_leading_space, is_boundary = luts
         # LUTs are constants, not metric state: plain buffers so .to(device) moves them.
         self.register_buffer("base_bytes", base_bytes.clone(), persistent=False)
@@ -41,6 +50,17 @@ class BitsPerByte(Metric):
         self.add_state("loss_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("token_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("byte_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def set_luts(self, luts: tuple[Tensor, Tensor, Tensor]) -> None:
+        base_bytes, has_leading_space, is_boundary = luts
+        if base_bytes.numel() != self.base_bytes.numel():
+            self.base_bytes = base_bytes.clone().to(self.base_bytes.device)
+            self.has_leading_space = has_leading_space.clone().to(self.base_bytes.device)
+            self.is_boundary = is_boundary.clone().to(self.base_bytes.device)
+            return
+        self.base_bytes.copy_(base_bytes)
+        self.has_leading_space.copy_(has_leading_space)
+        self.is_boundary.copy_(is_boundary)
 
     @property
     def luts(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from pgolf_lit.clock import TrainClock
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.errors import PgolfError
+from pgolf_lit.errors import ConfigError, PgolfError
+from pgolf_lit.eval import METHODS, EvalResult, EvalSettings, ForwardOptions, format_result_line, run_method
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.optim.groups import OptimConfig, build_optimizers
@@ -43,11 +44,11 @@ class StepSchedule:
 
 
 def _as(cls, value):
-    """Accept a dataclass instance, a dict (from a checkpoint's hyperparameters) or None (defaults)."""
+    """Accept a dataclass instance, a dict (from a checkpoint's hyperparameters or a YAML section) or None."""
     if value is None:
         return cls()
     if isinstance(value, dict):
-        return cls(**value)
+        return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
     return value
 
 
@@ -57,6 +58,8 @@ class GolfModule(L.LightningModule):
         gpt: GPTConfig = GPTConfig(),
         optim: OptimConfig = OptimConfig(),
         schedule: ScheduleConfig = ScheduleConfig(),
+        evaluation: EvalSettings = EvalSettings(),
+        test_methods: list[str] = ["standard", "sliding"],
         compile: bool = False,
         train_log_every: int = 200,
         check_finite_every: int = 1,
@@ -65,7 +68,9 @@ class GolfModule(L.LightningModule):
         Args:
             gpt: the architecture (defaults: the upstream baseline).
             optim: optimizer routing and hyperparameters (defaults: the upstream baseline).
-            schedule: LR warmdown and Muon momentum warmup (defaults: the upstream baseline).
+            schedule: LR warmdown (defaults: the upstream baseline's; Muon momentum warmup is in ``optim``).
+            evaluation: settings of the evaluation passes ``pgolf test`` runs (window length, stride, SLOT, TTT).
+            test_methods: the passes ``pgolf test`` runs, in order: standard | sliding | slot | causal_slot | ttt.
             compile: torch.compile the model (fullgraph, static shapes); on by default on CUDA in record configs.
             train_log_every: plain-text train lines at steps 1-10 and every N steps.
             check_finite_every: check the training loss for NaN/inf every N steps (a host sync) and stop with
@@ -75,12 +80,20 @@ class GolfModule(L.LightningModule):
         self.gpt_config = _as(GPTConfig, gpt)
         self.optim_config = _as(OptimConfig, optim)
         self.schedule_config = _as(ScheduleConfig, schedule)
+        self.evaluation = _as(EvalSettings, evaluation)
+        unknown = [m for m in test_methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"model.test_methods: unknown method(s) {unknown}; expected some of {list(METHODS)}")
+        self.test_methods = list(test_methods)
+        self.test_results: list[EvalResult] = []
         # Plain dicts only: checkpoints then load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
                 "gpt": self.gpt_config.to_dict(),
                 "optim": dataclasses.asdict(self.optim_config),
                 "schedule": dataclasses.asdict(self.schedule_config),
+                "evaluation": dataclasses.asdict(self.evaluation),
+                "test_methods": self.test_methods,
                 "compile": compile,
                 "train_log_every": train_log_every,
                 "check_finite_every": check_finite_every,
@@ -94,20 +107,41 @@ class GolfModule(L.LightningModule):
         self.clock = TrainClock()
         self.text_log = TextLog(enabled=False)
         self.wallclock_budget = None  # set by callbacks.WallclockBudget when attached
-        self.val_metric: Optional[BitsPerByte] = None
+        # Built here (not in setup) so weight-averaging callbacks, which copy the module at setup, see it.
+        self.val_metric = BitsPerByte(vocab_size=self.gpt_config.vocab_size)
         self._schedule_cache: Optional[StepSchedule] = None
         self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
         self._forward = self.model  # replaced by the compiled model in setup()
         self._last_loss: Optional[Tensor] = None
         self._clock_was_running = False
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GolfModule":
+        """A module from a parsed pgolf YAML config (its ``model`` section), outside the CLI."""
+        return cls(**(config.get("model") or {}))
+
+    def load_checkpoint_weights(self, path: str) -> None:
+        """The model weights of a Lightning checkpoint of this config (the EMA weights when the EMA callback
+        saved it) or of a ``pgolf convert`` file. Loads with ``weights_only=True``: no pickled code runs."""
+        from pgolf_lit.model.convert import load_upstream_state_dict
+
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: checkpoint not found") from None
+        except Exception as e:
+            raise ConfigError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+        weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        load_upstream_state_dict(self.model, weights, path)
+
     # --------------------------------------------------------------------------------------------------
     # Setup
     # --------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and getattr(datamodule, "luts", None) is not None and self.val_metric is None:
-            self.val_metric = BitsPerByte(datamodule.luts)
+        if datamodule is not None and getattr(datamodule, "luts", None) is not None:
+            self.val_metric.set_luts(datamodule.luts)
         if self.trainer.is_global_zero:
             log_dir = self.trainer.log_dir or self.trainer.default_root_dir
             self.text_log = TextLog(f"{log_dir}/train.log")
@@ -244,6 +278,39 @@ class GolfModule(L.LightningModule):
             f"step:{self.global_step}/{self.max_steps} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
             f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(self.global_step, 1):.2f}ms"
         )
+
+    # --------------------------------------------------------------------------------------------------
+    # Test: the configured evaluation passes (pgolf_lit.eval), one per test batch
+    # --------------------------------------------------------------------------------------------------
+    def on_test_start(self) -> None:
+        self.model.set_recurrence(True)  # evaluation always runs with depth recurrence on
+        self.test_results = []
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        method = self.test_methods[int(batch)]
+        dm = self.trainer.datamodule
+        settings = dataclasses.replace(self.evaluation)
+        if self.trainer.precision.startswith("bf16") and self.device.type == "cuda":
+            settings.forward = ForwardOptions.bf16(compile=self.compile)
+        # SLOT and TTT optimize: leave the test loop's inference mode and the Trainer's autocast; each pass sets
+        # its own precision through settings.forward, as the record scripts do.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
+            result = run_method(
+                method, self.model, dm.val_tokens.to(self.device), dm.luts, settings,
+                self.global_rank, self.trainer.world_size,
+            )
+        self.test_results.append(result)
+        self._log_text(format_result_line(result))
+        self.log_dict({f"{method}/val_loss": result.val_loss, f"{method}/val_bpb": result.val_bpb,
+                       f"{method}/eval_time_ms": result.eval_time_ms}, sync_dist=False, batch_size=1)
+
+    def load_artifact(self, path: str) -> None:
+        """Replace the weights by an artifact's dequantized ones; the artifact must match this config."""
+        from pgolf_lit.model.convert import load_upstream_state_dict
+        from pgolf_lit.quant import read_artifact
+
+        art = read_artifact(path, self.gpt_config)
+        load_upstream_state_dict(self.model, art.state_dict, str(path))
 
     # --------------------------------------------------------------------------------------------------
     # Checkpoints: the wallclock and the recurrence state travel with the weights

@@ -320,6 +320,8 @@ def test_bf16_autocast_stays_close_to_fp32(tiny):
     settings = EvalSettings(**DISTRIBUTED_SETTINGS)
     for method in DISTRIBUTED_METHODS:
         fp32 = run_method(method, model, tokens, luts, settings)
-        bf16 = run_method(method, model, tokens, luts, replace(settings, forward=ForwardOptions.bf16("cpu", compile=False)))
+        bf16_settings = replace(settings)
+        bf16_settings.forward = ForwardOptions.bf16("cpu", compile=False)
+        bf16 = run_method(method, model, tokens, luts, bf16_settings)
         assert (bf16.tokens, bf16.bytes) == (fp32.tokens, fp32.bytes)
         assert bf16.val_loss == pytest.approx(fp32.val_loss, abs=0.05) and bf16.val_loss != fp32.val_loss, method

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from pgolf_lit.config import CONFIG_DIR, GPTConfig, gpt_config_from_yaml
+from pgolf_lit.config import CONFIG_DIR, GPTConfig, gpt_config_from_yaml, record_config_path
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.model.convert import load_upstream_state_dict, record_gpt_config, to_upstream_state_dict
 from pgolf_lit.model.gpt import GPT, layer_schedule, skip_plan
@@ -48,13 +48,15 @@ def ids(batch=2, T=24, V=64, seed=3):
 
 @pytest.mark.parametrize("record,count", sorted(RECORD_PARAMS.items()))
 def test_record_parameter_counts(record, count):
-    cfg = gpt_config_from_yaml(CONFIG_DIR / "records" / f"{record}.yaml")
+    cfg = gpt_config_from_yaml(record_config_path(record))
     assert GPT(cfg).num_params() == count
 
 
-def test_every_record_config_has_a_reference_count():
-    on_disk = {p.stem for p in (CONFIG_DIR / "records").glob("*.yaml") if not p.stem.endswith("_tiny")}
-    assert on_disk == set(RECORD_PARAMS)
+def test_every_record_config_has_a_reference_count_and_a_tiny_variant():
+    records = {p.stem for p in (CONFIG_DIR / "records").glob("*.yaml")}
+    full = {r for r in records if not r.endswith("_tiny")}
+    assert full | {"baseline_sp1024"} == set(RECORD_PARAMS)
+    assert {f"{r}_tiny" for r in full} == records - full
 
 
 @pytest.mark.parametrize(

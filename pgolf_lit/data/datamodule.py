@@ -185,3 +185,9 @@ class TokenShardDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._val_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        """One item per evaluation pass of the module (``test_methods``); every rank runs every pass, and each
+        pass splits its windows across the ranks itself."""
+        methods = getattr(self.trainer.lightning_module, "test_methods", ["standard"])
+        return DataLoader(range(len(methods)), batch_size=None)

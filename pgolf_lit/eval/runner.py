@@ -7,6 +7,7 @@ labels and 8-decimal fields so existing log parsers keep working, and appends pg
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,27 @@ class EvalSettings:
     causal_slot: SlotConfig = field(default_factory=lambda: slot_preset("causal_per_window"))
     ttt: TTTConfig = field(default_factory=TTTConfig)
     labels: dict[str, str] = field(default_factory=dict)  # method -> label, overriding DEFAULT_LABELS
-    forward: ForwardOptions = field(default_factory=ForwardOptions)
     progress: bool = False
+    # Set by the caller from its precision (not a config value: it holds an autocast factory).
+    forward: ForwardOptions = field(default_factory=ForwardOptions, init=False, repr=False, compare=False)
+
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any]) -> "EvalSettings":
+        """From a YAML/checkpoint mapping: nested ``slot`` / ``causal_slot`` / ``ttt`` mappings update those
+        passes' defaults (a record config lists only what differs)."""
+        settings = cls()
+        changes: dict[str, Any] = {}
+        for key, value in section.items():
+            if key == "forward":
+                continue
+            if not hasattr(settings, key):
+                raise ConfigError(f"model.evaluation: unknown field '{key}'")
+            current = getattr(settings, key)
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                value = dataclasses.replace(current, **value)
+            changes[key] = value
+        return dataclasses.replace(settings, **changes)
 
 
 @dataclass

@@ -1,0 +1,18 @@
+"""``pgolf audit [--method NAME ...]``: the empirical causality audit (spec/evaluation.md §7.5) of each
+evaluation procedure on a tiny deterministic float64 model: A prefix invariance, B every target scored exactly
+once, C score before update, D batch/world invariance. Exits 0; the table says which procedures fail."""
+
+from __future__ import annotations
+
+import argparse
+
+from pgolf_lit.eval.audit import AuditSetup, audit, audit_methods, format_audit_table
+
+
+def main(argv) -> None:
+    names = list(audit_methods(AuditSetup()))
+    p = argparse.ArgumentParser(prog="pgolf audit", description=__doc__.splitlines()[0])
+    p.add_argument("--method", action="append", choices=names, help="procedure to audit (default: all)")
+    args = p.parse_args(argv)
+    reports = [audit(name) for name in (args.method or names)]
+    print(format_audit_table(reports))

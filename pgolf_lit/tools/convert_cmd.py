@@ -1,0 +1,54 @@
+"""``pgolf convert --from-upstream final_model.pt --config X.yaml --out model.ckpt`` (and ``--to-upstream``):
+upstream train_gpt.py state dicts <-> pgolf checkpoints. Our parameter names are the upstream keys, so the
+conversion checks every key and shape against the config and fails with the first mismatch named."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import torch
+
+from pgolf_lit.config import gpt_config_from_yaml
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.fileio import atomic_write_bytes
+from pgolf_lit.model.convert import load_upstream_state_dict, to_upstream_state_dict
+from pgolf_lit.model.gpt import GPT
+
+
+def _save(obj, path: str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except Exception as e:  # a weights_only refusal or a corrupt zip
+        raise ConfigError(f"{path}: not a loadable state dict ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
+def main(argv) -> None:
+    p = argparse.ArgumentParser(prog="pgolf convert", description=__doc__.splitlines()[0])
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-upstream", metavar="FINAL_MODEL_PT")
+    direction.add_argument("--to-upstream", metavar="PGOLF_CKPT")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    cfg = gpt_config_from_yaml(args.config)
+    model = GPT(cfg)
+    if args.from_upstream:
+        load_upstream_state_dict(model, _load(args.from_upstream), args.from_upstream)
+        # A Lightning-style checkpoint of GolfModule weights (load with `pgolf test --ckpt_path` or export --ckpt).
+        _save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "pgolf_gpt": cfg.to_dict()}, args.out)
+    else:
+        ckpt = _load(args.to_upstream)
+        sd = ckpt.get("state_dict", ckpt)
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")} or sd
+        load_upstream_state_dict(model, sd, args.to_upstream)
+        _save(to_upstream_state_dict(model), args.out)
+    print(f"wrote {args.out} ({model.num_params()} parameters, {len(model.state_dict())} tensors)")

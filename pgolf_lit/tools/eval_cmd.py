@@ -1,0 +1,63 @@
+"""``pgolf eval ARTIFACT --data DIR --method sliding [--method slot ...]``: evaluate an artifact under Lightning
+Fabric on N devices (``--devices 2 --strategy ddp``), outside the Trainer, with the same code ``pgolf test``
+runs. Settings come from ``--config`` (its ``model.evaluation`` section) and can be overridden by flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from pgolf_lit.config import load_yaml
+from pgolf_lit.eval import METHODS, EvalSettings, slot_preset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgolf eval", description=__doc__.splitlines()[0])
+    p.add_argument("artifact", help="a pgolf artifact (pgolf export / GPTQExport)")
+    p.add_argument("--data", required=True, help="dataset directory with fineweb_val_*.bin")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: <data>/../../tokenizers/...)")
+    p.add_argument("--method", action="append", choices=METHODS, help="pass to run; repeat for several")
+    p.add_argument("--config", default=None, help="take evaluation settings from this pgolf YAML config")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--window-rule", choices=("exact", "legacy"), default=None)
+    p.add_argument("--slot-preset", default=None, help="SLOT preset for --method slot (pr1263, pr1278, pr1321, ...)")
+    p.add_argument("--val-max-tokens", type=int, default=0, help="score only the first N val tokens (quick checks)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="1")
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--precision", default="32-true", help="bf16-mixed on GPUs, as the records")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--results-json", default=None, help="also write the results as JSON")
+    return p
+
+
+def settings_from(args) -> EvalSettings:
+    settings = EvalSettings()
+    if args.config:
+        section = ((load_yaml(args.config).get("model") or {}).get("evaluation")) or {}
+        settings = EvalSettings.from_dict(section)
+    if args.seq_len:
+        settings.seq_len = args.seq_len
+    if args.stride:
+        settings.stride = args.stride
+    if args.window_rule:
+        settings.window_rule = args.window_rule
+    if args.slot_preset:
+        settings.slot = slot_preset(args.slot_preset)
+    settings.progress = args.progress
+    return settings
+
+
+def main(argv) -> None:
+    from pgolf_lit.fabric_eval import evaluate_artifact
+
+    args = build_parser().parse_args(argv)
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    evaluate_artifact(
+        args.artifact, args.data, methods=args.method or ["standard", "sliding"], settings=settings_from(args),
+        tokenizer_path=args.tokenizer, accelerator=args.accelerator, devices=devices, strategy=args.strategy,
+        precision=args.precision, compile=args.compile, val_max_tokens=args.val_max_tokens,
+        results_json=args.results_json,
+    )
+

@@ -1,0 +1,89 @@
+"""``pgolf export --ckpt RUN.ckpt --config X.yaml --out model.pgolf``: the GPTQExport callback's code outside
+training. Loads the checkpoint's weights (the EMA weights when it was saved with the EMA callback, which stores
+them as the state dict), calibrates GPTQ on training batches of the config's data, writes the artifact, and
+prints the byte accounting. ``--upstream final_model.pt`` exports an upstream state dict instead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from pgolf_lit.config import load_yaml
+from pgolf_lit.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgolf export", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a Lightning checkpoint of this config (loaded with weights_only=True)")
+    src.add_argument("--upstream", help="an upstream train_gpt.py state dict (final_model.pt)")
+    p.add_argument("--config", required=True, help="the pgolf YAML config the weights belong to")
+    p.add_argument("--out", required=True, help="artifact path to write (atomically)")
+    p.add_argument("--scheme", default=None, help="export preset; default: the config's GPTQExport scheme, else pgolf")
+    p.add_argument("--settings", default="{}", help='JSON of ExportConfig overrides, e.g. \'{"codec": "lzma"}\'')
+    p.add_argument("--calibration-batches", type=int, default=None, help="GPTQ calibration micro-batches")
+    p.add_argument("--allow-over-budget", action="store_true", help="write even if model + code > the budget")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _callback_args(config: dict) -> dict:
+    for cb in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("GPTQExport"):
+            return dict(cb.get("init_args") or {})
+    return {}
+
+
+def main(argv) -> None:
+    from callbacks.gptq_export import GPTQExport
+    from pgolf_lit.data.datamodule import TokenShardDataModule
+    from pgolf_lit.module import GolfModule
+    from pgolf_lit.quant import export_model
+
+    args = build_parser().parse_args(argv)
+    config = load_yaml(args.config)
+    try:
+        overrides = json.loads(args.settings)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--settings: not valid JSON ({e.msg})") from None
+    cb_args = _callback_args(config)
+    settings = {**(cb_args.get("settings") or {}), **overrides}
+    if args.allow_over_budget:
+        settings["allow_over_budget"] = True
+    exporter = GPTQExport(
+        scheme=args.scheme or cb_args.get("scheme", "pgolf"),
+        settings=settings,
+        calibration="train_replay" if cb_args.get("calibration") != "generated" else "generated",
+        calibration_batches=args.calibration_batches or cb_args.get("calibration_batches", 64),
+    )
+    module = GolfModule.from_config(config)
+    if args.ckpt:
+        module.load_checkpoint_weights(args.ckpt)
+    else:
+        from pgolf_lit.model.convert import load_upstream_state_dict
+
+        load_upstream_state_dict(module.model, torch.load(args.upstream, map_location="cpu", weights_only=True), args.upstream)
+    module.to(args.device)
+    model = module.model
+    model.set_recurrence(True)
+    model.eval()
+    batches = None
+    if exporter.config.uses_gptq:
+        data_args = dict(config.get("data") or {})
+        data_args["vocab_size"] = model.config.vocab_size
+        dm = TokenShardDataModule(**data_args)
+        if exporter.calibration == "generated":
+            from pgolf_lit.quant.calibration import generate_calibration_tokens
+
+            tokens = generate_calibration_tokens(model, model.config.vocab_size, num_seqs=exporter.calibration_batches,
+                                                 seq_len=dm.train_seq_len, device=torch.device(args.device))
+            batches = list(tokens.split(8))
+        else:
+            loader = dm.make_train_loader()
+            batches = [loader.next_batch()[0].to(args.device) for _ in range(exporter.calibration_batches)]
+    with torch.no_grad():
+        report = export_model(model, exporter.config, args.out, calib_batches=batches, progress=True)
+    print(report.summary())
+    print(f"Serialized model bytes:{report.model_bytes} code bytes:{report.code_bytes} total:{report.total_bytes}")
