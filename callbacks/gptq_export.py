@@ -100,6 +100,12 @@ class GPTQExport(Callback):
                 f"Serialized model bytes:{self.report.model_bytes} code bytes:{self.report.code_bytes} "
                 f"total:{self.report.total_bytes}"
             )
+            pl_module.write_summary(artifact={
+                "path": str(out), "model_bytes": self.report.model_bytes, "code_bytes": self.report.code_bytes,
+                "total_bytes": self.report.total_bytes, "budget_bytes": self.report.budget_bytes,
+                "fits": self.report.fits, "scheme": self.scheme, "codec": self.report.codec,
+                "seconds": self.report.seconds,
+            })
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if not self.roundtrip_eval:
@@ -111,6 +117,7 @@ class GPTQExport(Callback):
         post.label = self.label
         pl_module._log_text(format_result_line(post))
         self.results["roundtrip"] = post
+        pl_module.write_summary(pre_quant=pre, roundtrip=post)
         for name, r in (("pre_quant", pre), ("roundtrip", post)):
             for logger in trainer.loggers:
                 logger.log_metrics({f"{name}_val_loss": r.val_loss, f"{name}_val_bpb": r.val_bpb}, trainer.global_step)

@@ -26,6 +26,7 @@ from pgolf_lit.errors import ConfigError, PgolfError
 from pgolf_lit.eval import METHODS, EvalResult, EvalSettings, ForwardOptions, format_result_line, run_method
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.gpt import GPT
+from pgolf_lit.summary import update_summary
 from pgolf_lit.optim.groups import OptimConfig, build_optimizers
 from pgolf_lit.optim.chain import OptimizerChain
 from pgolf_lit.optim.schedule import ScheduleConfig, apply_schedule
@@ -143,8 +144,7 @@ class GolfModule(L.LightningModule):
         if datamodule is not None and getattr(datamodule, "luts", None) is not None:
             self.val_metric.set_luts(datamodule.luts)
         if self.trainer.is_global_zero:
-            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-            self.text_log = TextLog(f"{log_dir}/train.log")
+            self.text_log = TextLog(f"{self.run_dir}/train.log")
         if self.compile and self._forward is self.model:
             # Stored outside the module tree so the state dict keeps one copy of every weight.
             object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False, fullgraph=True))
@@ -182,6 +182,15 @@ class GolfModule(L.LightningModule):
     # --------------------------------------------------------------------------------------------------
     # Training
     # --------------------------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        elapsed = self.clock.elapsed_ms()
+        tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
+        self.write_summary(train={
+            "steps": self.global_step, "train_time_ms": elapsed, "step_avg_ms": elapsed / max(self.global_step, 1),
+            "tokens_per_s": self.global_step * tokens / max(elapsed / 1000.0, 1e-9), "params": self.model.num_params(),
+            "world_size": self.trainer.world_size,
+        })
+
     def on_train_start(self) -> None:
         # Priming callbacks ran before this hook; the wallclock starts now.
         self.clock.start(self.device)
@@ -270,6 +279,9 @@ class GolfModule(L.LightningModule):
         result = self.val_metric.compute()
         self.val_metric.reset()
         val_loss, val_bpb = float(result["loss"]), float(result["bpb"])
+        if self.trainer.state.fn == "fit":
+            key = "initial_val" if self.trainer.sanity_checking else "last_val"
+            self.write_summary(**{key: {"step": self.global_step, "val_loss": val_loss, "val_bpb": val_bpb}})
         if not self.trainer.sanity_checking:
             self.log("val_loss", val_loss, sync_dist=False)
             self.log("val_bpb", val_bpb, prog_bar=True, sync_dist=False)
@@ -301,6 +313,7 @@ class GolfModule(L.LightningModule):
             )
         self.test_results.append(result)
         self._log_text(format_result_line(result))
+        self.write_summary(test={method: dataclasses.asdict(result)})
         self.log_dict({f"{method}/val_loss": result.val_loss, f"{method}/val_bpb": result.val_bpb,
                        f"{method}/eval_time_ms": result.eval_time_ms}, sync_dist=False, batch_size=1)
 
@@ -328,6 +341,15 @@ class GolfModule(L.LightningModule):
             self.model.set_recurrence(state["recurrence_active"])
 
     # --------------------------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> str:
+        return self.trainer.log_dir or self.trainer.default_root_dir
+
+    def write_summary(self, **sections) -> None:
+        """Merge sections into the run's summary.json (rank 0 only)."""
+        if self._trainer is not None and self.trainer.is_global_zero:
+            update_summary(self.run_dir, **sections)
+
     def _log_text(self, line: str) -> None:
         if self._trainer is None or self.trainer.is_global_zero:
             self.text_log(line)
