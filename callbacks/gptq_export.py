@@ -57,9 +57,9 @@ class GPTQExport(Callback):
         self.report = None
         self.results: dict[str, Any] = {}
 
-    def resolve_path(self, trainer) -> Path:
+    def resolve_path(self, pl_module) -> Path:
         p = Path(self.path)
-        return p if p.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / p
+        return p if p.is_absolute() else Path(pl_module.run_dir) / p
 
     def _calibration(self, trainer, pl_module):
         """Token batches [rows, T] on the model's device, or None for RTN-only schemes."""
@@ -89,7 +89,7 @@ class GPTQExport(Callback):
         pre.label = "pre-quantization post-ema"
         pl_module._log_text(format_result_line(pre))
         self.results["pre_quant"] = pre
-        out = self.resolve_path(trainer)
+        out = self.resolve_path(pl_module)
         if trainer.is_global_zero:
             started = time.perf_counter()
             with torch.no_grad(), trainer.precision_plugin.forward_context():

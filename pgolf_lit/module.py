@@ -93,7 +93,7 @@ class GolfModule(L.LightningModule):
                 "gpt": self.gpt_config.to_dict(),
                 "optim": dataclasses.asdict(self.optim_config),
                 "schedule": dataclasses.asdict(self.schedule_config),
-                "evaluation": dataclasses.asdict(self.evaluation),
+                "evaluation": self.evaluation.to_dict(),
                 "test_methods": self.test_methods,
                 "compile": compile,
                 "train_log_every": train_log_every,
@@ -110,11 +110,15 @@ class GolfModule(L.LightningModule):
         self.wallclock_budget = None  # set by callbacks.WallclockBudget when attached
         # Built here (not in setup) so weight-averaging callbacks, which copy the module at setup, see it.
         self.val_metric = BitsPerByte(vocab_size=self.gpt_config.vocab_size)
+        # Every buffer (RoPE frequencies, byte LUTs) is a constant built the same on every rank: DDP neither
+        # broadcasts them at start nor before every forward (upstream: broadcast_buffers=False).
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         self._schedule_cache: Optional[StepSchedule] = None
         self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
         self._forward = self.model  # replaced by the compiled model in setup()
         self._last_loss: Optional[Tensor] = None
         self._clock_was_running = False
+        self._run_dir = "."
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GolfModule":
@@ -143,8 +147,10 @@ class GolfModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "luts", None) is not None:
             self.val_metric.set_luts(datamodule.luts)
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank asks, once, here.
+        self._run_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if self.trainer.is_global_zero:
-            self.text_log = TextLog(f"{self.run_dir}/train.log")
+            self.text_log = TextLog(f"{self._run_dir}/train.log")
         if self.compile and self._forward is self.model:
             # Stored outside the module tree so the state dict keeps one copy of every weight.
             object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False, fullgraph=True))
@@ -343,7 +349,8 @@ class GolfModule(L.LightningModule):
     # --------------------------------------------------------------------------------------------------
     @property
     def run_dir(self) -> str:
-        return self.trainer.log_dir or self.trainer.default_root_dir
+        """The run's directory (the logger's log_dir), resolved on every rank in setup()."""
+        return self._run_dir
 
     def write_summary(self, **sections) -> None:
         """Merge sections into the run's summary.json (rank 0 only)."""

@@ -31,3 +31,24 @@ def shared_tokenizer(name: str) -> Path:
     if not p.is_file():
         pytest.skip(f"shared tokenizer {name} not available (../shared/tokenizers)")
     return p
+
+
+@pytest.fixture(scope="session")
+def embedded_data_root(tmp_path_factory) -> Path:
+    """A data root holding the embedded-corpus dataset at sp1024 (built once per test session, ~10 s):
+    ``<root>/datasets/fineweb10B_sp1024`` and ``<root>/tokenizers/fineweb_1024_bpe.model``."""
+    from pgolf_lit.data.prepare import build_embedded_dataset
+
+    root = tmp_path_factory.mktemp("embedded")
+    build_embedded_dataset(root / "datasets" / "fineweb10B_sp1024", 1024, progress=False)
+    return root
+
+
+@pytest.fixture
+def run_cwd(tmp_path, monkeypatch, embedded_data_root) -> Path:
+    """A fresh working directory whose ``data/demo`` is the session's embedded dataset (the path the demo and
+    *_tiny configs use), so CLI runs neither rebuild the data nor write into the repository."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

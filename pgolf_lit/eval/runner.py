@@ -53,6 +53,12 @@ class EvalSettings:
     forward: ForwardOptions = field(default_factory=ForwardOptions, init=False, repr=False, compare=False)
 
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (the runtime ``forward`` options are not configuration)."""
+        d = dataclasses.asdict(self)
+        d.pop("forward")
+        return d
+
     @classmethod
     def from_dict(cls, section: dict[str, Any]) -> "EvalSettings":
         """From a YAML/checkpoint mapping: nested ``slot`` / ``causal_slot`` / ``ttt`` mappings update those
