@@ -1,10 +1,12 @@
 """EMA of the weights, as the records keep it (spec/training.md §6.1).
 
 Built on Lightning's ``WeightAveraging`` (an ``AveragedModel`` updated after every optimizer step, stored in
-checkpoints, copied into the model at the end of training). Three points differ from Lightning's
-``EMAWeightAveraging`` and are overridden here: the shadow starts from the initial weights (not from the
-weights after the first step), mid-run validation sees the raw weights unless ``swap_for_validation``, and
-only parameters are averaged (the module's buffers are constants such as byte LUTs).
+checkpoints, copied into the model at the end of training). Lightning's ``EMAWeightAveraging`` differs from
+the records in three ways (spec/training.md §13), handled here: the shadow starts from the initial weights (not
+from the weights after the first step); mid-run validation sees the raw weights unless
+``swap_for_validation``; and the shadow is fp32 — Lightning keeps it in the parameter dtype, bf16 for the
+records' embedding tables, while pgolf keeps every parameter fp32 (the upstream bf16 policy is applied only
+when exporting ``format: upstream``). Buffers are constants (RoPE tables, byte LUTs) and are not averaged.
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ class EMA(WeightAveraging):
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
-        if trainer.is_global_zero:
-            print(f"ema:applying EMA weights decay:{self.decay}", flush=True)
+        pl_module._log_text(f"ema:applying EMA weights decay:{self.decay}")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self.swap_for_validation:

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pgolf_lit.eval import EvalSettings, format_result_line, run_method
 from pgolf_lit.quant import ExportConfig, build_model_from_artifact, export_model
-from pgolf_lit.quant.calibration import generate_calibration_tokens
+from pgolf_lit.quant.calibration import generate_calibration_tokens, token_batches
 
 
 class GPTQExport(Callback):
@@ -42,7 +42,8 @@ class GPTQExport(Callback):
             scheme: export preset (``pgolf``, or a record's: ``baseline``, ``pr1263`` … ``pr1394``).
             settings: ExportConfig fields overriding the preset (e.g. ``{codec: lzma, prune: none}``).
             calibration: where GPTQ's calibration tokens come from (ignored by RTN-only schemes).
-            calibration_batches: micro-batches (or generated sequences / 8) used for the Hessians.
+            calibration_batches: training micro-batches, or self-generated sequences (fed one at a time without
+                their last token, as PR #1019), used for the Hessians.
             roundtrip_eval: reload the artifact and score it on the validation split.
             label: the roundtrip line's label (upstream: ``final_int8_zlib_roundtrip`` for the baseline).
         """
@@ -69,9 +70,10 @@ class GPTQExport(Callback):
         if self.calibration == "generated":
             cfg = pl_module.model.config
             tokens = generate_calibration_tokens(
-                pl_module.model, cfg.vocab_size, num_seqs=self.calibration_batches, seq_len=trainer.datamodule.train_seq_len
+                pl_module.model, cfg.vocab_size, num_seqs=self.calibration_batches,
+                seq_len=trainer.datamodule.train_seq_len, device=device,
             )
-            return [tokens[i : i + 8].to(device) for i in range(0, tokens.size(0), 8)]
+            return token_batches(tokens, 1, drop_last_token=True)
         dm = trainer.datamodule
         skip = trainer.global_step if self.calibration == "train_continue" else 0
         loader = dm.make_train_loader(skip_steps=skip)
@@ -86,7 +88,8 @@ class GPTQExport(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         with torch.no_grad():
             pre = run_method("standard", model, dm.val_tokens.to(pl_module.device), dm.luts, settings, rank, world)
-        pre.label = "pre-quantization post-ema"
+        averaged = any(type(cb).__name__ in ("EMA", "SWA") for cb in trainer.callbacks)
+        pre.label = "pre-quantization post-ema" if averaged else "pre-quantization"
         pl_module._log_text(format_result_line(pre))
         self.results["pre_quant"] = pre
         out = self.resolve_path(pl_module)

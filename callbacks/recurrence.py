@@ -26,6 +26,11 @@ class RecurrenceActivation(Callback):
             return step >= self.at_step
         return frac >= self.at_fraction
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Recurrent from the start (PR #1278): on before the step-0 validation and the compile priming too.
+        if self.at_step == 0 and trainer.global_step == 0:
+            self.on_train_batch_start(trainer, pl_module, None, 0)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         model = pl_module.model
         if model.recurrence_active or model.config.recurrence == "none":

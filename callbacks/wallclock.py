@@ -13,18 +13,24 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from pgolf_lit.optim.schedule import effective_cap_ms
+
 
 class WallclockBudget(Callback):
     def __init__(self, max_seconds: float = 600.0, reserve_seconds: float = 0.0):
+        """
+        Args:
+            max_seconds: the training cap (upstream MAX_WALLCLOCK_SECONDS); 0 or less means no cap.
+            reserve_seconds: taken off the cap for work after training (upstream GPTQ_RESERVE_SECONDS).
+        """
         self.max_seconds = max_seconds
         self.reserve_seconds = reserve_seconds
+        self.effective_cap_ms = effective_cap_ms(max_seconds, reserve_seconds)  # validates; None = no cap
         self.stopped_at_step = -1
 
-    @property
-    def effective_cap_ms(self) -> float:
-        return 1000.0 * (self.max_seconds - self.reserve_seconds)
-
     def fraction(self, pl_module) -> float:
+        if self.effective_cap_ms is None:
+            return 0.0
         return pl_module.clock.elapsed_ms() / self.effective_cap_ms
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -37,6 +43,8 @@ class WallclockBudget(Callback):
             )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.effective_cap_ms is None:
+            return
         elapsed = pl_module.clock.elapsed_ms()
         reached = trainer.strategy.reduce_boolean_decision(elapsed >= self.effective_cap_ms, all=False)
         if reached and self.stopped_at_step < 0:

@@ -18,7 +18,10 @@ from pgolf_lit.errors import PgolfError
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _lightning_cli(args: Optional[Sequence[str]]) -> None:
+def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
+    """The LightningCLI over GolfModule + TokenShardDataModule. ``run=False`` only parses the config and builds
+    the trainer, module and datamodule (``cli.trainer``, ``cli.model``, ``cli.datamodule``): tests and tools use
+    it to get exactly the objects ``pgolf fit`` would."""
     from lightning.pytorch.cli import LightningCLI
 
     from pgolf_lit.data.datamodule import TokenShardDataModule
@@ -45,10 +48,11 @@ def _lightning_cli(args: Optional[Sequence[str]]) -> None:
             if path:
                 self.model.load_artifact(path)
 
-    GolfCLI(
+    return GolfCLI(
         GolfModule,
         TokenShardDataModule,
         args=None if args is None else list(args),
+        run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
@@ -60,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command = argv[0] if argv else "--help"
     try:
         if command in TRAINER_COMMANDS:
-            _lightning_cli(None if from_console else argv)
+            make_cli(None if from_console else argv)
         elif command in TOOLS:
             module_name, func = TOOLS[command]
             module = __import__(f"pgolf_lit.tools.{module_name}", fromlist=[func])
@@ -102,3 +106,7 @@ artifacts and evaluation:
 demo:
   demo                      the CPU demo: embedded corpus -> 60 s of training -> export -> roundtrip val_bpb
 """
+
+
+if __name__ == "__main__":
+    main()

@@ -79,7 +79,8 @@ class TokenShardDataModule(L.LightningDataModule):
             grad_accum_base: world_size × grad_accum; upstream hard-codes 8, so a world size must divide it.
             loader: ``sequential`` (baseline, PR #1263/#1278/#1321), ``shuffled`` (PR #1394) or ``coprime``
                 (PR #1333/#1334/#1421).
-            val_seq_len: sequence length of validation and of the val trimming (default train_seq_len).
+            val_seq_len: sequence length of validation and of the val trimming (default train_seq_len); under
+                ``pgolf`` it is linked to ``model.evaluation.seq_len``, the evaluation window length.
             val_batch_tokens: global validation tokens per step (upstream VAL_BATCH_SIZE / VAL_BATCH_TOKENS).
             val_max_tokens: score only the first N val tokens (0 = the whole split); for quick CPU runs only.
             build_embedded: if the data directory does not exist, build it from the embedded stdlib corpus

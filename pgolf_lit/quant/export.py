@@ -465,16 +465,20 @@ def export_model(
 
 
 def _export_state_dict(model: nn.Module, cfg: ExportConfig) -> dict[str, Tensor]:
-    """CPU weights to quantize: as the model holds them (native), or in the record's live dtypes (upstream)."""
+    """CPU weights to quantize: as the model holds them (native), or in the record's live dtypes (upstream).
+    Multi-token-prediction heads are training-only and dropped, as upstream drops them from final_model.pt."""
     if cfg.format == "upstream":
-        return to_upstream_state_dict(model)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        sd = to_upstream_state_dict(model)
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v for k, v in sd.items() if not k.startswith("mtp_heads.")}
 
 
 def _serialize(quant: Mapping[str, Tensor], meta: Meta, model: nn.Module, cfg: ExportConfig) -> bytes:
     if cfg.format == "upstream":
         return encode_upstream(quant, meta, RECORD_UPSTREAM_STYLE[cfg.scheme], cfg.codec, cfg.shuffle_stride)
-    config = model.config.to_dict() if isinstance(getattr(model, "config", None), GPTConfig) else {}
+    model_cfg = getattr(model, "config", None)
+    config = model_cfg.replace(mtp_num_heads=0).to_dict() if isinstance(model_cfg, GPTConfig) else {}
     info = {"recurrence_active": bool(getattr(model, "recurrence_active", False)), "export": cfg.to_dict()}
     return encode_native(quant, meta, config, info, cfg.codec, cfg.shuffle_stride)
 

@@ -1,0 +1,145 @@
+"""The ``pgolf`` command end to end: every config prints, the demo pipeline, test on an artifact, summary, convert,
+the Fabric evaluator agreeing with ``pgolf test``, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgolf_lit.cli import main
+from pgolf_lit.config import CONFIG_DIR
+from pgolf_lit.summary import read_summary
+
+ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml")) + sorted((CONFIG_DIR / "records").glob("*.yaml"))
+
+
+def pgolf(*args: str, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pgolf_lit.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: p.stem)
+def test_print_config_of_every_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    out = capsys.readouterr().out
+    assert "gpt:" in out and "trainer:" in out and "data:" in out
+
+
+def test_summary_prints_the_exact_total(capsys):
+    main(["summary", "--config", str(CONFIG_DIR / "records" / "pr1394_sp8192_loop45.yaml")])
+    out = capsys.readouterr().out
+    assert "total_params: 35943512" in out
+    assert "[0, 1, 2, 3, 4, 5, 4, 5, 4, 5, 6, 7, 8, 9, 10]" in out
+    estimate = int(re.search(r"int6 artifact estimate: (\d+) bytes", out).group(1))
+    assert 15_000_000 < estimate < 16_500_000  # PR #1394's real artifact: 15.97 MB
+
+
+def test_demo_pipeline_short(run_cwd):
+    """The demo's path through the real CLI, cut to a few steps: step-0 val, training, export, roundtrip."""
+    result = pgolf("demo", "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
+                   "--trainer.enable_progress_bar", "false", cwd=run_cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = next((run_cwd / "runs" / "demo_cpu").iterdir())
+    summary = read_summary(run_dir)
+    assert summary["last_val"]["val_bpb"] < summary["initial_val"]["val_bpb"] - 0.3
+    assert abs(summary["roundtrip"]["val_bpb"] - summary["pre_quant"]["val_bpb"]) < 0.02
+    artifact = summary["artifact"]
+    assert artifact["total_bytes"] == artifact["model_bytes"] + artifact["code_bytes"] <= 16_000_000
+    assert (run_dir / "final_model.pgolf").stat().st_size == artifact["model_bytes"]
+    log = (run_dir / "train.log").read_text()
+    assert "step:0/" in log and "final_int6_roundtrip val_loss:" in log and "Serialized model bytes:" in log
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, embedded_data_root):
+    """One short fit of the PR #1333 tiny config (causal SLOT record), shared by the tests below."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    (cwd / "data").mkdir()
+    (cwd / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)
+    config = CONFIG_DIR / "records" / "pr1333_sp4096_causal_slot_tiny.yaml"
+    result = pgolf("fit", "--config", str(config), "--trainer.max_steps", "8", "--trainer.enable_progress_bar", "false",
+                   "--trainer.logger.init_args.version", "fit", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, config, cwd / "runs" / "pr1333_sp4096_causal_slot_tiny" / "fit"
+
+
+def test_fit_logs_every_event_of_the_record(tiny_run):
+    _, _, run_dir = tiny_run
+    log = (run_dir / "train.log").read_text()
+    for event in ("warmup:done", "recurrence:activated step:6", "ema:applying", "pre-quantization post-ema",
+                  "final_int6_roundtrip"):
+        assert event in log, event
+
+
+def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
+    cwd, config, run_dir = tiny_run
+    artifact = run_dir / "final_model.pgolf"
+    result = pgolf("test", "--config", str(config), "--artifact", str(artifact), "--trainer.enable_progress_bar", "false",
+                   "--trainer.logger.init_args.version", "test", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tested = read_summary(cwd / "runs" / "pr1333_sp4096_causal_slot_tiny" / "test")["test"]
+    assert set(tested) == {"standard", "sliding", "causal_slot"}
+    assert tested["causal_slot"]["compliant"] and tested["causal_slot"]["extra"]["slot"] == "causal_per_window"
+
+    out = cwd / "fabric.json"
+    result = pgolf("eval", str(artifact), "--data", "data/demo/datasets/fineweb10B_sp1024", "--config", str(config),
+                   "--method", "standard", "--method", "sliding", "--method", "causal_slot", "--val-max-tokens", "8192",
+                   "--results-json", str(out), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fabric = {r["label"]: r for r in json.loads(out.read_text())}
+    for method, r in tested.items():
+        f = fabric[r["label"]]
+        assert f["tokens"] == r["tokens"] and f["bytes"] == r["bytes"]
+        assert f["val_bpb"] == pytest.approx(r["val_bpb"], abs=1e-9)
+
+
+def test_export_command_matches_the_callback(tiny_run, tmp_path):
+    """`pgolf export` from a converted checkpoint of the artifact's weights writes a loadable artifact."""
+    cwd, config, run_dir = tiny_run
+    from pgolf_lit.quant import read_artifact
+
+    art = read_artifact(run_dir / "final_model.pgolf")
+    upstream = tmp_path / "final_model.pt"
+    torch.save(art.state_dict, upstream)
+    out = tmp_path / "exported.pgolf"
+    result = pgolf("export", "--upstream", str(upstream), "--config", str(config), "--out", str(out),
+                   "--calibration-batches", "2", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Serialized model bytes:" in result.stdout and out.stat().st_size > 0
+    reread = read_artifact(out)
+    assert reread.config == art.config
+
+
+def test_convert_round_trip_is_the_identity(tmp_path):
+    from pgolf_lit.model.convert import record_gpt_config
+    from pgolf_lit.model.gpt import GPT
+
+    config = CONFIG_DIR / "records" / "pr1278_slot32_recur.yaml"
+    torch.manual_seed(0)
+    model = GPT(record_gpt_config("pr1278_slot32_recur"))
+    upstream = tmp_path / "final_model.pt"
+    torch.save(model.state_dict(), upstream)
+    main(["convert", "--from-upstream", str(upstream), "--config", str(config), "--out", str(tmp_path / "m.ckpt")])
+    main(["convert", "--to-upstream", str(tmp_path / "m.ckpt"), "--config", str(config), "--out", str(tmp_path / "back.pt")])
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k].float(), v.to(back[k].dtype).float()), k
+
+
+def test_unknown_command_and_bad_config_give_one_line(tmp_path):
+    result = pgolf("frobnicate")
+    assert result.returncode == 2 and "unknown command 'frobnicate'" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  gpt:\n    num_heads: 5\n")
+    result = pgolf("summary", "--config", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "gpt.num_heads" in result.stderr
