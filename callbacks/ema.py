@@ -35,7 +35,7 @@ class EMA(WeightAveraging):
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
-        pl_module._log_text(f"ema:applying EMA weights decay:{self.decay}")
+        pl_module.log_text(f"ema:applying EMA weights decay:{self.decay}")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self.swap_for_validation:

@@ -90,7 +90,7 @@ class GPTQExport(Callback):
             pre = run_method("standard", model, dm.val_tokens.to(pl_module.device), dm.luts, settings, rank, world)
         averaged = any(type(cb).__name__ in ("EMA", "SWA") for cb in trainer.callbacks)
         pre.label = "pre-quantization post-ema" if averaged else "pre-quantization"
-        pl_module._log_text(format_result_line(pre))
+        pl_module.log_text(format_result_line(pre))
         self.results["pre_quant"] = pre
         out = self.resolve_path(pl_module)
         if trainer.is_global_zero:
@@ -98,8 +98,8 @@ class GPTQExport(Callback):
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 batches = self._calibration(trainer, pl_module)
                 self.report = export_model(model, self.config, out, calib_batches=batches, progress=True)
-            pl_module._log_text(f"export:{self.report.summary()} time:{time.perf_counter() - started:.1f}s")
-            pl_module._log_text(
+            pl_module.log_text(f"export:{self.report.summary()} time:{time.perf_counter() - started:.1f}s")
+            pl_module.log_text(
                 f"Serialized model bytes:{self.report.model_bytes} code bytes:{self.report.code_bytes} "
                 f"total:{self.report.total_bytes}"
             )
@@ -118,7 +118,7 @@ class GPTQExport(Callback):
         with torch.no_grad():
             post = run_method("standard", reloaded, dm.val_tokens.to(pl_module.device), dm.luts, settings, rank, world)
         post.label = self.label
-        pl_module._log_text(format_result_line(post))
+        pl_module.log_text(format_result_line(post))
         self.results["roundtrip"] = post
         pl_module.write_summary(pre_quant=pre, roundtrip=post)
         for name, r in (("pre_quant", pre), ("roundtrip", post)):

@@ -66,10 +66,10 @@ class CompilePriming(Callback):
                         sched = StepSchedule(i, 0.0, 0.0, 1.0, pl_module.optim_config.muon_momentum_at(i))
                     pl_module.run_optimizer_step((x, y), sched, chain, clip=self.mode != "construction")
                     if i < 5 or (i + 1) % 10 == 0:
-                        pl_module._log_text(f"warmup_step:{i + 1} recurrent:{recurrent} qat:{qat}")
+                        pl_module.log_text(f"warmup_step:{i + 1} recurrent:{recurrent} qat:{qat}")
         set_qat_bits(model, 0)
         model.set_recurrence(was_recurrent)
         model.load_state_dict(weights)
         chain.load_state_dict(opt_state)
         chain.zero_grad(set_to_none=True)
-        pl_module._log_text(f"warmup:done steps:{next(index)} weights and optimizer state restored")
+        pl_module.log_text(f"warmup:done steps:{next(index)} weights and optimizer state restored")

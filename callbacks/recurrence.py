@@ -38,7 +38,7 @@ class RecurrenceActivation(Callback):
         sched = pl_module.step_schedule()
         if self.due(sched.step, sched.frac):
             model.set_recurrence(True)
-            pl_module._log_text(
+            pl_module.log_text(
                 f"recurrence:activated step:{sched.step} frac:{sched.frac:.3f} lr_scale:{sched.lr_scale:.4f} "
                 f"schedule:{model.layer_schedule()}"
             )

@@ -38,7 +38,7 @@ class WallclockBudget(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.reserve_seconds > 0:
-            pl_module._log_text(
+            pl_module.log_text(
                 f"gptq:reserving {self.reserve_seconds:g}s, effective={self.effective_cap_ms:.0f}ms"
             )
 
@@ -50,7 +50,7 @@ class WallclockBudget(Callback):
         if reached and self.stopped_at_step < 0:
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True
-            pl_module._log_text(
+            pl_module.log_text(
                 f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{trainer.global_step}/{pl_module.max_steps}"
             )
 

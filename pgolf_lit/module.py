@@ -116,7 +116,7 @@ class GolfModule(L.LightningModule):
         self._schedule_cache: Optional[StepSchedule] = None
         self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
         self._forward = self.model  # replaced by the compiled model in setup()
-        self._last_loss: Optional[Tensor] = None
+        self.last_train_loss: Optional[Tensor] = None
         self._clock_was_running = False
         self._run_dir = "."
 
@@ -200,7 +200,7 @@ class GolfModule(L.LightningModule):
     def on_train_start(self) -> None:
         # Priming callbacks ran before this hook; the wallclock starts now.
         self.clock.start(self.device)
-        self._log_text(f"train:start steps:{self.max_steps} params:{self.model.num_params()}")
+        self.log_text(f"train:start steps:{self.max_steps} params:{self.model.num_params()}")
 
     def _no_sync(self, skip_sync: bool):
         model = self.trainer.model if self._trainer is not None else None
@@ -212,7 +212,7 @@ class GolfModule(L.LightningModule):
         opt = self.optimizers()
         sched = self.last_schedule = self.step_schedule()
         loss = self.run_optimizer_step(batch, sched, opt)
-        self._last_loss = loss
+        self.last_train_loss = loss
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr_scale", sched.lr_scale)
         return None
@@ -244,8 +244,8 @@ class GolfModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.global_step
-        if self.check_finite_every and step % self.check_finite_every == 0 and self._last_loss is not None:
-            value = float(self._last_loss)
+        if self.check_finite_every and step % self.check_finite_every == 0 and self.last_train_loss is not None:
+            value = float(self.last_train_loss)
             if not math.isfinite(value):
                 ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved"
                 raise PgolfError(
@@ -256,8 +256,8 @@ class GolfModule(L.LightningModule):
             elapsed = self.clock.elapsed_ms()
             tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
             tok_s = step * tokens / max(elapsed / 1000.0, 1e-9)
-            self._log_text(
-                f"step:{step}/{self.max_steps} train_loss:{float(self._last_loss):.4f} "
+            self.log_text(
+                f"step:{step}/{self.max_steps} train_loss:{float(self.last_train_loss):.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(step, 1):.2f}ms tok/s:{tok_s:.0f}"
             )
         if step >= self.max_steps:
@@ -292,7 +292,7 @@ class GolfModule(L.LightningModule):
             self.log("val_loss", val_loss, sync_dist=False)
             self.log("val_bpb", val_bpb, prog_bar=True, sync_dist=False)
         elapsed = self.clock.elapsed_ms()
-        self._log_text(
+        self.log_text(
             f"step:{self.global_step}/{self.max_steps} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
             f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(self.global_step, 1):.2f}ms"
         )
@@ -318,7 +318,7 @@ class GolfModule(L.LightningModule):
                 self.global_rank, self.trainer.world_size,
             )
         self.test_results.append(result)
-        self._log_text(format_result_line(result))
+        self.log_text(format_result_line(result))
         self.write_summary(test={method: dataclasses.asdict(result)})
         self.log_dict({f"{method}/val_loss": result.val_loss, f"{method}/val_bpb": result.val_bpb,
                        f"{method}/eval_time_ms": result.eval_time_ms}, sync_dist=False, batch_size=1)
@@ -357,6 +357,6 @@ class GolfModule(L.LightningModule):
         if self._trainer is not None and self.trainer.is_global_zero:
             update_summary(self.run_dir, **sections)
 
-    def _log_text(self, line: str) -> None:
+    def log_text(self, line: str) -> None:
         if self._trainer is None or self.trainer.is_global_zero:
             self.text_log(line)

@@ -23,7 +23,7 @@ class WriteLosses(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.is_global_zero:
             with open(self.path, "a") as f:
-                f.write(json.dumps([trainer.global_step, float(pl_module._last_loss)]) + "\n")
+                f.write(json.dumps([trainer.global_step, float(pl_module.last_train_loss)]) + "\n")
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:

@@ -19,7 +19,7 @@ from trainer_utils import Recorder, fit, tiny_datamodule, tiny_module, tiny_trai
 
 def test_fit_loss_falls(embedded_data_root, tmp_path):
     L.seed_everything(0)
-    losses = Recorder(lambda t, m: float(m._last_loss))
+    losses = Recorder(lambda t, m: float(m.last_train_loss))
     fit(tiny_module(), tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 30, [losses]))
     assert len(losses.values) == 30
     first, last = sum(losses.values[:3]) / 3, sum(losses.values[-3:]) / 3
