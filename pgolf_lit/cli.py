@@ -87,6 +87,10 @@ TOOLS = {
     "eval": ("eval_cmd", "main"),
     "audit": ("audit_cmd", "main"),
     "demo": ("demo", "main"),
+    "seeds": ("seeds", "main"),
+    "stats": ("seeds", "stats_main"),
+    "record": ("record", "main"),
+    "report": ("report", "main"),
 }
 
 USAGE = """usage: pgolf COMMAND ...
@@ -103,6 +107,11 @@ artifacts and evaluation:
   export --ckpt C --config X --out A     quantize + compress + size-check a checkpoint (GPTQExport's code)
   eval A --data DIR --method M           evaluate an artifact under Lightning Fabric on N devices
   audit                                  the empirical causality audit of every evaluation procedure
+from runs to a record:
+  seeds --config X --seeds 42,1337,2024 [--baseline B] [FIT ARGS]   fit + test per seed -> results.json/.csv
+  stats RESULTS.json --baseline B        the seeds table and the one-sided t-test (>= 0.005 nats at p < 0.01)
+  record --results RESULTS.json --out records/<name>/   README.md + submission.json + logs, from the logs
+  report RUN_DIR [--ckpt C]              PNG plots (curves, LR and events, weights, bytes) + summary.md
 demo:
   demo                      the CPU demo: embedded corpus -> 60 s of training -> export -> roundtrip val_bpb
 """
