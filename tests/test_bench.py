@@ -1,0 +1,75 @@
+"""The benchmark scripts of bench/ run end to end at tiny size on CPU and print their machine-readable lines.
+
+These are smoke tests, not speed tests: they parse the numbers and check that they are positive and finite,
+never how fast anything is (the machine is shared). The demo config is shrunk to 1,024 tokens per step so
+the whole file stays well under a minute (after the session's embedded dataset is built); eval speed uses
+the PR #1321 tiny config, whose SLOT windows are 128 tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+
+import pytest
+
+from conftest import ROOT
+
+DEMO = str(ROOT / "configs" / "demo_cpu.yaml")
+SLOT_TINY = str(ROOT / "configs" / "records" / "pr1321_slot48_tiny.yaml")  # small SLOT windows (128 tokens)
+TINY_RUN = ["--", "--data.train_batch_tokens", "1024", "--trainer.enable_progress_bar", "false"]
+NUMBER = r"([-+0-9.eE]+|nan|inf)"
+
+
+@pytest.fixture
+def bench(monkeypatch, run_cwd):
+    """Import a bench/ script by name, running from a directory that holds the embedded demo dataset."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module
+
+
+def _positive_finite(text: str) -> float:
+    value = float(text)
+    assert math.isfinite(value) and value > 0, text
+    return value
+
+
+def test_throughput_prints_a_ratio_line(bench, capsys):
+    result = bench("throughput").main(
+        ["--config", DEMO, "--steps", "2", "--warmup", "1", "--rounds", "2", "--device", "cpu", *TINY_RUN]
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(
+        rf"throughput lightning_tok_s={NUMBER} plain_tok_s={NUMBER} ratio={NUMBER} device=cpu "
+        r"config=demo_cpu\.yaml steps=2",
+        last,
+    )
+    assert m, last
+    lightning, plain, ratio = (_positive_finite(g) for g in m.groups())
+    assert len(result["rates"]["lightning"]) == len(result["rates"]["plain"]) == 2
+    assert lightning == pytest.approx(result["lightning_tok_s"], rel=1e-3)
+    assert plain == pytest.approx(result["plain_tok_s"], rel=1e-3)
+    assert ratio == pytest.approx(result["ratio"], rel=1e-3)
+
+
+def test_eval_speed_prints_a_line_per_method(bench, capsys):
+    bench("eval_speed").main(
+        ["--config", SLOT_TINY, "--methods", "sliding", "slot", "--val-tokens", "2048", "--repeats", "1", "--device", "cpu"]
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval ")]
+    assert [re.search(r"method=(\w+)", line).group(1) for line in lines] == ["sliding", "slot"]
+    for line in lines:
+        m = re.search(rf"tokens=(\d+) first_ms={NUMBER} eval_ms={NUMBER} tok_s={NUMBER} device=cpu", line)
+        assert m, line
+        for value in m.groups():
+            _positive_finite(value)
+
+
+def test_host_syncs_lists_sites_per_step(bench, capsys):
+    sites = bench("host_syncs").main(["--config", DEMO, "--steps", "2", "--warmup", "1", "--device", "cpu", *TINY_RUN])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(rf"host_syncs per_step={NUMBER} device=cpu config=demo_cpu\.yaml", last)
+    assert m, last
+    assert float(m.group(1)) == pytest.approx(sum(sites.values()) / 2)
+    assert all(count > 0 and site for site, count in sites.items())
