@@ -23,15 +23,27 @@ class EMA(WeightAveraging):
             decay: shadow ← decay·shadow + (1 − decay)·weights after every step (0.997; PR #1421 uses 0.9965).
             swap_for_validation: validate with the EMA weights (the records validate on the raw weights).
         """
-        super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))  # used for the first copy
         self.decay = decay
         self.swap_for_validation = swap_for_validation
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # The records initialise the shadow from the weights training starts from (after compile priming).
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # WeightAveraging.setup copied the module before the strategy moved it: keep the shadow on its device.
+        self._average_model.to(pl_module.device)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The records start the shadow from the weights training starts from; priming restores those exactly,
+        # so the order against CompilePriming does not matter. A resumed run keeps its restored shadow.
+        if trainer.global_step == 0:
+            self._average_model.update_parameters(pl_module)  # the first update copies
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # The same lerp as get_ema_multi_avg_fn, without update_parameters' two host reads of n_averaged.
         avg = self._average_model
-        if avg is not None and int(avg.n_averaged) == 0:
-            avg.update_parameters(pl_module)
+        torch._foreach_lerp_(list(avg.module.parameters()), list(pl_module.parameters()), 1.0 - self.decay)
+        avg.n_averaged += 1
+        self._latest_update_step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)

@@ -104,7 +104,7 @@ class GPTQExport(Callback):
                 f"total:{self.report.total_bytes}"
             )
             pl_module.write_summary(artifact={
-                "path": str(out), "model_bytes": self.report.model_bytes, "code_bytes": self.report.code_bytes,
+                "path": str(out.resolve()), "model_bytes": self.report.model_bytes, "code_bytes": self.report.code_bytes,
                 "total_bytes": self.report.total_bytes, "budget_bytes": self.report.budget_bytes,
                 "fits": self.report.fits, "scheme": self.scheme, "codec": self.report.codec,
                 "seconds": self.report.seconds,

@@ -63,7 +63,7 @@ class GolfModule(L.LightningModule):
         test_methods: list[str] = ["standard", "sliding"],
         compile: bool = False,
         train_log_every: int = 200,
-        check_finite_every: int = 1,
+        check_finite_every: int = 50,
     ):
         """
         Args:
@@ -74,8 +74,9 @@ class GolfModule(L.LightningModule):
             test_methods: the passes ``pgolf test`` runs, in order: standard | sliding | slot | causal_slot | ttt.
             compile: torch.compile the model (fullgraph, static shapes); on by default on CUDA in record configs.
             train_log_every: plain-text train lines at steps 1-10 and every N steps.
-            check_finite_every: check the training loss for NaN/inf every N steps (a host sync) and stop with
-                a clear error naming the step and the last checkpoint; 0 disables.
+            check_finite_every: every N steps (and before each validation) stop with a clear error naming the
+                first step whose training loss was NaN/inf and the last checkpoint; each check is one host read,
+                the bookkeeping in between stays on the device; 0 disables.
         """
         super().__init__()
         self.gpt_config = _as(GPTConfig, gpt)
@@ -117,6 +118,7 @@ class GolfModule(L.LightningModule):
         self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
         self._forward = self.model  # replaced by the compiled model in setup()
         self.last_train_loss: Optional[Tensor] = None
+        self._first_nonfinite_step = torch.tensor(-1)
         self._clock_was_running = False
         self._run_dir = "."
 
@@ -213,8 +215,16 @@ class GolfModule(L.LightningModule):
         sched = self.last_schedule = self.step_schedule()
         loss = self.run_optimizer_step(batch, sched, opt)
         self.last_train_loss = loss
-        self.log("train_loss", loss, prog_bar=True)
-        self.log("lr_scale", sched.lr_scale)
+        if self.check_finite_every:
+            # Device-side bookkeeping (no host sync): the first step whose loss was not finite.
+            bad = ~torch.isfinite(loss.detach())
+            self._first_nonfinite_step = torch.where(
+                bad & (self._first_nonfinite_step < 0), sched.step + 1, self._first_nonfinite_step.to(loss.device)
+            )
+        # Logged as device tensors and kept off the progress bar: Lightning reads progress-bar values on the host
+        # after every batch, a sync per step on CUDA (the plain-text train lines show the loss instead).
+        self.log("train_loss", loss)
+        self.log("lr_scale", torch.full((), sched.lr_scale, device=loss.device))
         return None
 
     def run_optimizer_step(self, batch, sched: StepSchedule, optimizer, clip: Optional[bool] = None) -> Tensor:
@@ -242,16 +252,20 @@ class GolfModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         return total / accum
 
+    def _check_finite(self) -> None:
+        """Raise if any training loss since the last check was NaN/inf (one host read)."""
+        first_bad = int(self._first_nonfinite_step)
+        if first_bad >= 0:
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved"
+            raise PgolfError(
+                f"training loss is not finite (nan/inf) at step {first_bad}: stopping (last good checkpoint: "
+                f"{ckpt}); lower the learning rates or check the data"
+            )
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.global_step
-        if self.check_finite_every and step % self.check_finite_every == 0 and self.last_train_loss is not None:
-            value = float(self.last_train_loss)
-            if not math.isfinite(value):
-                ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved"
-                raise PgolfError(
-                    f"training loss is {value} at step {step}: stopping (last good checkpoint: {ckpt}); "
-                    f"lower the learning rates or check the data"
-                )
+        if self.check_finite_every and (step % self.check_finite_every == 0 or step >= self.max_steps):
+            self._check_finite()
         if step <= 10 or step % self.train_log_every == 0:
             elapsed = self.clock.elapsed_ms()
             tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
@@ -268,6 +282,8 @@ class GolfModule(L.LightningModule):
     # Validation: the full split, contiguous sequences, raw weights (spec/evaluation.md §2)
     # --------------------------------------------------------------------------------------------------
     def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and self.check_finite_every:
+            self._check_finite()
         self._clock_was_running = self.clock.running
         self.clock.pause(self.device)
 

@@ -220,5 +220,5 @@ def test_non_finite_loss_stops_with_the_step_named(embedded_data_root, tmp_path)
                 with torch.no_grad():
                     pl_module.model.blocks[0].mlp.fc.weight.fill_(math.inf)
 
-    with pytest.raises(PgolfError, match=r"training loss is nan at step 4.*last good checkpoint: none saved"):
+    with pytest.raises(PgolfError, match=r"training loss is not finite \(nan/inf\) at step 4.*last good checkpoint: none saved"):
         fit(tiny_module(), tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 10, [PoisonWeights()]))

@@ -16,7 +16,6 @@ they are (``pgolf convert`` only checks them).
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import Optional
 
 import torch
@@ -170,6 +169,11 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(e, v, zero_init=True)
         self.mtp_heads = nn.ModuleList(CastedLinear(d, v, zero_init=True) for _ in range(cfg.mtp_num_heads))
         self.rotary = Rotary(cfg.rope_dims or cfg.head_dim, cfg.rope_base, cfg.rope_train_seq_len)
+        # Layer schedule and skip plan for each recurrence state. A plain attribute: before Python 3.12
+        # functools.cached_property takes an RLock that torch.compile(fullgraph=True) cannot trace.
+        self._plans: dict[bool, tuple[list[int], list[Optional[int]]]] = {
+            active: (s, skip_plan(cfg, s)) for active in (False, True) for s in [layer_schedule(cfg, active)]
+        }
         self.recurrence_active = False
         self._init_weights()
 
@@ -195,14 +199,6 @@ class GPT(nn.Module):
 
     def layer_schedule(self) -> list[int]:
         return self._plans[self.recurrence_active][0]
-
-    @cached_property
-    def _plans(self) -> dict[bool, tuple[list[int], list[Optional[int]]]]:
-        plans = {}
-        for active in (False, True):
-            schedule = layer_schedule(self.config, active)
-            plans[active] = (schedule, skip_plan(self.config, schedule))
-        return plans
 
     # --- forward ---------------------------------------------------------------------------------------
     def forward_hidden(self, ids: Tensor) -> Tensor:
