@@ -16,7 +16,6 @@ import copy
 import itertools
 from typing import Literal
 
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from pgolf_lit.data.datamodule import TrainSteps
@@ -50,7 +49,6 @@ class CompilePriming(Callback):
         was_recurrent = model.recurrence_active
         dm = trainer.datamodule
         batches = iter(TrainSteps(dm.make_train_loader(), dm.grad_accum))
-        cfg = pl_module.schedule_config
         phases = [(self.steps, False, False), (self.recurrent_steps, True, False), (self.qat_steps, was_recurrent, True)]
         index = itertools.count()
         with trainer.precision_plugin.train_step_context():

@@ -14,6 +14,20 @@ from typing import Any, Literal, Optional
 
 from pgolf_lit.errors import ConfigError
 
+# Name fragments of the model's control tensors (gains, mixes, skip weights): the baseline's
+# CONTROL_TENSOR_NAME_PATTERNS. The optimizer routes them to the scalar AdamW; the export keeps the small ones float.
+BASELINE_CONTROL_PATTERNS = (
+    "attn_scale",
+    "attn_scales",
+    "mlp_scale",
+    "mlp_scales",
+    "resid_mix",
+    "resid_mixes",
+    "q_gain",
+    "skip_weight",
+    "skip_weights",
+)
+
 
 @dataclass
 class GPTConfig:

@@ -18,22 +18,11 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from pgolf_lit.config import BASELINE_CONTROL_PATTERNS
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.optim.muon import Muon
 from pgolf_lit.optim.schedule import momentum_warmup
 
-# The baseline's CONTROL_TENSOR_NAME_PATTERNS; records add their own (configs / presets.py).
-BASELINE_CONTROL_PATTERNS = (
-    "attn_scale",
-    "attn_scales",
-    "mlp_scale",
-    "mlp_scales",
-    "resid_mix",
-    "resid_mixes",
-    "q_gain",
-    "skip_weight",
-    "skip_weights",
-)
 
 
 @dataclass

@@ -8,23 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pgolf_lit.config import BASELINE_CONTROL_PATTERNS
+
 Category = Literal["embed", "mlp", "attn", "other"]
 
 # Float tensors with at most this many elements are stored as floats (the comparison is <=).
 KEEP_FLOAT_MAX_NUMEL = 65_536
 
-# Name fragments of the control tensors (gains, mixes, skip weights). The baseline keeps the small ones in fp32.
-BASELINE_CONTROL_PATTERNS = (
-    "attn_scale",
-    "attn_scales",
-    "mlp_scale",
-    "mlp_scales",
-    "resid_mix",
-    "resid_mixes",
-    "q_gain",
-    "skip_weight",
-    "skip_weights",
-)
 # The lists of the later scripts; they only decide what a *large* tensor named like a control does (nothing in
 # practice: every control tensor is small).
 PR1263_CONTROL_PATTERNS = BASELINE_CONTROL_PATTERNS + ("smear", "dtg_gate", "ve_layer_scales", "ve_shared.scale")
