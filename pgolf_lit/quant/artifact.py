@@ -1,13 +1,16 @@
 """Artifact files: the native pgolf container, and the upstream record containers (read and byte-exact write).
 
-Native format (version 1), everything little-endian::
+Native format (version 2), everything little-endian::
 
     header (64 bytes)  magic b"PGOLFQ" | u8 format version | codec name (8 bytes, NUL padded) | u8 shuffle stride
                        | u64 payload bytes | u64 decompressed bytes | sha256 of the header's first 32 bytes
                        followed by the payload (32 bytes)
-    payload            codec(shuffle(u32 JSON length | JSON | raw tensor bytes, in the JSON's order))
+    payload            codec(shuffle(raw tensor bytes, in the JSON's order | JSON | u32 JSON length))
 
-Tensors are laid out grouped by element width (int8 codes, then fp16 scales and kept tensors, …).
+Tensors come first, widest elements first: every element then sits at a multiple of its width (the byte
+shuffle's lanes hold the same byte of every element), and the compressed size of the tensors does not depend on
+the metadata. With the JSON in front, a one-character change of it (a budget of 359,254 vs 16,000,000) moved the
+tensors' offset and brotli-11's output by up to 2 %.
 
 The JSON holds the GPTConfig dict, the quantization meta (``quantized.py``), export info and the tensor index
 ``[[key, dtype, shape], ...]``. No pickle anywhere: loading parses JSON and copies bytes, it never runs code.
@@ -41,7 +44,7 @@ from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, float_dtype,
 PathLike = Union[str, Path]
 
 MAGIC = b"PGOLFQ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER = struct.Struct("<6sB8sBQQ32s")
 HEADER_BYTES = _HEADER.size
 _CHECKED = HEADER_BYTES - 32  # the header bytes before the checksum
@@ -91,16 +94,15 @@ def encode_native(
     get_codec(codec)
     if not 0 <= shuffle_stride <= 255:
         raise ArtifactError(f"shuffle stride must lie in [0, 255], got {shuffle_stride}")
-    # grouped by element width (stable), so that the byte shuffle's lanes line up across tensors
     keys = [k for name, entry in meta.items() for k in tensor_keys(name, entry)]
-    keys.sort(key=lambda k: quant[k].element_size())
+    keys.sort(key=lambda k: -quant[k].element_size())  # widest first: every element aligned to its width
     index = [[k, dtype_name(quant[k].dtype), list(quant[k].shape)] for k in keys]
     for key, dtype, _ in index:
         if dtype not in STORED_DTYPES:
             raise ArtifactError(f"tensor {key}: dtype {dtype} cannot be stored in a pgolf artifact")
     document = {"config": dict(config), "meta": meta, "info": dict(info), "tensors": index}
     text = json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    raw = b"".join([_JSON_LENGTH.pack(len(text)), text] + [_tensor_bytes(quant[k]) for k in keys])
+    raw = b"".join([_tensor_bytes(quant[k]) for k in keys] + [text, _JSON_LENGTH.pack(len(text))])
     payload = compress(raw, codec, shuffle_stride)
     fields = _HEADER.pack(MAGIC, FORMAT_VERSION, codec.encode("ascii"), shuffle_stride, len(payload), len(raw), b"")
     return fields[:_CHECKED] + _checksum(fields, payload) + payload
@@ -158,12 +160,14 @@ def _tensor_bytes(t: Tensor) -> bytes:
 
 
 def _parse_raw(raw: bytes) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    (json_len,) = _JSON_LENGTH.unpack_from(raw)
-    start = _JSON_LENGTH.size
+    (json_len,) = _JSON_LENGTH.unpack_from(raw, len(raw) - _JSON_LENGTH.size)
+    start = len(raw) - _JSON_LENGTH.size - json_len
+    if start < 0:
+        raise ValueError(f"the trailer claims a {json_len}-byte JSON document in {len(raw)} bytes")
     document = json.loads(raw[start : start + json_len].decode("utf-8"))
     if not isinstance(document, dict) or not {"config", "meta", "info", "tensors"} <= set(document):
         raise ValueError("the JSON document lacks config/meta/info/tensors")
-    buffer = bytearray(raw[start + json_len :])  # writable, as torch.frombuffer wants
+    buffer = bytearray(raw[:start])  # writable, as torch.frombuffer wants
     quant: dict[str, Tensor] = {}
     offset = 0
     for entry in document["tensors"]:
