@@ -62,21 +62,20 @@ class GPTQExport(Callback):
         p = Path(self.path)
         return p if p.is_absolute() else Path(pl_module.run_dir) / p
 
-    def _calibration(self, trainer, pl_module):
-        """Token batches [rows, T] on the model's device, or None for RTN-only schemes."""
+    def calibration_tokens(self, model, datamodule, device, steps_trained: int = 0) -> Optional[list[torch.Tensor]]:
+        """GPTQ's calibration batches ``[rows, T]`` on ``device``, or None for RTN-only schemes; ``pgolf export``
+        calls this too. ``steps_trained``: optimizer steps already taken (``train_continue`` reads the training
+        stream after them)."""
         if not self.config.uses_gptq:
             return None
-        device = pl_module.device
         if self.calibration == "generated":
-            cfg = pl_module.model.config
             tokens = generate_calibration_tokens(
-                pl_module.model, cfg.vocab_size, num_seqs=self.calibration_batches,
-                seq_len=trainer.datamodule.train_seq_len, device=device,
+                model, model.config.vocab_size, num_seqs=self.calibration_batches,
+                seq_len=datamodule.train_seq_len, device=device,
             )
             return token_batches(tokens, 1, drop_last_token=True)
-        dm = trainer.datamodule
-        skip = trainer.global_step if self.calibration == "train_continue" else 0
-        loader = dm.make_train_loader(skip_steps=skip)
+        skip = steps_trained if self.calibration == "train_continue" else 0
+        loader = datamodule.make_train_loader(skip_steps=skip)
         return [loader.next_batch()[0].to(device) for _ in range(self.calibration_batches)]
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -96,7 +95,7 @@ class GPTQExport(Callback):
         if trainer.is_global_zero:
             started = time.perf_counter()
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                batches = self._calibration(trainer, pl_module)
+                batches = self.calibration_tokens(model, dm, pl_module.device, trainer.global_step)
                 self.report = export_model(model, self.config, out, calib_batches=batches, progress=True)
             pl_module.log_text(f"export:{self.report.summary()} time:{time.perf_counter() - started:.1f}s")
             pl_module.log_text(

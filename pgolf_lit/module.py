@@ -126,9 +126,10 @@ class GolfModule(L.LightningModule):
         """A module from a parsed pgolf YAML config (its ``model`` section), outside the CLI."""
         return cls(**(config.get("model") or {}))
 
-    def load_checkpoint_weights(self, path: str) -> None:
+    def load_checkpoint_weights(self, path: str) -> Optional[int]:
         """The model weights of a Lightning checkpoint of this config (the EMA weights when the EMA callback
-        saved it) or of a ``pgolf convert`` file. Loads with ``weights_only=True``: no pickled code runs."""
+        saved it) or of a ``pgolf convert`` file; returns the checkpoint's ``global_step`` (None without one).
+        Loads with ``weights_only=True``: no pickled code runs."""
         from pgolf_lit.model.convert import load_upstream_state_dict
 
         try:
@@ -140,6 +141,8 @@ class GolfModule(L.LightningModule):
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
         weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
         load_upstream_state_dict(self.model, weights, path)
+        step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+        return int(step) if isinstance(step, int) else None
 
     # --------------------------------------------------------------------------------------------------
     # Setup

@@ -118,6 +118,40 @@ def test_export_command_matches_the_callback(tiny_run, tmp_path):
     assert reread.config == art.config
 
 
+@pytest.mark.parametrize("step", [5, None])
+def test_export_command_calibrates_like_the_callback(run_cwd, monkeypatch, capsys, step):
+    """`pgolf export` takes the config's calibration: for PR #1263's train_continue the training stream after the
+    checkpoint's step (as GPTQExport does at the end of fit), from the start when the file records no step."""
+    from callbacks.gptq_export import GPTQExport
+    from pgolf_lit.config import load_yaml
+    from pgolf_lit.data.datamodule import TokenShardDataModule
+    from pgolf_lit.module import GolfModule
+
+    config_path = CONFIG_DIR / "records" / "pr1263_slot16_tiny.yaml"
+    config = load_yaml(config_path)
+    module = GolfModule.from_config(config)
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()}}
+    if step is not None:
+        ckpt["global_step"] = step
+    torch.save(ckpt, run_cwd / "run.ckpt")
+    seen = {}
+    real = GPTQExport.calibration_tokens
+
+    def spy(self, model, datamodule, device, steps_trained=0):
+        seen["calibration"], seen["steps"] = self.calibration, steps_trained
+        seen["batches"] = real(self, model, datamodule, device, steps_trained)
+        return seen["batches"]
+
+    monkeypatch.setattr(GPTQExport, "calibration_tokens", spy)
+    main(["export", "--ckpt", "run.ckpt", "--config", str(config_path), "--out", "m.pgolf", "--device", "cpu"])
+    assert seen["calibration"] == "train_continue" and seen["steps"] == (step or 0)
+    dm = TokenShardDataModule(**{**config["data"], "vocab_size": module.model.config.vocab_size})
+    expected = dm.make_train_loader(skip_steps=step or 0).next_batch()[0]
+    assert torch.equal(seen["batches"][0], expected)
+    assert not torch.equal(expected, dm.make_train_loader().next_batch()[0]) or step is None
+    assert ("records no training step" in capsys.readouterr().err) == (step is None)
+
+
 def test_convert_round_trip_is_the_identity(tmp_path):
     from pgolf_lit.model.convert import record_gpt_config
     from pgolf_lit.model.gpt import GPT

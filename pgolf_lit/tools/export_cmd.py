@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -55,12 +56,13 @@ def main(argv) -> None:
     exporter = GPTQExport(
         scheme=args.scheme or cb_args.get("scheme", "pgolf"),
         settings=settings,
-        calibration="train_replay" if cb_args.get("calibration") != "generated" else "generated",
+        calibration=cb_args.get("calibration", "train_replay"),
         calibration_batches=args.calibration_batches or cb_args.get("calibration_batches", 64),
     )
     module = GolfModule.from_config(config)
+    steps_trained = None
     if args.ckpt:
-        module.load_checkpoint_weights(args.ckpt)
+        steps_trained = module.load_checkpoint_weights(args.ckpt)
     else:
         from pgolf_lit.model.convert import load_upstream_state_dict
 
@@ -71,18 +73,13 @@ def main(argv) -> None:
     model.eval()
     batches = None
     if exporter.config.uses_gptq:
+        if exporter.calibration == "train_continue" and steps_trained is None:
+            print(f"note: {args.ckpt or args.upstream} records no training step; train_continue calibration reads "
+                  "the training stream from its start", file=sys.stderr)
         data_args = dict(config.get("data") or {})
         data_args["vocab_size"] = model.config.vocab_size
         dm = TokenShardDataModule(**data_args)
-        if exporter.calibration == "generated":
-            from pgolf_lit.quant.calibration import generate_calibration_tokens
-
-            tokens = generate_calibration_tokens(model, model.config.vocab_size, num_seqs=exporter.calibration_batches,
-                                                 seq_len=dm.train_seq_len, device=torch.device(args.device))
-            batches = list(tokens.split(8))
-        else:
-            loader = dm.make_train_loader()
-            batches = [loader.next_batch()[0].to(args.device) for _ in range(exporter.calibration_batches)]
+        batches = exporter.calibration_tokens(model, dm, torch.device(args.device), steps_trained or 0)
     with torch.no_grad():
         report = export_model(model, exporter.config, args.out, calib_batches=batches, progress=True)
     print(report.summary())
