@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 
+from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.shards import load_validation_tokens
 from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
 from pgolf_lit.eval import EvalResult, EvalSettings, ForwardOptions, format_result_line, run_method
@@ -40,8 +41,9 @@ def evaluate_on_rank(
     precision: str,
     compile: bool,
     val_max_tokens: int = 0,
+    model_config: Optional[GPTConfig] = None,
 ) -> list[EvalResult]:
-    model = build_model_from_artifact(artifact, device=fabric.device)
+    model = build_model_from_artifact(artifact, model_config, device=fabric.device)
     model.set_recurrence(True)  # evaluation always runs with depth recurrence on
     vocab = model.config.vocab_size
     tok_path = tokenizer_path or Path(data_dir).parent.parent / "tokenizers" / f"fineweb_{vocab}_bpe.model"
@@ -74,13 +76,15 @@ def evaluate_artifact(
     compile: bool = False,
     val_max_tokens: int = 0,
     results_json: Optional[str] = None,
+    model_config: Optional[GPTConfig] = None,
 ) -> list[EvalResult]:
-    """Launch Fabric and evaluate ``artifact`` with every method; returns rank 0's results."""
+    """Launch Fabric and evaluate ``artifact`` with every method; returns rank 0's results. ``model_config`` is
+    needed for upstream record files (they hold no config) and checked against a native file's own."""
     fabric = L.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
     fabric.launch()
     results = evaluate_on_rank(
         fabric, artifact, data_dir, tokenizer_path, methods, settings or EvalSettings(), precision, compile,
-        val_max_tokens,
+        val_max_tokens, model_config,
     )
     if results_json and fabric.is_global_zero:
         atomic_write_text(results_json, json.dumps([asdict(r) for r in results], indent=2))

@@ -101,6 +101,36 @@ def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
         assert f["val_bpb"] == pytest.approx(r["val_bpb"], abs=1e-9)
 
 
+TINY_RECORDS = sorted((CONFIG_DIR / "records").glob("*_tiny.yaml"))
+
+
+@pytest.mark.parametrize("config", TINY_RECORDS, ids=lambda p: p.stem)
+def test_every_record_evaluation_is_equal_under_pgolf_test_and_the_fabric_evaluator(config, run_cwd):
+    """Each seed's evaluation passes (the config's test_methods: SLOT-16/32/48, causal SLOT, sliding, ...) on an
+    artifact of its tiny architecture (untrained, RTN int8: the passes, not the model, are under test), on the
+    first 2,048 val tokens: ``pgolf test`` (Trainer) and ``pgolf eval`` (Fabric) give the same numbers."""
+    from pgolf_lit.config import load_yaml
+    from pgolf_lit.module import GolfModule
+    from pgolf_lit.quant import ExportConfig, export_model
+
+    torch.manual_seed(0)
+    module = GolfModule.from_config(load_yaml(config))
+    module.model.set_recurrence(True)
+    export_model(module.model, ExportConfig.preset("baseline", allow_over_budget=True), run_cwd / "m.pgolf", progress=False)
+    main(["test", "--config", str(config), "--artifact", "m.pgolf", "--data.val_max_tokens", "2048",
+          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.version", "t"])
+    tested = read_summary(run_cwd / "runs" / config.stem / "t")["test"]
+    assert set(tested) == set(load_yaml(config)["model"]["test_methods"])
+    main(["eval", "m.pgolf", "--data", "data/demo/datasets/fineweb10B_sp1024", "--config", str(config),
+          "--val-max-tokens", "2048", "--results-json", "fabric.json"])
+    fabric = {r["label"]: r for r in json.loads((run_cwd / "fabric.json").read_text())}
+    assert len(fabric) == len(tested)
+    for method, r in tested.items():
+        f = fabric[r["label"]]
+        assert (f["tokens"], f["bytes"], f["compliant"]) == (r["tokens"], r["bytes"], r["compliant"]), method
+        assert f["val_bpb"] == pytest.approx(r["val_bpb"], abs=1e-9), method
+
+
 def test_export_command_matches_the_callback(tiny_run, tmp_path):
     """`pgolf export` from a converted checkpoint of the artifact's weights writes a loadable artifact."""
     cwd, config, run_dir = tiny_run

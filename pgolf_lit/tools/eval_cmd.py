@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="a pgolf artifact (pgolf export / GPTQExport)")
     p.add_argument("--data", required=True, help="dataset directory with fineweb_val_*.bin")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: <data>/../../tokenizers/...)")
-    p.add_argument("--method", action="append", choices=METHODS, help="pass to run; repeat for several")
+    p.add_argument("--method", action="append", choices=METHODS,
+                   help="pass to run; repeat for several (default: the --config's test_methods, else standard + sliding)")
     p.add_argument("--config", default=None, help="take evaluation settings from this pgolf YAML config")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--stride", type=int, default=None)
@@ -30,6 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true")
     p.add_argument("--results-json", default=None, help="also write the results as JSON")
     return p
+
+
+def methods_from(args) -> list[str]:
+    """``--method`` flags, else the config's ``model.test_methods`` (the passes ``pgolf test`` runs), else
+    standard + sliding."""
+    if args.method:
+        return args.method
+    if args.config:
+        methods = (load_yaml(args.config).get("model") or {}).get("test_methods")
+        if methods:
+            return list(methods)
+    return ["standard", "sliding"]
 
 
 def settings_from(args) -> EvalSettings:
@@ -49,15 +62,23 @@ def settings_from(args) -> EvalSettings:
     return settings
 
 
+def model_config_from(args):
+    """The ``--config``'s ``model.gpt`` (upstream record files hold no config of their own), else None."""
+    from pgolf_lit.config import GPTConfig
+
+    gpt = ((load_yaml(args.config).get("model") or {}).get("gpt")) if args.config else None
+    return GPTConfig.from_dict(gpt) if gpt else None
+
+
 def main(argv) -> None:
     from pgolf_lit.fabric_eval import evaluate_artifact
 
     args = build_parser().parse_args(argv)
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     evaluate_artifact(
-        args.artifact, args.data, methods=args.method or ["standard", "sliding"], settings=settings_from(args),
+        args.artifact, args.data, methods=methods_from(args), settings=settings_from(args),
         tokenizer_path=args.tokenizer, accelerator=args.accelerator, devices=devices, strategy=args.strategy,
         precision=args.precision, compile=args.compile, val_max_tokens=args.val_max_tokens,
-        results_json=args.results_json,
+        results_json=args.results_json, model_config=model_config_from(args),
     )
 
