@@ -206,3 +206,12 @@ def test_unknown_command_and_bad_config_give_one_line(tmp_path):
     result = pgolf("summary", "--config", str(bad))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "gpt.num_heads" in result.stderr
+
+
+def test_eval_with_a_bad_config_names_the_file_and_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  gpt:\n    num_layerz: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path / "m.pgolf"), "--data", str(tmp_path), "--config", str(bad)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}: gpt: unknown field(s) ['num_layerz']; known fields are listed in pgolf_lit/config.py"

@@ -63,11 +63,10 @@ def settings_from(args) -> EvalSettings:
 
 
 def model_config_from(args):
-    """The ``--config``'s ``model.gpt`` (upstream record files hold no config of their own), else None."""
-    from pgolf_lit.config import GPTConfig
+    """The ``--config``'s model (as ``pgolf test`` builds it; upstream record files hold no config), else None."""
+    from pgolf_lit.config import gpt_config_from_yaml
 
-    gpt = ((load_yaml(args.config).get("model") or {}).get("gpt")) if args.config else None
-    return GPTConfig.from_dict(gpt) if gpt else None
+    return gpt_config_from_yaml(args.config) if args.config else None
 
 
 def main(argv) -> None:
