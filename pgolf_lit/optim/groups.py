@@ -24,7 +24,6 @@ from pgolf_lit.optim.muon import Muon
 from pgolf_lit.optim.schedule import momentum_warmup
 
 
-
 @dataclass
 class OptimConfig:
     """Optimizer knobs under their upstream names. Defaults are the upstream baseline's.
