@@ -22,23 +22,21 @@ method::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from pgolf_lit.cli import make_cli
-from pgolf_lit.eval import METHODS, ForwardOptions, run_method
+from pgolf_lit.eval import EVAL_METHODS, evaluation_context, run_method
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a pgolf YAML config")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["sliding", "slot"])
+    p.add_argument("--methods", nargs="+", choices=list(EVAL_METHODS), default=["sliding", "slot"])
     p.add_argument("--val-tokens", type=int, default=65536, help="score the first N val tokens (0: the whole split)")
     p.add_argument("--repeats", type=int, default=2, help="passes per method; the first includes compilation")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -62,21 +60,20 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     fit_args = ["--config", args.config, "--data.val_max_tokens", str(args.val_tokens), "--trainer.logger", "false"]
     if device.type == "cpu":
         fit_args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.compile", "false"]
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # our argv is not the CLI's
     cli = make_cli(fit_args, run=False)
     module, dm = cli.model, cli.datamodule
     dm.prepare_data()
     dm.setup("validate")
     model = module.model.to(device).eval()
     model.set_recurrence(True)
-    settings = dataclasses.replace(module.evaluation)
-    if device.type == "cuda" and str(cli.trainer.precision).startswith("bf16"):
-        settings.forward = ForwardOptions.bf16(compile=module.compile)
+    # The evaluation `pgolf test` runs: the config's settings, its precision and compile flag.
+    context = evaluation_context(module.evaluation, precision=str(cli.trainer.precision), device=device,
+                                 compile=module.compile)
     tokens = dm.val_tokens.to(device)
 
     rows = []
     for method in args.methods:
-        results = [run_method(method, model, tokens, dm.luts, settings) for _ in range(args.repeats)]
+        results = [run_method(method, model, tokens, dm.luts, context) for _ in range(args.repeats)]
         steady = results[1:] or results
         eval_ms = statistics.median(r.eval_time_ms for r in steady)
         row = {"method": method, "tokens": results[0].tokens, "first_ms": results[0].eval_time_ms,

@@ -80,30 +80,28 @@ class Pass:
 
 
 def passes(seq_len: int, stride: int, quick: bool) -> list[Pass]:
-    from pgolf_lit.eval import EvalSettings, TTTConfig, slot_preset
+    from pgolf_lit.eval import EvalSettings, SlidingSettings, SlotConfig, TTTConfig
+    from pgolf_lit.eval.audit import record_slot
 
-    base = EvalSettings(seq_len=seq_len, stride=stride, window_rule="exact")
+    base = EvalSettings(seq_len=seq_len, stride=stride)
 
     def with_(**changes: Any):
         return dataclasses.replace(base, **changes)
 
     # Chunks of 4 windows' worth of tokens (the records use 16 × 2,048 over 62 M tokens, ~1,900 chunks): with
     # 16 the few thousand tokens scored here would make one or two chunks, and the last chunk is never trained on.
-    ttt = TTTConfig(seq_len=seq_len, stride=stride, window_rule="exact", chunk_tokens=TTT_CHUNK_WINDOWS * seq_len)
+    ttt = TTTConfig(window_rule="exact", chunk_tokens=TTT_CHUNK_WINDOWS * seq_len)
     out = [
         Pass("standard", "standard (non-overlapping)", "standard", base),
         Pass("sliding_exact", "sliding, exact windows", "sliding", base),
-        Pass("sliding_legacy", "sliding, legacy windows", "sliding", with_(window_rule="legacy")),
-        Pass("slot_pr1263", "SLOT-16, preset pr1263", "slot",
-             with_(slot=slot_preset("pr1263", seq_len=seq_len, stride=stride)), slow=True),
-        Pass("slot_pr1278", "SLOT-32, preset pr1278", "slot",
-             with_(slot=slot_preset("pr1278", seq_len=seq_len, stride=stride)), slow=True),
-        Pass("slot_pr1321", "SLOT-48, preset pr1321", "slot",
-             with_(slot=slot_preset("pr1321", seq_len=seq_len, stride=stride)), slow=True),
+        Pass("sliding_legacy", "sliding, legacy windows", "sliding", with_(sliding=SlidingSettings(window_rule="legacy"))),
+        Pass("slot_pr1263", "SLOT-16, PR #1263's config", "slot", with_(slot=record_slot("pr1263", "slot")), slow=True),
+        Pass("slot_pr1278", "SLOT-32, PR #1278's config", "slot", with_(slot=record_slot("pr1278", "slot")), slow=True),
+        Pass("slot_pr1321", "SLOT-48, PR #1321's config", "slot", with_(slot=record_slot("pr1321", "slot")), slow=True),
         Pass("causal_per_window", "causal SLOT-16, per window (pgolf)", "causal_slot",
-             with_(causal_slot=slot_preset("causal_per_window", seq_len=seq_len, stride=stride)), slow=True),
+             with_(causal_slot=SlotConfig()), slow=True),
         Pass("causal_batch_shared", "causal SLOT-16, batch-shared (#1333)", "causal_slot",
-             with_(causal_slot=slot_preset("pr1333", seq_len=seq_len, stride=stride)), slow=True),
+             with_(causal_slot=record_slot("pr1333", "slot")), slow=True),
         Pass("ttt_exact", f"TTT score-first, exact windows (3 epochs, chunks of {TTT_CHUNK_WINDOWS * seq_len:,})", "ttt",
              with_(ttt=ttt)),
         Pass("ttt_epochs0", "TTT with 0 epochs (must equal sliding exact)", "ttt",
@@ -124,19 +122,19 @@ def describe(p: Pass) -> str:
     if p.method in ("standard",):
         return f"L {s.seq_len}"
     if p.method == "sliding":
-        return f"L {s.seq_len}, S {s.stride}, {s.window_rule}"
+        return f"L {s.seq_len}, S {s.stride}, {s.sliding.window_rule}"
     if p.method in ("slot", "causal_slot"):
         c = s.slot if p.method == "slot" else s.causal_slot
         lr = f"lr {c.lr:g}" + (f"→{c.lr_min:g} cos" if c.lr_min is not None else "")
-        return (f"L {c.seq_len}, S {c.stride}, {c.window_rule}, {c.mode}, {c.steps} steps, {lr}, "
+        return (f"L {s.seq_len}, S {s.stride}, {c.window_rule}, {c.mode}, {c.steps} steps, {lr}, "
                 f"{c.delta_position}{', logit bias' if c.logit_bias else ''}, batch {c.batch_windows}")
     c = s.ttt
-    return (f"L {c.seq_len}, S {c.stride}, {c.window_rule}, chunk {c.chunk_tokens}, {c.epochs} ep, SGD lr {c.lr:g} "
+    return (f"L {s.seq_len}, S {s.stride}, {c.window_rule}, chunk {c.chunk_tokens}, {c.epochs} ep, SGD lr {c.lr:g} "
             f"mom {c.momentum:g}, batch {c.batch_seqs}")
 
 
 def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
-    from pgolf_lit.eval import format_result_line, run_method
+    from pgolf_lit.eval import Weights, evaluation_context, format_result_line, run_method
 
     model, dm, module = prep.model, prep.datamodule, prep.module
     seq_len = module.evaluation.seq_len
@@ -151,7 +149,9 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
     def run(p: Pass, slow: bool):
         t = subsets[slow]
         with torch.enable_grad():  # SLOT and TTT optimise; the others run under no_grad themselves
-            r = run_method(p.method, model, t, dm.luts, p.settings)
+            context = evaluation_context(p.settings, precision=str(prep.cli.trainer.precision), device=t.device,
+                                         compile=module.compile, weights=Weights(quantized=True, tag="int6"))
+            r = run_method(p.method, model, t, dm.luts, context)
         results[(p.key, slow)] = r
         log(f"[{prep.name}] {format_result_line(r)} tokens:{r.tokens}")
         return r

@@ -35,7 +35,7 @@ import os
 import platform
 import sys
 import time
-import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -152,7 +152,6 @@ def cache_key(config: Path, fit_args: Sequence[str]) -> str:
 def build_cli(config: Path, fit_args: Sequence[str]):
     from pgolf_lit.cli import make_cli
 
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     args = ["--config", str(config), "--trainer.enable_progress_bar", "false", *fit_args]
     return make_cli(args, run=False)
 
@@ -161,7 +160,7 @@ def _callback_results(trainer) -> dict[str, Any]:
     """What the config's own GPTQExport reported (default routing), for the captions."""
     for cb in trainer.callbacks:
         if type(cb).__name__ == "GPTQExport":
-            out: dict[str, Any] = {"scheme": cb.scheme}
+            out: dict[str, Any] = {}
             for key, r in cb.results.items():
                 out[key] = r.val_bpb
             if cb.report is not None:
@@ -235,7 +234,7 @@ def val_token_count(tokens: torch.Tensor) -> int:
 class Scheme:
     key: str
     label: str
-    preset: str
+    preset: str  # the record config whose export settings it starts from ("pgolf": the defaults)
     overrides: dict[str, Any] = field(default_factory=dict)
     default_routing: bool = False  # keep the records' 65,536 keep-float threshold
 
@@ -262,16 +261,18 @@ def schemes(quick: bool) -> list[Scheme]:
 
 def export_config(scheme: Scheme, keep_float: int, **more: Any):
     from pgolf_lit.quant import ExportConfig
+    from pgolf_lit.records import record_export_config
 
+    base = ExportConfig() if scheme.preset == "pgolf" else record_export_config(scheme.preset)
     fields: dict[str, Any] = {
         "format": "native", "codec": "brotli", "shuffle_stride": 2, "prune": "none", "allow_over_budget": True,
-        "gptq_fallback": "rtn",
+        "gptq": dataclasses.replace(base.gptq, fallback="rtn"),
     }
     if not scheme.default_routing:
         fields["keep_float_max_numel"] = keep_float
     fields.update(scheme.overrides)
     fields.update(more)
-    return ExportConfig.preset(scheme.preset, **fields)
+    return dataclasses.replace(base, **fields)
 
 
 CODEC_GRID = (("zlib", "zlib-9"), ("lzma", "lzma-6"), ("zstd", "zstd-22"), ("brotli", "brotli-11"))
@@ -339,13 +340,11 @@ def top_tensors(counts: dict[str, int], k: int = 3) -> str:
 def hessian_errors(model, hessians: dict, arts: dict[str, dict]) -> dict[str, dict[str, tuple[int, float]]]:
     """category -> scheme key -> (matrices, Σ tr((W−Ŵ)H(W−Ŵ)ᵀ)) over the matrices that have a Hessian."""
     from pgolf_lit.quant.gptq import hessian_weighted_error
-    from pgolf_lit.quant.routing import classify
-
     sd = model.state_dict()
     out: dict[str, dict[str, tuple[int, float]]] = {}
     for name, h in hessians.items():
         w = sd[name].float()
-        cat = classify(name)
+        cat = model.roles[name].quant or "other"
         for key, dq in arts.items():
             n, total = out.setdefault(cat, {}).get(key, (0, 0.0))
             out[cat][key] = (n + 1, total + hessian_weighted_error(w, dq[name].float(), h))
@@ -366,16 +365,17 @@ def matrix_wins(model, hessians: dict, a: dict, b: dict) -> tuple[int, int]:
 
 def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     """All quantization measurements on one model; returns named markdown sections."""
-    from pgolf_lit.eval import EvalSettings, run_method
-    from pgolf_lit.quant import build_model_from_artifact, collect_hessians, export_model, measure_code_size
+    from pgolf_lit.eval import EvalSettings, evaluation_context, run_method
+    from pgolf_lit.quant import collect_hessians, export_model, measure_code_size, model_from_artifact
     from pgolf_lit.quant import read_artifact
 
     model, dm = prep.model, prep.datamodule
     tokens = set_val_tokens(dm, args.val_tokens)
     n_val = val_token_count(tokens)
-    settings = EvalSettings(seq_len=dm.val_seq_len)
+    cpu_fp32 = evaluation_context(EvalSettings(seq_len=dm.val_seq_len), precision="32-true", device=torch.device("cpu"),
+                                  compile=False)
     with torch.no_grad():
-        pre = run_method("standard", model, tokens, dm.luts, settings)
+        pre = run_method("standard", model, tokens, dm.luts, cpu_fp32)
     log(f"[{prep.name}] pre-quant standard BPB {pre.val_bpb:.5f} on {pre.tokens} tokens ({pre.eval_time_ms / 1000:.1f} s)")
 
     # GPTQ Hessians, once: every CastedLinear above the keep-float threshold plus the tied head (PR #1394's set),
@@ -397,9 +397,9 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
             report = export_model(model, cfg, path, hessians=hessians if cfg.uses_gptq else None, code=code,
                                   progress=False)
             t = time.perf_counter()
-            rebuilt = build_model_from_artifact(path)
-            rebuilt.set_recurrence(True)
-            post = run_method("standard", rebuilt, tokens, dm.luts, settings)
+            art = read_artifact(path)
+            rebuilt = model_from_artifact(art, str(path))
+            post = run_method("standard", rebuilt, tokens, dm.luts, dataclasses.replace(cpu_fp32, weights=art.weights))
         return VariantResult(scheme, report, path, post.val_bpb, time.perf_counter() - t, report.num_quantized)
 
     grid = CODEC_GRID if not args.quick else CODEC_GRID[:1]  # quick: zlib only (fast)
@@ -444,7 +444,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     cb = prep.meta.get("callback") or {}
     if cb.get("pre_quant") is not None and cb.get("roundtrip") is not None:
         sections["gap"] += (
-            f"\n\nThe config's own `GPTQExport` (scheme `{cb['scheme']}`, default routing, full val split of the "
+            f"\n\nThe config's own `GPTQExport` (its export settings, default routing, full val split of the "
             f"training run) logged pre {cb['pre_quant']:.5f} / roundtrip {cb['roundtrip']:.5f} "
             f"(gap {cb['roundtrip'] - cb['pre_quant']:+.5f}), {cb.get('total_bytes', 0):,} total bytes."
         )

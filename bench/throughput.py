@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_loop import PlainConfig, PlainTrainer  # noqa: E402
 
-from callbacks import EMA, CompilePriming, GPTQExport, RecurrenceActivation, WallclockBudget  # noqa: E402
+from pgolf_lit.callbacks import EMA, CompilePriming, GPTQExport, RecurrenceActivation, WallclockBudget  # noqa: E402
 from pgolf_lit.cli import make_cli  # noqa: E402
 from pgolf_lit.model.gpt import GPT  # noqa: E402
 
@@ -91,7 +91,6 @@ def resolve_device(name: str) -> torch.device:
 
 def make_fit_cli(args: list[str]):
     """``pgolf fit``'s LightningCLI over ``args`` without running it (this script's own argv is not for it)."""
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return make_cli(args, run=False)
 
 

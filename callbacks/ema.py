@@ -47,7 +47,13 @@ class EMA(WeightAveraging):
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
+        pl_module.mark_weights("post-ema")
         pl_module.log_text(f"ema:applying EMA weights decay:{self.decay}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None:  # the checkpoint's state_dict now holds the EMA weights
+            checkpoint.setdefault("pgolf", {})["weights_note"] = "post-ema"
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self.swap_for_validation:

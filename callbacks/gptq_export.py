@@ -3,7 +3,8 @@ then read it back and score it, as the record scripts do after training (spec/qu
 
 Prints, upstream style: the pre-quantization score of the final weights, the byte accounting (model + code =
 total against the 16,000,000 budget) and the roundtrip score of the reloaded artifact. The export itself is
-``pgolf_lit.quant.export_model`` — the same code ``pgolf export`` runs.
+``pgolf_lit.quant.export_model`` — the same code ``pgolf export`` runs; both scores go through the module's
+evaluation context, so they are the numbers ``pgolf test`` prints for the same weights.
 
 Calibration for GPTQ (PR #1333/#1394 replay the first training batches; PR #1263 continues the training
 stream; PR #1019 samples from the model itself) happens after the training clock stopped, inside the
@@ -12,6 +13,7 @@ stream; PR #1019 samples from the model itself) happens after the training clock
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -20,8 +22,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from pgolf_lit.eval import EvalSettings, format_result_line, run_method
-from pgolf_lit.quant import ExportConfig, build_model_from_artifact, export_model
+from pgolf_lit.eval import format_result_line
+from pgolf_lit.quant import ExportConfig, export_model, model_from_artifact, read_artifact
 from pgolf_lit.quant.calibration import generate_calibration_tokens, token_batches
 
 
@@ -29,32 +31,28 @@ class GPTQExport(Callback):
     def __init__(
         self,
         path: str = "final_model.pgolf",
-        scheme: str = "pgolf",
-        settings: Optional[dict[str, Any]] = None,
+        export: Optional[ExportConfig] = None,
         calibration: Literal["train_replay", "train_continue", "generated"] = "train_replay",
         calibration_batches: int = 64,
         roundtrip_eval: bool = True,
-        label: str = "final_int6_roundtrip",
     ):
         """
         Args:
             path: artifact file; relative paths go under the run's log directory.
-            scheme: export preset (``pgolf``, or a record's: ``baseline``, ``pr1263`` … ``pr1394``).
-            settings: ExportConfig fields overriding the preset (e.g. ``{codec: lzma, prune: none}``).
-            calibration: where GPTQ's calibration tokens come from (ignored by RTN-only schemes).
+            export: every export setting (quant rules per group, GPTQ, container, codec, budget, pruning); a record's
+                YAML states its own, the defaults are pgolf's scheme.
+            calibration: where GPTQ's calibration tokens come from (ignored by RTN-only schemes): the first training
+                batches again (PR #1333/#1394), the training stream after the last step (PR #1263), or sequences
+                sampled from the model (PR #1019).
             calibration_batches: training micro-batches, or self-generated sequences (fed one at a time without
                 their last token, as PR #1019), used for the Hessians.
-            roundtrip_eval: reload the artifact and score it on the validation split.
-            label: the roundtrip line's label (upstream: ``final_int8_zlib_roundtrip`` for the baseline).
+            roundtrip_eval: reload the artifact and score it with the standard pass, as the records do.
         """
         self.path = path
-        self.scheme = scheme
-        self.settings = dict(settings or {})
+        self.config = export if isinstance(export, ExportConfig) else ExportConfig.from_dict(export or {})
         self.calibration = calibration
         self.calibration_batches = calibration_batches
         self.roundtrip_eval = roundtrip_eval
-        self.label = label
-        self.config = ExportConfig.preset(scheme, **self.settings)  # validate at construction: fail before training
         self.report = None
         self.results: dict[str, Any] = {}
 
@@ -80,22 +78,15 @@ class GPTQExport(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         model = pl_module.model
-        model.set_recurrence(True)  # export and evaluation always run with depth recurrence on
-        model.eval()
-        dm = trainer.datamodule
-        settings = EvalSettings(seq_len=dm.val_seq_len)
-        rank, world = trainer.global_rank, trainer.world_size
-        with torch.no_grad():
-            pre = run_method("standard", model, dm.val_tokens.to(pl_module.device), dm.luts, settings, rank, world)
-        averaged = any(type(cb).__name__ in ("EMA", "SWA") for cb in trainer.callbacks)
-        pre.label = "pre-quantization post-ema" if averaged else "pre-quantization"
+        # The same evaluation `pgolf test` runs (precision, compile, settings): same label, same computation.
+        pre = pl_module.evaluate("standard")
         pl_module.log_text(format_result_line(pre))
         self.results["pre_quant"] = pre
         out = self.resolve_path(pl_module)
         if trainer.is_global_zero:
             started = time.perf_counter()
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                batches = self.calibration_tokens(model, dm, pl_module.device, trainer.global_step)
+                batches = self.calibration_tokens(model, trainer.datamodule, pl_module.device, trainer.global_step)
                 self.report = export_model(model, self.config, out, calib_batches=batches, progress=True)
             pl_module.log_text(f"export:{self.report.summary()} time:{time.perf_counter() - started:.1f}s")
             pl_module.log_text(
@@ -105,18 +96,16 @@ class GPTQExport(Callback):
             pl_module.write_summary(artifact={
                 "path": str(out.resolve()), "model_bytes": self.report.model_bytes, "code_bytes": self.report.code_bytes,
                 "total_bytes": self.report.total_bytes, "budget_bytes": self.report.budget_bytes,
-                "fits": self.report.fits, "scheme": self.scheme, "codec": self.report.codec,
-                "seconds": self.report.seconds,
+                "fits": self.report.fits, "codec": self.report.codec, "seconds": self.report.seconds,
             })
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if not self.roundtrip_eval:
             return
-        reloaded = build_model_from_artifact(out, device=pl_module.device)
-        reloaded.set_recurrence(True)
-        with torch.no_grad():
-            post = run_method("standard", reloaded, dm.val_tokens.to(pl_module.device), dm.luts, settings, rank, world)
-        post.label = self.label
+        art = read_artifact(out)
+        reloaded = model_from_artifact(art, str(out), pl_module.device)
+        context = dataclasses.replace(pl_module.eval_context(), weights=art.weights)
+        post = pl_module.evaluate("standard", reloaded, context)
         pl_module.log_text(format_result_line(post))
         self.results["roundtrip"] = post
         pl_module.write_summary(pre_quant=pre, roundtrip=post)

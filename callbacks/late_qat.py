@@ -15,13 +15,18 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from pgolf_lit.model.layers import CastedLinear
+from pgolf_lit.model.roles import parameter_roles
+
+QAT_KINDS = ("matrix", "head", "projection", "aux_head")
 
 
 def set_qat_bits(model, bits: int) -> int:
-    """Set the fake-quant width of every 2-D CastedLinear weight; return how many layers it touched."""
+    """Set the fake-quant width of every CastedLinear whose weight the export quantizes (declared matrices, heads
+    and projections, not small controls such as PR #1855's smear gate); return how many layers it touched."""
+    roles = parameter_roles(model)
     n = 0
-    for module in model.modules():
-        if isinstance(module, CastedLinear) and module.weight.ndim == 2:
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and roles[f"{name}.weight"].kind in QAT_KINDS:
             module.qat_bits = bits
             n += 1
     return n
@@ -42,7 +47,7 @@ class LateQAT(Callback):
             self.enabled_at_step = sched.step
             layers = set_qat_bits(pl_module.model, self.bits) if self.apply else 0
             note = f"layers:{layers}" if self.apply else "inert (apply=false reproduces the record runs)"
-            pl_module.log_text(f"late_qat:enabled step:{sched.step} scale:{sched.lr_scale:.4f} {note}")
+            pl_module.record_event("late_qat:enabled", f"late_qat:enabled step:{sched.step} scale:{sched.lr_scale:.4f} {note}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"enabled_at_step": self.enabled_at_step}

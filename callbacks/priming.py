@@ -39,7 +39,7 @@ class CompilePriming(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 or not (self.steps or self.recurrent_steps or self.qat_steps):
             return  # a resumed run is already compiled past this point in its first life; nothing to prime
-        from callbacks.late_qat import set_qat_bits
+        from .late_qat import set_qat_bits
         from pgolf_lit.module import StepSchedule
 
         model = pl_module.model
@@ -70,4 +70,4 @@ class CompilePriming(Callback):
         model.load_state_dict(weights)
         chain.load_state_dict(opt_state)
         chain.zero_grad(set_to_none=True)
-        pl_module.log_text(f"warmup:done steps:{next(index)} weights and optimizer state restored")
+        pl_module.record_event("warmup:done", f"warmup:done steps:{next(index)} weights and optimizer state restored")

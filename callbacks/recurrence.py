@@ -38,7 +38,8 @@ class RecurrenceActivation(Callback):
         sched = pl_module.step_schedule()
         if self.due(sched.step, sched.frac):
             model.set_recurrence(True)
-            pl_module.log_text(
+            pl_module.record_event(
+                "recurrence:activated",
                 f"recurrence:activated step:{sched.step} frac:{sched.frac:.3f} lr_scale:{sched.lr_scale:.4f} "
                 f"schedule:{model.layer_schedule()}"
             )

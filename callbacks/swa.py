@@ -34,7 +34,7 @@ class SWA(Callback):
         state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in pl_module.model.state_dict().items()}
         if self.sums is None:
             self.sums, self.count, self.start_step = state, 1, step
-            pl_module.log_text(f"swa:start step:{step}")
+            pl_module.record_event("swa:start", f"swa:start step:{step}")
         else:
             for k, v in state.items():
                 self.sums[k] += v
@@ -49,7 +49,8 @@ class SWA(Callback):
             return
         current = pl_module.model.state_dict()
         pl_module.model.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in self.average().items()})
-        pl_module.log_text(f"swa:applied snapshots:{self.count} from_step:{self.start_step}")
+        pl_module.mark_weights("post-swa")
+        pl_module.record_event("swa:applied", f"swa:applied snapshots:{self.count} from_step:{self.start_step}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": self.sums, "count": self.count, "start_step": self.start_step}

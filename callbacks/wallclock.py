@@ -37,7 +37,7 @@ class WallclockBudget(Callback):
         pl_module.wallclock_budget = self
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.reserve_seconds > 0:
+        if self.reserve_seconds > 0 and self.effective_cap_ms is not None:
             pl_module.log_text(
                 f"gptq:reserving {self.reserve_seconds:g}s, effective={self.effective_cap_ms:.0f}ms"
             )
@@ -50,7 +50,8 @@ class WallclockBudget(Callback):
         if reached and self.stopped_at_step < 0:
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True
-            pl_module.log_text(
+            pl_module.record_event(
+                "stopping_early",
                 f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{trainer.global_step}/{pl_module.max_steps}"
             )
 

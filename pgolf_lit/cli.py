@@ -18,11 +18,59 @@ from pgolf_lit.errors import PgolfError
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+CONFIG_FLAGS = ("--config", "-c")
+
+
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """Merge the ``--config`` files of a command line into one, resolving ``extends`` overlays.
+
+    ``pgolf fit --config record.yaml --config record_tiny.yaml`` and ``pgolf fit --config record_tiny.yaml``
+    (whose ``extends: record.yaml`` names its base) give the same run: the files are merged in order by
+    ``pgolf_lit.config.merge_configs`` (callbacks matched by class) and passed on as one config at the place of the
+    first. A single file without ``extends`` is passed on unchanged, as are configs given as YAML strings.
+    """
+    from pathlib import Path
+
+    from pgolf_lit.config import EXTENDS_KEY, load_config, load_yaml, merge_configs
+
+    positions, files = [], []
+    out = list(args)
+    i = 0
+    while i < len(out):
+        flag, value = out[i], None
+        if flag in CONFIG_FLAGS and i + 1 < len(out):
+            value, width = out[i + 1], 2
+        elif flag.startswith("--config="):
+            value, width = flag.split("=", 1)[1], 1
+        if value is not None and Path(value).is_file():
+            positions.append((i, width))
+            files.append(value)
+            i += width
+            continue
+        i += 1
+    if not files or (len(files) == 1 and EXTENDS_KEY not in load_yaml(files[0])):
+        return out
+    import yaml
+
+    merged: dict = {}
+    for path in files:
+        merged = merge_configs(merged, load_config(path))
+    for i, width in reversed(positions[1:]):
+        del out[i : i + width]
+    first, width = positions[0]
+    out[first : first + width] = ["--config", yaml.safe_dump(merged, sort_keys=False)]
+    return out
+
+
 def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
     """The LightningCLI over GolfModule + TokenShardDataModule. ``run=False`` only parses the config and builds
     the trainer, module and datamodule (``cli.trainer``, ``cli.model``, ``cli.datamodule``): tests and tools use
-    it to get exactly the objects ``pgolf fit`` would."""
+    it to get exactly the objects ``pgolf fit`` would. Config overlays are resolved first (``resolve_config_args``)."""
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
+
+    # Attribute docstrings of the config dataclasses become `pgolf fit --help` text.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     from pgolf_lit.data.datamodule import TokenShardDataModule
     from pgolf_lit.module import GolfModule
@@ -37,6 +85,11 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
                 "--artifact", type=Optional[str], default=None, help="test/validate the weights of a pgolf artifact"
             )
 
+        def parse_arguments(self, parser, args) -> None:
+            # pgolf always passes the (overlay-resolved) command line on, so Lightning's warning that ``args`` is
+            # meant for calls from Python does not apply.
+            self.config = parser.parse_args(args)
+
         def before_validate(self) -> None:
             self._load_artifact()
 
@@ -48,10 +101,12 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
             if path:
                 self.model.load_artifact(path)
 
+    if args is None:
+        args = sys.argv[1:]
     return GolfCLI(
         GolfModule,
         TokenShardDataModule,
-        args=None if args is None else list(args),
+        args=resolve_config_args(args),
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
@@ -59,12 +114,11 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "--help"
     try:
         if command in TRAINER_COMMANDS:
-            make_cli(None if from_console else argv)
+            make_cli(argv)
         elif command in TOOLS:
             module_name, func = TOOLS[command]
             module = __import__(f"pgolf_lit.tools.{module_name}", fromlist=[func])

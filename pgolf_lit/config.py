@@ -14,70 +14,99 @@ from typing import Any, Literal, Optional
 
 from pgolf_lit.errors import ConfigError
 
-# Name fragments of the model's control tensors (gains, mixes, skip weights): the baseline's
-# CONTROL_TENSOR_NAME_PATTERNS. The optimizer routes them to the scalar AdamW; the export keeps the small ones float.
-BASELINE_CONTROL_PATTERNS = (
-    "attn_scale",
-    "attn_scales",
-    "mlp_scale",
-    "mlp_scales",
-    "resid_mix",
-    "resid_mixes",
-    "q_gain",
-    "skip_weight",
-    "skip_weights",
-)
-
 
 @dataclass
 class GPTConfig:
+    """Every architecture switch, under its upstream name; the defaults are the upstream baseline's."""
+
     # --- shape -----------------------------------------------------------------------------------------
     vocab_size: int = 1024
-    num_layers: int = 9  # physical blocks
+    """Tokenizer vocabulary (SP1024 baseline; SP4096 PR #1333/#1421; SP8192 PR #1394/#1855)."""
+    num_layers: int = 9
+    """Physical transformer blocks (depth recurrence re-runs some of them without new parameters)."""
     model_dim: int = 512
-    embedding_dim: Optional[int] = None  # token table width; None = model_dim (else embed_proj/head_proj)
+    """Width of the residual stream."""
+    embedding_dim: Optional[int] = None
+    """Token table width; null = model_dim, else embed_proj/head_proj map between the two."""
     num_heads: int = 8
+    """Query heads."""
     num_kv_heads: int = 4
-    mlp_mult: float = 2.0  # hidden = int(mlp_mult * model_dim)
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    mlp_mult: float = 2.0
+    """MLP hidden width = int(mlp_mult · model_dim)."""
     mlp_activation: Literal["relu2", "leaky_relu2"] = "relu2"
+    """relu(x)² (baseline) or leaky_relu(x, slope)² (every record)."""
     leaky_relu_slope: float = 0.5
+    """Negative slope of leaky_relu2."""
     tie_embeddings: bool = True
+    """The output head reuses the token table (every record)."""
     tied_embed_init_std: float = 0.005
+    """Standard deviation of the tied token table's init."""
     logit_softcap: float = 30.0
+    """Logits pass through c·tanh(z/c)."""
     # --- attention -------------------------------------------------------------------------------------
     rope_base: float = 10000.0
-    rope_dims: int = 0  # rotated dims per head; 0 = the whole head
-    rope_train_seq_len: int = 0  # rescale the RoPE base for sequences longer than this; 0 = never
+    """RoPE frequency base."""
+    rope_dims: int = 0
+    """Rotated dims per head (partial RoPE: 16 in the records); 0 = the whole head."""
+    rope_train_seq_len: int = 0
+    """Rescale the RoPE base for sequences longer than this (records before PR #1855); 0 = never."""
     qk_gain_init: float = 1.5
-    xsa_last_n: int = 0  # projection-removed attention output on the last n physical layers
+    """Initial value of the learned per-head query gain (PR #1394: 4.0; PR #1421/#1855: 5.0)."""
+    xsa_last_n: int = 0
+    """XSA: remove each head's component along its own value on the last n physical layers."""
     # --- residual stream -------------------------------------------------------------------------------
-    ln_scale: bool = False  # multiply the normed block inputs by 1/sqrt(layer+1)
-    skip_gates: bool = False  # sigmoid-gated lerp on the U-Net skips
-    skip_rows: Literal["physical", "recurrent"] = "physical"  # size skip_weights from L or the recurrent schedule
-    skip_wiring: Literal["standard", "folder_copy"] = "standard"  # folder_copy: PR #1278 record-folder bug
-    parallel_start_layer: int = 0  # >0: attention/MLP lanes from this physical layer on, merged by lane_merge
-    dtg: bool = False  # dynamic token gate per block (present in Family A scripts, off in every record)
+    ln_scale: bool = False
+    """Multiply the normed block inputs by 1/sqrt(layer + 1)."""
+    skip_gates: bool = False
+    """Sigmoid-gated lerp on the U-Net skips (PR #1333 onwards)."""
+    skip_rows: Literal["physical", "recurrent"] = "physical"
+    """Size skip_weights from the physical depth or from the recurrent layer schedule (PR #1278 root, PR #1394)."""
+    skip_wiring: Literal["standard", "folder_copy"] = "standard"
+    """folder_copy: the skip consumption of PR #1278's record-folder script (to load its checkpoints)."""
+    parallel_start_layer: int = 0
+    """>0: attention and MLP run in two lanes from this physical layer on, merged by lane_merge (PR #1333/#1421)."""
+    dtg: bool = False
+    """Dynamic token gate per block (present in the PR #1263 family's scripts, off in every record)."""
     # --- embeddings ------------------------------------------------------------------------------------
     smear_gate: bool = False
-    bigram_vocab_size: int = 0  # 0 = no BigramHash
+    """Per-channel sigmoid smear of each position with the previous one after the embedding (PR #1263 family)."""
+    bigram_vocab_size: int = 0
+    """Buckets of the hashed token-pair table added to the embedding (BigramHash); 0 = off."""
     bigram_dim: int = 128
-    bigram_trigram: bool = False  # also hash (t, t-1, t-2) into the same table (not used by any record)
-    ve_enabled: bool = False  # value embeddings
+    """Width of the BigramHash table (projected to model_dim)."""
+    bigram_trigram: bool = False
+    """Also hash (t, t-1, t-2) into the same table (not used by any record)."""
+    ve_enabled: bool = False
+    """Value embeddings: a token table added to the value projection of ve_layers."""
     ve_dim: int = 128
+    """Width of the value-embedding table (projected to the KV width)."""
     ve_layers: list[int] = field(default_factory=lambda: [9, 10])
-    vrl: bool = False  # value residual: mix the first block's raw V into every later block's V
+    """Physical layers that receive the value embedding."""
+    vrl: bool = False
+    """Value residual: mix the first block's raw V into every later block's V (PR #1278/#1321)."""
     # --- depth recurrence ------------------------------------------------------------------------------
     recurrence: Literal["none", "group", "inplace", "loop"] = "none"
-    recur_layers: list[int] = field(default_factory=list)  # group (PR #1334) / inplace (PR #1278)
-    iter_conditioning: bool = False  # PR #1278 iter_embed / iter_gate before each repeated pass
-    num_loops: int = 0  # loop (PR #1394): segment [loop_start, loop_end] runs num_loops + 1 times
+    """Depth recurrence form: group (PR #1334/#1421), inplace (PR #1278), loop (PR #1394)."""
+    recur_layers: list[int] = field(default_factory=list)
+    """The repeated layers of group / inplace recurrence."""
+    iter_conditioning: bool = False
+    """PR #1278's iter_embed / iter_gate added before each repeated pass."""
+    num_loops: int = 0
+    """loop: the segment [loop_start, loop_end] runs num_loops + 1 times."""
     loop_start: int = 0
+    """loop: first layer of the repeated segment."""
     loop_end: int = 0
+    """loop: last layer of the repeated segment."""
     # --- init and heads --------------------------------------------------------------------------------
     init: Literal["baseline", "orthogonal"] = "baseline"
-    proj_init_scale: bool = False  # Family A: ×1/sqrt(2L) on orthogonally initialised ".proj" weights
-    mtp_num_heads: int = 0  # multi-token prediction heads (training loss only)
+    """Weight init: PyTorch's Linear default (baseline) or orthogonal matrices (every record)."""
+    proj_init_scale: bool = False
+    """PR #1263 family: ×1/sqrt(2L) on the orthogonally initialised ".proj" weights."""
+    mtp_num_heads: int = 0
+    """Multi-token prediction heads (a training loss only; never exported)."""
     mtp_loss_weight: float = 0.2
+    """Weight of the MTP loss."""
 
     def __post_init__(self) -> None:
         self.ve_layers = [int(i) for i in self.ve_layers]
@@ -156,6 +185,9 @@ class GPTConfig:
             raise bad("iter_conditioning", "needs a recurrence form")
         if self.parallel_start_layer and not 0 < self.parallel_start_layer < self.num_layers:
             raise bad("parallel_start_layer", f"must lie in [1, {self.num_layers}) or be 0, got {self.parallel_start_layer}")
+        if self.dtg and self.parallel_start_layer:
+            raise bad("dtg", "the dynamic token gate has no parallel-lane form (no script combines them); "
+                      "set dtg false or parallel_start_layer 0")
         if self.mtp_num_heads < 0:
             raise bad("mtp_num_heads", f"must be >= 0, got {self.mtp_num_heads}")
 
@@ -191,6 +223,7 @@ def record_config_path(name: str) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """One YAML file as a mapping (no ``extends`` resolution; see ``load_config``)."""
     import yaml
 
     path = Path(path)
@@ -205,11 +238,75 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def gpt_config_from_yaml(path: str | Path) -> GPTConfig:
-    """The ``model.gpt`` section of a pgolf YAML config as a GPTConfig."""
+# ---------------------------------------------------------------------------------------------------------
+# Overlays: a config that ``extends`` another lists only what differs
+# ---------------------------------------------------------------------------------------------------------
+
+EXTENDS_KEY = "extends"
+
+
+def merge_configs(base: Any, overlay: Any) -> Any:
+    """``overlay`` on top of ``base``: mappings merge key by key; lists of ``class_path`` entries (callbacks) merge
+    entry by entry, matched by class in order, new classes appended; anything else is replaced.
+
+    jsonargparse's own config stacking replaces lists whole, so a ``*_tiny.yaml`` would have to repeat every
+    callback of its record: this merge is what lets it change only their arguments.
+    """
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = merge_configs(base[key], value) if key in base else value
+        return merged
+    if _is_class_list(base) and _is_class_list(overlay):
+        merged = list(base)
+        used: set[int] = set()
+        for entry in overlay:
+            match = next(
+                (i for i, b in enumerate(merged) if i not in used and b["class_path"] == entry["class_path"]), None
+            )
+            if match is None:
+                merged.append(entry)
+                used.add(len(merged) - 1)
+            else:
+                merged[match] = merge_configs(merged[match], entry)
+                used.add(match)
+        return merged
+    return overlay
+
+
+def _is_class_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "class_path" in v for v in value)
+
+
+def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A pgolf YAML config with its ``extends: <base.yaml>`` chain resolved (the path is relative to the file that
+    names it): the base, then this file merged on top by ``merge_configs``."""
+    path = Path(path)
     data = load_yaml(path)
+    base_name = data.pop(EXTENDS_KEY, None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' must be the path of the config it overlays, got {base_name!r}")
+    base_path = (path.parent / base_name).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' chain loops back to {base_path}")
+    return merge_configs(load_config(base_path, (*_seen, path.resolve())), data)
+
+
+def gpt_config_from_yaml(path: str | Path) -> GPTConfig:
+    """The ``model.gpt`` section of a pgolf YAML config (overlays resolved) as a GPTConfig."""
+    data = load_config(path)
     section = ((data.get("model") or {}).get("gpt")) or {}
     try:
         return GPTConfig.from_dict(section)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def callback_init_args(config: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
+    """The ``init_args`` of the first ``trainer.callbacks`` entry whose class is called ``name``, or None."""
+    for cb in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).rsplit(".", 1)[-1] == name:
+            return dict(cb.get("init_args") or {})
+    return None

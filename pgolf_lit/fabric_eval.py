@@ -14,21 +14,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
-import torch
 
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.shards import load_validation_tokens
 from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
-from pgolf_lit.eval import EvalResult, EvalSettings, ForwardOptions, format_result_line, run_method
+from pgolf_lit.eval import EvalResult, EvalSettings, evaluation_context, format_result_line, run_method
 from pgolf_lit.fileio import atomic_write_text
-from pgolf_lit.quant.export import build_model_from_artifact
-
-
-def forward_options(precision: str, device: torch.device, compile: bool) -> ForwardOptions:
-    """bf16 autocast (+ compile) for ``bf16-mixed`` on CUDA, plain fp32 otherwise."""
-    if precision.startswith("bf16") and device.type == "cuda":
-        return ForwardOptions.bf16(compile=compile)
-    return ForwardOptions(compile=compile and device.type == "cuda")
+from pgolf_lit.quant.export import model_from_artifact, read_artifact
 
 
 def evaluate_on_rank(
@@ -43,19 +35,19 @@ def evaluate_on_rank(
     val_max_tokens: int = 0,
     model_config: Optional[GPTConfig] = None,
 ) -> list[EvalResult]:
-    model = build_model_from_artifact(artifact, model_config, device=fabric.device)
-    model.set_recurrence(True)  # evaluation always runs with depth recurrence on
+    art = read_artifact(artifact, model_config)
+    model = model_from_artifact(art, artifact, fabric.device)
     vocab = model.config.vocab_size
     tok_path = tokenizer_path or Path(data_dir).parent.parent / "tokenizers" / f"fineweb_{vocab}_bpe.model"
     luts = build_byte_luts(load_tokenizer(tok_path, vocab), vocab)
     tokens = load_validation_tokens(data_dir, settings.seq_len, vocab)
     if val_max_tokens:
         tokens = tokens[: max(val_max_tokens // settings.seq_len, 1) * settings.seq_len + 1]
-    settings.forward = forward_options(precision, fabric.device, compile)
+    context = evaluation_context(settings, precision=precision, device=fabric.device, compile=compile, weights=art.weights)
     results = []
     for method in methods:
         result = run_method(
-            method, model, tokens.to(fabric.device), luts, settings, rank=fabric.global_rank,
+            method, model, tokens.to(fabric.device), luts, context, rank=fabric.global_rank,
             world_size=fabric.world_size,
         )
         fabric.print(format_result_line(result))

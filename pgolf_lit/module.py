@@ -22,7 +22,16 @@ from torch import Tensor
 from pgolf_lit.clock import TrainClock
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.errors import ConfigError, PgolfError
-from pgolf_lit.eval import METHODS, EvalResult, EvalSettings, ForwardOptions, format_result_line, run_method
+from pgolf_lit.eval import (
+    EVAL_METHODS,
+    EvalContext,
+    EvalResult,
+    EvalSettings,
+    Weights,
+    evaluation_context,
+    format_result_line,
+    run_method,
+)
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.summary import update_summary
@@ -70,7 +79,8 @@ class GolfModule(L.LightningModule):
             optim: optimizer routing and hyperparameters (defaults: the upstream baseline).
             schedule: LR warmdown (defaults: the upstream baseline's; Muon momentum warmup is in ``optim``).
             evaluation: settings of the evaluation passes ``pgolf test`` runs (window length, stride, SLOT, TTT).
-            test_methods: the passes ``pgolf test`` runs, in order: standard | sliding | slot | causal_slot | ttt.
+            test_methods: the passes ``pgolf test`` runs, in order (registered methods: standard, sliding, slot,
+                causal_slot, ttt); the last one is the record's scored pass.
             compile: torch.compile the model (fullgraph, static shapes); on by default on CUDA in record configs.
             train_log_every: plain-text train lines at steps 1-10 and every N steps.
             check_finite_every: every N steps (and before each validation) stop with a clear error naming the
@@ -82,11 +92,14 @@ class GolfModule(L.LightningModule):
         self.optim_config = _as(OptimConfig, optim)
         self.schedule_config = _as(ScheduleConfig, schedule)
         self.evaluation = _as(EvalSettings, evaluation)
-        unknown = [m for m in test_methods if m not in METHODS]
+        unknown = [m for m in test_methods if m not in EVAL_METHODS]
         if unknown:
-            raise ConfigError(f"model.test_methods: unknown method(s) {unknown}; expected some of {list(METHODS)}")
+            raise ConfigError(f"model.test_methods: unknown method(s) {unknown}; expected some of {list(EVAL_METHODS)}")
         self.test_methods = list(test_methods)
         self.test_results: list[EvalResult] = []
+        # Which weights the model holds, for the labels of its result lines: float (fresh, a checkpoint, or an
+        # averaging callback's "post-ema") or an artifact's dequantized ones (load_artifact).
+        self.weights = Weights.float_weights()
         # Plain dicts only: checkpoints then load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -107,7 +120,7 @@ class GolfModule(L.LightningModule):
         self.check_finite_every = check_finite_every
         self.clock = TrainClock()
         self.text_log = TextLog(enabled=False)
-        self.wallclock_budget = None  # set by callbacks.WallclockBudget when attached
+        self.wallclock_budget = None  # set by pgolf_lit.callbacks.WallclockBudget when attached
         # Built here (not in setup) so weight-averaging callbacks, which copy the module at setup, see it.
         self.val_metric = BitsPerByte(vocab_size=self.gpt_config.vocab_size)
         # Every buffer (RoPE frequencies, byte LUTs) is a constant built the same on every rank: DDP neither
@@ -141,6 +154,8 @@ class GolfModule(L.LightningModule):
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
         weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
         load_upstream_state_dict(self.model, weights, path)
+        note = (ckpt.get("pgolf") or {}).get("weights_note", "") if isinstance(ckpt, dict) else ""
+        self.weights = Weights.float_weights(note if isinstance(note, str) else "")
         step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
         return int(step) if isinstance(step, int) else None
 
@@ -318,23 +333,36 @@ class GolfModule(L.LightningModule):
     # --------------------------------------------------------------------------------------------------
     # Test: the configured evaluation passes (pgolf_lit.eval), one per test batch
     # --------------------------------------------------------------------------------------------------
+    def mark_weights(self, note: str) -> None:
+        """Say what produced the float weights the model now holds (``post-ema``, ``post-swa``): averaging callbacks
+        call it when they load their average, and the pre-quantization result lines carry it."""
+        self.weights = Weights.float_weights(note)
+
+    def eval_context(self) -> EvalContext:
+        """The evaluation of this run: the config's settings, the Trainer's precision, this module's compile flag
+        and its current weights (the same function ``pgolf eval`` and ``GPTQExport`` use)."""
+        return evaluation_context(
+            self.evaluation, precision=str(self.trainer.precision), device=self.device, compile=self.compile,
+            weights=self.weights,
+        )
+
+    def evaluate(self, method: str, model: Optional[torch.nn.Module] = None, context: Optional[EvalContext] = None):
+        """Run one registered pass on the datamodule's val split, on every rank (collective), and return it."""
+        dm = self.trainer.datamodule
+        # SLOT and TTT optimize: leave any inference mode and the Trainer's autocast; each pass sets its own
+        # precision through the context, as the record scripts do.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
+            return run_method(
+                method, model if model is not None else self.model, dm.val_tokens.to(self.device), dm.luts,
+                context or self.eval_context(), self.global_rank, self.trainer.world_size,
+            )
+
     def on_test_start(self) -> None:
-        self.model.set_recurrence(True)  # evaluation always runs with depth recurrence on
         self.test_results = []
 
     def test_step(self, batch, batch_idx: int) -> None:
-        method = self.test_methods[int(batch)]
-        dm = self.trainer.datamodule
-        settings = dataclasses.replace(self.evaluation)
-        if self.trainer.precision.startswith("bf16") and self.device.type == "cuda":
-            settings.forward = ForwardOptions.bf16(compile=self.compile)
-        # SLOT and TTT optimize: leave the test loop's inference mode and the Trainer's autocast; each pass sets
-        # its own precision through settings.forward, as the record scripts do.
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
-            result = run_method(
-                method, self.model, dm.val_tokens.to(self.device), dm.luts, settings,
-                self.global_rank, self.trainer.world_size,
-            )
+        method = self.test_methods[batch_idx]
+        result = self.evaluate(method)
         self.test_results.append(result)
         self.log_text(format_result_line(result))
         self.write_summary(test={method: dataclasses.asdict(result)})
@@ -348,6 +376,7 @@ class GolfModule(L.LightningModule):
 
         art = read_artifact(path, self.gpt_config)
         load_upstream_state_dict(self.model, art.state_dict, str(path))
+        self.weights = art.weights
 
     # --------------------------------------------------------------------------------------------------
     # Checkpoints: the wallclock and the recurrence state travel with the weights
@@ -356,6 +385,7 @@ class GolfModule(L.LightningModule):
         checkpoint["pgolf"] = {
             "clock": self.clock.state_dict(),
             "recurrence_active": self.model.recurrence_active,
+            "weights_note": checkpoint.get("pgolf", {}).get("weights_note", self.weights.note),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -363,6 +393,7 @@ class GolfModule(L.LightningModule):
         if state:
             self.clock.load_state_dict(state["clock"])
             self.model.set_recurrence(state["recurrence_active"])
+            self.weights = Weights.float_weights(state.get("weights_note", ""))
 
     # --------------------------------------------------------------------------------------------------
     @property
@@ -374,6 +405,13 @@ class GolfModule(L.LightningModule):
         """Merge sections into the run's summary.json (rank 0 only)."""
         if self._trainer is not None and self.trainer.is_global_zero:
             update_summary(self.run_dir, **sections)
+
+    def record_event(self, name: str, line: str, step: Optional[int] = None) -> None:
+        """A training event (``recurrence:activated``, ``late_qat:enabled``, ...): its upstream-style line in
+        train.log, and ``events[name] = {step, train_time_ms}`` in summary.json, which ``pgolf report`` plots."""
+        self.log_text(line)
+        at = self.global_step if step is None else step
+        self.write_summary(events={name: {"step": int(at), "train_time_ms": float(self.clock.elapsed_ms())}})
 
     def log_text(self, line: str) -> None:
         if self._trainer is None or self.trainer.is_global_zero:

@@ -3,6 +3,7 @@ the Fabric evaluator agreeing with ``pgolf test``, and one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -89,6 +90,16 @@ def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
     assert set(tested) == {"standard", "sliding", "causal_slot"}
     assert tested["causal_slot"]["compliant"] and tested["causal_slot"]["extra"]["slot"] == "causal_per_window"
 
+    # Same label, same computation, same number: the fit's roundtrip line and pgolf test's line on its artifact.
+    def scores(log_text: str) -> dict[str, str]:
+        return {m.group(1): m.group(2) for m in re.finditer(r"^(\S.*?) (val_loss:\S+ val_bpb:\S+) eval_time", log_text, re.M)}
+
+    fit_lines = scores((run_dir / "train.log").read_text())
+    test_lines = scores((cwd / "runs" / "pr1333_sp4096_causal_slot_tiny" / "test" / "train.log").read_text())
+    assert tested["standard"]["label"] == "final_int6_roundtrip" and tested["standard"]["weights"] == "quantized int6"
+    assert test_lines["final_int6_roundtrip"] == fit_lines["final_int6_roundtrip"]
+    assert "pre-quantization post-ema" in fit_lines
+
     out = cwd / "fabric.json"
     result = pgolf("eval", str(artifact), "--data", "data/demo/datasets/fineweb10B_sp1024", "--config", str(config),
                    "--method", "standard", "--method", "sliding", "--method", "causal_slot", "--val-max-tokens", "8192",
@@ -109,18 +120,20 @@ def test_every_record_evaluation_is_equal_under_pgolf_test_and_the_fabric_evalua
     """Each seed's evaluation passes (the config's test_methods: SLOT-16/32/48, causal SLOT, sliding, ...) on an
     artifact of its tiny architecture (untrained, RTN int8: the passes, not the model, are under test), on the
     first 2,048 val tokens: ``pgolf test`` (Trainer) and ``pgolf eval`` (Fabric) give the same numbers."""
-    from pgolf_lit.config import load_yaml
+    from pgolf_lit.config import load_config
     from pgolf_lit.module import GolfModule
-    from pgolf_lit.quant import ExportConfig, export_model
+    from pgolf_lit.quant import export_model
+    from pgolf_lit.records import record_export_config
 
     torch.manual_seed(0)
-    module = GolfModule.from_config(load_yaml(config))
+    module = GolfModule.from_config(load_config(config))
     module.model.set_recurrence(True)
-    export_model(module.model, ExportConfig.preset("baseline", allow_over_budget=True), run_cwd / "m.pgolf", progress=False)
+    rtn_int8 = dataclasses.replace(record_export_config("baseline_sp1024"), allow_over_budget=True)
+    export_model(module.model, rtn_int8, run_cwd / "m.pgolf", progress=False)
     main(["test", "--config", str(config), "--artifact", "m.pgolf", "--data.val_max_tokens", "2048",
           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.version", "t"])
     tested = read_summary(run_cwd / "runs" / config.stem / "t")["test"]
-    assert set(tested) == set(load_yaml(config)["model"]["test_methods"])
+    assert set(tested) == set(load_config(config)["model"]["test_methods"])
     main(["eval", "m.pgolf", "--data", "data/demo/datasets/fineweb10B_sp1024", "--config", str(config),
           "--val-max-tokens", "2048", "--results-json", "fabric.json"])
     fabric = {r["label"]: r for r in json.loads((run_cwd / "fabric.json").read_text())}
@@ -152,13 +165,13 @@ def test_export_command_matches_the_callback(tiny_run, tmp_path):
 def test_export_command_calibrates_like_the_callback(run_cwd, monkeypatch, capsys, step):
     """`pgolf export` takes the config's calibration: for PR #1263's train_continue the training stream after the
     checkpoint's step (as GPTQExport does at the end of fit), from the start when the file records no step."""
-    from callbacks.gptq_export import GPTQExport
-    from pgolf_lit.config import load_yaml
+    from pgolf_lit.callbacks import GPTQExport
+    from pgolf_lit.config import load_config
     from pgolf_lit.data.datamodule import TokenShardDataModule
     from pgolf_lit.module import GolfModule
 
     config_path = CONFIG_DIR / "records" / "pr1263_slot16_tiny.yaml"
-    config = load_yaml(config_path)
+    config = load_config(config_path)
     module = GolfModule.from_config(config)
     ckpt = {"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()}}
     if step is not None:

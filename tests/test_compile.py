@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from pgolf_lit.config import gpt_config_from_yaml, load_yaml
+from pgolf_lit.config import gpt_config_from_yaml, load_config
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.optim import OptimConfig, apply_schedule, build_optimizers, clip_grad_norm
 
@@ -31,7 +31,7 @@ def inductor() -> None:
 
 
 def _optim_config(path) -> OptimConfig:
-    return OptimConfig.from_dict(((load_yaml(path).get("model") or {}).get("optim")) or {})
+    return OptimConfig.from_dict(((load_config(path).get("model") or {}).get("optim")) or {})
 
 
 def _batch(vocab: int, rows: int = 4, seq_len: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from callbacks import WallclockBudget
+from pgolf_lit.callbacks import WallclockBudget
 from pgolf_lit.clock import TrainClock
 from trainer_utils import fit, tiny_datamodule, tiny_module, tiny_trainer
 

@@ -20,6 +20,8 @@ from pgolf_lit.eval import (
     EvalResult,
     EvalSettings,
     ForwardOptions,
+    SlidingSettings,
+    StandardSettings,
     TTTConfig,
     evaluate_sliding,
     evaluate_slot,
@@ -28,10 +30,13 @@ from pgolf_lit.eval import (
     format_result_line,
     rank_share,
     run_method,
+    SlotConfig,
+    Weights,
+    evaluation_context,
     sliding_windows,
-    slot_preset,
 )
-from pgolf_lit.eval.audit import AuditSetup, audit_luts, audit_model, audit_tokens
+from pgolf_lit.eval.audit import AuditSetup, audit_luts, audit_model, audit_tokens, record_slot
+from pgolf_lit.eval.context import EvalContext
 from pgolf_lit.eval.ttt import trainable_parameters
 from pgolf_lit.metrics import BitsPerByte
 
@@ -51,6 +56,19 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     return audit_model(SETUP), audit_tokens(SETUP), audit_luts(SETUP.vocab_size)
+
+
+def slot_procedure(name: str, **changes) -> SlotConfig:
+    """A record config's SLOT procedure (``pr1263``, ``pr1278``, ``pr1321``; ``pr1333``: its batch-shared
+    reproduction), or pgolf's compliant default (``causal_per_window``), with changes."""
+    return replace(SlotConfig() if name == "causal_per_window" else record_slot(name, "slot"), **changes)
+
+
+def artifact_context(settings, forward=None) -> EvalContext:
+    """Scoring an int6 artifact on the CPU in fp32 (the labels upstream gives such passes)."""
+    ctx = evaluation_context(settings, precision="32-true", device=torch.device("cpu"), compile=False,
+                             weights=Weights(quantized=True, tag="int6"))
+    return replace(ctx, forward=forward) if forward is not None else ctx
 
 
 def measure(run, model, tokens, luts, **kwargs) -> tuple[float, int, int]:
@@ -117,18 +135,18 @@ def test_sliding_with_stride_seq_len_equals_standard(tiny):
 @pytest.mark.parametrize("preset", ["pr1263", "pr1321", "pr1333", "causal_per_window"])
 def test_slot_with_zero_steps_equals_sliding(tiny, preset):
     model, tokens, luts = tiny
-    cfg = slot_preset(preset, seq_len=L, stride=STRIDE, steps=0, batch_windows=4)
+    cfg = slot_procedure(preset, steps=0, batch_windows=4)
     sliding = measure(evaluate_sliding, model, tokens, luts, seq_len=L, stride=STRIDE, rule=cfg.window_rule)
-    assert_same(measure(evaluate_slot, model, tokens, luts, cfg=cfg), sliding)
+    assert_same(measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=cfg), sliding)
 
 
 @pytest.mark.parametrize("rule", ["exact", "ttt"])
 @pytest.mark.parametrize("no_update", [{"lr": 0.0}, {"epochs": 0}])
 def test_ttt_without_updates_equals_sliding(tiny, rule, no_update):
     model, tokens, luts = tiny
-    cfg = TTTConfig(seq_len=L, stride=STRIDE, window_rule=rule, chunk_tokens=64, batch_seqs=3, **no_update)
+    cfg = TTTConfig(window_rule=rule, chunk_tokens=64, batch_seqs=3, **no_update)
     sliding = measure(evaluate_sliding, model, tokens, luts, seq_len=L, stride=STRIDE, rule=rule)
-    assert_same(measure(evaluate_ttt, model, tokens, luts, cfg=cfg), sliding)
+    assert_same(measure(evaluate_ttt, model, tokens, luts, cfg=cfg, seq_len=L, stride=STRIDE), sliding)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,9 +182,9 @@ def test_ttt_trains_only_on_scored_tokens(tiny, rule):
     model, tokens, luts = tiny
     before = snapshot(model)
     log = EventLog()
-    cfg = TTTConfig(seq_len=L, stride=STRIDE, window_rule=rule, chunk_tokens=80, lr=0.05, epochs=2, batch_seqs=2)
+    cfg = TTTConfig(window_rule=rule, chunk_tokens=80, lr=0.05, epochs=2, batch_seqs=2)
     metric = BitsPerByte(luts)
-    evaluate_ttt(model, tokens, metric, cfg, recorder=log)
+    evaluate_ttt(model, tokens, metric, cfg, seq_len=L, stride=STRIDE, recorder=log)
 
     scored: set[int] = set()
     updates = 0
@@ -195,8 +213,8 @@ def test_ttt_freezes_the_first_blocks(tiny):
 def test_slot_leaves_the_model_untouched(tiny, preset):
     model, tokens, luts = tiny
     before = snapshot(model)
-    cfg = slot_preset(preset, seq_len=L, stride=STRIDE, steps=3, batch_windows=4)
-    slot = measure(evaluate_slot, model, tokens, luts, cfg=cfg)
+    cfg = slot_procedure(preset, steps=3, batch_windows=4)
+    slot = measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=cfg)
     assert_untouched(model, before)
     sliding = measure(evaluate_sliding, model, tokens, luts, seq_len=L, stride=STRIDE, rule=cfg.window_rule)
     assert slot[0] < sliding[0]
@@ -204,18 +222,18 @@ def test_slot_leaves_the_model_untouched(tiny, preset):
 
 def test_slot_warm_start(tiny):
     model, tokens, luts = tiny
-    cfg = slot_preset("pr1278", seq_len=L, stride=STRIDE, steps=3, batch_windows=4)
-    cold = measure(evaluate_slot, model, tokens, luts, cfg=cfg)
-    warm = measure(evaluate_slot, model, tokens, luts, cfg=replace(cfg, warm_start=0.85))
+    cfg = slot_procedure("pr1278", steps=3, batch_windows=4)
+    cold = measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=cfg)
+    warm = measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=replace(cfg, warm_start=0.85))
     assert warm[1:] == cold[1:] and warm[0] != cold[0]
     with pytest.raises(ConfigError, match="warm_start"):
-        slot_preset("causal_per_window", warm_start=0.5)
+        slot_procedure("causal_per_window", warm_start=0.5)
 
 
 def test_per_window_causal_slot_is_independent_of_the_batch(tiny):
     model, tokens, luts = tiny
-    cfg = slot_preset("causal_per_window", seq_len=L, stride=STRIDE, steps=4)
-    results = [measure(evaluate_slot, model, tokens, luts, cfg=replace(cfg, batch_windows=b)) for b in (1, 4, 64)]
+    cfg = slot_procedure("causal_per_window", steps=4)
+    results = [measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=replace(cfg, batch_windows=b)) for b in (1, 4, 64)]
     for other in results[1:]:
         assert_same(other, results[0])
 
@@ -229,8 +247,8 @@ def test_per_window_causal_slot_is_independent_of_the_batch(tiny):
 DISTRIBUTED_SETTINGS = dict(
     seq_len=L,
     stride=STRIDE,
-    causal_slot=slot_preset("causal_per_window", seq_len=L, stride=STRIDE, steps=4, batch_windows=4),
-    ttt=TTTConfig(seq_len=L, stride=STRIDE, chunk_tokens=3 * L, lr=0.05, epochs=2, batch_seqs=2),
+    causal_slot=slot_procedure("causal_per_window", steps=4, batch_windows=4),
+    ttt=TTTConfig(chunk_tokens=3 * L, lr=0.05, epochs=2, batch_seqs=2),
 )
 DISTRIBUTED_METHODS = ("sliding", "causal_slot", "ttt")
 
@@ -240,7 +258,7 @@ def run_all(rank: int, world_size: int) -> dict:
     settings = EvalSettings(**DISTRIBUTED_SETTINGS)
     results = {}
     for method in DISTRIBUTED_METHODS:
-        r = run_method(method, model, tokens, luts, settings, rank=rank, world_size=world_size)
+        r = run_method(method, model, tokens, luts, artifact_context(settings), rank=rank, world_size=world_size)
         results[method] = (r.val_loss, r.val_bpb, r.tokens, r.bytes)
     return results
 
@@ -290,10 +308,10 @@ def test_run_method_labels_and_compliance(tiny):
     settings = EvalSettings(
         seq_len=L,
         stride=STRIDE,
-        standard_batch_seqs=4,
-        slot=slot_preset("pr1263", seq_len=L, stride=STRIDE, steps=1),
-        causal_slot=slot_preset("causal_per_window", seq_len=L, stride=STRIDE, steps=1),
-        ttt=TTTConfig(seq_len=L, stride=STRIDE, chunk_tokens=64, epochs=1),
+        standard=StandardSettings(batch_seqs=4),
+        slot=slot_procedure("pr1263", steps=1),
+        causal_slot=slot_procedure("causal_per_window", steps=1),
+        ttt=TTTConfig(chunk_tokens=64, epochs=1),
         labels={"standard": "quantized"},
     )
     expected = {
@@ -304,13 +322,30 @@ def test_run_method_labels_and_compliance(tiny):
         "ttt": ("final_int6_ttt", True),
     }
     for method, (label, compliant) in expected.items():
-        result = run_method(method, model, tokens, luts, settings)
+        result = run_method(method, model, tokens, luts, artifact_context(settings))
         assert (result.label, result.compliant) == (label, compliant), method
         if compliant:
             assert (result.tokens, result.bytes) == (SETUP.total_targets, count_bytes(tokens, luts)), method
         assert format_result_line(result).startswith(f"{label} val_loss:")
-    legacy = run_method("sliding", model, tokens, luts, replace(settings, window_rule="legacy"))
+    legacy_settings = replace(settings, sliding=SlidingSettings(window_rule="legacy"))
+    legacy = run_method("sliding", model, tokens, luts, artifact_context(legacy_settings))
     assert not legacy.compliant and legacy.tokens > SETUP.total_targets
+
+
+def test_labels_say_which_weights_were_scored(tiny):
+    """Float weights are never labelled as a quantized roundtrip, and an override applies to artifacts only."""
+    model, tokens, luts = tiny
+    settings = EvalSettings(seq_len=L, stride=STRIDE, labels={"standard": "final_int8_zlib_roundtrip"})
+    cpu = torch.device("cpu")
+    cases = {
+        Weights.float_weights(): ("pre-quantization", "pre-quantization sliding_window"),
+        Weights.float_weights("post-ema"): ("pre-quantization post-ema", "pre-quantization post-ema sliding_window"),
+        Weights(quantized=True, tag="int6"): ("final_int8_zlib_roundtrip", "final_int6_sliding_window"),
+    }
+    for weights, labels in cases.items():
+        ctx = evaluation_context(settings, precision="32-true", device=cpu, compile=False, weights=weights)
+        got = tuple(run_method(m, model, tokens, luts, ctx).label for m in ("standard", "sliding"))
+        assert got == labels, weights
 
 
 def test_bf16_autocast_stays_close_to_fp32(tiny):
@@ -319,9 +354,7 @@ def test_bf16_autocast_stays_close_to_fp32(tiny):
     model = copy.deepcopy(model).float()
     settings = EvalSettings(**DISTRIBUTED_SETTINGS)
     for method in DISTRIBUTED_METHODS:
-        fp32 = run_method(method, model, tokens, luts, settings)
-        bf16_settings = replace(settings)
-        bf16_settings.forward = ForwardOptions.bf16("cpu", compile=False)
-        bf16 = run_method(method, model, tokens, luts, bf16_settings)
+        fp32 = run_method(method, model, tokens, luts, artifact_context(settings))
+        bf16 = run_method(method, model, tokens, luts, artifact_context(settings, ForwardOptions.bf16("cpu", compile=False)))
         assert (bf16.tokens, bf16.bytes) == (fp32.tokens, fp32.bytes)
         assert bf16.val_loss == pytest.approx(fp32.val_loss, abs=0.05) and bf16.val_loss != fp32.val_loss, method

@@ -17,7 +17,8 @@ import torch
 from conftest import fixture_root, shared_tokenizer
 from pgolf_lit.data.shards import load_validation_tokens
 from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
-from pgolf_lit.eval import TTTConfig, evaluate_sliding, evaluate_slot, evaluate_standard, evaluate_ttt, slot_preset
+from pgolf_lit.eval import SlotConfig, TTTConfig, evaluate_sliding, evaluate_slot, evaluate_standard, evaluate_ttt
+from pgolf_lit.eval.audit import record_slot
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.convert import config_from_upstream, load_upstream_state_dict
 from pgolf_lit.model.gpt import GPT
@@ -132,10 +133,9 @@ def _run_method(code: str, window_rule, s: Setup, metric: BitsPerByte) -> None:
             rule=window_rule,
         )
     elif code in SLOT_PRESET_OF_METHOD:
-        cfg = slot_preset(
-            SLOT_PRESET_OF_METHOD[code],
-            seq_len=s.seq_len,
-            stride=h["eval_stride"],
+        # the record config's own SLOT procedure, with the case's settings
+        cfg = replace(
+            record_slot(SLOT_PRESET_OF_METHOD[code], "slot"),
             window_rule=window_rule,
             batch_windows=h.get("slot_batch_seqs") or s.settings["windows_per_batch"],
             steps=h["slot_steps"],
@@ -143,11 +143,9 @@ def _run_method(code: str, window_rule, s: Setup, metric: BitsPerByte) -> None:
         )
         if cfg.lr_min is not None:
             cfg = replace(cfg, lr_min=h["slot_lr_min"])
-        evaluate_slot(s.model, s.tokens, metric, cfg)
+        evaluate_slot(s.model, s.tokens, metric, cfg, seq_len=s.seq_len, stride=h["eval_stride"])
     elif code.startswith("ttt"):
         cfg = TTTConfig(
-            seq_len=s.seq_len,
-            stride=h["eval_stride"],
             window_rule=window_rule,
             chunk_tokens=h["ttt_chunk_tokens"],
             lr=h["ttt_lr"],
@@ -157,7 +155,7 @@ def _run_method(code: str, window_rule, s: Setup, metric: BitsPerByte) -> None:
             freeze_blocks=h["ttt_freeze_blocks"],
             grad_clip=h["ttt_grad_clip"],
         )
-        evaluate_ttt(s.model, s.tokens, metric, cfg)
+        evaluate_ttt(s.model, s.tokens, metric, cfg, seq_len=s.seq_len, stride=h["eval_stride"])
     else:
         raise AssertionError(f"unknown upstream method code {code!r}")
 
@@ -192,15 +190,12 @@ def test_per_window_causal_slot_matches_independent_reference(case: Path, rule):
     (an independent port, not an upstream figure): same optimiser as the case's causal SLOT, one delta per window."""
     primary = _expected(case)
     s = _setup(case, {})
-    cfg = slot_preset(
-        "causal_per_window",
-        seq_len=s.seq_len,
-        stride=s.h["eval_stride"],
+    cfg = SlotConfig(
         window_rule=rule,
         batch_windows=s.settings["windows_per_batch"],
         steps=s.h["slot_steps"],
         lr=s.h["slot_lr"],
     )
     metric = BitsPerByte(s.luts)
-    evaluate_slot(s.model, s.tokens, metric, cfg)
+    evaluate_slot(s.model, s.tokens, metric, cfg, seq_len=s.seq_len, stride=s.h["eval_stride"])
     _assert_matches(metric, primary[PER_WINDOW_REFERENCE][f"{rule}_windows"], primary["tolerance"])

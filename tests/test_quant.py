@@ -21,6 +21,7 @@ from pgolf_lit.config import GPTConfig
 from pgolf_lit.errors import ArtifactError, ConfigError
 from pgolf_lit.model.convert import to_upstream_state_dict
 from pgolf_lit.model.gpt import GPT
+from pgolf_lit.model.roles import matrix
 from pgolf_lit.quant import artifact as art
 from pgolf_lit.quant.artifact import decode_native, encode_native, encode_upstream, read_upstream_artifact
 from pgolf_lit.quant.calibration import generate_calibration_tokens, token_batches
@@ -45,6 +46,7 @@ from pgolf_lit.quant.gptq import (
 from pgolf_lit.quant.hessians import collect_hessians
 from pgolf_lit.quant.prune import find_candidates, prune_first, selective_prune
 from pgolf_lit.quant.quantized import dequantize
+from pgolf_lit.records import record_export_config
 from pgolf_lit.quant.rtn import (
     clip_range,
     dequantize_codes,
@@ -213,13 +215,14 @@ def test_gptq_cholesky_failure_policy():
         gptq_sdclip(w, -torch.eye(16), 6, 12.85)
     sd = {"blocks.0.mlp.fc.weight": torch.randn(40, 16)}
     bad = {"blocks.0.mlp.fc.weight": -torch.eye(16)}
-    quant, meta = quantize_state_dict(sd, ExportConfig(keep_float_max_numel=SMALL), bad)
+    roles = {"blocks.0.mlp.fc.weight": matrix("mlp", "mlp")}
+    quant, meta = quantize_state_dict(sd, ExportConfig(keep_float_max_numel=SMALL), bad, roles=roles)
     assert meta["blocks.0.mlp.fc.weight"]["fallback"] == "rtn"
     assert torch.equal(quant["blocks.0.mlp.fc.weight.q"], quantize_sdclip(sd["blocks.0.mlp.fc.weight"], 6, 12.85).q)
     with pytest.raises(ArtifactError, match="blocks.0.mlp.fc.weight.*Cholesky"):
-        quantize_state_dict(sd, ExportConfig.preset("pr1394", keep_float_max_numel=SMALL), bad)
+        quantize_state_dict(sd, export_cfg("pr1394", keep_float_max_numel=SMALL), bad, roles=roles)
     with pytest.raises(ArtifactError, match="needs a Hessian"):
-        quantize_state_dict(sd, ExportConfig.preset("pr1394", keep_float_max_numel=SMALL), {})
+        quantize_state_dict(sd, export_cfg("pr1394", keep_float_max_numel=SMALL), {}, roles=roles)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,7 +347,8 @@ def test_byte_shuffle_layout_from_the_spec():
 def payloads() -> list[bytes]:
     rng = random.Random(0)
     real = io.BytesIO()
-    torch.save(quantize_state_dict(tiny_model().state_dict(), ExportConfig(keep_float_max_numel=SMALL))[0], real)
+    model = tiny_model()
+    torch.save(quantize_state_dict(model.state_dict(), ExportConfig(keep_float_max_numel=SMALL), roles=model.roles)[0], real)
     return [b"", b"\x00", b"BS", b"BSHF", b"BSHF\x02", b"BSHF\x03ab", bytes(rng.getrandbits(8) for _ in range(1001)),
             real.getvalue()]
 
@@ -375,7 +379,7 @@ def native_blob() -> bytes:
     model = tiny_model()
     cfg = ExportConfig(keep_float_max_numel=SMALL)
     hessians = collect_hessians(model, calib(), min_numel=SMALL, progress=False)[0]
-    quant, meta = quantize_state_dict(model.state_dict(), cfg, hessians)
+    quant, meta = quantize_state_dict(model.state_dict(), cfg, hessians, roles=model.roles)
     return encode_native(quant, meta, model.config.to_dict(), {"note": "test"}, "zlib", 2)
 
 
@@ -496,19 +500,26 @@ EXPORTS = [
 ]
 
 
+def export_cfg(name: str, **changes) -> ExportConfig:
+    """pgolf's default scheme, or a record config's export settings written in the record's own container."""
+    if name == "pgolf":
+        return ExportConfig(**changes)
+    return dataclasses.replace(record_export_config(name), format="upstream", **changes)
+
+
 @pytest.mark.parametrize("preset,changes", EXPORTS, ids=[f"{p}-{i}" for i, (p, _) in enumerate(EXPORTS)])
 def test_export_then_load_gives_the_dequantized_models_logits(tmp_path, preset, changes):
     model = tiny_model(num_layers=3, recurrence="loop", num_loops=1, loop_start=1, loop_end=1)
     model.set_recurrence(True)
-    cfg = ExportConfig.preset(preset, keep_float_max_numel=SMALL, **changes)
+    cfg = export_cfg(preset, keep_float_max_numel=SMALL, **changes)
     report = export_model(model, cfg, tmp_path / "model.bin", calib_batches=calib(), code=no_code(), progress=False)
     assert report.model_bytes == os.path.getsize(tmp_path / "model.bin") == report.total_bytes
 
-    hessians = collect_hessians(model, calib(), modules=cfg.hessian_modules, head=cfg.embed.method == "gptq",
-                                damping=cfg.hessian_damping, min_numel=SMALL, progress=False)[0]
+    hessians = collect_hessians(model, calib(), modules=cfg.gptq.hessian_modules, head=cfg.head_uses_gptq,
+                                damping=cfg.gptq.hessian_damping, min_numel=SMALL, progress=False)[0]
     # upstream containers hold the record's live dtypes (bf16 tables), the native one the model's own
     weights = to_upstream_state_dict(model) if cfg.format == "upstream" else model.state_dict()
-    quant, meta = quantize_state_dict(weights, cfg, hessians)
+    quant, meta = quantize_state_dict(weights, cfg, hessians, roles=model.roles)
     reference = GPT(model.config)
     reference.load_state_dict({k: v.float() for k, v in dequantize(quant, meta).items()})
     reference.set_recurrence(True)
@@ -532,7 +543,7 @@ def test_export_is_deterministic_and_load_checks_the_config(tmp_path):
     assert config == model.config and set(state) == set(model.state_dict())
     with pytest.raises(ArtifactError, match="another model config"):
         load_artifact(tmp_path / "a.bin", tiny_config(vocab_size=128))
-    upstream = ExportConfig.preset("pr1333", keep_float_max_numel=SMALL)
+    upstream = export_cfg("pr1333", keep_float_max_numel=SMALL)
     export_model(model, upstream, tmp_path / "u.ptz", calib_batches=calib(), code=no_code(), progress=False)
     with pytest.raises(ArtifactError, match="holds no model config"):
         load_artifact(tmp_path / "u.ptz")
@@ -565,7 +576,7 @@ def test_trace_ranked_int5_int6_mixing():
     model = tiny_model(model_dim=64)
     hessians = collect_hessians(model, calib(), min_numel=SMALL, progress=False)[0]
     cfg = ExportConfig(keep_float_max_numel=SMALL, trace_rank_keep=2, trace_rank_low_bits=5)
-    _, meta = quantize_state_dict(model.state_dict(), cfg, hessians)
+    _, meta = quantize_state_dict(model.state_dict(), cfg, hessians, roles=model.roles)
     ranked = sorted(hessians, key=lambda n: -float(torch.trace(hessians[n])))
     assert [meta[n]["bits"] for n in ranked] == [6, 6] + [5] * (len(ranked) - 2)
 
@@ -577,11 +588,15 @@ def test_export_config_errors_name_the_field():
         ExportConfig(mlp=TensorRule(6, "gptq", "quantile"))
     with pytest.raises(ConfigError, match="export.embed.bits"):
         ExportConfig(embed={"bits": 9, "method": "rtn", "scale": "quantile"})
-    with pytest.raises(ConfigError, match="export.scheme"):
-        ExportConfig(format="upstream")
-    with pytest.raises(ConfigError, match="unknown"):
-        ExportConfig.preset("pr9999")
-    assert ExportConfig.preset("pr1394").mlp is not ExportConfig.preset("pr1394").mlp
+    with pytest.raises(ConfigError, match="export.upstream_style"):
+        ExportConfig(format="upstream", upstream_style="pr9999")
+    with pytest.raises(ConfigError, match="export.mlp.method: unknown quantizer"):
+        ExportConfig(mlp={"method": "awq"})
+    with pytest.raises(ConfigError, match="export: unknown field"):
+        ExportConfig.from_dict({"scheme": "pr1394"})
+    with pytest.raises(ConfigError, match="export.gptq.fallback"):
+        ExportConfig(gptq={"fallback": "maybe"})
+    assert record_export_config("pr1394").mlp is not record_export_config("pr1394").mlp
 
 
 def test_code_size_counts_the_wrapped_package():

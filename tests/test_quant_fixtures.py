@@ -20,7 +20,7 @@ import torch
 
 from conftest import fixture_cases
 from pgolf_lit.model.convert import config_from_upstream, load_upstream_state_dict
-from pgolf_lit.model.gpt import GPT
+from pgolf_lit.model.gpt import GPT, roles_of
 from pgolf_lit.quant.artifact import (
     RECORD_UPSTREAM_STYLE,
     encode_upstream,
@@ -36,6 +36,7 @@ from pgolf_lit.quant.hessians import collect_hessians
 from pgolf_lit.quant.prune import selective_prune
 from pgolf_lit.quant.quantized import dequantize
 from pgolf_lit.quant.rtn import INT8_CLIP_QUANTILE, PERCENTILE_CANDIDATES
+from pgolf_lit.records import record_export_config
 
 CASES = fixture_cases("PGOLF_QUANT_FIXTURES", "quant")
 
@@ -81,21 +82,21 @@ class Case:
         return (self.art["byte_shuffle"] or {}).get("stride", 0)
 
     def export_config(self) -> ExportConfig:
-        """The record's preset, with every setting the case states taken from the case."""
+        """The record config's export settings (its GPTQExport ``export``), written in the record's own container,
+        with every setting the case states taken from the case."""
         s = self.hp["settings"]
         assert s.get("percentile_candidates", list(PERCENTILE_CANDIDATES)) == list(PERCENTILE_CANDIDATES)
         assert s.get("INT8_CLIP_Q", INT8_CLIP_QUANTILE) == INT8_CLIP_QUANTILE
-        cfg = ExportConfig.preset(self.record)
+        cfg = record_export_config(self.record)
+        assert cfg.upstream_style == self.style, "the record config names another upstream container"
         changes = {
+            "format": "upstream",
             "keep_float_max_numel": self.hp["keep_float_max_numel"],
             "codec": self.art["compressor"]["name"],
             "shuffle_stride": self.shuffle_stride,
         }
-        patterns = s.get("CONTROL_TENSOR_NAME_PATTERNS", s.get("INT8_KEEP_FLOAT_FP32_NAME_PATTERNS"))
-        if patterns is not None:
-            changes["control_patterns"] = tuple(patterns)
         if "block_size" in s:
-            changes["gptq_block_size"] = s["block_size"]
+            changes["gptq"] = dataclasses.replace(cfg.gptq, block_size=s["block_size"])
         if "clip_range" in s:  # the int6 scripts' matrix range
             bits = (s["clip_range"] + 1).bit_length()
             for cat in ("mlp", "attn"):
@@ -107,6 +108,21 @@ class Case:
                 )
             changes["embed"] = dataclasses.replace(cfg.embed, bits=s["embed_bits"], clip_sigmas=s["embed_clip_sigmas"])
         return dataclasses.replace(cfg, **changes)
+
+    def roles(self) -> dict:
+        """The parameter roles our GPT declares for the case's model; the script's control patterns (where the
+        case states them) must pick out exactly the tensors the roles call controls, where that decides anything."""
+        roles = roles_of(calibration_config(self))
+        s = self.hp["settings"]
+        patterns = s.get("CONTROL_TENSOR_NAME_PATTERNS", s.get("INT8_KEEP_FLOAT_FP32_NAME_PATTERNS"))
+        if patterns is not None:
+            shapes = self.tensors("state_dict.pt")
+            keep_fp32 = "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS" in s  # the baseline: small controls stay fp32
+            for name, t in shapes.items():
+                matters = keep_fp32 or t.numel() > self.hp["keep_float_max_numel"]
+                if matters and t.is_floating_point():
+                    assert roles[name].is_control == any(p in name for p in patterns), name
+        return roles
 
     def reference_quant(self) -> dict:
         """The quantizer's output before any pruning."""
@@ -135,7 +151,7 @@ class Case:
 def quantized_from_reference_hessians(path: Path):
     """Run the port's reproduce-mode quantizer once per case (GPTQ takes seconds)."""
     case = Case(path)
-    return quantize_state_dict(case.live_state_dict(), case.export_config(), case.hessians())
+    return quantize_state_dict(case.live_state_dict(), case.export_config(), case.hessians(), roles=case.roles())
 
 
 def codec_reproduces(case: Case) -> bool:
@@ -177,9 +193,9 @@ def assert_tie_mismatches(key, got, ref, scale, weight, hessian, bits, cfg) -> N
     order) where w/s sits within NEAR_TIE of a half-integer, where an ulp of platform arithmetic decides."""
     mismatched = (got != ref).sum().item()
     assert mismatched <= MAX_TIE_MISMATCH * got.numel(), f"{key}: {mismatched} codes differ (> 0.1 %)"
-    factor = factor_hessian(hessian, cfg.gptq_damping)
+    factor = factor_hessian(hessian, cfg.gptq.damping)
     ratios = replay_sweep_ratios(permuted_weight(weight, factor), factor.upper, scale.float(),
-                                 ref[:, factor.perm], got[:, factor.perm], 2 ** (bits - 1) - 1, cfg.gptq_block_size)
+                                 ref[:, factor.perm], got[:, factor.perm], 2 ** (bits - 1) - 1, cfg.gptq.block_size)
     for row, ratio in ratios.items():
         distance = abs(ratio - (torch.floor(torch.tensor(ratio)).item() + 0.5))
         assert distance <= NEAR_TIE * max(1.0, abs(ratio)), f"{key}: row {row} first differs at w/s = {ratio!r}"
@@ -281,13 +297,18 @@ def test_write_upstream_artifact_bytes(case):
     assert hashlib.sha256(blob).hexdigest() == c.art["sha256"]
 
 
-def calibration_model(c: Case) -> torch.nn.Module:
-    """Our GPT for the case's script settings, holding state_dict.pt in float32, recurrence as at export."""
+def calibration_config(c: Case):
+    """Our GPTConfig for the case's script settings."""
     changes = {**c.hp.get("hyperparameters", {}), **(c.hp.get("model_kwargs") or {})}
     # upstream lanes start at a layer index; one at or past the last layer means no lanes (our 0)
     if int(changes.get("parallel_start_layer", 0)) >= int(changes["num_layers"]):
         changes["parallel_start_layer"] = 0
-    model = GPT(config_from_upstream(c.record, changes))
+    return config_from_upstream(c.record, changes)
+
+
+def calibration_model(c: Case) -> torch.nn.Module:
+    """Our GPT for the case's script settings, holding state_dict.pt in float32, recurrence as at export."""
+    model = GPT(calibration_config(c))
     load_upstream_state_dict(model, c.tensors("state_dict.pt"), str(c.path / "state_dict.pt"))
     # calibration.model_state names the executed layer schedule (e.g. "[0, 0, 0]") when recurrence is on
     stated = re.search(r"\[(\d+(?:,\s*\d+)*)\]", c.hp["calibration"]["model_state"])
@@ -302,8 +323,8 @@ def collected_hessians(c: Case) -> dict:
     tokens = c.tensors(cal["file"])
     cfg = c.export_config()
     hessians, report = collect_hessians(
-        calibration_model(c), token_batches(tokens, cal["seqs_per_batch"]), modules=cfg.hessian_modules,
-        head=cfg.embed.method == "gptq", damping=cfg.hessian_damping, progress=False,
+        calibration_model(c), token_batches(tokens, cal["seqs_per_batch"]), modules=cfg.gptq.hessian_modules,
+        head=cfg.head_uses_gptq, damping=cfg.gptq.hessian_damping, progress=False,
     )
     assert report.num_batches == cal["num_batches"]
     return hessians
@@ -327,7 +348,7 @@ def test_calibration_to_codes_end_to_end(case):
     if "calibration" not in c.hp:
         pytest.skip("no GPTQ calibration in this case")
     hessians = collected_hessians(c)
-    quant, _ = quantize_state_dict(c.live_state_dict(), c.export_config(), hessians)
+    quant, _ = quantize_state_dict(c.live_state_dict(), c.export_config(), hessians, roles=c.roles())
     assert_same_tensors(quant, c.reference_quant(), tie_context(c, hessians))
 
 

@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from pgolf_lit.config import load_config
+
 from pgolf_lit.config import CONFIG_DIR, record_config_path
 from pgolf_lit.data.shards import HEADER_BYTES, load_validation_tokens, write_shard
 from pgolf_lit.data.tokenizer import NoByteFallbackWarning, build_byte_luts, load_tokenizer
@@ -135,10 +137,12 @@ def test_batch_that_does_not_split_into_sequences(embedded_data_root):
 
 
 def test_unknown_record_preset_and_method_names():
+    from pgolf_lit.records import record_export_config
+
     with pytest.raises(ConfigError, match="unknown record 'pr9999'"):
         record_config_path("pr9999")
-    with pytest.raises(ConfigError, match="export preset 'pr9999' is unknown"):
-        ExportConfig.preset("pr9999")
+    with pytest.raises(ConfigError, match="unknown record 'pr9999'"):
+        record_export_config("pr9999")
     with pytest.raises(ConfigError, match="model.test_methods: unknown method"):
         from pgolf_lit.module import GolfModule
 
@@ -156,7 +160,7 @@ def artifact(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY_GPT))
     path = tmp_path_factory.mktemp("artifact") / "model.pgolf"
-    export_model(model, ExportConfig.preset("pgolf", prune="none", gptq_fallback="rtn"), path,
+    export_model(model, ExportConfig(prune="none", gptq={"fallback": "rtn"}), path,
                  hessians={}, progress=False)
     return path
 
@@ -192,7 +196,7 @@ def test_over_budget_export_writes_nothing(tmp_path):
 
     out = tmp_path / "big.pgolf"
     with pytest.raises(ArtifactError, match="exceed the 1,000-byte budget"):
-        export_model(GPT(GPTConfig(**TINY_GPT)), ExportConfig.preset("pgolf", budget_bytes=1000, prune="none"),
+        export_model(GPT(GPTConfig(**TINY_GPT)), ExportConfig(budget_bytes=1000, prune="none"),
                      out, hessians={}, progress=False)
     assert not out.exists() and not list(tmp_path.iterdir())
 
@@ -214,7 +218,7 @@ def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
 
 def _config_with_checkpoints(tmp_path: Path) -> Path:
     """The PR #1263 tiny config (EMA, SWA, late QAT, priming, export) with a checkpoint every 2 steps."""
-    cfg = yaml.safe_load((CONFIG_DIR / "records" / "pr1263_slot16_tiny.yaml").read_text())
+    cfg = load_config(CONFIG_DIR / "records" / "pr1263_slot16_tiny.yaml")
     cfg["trainer"]["max_steps"] = 14
     cfg["trainer"]["enable_checkpointing"] = True
     cfg["trainer"]["enable_progress_bar"] = False

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from pgolf_lit.config import load_config
 from pgolf_lit.errors import PgolfError
 from pgolf_lit.tools import report
 from pgolf_lit.tools.report import ReportError, build_report
@@ -26,9 +27,9 @@ def run(tmp_path_factory, embedded_data_root) -> Path:
     """A fit run of the tiny PR #1421 config, 8 steps, with a checkpoint, exporting every matrix above 4096
     values as int6/int8 codes (the tiny model's are all small enough to be kept float by default)."""
     cwd = sweep_cwd(tmp_path_factory, embedded_data_root, "report_run")
-    config = yaml.safe_load(CONFIG.read_text())
+    config = load_config(CONFIG)
     export = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("GPTQExport"))
-    export["init_args"]["settings"]["keep_float_max_numel"] = 4096
+    export["init_args"]["export"]["keep_float_max_numel"] = 4096
     config["trainer"]["enable_checkpointing"] = True
     (cwd / "quantized.yaml").write_text(yaml.safe_dump(config))
     fit = pgolf("fit", "--config", "quantized.yaml", "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from callbacks import EMA, SWA, CompilePriming, LateQAT, RecurrenceActivation, WallclockBudget
+from pgolf_lit.callbacks import EMA, SWA, CompilePriming, LateQAT, RecurrenceActivation, WallclockBudget
 from pgolf_lit.clock import TrainClock
 from pgolf_lit.errors import PgolfError
 from pgolf_lit.model.layers import CastedLinear, fake_quantize_rows

@@ -38,6 +38,20 @@ class TrainSteps(IterableDataset):
             yield torch.stack(xs), torch.stack(ys)
 
 
+class PassIndices(IterableDataset):
+    """0 .. n-1 on every rank: iterable, so Lightning never shards it with a DistributedSampler (which would hand
+    different passes to different ranks and deadlock their collectives), whatever ``use_distributed_sampler`` says."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class ValSequences(IterableDataset):
     """This rank's contiguous range of non-overlapping val sequences, ``seqs_per_batch`` at a time, each
     ``seq_len + 1`` tokens (inputs and shifted targets)."""
@@ -191,4 +205,4 @@ class TokenShardDataModule(L.LightningDataModule):
         """One item per evaluation pass of the module (``test_methods``); every rank runs every pass, and each
         pass splits its windows across the ranks itself."""
         methods = getattr(self.trainer.lightning_module, "test_methods", ["standard"])
-        return DataLoader(range(len(methods)), batch_size=None)
+        return DataLoader(PassIndices(len(methods)), batch_size=None)

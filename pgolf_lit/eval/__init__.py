@@ -1,21 +1,16 @@
-"""Evaluation in plain PyTorch: standard, sliding-window, SLOT and score-first TTT eval, result lines, and the
-empirical causality audit (spec/evaluation.md). No Lightning here: the LightningModule and the Fabric
-evaluator call these functions."""
+"""Evaluation in plain PyTorch: standard, sliding-window, SLOT and score-first TTT passes, registered by name
+(``registry.py``), run with one evaluation context (``context.py``), their result lines, and the empirical
+causality audit. No Lightning here: the LightningModule, the Fabric evaluator and the export callback call these."""
 
+from pgolf_lit.eval.context import EvalContext, ForwardOptions, Weights, evaluation_context, forward_options
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
-from pgolf_lit.eval.runner import (
-    DEFAULT_LABELS,
-    METHODS,
-    EvalResult,
-    EvalSettings,
-    format_result_line,
-    run_method,
-    scored_counts,
-)
-from pgolf_lit.eval.slot import SLOT_PRESETS, SlotConfig, evaluate_slot, slot_preset
+from pgolf_lit.eval.registry import EVAL_METHODS, EvalMethod, PassOutcome, PassSetup, register_eval_method
+from pgolf_lit.eval.runner import EvalResult, EvalSettings, format_result_line, run_method, scored_counts
+from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
 from pgolf_lit.eval.ttt import TTTConfig, evaluate_ttt
 from pgolf_lit.eval.windows import (
-    ForwardOptions,
+    SlidingSettings,
+    StandardSettings,
     Window,
     WindowBatch,
     evaluate_sliding,
@@ -28,16 +23,21 @@ from pgolf_lit.eval.windows import (
 )
 
 __all__ = [
-    "DEFAULT_LABELS",
-    "METHODS",
+    "EVAL_METHODS",
     "NO_STATE",
-    "SLOT_PRESETS",
+    "EvalContext",
+    "EvalMethod",
     "EvalResult",
     "EvalSettings",
     "ForwardOptions",
+    "PassOutcome",
+    "PassSetup",
     "ScoreRecorder",
+    "SlidingSettings",
     "SlotConfig",
+    "StandardSettings",
     "TTTConfig",
+    "Weights",
     "Window",
     "WindowBatch",
     "evaluate_sliding",
@@ -45,12 +45,14 @@ __all__ = [
     "evaluate_standard",
     "evaluate_ttt",
     "evaluate_windows",
+    "evaluation_context",
     "format_result_line",
+    "forward_options",
     "rank_share",
+    "register_eval_method",
     "run_method",
     "score_batch",
     "scored_counts",
     "sequence_windows",
     "sliding_windows",
-    "slot_preset",
 ]

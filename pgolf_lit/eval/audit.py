@@ -23,7 +23,7 @@ rules fail B.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.tokenizer import count_bytes
-from pgolf_lit.eval.slot import evaluate_slot, slot_preset
+from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
 from pgolf_lit.eval.ttt import TTTConfig, evaluate_ttt
 from pgolf_lit.eval.windows import evaluate_sliding, evaluate_standard
 from pgolf_lit.metrics import BitsPerByte
@@ -78,8 +78,16 @@ class AuditMethod:
     invariance_applies: bool = True
 
 
+def record_slot(record: str, section: str) -> SlotConfig:
+    """The SLOT procedure a record config states (``model.evaluation.<section>``): the audit audits what runs."""
+    from pgolf_lit.records import record_eval_settings
+
+    return getattr(record_eval_settings(record), section)
+
+
 def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
-    """The seed procedures of spec §7.6 and pgolf_lit's compliant variants, at the audit's scale."""
+    """The seed procedures (as their record configs state them) and pgolf_lit's compliant variants, at the
+    audit's scale."""
     L, st = setup.seq_len, setup.stride
 
     def sliding(rule):
@@ -96,19 +104,21 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
             model, tokens, metric, seq_len=L, batch_seqs=batch, rank=rank, world_size=world, recorder=recorder
         )
 
-    def slot(preset, **changes):
+    def slot(procedure: SlotConfig, **changes):
         def run(model, tokens, metric, recorder, batch, rank, world):
-            cfg = slot_preset(preset, seq_len=L, stride=st, steps=setup.slot_steps, batch_windows=batch, **changes)
-            evaluate_slot(model, tokens, metric, cfg, rank=rank, world_size=world, recorder=recorder)
+            cfg = replace(procedure, steps=setup.slot_steps, batch_windows=batch, **changes)
+            evaluate_slot(
+                model, tokens, metric, cfg, seq_len=L, stride=st, rank=rank, world_size=world, recorder=recorder
+            )
 
         return run
 
     def ttt(rule):
         def run(model, tokens, metric, recorder, batch, rank, world):
-            cfg = TTTConfig(
-                seq_len=L, stride=st, window_rule=rule, chunk_tokens=setup.ttt_chunk_tokens, epochs=1, batch_seqs=batch
+            cfg = TTTConfig(window_rule=rule, chunk_tokens=setup.ttt_chunk_tokens, epochs=1, batch_seqs=batch)
+            evaluate_ttt(
+                model, tokens, metric, cfg, seq_len=L, stride=st, rank=rank, world_size=world, recorder=recorder
             )
-            evaluate_ttt(model, tokens, metric, cfg, rank=rank, world_size=world, recorder=recorder)
 
         return run
 
@@ -119,14 +129,16 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
         # PR #1321's optimiser and loss; its interleaved rank split only reorders sums, contiguous keeps D simple.
         AuditMethod(
             "slot_standard", "standard SLOT (PR #1321 structure, legacy windows)",
-            slot("pr1321", rank_split="contiguous"),
+            slot(record_slot("pr1321", "slot"), rank_split="contiguous"),
         ),
-        AuditMethod("causal_slot_batch_shared", "causal SLOT, batch-shared delta (PR #1333)", slot("pr1333")),
+        AuditMethod(
+            "causal_slot_batch_shared", "causal SLOT, batch-shared delta (PR #1333)", slot(record_slot("pr1333", "slot"))
+        ),
         AuditMethod(
             "causal_slot_per_window_legacy", "causal SLOT, per-window delta, legacy windows",
-            slot("causal_per_window", window_rule="legacy"),
+            slot(SlotConfig(), window_rule="legacy"),
         ),
-        AuditMethod("causal_slot_per_window", "causal SLOT, per-window delta, exact windows", slot("causal_per_window")),
+        AuditMethod("causal_slot_per_window", "causal SLOT, per-window delta, exact windows", slot(SlotConfig())),
         AuditMethod(
             "ttt_score_first", "score-first TTT (PR #1334 structure, TTT window rule)", ttt("ttt"),
             invariance_applies=False,

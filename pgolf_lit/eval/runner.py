@@ -1,8 +1,11 @@
-"""One evaluation pass by name, timed and labelled, and its result line (spec/evaluation.md §7.4, §9).
+"""One evaluation pass by name, timed and labelled, and its result line (upstream ``eval_val*`` log lines).
 
-``run_method`` is what the Fabric evaluator and the CLI call per pass; the line format keeps the upstream
-labels and 8-decimal fields so existing log parsers keep working, and appends pgolf_lit's extra fields
-(stride, window rule, SLOT mode, compliance) after ``eval_time``.
+``EvalSettings`` holds the window geometry every pass shares (``seq_len``, ``stride``) and one settings section
+per registered method (``registry.py``), built from the registry so a new method needs no edit here.
+``run_method`` is what ``pgolf test``, ``pgolf eval`` and ``GPTQExport`` call per pass, with an ``EvalContext``
+(``context.py``) saying how the forwards run and which weights are scored. The line format keeps the upstream
+labels and 8-decimal fields so existing log parsers keep working, and appends pgolf_lit's extra fields (stride,
+window rule, SLOT mode, compliance) after ``eval_time``.
 """
 
 from __future__ import annotations
@@ -10,71 +13,77 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval.slot import SlotConfig, evaluate_slot, slot_preset
-from pgolf_lit.eval.ttt import TTTConfig, evaluate_ttt
-from pgolf_lit.eval.windows import ForwardOptions, WindowRule, evaluate_sliding, evaluate_standard, model_device
+from pgolf_lit.eval import slot, ttt, windows  # noqa: F401  (importing them registers their methods)
+from pgolf_lit.eval.context import EvalContext, evaluation_context
+from pgolf_lit.eval.registry import EVAL_METHODS, PassSetup
 from pgolf_lit.metrics import BitsPerByte
-
-METHODS = ("standard", "sliding", "slot", "causal_slot", "ttt")
-DEFAULT_LABELS = {
-    "standard": "final_int6_roundtrip",
-    "sliding": "final_int6_sliding_window",
-    "slot": "final_slot",
-    "causal_slot": "final_causal_slot",
-    "ttt": "final_int6_ttt",
-}
 
 
 @dataclass
-class EvalSettings:
-    """Settings of every pass. ``seq_len``/``stride``/``window_rule`` and the batch sizes apply to standard and
-    sliding eval; the SLOT and TTT configs carry their own (their presets are whole record procedures).
-    ``slot`` is the pass labelled ``final_slot`` (standard SLOT by default, for reproduction), ``causal_slot``
-    the one labelled ``final_causal_slot`` (the compliant per-window variant by default)."""
+class EvalBase:
+    """Settings shared by every pass."""
 
     seq_len: int = 2048
+    """Window length of every pass (upstream EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); also trims the val split."""
     stride: int = 64
-    window_rule: WindowRule = "exact"
-    standard_batch_seqs: int = 32
-    sliding_batch_windows: int = 32
-    slot: SlotConfig = field(default_factory=lambda: slot_preset("pr1263"))
-    causal_slot: SlotConfig = field(default_factory=lambda: slot_preset("causal_per_window"))
-    ttt: TTTConfig = field(default_factory=TTTConfig)
-    labels: dict[str, str] = field(default_factory=dict)  # method -> label, overriding DEFAULT_LABELS
+    """Positions between sliding windows (sliding, SLOT and TTT passes)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Result-line labels of artifact passes by method, replacing the upstream defaults (e.g. the baseline's
+    ``final_int8_zlib_roundtrip``, PR #1394's ``quantized``); float weights are always ``pre-quantization ...``."""
     progress: bool = False
-    # Set by the caller from its precision (not a config value: it holds an autocast factory).
-    forward: ForwardOptions = field(default_factory=ForwardOptions, init=False, repr=False, compare=False)
+    """Progress bars for long passes (SLOT, TTT)."""
 
+    def __post_init__(self) -> None:
+        self.validate()
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values only (the runtime ``forward`` options are not configuration)."""
-        d = dataclasses.asdict(self)
-        d.pop("forward")
-        return d
+    def validate(self) -> None:
+        if self.seq_len <= 0:
+            raise ConfigError(f"evaluation.seq_len: must be positive, got {self.seq_len}")
+        if not 0 < self.stride <= self.seq_len:
+            raise ConfigError(f"evaluation.stride: must lie in [1, seq_len={self.seq_len}], got {self.stride}")
+        unknown = sorted(set(self.labels) - set(EVAL_METHODS))
+        if unknown:
+            raise ConfigError(f"evaluation.labels: unknown method(s) {unknown}; expected some of {list(EVAL_METHODS)}")
 
     @classmethod
-    def from_dict(cls, section: dict[str, Any]) -> "EvalSettings":
-        """From a YAML/checkpoint mapping: nested ``slot`` / ``causal_slot`` / ``ttt`` mappings update those
-        passes' defaults (a record config lists only what differs)."""
-        settings = cls()
+    def from_dict(cls, section: Mapping[str, Any]):
+        """From a YAML/checkpoint mapping; nested method sections update that method's defaults (a config lists
+        only what differs). Unknown keys name the field."""
         changes: dict[str, Any] = {}
-        for key, value in section.items():
-            if key == "forward":
-                continue
-            if not hasattr(settings, key):
+        for key, value in (section or {}).items():
+            if key in EVAL_METHODS:
+                settings_cls = EVAL_METHODS[key].settings
+                known = {f.name for f in dataclasses.fields(settings_cls)}
+                if not isinstance(value, Mapping) or set(value) - known:
+                    bad = sorted(set(value) - known) if isinstance(value, Mapping) else value
+                    raise ConfigError(f"model.evaluation.{key}: unknown field(s) {bad}; expected some of {sorted(known)}")
+                value = settings_cls(**value)
+            elif key not in {f.name for f in dataclasses.fields(EvalBase)}:
                 raise ConfigError(f"model.evaluation: unknown field '{key}'")
-            current = getattr(settings, key)
-            if dataclasses.is_dataclass(current) and isinstance(value, dict):
-                value = dataclasses.replace(current, **value)
             changes[key] = value
-        return dataclasses.replace(settings, **changes)
+        return cls(**changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+EvalSettings = dataclasses.make_dataclass(
+    "EvalSettings",
+    [(name, m.settings, field(default_factory=m.settings)) for name, m in EVAL_METHODS.items()],
+    bases=(EvalBase,),
+)
+EvalSettings.__module__ = __name__
+EvalSettings.__doc__ = (
+    "Settings of every evaluation pass: the shared window geometry, then one section per registered method "
+    f"({', '.join(EVAL_METHODS)})."
+)
 
 
 @dataclass
@@ -87,6 +96,8 @@ class EvalResult:
     eval_time_ms: float
     compliant: bool
     extra: dict[str, Any] = field(default_factory=dict)  # printed after eval_time, in insertion order
+    method: str = ""
+    weights: str = ""  # what was scored: "quantized int6", "float post-ema", ...
 
 
 def format_result_line(result: EvalResult) -> str:
@@ -107,70 +118,60 @@ def scored_counts(metric: BitsPerByte) -> tuple[int, int]:
         return int(metric.token_count), int(metric.byte_count)
 
 
-def _slot_extras(cfg: SlotConfig) -> dict[str, Any]:
-    return {
-        "slot": cfg.mode, "steps": cfg.steps, "lr": cfg.lr, "stride": cfg.stride, "window_rule": cfg.window_rule,
-    }
-
-
 def run_method(
     method: str,
     model: nn.Module,
     tokens: Tensor,
     luts: tuple[Tensor, Tensor, Tensor],
-    settings: EvalSettings,
+    context: EvalContext,
     rank: int = 0,
     world_size: int = 1,
 ) -> EvalResult:
-    """Run one pass (``standard | sliding | slot | causal_slot | ttt``) on every rank and return the global result.
+    """Run one registered pass on every rank and return the global result.
 
-    Collective: with a process group every rank must call it with the same method and settings. The clock
-    covers the whole pass, compilation included, and stops after the ranks' sums are reduced.
+    The model is put in evaluation state first (eval mode, depth recurrence on, as every record evaluates).
+    Collective: with a process group every rank must call it with the same method and context. The clock covers
+    the whole pass, compilation included, and stops after the ranks' sums are reduced.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown eval method '{method}': expected one of {METHODS}")
-    device = model_device(model)
+    if method not in EVAL_METHODS:
+        raise ConfigError(f"unknown eval method '{method}': expected one of {list(EVAL_METHODS)}")
+    entry = EVAL_METHODS[method]
+    settings = context.settings
+    if hasattr(model, "set_recurrence"):
+        model.set_recurrence(True)
+    model.eval()
+    device = next(model.parameters()).device
     metric = BitsPerByte(luts).to(device)
-    common = dict(rank=rank, world_size=world_size, progress=settings.progress and rank == 0, options=settings.forward)
-    extra: dict[str, Any] = {}
+    setup = PassSetup(
+        seq_len=settings.seq_len, stride=settings.stride, rank=rank, world_size=world_size,
+        options=context.forward, progress=settings.progress and rank == 0,
+    )
     start = time.perf_counter()
-    if method == "standard":
-        evaluate_standard(
-            model, tokens, metric, seq_len=settings.seq_len, batch_seqs=settings.standard_batch_seqs, **common
-        )
-        compliant = True
-    elif method == "sliding":
-        evaluate_sliding(
-            model, tokens, metric, seq_len=settings.seq_len, stride=settings.stride,
-            batch_windows=settings.sliding_batch_windows, rule=settings.window_rule, **common,
-        )
-        extra = {"stride": settings.stride, "window_rule": settings.window_rule}
-        compliant = settings.window_rule == "exact"
-    elif method in ("slot", "causal_slot"):
-        cfg = settings.slot if method == "slot" else settings.causal_slot
-        evaluate_slot(model, tokens, metric, cfg, **common)
-        extra = _slot_extras(cfg)
-        compliant = cfg.compliant
-    else:
-        cfg = settings.ttt
-        evaluate_ttt(model, tokens, metric, cfg, **common)
-        extra = {
-            "stride": cfg.stride, "window_rule": cfg.window_rule, "chunk_tokens": cfg.chunk_tokens,
-            "ttt_lr": cfg.lr, "ttt_epochs": cfg.epochs,
-        }
-        compliant = cfg.compliant
+    outcome = entry.run(model, tokens, metric, getattr(settings, method), setup)
     token_count, byte_count = scored_counts(metric)
     values = metric.compute()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed_ms = 1000.0 * (time.perf_counter() - start)
     return EvalResult(
-        label=settings.labels.get(method, DEFAULT_LABELS[method]),
+        label=context.label(entry.quantized_label, entry.float_suffix, method),
         val_loss=float(values["loss"]),
         val_bpb=float(values["bpb"]),
         tokens=token_count,
         bytes=byte_count,
         eval_time_ms=elapsed_ms,
-        compliant=compliant,
-        extra=extra,
+        compliant=outcome.compliant,
+        extra=dict(outcome.extra),
+        method=method,
+        weights=context.weights.describe(),
     )
+
+
+__all__ = [
+    "EvalResult",
+    "EvalSettings",
+    "evaluation_context",
+    "format_result_line",
+    "run_method",
+    "scored_counts",
+]

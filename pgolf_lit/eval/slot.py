@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Optional
 
 import torch
@@ -31,9 +31,10 @@ from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
+from pgolf_lit.eval.context import ForwardOptions
+from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
 from pgolf_lit.eval.windows import (
     WINDOW_RULES,
-    ForwardOptions,
     RankSplit,
     WindowBatch,
     WindowRule,
@@ -54,25 +55,39 @@ SLOT_MODES = ("standard", "causal_per_window", "causal_batch_shared")
 
 @dataclass(frozen=True)
 class SlotConfig:
-    """One SLOT procedure. The defaults are pgolf_lit's compliant per-window causal SLOT with the
-    PR #1333 optimiser; ``SLOT_PRESETS`` holds the record procedures."""
+    """One SLOT procedure on the evaluation's windows (``seq_len``/``stride`` are the evaluation's). The defaults
+    are pgolf_lit's compliant per-window causal SLOT with PR #1333's optimiser; each record's YAML states its own
+    procedure (PR #1263/#1278/#1321: ``mode: standard`` with their optimiser values)."""
 
     mode: SlotMode = "causal_per_window"
-    seq_len: int = 2048
-    stride: int = 64
+    """``standard`` (PR #1263/#1278/#1321, non-compliant), ``causal_batch_shared`` (PR #1333, leaks: one delta
+    per batch) or ``causal_per_window`` (compliant: one delta per window, fitted on its unscored prefix)."""
     window_rule: WindowRule = "exact"
+    """Window list: ``exact`` tiles every target once; ``legacy`` is the records' list (re-scores the tail)."""
     batch_windows: int = 32
+    """Windows fitted and scored together."""
     steps: int = 16
+    """AdamW steps per batch (SLOT-16/32/48 in the record names)."""
     lr: float = 0.008
-    lr_min: Optional[float] = None  # None: constant lr; else cosine from lr towards lr_min over the steps
+    """Peak learning rate of the delta (and logit bias)."""
+    lr_min: Optional[float] = None
+    """None: constant ``lr``; else a cosine from ``lr`` towards ``lr_min`` over the steps (PR #1263 family)."""
     betas: tuple[float, float] = (0.3, 0.9)
+    """AdamW betas (PR #1333: 0.3, 0.9; the standard-SLOT records use torch's 0.9, 0.999)."""
     eps: float = 1e-5
+    """AdamW epsilon."""
     weight_decay: float = 1e-8
-    delta_position: Literal["pre_norm", "post_norm"] = "pre_norm"  # added before or after the final norm
-    logit_bias: bool = False  # also fit an additive logit bias per delta
-    head_autocast: bool = True  # run the output head under the caller's autocast (PR #1333) or in fp32 (#1263)
-    warm_start: float = 0.0  # PR #1278: start a batch from alpha × the previous batch's delta/bias (standard only)
+    """AdamW weight decay."""
+    delta_position: Literal["pre_norm", "post_norm"] = "pre_norm"
+    """Where the delta is added: the residual stream before the final norm, or the normalised head input."""
+    logit_bias: bool = False
+    """Also fit an additive logit bias per delta (the standard-SLOT records)."""
+    head_autocast: bool = True
+    """Run the output head under the caller's autocast (PR #1333) or in fp32 (PR #1263)."""
+    warm_start: float = 0.0
+    """PR #1278: start a batch from alpha × the previous batch's delta/bias (standard mode only)."""
     rank_split: RankSplit = "contiguous"
+    """How windows are shared out over ranks: contiguous blocks, or ``interleaved`` (PR #1278/#1321)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -82,8 +97,6 @@ class SlotConfig:
             raise bad("mode", f"must be one of {SLOT_MODES}, got {self.mode!r}")
         if self.window_rule not in WINDOW_RULES:
             raise bad("window_rule", f"must be one of {WINDOW_RULES}, got {self.window_rule!r}")
-        if not 0 < self.stride <= self.seq_len:
-            raise bad("stride", f"must lie in [1, seq_len={self.seq_len}], got {self.stride}")
         if self.batch_windows <= 0 or self.steps < 0:
             raise bad("steps", f"need batch_windows > 0 and steps >= 0, got {self.batch_windows} / {self.steps}")
         if self.warm_start and self.mode != "standard":
@@ -93,41 +106,13 @@ class SlotConfig:
 
     @property
     def compliant(self) -> bool:
-        """Satisfies the four conditions of issue #1017 (spec §7.4): per-window causal on exact windows."""
+        """Satisfies the four conditions of issue #1017: per-window causal on exact windows."""
         return self.mode == "causal_per_window" and self.window_rule == "exact"
 
     def lr_at(self, step: int) -> float:
         if self.lr_min is None:
             return self.lr
         return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1.0 + math.cos(math.pi * step / self.steps))
-
-
-_STANDARD = SlotConfig(
-    mode="standard", window_rule="legacy", delta_position="post_norm", logit_bias=True, head_autocast=False,
-    betas=(0.9, 0.999),
-)
-SLOT_PRESETS: dict[str, SlotConfig] = {
-    # AdamW with torch defaults: eps 1e-8, weight decay 0.01.
-    "pr1263": replace(_STANDARD, stride=64, steps=16, lr=0.008, lr_min=0.0008, eps=1e-8, weight_decay=0.01),
-    "pr1278": replace(
-        _STANDARD, stride=96, steps=32, lr=0.015, lr_min=0.001, eps=1e-5, weight_decay=1e-8, rank_split="interleaved"
-    ),
-    "pr1321": replace(
-        _STANDARD, stride=96, steps=48, lr=0.012, lr_min=0.001, eps=1e-5, weight_decay=1e-8, rank_split="interleaved"
-    ),
-    # PR #1321's model with the 24 steps of its predecessor (PR #1313).
-    "pr1321_slot24": replace(
-        _STANDARD, stride=96, steps=24, lr=0.012, lr_min=0.001, eps=1e-5, weight_decay=1e-8, rank_split="interleaved"
-    ),
-    "pr1333": SlotConfig(mode="causal_batch_shared", window_rule="legacy"),
-    "causal_per_window": SlotConfig(),
-}
-
-
-def slot_preset(name: str, **changes) -> SlotConfig:
-    if name not in SLOT_PRESETS:
-        raise ConfigError(f"unknown SLOT preset '{name}': expected one of {sorted(SLOT_PRESETS)}")
-    return replace(SLOT_PRESETS[name], **changes)
 
 
 @contextmanager
@@ -198,6 +183,8 @@ def evaluate_slot(
     metric: BitsPerByte,
     cfg: SlotConfig,
     *,
+    seq_len: int,
+    stride: int,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
@@ -212,7 +199,7 @@ def evaluate_slot(
     """
     device = model_device(model)
     windows = rank_share(
-        sliding_windows(tokens.numel() - 1, cfg.seq_len, cfg.stride, cfg.window_rule), rank, world_size, cfg.rank_split
+        sliding_windows(tokens.numel() - 1, seq_len, stride, cfg.window_rule), rank, world_size, cfg.rank_split
     )
     head = _SlotHead(model, cfg.delta_position == "pre_norm", options.autocast if cfg.head_autocast else nullcontext)
     features_fn = options.compiled(head.features)
@@ -222,7 +209,7 @@ def evaluate_slot(
     batches = batched(windows, cfg.batch_windows)
     with eval_mode(model), frozen_weights(model), progress_bar(len(batches), f"SLOT ({cfg.mode})", progress) as bar:
         for group in batches:
-            batch = WindowBatch.gather(tokens, group, cfg.seq_len, device)
+            batch = WindowBatch.gather(tokens, group, seq_len, device)
             with torch.no_grad(), options.autocast():
                 features = at_least_fp32(features_fn(batch.inputs).detach())
             rows = 1 if shared else len(group)
@@ -254,3 +241,22 @@ def evaluate_slot(
                 logits = head.logits(features, params[0], params[1] if len(params) > 1 else None)
             score_batch(batch, logits, metric, recorder, reads)
             bar.update()
+
+
+def _run_slot(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlotConfig, setup: PassSetup) -> PassOutcome:
+    evaluate_slot(
+        model, tokens, metric, cfg, seq_len=setup.seq_len, stride=setup.stride, rank=setup.rank,
+        world_size=setup.world_size, progress=setup.progress, options=setup.options, recorder=setup.recorder,
+    )
+    extra = {"slot": cfg.mode, "steps": cfg.steps, "lr": cfg.lr, "stride": setup.stride, "window_rule": cfg.window_rule}
+    return PassOutcome(cfg.compliant, extra)
+
+
+# Two passes of one technique: ``slot`` (labelled as the standard-SLOT records label theirs) and ``causal_slot``
+# (PR #1333's label); each has its own settings section, so a config can run both.
+register_eval_method(EvalMethod(
+    "slot", SlotConfig, _run_slot, "final_slot", "slot", "SLOT (mode from its settings)",
+))
+register_eval_method(EvalMethod(
+    "causal_slot", SlotConfig, _run_slot, "final_causal_slot", "causal_slot", "SLOT labelled as PR #1333's causal pass",
+))

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
+from pgolf_lit.eval.context import ForwardOptions
+from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
 from pgolf_lit.eval.windows import (
     WINDOW_RULES,
-    ForwardOptions,
     Window,
     WindowBatch,
     WindowRule,
@@ -42,22 +43,30 @@ from pgolf_lit.eval.windows import (
     sliding_windows,
 )
 from pgolf_lit.metrics import BitsPerByte
+from pgolf_lit.model.roles import parameter_roles
 
 
 @dataclass(frozen=True)
 class TTTConfig:
-    """Defaults: the PR #1334 settings on pgolf_lit's exact windows (``window_rule="ttt"`` reproduces PR #1334)."""
+    """Score-first TTT on the evaluation's windows. Defaults: the PR #1334 settings on pgolf_lit's exact windows
+    (``window_rule: ttt`` reproduces PR #1334)."""
 
-    seq_len: int = 2048
-    stride: int = 64
     window_rule: WindowRule = "exact"
+    """Window list: ``exact`` (every target once) or ``ttt`` (PR #1334's list: legacy minus short tail windows)."""
     chunk_tokens: int = 32768
+    """Stream positions per chunk: score a chunk's windows, then train on its sequences."""
     lr: float = 0.002
+    """Peak SGD learning rate (cosine over the chunks)."""
     momentum: float = 0.9
+    """SGD momentum, carried from chunk to chunk."""
     epochs: int = 3
-    batch_seqs: int = 32  # windows per scoring batch and sequences per training batch
-    freeze_blocks: int = 0  # the first n transformer blocks are not trained
-    grad_clip: float = 1.0  # global-norm clip over the trained parameters; 0 = off
+    """Passes over each chunk's sequences."""
+    batch_seqs: int = 32
+    """Windows per scoring batch and sequences per training batch."""
+    freeze_blocks: int = 0
+    """The first n transformer blocks are not trained."""
+    grad_clip: float = 1.0
+    """Global-norm clip over the trained parameters; 0 = off."""
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -65,8 +74,6 @@ class TTTConfig:
 
         if self.window_rule not in WINDOW_RULES:
             raise bad("window_rule", f"must be one of {WINDOW_RULES}, got {self.window_rule!r}")
-        if not 0 < self.stride <= self.seq_len:
-            raise bad("stride", f"must lie in [1, seq_len={self.seq_len}], got {self.stride}")
         for name in ("chunk_tokens", "batch_seqs"):
             if getattr(self, name) <= 0:
                 raise bad(name, f"must be positive, got {getattr(self, name)}")
@@ -92,11 +99,13 @@ def chunk_windows(windows: Sequence[Window], chunk_tokens: int, total: int) -> l
 
 
 def trainable_parameters(model: nn.Module, freeze_blocks: int) -> list[nn.Parameter]:
-    """Every parameter outside ``blocks.0 … blocks.{freeze_blocks-1}``; sets requires_grad accordingly."""
-    frozen_prefixes = tuple(f"blocks.{i}." for i in range(freeze_blocks))
+    """Every exported parameter outside the first ``freeze_blocks`` blocks (by each parameter's declared layer);
+    sets requires_grad accordingly. Training-only heads (MTP) never score, so they are not trained either."""
+    roles = parameter_roles(model)
     trained = []
     for name, p in model.named_parameters():
-        train = not name.startswith(frozen_prefixes)
+        role = roles[name]
+        train = role.exported and not (role.layer is not None and role.layer < freeze_blocks)
         p.requires_grad_(train)
         if train:
             trained.append(p)
@@ -118,8 +127,10 @@ def _sum_gradients_over_ranks(params: Sequence[nn.Parameter]) -> None:
 class _ScoreFirstLearner:
     """The adapted copy of the model with its optimizer, scoring and training one chunk at a time."""
 
-    def __init__(self, model: nn.Module, cfg: TTTConfig, rank: int, world_size: int, options: ForwardOptions):
-        self.cfg, self.rank, self.world_size, self.options = cfg, rank, world_size, options
+    def __init__(
+        self, model: nn.Module, cfg: TTTConfig, seq_len: int, rank: int, world_size: int, options: ForwardOptions
+    ):
+        self.cfg, self.seq_len, self.rank, self.world_size, self.options = cfg, seq_len, rank, world_size, options
         self.device = model_device(model)
         self.model = copy.deepcopy(model)
         self.params = trainable_parameters(self.model, cfg.freeze_blocks)
@@ -134,7 +145,7 @@ class _ScoreFirstLearner:
         self.model.eval()
         with torch.no_grad():
             for group in batched(rank_share(windows, self.rank, self.world_size), self.cfg.batch_seqs):
-                batch = WindowBatch.gather(tokens, group, self.cfg.seq_len, self.device)
+                batch = WindowBatch.gather(tokens, group, self.seq_len, self.device)
                 with self.options.autocast():
                     logits = self.forward(batch.inputs)
                 score_batch(batch, logits, metric, recorder, torch.full((len(group),), self.reads_upto))
@@ -143,7 +154,7 @@ class _ScoreFirstLearner:
         self, tokens: Tensor, chunk_start: int, n_seqs: int, lr: float, recorder: Optional[ScoreRecorder]
     ) -> None:
         """``epochs`` passes over the chunk's first ``n_seqs`` full sequences in global batches of ``batch_seqs``."""
-        cfg, seq_len = self.cfg, self.cfg.seq_len
+        cfg, seq_len = self.cfg, self.seq_len
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -178,6 +189,8 @@ def evaluate_ttt(
     metric: BitsPerByte,
     cfg: TTTConfig,
     *,
+    seq_len: int,
+    stride: int,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
@@ -193,8 +206,8 @@ def evaluate_ttt(
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("TTT with world_size > 1 needs an initialised torch.distributed process group")
     total = tokens.numel() - 1
-    chunks = chunk_windows(sliding_windows(total, cfg.seq_len, cfg.stride, cfg.window_rule), cfg.chunk_tokens, total)
-    learner = _ScoreFirstLearner(model, cfg, rank, world_size, options)
+    chunks = chunk_windows(sliding_windows(total, seq_len, stride, cfg.window_rule), cfg.chunk_tokens, total)
+    learner = _ScoreFirstLearner(model, cfg, seq_len, rank, world_size, options)
     with progress_bar(len(chunks), "score-first TTT", progress) as bar:
         for index, windows in enumerate(chunks):
             bar.update()
@@ -202,6 +215,23 @@ def evaluate_ttt(
                 continue
             learner.score(tokens, windows, metric, recorder)
             chunk_start = index * cfg.chunk_tokens
-            n_seqs = (min(chunk_start + cfg.chunk_tokens, total) - chunk_start) // cfg.seq_len
+            n_seqs = (min(chunk_start + cfg.chunk_tokens, total) - chunk_start) // seq_len
             if index < len(chunks) - 1 and cfg.epochs > 0 and n_seqs > 0:
                 learner.train(tokens, chunk_start, n_seqs, cfg.lr_for_chunk(index, len(chunks)), recorder)
+
+
+def _run_ttt(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: TTTConfig, setup: PassSetup) -> PassOutcome:
+    evaluate_ttt(
+        model, tokens, metric, cfg, seq_len=setup.seq_len, stride=setup.stride, rank=setup.rank,
+        world_size=setup.world_size, progress=setup.progress, options=setup.options, recorder=setup.recorder,
+    )
+    extra = {
+        "stride": setup.stride, "window_rule": cfg.window_rule, "chunk_tokens": cfg.chunk_tokens, "ttt_lr": cfg.lr,
+        "ttt_epochs": cfg.epochs,
+    }
+    return PassOutcome(cfg.compliant, extra)
+
+
+register_eval_method(EvalMethod(
+    "ttt", TTTConfig, _run_ttt, "final_{q}_ttt", "ttt", "score-first test-time training (PR #1334/#1421)",
+))

@@ -12,17 +12,19 @@ Plain PyTorch. The functions take ``rank``/``world_size`` and only touch the ran
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Iterator, Literal, NamedTuple, Optional, Sequence, TypeVar
+from typing import Iterator, Literal, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.eval.context import ForwardOptions
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
+from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
 from pgolf_lit.metrics import BitsPerByte
 
 WindowRule = Literal["exact", "legacy", "ttt"]
@@ -99,25 +101,8 @@ def batched(items: Sequence[Item], size: int) -> list[Sequence[Item]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# How the model runs: autocast and compile, chosen by the caller
+# Helpers shared by every method
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ForwardOptions:
-    """The precision context and compilation of model forwards. The default is plain eager fp32 (CPU, tests);
-    ``ForwardOptions.bf16()`` is the records' setting on CUDA (bf16 autocast, ``torch.compile`` with
-    ``dynamic=False`` created inside the call so compile time counts as eval time)."""
-
-    autocast: Callable[[], AbstractContextManager] = nullcontext
-    compile: bool = False
-
-    @classmethod
-    def bf16(cls, device_type: str = "cuda", compile: bool = True) -> "ForwardOptions":
-        return cls(autocast=partial(torch.autocast, device_type=device_type, dtype=torch.bfloat16), compile=compile)
-
-    def compiled(self, fn: Callable) -> Callable:
-        return torch.compile(fn, dynamic=False) if self.compile else fn
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -290,3 +275,64 @@ def evaluate_sliding(
         batch_windows=batch_windows, progress=progress, options=options, recorder=recorder,
         desc=f"sliding eval (stride {stride}, {rule})",
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StandardSettings:
+    """The standard pass: non-overlapping ``seq_len`` sequences, every position scored."""
+
+    batch_seqs: int = 32
+    """Sequences per forward (rows are independent: changes speed, not the score)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_seqs <= 0:
+            raise ConfigError(f"evaluation.standard.batch_seqs: must be positive, got {self.batch_seqs}")
+
+
+@dataclass
+class SlidingSettings:
+    """The sliding-window pass: windows every ``stride`` positions, each scoring only its last ``stride``."""
+
+    window_rule: WindowRule = "exact"
+    """``exact`` scores every target once (PR #1333/#1394); ``legacy`` reproduces PR #1263/#1278/#1321's
+    re-scored tail (non-compliant); ``ttt`` is PR #1334's TTT window list."""
+    batch_windows: int = 32
+    """Windows per forward."""
+
+    def __post_init__(self) -> None:
+        if self.window_rule not in WINDOW_RULES:
+            raise ConfigError(f"evaluation.sliding.window_rule: expected one of {WINDOW_RULES}, got {self.window_rule!r}")
+        if self.batch_windows <= 0:
+            raise ConfigError(f"evaluation.sliding.batch_windows: must be positive, got {self.batch_windows}")
+
+
+def _run_standard(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: StandardSettings, setup: PassSetup):
+    evaluate_standard(
+        model, tokens, metric, seq_len=setup.seq_len, batch_seqs=cfg.batch_seqs, rank=setup.rank,
+        world_size=setup.world_size, progress=setup.progress, options=setup.options, recorder=setup.recorder,
+    )
+    return PassOutcome(compliant=True)
+
+
+def _run_sliding(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlidingSettings, setup: PassSetup):
+    evaluate_sliding(
+        model, tokens, metric, seq_len=setup.seq_len, stride=setup.stride, batch_windows=cfg.batch_windows,
+        rule=cfg.window_rule, rank=setup.rank, world_size=setup.world_size, progress=setup.progress,
+        options=setup.options, recorder=setup.recorder,
+    )
+    return PassOutcome(cfg.window_rule == "exact", {"stride": setup.stride, "window_rule": cfg.window_rule})
+
+
+register_eval_method(EvalMethod(
+    "standard", StandardSettings, _run_standard, "final_{q}_roundtrip", "",
+    "non-overlapping sequences (the roundtrip score)",
+))
+register_eval_method(EvalMethod(
+    "sliding", SlidingSettings, _run_sliding, "final_{q}_sliding_window", "sliding_window",
+    "sliding windows, each scoring its last stride positions",
+))

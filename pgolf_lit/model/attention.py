@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf_lit.model.layers import CastedLinear
+from pgolf_lit.model.roles import control, declare_roles, matrix
 
 
 class Rotary(nn.Module):
@@ -86,10 +87,11 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
         # 0-d gate σ(-1.5) ≈ 0.18 mixing the first block's raw V into this block's V (VRL; not in block 0)
         self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if vrl_gate else None
-        self.c_q = CastedLinear(dim, dim)
-        self.c_k = CastedLinear(dim, kv_dim)
-        self.c_v = CastedLinear(dim, kv_dim)
-        self.proj = CastedLinear(dim, dim, zero_init=True)
+        declare_roles(self, q_gain=control(), vrl_gate=control("vrl"))
+        self.c_q = CastedLinear(dim, dim, role=matrix("attn", "attention"))
+        self.c_k = CastedLinear(dim, kv_dim, role=matrix("attn", "attention"))
+        self.c_v = CastedLinear(dim, kv_dim, role=matrix("attn", "attention"))
+        self.proj = CastedLinear(dim, dim, role=matrix("attn", "attention"), zero_init=True)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], ve: Tensor | None = None, v_first: Tensor | None = None

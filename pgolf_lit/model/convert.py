@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from pgolf_lit.config import GPTConfig, gpt_config_from_yaml, record_config_path
 from pgolf_lit.errors import ConfigError
+from pgolf_lit.model.roles import parameter_roles
 
 # Names the upstream fixtures and scripts use for a record, mapped to our record configs.
 RECORD_ALIASES = {
@@ -97,16 +98,14 @@ def load_upstream_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     model.load_state_dict(converted, strict=True)
 
 
-# Upstream keeps nn.Embedding tables (and PR #1278's iteration embeddings) in bf16, everything else fp32.
-_UPSTREAM_BF16 = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight", "iter_embed", "iter_gate")
-
-
 def to_upstream_state_dict(model: nn.Module, upstream_dtypes: bool = True) -> dict[str, Tensor]:
-    """Our weights under the upstream keys, in the upstream dtypes (bf16 tables) unless told otherwise."""
+    """Our weights under the upstream keys, in the records' dtypes (each parameter's declared ``record_dtype``:
+    bf16 token tables and iteration embeddings) unless told otherwise."""
+    roles = parameter_roles(model)
     out = {}
     for name, t in model.state_dict().items():
         t = t.detach().cpu()
-        if upstream_dtypes and name in _UPSTREAM_BF16:
+        if upstream_dtypes and name in roles and roles[name].record_dtype == "bf16":
             t = t.to(torch.bfloat16)
         out[name] = t.contiguous()
     return out

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.model.attention import CausalSelfAttention, Rotary
 from pgolf_lit.model.layers import MLP, BigramHash, CastedLinear, SmearGate, ValueEmbedding, rms_norm
+from pgolf_lit.model.roles import ParamRole, control, declare_roles, embedding, parameter_roles
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,9 +94,11 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
         d = cfg.model_dim
+        self.layer_idx = layer_idx  # read by parameter_roles: everything below is in this layer
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        declare_roles(self, attn_scale=control(), mlp_scale=control(), resid_mix=control())
         self.attn = CausalSelfAttention(
             d,
             cfg.num_heads,
@@ -110,6 +113,7 @@ class Block(nn.Module):
         self.dtg_gate: Optional[nn.Linear] = None
         if cfg.dtg:
             self.dtg_gate = nn.Linear(d, 1, bias=True)
+            declare_roles(self.dtg_gate, weight=control("dtg"), bias=control("dtg"))
             nn.init.zeros_(self.dtg_gate.weight)
             nn.init.constant_(self.dtg_gate.bias, 2.0)
 
@@ -145,8 +149,10 @@ class GPT(nn.Module):
         self.config = cfg
         d, e, v = cfg.model_dim, cfg.emb_dim, cfg.vocab_size
         self.tok_emb = nn.Embedding(v, e)
-        self.embed_proj = CastedLinear(e, d) if e != d else None
-        self.head_proj = CastedLinear(d, e) if e != d else None
+        declare_roles(self.tok_emb, weight=embedding("embed", "embeddings"))
+        projection = ParamRole("projection", "other", "embed_projection")
+        self.embed_proj = CastedLinear(e, d, role=projection) if e != d else None
+        self.head_proj = CastedLinear(d, e, role=projection) if e != d else None
         self.bigram = (
             BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bigram_trigram) if cfg.bigram_vocab_size else None
         )
@@ -154,20 +160,28 @@ class GPT(nn.Module):
         rows = num_skip_rows(cfg)
         self.skip_weights = nn.Parameter(torch.ones(rows, d))
         self.skip_gates = nn.Parameter(torch.zeros(rows, d)) if cfg.skip_gates else None
+        declare_roles(self, skip_weights=control("skip"), skip_gates=control("skip"))
         n_repeats = len(layer_schedule(cfg, True)) - cfg.num_layers
         self.iter_embed = self.iter_gate = None
         if cfg.iter_conditioning and n_repeats > 0:
             self.iter_embed = nn.Parameter(torch.randn(n_repeats, d) * 0.02)
             self.iter_gate = nn.Parameter(torch.full((n_repeats, d), -2.0))
+        # 2-D and outside the records' control patterns: the scripts keep these two in bf16.
+        iteration = control("iteration", record_dtype="bf16")
+        declare_roles(self, iter_embed=iteration, iter_gate=iteration)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.ve_shared = ValueEmbedding(v, cfg.ve_dim, cfg.kv_dim) if cfg.ve_enabled else None
         self.ve_layer_scales = nn.ParameterList(
             [nn.Parameter(torch.ones(1)) for _ in (cfg.ve_layers if cfg.ve_enabled else [])]
         )
+        declare_roles(self.ve_layer_scales, **{str(j): control("value_embedding") for j in range(len(self.ve_layer_scales))})
         self._ve_index = {layer: j for j, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if cfg.parallel_start_layer else None
-        self.lm_head = None if cfg.tie_embeddings else CastedLinear(e, v, zero_init=True)
-        self.mtp_heads = nn.ModuleList(CastedLinear(d, v, zero_init=True) for _ in range(cfg.mtp_num_heads))
+        declare_roles(self, lane_merge=control("parallel_residual"))
+        head = ParamRole("head", "embed", "embeddings")
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(e, v, role=head, zero_init=True)
+        mtp = ParamRole("aux_head", None, "mtp_heads")
+        self.mtp_heads = nn.ModuleList(CastedLinear(d, v, role=mtp, zero_init=True) for _ in range(cfg.mtp_num_heads))
         self.rotary = Rotary(cfg.rope_dims or cfg.head_dim, cfg.rope_base, cfg.rope_train_seq_len)
         # Layer schedule and skip plan for each recurrence state. A plain attribute: before Python 3.12
         # functools.cached_property takes an RLock that torch.compile(fullgraph=True) cannot trace.
@@ -176,6 +190,8 @@ class GPT(nn.Module):
         }
         self.recurrence_active = False
         self._init_weights()
+        # Every parameter's role, declared above and in the blocks; a missing declaration fails here.
+        self.roles: dict[str, ParamRole] = parameter_roles(self)
 
     def _init_weights(self) -> None:
         cfg = self.config
@@ -308,3 +324,9 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def roles_of(cfg: GPTConfig) -> dict[str, ParamRole]:
+    """The parameter roles of the GPT a config builds, without allocating its weights (built on the meta device)."""
+    with torch.device("meta"):
+        return GPT(cfg).roles

@@ -3,9 +3,13 @@ BigramHash, ValueEmbedding. Plain PyTorch (spec/model.md §1.2, §2.1, §2.9-2.1
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pgolf_lit.model.roles import ParamRole, control, declare_roles, embedding, matrix
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -29,8 +33,12 @@ class CastedLinear(nn.Linear):
     sees the quantized weight, the gradient flows to the fp32 weight unchanged. Set by the LateQAT callback.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, zero_init: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, *, role: Optional[ParamRole] = None, zero_init: bool = False
+    ):
         super().__init__(in_features, out_features, bias=False)
+        if role is not None:
+            declare_roles(self, weight=role)
         self.zero_init = zero_init
         self.qat_bits = 0
 
@@ -46,8 +54,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, activation: str = "relu2", slope: float = 0.5):
         super().__init__()
-        self.fc = CastedLinear(dim, hidden)
-        self.proj = CastedLinear(hidden, dim, zero_init=True)
+        self.fc = CastedLinear(dim, hidden, role=matrix("mlp", "mlp"))
+        self.proj = CastedLinear(hidden, dim, role=matrix("mlp", "mlp"), zero_init=True)
         self.activation = activation
         self.slope = slope
 
@@ -63,6 +71,7 @@ class SmearGate(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
+        declare_roles(self, gate=control("smear"))
 
     def forward(self, x: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))[None, None, :]
@@ -99,11 +108,14 @@ class BigramHash(nn.Module):
         self.table_size = table_size
         self.trigram = trigram
         self.embed = nn.Embedding(table_size, dim)
+        declare_roles(self.embed, weight=embedding("other", "bigram"))
         nn.init.zeros_(self.embed.weight)
-        self.proj = CastedLinear(dim, model_dim) if dim != model_dim else None
+        # The records' export puts every ".proj." weight under the attention rule, this one included.
+        self.proj = CastedLinear(dim, model_dim, role=matrix("attn", "bigram")) if dim != model_dim else None
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
         self.scale = nn.Parameter(torch.tensor(0.05))
+        declare_roles(self, scale=control("bigram"))
 
     def forward(self, ids: Tensor) -> Tensor:
         h = self.embed(bigram_hash(ids, self.table_size))
@@ -120,11 +132,14 @@ class ValueEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, kv_dim: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
+        declare_roles(self.embed, weight=embedding("other", "value_embedding"))
         nn.init.normal_(self.embed.weight, std=0.01)
-        self.proj = CastedLinear(dim, kv_dim) if dim != kv_dim else None
+        # Under the attention rule at export, like every ".proj." weight in the records.
+        self.proj = CastedLinear(dim, kv_dim, role=matrix("attn", "value_embedding")) if dim != kv_dim else None
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
         self.scale = nn.Parameter(torch.tensor(0.1))
+        declare_roles(self, scale=control("value_embedding"))
 
     def forward(self, ids: Tensor) -> Tensor:
         h = self.embed(ids)

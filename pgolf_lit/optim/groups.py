@@ -1,25 +1,27 @@
-"""Parameter routing and optimizer construction of the record scripts (spec/training.md §2.1, §2.5).
+"""Parameter routing and optimizer construction of the record scripts (upstream ``train_gpt.py`` of each record).
 
-Inside ``blocks`` one rule routes every tensor: a 2-D tensor whose name (relative to ``blocks``) contains
-no control pattern goes to Muon, everything else to the scalar Adam(W) group. Outside ``blocks`` the scripts
-list tensors by hand; ``route_parameters`` reproduces those lists for every architecture feature, in the
-scripts' order. The order inside the Muon group matters: it fixes which rank orthogonalises which matrix.
+Every parameter goes where its declared role says (``pgolf_lit.model.roles``): matrices and MTP heads to Muon,
+token tables to the token Adam(W) (one param group each), an untied head to the head Adam, controls to the scalar
+Adam(W); the embedding projections to Muon unless ``train_embed_projections`` is off. This is what the scripts
+decided with ``CONTROL_TENSOR_NAME_PATTERNS`` inside ``blocks`` and hand-written lists outside it.
 
-Optimizers, in the scripts' step order: token Adam(W) (one param group per embedding table), head Adam
-(untied models only), Muon, scalar Adam(W).
+The order inside a group follows the scripts too (it fixes which rank orthogonalises which Muon matrix): block
+tensors first, in model order, then the rest by owning technique in ``SCRIPT_COMPONENT_ORDER``.
+
+Optimizers, in the scripts' step order: token Adam(W), head Adam (untied models only), Muon, scalar Adam(W).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
-from pgolf_lit.config import BASELINE_CONTROL_PATTERNS
 from pgolf_lit.errors import ConfigError
+from pgolf_lit.model.roles import ParamRole, parameter_roles
 from pgolf_lit.optim.muon import Muon
 from pgolf_lit.optim.schedule import momentum_warmup
 
@@ -58,11 +60,9 @@ class OptimConfig:
     embed_wd: Optional[float] = None
     fused: bool = True
     grad_clip_norm: float = 0.0
-    control_tensor_patterns: list[str] = field(default_factory=lambda: list(BASELINE_CONTROL_PATTERNS))
     train_embed_projections: bool = True
 
     def __post_init__(self) -> None:
-        self.control_tensor_patterns = [str(p) for p in self.control_tensor_patterns if p]
         self.validate()
 
     def validate(self) -> None:
@@ -138,51 +138,48 @@ class ParamRouting:
     no_optimizer: Named
 
 
+# Where the scripts list the tensors outside ``blocks`` by hand, they list them in this order of techniques.
+SCRIPT_COMPONENT_ORDER = (
+    "embeddings", "mtp_heads", "skip", "parallel_residual", "iteration", "smear", "bigram", "value_embedding",
+    "embed_projection",
+)
+
+
+def script_order(roles: dict[str, ParamRole]) -> list[str]:
+    """Parameter names in the scripts' optimizer order: block tensors in model order, then by technique."""
+    position = {name: i for i, name in enumerate(roles)}
+
+    def key(name: str) -> tuple[int, int]:
+        role = roles[name]
+        if role.layer is not None:
+            return 0, position[name]
+        rank = SCRIPT_COMPONENT_ORDER.index(role.component) if role.component in SCRIPT_COMPONENT_ORDER else len(SCRIPT_COMPONENT_ORDER)
+        return 1 + rank, position[name]
+
+    return sorted(roles, key=key)
+
+
 def route_parameters(model: nn.Module, cfg: OptimConfig) -> ParamRouting:
-    """Route every parameter of a pgolf GPT to exactly one optimizer, or raise naming the ones left over.
+    """Route every parameter of a pgolf GPT to exactly one optimizer by its declared role (see module docstring).
 
-    Order of the hand-listed tensors outside ``blocks`` (the union of the scripts' lists, which never
-    conflict): Muon gets ``mtp_heads``, ``bigram.proj``, ``ve_shared.proj`` (then ``embed_proj``,
-    ``head_proj`` when trained); scalar gets ``skip_weights``, ``skip_gates``, ``lane_merge``, ``iter_embed``,
-    ``iter_gate``, ``smear.gate``, ``bigram.scale``, ``ve_shared.scale``, ``ve_layer_scales.*``; the token
-    optimizer gets ``tok_emb``, ``bigram.embed``, ``ve_shared.embed``.
+    Empty tensors (the skip tables of a 1-layer model) get no optimizer, nor do the embedding projections with
+    ``train_embed_projections=False``; both still receive gradients and count in the clipping norm, as upstream.
     """
-    remaining = dict(model.named_parameters())
+    roles = parameter_roles(model)
+    params = dict(model.named_parameters())
     routing = ParamRouting(token=[], head=[], muon=[], scalar=[], no_optimizer=[])
-
-    def take(dest: Named, name: str) -> None:
-        if name in remaining:
-            dest.append((name, remaining.pop(name)))
-
-    patterns = tuple(cfg.control_tensor_patterns)
-    for rel, p in model.blocks.named_parameters():
-        name = f"blocks.{rel}"
-        is_matrix = p.ndim == 2 and not any(pat in rel for pat in patterns)
-        take(routing.muon if is_matrix else routing.scalar, name)
-
-    for name in [n for n in remaining if n.startswith("mtp_heads.")]:
-        take(routing.muon, name)
-    take(routing.muon, "bigram.proj.weight")
-    take(routing.muon, "ve_shared.proj.weight")
-    for name in ("embed_proj.weight", "head_proj.weight"):
-        take(routing.muon if cfg.train_embed_projections else routing.no_optimizer, name)
-
-    for name in ("skip_weights", "skip_gates", "lane_merge", "iter_embed", "iter_gate", "smear.gate"):
-        empty_skip_table = name.startswith("skip_") and name in remaining and remaining[name].numel() == 0
-        take(routing.no_optimizer if empty_skip_table else routing.scalar, name)
-    take(routing.scalar, "bigram.scale")
-    take(routing.scalar, "ve_shared.scale")
-    for name in [n for n in remaining if n.startswith("ve_layer_scales.")]:
-        take(routing.scalar, name)
-
-    for name in ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"):
-        take(routing.token, name)
-    take(routing.head, "lm_head.weight")
-
-    if remaining:
-        raise ConfigError(
-            f"optim: no optimizer routing for parameter(s) {sorted(remaining)}; add them in route_parameters"
-        )
+    destination = {
+        "matrix": routing.muon,
+        "aux_head": routing.muon,
+        "projection": routing.muon if cfg.train_embed_projections else routing.no_optimizer,
+        "embedding": routing.token,
+        "head": routing.head,
+        "control": routing.scalar,
+    }
+    for name in script_order(roles):
+        p = params[name]
+        dest = routing.no_optimizer if p.numel() == 0 else destination[roles[name].kind]
+        dest.append((name, p))
     return routing
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from pgolf_lit.config import load_yaml, record_config_path
+from pgolf_lit.config import load_config, record_config_path
 from pgolf_lit.model.convert import RECORD_ALIASES
 from pgolf_lit.optim.groups import OptimConfig
 from pgolf_lit.optim.schedule import ScheduleConfig
@@ -19,12 +19,8 @@ from pgolf_lit.optim.schedule import ScheduleConfig
 
 def _preset(record: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``model.optim`` and ``model.schedule`` sections of the record's YAML config."""
-    model = load_yaml(record_config_path(RECORD_ALIASES.get(record, record))).get("model") or {}
+    model = load_config(record_config_path(RECORD_ALIASES.get(record, record))).get("model") or {}
     return dict(model.get("optim") or {}), dict(model.get("schedule") or {})
-
-
-# Upstream knob names that differ from ours.
-_UPSTREAM_NAMES = {"control_tensor_name_patterns": "control_tensor_patterns"}
 
 
 def _coerce(value: Any, default: Any) -> Any:
@@ -47,7 +43,7 @@ def _apply(base: Any, changes: Mapping[str, Any]) -> dict[str, Any]:
     so a script's whole hyperparameter dict can be passed."""
     current = dataclasses.asdict(base)
     for name, value in changes.items():
-        name = _UPSTREAM_NAMES.get(name.lower(), name.lower())
+        name = name.lower()
         if name in current:
             current[name] = _coerce(value, current[name])
     return current

@@ -1,6 +1,7 @@
-"""Quantization, compression and the artifact: plain PyTorch, no Lightning (spec/quantization.md).
+"""Quantization, compression and the artifact: plain PyTorch, no Lightning.
 
-rtn.py (per-row intN round to nearest), gptq.py, hessians.py and calibration.py (GPTQ inputs), prune.py
+quantizers.py (the registry: a quantizer by name, ``TensorRule``), rtn.py (per-row intN round to nearest), gptq.py,
+hessians.py and calibration.py (GPTQ inputs), prune.py
 (selective ±1 pruning), compress.py (byte shuffle + codecs), quantized.py (the quantized state dict),
 artifact.py (native and upstream containers), code_size.py (honest code bytes), export.py (the whole export).
 """
@@ -15,6 +16,7 @@ from pgolf_lit.quant.export import (
     dequantize,
     export_model,
     load_artifact,
+    model_from_artifact,
     quantize_state_dict,
     read_artifact,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "export_model",
     "load_artifact",
     "measure_code_size",
+    "model_from_artifact",
     "quantize_state_dict",
     "read_artifact",
     "read_upstream_artifact",

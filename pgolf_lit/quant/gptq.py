@@ -20,18 +20,14 @@ then is the caller's policy (the records fall back to RTN).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor
 
-from pgolf_lit.quant.rtn import (
-    PERCENTILE_CANDIDATES,
-    Quantized,
-    clip_range,
-    floored_scale,
-    percentile_row_clip,
-    sdclip_scale,
-)
+from pgolf_lit.errors import ArtifactError, ConfigError
+from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range, register_quantizer
+from pgolf_lit.quant.rtn import PERCENTILE_CANDIDATES, floored_scale, percentile_row_clip, quantize_rtn, sdclip_scale
 
 BLOCK_SIZE = 128
 DAMPING = 0.01  # added to the diagonal, relative to its mean
@@ -139,3 +135,77 @@ def hessian_weighted_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
     """tr((W − Ŵ) H (W − Ŵ)ᵀ) in float64: the layer-output error GPTQ minimizes (for X with H = XᵀX)."""
     d = w.double() - w_hat.double()
     return float(torch.einsum("ij,jk,ik->", d, hessian.double(), d))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings and registration
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTQSettings:
+    """GPTQ's knobs beyond the per-group ``TensorRule``: Hessian collection and the sweep."""
+
+    damping: float = DAMPING
+    """Added to the Hessian diagonal before the Cholesky factor, relative to its mean (every record: 0.01)."""
+    block_size: int = BLOCK_SIZE
+    """Columns per lazy-update block (every record: 128)."""
+    fallback: Literal["rtn", "error"] = "rtn"
+    """No Hessian for a tensor, or a failed Cholesky: RTN with the rule's scale (records before PR #1394), or stop."""
+    device: str = "cpu"
+    """Where the sweep runs; the records use the CPU, "cuda" is far faster but may flip codes at rounding ties."""
+    hessian_modules: Literal["large", "all"] = "large"
+    """Hook the mlp/attn matrices above the keep-float size (PR #1333/#1394) or every CastedLinear (PR #1263)."""
+    hessian_damping: float = 0.0
+    """Damping added at collection, on top of ``damping`` (PR #1263: 0.01)."""
+    calibration_batches: Optional[int] = None
+    """Cap on the calibration batches taken from what the exporter is given (None: all of them)."""
+
+    def validate(self) -> None:
+        if self.fallback not in ("rtn", "error"):
+            raise ConfigError(f"export.gptq.fallback: expected 'rtn' or 'error', got {self.fallback!r}")
+        if self.hessian_modules not in ("large", "all"):
+            raise ConfigError(f"export.gptq.hessian_modules: expected 'large' or 'all', got {self.hessian_modules!r}")
+        if not self.damping >= 0 or not self.hessian_damping >= 0:
+            raise ConfigError("export.gptq.damping/hessian_damping: must be >= 0")
+        if self.block_size < 1:
+            raise ConfigError(f"export.gptq.block_size: must be >= 1, got {self.block_size}")
+        if self.calibration_batches is not None and self.calibration_batches < 1:
+            raise ConfigError(f"export.gptq.calibration_batches: must be >= 1 or null, got {self.calibration_batches}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"export.gptq.device: not a torch device: {self.device!r}") from None
+
+
+def quantize_gptq(
+    name: str, t: Tensor, rule: TensorRule, bits: int, hessian: Optional[Tensor], settings: GPTQSettings
+) -> tuple[Quantized, dict[str, Any]]:
+    """GPTQ with the rule's scale on a 2-D tensor; 1-D tensors, a missing Hessian or a failed Cholesky follow
+    ``settings.fallback`` (RTN with the same scale, labelled GPTQ as the records label it, or an error)."""
+    if t.ndim != 2:
+        return quantize_rtn(name, t, rule, bits, None, settings)
+    if hessian is None:
+        if settings.fallback == "error":
+            raise ArtifactError(f"{name}: GPTQ needs a Hessian and none was collected (gptq.fallback='error')")
+        return quantize_rtn(name, t, rule, bits, None, settings)
+    w, h = t.to(settings.device), hessian.to(settings.device)
+    try:
+        if rule.scale == "sdclip":
+            q = gptq_sdclip(w, h, bits, rule.clip_sigmas, settings.damping, settings.block_size)
+            how: dict[str, Any] = {"method": "gptq", "clip_sigmas": rule.clip_sigmas}
+        else:
+            q = gptq_percentile_search(w, h, bits, settings.damping, settings.block_size)
+            how = {"method": "gptq", "percentile": q.percentile}
+        return Quantized(q.q.cpu(), q.scale.cpu(), q.percentile), how
+    except torch.linalg.LinAlgError:
+        if settings.fallback == "error":
+            raise ArtifactError(
+                f"{name}: GPTQ Cholesky failed (Hessian not positive definite after damping); "
+                "collect more calibration data or set gptq.fallback='rtn'"
+            ) from None
+        q, how = quantize_rtn(name, t, rule, bits, None, settings)
+        return q, {**how, "method": "gptq", "fallback": "rtn"}  # the records label this tensor GPTQ
+
+
+GPTQ = register_quantizer(Quantizer("gptq", quantize_gptq, scales=("percentile_search", "sdclip"), needs_hessian=True))

@@ -1,7 +1,7 @@
 """GPTQ Hessians H = Σ XᵀX / batches from forward hooks on the GPT's linear layers (spec/quantization.md §4.1).
 
 Which layers: ``"large"`` hooks the CastedLinear modules with more than ``min_numel`` (65,536) weights in the
-mlp/attn categories (PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263, PR #1019).
+mlp/attn quant groups of their declared roles (PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263, PR #1019).
 ``head=True`` adds the output head's Hessian, taken from the vector that multiplies the head weight: the
 final-norm (and ``head_proj``) output ``model.normalize_hidden(h)`` for a tied embedding (PR #1394's
 ``tok_emb.weight``), the ``lm_head`` input otherwise.
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pgolf_lit.model.layers import CastedLinear
-from pgolf_lit.quant.routing import KEEP_FLOAT_MAX_NUMEL, classify
+from pgolf_lit.model.roles import parameter_roles
+from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL
 
 HessianModules = Literal["large", "all"]
 
@@ -42,12 +43,13 @@ def hooked_linears(
     """Weight name → CastedLinear whose input Hessian is collected ("large": more than ``min_numel`` weights)."""
     if modules not in ("large", "all"):
         raise ValueError(f"modules must be 'large' or 'all', got {modules!r}")
+    roles = parameter_roles(model)
     chosen = {}
     for name, module in model.named_modules():
         if not isinstance(module, CastedLinear):
             continue
         weight_name = f"{name}.weight"
-        large = module.weight.numel() > min_numel and classify(weight_name) in ("mlp", "attn")
+        large = module.weight.numel() > min_numel and roles[weight_name].quant in ("mlp", "attn")
         if modules == "all" or large:
             chosen[weight_name] = module
     return chosen

@@ -15,13 +15,12 @@ Integer codes of every width are stored one per byte (int8). Tensors that are no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from pgolf_lit.errors import ConfigError
+from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range, register_quantizer
 
 INT8_CLIP_QUANTILE = 99.99984 / 100.0
 PERCENTILE_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)
@@ -29,22 +28,6 @@ SDCLIP_MIN_SCALE = 1e-10
 
 # torch.quantile refuses inputs with more elements than this; rows are independent, so larger matrices go in chunks.
 _QUANTILE_MAX_NUMEL = 1 << 24
-
-
-@dataclass
-class Quantized:
-    """Integer codes (int8 storage, the weight's shape) and their scale: fp16 ``[rows]`` or a 0-d tensor."""
-
-    q: Tensor
-    scale: Tensor
-    percentile: Optional[float] = None  # the winning candidate of a percentile search
-
-
-def clip_range(bits: int) -> int:
-    """R = 2^(bits-1) - 1: the symmetric code range [-R, R]."""
-    if not 2 <= bits <= 8:
-        raise ConfigError(f"bits: must lie in [2, 8] (codes are stored one per int8), got {bits}")
-    return 2 ** (bits - 1) - 1
 
 
 def row_quantile(x: Tensor, q: float) -> Tensor:
@@ -152,3 +135,37 @@ def quantize_sdclip(t: Tensor, bits: int, clip_sigmas: float) -> Quantized:
         return quantize_per_tensor_amax(w, bits)
     scale = sdclip_scale(w, clip_sigmas, clip_range(bits))
     return Quantized(round_to_grid(w, scale.float(), clip_range(bits)).to(torch.int8), scale)
+
+
+def quantize_row_amax(t: Tensor, bits: int) -> Quantized:
+    """Scale fp16(max(|w|max_row / R, 1e-10)), codes clamped to [-R, R] (PR #1855's int8 attention gates)."""
+    w = t.float()
+    if w.ndim != 2:
+        return quantize_per_tensor_amax(w, bits)
+    r = clip_range(bits)
+    scale = (w.abs().amax(dim=1) / r).clamp_min(SDCLIP_MIN_SCALE).to(torch.float16)
+    return Quantized(round_to_grid(w, scale.float(), r).to(torch.int8), scale)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------------
+
+
+def quantize_rtn(
+    name: str, t: Tensor, rule: TensorRule, bits: int, hessian: Optional[Tensor], settings: Any
+) -> tuple[Quantized, dict[str, Any]]:
+    """Round to nearest with the rule's scale; returns the codes and the meta fields saying how."""
+    if rule.scale == "quantile":
+        return quantize_quantile_clip(t, bits), {"method": "rtn"}
+    if rule.scale == "sdclip":
+        return quantize_sdclip(t, bits, rule.clip_sigmas), {"method": "rtn", "clip_sigmas": rule.clip_sigmas}
+    if rule.scale == "row_amax":
+        return quantize_row_amax(t, bits), {"method": "rtn", "scale": "row_amax"}
+    q = quantize_percentile_search(t, bits)
+    if q.percentile is None:  # 1-D tensors take the per-tensor amax path
+        return q, {"method": "rtn"}
+    return q, {"method": "rtn", "percentile": q.percentile}
+
+
+RTN = register_quantizer(Quantizer("rtn", quantize_rtn, scales=("quantile", "percentile_search", "sdclip", "row_amax")))

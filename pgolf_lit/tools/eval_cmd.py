@@ -5,9 +5,10 @@ runs. Settings come from ``--config`` (its ``model.evaluation`` section) and can
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from pgolf_lit.config import load_yaml
-from pgolf_lit.eval import METHODS, EvalSettings, slot_preset
+from pgolf_lit.config import load_config
+from pgolf_lit.eval import EVAL_METHODS, EvalSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,13 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="a pgolf artifact (pgolf export / GPTQExport)")
     p.add_argument("--data", required=True, help="dataset directory with fineweb_val_*.bin")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: <data>/../../tokenizers/...)")
-    p.add_argument("--method", action="append", choices=METHODS,
+    p.add_argument("--method", action="append", choices=list(EVAL_METHODS),
                    help="pass to run; repeat for several (default: the --config's test_methods, else standard + sliding)")
     p.add_argument("--config", default=None, help="take evaluation settings from this pgolf YAML config")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--window-rule", choices=("exact", "legacy"), default=None)
-    p.add_argument("--slot-preset", default=None, help="SLOT preset for --method slot (pr1263, pr1278, pr1321, ...)")
+    p.add_argument("--window-rule", choices=("exact", "legacy"), default=None, help="the sliding pass's window rule")
     p.add_argument("--val-max-tokens", type=int, default=0, help="score only the first N val tokens (quick checks)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="1")
@@ -39,7 +39,7 @@ def methods_from(args) -> list[str]:
     if args.method:
         return args.method
     if args.config:
-        methods = (load_yaml(args.config).get("model") or {}).get("test_methods")
+        methods = (load_config(args.config).get("model") or {}).get("test_methods")
         if methods:
             return list(methods)
     return ["standard", "sliding"]
@@ -48,17 +48,16 @@ def methods_from(args) -> list[str]:
 def settings_from(args) -> EvalSettings:
     settings = EvalSettings()
     if args.config:
-        section = ((load_yaml(args.config).get("model") or {}).get("evaluation")) or {}
+        section = ((load_config(args.config).get("model") or {}).get("evaluation")) or {}
         settings = EvalSettings.from_dict(section)
     if args.seq_len:
         settings.seq_len = args.seq_len
     if args.stride:
         settings.stride = args.stride
     if args.window_rule:
-        settings.window_rule = args.window_rule
-    if args.slot_preset:
-        settings.slot = slot_preset(args.slot_preset)
+        settings.sliding = dataclasses.replace(settings.sliding, window_rule=args.window_rule)
     settings.progress = args.progress
+    settings.validate()
     return settings
 
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from pgolf_lit.config import load_yaml
+from pgolf_lit.config import callback_init_args, load_config, merge_configs
 from pgolf_lit.errors import ConfigError
 
 
@@ -22,40 +22,34 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--upstream", help="an upstream train_gpt.py state dict (final_model.pt)")
     p.add_argument("--config", required=True, help="the pgolf YAML config the weights belong to")
     p.add_argument("--out", required=True, help="artifact path to write (atomically)")
-    p.add_argument("--scheme", default=None, help="export preset; default: the config's GPTQExport scheme, else pgolf")
-    p.add_argument("--settings", default="{}", help='JSON of ExportConfig overrides, e.g. \'{"codec": "lzma"}\'')
+    p.add_argument("--settings", default="{}",
+                   help='JSON merged over the config\'s GPTQExport export settings, e.g. \'{"codec": "lzma"}\'')
     p.add_argument("--calibration-batches", type=int, default=None, help="GPTQ calibration micro-batches")
     p.add_argument("--allow-over-budget", action="store_true", help="write even if model + code > the budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
-def _callback_args(config: dict) -> dict:
-    for cb in (config.get("trainer") or {}).get("callbacks") or []:
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("GPTQExport"):
-            return dict(cb.get("init_args") or {})
-    return {}
-
-
 def main(argv) -> None:
-    from callbacks.gptq_export import GPTQExport
+    from pgolf_lit.callbacks import GPTQExport
     from pgolf_lit.data.datamodule import TokenShardDataModule
     from pgolf_lit.module import GolfModule
-    from pgolf_lit.quant import export_model
+    from pgolf_lit.quant import ExportConfig, export_model
 
     args = build_parser().parse_args(argv)
-    config = load_yaml(args.config)
+    config = load_config(args.config)
     try:
         overrides = json.loads(args.settings)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--settings: not valid JSON ({e.msg})") from None
-    cb_args = _callback_args(config)
-    settings = {**(cb_args.get("settings") or {}), **overrides}
+    if not isinstance(overrides, dict):
+        raise ConfigError("--settings: expected a JSON object of export settings")
+    cb_args = callback_init_args(config, "GPTQExport") or {}
+    settings = merge_configs(cb_args.get("export") or {}, overrides)
     if args.allow_over_budget:
         settings["allow_over_budget"] = True
     exporter = GPTQExport(
-        scheme=args.scheme or cb_args.get("scheme", "pgolf"),
-        settings=settings,
+        export=ExportConfig.from_dict(settings),
         calibration=cb_args.get("calibration", "train_replay"),
         calibration_batches=args.calibration_batches or cb_args.get("calibration_batches", 64),
     )

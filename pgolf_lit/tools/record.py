@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pgolf_lit.config import load_yaml
+from pgolf_lit.config import load_config
 from pgolf_lit.errors import PgolfError
 from pgolf_lit.stats import RECORD_MARGIN_NATS, ImprovementTest, mean, sample_std
 from pgolf_lit.summary import read_summary
@@ -112,7 +112,7 @@ def check_same_config(configs: dict[int, Path]) -> None:
     """The seeds' merged run configs must be one experiment: equal but for the seed and the logger."""
 
     def essence(path: Path) -> dict[str, Any]:
-        config = load_yaml(path)
+        config = load_config(path)
         config.pop("seed_everything", None)
         (config.get("trainer") or {}).pop("logger", None)
         return config

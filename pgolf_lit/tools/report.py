@@ -27,21 +27,20 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from pgolf_lit.config import GPTConfig, gpt_config_from_yaml
 from pgolf_lit.errors import ArtifactError, ConfigError, PgolfError
 from pgolf_lit.fileio import atomic_path, atomic_write_text
+from pgolf_lit.model.gpt import roles_of
+from pgolf_lit.model.roles import ParamRole
 from pgolf_lit.quant.artifact import decode_native, decode_upstream, is_native, read_bytes
 from pgolf_lit.quant.quantized import Meta, tensor_keys
-from pgolf_lit.quant.routing import classify
 from pgolf_lit.summary import read_summary
 
 _TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:(\d+)ms")
 _VAL = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+) train_time:(\d+)ms")
 _RESULT = re.compile(r"^(?!step:)(.+?) val_loss:(\S+) val_bpb:(\S+) eval_time:")
-_EVENT = re.compile(r"^(warmup:done|recurrence:activated|late_qat:enabled|swa:start|swa:applied|stopping_early:)")
-_EVENT_STEP = re.compile(r"\bstep:(\d+)")
-_EVENT_TIME = re.compile(r"\btrain_time:(\d+)ms")
 KEPT = "kept float"
-CATEGORY_ORDER = ("embed", "attn", "mlp", "other", KEPT)
+CATEGORY_ORDER = ("embed", "attn", "mlp", "other", "gate", KEPT)
 DPI = 110
 
 
@@ -69,11 +68,12 @@ class Timeline:
         return float(np.interp(step, [0, *steps], [0.0, *times]))
 
 
-def read_timeline(log: Path) -> Timeline:
+def read_timeline(log: Path, events: Optional[dict[str, Any]] = None) -> Timeline:
+    """train.log's train/val/result lines; ``events`` is summary.json's ``events`` section (what the callbacks
+    recorded through ``GolfModule.record_event``), in step order."""
     if not log.is_file():
         raise ReportError(f"{log}: not found; pgolf report reads the directory of a pgolf fit run")
     timeline = Timeline()
-    events: list[tuple[str, int, Optional[float]]] = []
     for line in log.read_text(errors="replace").splitlines():
         if m := _TRAIN.match(line):
             timeline.train.append((int(m.group(1)), float(m.group(2)), float(m.group(3))))
@@ -81,14 +81,10 @@ def read_timeline(log: Path) -> Timeline:
             timeline.val.append((int(m.group(1)), float(m.group(2)), float(m.group(3)), float(m.group(4))))
         elif m := _RESULT.match(line):
             timeline.results[m.group(1)] = (float(m.group(2)), float(m.group(3)))
-        elif m := _EVENT.match(line):
-            step, time = _EVENT_STEP.search(line), _EVENT_TIME.search(line)
-            # warmup (compile priming) runs before the first step, outside the training clock
-            name = m.group(1).rstrip(":")
-            events.append((name, int(step.group(1)) if step else 0, float(time.group(1)) if time else None))
     if not timeline.train:
         raise ReportError(f"{log}: no 'step:N/M train_loss:... train_time:...ms' lines; is this a pgolf fit run?")
-    timeline.events = [(name, step, timeline.time_at(step) if time is None else time) for name, step, time in events]
+    recorded = sorted((events or {}).items(), key=lambda kv: (kv[1]["step"], kv[1]["train_time_ms"]))
+    timeline.events = [(name, int(e["step"]), float(e["train_time_ms"])) for name, e in recorded]
     return timeline
 
 
@@ -104,11 +100,15 @@ def read_lr_scale(metrics_csv: Path) -> list[tuple[int, float]]:
         return [(int(row["step"]) + 1, float(row["lr_scale"])) for row in csv.DictReader(f) if row.get("lr_scale")]
 
 
-def read_quantized(path: Path) -> tuple[dict[str, torch.Tensor], Meta]:
-    """The stored tensors (codes, scales, kept floats) and meta of a native or upstream artifact."""
+def read_quantized(path: Path, run_dir: Path) -> tuple[dict[str, torch.Tensor], Meta, dict[str, ParamRole]]:
+    """The stored tensors (codes, scales, kept floats), meta and the model's parameter roles of a native or upstream
+    artifact (an upstream file holds no model config: the run's config.yaml gives it)."""
     data = read_bytes(path)
-    art = decode_native(data, str(path)) if is_native(data) else decode_upstream(data, str(path))
-    return art.quant, art.meta
+    if is_native(data):
+        art = decode_native(data, str(path))
+        return art.quant, art.meta, roles_of(GPTConfig.from_dict(art.config))
+    art = decode_upstream(data, str(path))
+    return art.quant, art.meta, roles_of(gpt_config_from_yaml(run_dir / "config.yaml"))
 
 
 def read_float_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -178,16 +178,20 @@ class Category:
 
 
 def categorize(
-    quant: dict[str, torch.Tensor], meta: Meta, floats: dict[str, torch.Tensor], floats_source: str = ""
+    quant: dict[str, torch.Tensor],
+    meta: Meta,
+    roles: dict[str, ParamRole],
+    floats: dict[str, torch.Tensor],
+    floats_source: str = "",
 ) -> dict[str, Category]:
-    """Group the artifact's tensors by the records' categories (embed, attn, mlp, other) plus kept floats; with
-    ``floats`` (from ``floats_source``), each tensor's float weights beside its artifact values."""
+    """Group the artifact's tensors by their roles' quant groups (embed, attn, mlp, other, gate) plus kept floats;
+    with ``floats`` (from ``floats_source``), each tensor's float weights beside its artifact values."""
     categories: dict[str, Category] = {}
     for name, info in meta.items():
         if info["kind"] == "raw":
             continue
         quantized = info["kind"] == "int"
-        category = classify(name) if quantized else KEPT
+        category = (roles[name].quant or "other") if quantized else KEPT
         cat = categories.setdefault(category, Category(category))
         cat.tensors += 1
         keys = tensor_keys(name, info)
@@ -407,8 +411,8 @@ def build_report(run_dir: Path, out: Path, ckpt: Optional[Path] = None) -> list[
     """Write the plots and summary.md into ``out``; return the files written."""
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a directory")
-    timeline = read_timeline(run_dir / "train.log")
     summary = read_summary(run_dir)
+    timeline = read_timeline(run_dir / "train.log", summary.get("events"))
     lr = read_lr_scale(run_dir / "metrics.csv")
     artifact = find_artifact(run_dir, summary)
     written = [out / "curves.png"]
@@ -419,7 +423,7 @@ def build_report(run_dir: Path, out: Path, ckpt: Optional[Path] = None) -> list[
     categories: dict[str, Category] = {}
     if artifact is not None:
         floats = read_float_weights(ckpt) if ckpt else {}
-        categories = categorize(*read_quantized(artifact), floats, str(ckpt))
+        categories = categorize(*read_quantized(artifact, run_dir), floats, str(ckpt))
         written += [out / "weights.png", out / "bytes.png"]
         plot_weights(categories, written[-2])
         plot_bytes(categories, artifact.stat().st_size, written[-1])

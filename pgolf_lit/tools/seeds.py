@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pgolf_lit.config import load_yaml
+from pgolf_lit.config import load_config
 from pgolf_lit.errors import ConfigError, PgolfError
 from pgolf_lit.fileio import atomic_write_text
 from pgolf_lit.stats import (
@@ -191,7 +191,7 @@ def eval_figures(test_dir: Path, methods: Sequence[str]) -> dict[str, Any]:
 
 def configured_methods(fit_dir: Path) -> list[str]:
     """The test passes of the config the run saved (``model.test_methods``), in order."""
-    methods = (load_yaml(fit_dir / "config.yaml").get("model") or {}).get("test_methods")
+    methods = (load_config(fit_dir / "config.yaml").get("model") or {}).get("test_methods")
     if not methods:
         raise ConfigError(f"{fit_dir / 'config.yaml'}: model.test_methods is empty; the sweep needs a scored pass")
     return list(methods)

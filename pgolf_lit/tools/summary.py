@@ -1,6 +1,7 @@
 """``pgolf summary --config X``: what a user checks before spending GPU money.
 
-Prints the total parameter count (``total_params: N``), the count by category, the layer schedule with and
+Prints the total parameter count (``total_params: N``), the count by owning technique (each parameter's declared
+role), the layer schedule with and
 without recurrence, and an estimate of the int6 artifact size.
 
 The size estimate is the entropy of Gaussian weights quantized the way PR #1394 does (SDClip k = 12.85 σ on
@@ -16,26 +17,7 @@ import math
 
 from pgolf_lit.config import gpt_config_from_yaml
 from pgolf_lit.model.gpt import GPT
-
-KEEP_FLOAT_MAX_NUMEL = 65_536
-
-
-def category(name: str) -> str:
-    if name.startswith(("tok_emb", "lm_head", "embed_proj", "head_proj")):
-        return "embeddings"
-    if ".attn.c_" in name or ".attn.proj" in name:
-        return "attention"
-    if ".mlp." in name:
-        return "mlp"
-    if name.startswith("bigram"):
-        return "bigram"
-    if name.startswith(("ve_shared", "ve_layer_scales")):
-        return "value_embedding"
-    if name.startswith(("iter_embed", "iter_gate")):
-        return "iteration_conditioning"
-    if name.startswith("mtp_heads"):
-        return "mtp_heads"
-    return "control"
+from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL
 
 
 def gaussian_code_bits(clip_sigmas: float, bits: int) -> float:
@@ -47,11 +29,13 @@ def gaussian_code_bits(clip_sigmas: float, bits: int) -> float:
 def estimate_artifact_bytes(model: GPT) -> int:
     total_bits = 0.0
     for name, p in model.state_dict().items():
-        if p.numel() <= KEEP_FLOAT_MAX_NUMEL:
+        role = model.roles[name]
+        if not role.exported:
+            continue
+        if p.numel() <= KEEP_FLOAT_MAX_NUMEL or role.is_control:
             total_bits += 16 * p.numel()
             continue
-        embed = name.startswith(("tok_emb", "lm_head"))
-        bits = gaussian_code_bits(20.0, 8) if embed else gaussian_code_bits(12.85, 6)
+        bits = gaussian_code_bits(20.0, 8) if role.quant == "embed" else gaussian_code_bits(12.85, 6)
         total_bits += bits * p.numel() + 16 * p.shape[0]
     return int(total_bits / 8)
 
@@ -59,7 +43,8 @@ def estimate_artifact_bytes(model: GPT) -> int:
 def summarize(model: GPT) -> list[str]:
     by_cat: dict[str, int] = {}
     for name, p in model.named_parameters():
-        by_cat[category(name)] = by_cat.get(category(name), 0) + p.numel()
+        component = model.roles[name].component
+        by_cat[component] = by_cat.get(component, 0) + p.numel()
     lines = [f"total_params: {model.num_params()}"]
     lines += [f"  {cat}: {n}" for cat, n in sorted(by_cat.items(), key=lambda kv: -kv[1])]
     active = model.recurrence_active

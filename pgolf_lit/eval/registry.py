@@ -1,0 +1,63 @@
+"""Evaluation methods by name. Each method registers itself, with its settings dataclass, in the file that
+implements it (``windows.py``: standard, sliding; ``slot.py``: slot, causal_slot; ``ttt.py``: ttt), the way
+codecs sit in ``CODECS``; ``EvalSettings`` (``runner.py``) gets one field per registered method, so a new method
+is one file plus one ``register_eval_method`` call (and its import in ``pgolf_lit/eval/__init__.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from torch import Tensor, nn
+
+from pgolf_lit.eval.context import ForwardOptions
+from pgolf_lit.eval.recording import ScoreRecorder
+from pgolf_lit.metrics import BitsPerByte
+
+
+@dataclass(frozen=True)
+class PassSetup:
+    """What every pass gets besides its own settings: the shared window geometry and how to run."""
+
+    seq_len: int
+    stride: int
+    rank: int = 0
+    world_size: int = 1
+    options: ForwardOptions = ForwardOptions()
+    progress: bool = False
+    recorder: Optional[ScoreRecorder] = None
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    """What a pass reports besides its scores: the compliance verdict and extra ``key:value`` result fields."""
+
+    compliant: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+RunFn = Callable[[nn.Module, Tensor, BitsPerByte, Any, PassSetup], PassOutcome]
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """A registered pass. ``quantized_label`` is its upstream result-line label when scoring an artifact
+    (``{q}`` becomes the code width, e.g. ``final_{q}_roundtrip``); ``float_suffix`` follows
+    ``pre-quantization`` when scoring float weights."""
+
+    name: str
+    settings: type
+    run: RunFn
+    quantized_label: str
+    float_suffix: str
+    description: str = ""
+
+
+EVAL_METHODS: dict[str, EvalMethod] = {}
+
+
+def register_eval_method(method: EvalMethod) -> EvalMethod:
+    if method.name in EVAL_METHODS:
+        raise ValueError(f"eval method {method.name!r} is registered twice")
+    EVAL_METHODS[method.name] = method
+    return method

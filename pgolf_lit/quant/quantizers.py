@@ -1,0 +1,91 @@
+"""Quantizers by name: how one tensor too large to keep as a float becomes integer codes and scales.
+
+A quantizer is one function registered with ``register_quantizer`` in the file that implements it (``rtn.py``
+registers ``rtn``, ``gptq.py`` registers ``gptq``), the way codecs sit in ``CODECS`` and loaders in ``LOADERS``.
+A ``TensorRule`` names the quantizer and carries the knobs every quantizer reads (bits, scale rule, clip);
+quantizer-specific settings travel in their own dataclass (``GPTQSettings`` next to GPTQ). The export applies one
+rule per quant group (``ExportConfig.attn``/``mlp``/``embed``/``other``/``gate``), chosen by each tensor's declared
+role (``pgolf_lit.model.roles``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
+
+from torch import Tensor
+
+from pgolf_lit.errors import ConfigError
+
+# Float tensors with at most this many elements are stored as floats (the comparison is <=), in every record.
+KEEP_FLOAT_MAX_NUMEL = 65_536
+
+
+@dataclass
+class Quantized:
+    """Integer codes (int8 storage, the weight's shape) and their scale: fp16 ``[rows]`` or a 0-d tensor."""
+
+    q: Tensor
+    scale: Tensor
+    percentile: Optional[float] = None  # the winning candidate of a percentile search
+
+
+def clip_range(bits: int) -> int:
+    """R = 2^(bits-1) - 1: the symmetric code range [-R, R]."""
+    if not 2 <= bits <= 8:
+        raise ConfigError(f"bits: must lie in [2, 8] (codes are stored one per int8), got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+ScaleRule = Literal["quantile", "percentile_search", "sdclip", "row_amax"]
+SCALE_RULES: tuple[str, ...] = ("quantile", "percentile_search", "sdclip", "row_amax")
+
+
+@dataclass
+class TensorRule:
+    """How the large tensors of one quant group are quantized."""
+
+    bits: int = 6
+    """Code width in [2, 8]: codes lie in [-R, R] with R = 2^(bits-1) - 1, stored one per byte."""
+    method: str = "gptq"
+    """A registered quantizer: ``rtn`` (round to nearest) or ``gptq`` (needs a Hessian; see ``QUANTIZERS``)."""
+    scale: ScaleRule = "sdclip"
+    """Per-row scale: ``quantile`` (baseline int8 clip, RTN only), ``percentile_search`` (five clip percentiles, 1/R
+    floor), ``sdclip`` (``clip_sigmas`` row standard deviations), ``row_amax`` (max |w| of the row, PR #1855 gates)."""
+    clip_sigmas: float = 12.85
+    """k of the SDClip scale k·std_row/R (PR #1394: 12.85 matrices, 20 embeddings; PR #1855: 13 attn, 11.5 MLP, 14 embed)."""
+
+    def validate(self, where: str) -> None:
+        try:
+            clip_range(self.bits)
+        except ConfigError:
+            raise ConfigError(f"{where}.bits: must lie in [2, 8], got {self.bits}") from None
+        if self.method not in QUANTIZERS:
+            raise ConfigError(f"{where}.method: unknown quantizer {self.method!r}; expected one of {sorted(QUANTIZERS)}")
+        allowed = QUANTIZERS[self.method].scales
+        if self.scale not in allowed:
+            raise ConfigError(f"{where}.scale: {self.method} takes one of {list(allowed)}, got {self.scale!r}")
+        if self.scale == "sdclip" and not self.clip_sigmas > 0:
+            raise ConfigError(f"{where}.clip_sigmas: must be positive, got {self.clip_sigmas}")
+
+
+# (name, tensor, rule, bits, hessian or None, quantizer settings) -> (codes + scale, meta fields saying how)
+QuantizeFn = Callable[[str, Tensor, TensorRule, int, Optional[Tensor], Any], tuple[Quantized, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    name: str
+    quantize: QuantizeFn
+    scales: tuple[str, ...]
+    needs_hessian: bool = False
+
+
+QUANTIZERS: dict[str, Quantizer] = {}
+
+
+def register_quantizer(quantizer: Quantizer) -> Quantizer:
+    if quantizer.name in QUANTIZERS:
+        raise ValueError(f"quantizer {quantizer.name!r} is registered twice")
+    QUANTIZERS[quantizer.name] = quantizer
+    return quantizer

@@ -1,0 +1,292 @@
+"""The joints between the layers: declared parameter roles, the registries, records as YAML overlays, the
+callbacks' package name and the package list. Everything here runs real components (GPTs, the optimizer
+builder, the exporter, the LightningCLI parser) on CPU in seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pgolf_lit.config import CONFIG_DIR, GPTConfig, callback_init_args, load_config, load_yaml, merge_configs
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.model import attention as attention_module
+from pgolf_lit.model.gpt import GPT
+from pgolf_lit.model.roles import control, declare_roles, parameter_roles
+from pgolf_lit.optim.groups import OptimConfig, route_parameters
+from pgolf_lit.quant.export import ExportConfig, quantize_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+TINY_TWINS = sorted((CONFIG_DIR / "records").glob("*_tiny.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter roles
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GatedAttention(attention_module.CausalSelfAttention):
+    """A newcomer's per-head output gate, with (or without) its role declared where it is created."""
+
+    declare = True
+
+    def __init__(self, dim, num_heads, num_kv_heads, **kwargs):
+        super().__init__(dim, num_heads, num_kv_heads, **kwargs)
+        self.head_gate = nn.Parameter(torch.zeros(num_heads, 16))  # 32 values: within QuantGate's range
+        if self.declare:
+            declare_roles(self, head_gate=control("head_gate", quant="gate"))
+
+
+def gated_gpt(monkeypatch, declare: bool) -> GPT:
+    monkeypatch.setattr(GatedAttention, "declare", declare)
+    monkeypatch.setattr("pgolf_lit.model.gpt.CausalSelfAttention", GatedAttention)
+    return GPT(GPTConfig(**TINY))
+
+
+def test_an_undeclared_parameter_fails_at_construction_naming_it(monkeypatch):
+    with pytest.raises(ConfigError, match=r"parameter blocks\.0\.attn\.head_gate of GatedAttention declares no role"):
+        gated_gpt(monkeypatch, declare=False)
+
+
+def test_a_declared_gate_is_routed_and_exported_by_its_role_alone(monkeypatch):
+    """The issue's newcomer case: no YAML list names the gate, and still Muon never sees it and the export keeps
+    it float (or int8 per row with a gate rule), while its layer is known to the TTT freeze rule."""
+    model = gated_gpt(monkeypatch, declare=True)
+    roles = parameter_roles(model)
+    assert roles["blocks.1.attn.head_gate"].layer == 1 and roles["blocks.1.attn.head_gate"].is_control
+    routing = route_parameters(model, OptimConfig())
+    scalar, muon = {n for n, _ in routing.scalar}, {n for n, _ in routing.muon}
+    assert {"blocks.0.attn.head_gate", "blocks.1.attn.head_gate"} <= scalar
+    assert not any("head_gate" in n for n in muon)
+    sd = model.state_dict()
+    _, meta = quantize_state_dict(sd, ExportConfig(keep_float_max_numel=0), roles=roles)
+    assert meta["blocks.0.attn.head_gate"]["kind"] == "float"
+    assert meta["blocks.0.attn.c_q.weight"]["kind"] == "int"
+    gate_rule = ExportConfig(keep_float_max_numel=0, gate={"bits": 8, "method": "rtn", "scale": "row_amax"})
+    quant, meta = quantize_state_dict(sd, gate_rule, {}, roles=roles)
+    assert meta["blocks.0.attn.head_gate"]["kind"] == "int" and quant["blocks.0.attn.head_gate.q"].dtype == torch.int8
+
+
+def test_every_parameter_of_every_record_has_one_role_and_one_optimizer():
+    from pgolf_lit.optim.presets import record_optim_config
+
+    for path in sorted((CONFIG_DIR / "records").glob("*_tiny.yaml")) + [CONFIG_DIR / "baseline_sp1024.yaml"]:
+        cfg = load_config(path)
+        model = GPT(GPTConfig.from_dict(cfg["model"].get("gpt") or {}))
+        routing = route_parameters(model, OptimConfig.from_dict(cfg["model"].get("optim") or {}))
+        routed = [n for group in (routing.token, routing.head, routing.muon, routing.scalar, routing.no_optimizer)
+                  for n, _ in group]
+        assert sorted(routed) == sorted(model.roles) == sorted(n for n, _ in model.named_parameters()), path.name
+        assert all(model.roles[n].kind == "matrix" for n, _ in routing.muon), path.name
+    assert record_optim_config("pr1394") == OptimConfig.from_dict(load_config(CONFIG_DIR / "records" /
+                                                                               "pr1394_sp8192_loop45.yaml")["model"]["optim"])
+
+
+def test_record_dtypes_come_from_the_roles():
+    from pgolf_lit.model.convert import to_upstream_state_dict
+
+    model = GPT(GPTConfig(**TINY, recurrence="inplace", recur_layers=[1], iter_conditioning=True, bigram_vocab_size=32))
+    sd = to_upstream_state_dict(model)
+    bf16 = sorted(n for n, t in sd.items() if t.dtype == torch.bfloat16)
+    assert bf16 == ["bigram.embed.weight", "iter_embed", "iter_gate", "tok_emb.weight"]
+
+
+def test_dtg_in_parallel_lanes_is_refused():
+    with pytest.raises(ConfigError, match="gpt.dtg"):
+        GPTConfig(**{**TINY, "num_layers": 3}, dtg=True, parallel_start_layer=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_registered_eval_method_gets_a_settings_section_and_runs(monkeypatch):
+    """One file plus one registration: the registry entry is all run_method and EvalSettings need. (The composite
+    settings class is built at import, so this registers into a copy of the registry and rebuilds it.)"""
+    from pgolf_lit.eval import EVAL_METHODS, EvalMethod, PassOutcome, Weights, evaluation_context, run_method
+    from pgolf_lit.eval import registry, runner
+
+    @dataclasses.dataclass
+    class HalfSettings:
+        every: int = 2
+        """Score every n-th sequence."""
+
+    def run_half(model, tokens, metric, cfg, setup):
+        from pgolf_lit.eval.windows import evaluate_windows, sequence_windows
+
+        windows = sequence_windows(tokens.numel() - 1, setup.seq_len)[:: cfg.every]
+        evaluate_windows(model, tokens, metric, windows, seq_len=setup.seq_len, batch_windows=4)
+        return PassOutcome(compliant=True, extra={"every": cfg.every})
+
+    methods = dict(EVAL_METHODS)
+    monkeypatch.setattr(registry, "EVAL_METHODS", methods)
+    monkeypatch.setattr(runner, "EVAL_METHODS", methods)
+    registry.register_eval_method(EvalMethod("half", HalfSettings, run_half, "final_{q}_half", "half"))
+    Settings = dataclasses.make_dataclass(
+        "EvalSettings", [(n, m.settings, dataclasses.field(default_factory=m.settings)) for n, m in methods.items()],
+        bases=(runner.EvalBase,),
+    )
+    settings = Settings.from_dict({"seq_len": 16, "stride": 8, "half": {"every": 3}})
+    assert settings.half == HalfSettings(every=3)
+    model = GPT(GPTConfig(**TINY))
+    tokens = torch.randint(0, 64, (16 * 9 + 1,))
+    luts = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.ones(64, dtype=torch.bool))
+    ctx = evaluation_context(settings, precision="32-true", device=torch.device("cpu"), compile=False,
+                             weights=Weights(quantized=True, tag="int6"))
+    result = run_method("half", model, tokens, luts, ctx)
+    assert result.label == "final_int6_half" and result.tokens == 3 * 16 and result.extra == {"every": 3}
+
+
+def test_quantizers_are_a_registry():
+    from pgolf_lit.quant.quantizers import QUANTIZERS, TensorRule
+
+    assert {"rtn", "gptq"} <= set(QUANTIZERS) and QUANTIZERS["gptq"].needs_hessian
+    with pytest.raises(ConfigError, match="gptq takes one of"):
+        TensorRule(bits=6, method="gptq", scale="quantile").validate("export.mlp")
+
+
+def test_test_passes_run_on_every_rank_whatever_the_sampler_flag(run_cwd):
+    """Under DDP with Lightning's distributed sampler on, every rank still runs every pass (a sampler that split
+    the passes would deadlock their collectives or drop passes)."""
+    from pgolf_lit.summary import read_summary
+
+    config = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
+    cmd = [sys.executable, "-m", "pgolf_lit.cli", "test", "--config", str(config), "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--trainer.use_distributed_sampler", "true", "--data.val_max_tokens", "2048",
+           "--data.grad_accum_base", "2",
+           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.version", "t"]
+    out = subprocess.run(cmd, cwd=run_cwd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tested = read_summary(run_cwd / "runs" / config.stem / "t")["test"]
+    assert sorted(tested) == ["sliding", "standard"]
+    assert all(r["label"].startswith("pre-quantization") for r in tested.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Records as YAML overlays
+# ---------------------------------------------------------------------------------------------------------
+
+# What a CPU twin may change: sizes, step counts and where the data is. Everything else is a switch.
+SIZE_FIELDS = {
+    "gpt": {"vocab_size", "model_dim", "embedding_dim", "num_heads", "num_kv_heads", "rope_dims", "rope_train_seq_len",
+            "bigram_vocab_size", "bigram_dim", "ve_dim"},
+}
+SCALE_KEYS = {
+    "trainer": {"accelerator", "precision", "max_steps", "val_check_interval", "log_every_n_steps", "logger",
+                "callbacks"},
+    "model": {"gpt", "schedule", "evaluation", "compile", "train_log_every"},
+}
+CALLBACK_SCALE_ARGS = {"max_seconds", "steps", "recurrent_steps", "decay", "every", "at_step", "calibration_batches",
+                       "export"}
+EVAL_SCALE_ARGS = {"seq_len", "stride", "steps", "batch_windows", "chunk_tokens", "epochs", "batch_seqs"}
+
+
+@pytest.mark.parametrize("tiny", TINY_TWINS, ids=lambda p: p.stem)
+def test_every_tiny_twin_is_an_overlay_that_keeps_its_records_switches(tiny):
+    record = tiny.with_name(tiny.name.replace("_tiny", ""))
+    overlay = load_yaml(tiny)
+    assert overlay["extends"] == record.name
+    for section, keys in SCALE_KEYS.items():
+        assert set(overlay.get(section) or {}) <= keys, (section, set(overlay[section]) - keys)
+    for cb in overlay["trainer"].get("callbacks") or []:
+        assert set(cb.get("init_args") or {}) <= CALLBACK_SCALE_ARGS, cb
+        assert set((cb.get("init_args") or {}).get("export") or {}) <= {"keep_float_max_numel"}, cb
+    assert set(overlay["model"].get("gpt") or {}) <= SIZE_FIELDS["gpt"]
+    for name, section in (overlay["model"].get("evaluation") or {}).items():
+        if isinstance(section, dict):
+            assert set(section) <= EVAL_SCALE_ARGS, (name, section)
+
+    merged, base = load_config(tiny), load_config(record)
+    assert [c["class_path"] for c in merged["trainer"]["callbacks"]] == [c["class_path"] for c in base["trainer"]["callbacks"]]
+    assert merged["model"]["test_methods"] == base["model"]["test_methods"]
+    gpt_tiny, gpt_base = GPTConfig.from_dict(merged["model"]["gpt"]), GPTConfig.from_dict(base["model"]["gpt"])
+    switches = {f.name for f in dataclasses.fields(GPTConfig)} - SIZE_FIELDS["gpt"]
+    assert {k: getattr(gpt_tiny, k) for k in switches} == {k: getattr(gpt_base, k) for k in switches}
+    assert merged["model"].get("optim") == base["model"].get("optim")
+    tiny_export = ExportConfig.from_dict(callback_init_args(merged, "GPTQExport")["export"])
+    base_export = ExportConfig.from_dict(callback_init_args(base, "GPTQExport")["export"])
+    assert dataclasses.replace(tiny_export, keep_float_max_numel=0) == dataclasses.replace(base_export, keep_float_max_numel=0)
+
+
+@pytest.mark.parametrize("tiny", TINY_TWINS[:2], ids=lambda p: p.stem)
+def test_stacked_configs_equal_the_overlay(tiny):
+    from pgolf_lit.cli import make_cli
+
+    record = tiny.with_name(tiny.name.replace("_tiny", ""))
+    alone = make_cli(["--config", str(tiny)], run=False).config
+    stacked = make_cli(["--config", str(record), "--config", str(tiny)], run=False).config
+    assert alone == stacked
+    assert alone.model.gpt.model_dim == 64
+    assert len(alone.trainer.callbacks) == len(load_config(record)["trainer"]["callbacks"])
+
+
+def test_merge_configs_matches_callbacks_by_class():
+    base = {"trainer": {"callbacks": [{"class_path": "A", "init_args": {"x": 1, "y": 2}},
+                                      {"class_path": "B", "init_args": {"z": 3}}]}, "model": {"gpt": {"a": 1}}}
+    over = {"trainer": {"callbacks": [{"class_path": "B", "init_args": {"z": 4}}, {"class_path": "C"}]},
+            "model": {"gpt": {"b": 2}}}
+    merged = merge_configs(base, over)
+    assert merged["trainer"]["callbacks"] == [{"class_path": "A", "init_args": {"x": 1, "y": 2}},
+                                              {"class_path": "B", "init_args": {"z": 4}}, {"class_path": "C"}]
+    assert merged["model"]["gpt"] == {"a": 1, "b": 2}
+
+
+def test_extends_loops_and_bad_values_are_one_line_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: [x]\n")
+    with pytest.raises(ConfigError, match="c.yaml: 'extends' must be the path"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_no_record_procedure_hides_in_python():
+    import pgolf_lit.eval.slot as slot
+    import pgolf_lit.quant.export as export
+
+    assert not hasattr(slot, "SLOT_PRESETS") and not hasattr(export, "PRESETS")
+    assert not hasattr(ExportConfig, "preset")
+    for path in (CONFIG_DIR / "records").glob("*.yaml"):
+        text = path.read_text()
+        assert "control_tensor_patterns" not in text and "scheme:" not in text, path.name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The callbacks package and the package list
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_users_callbacks_module_does_not_shadow_ours(tmp_path):
+    """A callbacks.py in the working directory (a common name) must not break any record config."""
+    (tmp_path / "callbacks.py").write_text("raise SystemExit('the user module was imported')\n")
+    config = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
+    code = (
+        "from pgolf_lit.cli import make_cli\n"
+        f"cli = make_cli(['--config', {str(config)!r}, '--trainer.logger', 'false'], run=False)\n"
+        "print(sorted(type(c).__name__ for c in cli.trainer.callbacks if type(c).__module__.startswith('pgolf_lit')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "GPTQExport" in out.stdout and "EMA" in out.stdout
+
+
+def test_setup_cfg_lists_every_package():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    found = {"pgolf_lit"} | {f"pgolf_lit.{p.parent.name}" for p in (ROOT / "pgolf_lit").glob("*/__init__.py")}
+    assert found | {"pgolf_lit.callbacks"} == listed
+    assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks"]
