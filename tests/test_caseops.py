@@ -30,8 +30,9 @@ from pgolf_lit.data.shards import (
     load_validation_tokens,
     write_shard,
 )
-from pgolf_lit.data.tokenizer import SPACE, encode_with_surfaces, load_tokenizer
+from pgolf_lit.data.tokenizer import SPACE, default_tokenizer_path, encode_with_surfaces, load_tokenizer
 from pgolf_lit.errors import DataError, PgolfError
+from pgolf_lit.tools import data_cmd
 
 FIXTURES = fixture_root("PGOLF_PR1855_FIXTURES", "pr1855")
 CASE = FIXTURES / "data" / "pr1855_caseops" if FIXTURES else None
@@ -137,13 +138,13 @@ def test_fixture_shards_are_rebuilt_byte_for_byte(tmp_path):
     """``pgolf data build --caseops --tokenizer <the record's model>`` on the fixture's documents writes the
     fixture's val shard and byte sidecar exactly (one extra document is the required training split)."""
     meta = fixture_json("documents.json")
+    assert meta["shards"]["equal_to_concatenated_documents"]  # every fixture document is a val document
     texts = [d["text"] for d in meta["documents"]]
     inputs = write_docs(tmp_path / "docs.jsonl", [*texts, "One more document, for the training split."])
     out = tmp_path / "out"
     vocab = meta["special_ids"]["vocab_size"]
-    assert prepare.main(["--caseops", "--input", str(inputs), "--vocab-size", str(vocab), "--out", str(out),
-                         "--val-docs", str(len(texts)), "--tokenizer", str(fixture_tokenizer_path()),
-                         "--no-progress"]) == 0
+    data_cmd.main(["build", "--caseops", "--input", str(inputs), "--vocab-size", str(vocab), "--out", str(out),
+                   "--val-docs", str(len(texts)), "--tokenizer", str(fixture_tokenizer_path()), "--no-progress"])
     built = out / "datasets" / f"fineweb10B_sp{vocab}_lossless_caps_caseops_v1_reserved"
     for name in meta["shards"]["files"]:
         assert (built / name).read_bytes() == (CASE / meta["shards"]["dir"] / name).read_bytes(), name
@@ -334,7 +335,10 @@ def test_embedded_corpus_builds_as_caseops(tmp_path):
     manifest = prepare.build_embedded_dataset(folder, 512, progress=False)
     (dataset,) = manifest["datasets"]
     assert dataset["name"] == folder.name and "val_bytes_glob" in dataset
-    sp = load_tokenizer(tmp_path / "tokenizers" / "fineweb_512_bpe_lossless_caps_caseops_v1_reserved.model", 512)
+    model = tmp_path / "tokenizers" / "fineweb_512_bpe_lossless_caps_caseops_v1_reserved.model"
+    assert default_tokenizer_path(folder, 512) == model
+    assert default_tokenizer_path(tmp_path / "datasets" / "demo_sp512", 512).name == "fineweb_512_bpe.model"
+    sp = load_tokenizer(model, 512)
     assert is_caseops_tokenizer(sp)
     tokens = load_validation_tokens(folder, 128)
     sidecar = load_validation_byte_sidecar(folder, tokens.numel())

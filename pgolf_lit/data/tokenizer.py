@@ -59,6 +59,17 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
     return sp
 
 
+def default_tokenizer_path(data_dir: str | os.PathLike, vocab_size: int) -> Path:
+    """The tokenizer of a dataset folder ``<root>/datasets/<name>`` in the upstream layout:
+    ``<root>/tokenizers/fineweb_<V>_bpe.model``, or ``fineweb_<V>_bpe_lossless_caps_caseops_v1_reserved.model`` when
+    the folder is a CaseOps one (its name ends in ``_lossless_caps_caseops_v1_reserved``, as the public export's)."""
+    from pgolf_lit.data.caseops import RESERVED_SUFFIX
+
+    data_dir = Path(data_dir)
+    tail = f"_{RESERVED_SUFFIX}" if data_dir.name.endswith(f"_sp{vocab_size}_{RESERVED_SUFFIX}") else ""
+    return data_dir.parent.parent / "tokenizers" / f"fineweb_{vocab_size}_bpe{tail}.model"
+
+
 def has_byte_fallback(sp) -> bool:
     return any(sp.is_byte(i) for i in range(sp.vocab_size()))
 
