@@ -2,7 +2,7 @@
 
 Every token of the shards is its own global position code (position + 2) except the BOS tokens (1), placed at known
 document starts, so every packed row read back tells where it came from. Expected spans come from a small
-reference written here from the loader's description (spec: leaderboard §4.8, data Appendix A).
+reference written here from the description of PR #1855 train_gpt.py DocumentPackingLoader.
 """
 
 from __future__ import annotations
