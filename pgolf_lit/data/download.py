@@ -8,6 +8,11 @@ is validated (header and size) before it is put in place, an invalid local shard
 reads a local mirror of the repository instead of the hub (tests, air-gapped machines), and an offline or
 unreachable hub ends in one clear line instead of a traceback (at once with HF_HUB_OFFLINE=1; after
 huggingface_hub's own retries, about half a minute, without it).
+
+The CaseOps variant of PR #1855 (``--variant sp8192_caseops``, upstream's ``sp8192_lossless_caps_caseops_v1_reserved``)
+is the public export ``romeerp/parameter-golf-caseops-v1`` (the default repo for it), fetched the same way plus the
+validation byte sidecars ``fineweb_val_bytes_NNNNNN.bin``, each checked to align with its val shard (as the
+CaseOps record's cached_challenge_fineweb.py, which fetches them when the dataset lists ``val_bytes_glob``).
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pgolf_lit.data.shards import read_num_tokens, shard_name
+from pgolf_lit.data.caseops import RESERVED_SUFFIX, TRANSFORM_NAME
+from pgolf_lit.data.shards import byte_sidecar_name, read_num_tokens, shard_name
 from pgolf_lit.errors import DataError, PgolfError
 from pgolf_lit.fileio import atomic_path
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+CASEOPS_REPO_ID = "romeerp/parameter-golf-caseops-v1"
+CASEOPS_VARIANT_ALIAS = "_caseops"
 DEFAULT_REMOTE_ROOT = "datasets"
 DEFAULT_TRAIN_SHARDS = 80
 MANIFEST = "manifest.json"
@@ -35,11 +43,29 @@ ESCAPE_ROUTES = (
 )
 
 
+def _caseops_vocab(variant: str) -> str | None:
+    """The ``<V>`` of a CaseOps variant (``sp<V>_caseops`` or ``sp<V>_lossless_caps_caseops_v1_reserved``)."""
+    for tail in (CASEOPS_VARIANT_ALIAS, f"_{RESERVED_SUFFIX}"):
+        if variant.startswith("sp") and variant.endswith(tail) and variant[2 : -len(tail)].isdigit():
+            return variant[2 : -len(tail)]
+    return None
+
+
+def is_caseops_variant(variant: str) -> bool:
+    return _caseops_vocab(variant) is not None
+
+
 def dataset_name_for_variant(variant: str) -> str:
-    """``sp<V>`` -> ``fineweb10B_sp<V>``, ``byte260`` -> ``fineweb10B_byte260``; anything else is an error."""
+    """``sp<V>`` -> ``fineweb10B_sp<V>``, ``byte260`` -> ``fineweb10B_byte260``, ``sp<V>_caseops`` ->
+    ``fineweb10B_sp<V>_lossless_caps_caseops_v1_reserved``; anything else is an error."""
     if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
         return f"fineweb10B_{variant}"
-    raise DataError(f"unsupported variant {variant!r}: expected sp<VOCAB_SIZE> (e.g. sp1024) or byte260")
+    if (vocab := _caseops_vocab(variant)) is not None:
+        return f"fineweb10B_sp{vocab}_{RESERVED_SUFFIX}"
+    raise DataError(
+        f"unsupported variant {variant!r}: expected sp<VOCAB_SIZE> (e.g. sp1024), sp<VOCAB_SIZE>_caseops "
+        f"(e.g. sp8192_caseops) or byte260"
+    )
 
 
 def local_path_for_remote(path_in_repo: str, data_root: Path, remote_root: str) -> Path:
@@ -211,10 +237,12 @@ def download_dataset(
     """Fetch the manifest, the val shards, the first ``train_shards`` train shards and the tokenizer of a variant.
 
     ``repo_id``/``remote_root`` default to $MATCHED_FINEWEB_REPO_ID / $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX as
-    upstream (else willdepueoai/parameter-golf and ``datasets``). Returns a summary: the dataset and tokenizer
-    paths and how many files were fetched and already present.
+    upstream (else willdepueoai/parameter-golf, or romeerp/parameter-golf-caseops-v1 for a CaseOps variant, and
+    ``datasets``). A CaseOps variant also fetches the val byte sidecars and checks each against its val shard.
+    Returns a summary: the dataset and tokenizer paths and how many files were fetched and already present.
     """
-    repo_id = repo_id or os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID)
+    caseops = is_caseops_variant(variant)
+    repo_id = repo_id or os.environ.get("MATCHED_FINEWEB_REPO_ID", CASEOPS_REPO_ID if caseops else DEFAULT_REPO_ID)
     if remote_root is None:
         remote_root = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT)
     data_root = Path(data_root)
@@ -257,14 +285,31 @@ def download_dataset(
     tokenizer = next((t for t in manifest.get("tokenizers", []) if t.get("name") == tokenizer_name), None)
     if tokenizer is None:
         raise DataError(f"{manifest_path}: tokenizer {tokenizer_name!r} of dataset {dataset_name} not in the manifest")
+    transform = tokenizer.get("text_transform")
+    if caseops and transform not in (None, TRANSFORM_NAME):
+        raise DataError(
+            f"{manifest_path}: tokenizer {tokenizer_name!r} has text_transform {transform!r}, the CaseOps variant "
+            f"{variant} needs {TRANSFORM_NAME!r}"
+        )
+    with_sidecar = caseops or bool(dataset.get("val_bytes_glob"))
 
     dataset_prefix = remote(f"datasets/{dataset_name}")
     wanted = [remote(name) for name in DOCS_FILES] if with_docs else []
     wanted += [f"{dataset_prefix}/{shard_name('val', i)}" for i in range(files_val)]
+    if with_sidecar:
+        wanted += [f"{dataset_prefix}/{byte_sidecar_name(i)}" for i in range(files_val)]
     wanted += [f"{dataset_prefix}/{shard_name('train', i)}" for i in range(train_shards)]
     wanted += [remote(path) for path in tokenizer_artifacts(tokenizer)]
 
     fetched = manifest_fetched + _fetch_all(source, wanted, local, progress=progress)
+    if with_sidecar:
+        for i in range(files_val):
+            val, sidecar = (local(f"{dataset_prefix}/{name}") for name in (shard_name("val", i), byte_sidecar_name(i)))
+            if read_num_tokens(sidecar) != read_num_tokens(val):
+                raise DataError(
+                    f"{sidecar}: byte sidecar has {read_num_tokens(sidecar)} entries, its val shard {val.name} has "
+                    f"{read_num_tokens(val)} tokens (delete both and download again)"
+                )
     return {
         "dataset_dir": local(dataset_prefix),
         "tokenizer_files": [local(remote(p)) for p in tokenizer_artifacts(tokenizer)],
@@ -296,14 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
             "manifest.json (as upstream data/cached_challenge_fineweb.py). Files already present are skipped."
         ),
     )
-    parser.add_argument("--variant", default="sp1024", help="sp<V> (sp1024, sp4096, sp8192) or byte260; default sp1024")
+    parser.add_argument("--variant", default="sp1024",
+                        help="sp<V> (sp1024, sp4096, sp8192), byte260, or sp8192_caseops (PR #1855's CaseOps export "
+                             "with its val byte sidecar; repo romeerp/parameter-golf-caseops-v1); default sp1024")
     parser.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
                         help=f"fetch the first N training shards (100M tokens each); default {DEFAULT_TRAIN_SHARDS}. "
                              f"The validation split is always fetched in full.")
     parser.add_argument("--data-root", default="data", help="local data root (default ./data, as upstream)")
     parser.add_argument("--repo-id", default=None,
-                        help=f"dataset repo (default $MATCHED_FINEWEB_REPO_ID or {DEFAULT_REPO_ID}; "
-                             f"kevclark/parameter-golf has sp4096 and sp8192)")
+                        help=f"dataset repo (default $MATCHED_FINEWEB_REPO_ID or {DEFAULT_REPO_ID}, for a CaseOps "
+                             f"variant {CASEOPS_REPO_ID}; kevclark/parameter-golf has sp4096 and sp8192)")
     parser.add_argument("--remote-root", default=None,
                         help=f"folder inside the repo (default $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or "
                              f"{DEFAULT_REMOTE_ROOT})")

@@ -11,6 +11,9 @@ optimizer step makes G of them (spec/data.md §9):
   proportion to its remaining windows).
 - ``CoprimeStrideLoader``: PR #1334/#1333/#1421 and the 2026-03-29 record (per-shard coprime-stride cursors, a
   shard mix that widens as training progresses).
+- ``DocumentPackingLoader``: PR #1855 (and the records from 2026-04-10_VarLenAttn on): each call gives one packed
+  row ``(1, tokens_per_rank)`` per rank plus its document boundaries ``cu_seqlens`` for variable-length attention
+  (a ``PackedBatch``, not an ``(x, y)`` pair).
 
 The random loaders draw from numpy's PCG64 in exactly upstream's order, so they give upstream's batches.
 
@@ -27,12 +30,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
+from pgolf_lit.data.packing import CU_SEQLENS_BUCKET, build_cu_seqlens
 from pgolf_lit.data.shards import list_shards, load_shard, read_num_tokens
+from pgolf_lit.data.tokenizer import BOS_ID
 from pgolf_lit.errors import ConfigError, DataError
 
 # CoprimeStrideLoader's schedule (upstream constants): the shard mix widens and the preference for shards with
@@ -464,7 +469,103 @@ class CoprimeStrideLoader(TokenLoader):
             setattr(self, f"cursor_{name}", torch.as_tensor(values).numpy().astype(dtype))
 
 
-LOADERS = {cls.kind: cls for cls in (SequentialLoader, ShuffledSequenceLoader, CoprimeStrideLoader)}
+class PackedBatch(NamedTuple):
+    """One ``DocumentPackingLoader`` call for one rank."""
+
+    inputs: torch.Tensor  # int64 (1, tokens_per_rank)
+    targets: torch.Tensor  # int64 (1, tokens_per_rank): inputs shifted one token to the right
+    cu_seqlens: torch.Tensor  # int32 (64k,): segment boundaries in inputs, padded with tokens_per_rank
+    max_seqlen: int  # the longest segment (upstream trains with max_seqlen = seq_len instead)
+
+
+class DocumentPackingLoader(TokenLoader):
+    """PR #1855 train_gpt.py ``DocumentPackingLoader``: the shards in order, packed rows with document boundaries.
+
+    Every rank walks all train shards in sorted order (wrapping after the last) with the same cursor, which starts
+    at each shard's first BOS. A call takes ``world_size`` consecutive spans of ``tokens_per_rank + 1`` tokens from
+    the cursor (rank r the r-th; ``inputs`` its first ``tokens_per_rank`` tokens, ``targets`` its last), then moves
+    the cursor past them; when the spans would run past the shard's end, the rest of the shard is skipped (rows never
+    cross shards). The row's segments start at position 0 and at each BOS, cut every ``max_doc_len`` tokens
+    (default ``seq_len``), as ``build_cu_seqlens``. Each span's last token is only a target, as in the sequential
+    loader; the tokens before a shard's first BOS and after its last full call are never read.
+
+    Every shard must hold a BOS (the #1855 version dropped #1787's fallback for shards without one). The position is
+    ``(shard, cursor)``, the same on every rank, so any rank's saved state resumes every rank; the background
+    prefetch thread of upstream is left out (memory-mapped shards make a call a copy of one span).
+    """
+
+    kind = "packed"
+    rank_independent_position = True
+
+    def __init__(self, data_dir: str | os.PathLike, rank: int, world_size: int, seq_len: int, tokens_per_rank: int,
+                 vocab_size: int | None = None, *, max_doc_len: int | None = None, bos_id: int = BOS_ID,
+                 cu_bucket: int = CU_SEQLENS_BUCKET):
+        super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
+        self.shards = ShardSet(self.train_files, self.train_tokens, vocab_size)
+        self.span = tokens_per_rank + 1
+        self.max_doc_len = seq_len if max_doc_len is None else max_doc_len
+        self.bos_id, self.cu_bucket = bos_id, cu_bucket
+        if int(self.shards.num_tokens.max()) < world_size * self.span:
+            raise DataError(
+                f"{self.data_dir}: no train shard holds one call: the longest has {int(self.shards.num_tokens.max())} "
+                f"tokens, a call takes world_size {world_size} x (tokens_per_rank {tokens_per_rank} + 1)"
+            )
+        self._restart()
+
+    def _enter_shard(self, index: int) -> None:
+        self.shard = index
+        self.bos = np.flatnonzero(np.asarray(self.shards.tokens(index)) == self.bos_id)
+        if self.bos.size == 0:
+            raise DataError(
+                f"{self.shards.files[index]}: no BOS token (id {self.bos_id}); the document-packing loader finds "
+                f"documents by their BOS and needs one in every shard"
+            )
+        self.cursor = int(self.bos[0])
+
+    def _restart(self) -> None:
+        self._enter_shard(0)
+
+    def _plan(self) -> tuple[int, int]:
+        call_tokens = self.world_size * self.span
+        for _ in range(len(self.shards.files) + 1):
+            if self.cursor + call_tokens <= int(self.shards.num_tokens[self.shard]):
+                break
+            self._enter_shard((self.shard + 1) % len(self.shards.files))
+        else:
+            raise DataError(
+                f"{self.data_dir}: no train shard holds one call ({call_tokens} tokens) after its first BOS"
+            )
+        start = self.cursor + self.rank * self.span
+        self.cursor += call_tokens
+        return self.shard, start
+
+    def _read(self, plan: tuple[int, int]) -> np.ndarray:
+        shard, start = plan
+        return self.shards.window(shard, start, self.span)
+
+    def next_batch(self) -> PackedBatch:
+        shard, start = self._plan()
+        span = torch.from_numpy(self._read((shard, start)))
+        self.calls += 1
+        inputs = span[:-1]
+        # The current shard's BOS list serves: a span never starts in a shard the cursor has left.
+        bos = self.bos[np.searchsorted(self.bos, start) : np.searchsorted(self.bos, start + self.tokens_per_rank)]
+        cu_seqlens, max_seqlen = build_cu_seqlens(bos - start, inputs.numel(), self.max_doc_len, self.cu_bucket)
+        return PackedBatch(inputs[None].contiguous(), span[1:][None].contiguous(), cu_seqlens, max_seqlen)
+
+    def __next__(self) -> PackedBatch:
+        return self.next_batch()
+
+    def _position_state(self) -> dict:
+        return {"shard": self.shard, "cursor": self.cursor}
+
+    def _load_position(self, state: dict) -> None:
+        self._enter_shard(int(state["shard"]))
+        self.cursor = int(state["cursor"])
+
+
+LOADERS = {cls.kind: cls for cls in (SequentialLoader, ShuffledSequenceLoader, CoprimeStrideLoader,
+                                     DocumentPackingLoader)}
 
 
 def make_loader(
@@ -476,7 +577,8 @@ def make_loader(
     tokens_per_rank: int,
     vocab_size: int | None = None,
 ) -> TokenLoader:
-    """Build a loader by name (``sequential``, ``shuffled``, ``coprime``) over ``data_dir``'s fineweb_train_*.bin.
+    """Build a loader by name (``sequential``, ``shuffled``, ``coprime``, ``packed``) over ``data_dir``'s
+    fineweb_train_*.bin (``packed`` yields ``PackedBatch`` items rather than ``(x, y)``).
 
     ``data_dir`` is the dataset folder (e.g. ``data/datasets/fineweb10B_sp1024``); ``tokens_per_rank`` is
     ``train_batch_tokens // (world_size * grad_accum_steps)``; ``vocab_size`` checks every token id.

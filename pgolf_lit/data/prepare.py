@@ -13,6 +13,15 @@ first K documents are the validation split, the rest the training split; a split
 buffer, so the validation data ends on a document boundary and train shard 0 starts with a BOS; a new shard is
 started every ``shard_tokens`` tokens, and a document may continue into the next training shard.
 
+``--caseops`` builds the PR #1855 CaseOps variant (caseops.py): each document is CaseOps-encoded before the
+tokenizer sees it, the tokenizer reserves the four operators as pieces 4..7, names end in
+``_lossless_caps_caseops_v1_reserved`` as the public CaseOps export's, and every val shard gets its byte sidecar
+``fineweb_val_bytes_NNNNNN.bin`` (the original UTF-8 bytes of each token; 0 for BOS).
+
+A validation document never lands in training (the PR #1855 record folder's prepare_caseops_data.py trap, where
+``--val-docs 10000`` against the official 50,000 trained on 40,000 validation documents): a ``--val-docs`` below
+what the input's ``<stem>.source_manifest.json`` declares, or a validation text repeated later, stops the build.
+
 The build is staged in a hidden folder inside OUT and moved into place (a few renames) only once the tokenizer and
 every shard are written; the manifest is written last, atomically. A build that fails or is interrupted before
 then (bad input, full disk, Ctrl-C during the export) leaves OUT as it was.
@@ -21,20 +30,31 @@ then (bad input, full disk, Ctrl-C during the export) leaves OUT as it was.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from pgolf_lit.data.caseops import (
+    OPERATORS,
+    RESERVED_SUFFIX,
+    TRANSFORM_NAME,
+    encode_caseops,
+    find_operator,
+    is_caseops_tokenizer,
+    original_byte_counts,
+)
 from pgolf_lit.data.corpus import embedded_corpus, split_paragraphs
-from pgolf_lit.data.shards import MAX_VOCAB, shard_name, write_shard
-from pgolf_lit.data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+from pgolf_lit.data.shards import MAX_VOCAB, byte_sidecar_name, shard_name, write_shard
+from pgolf_lit.data.tokenizer import encode_with_surfaces, file_sha256, load_tokenizer, train_tokenizer
 from pgolf_lit.errors import DataError, PgolfError
 from pgolf_lit.fileio import atomic_write_text
 
@@ -75,6 +95,11 @@ def _read_text(path: Path) -> str:
 
 def iter_jsonl_texts(path: Path) -> Iterator[str]:
     """The ``"text"`` of each line's JSON object; blank lines are skipped, anything else malformed is an error."""
+    for _, text in _iter_jsonl_lines(path):
+        yield text
+
+
+def _iter_jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -86,7 +111,7 @@ def iter_jsonl_texts(path: Path) -> Iterator[str]:
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise DataError(f'{path}:{line_number}: expected a JSON object with a string "text" field')
-            yield text
+            yield line_number, text
 
 
 def iter_txt_texts(path: Path, txt_mode: str) -> Iterator[str]:
@@ -113,22 +138,99 @@ class DocumentSource:
         self.embedded = embedded
 
     def __iter__(self) -> Iterator[str]:
+        for _, text in self.located():
+            yield text
+
+    def located(self) -> Iterator[tuple[str, str]]:
+        """``(where, text)`` of each document: ``file:line`` for JSONL, ``file paragraph k`` for text files."""
         for path in self.files:
-            yield from iter_jsonl_texts(path) if path.suffix == ".jsonl" else iter_txt_texts(path, self.txt_mode)
+            if path.suffix == ".jsonl":
+                for line_number, text in _iter_jsonl_lines(path):
+                    yield f"{path}:{line_number}", text
+            elif self.txt_mode == "file":
+                yield str(path), _read_text(path)
+            else:
+                for k, text in enumerate(split_paragraphs(_read_text(path)), start=1):
+                    yield f"{path} paragraph {k}", text
         if self.embedded:
-            yield from embedded_corpus()
+            for k, text in enumerate(embedded_corpus()):
+                yield f"embedded document {k}", text
 
     def describe(self) -> list[str]:
         return [str(p) for p in self.files] + (["embedded:python-stdlib-docs"] if self.embedded else [])
 
 
-def _count_documents(source: DocumentSource) -> tuple[int, bool]:
-    """Number of documents and whether any has text; reads (and so validates) every input before any training."""
-    count, any_text = 0, False
-    for text in source:
-        count += 1
-        any_text = any_text or bool(text.strip())
-    return count, any_text
+@dataclass
+class DocumentScan:
+    """What one read of every document tells before anything is trained or written."""
+
+    num_docs: int = 0
+    any_text: bool = False
+    # Content digest -> (index, where) of its first occurrence among the first ``val_cap`` documents, and of its
+    # last occurrence anywhere: a digest whose first copy is a val document and whose last is not is a leak.
+    first: dict = field(default_factory=dict)
+    last: dict = field(default_factory=dict)
+
+    def val_train_duplicate(self, val_docs: int) -> tuple[str, str] | None:
+        """``(where in val, where in train)`` of a document in both splits, or None."""
+        for digest, (index, where) in self.first.items():
+            last_index, last_where = self.last[digest]
+            if index < val_docs <= last_index:
+                return where, last_where
+        return None
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def scan_documents(source: DocumentSource, *, val_cap: int, caseops: bool) -> DocumentScan:
+    """Count the documents and read (and so validate) every input before any training.
+
+    Also fingerprints the documents, so that a validation document repeated in the training split is found (for the
+    first ``val_cap`` documents, the largest validation split the build can choose), and, in a plain build, refuses
+    text that holds a CaseOps operator character: that is CaseOps-encoded text, whose operator bytes a plain
+    tokenizer would score as text.
+    """
+    scan = DocumentScan()
+    for index, (where, text) in enumerate(source.located()):
+        scan.num_docs += 1
+        if not text.strip():
+            continue  # empty documents are all alike and leak nothing
+        scan.any_text = True
+        if not caseops and (position := find_operator(text)) >= 0:
+            raise DataError(
+                f"{where}: character {position} is U+{ord(text[position]):04X}, a CaseOps operator; a plain build "
+                f"would count the operators' bytes as text: build the original text with --caseops"
+            )
+        digest = _digest(text)
+        if index < val_cap and digest not in scan.first:
+            scan.first[digest] = (index, where)
+        if digest in scan.first:
+            scan.last[digest] = (index, where)
+    return scan
+
+
+def declared_val_docs(files: Sequence[Path]) -> tuple[Path, int] | None:
+    """The validation size that the first input's source manifest (``<stem>.source_manifest.json`` beside a
+    ``.jsonl``, as the official ``docs_selected.jsonl`` has) declares, or None."""
+    if not files or files[0].suffix != ".jsonl":
+        return None
+    sidecar = files[0].with_name(f"{files[0].stem}.source_manifest.json")
+    if not sidecar.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{sidecar}: unreadable source manifest ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{sidecar}: expected a JSON object")
+    if meta.get("docs_val") is None:
+        return None
+    try:
+        return sidecar, int(meta["docs_val"])
+    except (TypeError, ValueError):
+        raise DataError(f"{sidecar}: docs_val {meta['docs_val']!r} is not an integer") from None
 
 
 def default_val_docs(num_docs: int) -> int:
@@ -146,7 +248,11 @@ def encode_documents(sp, texts: list[str], vocab_size: int, num_threads: int) ->
     The raw text goes to the encoder (no strip, no NUL replacement), as upstream: the tokenizer's own
     normalization is the only one.
     """
-    encoded = sp.encode(texts, out_type=int, num_threads=num_threads)
+    return _with_bos(sp, sp.encode(texts, out_type=int, num_threads=num_threads), vocab_size)
+
+
+def _with_bos(sp, encoded: list[list[int]], vocab_size: int) -> np.ndarray:
+    """The documents' ids, each after a BOS, concatenated as uint16 (ids checked against ``vocab_size``)."""
     lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
     doc_starts = np.cumsum(lengths) - lengths
     tokens = np.empty(int(lengths.sum()), dtype=np.int64)
@@ -154,28 +260,67 @@ def encode_documents(sp, texts: list[str], vocab_size: int, num_threads: int) ->
     is_body[doc_starts] = False
     tokens[doc_starts] = sp.bos_id()
     body = itertools.chain.from_iterable(encoded)
-    tokens[is_body] = np.fromiter(body, dtype=np.int64, count=tokens.size - len(texts))
+    tokens[is_body] = np.fromiter(body, dtype=np.int64, count=tokens.size - len(encoded))
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         bad = int(tokens[(tokens < 0) | (tokens >= vocab_size)][0])
         raise DataError(f"token id {bad} outside the tokenizer's declared vocab_size {vocab_size}")
     return tokens.astype(np.uint16)
 
 
-class ShardWriter:
-    """Buffers one split's token stream and writes a ``fineweb_<split>_NNNNNN.bin`` shard every ``shard_tokens``."""
+def encode_caseops_documents(
+    sp, texts: list[str], vocab_size: int, num_threads: int, *, with_bytes: bool, first_index: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``[BOS] + encode(encode_caseops(text))`` for each text (PR #1855 prepare_caseops_data.py), and with
+    ``with_bytes`` the byte sidecar of those tokens: 0 for BOS, then each token's original UTF-8 bytes.
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+    Both come from one encoding of each text (ids and surfaces together), so they are aligned by construction.
+    ``first_index`` numbers the documents in error messages.
+    """
+    transformed = [encode_caseops(text) for text in texts]
+    if not with_bytes:
+        return encode_documents(sp, transformed, vocab_size, num_threads), None
+    pieces = encode_with_surfaces(sp, transformed, num_threads)
+    tokens = _with_bos(sp, [ids for ids, _ in pieces], vocab_size)
+    counts = np.zeros(tokens.size, dtype=np.int64)
+    position = 0
+    for k, (ids, surfaces) in enumerate(pieces):
+        doc_counts = original_byte_counts(surfaces)
+        if doc_counts and max(doc_counts) > np.iinfo(np.uint16).max:
+            raise DataError(
+                f"document {first_index + k}: one token covers {max(doc_counts)} bytes of text, more than a uint16 "
+                f"byte-sidecar entry holds"
+            )
+        counts[position + 1 : position + 1 + len(ids)] = doc_counts
+        position += 1 + len(ids)
+    return tokens, counts.astype(np.uint16)
+
+
+class ShardWriter:
+    """Buffers one split's token stream and writes a ``fineweb_<split>_NNNNNN.bin`` shard every ``shard_tokens``.
+
+    With ``byte_sidecar`` a parallel stream of per-token byte counts is written alongside, shard for shard, as
+    ``fineweb_val_bytes_NNNNNN.bin`` (same format; PR #1855 prepare_caseops_data.py).
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, *, byte_sidecar: bool = False):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
         self.buffer = np.empty(shard_tokens, dtype=np.uint16)  # pages are only touched as they fill
+        self.byte_buffer = np.empty(shard_tokens, dtype=np.uint16) if byte_sidecar else None
         self.fill = 0
         self.files = 0
         self.tokens = 0
 
-    def append(self, tokens: np.ndarray) -> None:
+    def append(self, tokens: np.ndarray, byte_counts: np.ndarray | None = None) -> None:
+        if (byte_counts is None) != (self.byte_buffer is None) or (
+            byte_counts is not None and byte_counts.size != tokens.size
+        ):
+            raise ValueError("byte counts must be given exactly when the writer has a sidecar, one per token")
         position = 0
         while position < tokens.size:
             take = min(self.shard_tokens - self.fill, tokens.size - position)
             self.buffer[self.fill : self.fill + take] = tokens[position : position + take]
+            if byte_counts is not None:
+                self.byte_buffer[self.fill : self.fill + take] = byte_counts[position : position + take]
             self.fill += take
             position += take
             if self.fill == self.shard_tokens:
@@ -185,6 +330,8 @@ class ShardWriter:
     def flush(self) -> None:
         if self.fill:
             write_shard(self.out_dir / shard_name(self.split, self.files), self.buffer[: self.fill])
+            if self.byte_buffer is not None:
+                write_shard(self.out_dir / byte_sidecar_name(self.files), self.byte_buffer[: self.fill])
             self.files += 1
             self.fill = 0
 
@@ -205,18 +352,28 @@ def export_shards(
     shard_tokens: int,
     num_threads: int,
     progress: bool,
+    caseops: bool = False,
 ) -> dict[str, int]:
-    """Encode every document into val then train shards under ``out_dir``; return upstream's ``stats`` dict."""
+    """Encode every document into val then train shards under ``out_dir``; return upstream's ``stats`` dict.
+
+    With ``caseops`` every text is CaseOps-encoded first, and the val split gets its byte sidecar.
+    """
     from tqdm.auto import tqdm
 
     documents = iter(source)
     stats: dict[str, int] = {}
     with tqdm(total=num_docs, unit="doc", desc=f"tokenizing {out_dir.name}", disable=not progress) as bar:
         for split, split_docs in (("val", itertools.islice(documents, val_docs)), ("train", documents)):
-            writer = ShardWriter(out_dir, split, shard_tokens)
+            sidecar = caseops and split == "val"
+            writer = ShardWriter(out_dir, split, shard_tokens, byte_sidecar=sidecar)
             doc_count = 0
             for batch in _batched(split_docs, ENCODE_BATCH_DOCS):
-                writer.append(encode_documents(sp, batch, vocab_size, num_threads))
+                if caseops:
+                    writer.append(*encode_caseops_documents(
+                        sp, batch, vocab_size, num_threads, with_bytes=sidecar, first_index=doc_count,
+                    ))
+                else:
+                    writer.append(encode_documents(sp, batch, vocab_size, num_threads))
                 doc_count += len(batch)
                 bar.update(len(batch))
             writer.flush()
@@ -242,20 +399,41 @@ def _prepare_tokenizer(
     reuse_path: Path | None,
     train_docs: int | None,
     num_threads: int,
+    caseops: bool = False,
 ) -> Path:
-    """Copy a given model (and its .vocab) to ``model_prefix``, or train one there; check its vocabulary size."""
+    """Copy a given model (and its .vocab) to ``model_prefix``, or train one there; check its vocabulary size.
+
+    With ``caseops`` the tokenizer is trained on CaseOps-encoded text with the four operators reserved as
+    user-defined pieces 4..7 (PR #1855 download_hf_docs_and_tokenize.py, ``reserve_text_transform_controls``),
+    and a given model must be such a tokenizer; a plain build refuses one.
+    """
     model_path = model_prefix.with_suffix(".model")
     if reuse_path is not None:
-        load_tokenizer(reuse_path, vocab_size)  # a clear error for a missing file or a vocab-size mismatch
+        given = load_tokenizer(reuse_path, vocab_size)  # a clear error for a missing file or a vocab-size mismatch
+        if caseops and not is_caseops_tokenizer(given):
+            pieces = [given.id_to_piece(i) for i in range(4, min(8, given.vocab_size()))]
+            raise DataError(
+                f"{reuse_path}: not a CaseOps tokenizer: pieces 4..7 are {pieces}, a --caseops build needs the "
+                f"operators U+E001..U+E004 there (train one with --caseops, without --tokenizer)"
+            )
+        if not caseops and is_caseops_tokenizer(given):
+            raise DataError(
+                f"{reuse_path}: a CaseOps tokenizer (pieces 4..7 are the operators U+E001..U+E004): pass --caseops, "
+                f"or its documents would not be CaseOps-encoded"
+            )
         model_prefix.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(reuse_path, model_path)
         if reuse_path.with_suffix(".vocab").is_file():
             shutil.copyfile(reuse_path.with_suffix(".vocab"), model_prefix.with_suffix(".vocab"))
         return model_path
     texts = itertools.islice(source, train_docs) if train_docs is not None else iter(source)
+    overrides = {}
+    if caseops:
+        texts = map(encode_caseops, texts)
+        overrides["user_defined_symbols"] = list(OPERATORS)
     try:
         # minloglevel=1 keeps SentencePiece's warnings (e.g. skipped over-long documents) but not its info flood.
-        train_tokenizer(texts, vocab_size, model_prefix, num_threads=num_threads, minloglevel=1)
+        train_tokenizer(texts, vocab_size, model_prefix, num_threads=num_threads, minloglevel=1, **overrides)
     except RuntimeError as e:  # SentencePiece reports bad settings for this text as a one-line RuntimeError
         raise DataError(f"SentencePiece training failed for vocab_size {vocab_size}: {e}") from None
     learned = load_tokenizer(model_path).vocab_size()
@@ -264,6 +442,8 @@ def _prepare_tokenizer(
             f"the input text only supports {learned} SentencePiece pieces, fewer than --vocab-size {vocab_size}: "
             f"give more text or a smaller vocabulary"
         )
+    if caseops and not is_caseops_tokenizer(load_tokenizer(model_path)):
+        raise DataError(f"{model_path}: SentencePiece did not put the CaseOps operators at ids 4..7")
     return model_path
 
 
@@ -305,11 +485,18 @@ def _build_manifest(
     train_docs: int | None,
     stats: dict[str, int],
     sp,
+    tokenizer_name: str,
+    caseops: bool = False,
 ) -> dict:
-    """The upstream manifest (spec/data.md §4); paths relative to the output root, other variants kept."""
-    tokenizer_name = f"sp_bpe_{vocab_size}"
+    """The upstream manifest (spec/data.md §4); paths relative to the output root, other variants kept.
+
+    A CaseOps build adds the fields of PR #1855 download_hf_docs_and_tokenize.py: ``text_transform`` and
+    ``reserve_text_transform_controls`` on the tokenizer, ``val_bytes_glob`` on the dataset.
+    """
     spec: dict = {"name": tokenizer_name, "kind": "sentencepiece_bpe", "vocab_size": vocab_size,
-                  "dataset_suffix": f"sp{vocab_size}"}
+                  "dataset_suffix": variant_names("", vocab_size, caseops).suffix}
+    transform = {"text_transform": TRANSFORM_NAME, "reserve_text_transform_controls": True} if caseops else {}
+    spec.update(transform)
     if train_docs is not None:
         spec["tokenizer_train_docs"] = train_docs
     if reuse_path is not None:
@@ -324,6 +511,7 @@ def _build_manifest(
         "model_path": f"tokenizers/{model_path.name}",
         **({"vocab_path": f"tokenizers/{vocab_file.name}"} if vocab_file is not None else {}),
         "sha256": file_sha256(model_path),
+        **transform,
     }
     dataset_path = f"datasets/{dataset_name}"
     dataset_entry = {
@@ -333,6 +521,7 @@ def _build_manifest(
         "path": dataset_path,
         "train_glob": f"{dataset_path}/fineweb_train_*.bin",
         "val_glob": f"{dataset_path}/fineweb_val_*.bin",
+        **({"val_bytes_glob": f"{dataset_path}/fineweb_val_bytes_*.bin"} if caseops else {}),
         **ids,
         "stats": stats,
     }
@@ -382,13 +571,22 @@ def build_dataset(
     embedded: bool = False,
     num_threads: int | None = None,
     progress: bool = True,
+    caseops: bool = False,
 ) -> dict:
     """Build ``out_dir`` (tokenizer, val/train shards, manifest.json) from text inputs; return the manifest.
 
     ``inputs``: .txt/.jsonl files or folders of them; ``embedded`` appends the built-in corpus (corpus.py), so
-    ``build_dataset([], 1024, "data", embedded=True)`` works offline. ``val_docs`` defaults to
-    ``default_val_docs(number of documents)``. ``tokenizer_path`` reuses a SentencePiece model instead of training.
-    ``tokenizer_train_docs`` limits tokenizer training to the first N documents (as upstream's option).
+    ``build_dataset([], 1024, "data", embedded=True)`` works offline. ``val_docs`` defaults to the validation size
+    that the first input's source manifest declares (as upstream), else ``default_val_docs(number of documents)``.
+    ``tokenizer_path`` reuses a SentencePiece model instead of training. ``tokenizer_train_docs`` limits tokenizer
+    training to the first N documents (as upstream's option).
+
+    ``caseops`` builds the PR #1855 CaseOps variant: documents are CaseOps-encoded (caseops.py) before
+    tokenization, the tokenizer reserves the operators, names carry ``_lossless_caps_caseops_v1_reserved``, and
+    the val split gets its byte sidecar ``fineweb_val_bytes_NNNNNN.bin``.
+
+    A validation document is never also a training document: a smaller ``val_docs`` than the source manifest
+    declares, or a validation text repeated in the training split, stops the build before anything is written.
     """
     out_dir = Path(out_dir)
     if not 1 <= vocab_size <= MAX_VOCAB:
@@ -401,8 +599,18 @@ def build_dataset(
         listed = ", ".join(str(i) for i in inputs) or "none given"
         raise DataError(f"no input files: expected .txt or .jsonl files (inputs: {listed}), or use --embedded")
     source = DocumentSource(files, txt_mode=txt_mode, embedded=embedded)
-    num_docs, any_text = _count_documents(source)
-    if not any_text:
+    declared = declared_val_docs(files)
+    if declared is not None and val_docs is not None and val_docs < declared[1]:
+        raise DataError(
+            f"val_docs {val_docs}: {declared[0]} declares the first {declared[1]} documents the validation set, so "
+            f"{declared[1] - val_docs} validation documents would land in training; pass --val-docs {declared[1]} "
+            f"or more"
+        )
+    if val_docs is None and declared is not None:
+        val_docs = declared[1]
+    scan = scan_documents(source, val_cap=val_docs if val_docs is not None else OFFICIAL_VAL_DOCS, caseops=caseops)
+    num_docs = scan.num_docs
+    if not scan.any_text:
         raise DataError(f"empty text set: the inputs ({', '.join(source.describe())}) hold no non-blank text")
     val_docs = default_val_docs(num_docs) if val_docs is None else val_docs
     if not 1 <= val_docs < num_docs:
@@ -410,16 +618,21 @@ def build_dataset(
             f"val_docs {val_docs}: the inputs hold {num_docs} documents; the validation split needs at least 1 and "
             f"must leave at least 1 for training"
         )
+    if (duplicate := scan.val_train_duplicate(val_docs)) is not None:
+        raise DataError(
+            f"{duplicate[1]}: this training document repeats validation document {duplicate[0]} (the first "
+            f"{val_docs} documents are the validation split); remove the copy, or the model trains on validation text"
+        )
     threads = num_threads or os.cpu_count() or 1
-    dataset_name = f"{name}_sp{vocab_size}"
-    model_name = f"fineweb_{vocab_size}_bpe"
+    names = variant_names(name, vocab_size, caseops)
+    dataset_name, model_name = names.dataset, names.model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".pgolf-build-", dir=out_dir))
     try:
         model_path = _prepare_tokenizer(
             source, vocab_size, staging / "tokenizers" / model_name,
-            reuse_path=reuse_path, train_docs=tokenizer_train_docs, num_threads=threads,
+            reuse_path=reuse_path, train_docs=tokenizer_train_docs, num_threads=threads, caseops=caseops,
         )
         sp = load_tokenizer(model_path, vocab_size)
         if sp.bos_id() < 0:
@@ -430,7 +643,7 @@ def build_dataset(
         staged_dataset.mkdir(parents=True)
         stats = export_shards(
             source, sp, staged_dataset, num_docs=num_docs, val_docs=val_docs, vocab_size=vocab_size,
-            shard_tokens=shard_tokens, num_threads=threads, progress=progress,
+            shard_tokens=shard_tokens, num_threads=threads, progress=progress, caseops=caseops,
         )
         vocab_file = model_path.with_suffix(".vocab")
         manifest_path = out_dir / "manifest.json"
@@ -438,7 +651,7 @@ def build_dataset(
             _read_existing_manifest(manifest_path), source=source, dataset_name=dataset_name,
             vocab_size=vocab_size, val_docs=val_docs, shard_tokens=shard_tokens, model_path=model_path,
             vocab_file=vocab_file if vocab_file.is_file() else None, reuse_path=reuse_path,
-            train_docs=tokenizer_train_docs, stats=stats, sp=sp,
+            train_docs=tokenizer_train_docs, stats=stats, sp=sp, tokenizer_name=names.tokenizer, caseops=caseops,
         )
         for artifact in (model_path, vocab_file):  # a reused model without .vocab must not keep a stale one
             final = out_dir / "tokenizers" / artifact.name
@@ -453,21 +666,46 @@ def build_dataset(
     return manifest
 
 
+class VariantNames(NamedTuple):
+    suffix: str  # upstream dataset_suffix: sp<V>, or sp<V>_lossless_caps_caseops_v1_reserved
+    dataset: str  # <name>_<suffix>
+    model: str  # tokenizer file stem: fineweb_<V>_bpe[_lossless_caps_caseops_v1_reserved]
+    tokenizer: str  # manifest tokenizer name: sp_bpe_<V>[_lossless_caps_caseops_v1_reserved]
+
+
+def variant_names(name: str, vocab_size: int, caseops: bool = False) -> VariantNames:
+    """The upstream names of a build's dataset and tokenizer (the CaseOps ones as the public CaseOps export)."""
+    tail = f"_{RESERVED_SUFFIX}" if caseops else ""
+    return VariantNames(f"sp{vocab_size}{tail}", f"{name}_sp{vocab_size}{tail}", f"fineweb_{vocab_size}_bpe{tail}",
+                        f"sp_bpe_{vocab_size}{tail}")
+
+
 def build_embedded_dataset(
-    dataset_dir: str | os.PathLike, vocab_size: int, *, shard_tokens: int = 100_000, progress: bool = True
+    dataset_dir: str | os.PathLike,
+    vocab_size: int,
+    *,
+    shard_tokens: int = 100_000,
+    progress: bool = True,
+    caseops: bool | None = None,
 ) -> dict:
     """Build the embedded corpus so that ``dataset_dir`` (``<root>/datasets/<name>_sp<V>``) holds its shards.
 
     For a data module that is pointed at a dataset folder and wants it created offline on first use; the tokenizer
     lands in ``<root>/tokenizers/`` as usual. The small default shard size splits the ~0.5M training tokens into
     several shards, so the shuffled and coprime loaders have shards to mix and to share among ranks.
+
+    ``caseops`` builds the CaseOps variant (folder ``<name>_sp<V>_lossless_caps_caseops_v1_reserved``, tokenizer
+    ``fineweb_<V>_bpe_lossless_caps_caseops_v1_reserved.model``, val byte sidecar): a tiny twin of the PR #1855 data.
+    By default it follows the folder name, so a data module pointed at a CaseOps folder gets CaseOps data.
     """
     dataset_dir = Path(dataset_dir)
-    suffix = f"_sp{vocab_size}"
+    if caseops is None:
+        caseops = dataset_dir.name.endswith(variant_names("", vocab_size, True).dataset)
+    suffix = variant_names("", vocab_size, caseops).dataset
     if dataset_dir.parent.name != "datasets" or not dataset_dir.name.endswith(suffix) or dataset_dir.name == suffix:
         raise DataError(f"{dataset_dir}: expected a dataset folder named <root>/datasets/<name>{suffix}")
     return build_dataset([], vocab_size, dataset_dir.parent.parent, name=dataset_dir.name[: -len(suffix)],
-                         embedded=True, shard_tokens=shard_tokens, progress=progress)
+                         embedded=True, shard_tokens=shard_tokens, progress=progress, caseops=caseops)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Tokenize text into upstream-format token shards: train a SentencePiece BPE tokenizer with the official "
             "export settings, write OUT/tokenizers/fineweb_<V>_bpe.model, OUT/datasets/<name>_sp<V>/fineweb_"
             "{val,train}_NNNNNN.bin and OUT/manifest.json. Each document is [BOS] + its tokens (no EOS); the first "
-            "--val-docs documents are the validation split."
+            "--val-docs documents are the validation split, and none of them may appear again in training."
         ),
     )
     parser.add_argument(
@@ -494,8 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=int, required=True, help="SentencePiece vocabulary size V (<= 65536)")
     parser.add_argument("--out", required=True, help="output root (the data root the loaders and records read)")
     parser.add_argument("--val-docs", type=int, default=None,
-                        help=f"validation documents, taken from the start (default: {OFFICIAL_VAL_DOCS}, at most a "
-                             f"tenth of the documents)")
+                        help=f"validation documents, taken from the start (default: docs_val of the first input's "
+                             f"<stem>.source_manifest.json, else {OFFICIAL_VAL_DOCS}, at most a tenth of the documents)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                         help="tokens per shard (default 100,000,000, as upstream)")
     parser.add_argument("--tokenizer", default=None, metavar="MODEL",
@@ -507,6 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "separated block a document; 'file' makes the whole file one document (SentencePiece "
                              "leaves documents over 4192 bytes out of tokenizer training, but still encodes them)")
     parser.add_argument("--name", default=DEFAULT_NAME, help="dataset name prefix (default fineweb10B)")
+    parser.add_argument("--caseops", action="store_true",
+                        help="the PR #1855 CaseOps variant: rewrite capitalization into operator characters "
+                             "(lossless_caps_caseops_v1) before tokenizing, reserve the operators as pieces 4..7, and "
+                             "write the val byte sidecar fineweb_val_bytes_NNNNNN.bin (original UTF-8 bytes per token)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
 
@@ -516,9 +758,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = build_dataset(
         args.inputs, args.vocab_size, args.out, name=args.name, val_docs=args.val_docs,
         shard_tokens=args.shard_tokens, tokenizer_path=args.tokenizer, tokenizer_train_docs=args.tokenizer_train_docs,
-        txt_mode=args.txt_mode, embedded=args.embedded, progress=args.progress,
+        txt_mode=args.txt_mode, embedded=args.embedded, progress=args.progress, caseops=args.caseops,
     )
-    dataset = next(d for d in manifest["datasets"] if d["name"] == f"{args.name}_sp{args.vocab_size}")
+    name = variant_names(args.name, args.vocab_size, args.caseops).dataset
+    dataset = next(d for d in manifest["datasets"] if d["name"] == name)
     s = dataset["stats"]
     print(
         f"{Path(args.out) / dataset['path']}: {s['docs_val']} val docs / {s['tokens_val']} tokens in {s['files_val']} "

@@ -3,6 +3,9 @@
 A shard is a 1024-byte header of 256 little-endian int32 words (magic 20240520, version 1, token count N,
 then zeros) followed by N little-endian uint16 tokens; the file size is exactly 1024 + 2N. Datasets live in
 ``<root>/datasets/<name>/fineweb_{train,val}_NNNNNN.bin`` (spec/data.md §2-3).
+
+A CaseOps dataset (PR #1855) also has a byte sidecar ``fineweb_val_bytes_NNNNNN.bin`` per val shard: the same
+format, one entry per val token, the number of bytes of the original text that token covers (0 for BOS).
 """
 
 from __future__ import annotations
@@ -25,8 +28,16 @@ HEADER_BYTES = HEADER_INTS * 4
 MAX_VOCAB = 1 << 16
 
 
+BYTE_SIDECAR_MARK = "_bytes_"
+
+
 def shard_name(split: str, index: int) -> str:
     return f"fineweb_{split}_{index:06d}.bin"
+
+
+def byte_sidecar_name(index: int) -> str:
+    """The byte sidecar of val shard ``index`` (PR #1855 prepare_caseops_data.py)."""
+    return f"fineweb_val{BYTE_SIDECAR_MARK}{index:06d}.bin"
 
 
 def read_num_tokens(path: str | os.PathLike) -> int:
@@ -112,11 +123,12 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int] | to
 
 
 def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """Sorted ``fineweb_<split>_*.bin`` files of a dataset directory; a clear error when there are none."""
+    """Sorted ``fineweb_<split>_*.bin`` token shards of a dataset directory (byte sidecars ``fineweb_val_bytes_*``
+    excluded, as PR #1855 train_gpt.py does); a clear error when there are none."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: dataset directory not found (expected fineweb_{split}_*.bin shards in it)")
-    files = sorted(data_dir.glob(f"fineweb_{split}_*.bin"))
+    files = sorted(f for f in data_dir.glob(f"fineweb_{split}_*.bin") if BYTE_SIDECAR_MARK not in f.name)
     if not files:
         raise DataError(f"{data_dir}: no {split} shards matching fineweb_{split}_*.bin")
     return files
@@ -137,3 +149,54 @@ def load_validation_tokens(data_dir: str | os.PathLike, seq_len: int, vocab_size
             f"{seq_len} + 1 tokens"
         )
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
+
+
+def load_validation_byte_sidecar(
+    data_dir: str | os.PathLike, num_tokens: int, *, bos_id: int = 1
+) -> torch.Tensor:
+    """The CaseOps byte sidecar aligned with ``load_validation_tokens``: an int32 CPU tensor of its first
+    ``num_tokens`` entries (pass ``val_tokens.numel()``), entry p = original UTF-8 bytes of val token p
+    (PR #1855 train_gpt.py ``load_validation_byte_sidecar``).
+
+    Every ``fineweb_val_bytes_NNNNNN.bin`` must pair with ``fineweb_val_NNNNNN.bin``, pass the shard checks, hold
+    one entry per token of its shard, and give every BOS 0 bytes; otherwise a ``DataError`` naming the file.
+    """
+    data_dir = Path(data_dir)
+    token_files = list_shards(data_dir, "val")
+    sidecars = sorted(data_dir.glob(f"fineweb_val{BYTE_SIDECAR_MARK}*.bin"))
+    if not sidecars:
+        raise DataError(
+            f"{data_dir}: no byte sidecar fineweb_val_bytes_*.bin; a CaseOps dataset needs it to count the original "
+            f"text's bytes (rebuild with pgolf data build --caseops, or download --variant sp8192_caseops)"
+        )
+    expected = [f.with_name(f.name.replace("fineweb_val_", f"fineweb_val{BYTE_SIDECAR_MARK}", 1)) for f in token_files]
+    for token_file, sidecar in zip(token_files, expected):
+        if not sidecar.is_file():
+            raise DataError(f"{sidecar}: byte sidecar missing for val shard {token_file.name}")
+    if len(sidecars) != len(expected):
+        extra = sorted(set(sidecars) - set(expected))[0]
+        raise DataError(f"{extra}: byte sidecar without a matching val shard {extra.name.replace('_bytes', '', 1)}")
+    parts = []
+    for token_file, sidecar in zip(token_files, expected):
+        counts = load_shard(sidecar)
+        tokens = load_shard(token_file)
+        if counts.size != tokens.size:
+            raise DataError(
+                f"{sidecar}: byte sidecar has {counts.size} entries, its val shard {token_file.name} has {tokens.size} "
+                f"tokens; they must align one to one"
+            )
+        bos = np.asarray(tokens) == bos_id
+        if bos.any() and int(np.asarray(counts)[bos].max()) != 0:
+            first = int(np.flatnonzero(bos & (np.asarray(counts) != 0))[0])
+            raise DataError(
+                f"{sidecar}: entry {first} is {int(counts[first])}, but token {first} of {token_file.name} is BOS, "
+                f"which covers 0 bytes (sidecar corrupted or not made for these shards)"
+            )
+        parts.append(counts)
+    total = sum(p.size for p in parts)
+    if total < num_tokens:
+        raise DataError(
+            f"{data_dir}: the byte sidecars hold {total} entries, fewer than the {num_tokens} validation tokens"
+        )
+    counts = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return torch.from_numpy(counts[:num_tokens].astype(np.int32))

@@ -12,7 +12,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -57,6 +57,17 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
             f"{path}: tokenizer has vocab_size {sp.vocab_size()}, the model config expects vocab_size {vocab_size}"
         )
     return sp
+
+
+def default_tokenizer_path(data_dir: str | os.PathLike, vocab_size: int) -> Path:
+    """The tokenizer of a dataset folder ``<root>/datasets/<name>`` in the upstream layout:
+    ``<root>/tokenizers/fineweb_<V>_bpe.model``, or ``fineweb_<V>_bpe_lossless_caps_caseops_v1_reserved.model`` when
+    the folder is a CaseOps one (its name ends in ``_lossless_caps_caseops_v1_reserved``, as the public export's)."""
+    from pgolf_lit.data.caseops import RESERVED_SUFFIX
+
+    data_dir = Path(data_dir)
+    tail = f"_{RESERVED_SUFFIX}" if data_dir.name.endswith(f"_sp{vocab_size}_{RESERVED_SUFFIX}") else ""
+    return data_dir.parent.parent / "tokenizers" / f"fineweb_{vocab_size}_bpe{tail}.model"
 
 
 def has_byte_fallback(sp) -> bool:
@@ -122,6 +133,65 @@ def count_bytes(tokens: torch.Tensor, luts: tuple[torch.Tensor, torch.Tensor, to
     prev, tgt = tokens[:-1].long(), tokens[1:].long()
     b = base_bytes[tgt].long() + (has_leading_space[tgt] & ~is_boundary[prev]).long()
     return int(b.sum())
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized protobuf message: an int for varints, bytes for length-delimited
+    fields; fixed-width fields (a score) are skipped."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _varint(buf, pos)
+            yield field, value
+        elif wire_type == 2:
+            size, pos = _varint(buf, pos)
+            yield field, buf[pos : pos + size]
+            pos += size
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise DataError(f"SentencePiece returned an unreadable encoding (protobuf wire type {wire_type})")
+
+
+def encode_with_surfaces(sp, texts: list[str], num_threads: int = 1) -> list[tuple[list[int], list[str]]]:
+    """For each text, its piece ids and their surfaces (the span of the input text each piece covers).
+
+    sentencepiece 0.2.3 has no ``encode_as_immutable_proto`` and its ``out_type='proto'`` needs the protobuf
+    package, which is not a dependency here; ``out_type='serialized_proto'`` returns the same SentencePieceText
+    message as bytes, read here directly (SentencePieceText.pieces = field 2; SentencePiece.id = 2, .surface = 3).
+    A byte-fallback piece that starts a multi-byte character has an empty surface.
+    """
+    results = []
+    for message in sp.encode(texts, out_type="serialized_proto", num_threads=num_threads):
+        ids, surfaces = [], []
+        for field, piece in _proto_fields(message):
+            if field != 2:
+                continue
+            piece_id, surface = None, b""
+            for sub_field, value in _proto_fields(piece):
+                if sub_field == 2:
+                    piece_id = value
+                elif sub_field == 3:
+                    surface = value
+            if piece_id is None:
+                raise DataError("SentencePiece returned a piece without an id")
+            ids.append(piece_id)
+            surfaces.append(surface.decode("utf-8"))
+        results.append((ids, surfaces))
+    return results
 
 
 def train_tokenizer(
