@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
 
     rows = []
     for method in args.methods:
-        results = [run_method(method, model, tokens, dm.luts, context) for _ in range(args.repeats)]
+        results = [run_method(method, model, tokens, dm.byte_counts, context) for _ in range(args.repeats)]
         steady = results[1:] or results
         eval_ms = statistics.median(r.eval_time_ms for r in steady)
         row = {"method": method, "tokens": results[0].tokens, "first_ms": results[0].eval_time_ms,

@@ -151,7 +151,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
         with torch.enable_grad():  # SLOT and TTT optimise; the others run under no_grad themselves
             context = evaluation_context(p.settings, precision=str(prep.cli.trainer.precision), device=t.device,
                                          compile=module.compile, weights=Weights(quantized=True, tag="int6"))
-            r = run_method(p.method, model, t, dm.luts, context)
+            r = run_method(p.method, model, t, dm.byte_counts, context)
         results[(p.key, slow)] = r
         log(f"[{prep.name}] {format_result_line(r)} tokens:{r.tokens}")
         return r

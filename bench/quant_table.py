@@ -375,7 +375,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     cpu_fp32 = evaluation_context(EvalSettings(seq_len=dm.val_seq_len), precision="32-true", device=torch.device("cpu"),
                                   compile=False)
     with torch.no_grad():
-        pre = run_method("standard", model, tokens, dm.luts, cpu_fp32)
+        pre = run_method("standard", model, tokens, dm.byte_counts, cpu_fp32)
     log(f"[{prep.name}] pre-quant standard BPB {pre.val_bpb:.5f} on {pre.tokens} tokens ({pre.eval_time_ms / 1000:.1f} s)")
 
     # GPTQ Hessians, once: every CastedLinear above the keep-float threshold plus the tied head (PR #1394's set),
@@ -399,7 +399,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
             t = time.perf_counter()
             art = read_artifact(path)
             rebuilt = model_from_artifact(art, str(path))
-            post = run_method("standard", rebuilt, tokens, dm.luts, dataclasses.replace(cpu_fp32, weights=art.weights))
+            post = run_method("standard", rebuilt, tokens, dm.byte_counts, dataclasses.replace(cpu_fp32, weights=art.weights))
         return VariantResult(scheme, report, path, post.val_bpb, time.perf_counter() - t, report.num_quantized)
 
     grid = CODEC_GRID if not args.quick else CODEC_GRID[:1]  # quick: zlib only (fast)

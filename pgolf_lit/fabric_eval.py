@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
 
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.shards import load_validation_tokens
-from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
+from pgolf_lit.data.tokenizer import default_tokenizer_path, load_tokenizer, validation_byte_counts
 from pgolf_lit.eval import EvalResult, EvalSettings, evaluation_context, format_result_line, run_method
 from pgolf_lit.fileio import atomic_write_text
 from pgolf_lit.quant.export import model_from_artifact, read_artifact
@@ -38,16 +37,16 @@ def evaluate_on_rank(
     art = read_artifact(artifact, model_config)
     model = model_from_artifact(art, artifact, fabric.device)
     vocab = model.config.vocab_size
-    tok_path = tokenizer_path or Path(data_dir).parent.parent / "tokenizers" / f"fineweb_{vocab}_bpe.model"
-    luts = build_byte_luts(load_tokenizer(tok_path, vocab), vocab)
+    sp = load_tokenizer(tokenizer_path or default_tokenizer_path(data_dir, vocab), vocab)
     tokens = load_validation_tokens(data_dir, settings.seq_len, vocab)
     if val_max_tokens:
         tokens = tokens[: max(val_max_tokens // settings.seq_len, 1) * settings.seq_len + 1]
+    byte_counts = validation_byte_counts(sp, vocab, data_dir, tokens.numel())
     context = evaluation_context(settings, precision=precision, device=fabric.device, compile=compile, weights=art.weights)
     results = []
     for method in methods:
         result = run_method(
-            method, model, tokens.to(fabric.device), luts, context, rank=fabric.global_rank,
+            method, model, tokens.to(fabric.device), byte_counts, context, rank=fabric.global_rank,
             world_size=fabric.world_size,
         )
         fabric.print(format_result_line(result))

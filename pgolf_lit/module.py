@@ -164,8 +164,10 @@ class GolfModule(L.LightningModule):
     # --------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and getattr(datamodule, "luts", None) is not None:
-            self.val_metric.set_luts(datamodule.luts)
+        counts = getattr(datamodule, "byte_counts", None) if datamodule is not None else None
+        if counts is not None:
+            self.val_metric.set_luts(counts.luts)
+            self.val_metric.set_sidecar(counts.sidecar)
         # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank asks, once, here.
         self._run_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if self.trainer.is_global_zero:
@@ -308,11 +310,13 @@ class GolfModule(L.LightningModule):
         if self._clock_was_running:
             self.clock.start(self.device)
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        x, y = batch[:, :-1], batch[:, 1:]
+    def validation_step(self, batch, batch_idx: int) -> None:
+        seqs, start = batch
+        x, y = seqs[:, :-1], seqs[:, 1:]
         logits = self._forward(x)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        self.val_metric.update(nll, x.reshape(-1), y.reshape(-1))
+        positions = start + 1 + torch.arange(y.numel(), device=y.device)  # the targets' places in the val stream
+        self.val_metric.update(nll, x.reshape(-1), y.reshape(-1), positions)
 
     def on_validation_epoch_end(self) -> None:
         result = self.val_metric.compute()
@@ -353,7 +357,7 @@ class GolfModule(L.LightningModule):
         # precision through the context, as the record scripts do.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
             return run_method(
-                method, model if model is not None else self.model, dm.val_tokens.to(self.device), dm.luts,
+                method, model if model is not None else self.model, dm.val_tokens.to(self.device), dm.byte_counts,
                 context or self.eval_context(), self.global_rank, self.trainer.world_size,
             )
 

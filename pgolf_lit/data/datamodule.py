@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pgolf_lit.data.loaders import make_loader
 from pgolf_lit.data.shards import list_shards, load_validation_tokens
-from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
+from pgolf_lit.data.tokenizer import default_tokenizer_path, load_tokenizer, validation_byte_counts
 from pgolf_lit.errors import ConfigError
 
 
@@ -61,10 +61,12 @@ class ValSequences(IterableDataset):
         self.tokens, self.seq_len, self.seqs_per_batch = tokens, seq_len, seqs_per_batch
         self.first, self.last = total * rank // world_size, total * (rank + 1) // world_size
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(sequences [B, seq_len + 1], the stream position of the first one's first token)."""
         for a in range(self.first, self.last, self.seqs_per_batch):
             b = min(a + self.seqs_per_batch, self.last)
-            yield self.tokens[a * self.seq_len : b * self.seq_len + 1].unfold(0, self.seq_len + 1, self.seq_len)
+            seqs = self.tokens[a * self.seq_len : b * self.seq_len + 1].unfold(0, self.seq_len + 1, self.seq_len)
+            yield seqs, torch.tensor(a * self.seq_len)
 
 
 class TokenShardDataModule(L.LightningDataModule):
@@ -112,7 +114,8 @@ class TokenShardDataModule(L.LightningDataModule):
         self.val_batch_tokens = val_batch_tokens
         self.val_max_tokens = val_max_tokens
         self.build_embedded = build_embedded
-        self.luts = None
+        self.luts = None  # the tokenizer's byte LUTs (byte_counts.luts)
+        self.byte_counts = None  # ByteCounts: the LUTs, and the val byte sidecar where the split has one
         self.val_tokens: Optional[torch.Tensor] = None
         self.rank, self.world_size = 0, 1
         self._check_sizes()
@@ -147,7 +150,7 @@ class TokenShardDataModule(L.LightningDataModule):
 
     @property
     def default_tokenizer_path(self) -> Path:
-        return self.data_dir.parent.parent / "tokenizers" / f"fineweb_{self.vocab_size}_bpe.model"
+        return default_tokenizer_path(self.data_dir, self.vocab_size)
 
     # --- Lightning hooks -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -160,15 +163,17 @@ class TokenShardDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         self._check_sizes(self.world_size)
-        if self.luts is None:
-            sp = load_tokenizer(self.tokenizer_path or self.default_tokenizer_path, self.vocab_size)
-            self.luts = build_byte_luts(sp, self.vocab_size)
         if self.val_tokens is None:
             tokens = load_validation_tokens(self.data_dir, self.val_seq_len, self.vocab_size)
             if self.val_max_tokens:
                 keep = max(self.val_max_tokens // self.val_seq_len, 1) * self.val_seq_len
                 tokens = tokens[: min(keep, tokens.numel() - 1) + 1]
             self.val_tokens = tokens
+            self.byte_counts = None
+        if self.byte_counts is None:
+            sp = load_tokenizer(self.tokenizer_path or self.default_tokenizer_path, self.vocab_size)
+            self.byte_counts = validation_byte_counts(sp, self.vocab_size, self.data_dir, self.val_tokens.numel())
+            self.luts = self.byte_counts.luts
         if stage in (None, "fit"):
             list_shards(self.data_dir, "train")  # a clear error now, not at the first batch
 

@@ -127,6 +127,23 @@ def build_byte_luts(sp, vocab_size: int, *, warn: bool = True) -> tuple[torch.Te
     return base_bytes, has_leading_space, is_boundary
 
 
+def validation_byte_counts(sp, vocab_size: int, data_dir: str | os.PathLike, num_tokens: int):
+    """The val split's byte accounting (``pgolf_lit.metrics.ByteCounts``): the LUTs, plus the byte sidecar when the
+    split has one or the tokenizer is a CaseOps one (PR #1855: its pieces are of the transformed text, so the LUTs
+    would count the case operators and overcount; a CaseOps split without its sidecar is an error, never a silent
+    fall-back to LUT bytes)."""
+    from pgolf_lit.data.caseops import is_caseops_tokenizer
+    from pgolf_lit.data.shards import BYTE_SIDECAR_MARK, load_validation_byte_sidecar
+    from pgolf_lit.metrics import ByteCounts
+
+    caseops = is_caseops_tokenizer(sp)
+    luts = build_byte_luts(sp, vocab_size, warn=not caseops)
+    has_sidecar = any(Path(data_dir).glob(f"fineweb_val{BYTE_SIDECAR_MARK}*.bin"))
+    if not (caseops or has_sidecar):
+        return ByteCounts(luts)
+    return ByteCounts(luts, load_validation_byte_sidecar(data_dir, num_tokens, bos_id=sp.bos_id()))
+
+
 def count_bytes(tokens: torch.Tensor, luts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> int:
     """Bytes of every target ``tokens[1:]`` given its previous token (the stream's BPB denominator)."""
     base_bytes, has_leading_space, is_boundary = luts

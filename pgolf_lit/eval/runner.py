@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval import slot, ttt, windows  # noqa: F401  (importing them registers their methods)
 from pgolf_lit.eval.context import EvalContext, evaluation_context
 from pgolf_lit.eval.registry import EVAL_METHODS, PassSetup
-from pgolf_lit.metrics import BitsPerByte
+from pgolf_lit.metrics import BitsPerByte, ByteCounts, as_byte_counts
 
 
 @dataclass
@@ -122,14 +122,15 @@ def run_method(
     method: str,
     model: nn.Module,
     tokens: Tensor,
-    luts: tuple[Tensor, Tensor, Tensor],
+    byte_counts: Union[ByteCounts, tuple[Tensor, Tensor, Tensor]],
     context: EvalContext,
     rank: int = 0,
     world_size: int = 1,
 ) -> EvalResult:
     """Run one registered pass on every rank and return the global result.
 
-    The model is put in evaluation state first (eval mode, depth recurrence on, as every record evaluates).
+    ``byte_counts``: the split's byte LUTs, or a ``ByteCounts`` whose sidecar then counts the bytes (CaseOps data);
+    the result line says which (``bytes:sidecar|lut``). The model is put in evaluation state first (eval mode, depth recurrence on, as every record evaluates).
     Collective: with a process group every rank must call it with the same method and context. The clock covers
     the whole pass, compilation included, and stops after the ranks' sums are reduced.
     """
@@ -141,7 +142,12 @@ def run_method(
         model.set_recurrence(True)
     model.eval()
     device = next(model.parameters()).device
-    metric = BitsPerByte(luts).to(device)
+    counts = as_byte_counts(byte_counts)
+    if counts.sidecar is not None and counts.sidecar.numel() < tokens.numel():
+        raise ConfigError(
+            f"eval: the byte sidecar has {counts.sidecar.numel()} entries for {tokens.numel()} val tokens; they must align"
+        )
+    metric = BitsPerByte(counts).to(device)
     setup = PassSetup(
         seq_len=settings.seq_len, stride=settings.stride, rank=rank, world_size=world_size,
         options=context.forward, progress=settings.progress and rank == 0,
@@ -161,7 +167,7 @@ def run_method(
         bytes=byte_count,
         eval_time_ms=elapsed_ms,
         compliant=outcome.compliant,
-        extra=dict(outcome.extra),
+        extra={**outcome.extra, "bytes": metric.byte_source},
         method=method,
         weights=context.weights.describe(),
     )

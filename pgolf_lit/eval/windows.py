@@ -189,7 +189,7 @@ def score_batch(
     scored_logits = at_least_fp32(logits[mask])
     targets = batch.targets[mask]
     nll = F.cross_entropy(scored_logits, targets, reduction="none")
-    metric.update(nll, batch.inputs[mask], targets)
+    metric.update(nll, batch.inputs[mask], targets, batch.positions[mask] + 1)
     if recorder is not None:
         if state_reads_upto is None:
             reads = torch.full_like(targets, NO_STATE)
