@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,16 +467,26 @@ def _fresh(s: str) -> str:
     return s[:1] + s[1:] if len(s) > 1 else s
 
 
-def encode_pergroup(
-    quant: Mapping[str, Tensor],
-    meta: Mapping[str, str],
-    settings: PergroupSettings = PergroupSettings(),
-    target: str = "PGRP artifact",
-) -> bytes:
-    """The PGRP artifact's bytes (PR #1855 train_gpt.py `_serialize_pergroup`).
+@dataclass
+class PergroupPayloads:
+    """The uncompressed contents of the PGRP streams: what ``encode_pergroup`` hands to lrzip and brotli.
+
+    groups: one entry per ``GROUP_ORDER`` group, the sorted/transposed codes, None when the group is absent.
+    remainder: the ``torch.save`` bytes of ``{"r", "m", "s"}``. permutations: the uint16 row orders.
+    """
+
+    groups: list[Optional[bytes]]
+    remainder: bytes
+    permutations: bytes
+
+
+def pergroup_payloads(
+    quant: Mapping[str, Tensor], meta: Mapping[str, str], target: str = "PGRP artifact"
+) -> PergroupPayloads:
+    """Route, row-sort, transpose and pickle, without compressing (PR #1855 train_gpt.py `_serialize_pergroup`).
 
     ``quant`` is the flat quantized dict (``NAME.q``, ``NAME.scale``, passthrough ``NAME``, gate ``NAME.gq`` /
-    ``NAME.gs``, LQER ``NAME.lqA_a`` …), ``meta`` the record's meta strings in state-dict order. ``target``
+    ``NAME.gs``, LQER ``NAME.lqA_a`` …), ``meta`` the record's meta strings in state-dict order; ``target``
     names the output in errors. Block codes of a group must be exactly layers 0..n−1 (the reader names them so).
     """
     if sys.byteorder != "little":
@@ -497,7 +508,7 @@ def encode_pergroup(
         else:
             groups.setdefault(routed[0], []).append((routed[1], name, t))
 
-    jobs: list[tuple[int, bytes]] = []
+    blobs: list[Optional[bytes]] = [None] * len(GROUP_ORDER)
     manifest: dict[str, list[tuple[int, ...]]] = {}
     permutations = []
     for i, group in enumerate(GROUP_ORDER):
@@ -525,17 +536,30 @@ def encode_pergroup(
             parts.append(arr.tobytes())
             shapes.append(tuple(int(d) for d in t.shape))
         manifest[group] = shapes
-        jobs.append((i, b"".join(parts)))
-
-    streams = [b""] * N_STREAMS
-    for (i, _), blob in zip(jobs, _map(lambda job: lrzip_compress(job[1], settings), jobs, settings.workers)):
-        streams[i] = blob
+        blobs[i] = b"".join(parts)
     buffer = io.BytesIO()
     torch.save({"r": remainder, "m": meta_out, "s": manifest}, buffer)
+    return PergroupPayloads(blobs, buffer.getvalue(), b"".join(permutations))
+
+
+def encode_pergroup(
+    quant: Mapping[str, Tensor],
+    meta: Mapping[str, str],
+    settings: PergroupSettings = PergroupSettings(),
+    target: str = "PGRP artifact",
+) -> bytes:
+    """The PGRP artifact's bytes: ``pergroup_payloads``, then lrzip per group and brotli for the remainder and
+    the permutations (PR #1855 train_gpt.py `_serialize_pergroup`)."""
+    lrzip_executable(settings)  # fail before the row sorts, not after
+    payloads = pergroup_payloads(quant, meta, target)
+    jobs = [(i, blob) for i, blob in enumerate(payloads.groups) if blob is not None]
+    streams = [b""] * N_STREAMS
+    for (i, _), stream in zip(jobs, _map(lambda job: lrzip_compress(job[1], settings), jobs, settings.workers)):
+        streams[i] = stream
     streams[REMAINDER_STREAM] = brotli.compress(
-        buffer.getvalue(), quality=settings.remainder_quality, lgwin=settings.remainder_lgwin
+        payloads.remainder, quality=settings.remainder_quality, lgwin=settings.remainder_lgwin
     )
-    perms = b"".join(permutations)
+    perms = payloads.permutations
     streams[PERMUTATION_STREAM] = brotli.compress(perms, quality=settings.permutation_quality) if perms else b""
     return pack_streams(streams)
 
@@ -562,11 +586,13 @@ def decode_pergroup(
     try:
         raw = brotli_decompress_bounded(streams[REMAINDER_STREAM], budget, "the remainder stream (7)")
         budget -= len(raw)
+        _check_zip_records(raw)
         try:
             obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:  # untrusted bytes: any failure is a bad artifact
             raise ValueError(f"the remainder stream does not load safely ({type(e).__name__}: {e})") from None
         remainder, meta, manifest = _check_remainder(obj)
+        _check_names(remainder, meta, manifest)  # before any lrzip run: a wrong meta fails in milliseconds
         sizes = {g: sum(math.prod(s) for s in shapes) for g, shapes in manifest.items()}
         perm_rows = [s[0] for g in GROUP_ORDER if g in SIMILARITY_SORTED_GROUPS for s in manifest.get(g, []) if len(s) == 2]
         claimed = sum(sizes.values()) + 2 * sum(perm_rows)
@@ -583,6 +609,11 @@ def decode_pergroup(
         perms = brotli_decompress_bounded(perm_stream, 2 * sum(perm_rows), "the permutation stream (8)") if perm_stream else b""
         if len(perms) != 2 * sum(perm_rows):
             raise ValueError(f"the permutation stream holds {len(perms)} bytes, expected {2 * sum(perm_rows)}")
+        orders = np.frombuffer(perms, dtype=_U16).astype(np.int64)
+        for rows, start in zip(perm_rows, np.cumsum([0] + perm_rows[:-1])):
+            if not np.array_equal(np.sort(orders[start : start + rows]), np.arange(rows)):
+                raise ValueError(f"the permutation stream's order at row offset {start} is not a permutation of "
+                                 f"{rows} rows")
 
         jobs = [(i, g) for i, g in enumerate(GROUP_ORDER) if g in manifest]
         raws = _map(lambda job: lrzip_decompress(streams[job[0]], sizes[job[1]], settings,
@@ -593,8 +624,6 @@ def decode_pergroup(
             codes = np.frombuffer(blob, dtype=np.int8)
             offset = 0
             for name, shape in zip(group_tensor_names(group, len(manifest[group])), manifest[group]):
-                if name in quant:
-                    raise ValueError(f"{name} is both in group {group} and in the remainder")
                 n = math.prod(shape)
                 chunk = codes[offset : offset + n].copy()
                 offset += n
@@ -602,10 +631,8 @@ def decode_pergroup(
                     rows, cols = shape
                     chunk = chunk.reshape(cols, rows).T
                     if group in SIMILARITY_SORTED_GROUPS:
-                        perm = np.frombuffer(perms, dtype=_U16, count=rows, offset=perm_offset).astype(np.int64)
-                        perm_offset += 2 * rows
-                        if not np.array_equal(np.sort(perm), np.arange(rows)):
-                            raise ValueError(f"the row order of {name} is not a permutation of its {rows} rows")
+                        perm = orders[perm_offset : perm_offset + rows]
+                        perm_offset += rows
                         inverse = np.empty_like(perm)
                         inverse[perm] = np.arange(rows)
                         chunk = chunk[inverse]
@@ -626,6 +653,36 @@ def _map(fn, items: list, workers: int) -> list:
         return [fn(item) for item in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(fn, items))
+
+
+def _check_names(remainder: Mapping[str, Tensor], meta: Mapping[str, str], manifest: Mapping[str, list]) -> None:
+    """The remainder plus the names the groups will get are exactly the tensors the meta describes."""
+    grouped = [n for g in GROUP_ORDER if g in manifest for n in group_tensor_names(g, len(manifest[g]))]
+    clash = sorted(set(grouped) & set(remainder))
+    if clash:
+        raise ValueError(f"{clash[:3]} are both in a group and in the remainder")
+    expected = {k for name, info in meta.items() for k in tensor_keys(name, parse_meta(info))}
+    present = set(remainder) | set(grouped)
+    if expected != present:
+        missing, extra = sorted(expected - present), sorted(present - expected)
+        raise ValueError(f"tensor(s) {missing[:3]} are missing" if missing else
+                         f"tensor(s) {extra[:3]} are not described by the meta")
+
+
+def _check_zip_records(raw: bytes) -> None:
+    """Check the CRC-32 of every record of the remainder's ``torch.save`` zip: brotli has no checksum and
+    ``torch.load`` does not verify the records', so a flipped bit would otherwise load as a different value."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            infos = archive.infolist()
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                    raise ValueError(f"record {info.filename!r} is not stored uncompressed, as torch.save writes it")
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+        raise ValueError(f"the remainder stream is not a torch.save archive ({e})") from None
+    if bad is not None:
+        raise ValueError(f"the remainder stream is corrupted (CRC mismatch in record {bad!r})")
 
 
 def _check_remainder(obj: Any) -> tuple[dict[str, Tensor], dict[str, str], dict[str, list[tuple[int, ...]]]]:
