@@ -34,7 +34,8 @@ BANKS = {
 
 def pergroup_cases() -> list:
     root = fixture_root(ENV, "pr1855")
-    skip = pytest.param(None, marks=pytest.mark.skip(reason=f"no PR #1855 PGRP fixtures: set {ENV} or provide ../shared"))
+    reason = f"no PR #1855 PGRP fixtures: set {ENV} or provide ../shared"
+    skip = pytest.param(None, marks=pytest.mark.skip(reason=reason))
     if root is None or not (root / "quant").is_dir():
         return [skip]
     cases = []

@@ -66,7 +66,8 @@ def test_lqer_selection_factors_and_packs_match_fixture(path):
     settings = c.lqer_settings()
     gptq = [n for n, m in c.qmeta["meta"].items() if parse_meta(m).kind == "gptq"]
     scores = {n: float(quantization_error(weights[n], expected[n + ".q"], expected[n + ".scale"]).norm()) for n in gptq}
-    assert [[n, scores[n]] for n, _ in c.qmeta["lqer"]["candidates_E_fro_desc"]] == c.qmeta["lqer"]["candidates_E_fro_desc"]
+    candidates = c.qmeta["lqer"]["candidates_E_fro_desc"]
+    assert [[n, scores[n]] for n, _ in candidates] == candidates
     assert lqer_select(scores, settings.top_k) == c.qmeta["lqer"]["chosen"] == list(stored)
     kinds = lqer_names(c)
     for name, ref in stored.items():

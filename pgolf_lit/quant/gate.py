@@ -46,7 +46,7 @@ def is_quant_gate(name: str, t: Tensor, settings: GateSettings = GateSettings())
 
 
 def quantize_gate_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Int8 codes (w's shape) and fp16 per-row scales of a 2-D gate (PR #1855 train_gpt.py `_quantize_gate_int8_row`)."""
+    """Int8 codes (w's shape) and fp16 row scales of a 2-D gate (PR #1855 train_gpt.py `_quantize_gate_int8_row`)."""
     if w.ndim != 2:
         raise ValueError(f"the int8 gate quantizer takes a 2-D tensor, got shape {tuple(w.shape)}")
     x = w.float().contiguous()

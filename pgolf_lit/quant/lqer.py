@@ -122,7 +122,7 @@ def _torch_threads(n: Optional[int]) -> Iterator[None]:
 
 
 def lqer_factor(error: Tensor, rank: int, svd_threads: Optional[int] = 1) -> tuple[Tensor, Tensor]:
-    """A = U_r·S_r [rows, r] and B = Vh_r [r, cols] of the thin SVD of E (PR #1855 train_gpt.py `gptq_mixed_quantize`)."""
+    """A = U_r·S_r [rows, r], B = Vh_r [r, cols] of the thin SVD of E (PR #1855 train_gpt.py `gptq_mixed_quantize`)."""
     if error.ndim != 2:
         raise ValueError(f"LQER factors a 2-D error matrix, got shape {tuple(error.shape)}")
     with _torch_threads(svd_threads if error.device.type == "cpu" else None):
@@ -132,7 +132,7 @@ def lqer_factor(error: Tensor, rank: int, svd_threads: Optional[int] = 1) -> tup
 
 
 def lqer_pack_asym(a: Tensor, b: Tensor, group: int = 64) -> LqerFactors:
-    """A in [-2, 1] with one fp16 scale, B in [-8, 7] per group of ``group`` (PR #1855 train_gpt.py `_lqer_pack_asym`)."""
+    """A in [-2, 1] with one fp16 scale, B in [-8, 7] per ``group`` values (PR #1855 train_gpt.py `_lqer_pack_asym`)."""
     if b.numel() % group:
         raise ValueError(f"asymmetric LQER needs B.numel() ({b.numel()}) to be a multiple of the group ({group})")
     s_a = (a.abs().amax().clamp_min(MIN_SCALE) / ASYM_A_DIVISOR).to(torch.float16)
@@ -194,7 +194,8 @@ def lqer_apply(
     names: Sequence[str],
     settings: LqerSettings = LqerSettings(),
 ) -> dict[str, LqerFactors]:
-    """Every LQER step on finished GPTQ results: score, select, factor, pack (PR #1855 train_gpt.py `gptq_mixed_quantize`).
+    """Every LQER step on finished GPTQ results: score, select, factor, pack
+    (PR #1855 train_gpt.py `gptq_mixed_quantize`).
 
     ``names`` are the GPTQ-quantized weights in state-dict order (the candidates; ties keep this order);
     ``weights[name]`` is the float weight that was quantized, ``quant[name + ".q"]`` / ``quant[name + ".scale"]``
