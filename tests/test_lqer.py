@@ -10,6 +10,7 @@ import torch
 
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.quant.gate import GateSettings, dequantize_gate_rows, is_quant_gate, quantize_gate_rows
+from pgolf_lit.quant.gptq import gptq_sdclip
 from pgolf_lit.quant.lqer import (
     ASYM,
     SYM,
@@ -158,3 +159,20 @@ def test_gate_routing_bounds_and_zero_rows():
     # the record's quirk, kept: the 1e-10 floor / 127 underflows fp16 to 0, so a zero row has scale 0 (its codes
     # come from 0/0) and still dequantizes to zeros
     assert scale[0] == 0 and dequantize_gate_rows(q, scale)[0].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("path", CASES)
+def test_bf16_live_weights_give_the_same_codes_and_errors(path):
+    """The record's live tok_emb is bf16 (the fixture stores its values as fp32): same GPTQ codes, same ‖E‖_F."""
+    c = case(path)
+    weights, expected = c.flat_state_dict(), c.tensors("expected_quant.pt")
+    hessians = c.tensors(c.hp["hessians"]["file"])
+    names = [n for n, d in c.qmeta["template_dtypes"].items() if d == "bfloat16" and n + ".q" in expected]
+    for name in names:
+        _, bits, sigmas = c.route(name, weights[name])
+        live = weights[name].bfloat16()
+        assert torch.equal(live.float(), weights[name]), f"{name}: the fixture's values are bf16 values"
+        r = gptq_sdclip(live, hessians[name], bits, sigmas)
+        assert torch.equal(r.q, expected[name + ".q"]) and torch.equal(r.scale, expected[name + ".scale"]), name
+        e = quantization_error(live, expected[name + ".q"], expected[name + ".scale"])
+        assert float(e.norm()) == c.qmeta["tensors"][name]["lqer_candidate_E_fro"], name
