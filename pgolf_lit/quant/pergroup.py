@@ -1,0 +1,736 @@
+"""The PGRP per-group artifact of PR #1855 (``COMPRESSOR=pergroup``): writer, bounded reader, and its dequantization.
+
+Layout (PR #1855 train_gpt.py `_pack_streams`), little-endian::
+
+    b"PGRP" | u32 n_streams (9) | n_streams × u32 stream length | the streams, back to back
+
+Streams 0–6, one per group of ``GROUP_ORDER``: the int8 codes ``NAME.q`` of that group (block tensors
+``blocks.<i>.<group>`` in layer order 0..n−1, the global one as ``_<name>``), each 2-D tensor with its rows
+reordered by ``similarity_sort_l1`` when the group is in ``SIMILARITY_SORTED_GROUPS``, then transposed
+(column-major bytes), concatenated and compressed with the ``lrzip`` executable (``-z -L 9``: the ZPAQ back end).
+An absent group is an empty stream. Stream 7: brotli (quality 11, lgwin 24) of ``torch.save({"r": remainder,
+"m": meta, "s": shape_manifest})`` — every other tensor (fp16 scales and passthrough, gate ``.gq``/``.gs``, LQER
+factors), the meta strings, and each present group's list of original shapes. Stream 8: brotli (quality 11) of
+the row orders as uint16, in group then layer order (empty when there are none).
+
+The meta is the record's: one string per tensor, in state-dict order — ``"passthrough (float16)"``,
+``"gate_int8_row"``, ``"gptq (int6)"``, ``"gptq (int6)+lqer_asym"``, ``"gptq (int6)+lqer"`` (``gptq_meta``
+builds them, ``parse_meta`` reads them).
+
+Writing is byte-exact against the record (same torch, brotli and lrzip builds): the remainder is pickled with the
+string sharing the script has (a passthrough tensor's name is the same object in the remainder and the meta; the
+passthrough and gate meta strings are one object each; every ``gptq …`` string is its own object), because pickle
+writes a repeated object as a back-reference. The lrzip output depends on lrzip's thread count for groups of
+megabytes (``-p 1`` differs from the default on a 12 MB stream; equal on the 74 KB groups of the fixture), so
+``PergroupSettings.lrzip_threads`` defaults to lrzip's own choice, as the record ran it.
+
+Reading never runs pickled code (``torch.load(weights_only=True)``) and is bounded: every stream's decompressed
+size is known before it is decompressed (the remainder's is capped; the groups' and the permutations' follow
+from the shape manifest and must match lrzip's header), lrzip runs on private temp files with a file-size and
+address-space limit, and anything malformed raises ``PergroupError`` (an ``ArtifactError``) naming the source.
+Corruption cannot pass silently where it would change a tensor: lrzip checks its MD5, the remainder's zip
+records are checked against their CRC-32 (brotli has none, and ``torch.load`` does not check them), the row
+orders must be permutations. lrzip always runs with ``LRZIP=NOCONFIG``: no lrzip.conf changes its output.
+
+Why the executable: PyPI's ``lrzip`` is an unrelated 2017 binding and PyPI ``zpaq`` writes another format, so
+neither reads or writes the record's streams; the record itself shells out to ``lrzip``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import brotli
+import numpy as np
+import torch
+from torch import Tensor
+
+from pgolf_lit.errors import ArtifactError, PgolfError
+from pgolf_lit.quant.gate import CODES_SUFFIX, GATE_META, SCALE_SUFFIX, dequantize_gate_rows
+from pgolf_lit.quant.lqer import ASYM, KEY_SUFFIXES, META_SUFFIX, LqerFactors, lqer_dequant
+from pgolf_lit.quant.quantized import float_dtype
+
+PACK_MAGIC = b"PGRP"
+GROUP_ORDER = (
+    "_tok_emb.weight.q",
+    "attn.c_k.weight.q",
+    "attn.c_q.weight.q",
+    "attn.c_v.weight.q",
+    "attn.proj.weight.q",
+    "mlp.fc.weight.q",
+    "mlp.proj.weight.q",
+)
+SIMILARITY_SORTED_GROUPS = frozenset({"_tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q"})
+N_STREAMS = len(GROUP_ORDER) + 2
+REMAINDER_STREAM = len(GROUP_ORDER)
+PERMUTATION_STREAM = len(GROUP_ORDER) + 1
+PASSTHROUGH_META = "passthrough (float16)"
+LRZIP_MAGIC = b"LRZI"
+LRZIP_HEADER_BYTES = 24  # lrzip 0.6 magic header: b"LRZI", major 0, minor 6, u64 LE expanded size, ...
+INSTALL_HINT = "install it with `apt-get install lrzip` (Debian/Ubuntu; lrzip 0.651 writes the record's bytes)"
+
+PathLike = Union[str, Path]
+_U32 = np.dtype("<u4")
+_U16 = np.dtype("<u2")
+_META_RE = re.compile(r"gptq \(int([2-8])\)(\+lqer_asym|\+lqer)?")
+_LQER_BY_SUFFIX = {v: k for k, v in META_SUFFIX.items()}
+
+
+class PergroupError(ArtifactError):
+    """A PGRP artifact that cannot be written or read: truncated, corrupted, oversized, inconsistent."""
+
+
+class LrzipNotFoundError(PgolfError, RuntimeError):
+    """The ``lrzip`` executable PGRP artifacts need is not installed."""
+
+
+@dataclass(frozen=True)
+class PergroupSettings:
+    """Knobs of the PGRP writer and reader (the defaults write the record's bytes).
+
+    lrzip: the lrzip executable, a name looked up on PATH or a path.
+    lrzip_level: ``-L`` of the ZPAQ back end (record: 9).
+    lrzip_threads: ``-p`` when writing; None lets lrzip choose (its CPU count), as the record did.
+    remainder_quality, remainder_lgwin: brotli settings of the remainder stream (record: 11, 24).
+    permutation_quality: brotli quality of the permutation stream (record: 11, default window).
+    workers: lrzip processes run at once (the record decompresses its 7 groups in a 7-thread pool).
+    timeout_s: wall-clock limit of one lrzip run.
+    max_raw_bytes: the most decompressed bytes an artifact may claim over all its streams (reading).
+    lrzip_memory_bytes: address-space limit of each decompressing lrzip process; None: no limit.
+    """
+
+    lrzip: str = "lrzip"
+    lrzip_level: int = 9
+    lrzip_threads: Optional[int] = None
+    remainder_quality: int = 11
+    remainder_lgwin: int = 24
+    permutation_quality: int = 11
+    workers: int = 1
+    timeout_s: float = 600.0
+    max_raw_bytes: int = 1 << 30
+    lrzip_memory_bytes: Optional[int] = 8 << 30
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Meta strings
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetaEntry:
+    """One parsed meta string: kind ``"passthrough"`` | ``"gate"`` | ``"gptq"``, GPTQ bits, LQER kind or None."""
+
+    kind: str
+    bits: Optional[int] = None
+    lqer: Optional[str] = None
+
+
+def gptq_meta(bits: int, lqer: Optional[str] = None) -> str:
+    """The record's meta string of a GPTQ tensor: ``"gptq (int6)"``, plus ``"+lqer_asym"`` / ``"+lqer"``."""
+    return f"gptq (int{bits})" + (META_SUFFIX[lqer] if lqer else "")
+
+
+def parse_meta(info: Any) -> MetaEntry:
+    """Parse one meta string (ValueError for anything the record does not write)."""
+    if info == PASSTHROUGH_META:
+        return MetaEntry("passthrough")
+    if info == GATE_META:
+        return MetaEntry("gate")
+    m = _META_RE.fullmatch(info) if isinstance(info, str) else None
+    if m is None:
+        raise ValueError(f"unknown meta {info!r}")
+    return MetaEntry("gptq", int(m.group(1)), _LQER_BY_SUFFIX.get(m.group(2)) if m.group(2) else None)
+
+
+def tensor_keys(name: str, entry: MetaEntry) -> tuple[str, ...]:
+    """The quantized-dict keys one meta entry owns."""
+    if entry.kind == "passthrough":
+        return (name,)
+    if entry.kind == "gate":
+        return (name + CODES_SUFFIX, name + SCALE_SUFFIX)
+    keys = (name + ".q", name + ".scale")
+    return keys + tuple(name + s for s in KEY_SUFFIXES[entry.lqer]) if entry.lqer else keys
+
+
+def validate_quant(quant: Mapping[str, Tensor], meta: Mapping[str, str]) -> None:
+    """Raise ValueError unless ``quant`` holds exactly the tensors ``meta`` describes, with consistent shapes."""
+    if not isinstance(meta, Mapping):
+        raise ValueError("meta is not a mapping")
+    expected: set[str] = set()
+    for name, info in meta.items():
+        if not isinstance(name, str):
+            raise ValueError(f"meta key {name!r} is not a string")
+        entry = parse_meta(info)
+        keys = tensor_keys(name, entry)
+        missing = [k for k in keys if not isinstance(quant.get(k), Tensor)]
+        if missing:
+            raise ValueError(f"tensor(s) {missing} of {name!r} ({info}) are missing")
+        expected.update(keys)
+        if entry.kind == "gate":
+            q, s = quant[keys[0]], quant[keys[1]]
+            _expect(q.dtype == torch.int8 and q.ndim == 2, name, f"gate codes must be 2-D int8, got {_desc(q)}")
+            fits = s.is_floating_point() and s.shape == q.shape[:1]
+            _expect(fits, name, f"gate scales {_desc(s)} do not fit {_desc(q)}")
+        elif entry.kind == "gptq":
+            q, s = quant[keys[0]], quant[keys[1]]
+            _expect(q.dtype == torch.int8 and q.ndim >= 1, name, f"codes must be int8, got {_desc(q)}")
+            per_row = s.ndim == 1 and s.shape[0] == q.shape[0]
+            fits = s.is_floating_point() and (per_row or s.ndim == 0)
+            _expect(fits, name, f"scale {_desc(s)} does not fit {_desc(q)}")
+            if entry.lqer:
+                _check_lqer(name, q, LqerFactors.from_tensors(quant, name, entry.lqer))
+    extra = sorted(set(quant) - expected)
+    if extra:
+        raise ValueError(f"tensor(s) {extra[:3]} are not described by the meta")
+
+
+def _check_lqer(name: str, q: Tensor, f: LqerFactors) -> None:
+    _expect(q.ndim == 2, name, "LQER needs 2-D codes")
+    rank = f.qA.shape[1] if f.qA.ndim == 2 else -1
+    ok = (f.qA.dtype == f.qB.dtype == torch.int8 and f.qA.ndim == f.qB.ndim == 2 and f.qA.shape[0] == q.shape[0]
+          and f.qB.shape == (rank, q.shape[1]) and f.sA.is_floating_point() and f.sB.is_floating_point())
+    if f.kind == ASYM:
+        ok = ok and f.sA.ndim == 0 and f.sB.ndim == 1 and f.sB.numel() > 0 and f.qB.numel() % f.sB.numel() == 0
+    else:
+        ok = ok and f.sA.shape == (q.shape[0],) and f.sB.shape == (rank,)
+    _expect(ok, name, f"LQER factors {_desc(f.qA)}, {_desc(f.sA)}, {_desc(f.qB)}, {_desc(f.sB)} do not fit {_desc(q)}")
+
+
+def _expect(cond: bool, name: str, what: str) -> None:
+    if not cond:
+        raise ValueError(f"{name!r}: {what}")
+
+
+def _desc(t: Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def dequantize_mixed(
+    quant: Mapping[str, Tensor],
+    meta: Mapping[str, str],
+    template_dtypes: Optional[Mapping[str, Union[torch.dtype, str]]] = None,
+) -> dict[str, Tensor]:
+    """The float state dict, in meta order (PR #1855 train_gpt.py `dequantize_mixed`).
+
+    ``template_dtypes`` are the dtypes of the model the weights go into (the record's eval model: bf16
+    ``tok_emb``, fp32 elsewhere); a name it lacks gets float32. Passthrough fp16 goes to an fp32/bf16 target,
+    other passthrough tensors stay as stored.
+    """
+    given = template_dtypes or {}
+    dtypes = {k: v if isinstance(v, torch.dtype) else float_dtype(v) for k, v in given.items()}
+    out: dict[str, Tensor] = {}
+    for name, info in meta.items():
+        entry = parse_meta(info)
+        target = dtypes.get(name, torch.float32)
+        if entry.kind == "passthrough":
+            t = quant[name]
+            out[name] = t.to(target) if t.dtype == torch.float16 and target in (torch.float32, torch.bfloat16) else t
+        elif entry.kind == "gate":
+            out[name] = dequantize_gate_rows(quant[name + CODES_SUFFIX], quant[name + SCALE_SUFFIX], target)
+        else:
+            factors = LqerFactors.from_tensors(quant, name, entry.lqer) if entry.lqer else None
+            out[name] = lqer_dequant(quant[name + ".q"], quant[name + ".scale"], factors, target)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row order
+# ---------------------------------------------------------------------------------------------------------
+
+
+def similarity_sort_l1(matrix: Union[np.ndarray, Tensor]) -> np.ndarray:
+    """Greedy nearest-neighbour row chain from row 0 under L1 distance, ties to the lowest index; uint16 order
+    (PR #1855 train_gpt.py `_similarity_sort_l1`).
+
+    The script's order, about twice as fast as its loop (2048×512: 0.7 s against 1.3 s here): the distances of
+    int8 codes are exact in int16/int32, and a chosen row is removed by moving the last unused row into its slot
+    (no copy of the unused rows per step); ties are broken on the original index, as the script's argmin over
+    unused rows in index order does.
+    """
+    arr = matrix.detach().cpu().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix)
+    if arr.ndim != 2:
+        raise ValueError(f"the similarity sort takes a 2-D matrix, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer) or arr.dtype.itemsize > 1:
+        raise ValueError(f"the similarity sort takes int8/uint8 codes, got {arr.dtype}")
+    n = arr.shape[0]
+    if n > 1 << 16:
+        raise ValueError(f"the similarity sort stores rows as uint16: {n} rows is more than 65536")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    rows = arr.astype(np.int16)  # a copy: rows are swapped in place below
+    index = np.arange(n)
+    order = [0]
+    cur = rows[0].copy()
+    left = n - 1
+    rows[0], index[0] = rows[left], index[left]
+    while left:
+        dist = np.abs(rows[:left] - cur).sum(axis=1, dtype=np.int32)
+        ties = np.flatnonzero(dist == dist.min())
+        slot = int(ties[np.argmin(index[ties])]) if len(ties) > 1 else int(ties[0])
+        order.append(int(index[slot]))
+        cur = rows[slot].copy()
+        left -= 1
+        rows[slot], index[slot] = rows[left], index[left]
+    return np.array(order, dtype=np.uint16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Container and lrzip
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pack_streams(streams: Sequence[bytes]) -> bytes:
+    """``b"PGRP"`` + u32 count + u32 lengths + the streams (PR #1855 train_gpt.py `_pack_streams`)."""
+    lengths = np.array([len(s) for s in streams], dtype=_U32)
+    return PACK_MAGIC + np.array([len(streams)], dtype=_U32).tobytes() + lengths.tobytes() + b"".join(streams)
+
+
+def unpack_streams(data: bytes, source: str = "PGRP artifact") -> list[bytes]:
+    """The streams of a PGRP container, checking magic, count and that the lengths cover the bytes exactly."""
+    if len(data) < 8 or data[:4] != PACK_MAGIC:
+        what = "shorter than the 8-byte header" if len(data) < 8 else f"bad magic {bytes(data[:4])!r}"
+        raise PergroupError(f"{source}: not a PGRP artifact ({what}; expected {PACK_MAGIC!r} + stream count)")
+    n = int(np.frombuffer(data, dtype=_U32, count=1, offset=4)[0])
+    if n != N_STREAMS:
+        raise PergroupError(f"{source}: PGRP header declares {n} streams, expected {N_STREAMS}")
+    start = 8 + 4 * n
+    if len(data) < start:
+        raise PergroupError(f"{source}: truncated: {len(data)} bytes, shorter than the {start}-byte stream table")
+    lengths = np.frombuffer(data, dtype=_U32, count=n, offset=8).astype(np.int64)
+    total = start + int(lengths.sum())
+    if total != len(data):
+        what = "truncated" if len(data) < total else "trailing bytes"
+        raise PergroupError(f"{source}: {what}: {len(data)} bytes, the stream table says {total}")
+    offsets = start + np.concatenate([[0], np.cumsum(lengths)])
+    return [bytes(data[offsets[i] : offsets[i + 1]]) for i in range(n)]
+
+
+def lrzip_executable(settings: "PergroupSettings" = PergroupSettings()) -> str:
+    """The lrzip executable's path; ``LrzipNotFoundError`` (one line, with the install command) when absent."""
+    exe = shutil.which(settings.lrzip)
+    if exe is None:
+        raise LrzipNotFoundError(f"lrzip: the {settings.lrzip!r} executable is not on PATH and PGRP artifacts need it; "
+                                 + INSTALL_HINT)
+    return exe
+
+
+def lrzip_version(settings: "PergroupSettings" = PergroupSettings()) -> Optional[str]:
+    """``lrzip -V``'s line (e.g. ``"lrzip version 0.651"``), None without the executable."""
+    exe = shutil.which(settings.lrzip)
+    if exe is None:
+        return None
+    run = subprocess.run([exe, "-V"], capture_output=True, text=True, timeout=60, env=_lrzip_env(None))
+    return (run.stdout.strip() or run.stderr.strip()).splitlines()[0] if (run.stdout or run.stderr) else None
+
+
+def _lrzip_env(workdir: Optional[str]) -> dict[str, str]:
+    env = dict(os.environ, LRZIP="NOCONFIG", MALLOC_ARENA_MAX="2")  # no user lrzip.conf changes the output
+    if workdir is not None:
+        env.update(TMPDIR=workdir, TMP=workdir)
+    return env
+
+
+def lrzip_compress(
+    data: bytes, settings: PergroupSettings = PergroupSettings(), workdir: Optional[str] = None
+) -> bytes:
+    """``lrzip -z -L <level> -o out in`` on temp files in a private directory, without reading any lrzip.conf
+    (PR #1855 train_gpt.py `_lrzip_compress`)."""
+    exe = lrzip_executable(settings)
+    with tempfile.TemporaryDirectory(prefix="pgrp_", dir=workdir) as tmp:
+        src, dst = os.path.join(tmp, "group.bin"), os.path.join(tmp, "group.bin.lrz")
+        with open(src, "wb") as f:
+            f.write(data)
+        threads = ["-p", str(settings.lrzip_threads)] if settings.lrzip_threads else []
+        cmd = [exe, "-z", "-L", str(settings.lrzip_level), *threads, "-o", dst, src]
+        try:
+            run = subprocess.run(cmd, capture_output=True, timeout=settings.timeout_s, env=_lrzip_env(tmp))
+        except subprocess.TimeoutExpired:
+            raise PergroupError(f"lrzip: compressing {len(data)} bytes took over {settings.timeout_s} s") from None
+        if run.returncode != 0 or not os.path.isfile(dst):
+            why = _last_line(run)
+            raise PergroupError(f"lrzip: compressing {len(data)} bytes failed (exit {run.returncode}): {why}")
+        with open(dst, "rb") as f:
+            return f.read()
+
+
+def lrzip_expanded_size(stream: bytes) -> int:
+    """The decompressed size an lrzip 0.6 stream's header declares (ValueError when it is no such header)."""
+    if len(stream) < LRZIP_HEADER_BYTES or stream[:4] != LRZIP_MAGIC:
+        raise ValueError("not an lrzip stream (no LRZI header)")
+    if (stream[4], stream[5]) != (0, 6):
+        raise ValueError(f"lrzip format {stream[4]}.{stream[5]}, expected 0.6")
+    return int.from_bytes(stream[6:14], "little")
+
+
+def lrzip_decompress(
+    stream: bytes,
+    expected_size: int,
+    settings: PergroupSettings = PergroupSettings(),
+    workdir: Optional[str] = None,
+    what: str = "lrzip stream",
+) -> bytes:
+    """``lrzip -d -f -o out in`` (PR #1855 train_gpt.py `_lrzip_decompress`), bounded: the header must declare
+    ``expected_size``, the process may write no file larger than that (RLIMIT_FSIZE), its memory is capped
+    (RLIMIT_AS, ``settings.lrzip_memory_bytes``), and the output must have exactly that size.
+    Raises ValueError describing the failure (the caller names the file)."""
+    declared = lrzip_expanded_size(stream)
+    if declared != expected_size:
+        raise ValueError(f"{what}: lrzip header declares {declared} bytes, the shape manifest {expected_size}")
+    exe = lrzip_executable(settings)
+    limits = [(resource.RLIMIT_FSIZE, max(expected_size, 1)), (resource.RLIMIT_CORE, 0)]
+    if settings.lrzip_memory_bytes:
+        limits.append((resource.RLIMIT_AS, settings.lrzip_memory_bytes))
+
+    def set_limits() -> None:  # runs in the child between fork and exec: setrlimit only
+        for which, value in limits:
+            resource.setrlimit(which, (value, value))
+
+    with tempfile.TemporaryDirectory(prefix="pgrp_dec_", dir=workdir) as tmp:
+        src, dst = os.path.join(tmp, "group.lrz"), os.path.join(tmp, "group.bin")
+        with open(src, "wb") as f:
+            f.write(stream)
+        try:
+            run = subprocess.run([exe, "-d", "-f", "-o", dst, src], capture_output=True, timeout=settings.timeout_s,
+                                 env=_lrzip_env(tmp), preexec_fn=set_limits)
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"{what}: lrzip took longer than {settings.timeout_s} s") from None
+        if run.returncode != 0:
+            why = "its output exceeded the declared size" if run.returncode == -25 else _last_line(run)
+            raise ValueError(f"{what}: lrzip failed (exit {run.returncode}): {why}")
+        size = os.path.getsize(dst) if os.path.isfile(dst) else -1
+        if size != expected_size:
+            raise ValueError(f"{what}: lrzip wrote {size} bytes, expected {expected_size}")
+        with open(dst, "rb") as f:
+            return f.read()
+
+
+def _last_line(run: subprocess.CompletedProcess) -> str:
+    text = (run.stderr or b"").decode("utf-8", "replace").strip() or (run.stdout or b"").decode("utf-8", "replace")
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no message"
+
+
+def brotli_decompress_bounded(data: bytes, limit: int, what: str = "brotli stream") -> bytes:
+    """brotli-decompress at most ``limit`` bytes (ValueError beyond, or when the stream is cut short).
+
+    Uses the output limit of brotli ≥ 1.2's Decompressor; older bindings are fed 1 KiB of input at a time, which
+    bounds the overshoot only by what 1 KiB expands to."""
+    d = brotli.Decompressor()
+    step = min(limit + 1, 1 << 20)
+    try:
+        try:
+            out = bytearray(d.process(data, output_buffer_limit=step))
+        except TypeError:  # brotli < 1.2: no output limit
+            out = bytearray()
+            for i in range(0, len(data), 1024):
+                out += d.process(data[i : i + 1024])
+                if len(out) > limit:
+                    break
+        else:
+            while not d.is_finished() and len(out) <= limit:
+                chunk = d.process(b"", output_buffer_limit=step)
+                if not chunk:
+                    break
+                out += chunk
+    except brotli.error:
+        raise ValueError(f"{what}: corrupted brotli data") from None
+    if len(out) > limit:
+        raise ValueError(f"{what}: decompresses to more than the {limit} bytes allowed")
+    if not d.is_finished():
+        raise ValueError(f"{what}: truncated brotli data")
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def group_of(name: str) -> Optional[tuple[str, int]]:
+    """``(group, layer)`` of an int8 codes name that goes to an lrzip group, None for the remainder
+    (PR #1855 train_gpt.py `_serialize_pergroup` routing)."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "blocks" and parts[1].isascii() and parts[1].isdigit():
+        key = ".".join(parts[2:])
+        return (key, int(parts[1])) if key in GROUP_ORDER else None
+    return ("_" + name, 0) if "_" + name in GROUP_ORDER else None
+
+
+def group_tensor_names(group: str, count: int) -> list[str]:
+    """The names the reader gives a group's tensors: ``blocks.0..count-1.<group>`` or the global name."""
+    return [group[1:]] if group.startswith("_") else [f"blocks.{i}.{group}" for i in range(count)]
+
+
+def _fresh(s: str) -> str:
+    """An equal string that is a new object (pickle then writes it in full, as the script's f-strings are)."""
+    return s[:1] + s[1:] if len(s) > 1 else s
+
+
+@dataclass
+class PergroupPayloads:
+    """The uncompressed contents of the PGRP streams: what ``encode_pergroup`` hands to lrzip and brotli.
+
+    groups: one entry per ``GROUP_ORDER`` group, the sorted/transposed codes, None when the group is absent.
+    remainder: the ``torch.save`` bytes of ``{"r", "m", "s"}``. permutations: the uint16 row orders.
+    """
+
+    groups: list[Optional[bytes]]
+    remainder: bytes
+    permutations: bytes
+
+
+def pergroup_payloads(
+    quant: Mapping[str, Tensor], meta: Mapping[str, str], target: str = "PGRP artifact"
+) -> PergroupPayloads:
+    """Route, row-sort, transpose and pickle, without compressing (PR #1855 train_gpt.py `_serialize_pergroup`).
+
+    ``quant`` is the flat quantized dict (``NAME.q``, ``NAME.scale``, passthrough ``NAME``, gate ``NAME.gq`` /
+    ``NAME.gs``, LQER ``NAME.lqA_a`` …), ``meta`` the record's meta strings in state-dict order; ``target``
+    names the output in errors. Block codes of a group must be exactly layers 0..n−1 (the reader names them so).
+    """
+    if sys.byteorder != "little":
+        raise PergroupError(f"{target}: PGRP is written little-endian; this machine is big-endian")
+    try:
+        validate_quant(quant, meta)
+    except ValueError as e:
+        raise PergroupError(f"{target}: {e}") from None
+    shared = {PASSTHROUGH_META: PASSTHROUGH_META, GATE_META: GATE_META}
+    meta_out = {name: shared.get(info) or _fresh(info) for name, info in meta.items()}
+    meta_key = {name: name for name in meta_out}
+    groups: dict[str, list[tuple[int, str, Tensor]]] = {}
+    remainder: dict[str, Tensor] = {}
+    for name in sorted(quant):
+        t = quant[name].detach().cpu()
+        routed = group_of(name) if t.dtype == torch.int8 else None
+        if routed is None:
+            remainder[meta_key.get(name, name)] = t.clone(memory_format=torch.contiguous_format)
+        else:
+            groups.setdefault(routed[0], []).append((routed[1], name, t))
+
+    blobs: list[Optional[bytes]] = [None] * len(GROUP_ORDER)
+    manifest: dict[str, list[tuple[int, ...]]] = {}
+    permutations = []
+    for i, group in enumerate(GROUP_ORDER):
+        if group not in groups:
+            continue
+        members = sorted(groups[group], key=lambda m: m[0])
+        names = [name for _, name, _ in members]
+        if names != group_tensor_names(group, len(members)):
+            raise PergroupError(f"{target}: group {group} holds {names}; PGRP needs exactly "
+                                f"{group_tensor_names(group, len(members))} (layers 0..n-1)")
+        parts, shapes = [], []
+        for _, name, t in members:
+            arr = t.contiguous().numpy()
+            if arr.size == 0:
+                raise PergroupError(f"{target}: {name} is empty; a PGRP group cannot hold an empty tensor")
+            if arr.ndim == 2:
+                if group in SIMILARITY_SORTED_GROUPS:
+                    try:
+                        order = similarity_sort_l1(arr)
+                    except ValueError as e:
+                        raise PergroupError(f"{target}: {name}: {e}") from None
+                    permutations.append(order.astype(_U16).tobytes())
+                    arr = arr[order]
+                arr = np.ascontiguousarray(arr.T)
+            parts.append(arr.tobytes())
+            shapes.append(tuple(int(d) for d in t.shape))
+        manifest[group] = shapes
+        blobs[i] = b"".join(parts)
+    buffer = io.BytesIO()
+    torch.save({"r": remainder, "m": meta_out, "s": manifest}, buffer)
+    return PergroupPayloads(blobs, buffer.getvalue(), b"".join(permutations))
+
+
+def encode_pergroup(
+    quant: Mapping[str, Tensor],
+    meta: Mapping[str, str],
+    settings: PergroupSettings = PergroupSettings(),
+    target: str = "PGRP artifact",
+) -> bytes:
+    """The PGRP artifact's bytes: ``pergroup_payloads``, then lrzip per group and brotli for the remainder and
+    the permutations (PR #1855 train_gpt.py `_serialize_pergroup`)."""
+    lrzip_executable(settings)  # fail before the row sorts, not after
+    payloads = pergroup_payloads(quant, meta, target)
+    jobs = [(i, blob) for i, blob in enumerate(payloads.groups) if blob is not None]
+    streams = [b""] * N_STREAMS
+    for (i, _), stream in zip(jobs, _map(lambda job: lrzip_compress(job[1], settings), jobs, settings.workers)):
+        streams[i] = stream
+    streams[REMAINDER_STREAM] = brotli.compress(
+        payloads.remainder, quality=settings.remainder_quality, lgwin=settings.remainder_lgwin
+    )
+    perms = payloads.permutations
+    streams[PERMUTATION_STREAM] = brotli.compress(perms, quality=settings.permutation_quality) if perms else b""
+    return pack_streams(streams)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reader
+# ---------------------------------------------------------------------------------------------------------
+
+
+def is_pergroup(data: bytes) -> bool:
+    return data[:4] == PACK_MAGIC
+
+
+def decode_pergroup(
+    data: bytes, source: str = "PGRP artifact", settings: PergroupSettings = PergroupSettings()
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The quantized dict and meta strings of a PGRP artifact (PR #1855 train_gpt.py `_deserialize_pergroup`).
+
+    ``source`` names the file in errors. The tensors come back exactly as written (codes in their original row
+    order); the dict holds the remainder's tensors (in their stored order) then the groups' codes.
+    """
+    streams = unpack_streams(data, source)
+    budget = settings.max_raw_bytes
+    try:
+        raw = brotli_decompress_bounded(streams[REMAINDER_STREAM], budget, "the remainder stream (7)")
+        budget -= len(raw)
+        _check_zip_records(raw)
+        try:
+            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:  # untrusted bytes: any failure is a bad artifact
+            raise ValueError(f"the remainder stream does not load safely ({type(e).__name__}: {e})") from None
+        remainder, meta, manifest = _check_remainder(obj)
+        _check_names(remainder, meta, manifest)  # before any lrzip run: a wrong meta fails in milliseconds
+        sizes = {g: sum(math.prod(s) for s in shapes) for g, shapes in manifest.items()}
+        sorted_groups = [g for g in GROUP_ORDER if g in SIMILARITY_SORTED_GROUPS]
+        perm_rows = [s[0] for g in sorted_groups for s in manifest.get(g, []) if len(s) == 2]
+        claimed = sum(sizes.values()) + 2 * sum(perm_rows)
+        if claimed > budget:
+            raise ValueError(f"the shape manifest claims {claimed} bytes of codes, more than the {budget} allowed")
+        for i, group in enumerate(GROUP_ORDER):
+            if bool(streams[i]) != (group in manifest):
+                raise ValueError(f"stream {i} ({group}) is {'present' if streams[i] else 'empty'}, the manifest "
+                                 f"{'lists' if group in manifest else 'lacks'} that group")
+        perm_stream = streams[PERMUTATION_STREAM]
+        if bool(perm_stream) != bool(perm_rows):
+            raise ValueError(f"the permutation stream (8) is {'present' if perm_stream else 'empty'} but "
+                             f"{2 * sum(perm_rows)} bytes of row orders are expected")
+        perms = b""
+        if perm_stream:
+            perms = brotli_decompress_bounded(perm_stream, 2 * sum(perm_rows), "the permutation stream (8)")
+        if len(perms) != 2 * sum(perm_rows):
+            raise ValueError(f"the permutation stream holds {len(perms)} bytes, expected {2 * sum(perm_rows)}")
+        orders = np.frombuffer(perms, dtype=_U16).astype(np.int64)
+        for rows, start in zip(perm_rows, np.cumsum([0] + perm_rows[:-1])):
+            if not np.array_equal(np.sort(orders[start : start + rows]), np.arange(rows)):
+                raise ValueError(f"the permutation stream's order at row offset {start} is not a permutation of "
+                                 f"{rows} rows")
+
+        jobs = [(i, g) for i, g in enumerate(GROUP_ORDER) if g in manifest]
+        raws = _map(lambda job: lrzip_decompress(streams[job[0]], sizes[job[1]], settings,
+                                                 what=f"stream {job[0]} ({job[1]})"), jobs, settings.workers)
+        quant = dict(remainder)
+        perm_offset = 0
+        for (i, group), blob in zip(jobs, raws):
+            codes = np.frombuffer(blob, dtype=np.int8)
+            offset = 0
+            for name, shape in zip(group_tensor_names(group, len(manifest[group])), manifest[group]):
+                n = math.prod(shape)
+                chunk = codes[offset : offset + n].copy()
+                offset += n
+                if len(shape) == 2:
+                    rows, cols = shape
+                    chunk = chunk.reshape(cols, rows).T
+                    if group in SIMILARITY_SORTED_GROUPS:
+                        perm = orders[perm_offset : perm_offset + rows]
+                        perm_offset += rows
+                        inverse = np.empty_like(perm)
+                        inverse[perm] = np.arange(rows)
+                        chunk = chunk[inverse]
+                quant[name] = torch.from_numpy(np.ascontiguousarray(chunk).reshape(shape))
+        validate_quant(quant, meta)
+    except PgolfError:
+        raise
+    except ValueError as e:
+        raise PergroupError(f"{source}: {e}") from None
+    except Exception as e:  # any other failure on untrusted bytes is a bad artifact, never a crash trace
+        raise PergroupError(f"{source}: malformed PGRP artifact ({type(e).__name__}: {e})") from None
+    return quant, meta
+
+
+def _map(fn, items: list, workers: int) -> list:
+    """``fn`` over ``items``, in a thread pool when ``workers`` > 1 (lrzip runs release the GIL)."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _check_names(remainder: Mapping[str, Tensor], meta: Mapping[str, str], manifest: Mapping[str, list]) -> None:
+    """The remainder plus the names the groups will get are exactly the tensors the meta describes."""
+    grouped = [n for g in GROUP_ORDER if g in manifest for n in group_tensor_names(g, len(manifest[g]))]
+    clash = sorted(set(grouped) & set(remainder))
+    if clash:
+        raise ValueError(f"{clash[:3]} are both in a group and in the remainder")
+    expected = {k for name, info in meta.items() for k in tensor_keys(name, parse_meta(info))}
+    present = set(remainder) | set(grouped)
+    if expected != present:
+        missing, extra = sorted(expected - present), sorted(present - expected)
+        raise ValueError(f"tensor(s) {missing[:3]} are missing" if missing else
+                         f"tensor(s) {extra[:3]} are not described by the meta")
+
+
+def _check_zip_records(raw: bytes) -> None:
+    """Check the CRC-32 of every record of the remainder's ``torch.save`` zip: brotli has no checksum and
+    ``torch.load`` does not verify the records', so a flipped bit would otherwise load as a different value."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            infos = archive.infolist()
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                    raise ValueError(f"record {info.filename!r} is not stored uncompressed, as torch.save writes it")
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+        raise ValueError(f"the remainder stream is not a torch.save archive ({e})") from None
+    if bad is not None:
+        raise ValueError(f"the remainder stream is corrupted (CRC mismatch in record {bad!r})")
+
+
+def _check_remainder(obj: Any) -> tuple[dict[str, Tensor], dict[str, str], dict[str, list[tuple[int, ...]]]]:
+    if not isinstance(obj, dict) or set(obj) != {"r", "m", "s"}:
+        keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"the remainder holds {keys}, expected a dict of 'r', 'm', 's'")
+    remainder, meta, manifest = obj["r"], obj["m"], obj["s"]
+    if not isinstance(remainder, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                  for k, v in remainder.items()):
+        raise ValueError("the remainder's 'r' is not a dict of named tensors")
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("the remainder's 'm' is not a dict of meta strings")
+    if not isinstance(manifest, dict):
+        raise ValueError("the remainder's 's' (shape manifest) is not a dict")
+    for group, shapes in manifest.items():
+        if group not in GROUP_ORDER:
+            raise ValueError(f"the shape manifest names an unknown group {group!r}")
+        ok = isinstance(shapes, list) and shapes and all(
+            isinstance(s, tuple) and s and all(isinstance(d, int) and d > 0 for d in s) for s in shapes)
+        if not ok:
+            raise ValueError(f"the shape manifest of {group} is not a non-empty list of positive shapes: {shapes!r}")
+        if not group.startswith("_") or len(shapes) == 1:
+            continue
+        raise ValueError(f"the global group {group} lists {len(shapes)} shapes, expected 1")
+    return remainder, meta, manifest
+
+
+def read_pergroup(
+    path: PathLike, settings: PergroupSettings = PergroupSettings()
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``decode_pergroup`` of a file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PergroupError(f"{path}: cannot read the artifact ({e.strerror or e})") from None
+    return decode_pergroup(data, str(path), settings)
