@@ -141,7 +141,7 @@ def test_a_registered_eval_method_gets_a_settings_section_and_runs(monkeypatch):
     ctx = evaluation_context(settings, precision="32-true", device=torch.device("cpu"), compile=False,
                              weights=Weights(quantized=True, tag="int6"))
     result = run_method("half", model, tokens, luts, ctx)
-    assert result.label == "final_int6_half" and result.tokens == 3 * 16 and result.extra == {"every": 3}
+    assert result.label == "final_int6_half" and result.tokens == 3 * 16 and result.extra == {"every": 3, "bytes": "lut"}
 
 
 def test_quantizers_are_a_registry():
