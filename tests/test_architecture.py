@@ -290,3 +290,10 @@ def test_setup_cfg_lists_every_package():
     found = {"pgolf_lit"} | {f"pgolf_lit.{p.parent.name}" for p in (ROOT / "pgolf_lit").glob("*/__init__.py")}
     assert found | {"pgolf_lit.callbacks"} == listed
     assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks"]
+
+
+def test_the_record_table_in_the_docs_is_current():
+    """docs/techniques.md §8 is generated from the configs; a config change without regenerating it fails here."""
+    out = subprocess.run([sys.executable, "-m", "pgolf_lit.tools.record_table", "--check"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
