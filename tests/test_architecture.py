@@ -288,8 +288,9 @@ def test_setup_cfg_lists_every_package():
     cfg.read(ROOT / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
     found = {"pgolf_lit"} | {f"pgolf_lit.{p.parent.name}" for p in (ROOT / "pgolf_lit").glob("*/__init__.py")}
-    assert found | {"pgolf_lit.callbacks"} == listed
-    assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks"]
+    assert found | {"pgolf_lit.callbacks", "pgolf_lit.configs"} == listed
+    assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks",
+                                                     "pgolf_lit.configs", "=", "configs"]
 
 
 def test_the_record_table_in_the_docs_is_current():
