@@ -161,3 +161,11 @@ def test_the_wheel_carries_the_configs_and_runs_away_from_the_repository(tmp_pat
     probe = subprocess.run([sys.executable, "-c", "import pgolf_lit.config as c; print(c.CONFIG_DIR)"], cwd=away,
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(target)})
     assert Path(probe.stdout.strip()).is_relative_to(target)
+
+
+def test_sample_writes_text_from_the_artifact(fitted):
+    cwd, run, _, _, _ = fitted
+    out = pgolf("sample", "--config", "pr1394_sp8192_loop45_tiny", "--artifact", str(run / "final_model.pgolf"),
+                "--prompt", "The", "--tokens", "8", "--samples", "2", cwd=cwd)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("--- sample ") == 2 and all(len(t.strip()) > 3 for t in out.stdout.split("---")[2::2])
