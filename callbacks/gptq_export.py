@@ -88,7 +88,17 @@ class GPTQExport(Callback):
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 batches = self.calibration_tokens(model, trainer.datamodule, pl_module.device, trainer.global_step)
                 self.report = export_model(model, self.config, out, calib_batches=batches, progress=True)
-            pl_module.log_text(f"export:{self.report.summary()} time:{time.perf_counter() - started:.1f}s")
+            spent = time.perf_counter() - started
+            pl_module.log_text(f"export:{self.report.summary()} time:{spent:.1f}s")
+            budget = pl_module.wallclock_budget
+            reserve = budget.reserve_seconds if budget is not None and budget.effective_cap_ms is not None else 0.0
+            hessians = self.report.hessians
+            verdict = "" if spent <= reserve or not reserve else " OVER the reserve: the export ran past the cap"
+            pl_module.log_text(
+                f"gptq:hessians:{len(hessians.names) if hessians else 0} "
+                f"hessian_time:{(hessians.seconds if hessians else 0.0):.1f}s time:{spent:.1f}s "
+                f"reserve:{reserve:g}s{verdict}"
+            )
             pl_module.log_text(
                 f"Serialized model bytes:{self.report.model_bytes} code bytes:{self.report.code_bytes} "
                 f"total:{self.report.total_bytes}"

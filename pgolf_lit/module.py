@@ -53,6 +53,33 @@ class StepSchedule:
     momentum: float
 
 
+@dataclass
+class CompileSettings:
+    """How the records set up torch.compile and CUDA matmuls before training (upstream ``train_gpt.py`` setup)."""
+
+    tf32: bool = True
+    """On CUDA: allow TF32 matmuls and float32 matmul precision "high" (every record; GPTQ's fp32 Hessian sums
+    run in TF32 too, which is what fits them in the records' reserve)."""
+    optimize_ddp: Optional[bool] = None
+    """``torch._dynamo.config.optimize_ddp``; null keeps torch's default. PR #1333/#1421/#1394 set it false."""
+    cache_size_limit: Optional[int] = None
+    """``torch._dynamo.config.cache_size_limit``: room for the recurrent and QAT graph variants (PR #1334
+    family: 32; PR #1855: 64); null keeps torch's default."""
+
+    def apply(self, device: torch.device, compiling: bool) -> None:
+        if self.tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")
+        if compiling:
+            import torch._dynamo
+
+            if self.optimize_ddp is not None:
+                torch._dynamo.config.optimize_ddp = self.optimize_ddp
+            if self.cache_size_limit is not None:
+                torch._dynamo.config.cache_size_limit = self.cache_size_limit
+
+
 def plain(value: Any) -> Any:
     """Nested dicts/lists/tuples as dicts and lists (what yaml.safe_load and torch.load(weights_only) accept)."""
     if isinstance(value, dict):
@@ -80,6 +107,7 @@ class GolfModule(L.LightningModule):
         evaluation: EvalSettings = EvalSettings(),
         test_methods: list[str] = ["standard", "sliding"],
         compile: bool = False,
+        compile_settings: CompileSettings = CompileSettings(),
         train_log_every: int = 200,
         check_finite_every: int = 50,
     ):
@@ -92,6 +120,7 @@ class GolfModule(L.LightningModule):
             test_methods: the passes ``pgolf test`` runs, in order (registered methods: standard, sliding, slot,
                 causal_slot, ttt); the last one is the record's scored pass.
             compile: torch.compile the model (fullgraph, static shapes); on by default on CUDA in record configs.
+            compile_settings: TF32 and the dynamo settings the records use with torch.compile and DDP.
             train_log_every: plain-text train lines at steps 1-10 and every N steps.
             check_finite_every: every N steps (and before each validation) stop with a clear error naming the
                 first step whose training loss was NaN/inf and the last checkpoint; each check is one host read,
@@ -121,6 +150,7 @@ class GolfModule(L.LightningModule):
                     "evaluation": self.evaluation.to_dict(),
                     "test_methods": self.test_methods,
                     "compile": compile,
+                    "compile_settings": dataclasses.asdict(_as(CompileSettings, compile_settings)),
                     "train_log_every": train_log_every,
                     "check_finite_every": check_finite_every,
                 }
@@ -129,6 +159,7 @@ class GolfModule(L.LightningModule):
         self.model = GPT(self.gpt_config)
         self.automatic_optimization = False
         self.compile = compile
+        self.compile_settings = _as(CompileSettings, compile_settings)
         self.train_log_every = train_log_every
         self.check_finite_every = check_finite_every
         self.clock = TrainClock()
@@ -188,6 +219,7 @@ class GolfModule(L.LightningModule):
             self._run_dir = str(Path(self.trainer.default_root_dir) / "fast_dev_run")
         if self.trainer.is_global_zero:
             self.text_log = TextLog(f"{self._run_dir}/train.log")
+        self.compile_settings.apply(self.device, self.compile)
         if self.compile and self._forward is self.model:
             # Stored outside the module tree so the state dict keeps one copy of every weight.
             object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False, fullgraph=True))
@@ -307,12 +339,14 @@ class GolfModule(L.LightningModule):
         if self.check_finite_every and (step % self.check_finite_every == 0 or step >= self.max_steps):
             self._check_finite()
         if step <= 10 or step % self.train_log_every == 0:
+            # The mean over ranks (one all-reduce at log steps only), not rank 0's micro-batches alone.
+            loss = self.trainer.strategy.reduce(self.last_train_loss.detach(), reduce_op="mean")
             elapsed = self.clock.elapsed_ms()
             tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
             tok_s = step * tokens / max(elapsed / 1000.0, 1e-9)
             self.log_dict({"tok_s": tok_s, "train_time_ms": elapsed}, on_step=True, sync_dist=False)
             self.log_text(
-                f"step:{step}/{self.max_steps} train_loss:{float(self.last_train_loss):.4f} "
+                f"step:{step}/{self.max_steps} train_loss:{float(loss):.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(step, 1):.2f}ms tok/s:{tok_s:.0f}"
             )
         if step >= self.max_steps:

@@ -298,3 +298,18 @@ def test_the_record_table_in_the_docs_is_current():
     out = subprocess.run([sys.executable, "-m", "pgolf_lit.tools.record_table", "--check"], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_compile_settings_set_dynamo_as_the_records():
+    import torch._dynamo
+
+    from pgolf_lit.module import CompileSettings
+    from pgolf_lit.records import record_config
+
+    saved = (torch._dynamo.config.optimize_ddp, torch._dynamo.config.cache_size_limit)
+    try:
+        settings = CompileSettings(**record_config("pr1421")["model"]["compile_settings"])
+        settings.apply(torch.device("cpu"), compiling=True)
+        assert torch._dynamo.config.optimize_ddp is False and torch._dynamo.config.cache_size_limit == 32
+    finally:
+        torch._dynamo.config.optimize_ddp, torch._dynamo.config.cache_size_limit = saved
