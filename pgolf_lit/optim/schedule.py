@@ -69,9 +69,13 @@ class ScheduleConfig:
     """
 
     warmdown: Literal["iters", "frac"] = "iters"
+    """iters: Family A's ramp over the last warmdown_iters steps; frac: Family B's ramp over a training fraction."""
     warmdown_iters: int = 1200
+    """iters mode: warmdown length in steps (upstream WARMDOWN_ITERS)."""
     warmdown_frac: float = 0.667
+    """frac mode: the final fraction of training that ramps down (upstream WARMDOWN_FRAC; PR #1855: 0.85)."""
     min_lr: float = 0.0
+    """frac mode: floor of the LR multiplier, not an absolute lr (upstream MIN_LR; PR #1855: 0.1)."""
 
     def __post_init__(self) -> None:
         if self.warmdown not in ("iters", "frac"):
