@@ -189,15 +189,16 @@ SCRIPT_COMPONENT_ORDER = (
 
 
 def script_order(roles: dict[str, ParamRole]) -> list[str]:
-    """Parameter names in the scripts' optimizer order: block tensors in model order, then by technique."""
+    """Parameter names in the scripts' optimizer order: block tensors in model order, then by technique, and
+    within a technique in the order the model declared them (the order the scripts create and list them)."""
     position = {name: i for i, name in enumerate(roles)}
 
-    def key(name: str) -> tuple[int, int]:
+    def key(name: str) -> tuple[int, int, int]:
         role = roles[name]
         if role.layer is not None:
-            return 0, position[name]
+            return 0, 0, position[name]
         rank = SCRIPT_COMPONENT_ORDER.index(role.component) if role.component in SCRIPT_COMPONENT_ORDER else len(SCRIPT_COMPONENT_ORDER)
-        return 1 + rank, position[name]
+        return 1 + rank, role.declared, position[name]
 
     return sorted(roles, key=key)
 

@@ -252,6 +252,11 @@ class Muon(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g)
             buffers.append(state["momentum_buffer"])
+        if buffers[0].dtype == torch.bfloat16:
+            # PR #1855's buf.mul_(μ).add_(g): the foreach kernels round μ to bf16 first (0.97 → 0.96875).
+            for buf, g in zip(buffers, grads.values()):
+                buf.mul_(momentum).add_(g)
+            return
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, list(grads.values()))
 

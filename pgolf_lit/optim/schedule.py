@@ -93,6 +93,15 @@ class ScheduleConfig:
             return step / max(iterations, 1)
         return elapsed_ms / max(cap_ms, 1e-9)
 
+    def multiplier_at_fraction(self, frac: float) -> float:
+        """Family B's multiplier at training fraction ``frac``: 1 before the warmdown, then
+        ``max((1 − frac) / warmdown_frac, min_lr)`` (PR #1855 train_gpt.py ``lr_mul``)."""
+        if self.warmdown_frac <= 0:
+            return 1.0
+        if frac >= 1.0 - self.warmdown_frac:
+            return max((1.0 - frac) / self.warmdown_frac, self.min_lr)
+        return 1.0
+
     def lr_multiplier(self, step: int, elapsed_ms: float, cap_ms: Optional[float], iterations: int) -> float:
         """The factor applied to every group's ``base_lr`` before the step with index ``step``.
 
@@ -102,10 +111,7 @@ class ScheduleConfig:
         if self.warmdown == "frac":
             if self.warmdown_frac <= 0:
                 return 1.0
-            frac = self.training_fraction(step, elapsed_ms, cap_ms, iterations)
-            if frac >= 1.0 - self.warmdown_frac:
-                return max((1.0 - frac) / self.warmdown_frac, self.min_lr)
-            return 1.0
+            return self.multiplier_at_fraction(self.training_fraction(step, elapsed_ms, cap_ms, iterations))
         w = self.warmdown_iters
         if w <= 0:
             return 1.0
