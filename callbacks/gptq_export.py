@@ -102,7 +102,8 @@ class GPTQExport(Callback):
             dist.barrier()
         if not self.roundtrip_eval:
             return
-        art = read_artifact(out)
+        # A record container holds no model config: read it with the run's (native files carry their own).
+        art = read_artifact(out, None if self.config.format == "native" else pl_module.gpt_config)
         reloaded = model_from_artifact(art, str(out), pl_module.device)
         context = dataclasses.replace(pl_module.eval_context(), weights=art.weights)
         post = pl_module.evaluate("standard", reloaded, context)

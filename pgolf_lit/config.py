@@ -257,7 +257,17 @@ class GPTConfig:
 # Record configs on disk
 # ---------------------------------------------------------------------------------------------------------
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """Where the packaged configs are: the repository's configs/ (editable install) or the wheel's copy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgolf_lit.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 def record_config_path(name: str) -> Path:
@@ -325,10 +335,22 @@ def _is_class_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "class_path" in v for v in value)
 
 
-def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A pgolf YAML config with its ``extends: <base.yaml>`` chain resolved (the path is relative to the file that
-    names it): the base, then this file merged on top by ``merge_configs``."""
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` when it is a file, else the packaged config of that name (``pr1394_sp8192_loop45``, ``demo_cpu``:
+    ``configs/records/<name>.yaml`` or ``configs/<name>.yaml``, shipped in the wheel)."""
     path = Path(path)
+    if path.is_file() or len(path.parts) > 1:
+        return path
+    try:
+        return record_config_path(path.name.removesuffix(".yaml"))
+    except ConfigError:
+        raise ConfigError(f"{path}: config file not found (and no packaged config of that name)") from None
+
+
+def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A pgolf YAML config (a path, or a packaged config's name) with its ``extends: <base.yaml>`` chain resolved
+    (the path is relative to the file that names it): the base, then this file merged on top by ``merge_configs``."""
+    path = resolve_config_path(path) if not _seen else Path(path)
     data = load_yaml(path)
     base_name = data.pop(EXTENDS_KEY, None)
     if base_name is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -50,6 +51,15 @@ class StepSchedule:
     frac: float  # training fraction (wallclock over the budget, or steps over max_steps)
     lr_scale: float
     momentum: float
+
+
+def plain(value: Any) -> Any:
+    """Nested dicts/lists/tuples as dicts and lists (what yaml.safe_load and torch.load(weights_only) accept)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def _as(cls, value):
@@ -101,17 +111,20 @@ class GolfModule(L.LightningModule):
         # averaging callback's "post-ema") or an artifact's dequantized ones (load_artifact).
         self.weights = Weights.float_weights()
         # Plain dicts only: checkpoints then load with torch.load(weights_only=True).
+        # Plain YAML types only (tuples as lists): hparams.yaml then loads with yaml.safe_load.
         self.save_hyperparameters(
-            {
-                "gpt": self.gpt_config.to_dict(),
-                "optim": dataclasses.asdict(self.optim_config),
-                "schedule": dataclasses.asdict(self.schedule_config),
-                "evaluation": self.evaluation.to_dict(),
-                "test_methods": self.test_methods,
-                "compile": compile,
-                "train_log_every": train_log_every,
-                "check_finite_every": check_finite_every,
-            }
+            plain(
+                {
+                    "gpt": self.gpt_config.to_dict(),
+                    "optim": dataclasses.asdict(self.optim_config),
+                    "schedule": dataclasses.asdict(self.schedule_config),
+                    "evaluation": self.evaluation.to_dict(),
+                    "test_methods": self.test_methods,
+                    "compile": compile,
+                    "train_log_every": train_log_every,
+                    "check_finite_every": check_finite_every,
+                }
+            )
         )
         self.model = GPT(self.gpt_config)
         self.automatic_optimization = False
@@ -130,6 +143,7 @@ class GolfModule(L.LightningModule):
         self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
         self._forward = self.model  # replaced by the compiled model in setup()
         self.last_train_loss: Optional[Tensor] = None
+        self.last_val_bpb: Optional[float] = None  # for the progress bar
         self._first_nonfinite_step = torch.tensor(-1)
         self._clock_was_running = False
         self._run_dir = "."
@@ -170,6 +184,8 @@ class GolfModule(L.LightningModule):
             self.val_metric.set_sidecar(counts.sidecar)
         # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank asks, once, here.
         self._run_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if self.trainer.fast_dev_run:  # no logger then: keep the debug run's files out of the working directory
+            self._run_dir = str(Path(self.trainer.default_root_dir) / "fast_dev_run")
         if self.trainer.is_global_zero:
             self.text_log = TextLog(f"{self._run_dir}/train.log")
         if self.compile and self._forward is self.model:
@@ -219,6 +235,11 @@ class GolfModule(L.LightningModule):
         })
 
     def on_train_start(self) -> None:
+        if self.global_step > 0:  # resumed: the CSV keeps the run's history up to the checkpoint
+            for logger in self.trainer.loggers:
+                keep = getattr(logger.experiment, "keep_steps_before", None) if self.trainer.is_global_zero else None
+                if keep is not None:
+                    keep(self.global_step)
         # Priming callbacks ran before this hook; the wallclock starts now.
         self.clock.start(self.device)
         self.log_text(f"train:start steps:{self.max_steps} params:{self.model.num_params()}")
@@ -289,6 +310,7 @@ class GolfModule(L.LightningModule):
             elapsed = self.clock.elapsed_ms()
             tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
             tok_s = step * tokens / max(elapsed / 1000.0, 1e-9)
+            self.log_dict({"tok_s": tok_s, "train_time_ms": elapsed}, on_step=True, sync_dist=False)
             self.log_text(
                 f"step:{step}/{self.max_steps} train_loss:{float(self.last_train_loss):.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(step, 1):.2f}ms tok/s:{tok_s:.0f}"
@@ -322,9 +344,11 @@ class GolfModule(L.LightningModule):
         result = self.val_metric.compute()
         self.val_metric.reset()
         val_loss, val_bpb = float(result["loss"]), float(result["bpb"])
+        self.last_val_bpb = val_bpb
         if self.trainer.state.fn == "fit":
             key = "initial_val" if self.trainer.sanity_checking else "last_val"
-            self.write_summary(**{key: {"step": self.global_step, "val_loss": val_loss, "val_bpb": val_bpb}})
+            if not (key == "initial_val" and self.global_step > 0):  # a resume keeps the run's initial score
+                self.write_summary(**{key: {"step": self.global_step, "val_loss": val_loss, "val_bpb": val_bpb}})
         if not self.trainer.sanity_checking:
             self.log("val_loss", val_loss, sync_dist=False)
             self.log("val_bpb", val_bpb, prog_bar=True, sync_dist=False)

@@ -141,7 +141,7 @@ def test_a_registered_eval_method_gets_a_settings_section_and_runs(monkeypatch):
     ctx = evaluation_context(settings, precision="32-true", device=torch.device("cpu"), compile=False,
                              weights=Weights(quantized=True, tag="int6"))
     result = run_method("half", model, tokens, luts, ctx)
-    assert result.label == "final_int6_half" and result.tokens == 3 * 16 and result.extra == {"every": 3}
+    assert result.label == "final_int6_half" and result.tokens == 3 * 16 and result.extra == {"every": 3, "bytes": "lut"}
 
 
 def test_quantizers_are_a_registry():
@@ -288,5 +288,13 @@ def test_setup_cfg_lists_every_package():
     cfg.read(ROOT / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
     found = {"pgolf_lit"} | {f"pgolf_lit.{p.parent.name}" for p in (ROOT / "pgolf_lit").glob("*/__init__.py")}
-    assert found | {"pgolf_lit.callbacks"} == listed
-    assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks"]
+    assert found | {"pgolf_lit.callbacks", "pgolf_lit.configs"} == listed
+    assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks",
+                                                     "pgolf_lit.configs", "=", "configs"]
+
+
+def test_the_record_table_in_the_docs_is_current():
+    """docs/techniques.md §8 is generated from the configs; a config change without regenerating it fails here."""
+    out = subprocess.run([sys.executable, "-m", "pgolf_lit.tools.record_table", "--check"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr

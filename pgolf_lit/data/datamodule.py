@@ -61,6 +61,10 @@ class ValSequences(IterableDataset):
         self.tokens, self.seq_len, self.seqs_per_batch = tokens, seq_len, seqs_per_batch
         self.first, self.last = total * rank // world_size, total * (rank + 1) // world_size
 
+    def __len__(self) -> int:
+        """Batches on this rank (so validation bars have a length)."""
+        return -(-(self.last - self.first) // self.seqs_per_batch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(sequences [B, seq_len + 1], the stream position of the first one's first token)."""
         for a in range(self.first, self.last, self.seqs_per_batch):

@@ -45,6 +45,15 @@ from pgolf_lit.quant.artifact import (
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size
 from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.gptq import GPTQSettings
+from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
+from pgolf_lit.quant.pergroup import (
+    PergroupSettings,
+    decode_pergroup,
+    encode_pergroup,
+    is_pergroup,
+    pergroup_from_quantized,
+    quantized_from_pergroup,
+)
 from pgolf_lit.quant.hessians import HessianReport, collect_hessians
 from pgolf_lit.quant.prune import PruneReport, selective_prune
 from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, tensor_keys
@@ -80,8 +89,9 @@ class ExportConfig:
     """Every export knob: routing, per-group rules, GPTQ, container, budget. A record's YAML lists each value that
     differs from these defaults (pgolf's scheme)."""
 
-    format: Literal["native", "upstream"] = "native"
-    """``native``: pgolf's container (config inside, no pickle); ``upstream``: the record script's own file."""
+    format: Literal["native", "upstream", "pergroup"] = "native"
+    """``native``: pgolf's container (config inside, no pickle); ``upstream``: the record script's own file;
+    ``pergroup``: PR #1855's PGRP container (7 lrzip-ZPAQ code groups + brotli; needs the ``lrzip`` program)."""
     upstream_style: str = "pr1394"
     """With ``format: upstream``, whose container to write: baseline, pr1263, pr1333 or pr1394."""
     keep_float_max_numel: int = KEEP_FLOAT_MAX_NUMEL
@@ -104,6 +114,10 @@ class ExportConfig:
     """Bits of the matrices outside the trace-ranked top N."""
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     """Hessian collection and GPTQ sweep settings."""
+    lqer: Optional[LqerSettings] = None
+    """LQER (PR #1855): a low-rank correction of the top-k GPTQ tensors by quantization error; null = off."""
+    pergroup: PergroupSettings = field(default_factory=PergroupSettings)
+    """lrzip and brotli settings of the ``pergroup`` container."""
     codec: str = "brotli"
     """Byte compressor of the container: brotli, lzma, lzma9, zstd or zlib."""
     shuffle_stride: int = 2
@@ -128,13 +142,21 @@ class ExportConfig:
             setattr(self, name, rule)
         gptq = self.gptq
         self.gptq = GPTQSettings(**gptq) if isinstance(gptq, Mapping) else dataclasses.replace(gptq)
+        if isinstance(self.lqer, Mapping):
+            self.lqer = LqerSettings(**self.lqer)
+        if isinstance(self.pergroup, Mapping):
+            self.pergroup = PergroupSettings(**self.pergroup)
         self.validate()
 
     def validate(self) -> None:
         if self.codec not in CODECS:
             raise ConfigError(f"export.codec: unknown codec {self.codec!r}; expected one of {sorted(CODECS)}")
-        if self.format not in ("native", "upstream"):
-            raise ConfigError(f"export.format: expected 'native' or 'upstream', got {self.format!r}")
+        if self.format not in ("native", "upstream", "pergroup"):
+            raise ConfigError(f"export.format: expected native, upstream or pergroup, got {self.format!r}")
+        if self.lqer is not None and not any(
+            getattr(self, g) is not None and QUANTIZERS[getattr(self, g).method].needs_hessian for g in RULE_GROUPS
+        ):
+            raise ConfigError("export.lqer: corrects GPTQ tensors, but no quant group uses gptq")
         if self.format == "upstream" and self.upstream_style not in UPSTREAM_STYLES:
             raise ConfigError(
                 f"export.upstream_style: expected one of {list(UPSTREAM_STYLES)}, got {self.upstream_style!r}"
@@ -224,7 +246,22 @@ def quantize_state_dict(
         q, how = QUANTIZERS[rule.method].quantize(name, t, rule, bits, hessians.get(name), cfg.gptq)
         quant[f"{name}.q"], quant[f"{name}.scale"] = q.q, q.scale
         meta[name] = {"kind": "int", "bits": bits, "dtype": dtype_name(t.dtype), **how}
+    if cfg.lqer is not None:
+        _add_lqer(state_dict, quant, meta, cfg.lqer)
     return quant, meta
+
+
+def _add_lqer(state_dict: Mapping[str, Tensor], quant: dict[str, Tensor], meta: Meta, settings: LqerSettings) -> None:
+    """PR #1855's LQER: among the GPTQ tensors (2-D, per-row scales), the top-k by ‖W − q·s‖_F get a packed
+    rank-r correction, stored beside their codes (``quantized.py``)."""
+    candidates = [
+        n for n, e in meta.items()
+        if e["kind"] == "int" and e.get("method") == "gptq" and quant[f"{n}.q"].ndim == 2 and quant[f"{n}.scale"].ndim == 1
+    ]
+    weights = {n: state_dict[n].detach().cpu() for n in candidates}
+    for name, factors in lqer_apply(weights, quant, candidates, settings).items():
+        quant.update(factors.tensors(name))
+        meta[name]["lqer"] = factors.kind
 
 
 def _rule_for(name: str, t: Tensor, role: ParamRole, cfg: ExportConfig) -> Optional[TensorRule]:
@@ -379,7 +416,7 @@ def export_model(
 def _export_state_dict(model: nn.Module, cfg: ExportConfig, roles: Mapping[str, ParamRole]) -> dict[str, Tensor]:
     """CPU weights to quantize: as the model holds them (native), or in the record's live dtypes (upstream).
     Training-only tensors (multi-token-prediction heads) are dropped, as upstream drops them from final_model.pt."""
-    if cfg.format == "upstream":
+    if cfg.format in ("upstream", "pergroup"):
         sd = to_upstream_state_dict(model)
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -387,6 +424,8 @@ def _export_state_dict(model: nn.Module, cfg: ExportConfig, roles: Mapping[str, 
 
 
 def _serialize(quant: Mapping[str, Tensor], meta: Meta, model: nn.Module, cfg: ExportConfig) -> bytes:
+    if cfg.format == "pergroup":
+        return encode_pergroup(*pergroup_from_quantized(quant, meta, "export"), cfg.pergroup)
     if cfg.format == "upstream":
         return encode_upstream(quant, meta, cfg.upstream_style, cfg.codec, cfg.shuffle_stride)
     model_cfg = getattr(model, "config", None)
@@ -447,6 +486,10 @@ def read_artifact(path: PathLike, config: Optional[GPTConfig] = None) -> LoadedA
     if config is None:
         raise ArtifactError(f"{source}: an upstream record artifact holds no model config; pass the record's config")
     template = {k: v.dtype for k, v in to_upstream_state_dict(GPT(config)).items()}
+    if is_pergroup(data):
+        quant, meta = quantized_from_pergroup(*decode_pergroup(data, source), template)
+        info = {"codec": "pergroup"}
+        return LoadedArtifact(config, dequantize(quant, meta), "pergroup", info, Weights.artifact(quant, meta))
     art = decode_upstream(data, source, template)
     info = {"codec": art.codec, "shuffled": art.shuffled}
     return LoadedArtifact(config, art.state_dict, art.style, info, Weights.artifact(art.quant, art.meta))

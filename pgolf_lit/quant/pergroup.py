@@ -734,3 +734,60 @@ def read_pergroup(
     except OSError as e:
         raise PergroupError(f"{path}: cannot read the artifact ({e.strerror or e})") from None
     return decode_pergroup(data, str(path), settings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pgolf's quantized dict <-> the record's
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pergroup_from_quantized(quant: Mapping[str, Tensor], meta: Mapping[str, Mapping[str, Any]], target: str):
+    """The record's (quant, meta strings) of pgolf's quantized dict (``quantized.py``): kept floats as fp16
+    passthrough, ``row_amax`` int8 entries as gates (``.gq``/``.gs``), other int entries as GPTQ with their LQER
+    factors. What the record's container cannot hold (fp32 kept floats, raw tensors) is one clear error."""
+    out: dict[str, Tensor] = {}
+    strings: dict[str, str] = {}
+    for name, info in meta.items():
+        if info["kind"] == "float":
+            if quant[name].dtype != torch.float16:
+                raise PergroupError(f"{target}: {name} is kept as {quant[name].dtype}; the per-group container "
+                                    "stores kept floats as fp16 (set small_controls_fp32 false)")
+            out[name], strings[name] = quant[name], PASSTHROUGH_META
+        elif info["kind"] == "int" and info.get("scale") == "row_amax":
+            if info["bits"] != 8:
+                raise PergroupError(f"{target}: {name}: the record's gate quantization is int8, got int{info['bits']}")
+            out[name + CODES_SUFFIX], out[name + SCALE_SUFFIX] = quant[name + ".q"], quant[name + ".scale"]
+            strings[name] = GATE_META
+        elif info["kind"] == "int":
+            for key in (".q", ".scale", *(KEY_SUFFIXES[info["lqer"]] if info.get("lqer") else ())):
+                out[name + key] = quant[name + key]
+            strings[name] = gptq_meta(int(info["bits"]), info.get("lqer"))
+        else:
+            raise PergroupError(f"{target}: {name} is a non-float tensor; the per-group container holds none")
+    return out, strings
+
+
+def quantized_from_pergroup(
+    quant: Mapping[str, Tensor], meta: Mapping[str, str], dtypes: Mapping[str, torch.dtype]
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """pgolf's quantized dict of a record PGRP artifact; ``dtypes`` are what each tensor dequantizes to (the record's
+    model: bf16 ``tok_emb``, fp32 elsewhere)."""
+    out: dict[str, Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for name, info in meta.items():
+        entry = parse_meta(info)
+        dtype = str(dtypes.get(name, torch.float32)).removeprefix("torch.")
+        if entry.kind == "passthrough":
+            out[name] = quant[name]
+            entries[name] = {"kind": "float", "dtype": dtype if quant[name].dtype == torch.float16 else
+                             str(quant[name].dtype).removeprefix("torch.")}
+        elif entry.kind == "gate":
+            out[name + ".q"], out[name + ".scale"] = quant[name + CODES_SUFFIX], quant[name + SCALE_SUFFIX]
+            entries[name] = {"kind": "int", "bits": 8, "dtype": dtype, "method": "rtn", "scale": "row_amax"}
+        else:
+            for key in tensor_keys(name, entry):
+                out[key] = quant[key]
+            entries[name] = {"kind": "int", "bits": entry.bits, "dtype": dtype, "method": "gptq"}
+            if entry.lqer:
+                entries[name]["lqer"] = entry.lqer
+    return out, entries

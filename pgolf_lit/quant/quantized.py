@@ -10,7 +10,9 @@ Meta, in state-dict order, ``NAME → entry``:
     {"kind": "raw"}                                                           non-float, stored unchanged
 
 Optional keys of an int entry say how it was made ("method": "gptq" | "rtn", "percentile", "clip_sigmas",
-"fallback"); dequantization needs only the tensors and ``dtype``.
+"fallback", "scale"); dequantization needs only the tensors and ``dtype``. An int entry with ``"lqer": "asym" |
+"sym"`` also owns its low-rank correction's four tensors (PR #1855's keys ``NAME.lqA_a``, ``.lqAs_a``, ``.lqB_a``,
+``.lqBs_a``, or ``.lqA``… for the symmetric pack; ``lqer.py``), added in fp32 before the cast.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from pgolf_lit.quant.lqer import KEY_SUFFIXES, LqerFactors, lqer_dequant
 from pgolf_lit.quant.rtn import dequantize_codes
 
 Meta = dict[str, dict[str, Any]]
@@ -46,7 +49,10 @@ def dequantize(quant: Mapping[str, Tensor], meta: Meta) -> dict[str, Tensor]:
     """The float state dict: q · s per row (or per tensor) and kept tensors, each cast to its meta dtype."""
     out = {}
     for name, info in meta.items():
-        if info["kind"] == "int":
+        if info["kind"] == "int" and info.get("lqer"):
+            factors = LqerFactors.from_tensors(quant, name, info["lqer"])
+            out[name] = lqer_dequant(quant[f"{name}.q"], quant[f"{name}.scale"], factors, float_dtype(info["dtype"]))
+        elif info["kind"] == "int":
             out[name] = dequantize_codes(quant[f"{name}.q"], quant[f"{name}.scale"], float_dtype(info["dtype"]))
         elif info["kind"] == "float":
             out[name] = quant[name].to(float_dtype(info["dtype"]))
@@ -56,7 +62,10 @@ def dequantize(quant: Mapping[str, Tensor], meta: Meta) -> dict[str, Tensor]:
 
 
 def tensor_keys(name: str, info: Mapping[str, Any]) -> tuple[str, ...]:
-    return (f"{name}.q", f"{name}.scale") if info["kind"] == "int" else (name,)
+    if info["kind"] != "int":
+        return (name,)
+    lqer = tuple(name + s for s in KEY_SUFFIXES[info["lqer"]]) if info.get("lqer") else ()
+    return (f"{name}.q", f"{name}.scale", *lqer)
 
 
 def validate(quant: Mapping[str, Tensor], meta: Meta) -> None:
@@ -75,8 +84,12 @@ def validate(quant: Mapping[str, Tensor], meta: Meta) -> None:
         if missing:
             raise ValueError(f"tensor(s) {missing} of {name!r} are missing")
         expected.update(keys)
+        if info.get("lqer") is not None and info.get("lqer") not in KEY_SUFFIXES:
+            raise ValueError(f"meta entry {name!r}: unknown lqer kind {info.get('lqer')!r}")
         if info["kind"] == "int":
             _check_int_entry(name, info, quant[keys[0]], quant[keys[1]])
+            if info.get("lqer"):
+                _check_lqer(name, quant[keys[0]], LqerFactors.from_tensors(quant, name, info["lqer"]))
         elif info["kind"] == "float":
             float_dtype(info.get("dtype"))
             if not quant[name].is_floating_point():
@@ -98,3 +111,15 @@ def _check_int_entry(name: str, info: Mapping[str, Any], q: Tensor, scale: Tenso
     per_row = scale.ndim == 1 and q.ndim >= 1 and scale.shape[0] == q.shape[0]
     if not (per_row or scale.ndim == 0):
         raise ValueError(f"{name!r}: scale shape {tuple(scale.shape)} does not fit codes {tuple(q.shape)}")
+
+
+def _check_lqer(name: str, q: Tensor, f: LqerFactors) -> None:
+    rank = f.qA.shape[-1] if f.qA.ndim == 2 else -1
+    fits = (
+        q.ndim == 2 and f.qA.dtype == f.qB.dtype == torch.int8 and f.qA.ndim == f.qB.ndim == 2
+        and f.qA.shape[0] == q.shape[0] and tuple(f.qB.shape) == (rank, q.shape[1])
+        and f.sA.is_floating_point() and f.sB.is_floating_point() and f.sB.numel() > 0
+        and f.qB.numel() % f.sB.numel() == 0 and f.sA.numel() in (1, q.shape[0])
+    )
+    if not fits:
+        raise ValueError(f"{name!r}: LQER factors {tuple(f.qA.shape)}, {tuple(f.qB.shape)} do not fit codes {tuple(q.shape)}")

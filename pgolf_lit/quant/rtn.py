@@ -138,12 +138,13 @@ def quantize_sdclip(t: Tensor, bits: int, clip_sigmas: float) -> Quantized:
 
 
 def quantize_row_amax(t: Tensor, bits: int) -> Quantized:
-    """Scale fp16(max(|w|max_row / R, 1e-10)), codes clamped to [-R, R] (PR #1855's int8 attention gates)."""
+    """Scale fp16(max(|w|max_row, 1e-10) / R), codes clamp(round(w / s), -R, R): PR #1855's int8 attention gates
+    (train_gpt.py ``_quantize_gate_int8_row``) at any width."""
     w = t.float()
     if w.ndim != 2:
         return quantize_per_tensor_amax(w, bits)
     r = clip_range(bits)
-    scale = (w.abs().amax(dim=1) / r).clamp_min(SDCLIP_MIN_SCALE).to(torch.float16)
+    scale = (w.abs().amax(dim=1).clamp_min(SDCLIP_MIN_SCALE) / r).to(torch.float16)
     return Quantized(round_to_grid(w, scale.float(), r).to(torch.int8), scale)
 
 
