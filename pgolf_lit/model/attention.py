@@ -5,7 +5,6 @@ rows, and the hooks of per-document LoRA adapters. Plain PyTorch."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -58,14 +57,17 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
     return out if x_pass is None else torch.cat((out, x_pass), dim=-1)
 
 
-@functools.cache
-def flash_attn_varlen() -> Optional[Callable[..., Any]]:
-    """FA3's ``flash_attn_varlen_func`` (package ``flash_attn_interface``, Hopper wheels) or None when absent."""
+def _import_flash_attn_varlen() -> Optional[Callable[..., Any]]:
     try:
         from flash_attn_interface import flash_attn_varlen_func
     except ImportError:
         return None
     return flash_attn_varlen_func
+
+
+# FA3's ``flash_attn_varlen_func`` (package ``flash_attn_interface``, Hopper wheels) or None. Resolved at import, as
+# the record does, so a compiled model sees a plain global (torch.compile cannot trace an import).
+FLASH_ATTN_VARLEN: Optional[Callable[..., Any]] = _import_flash_attn_varlen()
 
 
 @dataclass
@@ -97,6 +99,11 @@ class PackedSegments:
     def bounds(self) -> list[tuple[int, int]]:
         """The non-empty segments as host (start, end) pairs (one device sync, then cached)."""
         if self._bounds is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "packed rows (cu_seqlens) in a compiled model need FA3 (flash_attn_interface) on CUDA bf16/fp16; "
+                    "without it set model.compile false (the SDPA fallback reads the boundaries on the host)"
+                )
             cu = self.cu_seqlens.tolist()
             if cu[0] != 0 or cu[-1] != self.total_len or any(b < a for a, b in zip(cu, cu[1:])):
                 raise ValueError(
@@ -120,7 +127,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Optional[PackedS
         return F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
         ).transpose(1, 2)
-    varlen = flash_attn_varlen()
+    varlen = FLASH_ATTN_VARLEN
     if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         cu, n = segments.cu_seqlens, segments.max_seqlen
         out = varlen(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n, causal=True)
