@@ -35,6 +35,11 @@ class EMA(WeightAveraging):
         # The records start the shadow from the weights training starts from; priming restores those exactly,
         # so the order against CompilePriming does not matter. A resumed run keeps its restored shadow.
         if trainer.global_step == 0:
+            # Buffers set after WeightAveraging.setup copied the module (a CaseOps val byte sidecar) have other
+            # shapes in the copy; update_parameters copies buffers in place, so give the copy the new shapes first.
+            for copy, live in zip(self._average_model.module.buffers(), pl_module.buffers()):
+                if copy.shape != live.shape:
+                    copy.data = live.detach().to(copy.device).clone()
             self._average_model.update_parameters(pl_module)  # the first update copies
 
     @torch.no_grad()
