@@ -37,7 +37,7 @@ from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.summary import update_summary
 from pgolf_lit.optim.groups import OptimConfig, build_optimizers
-from pgolf_lit.optim.chain import OptimizerChain
+from pgolf_lit.optim.chain import OptimizerChain, all_reduce_gradients, clip_grad_norm
 from pgolf_lit.optim.schedule import ScheduleConfig, apply_schedule
 from pgolf_lit.textlog import TextLog
 
@@ -306,20 +306,28 @@ class GolfModule(L.LightningModule):
         ``optimizer`` is the LightningOptimizer in training (so Lightning counts the step) or the bare
         OptimizerChain during compile priming. Returns the mean micro-batch loss (a device tensor, no sync).
         """
-        x, y = batch  # [grad_accum, rows, T] each
+        x, y = batch[0], batch[1]  # [grad_accum, rows, T] each (packed rows: rows 1, T = N)
+        cu_seqlens = batch[2] if len(batch) > 2 else None  # [grad_accum, K] document boundaries (packed rows)
         optimizer.zero_grad(set_to_none=True)
         accum = x.size(0)
+        # PR #1855 clips each rank's own gradient and reduces after; otherwise DDP syncs on the last micro-batch
+        local_clip = self.optim_config.grad_clip_scope == "local"
         total = torch.zeros((), device=x.device)
         for i in range(accum):
-            with self._no_sync(i < accum - 1):
-                loss = self._forward(x[i], y[i])
+            with self._no_sync(local_clip or i < accum - 1):
+                if cu_seqlens is None:
+                    loss = self._forward(x[i], y[i])
+                else:  # upstream passes the training length as max_seqlen, a bound on every piece
+                    loss = self._forward(x[i], y[i], cu_seqlens=cu_seqlens[i], max_seqlen=x.size(-1))
                 self.manual_backward(loss / accum)
             total += loss.detach()
         chain = getattr(optimizer, "optimizer", optimizer)
         apply_schedule(chain, sched.lr_scale, sched.momentum)
         max_norm = self.optim_config.grad_clip_norm
         if max_norm > 0 and clip is not False:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            clip_grad_norm(self.model.parameters(), max_norm)
+        if local_clip:
+            all_reduce_gradients(self.model.parameters())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total / accum

@@ -9,6 +9,7 @@ from the case's files; tolerances are the fixture's. Skips cleanly without them.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -251,7 +252,10 @@ def test_record_preset_values():
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(shutil.which("lrzip") is None, reason="the record's per-group container needs lrzip (apt-get install lrzip)")
 def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
+    """Packed-document training (cu_seqlens through the step), the loop switch, the record's whole export (QuantGate,
+    LQER, the PGRP lrzip container) inside pgolf fit, and the roundtrip score from the reloaded container."""
     from pgolf_lit.summary import read_summary
 
     config = CONFIG_DIR / "records" / f"{RECORD}_tiny.yaml"
@@ -270,6 +274,8 @@ def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     assert abs(summary["roundtrip"]["val_bpb"] - summary["pre_quant"]["val_bpb"]) < 0.05
     artifact = summary["artifact"]
     assert artifact["fits"] and (run_dir / "final_model.pgolf").stat().st_size == artifact["model_bytes"]
+    assert (run_dir / "final_model.pgolf").read_bytes()[:4] == b"PGRP" and artifact["codec"] == "lrzip-zpaq + brotli"
+    assert "packed" in (run_dir / "config.yaml").read_text()
     log = (run_dir / "train.log").read_text()
     assert "ema:applying EMA weights decay:0.9" in log and "final_int6_roundtrip val_loss:" in log
     print(f"tiny twin pgolf fit: {seconds:.1f} s")

@@ -15,7 +15,7 @@ on the way in and (optionally) back to the upstream dtype policy on the way out 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -188,10 +188,13 @@ def load_upstream_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     model.load_state_dict(converted, strict=True)
 
 
-def to_upstream_state_dict(model: nn.Module, upstream_dtypes: bool = True) -> dict[str, Tensor]:
+def to_upstream_state_dict(
+    model: nn.Module, upstream_dtypes: bool = True, banked: Optional[bool] = None
+) -> dict[str, Tensor]:
     """Our weights under the upstream keys, in the records' dtypes (each parameter's declared ``record_dtype``:
     bf16 token tables and iteration embeddings) unless told otherwise; the block matrices stacked into the four
-    fp32 banks when the config's ``state_dict_layout`` is ``banks`` (PR #1855)."""
+    fp32 banks when ``banked`` (default: the config's ``state_dict_layout`` is ``banks``, PR #1855). Exports
+    pass ``banked=False``: the records unbank before quantizing."""
     roles = parameter_roles(model)
     out = {}
     for name, t in model.state_dict().items():
@@ -200,6 +203,8 @@ def to_upstream_state_dict(model: nn.Module, upstream_dtypes: bool = True) -> di
             t = t.to(torch.bfloat16)
         out[name] = t.contiguous()
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, "state_dict_layout", "per_block") == "banks":
+    if banked is None:
+        banked = config is not None and getattr(config, "state_dict_layout", "per_block") == "banks"
+    if banked:
         out = bank_state_dict(out, len(model.blocks))
     return out
