@@ -46,7 +46,10 @@ class EMA(WeightAveraging):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # The same lerp as get_ema_multi_avg_fn, without update_parameters' two host reads of n_averaged.
         avg = self._average_model
-        torch._foreach_lerp_(list(avg.module.parameters()), list(pl_module.parameters()), 1.0 - self.decay)
+        shadow = list(avg.module.parameters())
+        # the shadow stays fp32 (as the records keep it) when the records' dtypes make a table bf16
+        live = [p if p.dtype == s.dtype else p.to(s.dtype) for s, p in zip(shadow, pl_module.parameters())]
+        torch._foreach_lerp_(shadow, live, 1.0 - self.decay)
         avg.n_averaged += 1
         self._latest_update_step = trainer.global_step
 

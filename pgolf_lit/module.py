@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
@@ -108,6 +108,8 @@ class GolfModule(L.LightningModule):
         test_methods: list[str] = ["standard", "sliding"],
         compile: bool = False,
         compile_settings: CompileSettings = CompileSettings(),
+        record_dtypes: bool = True,
+        attention_backend: Literal["auto", "fa3", "sdpa", "math"] = "auto",
         train_log_every: int = 200,
         check_finite_every: int = 50,
     ):
@@ -121,6 +123,10 @@ class GolfModule(L.LightningModule):
                 causal_slot, ttt); the last one is the record's scored pass.
             compile: torch.compile the model (fullgraph, static shapes); on by default on CUDA in record configs.
             compile_settings: TF32 and the dynamo settings the records use with torch.compile and DDP.
+            record_dtypes: under a bf16 precision, keep the tensors the records keep in bf16 (token tables) in bf16,
+                so the residual stream is bf16 as in the records; fp32 precisions keep every weight fp32.
+            attention_backend: the attention kernel: ``auto`` (FA3 on CUDA bf16 when installed, as the records,
+                else SDPA), ``fa3``, ``sdpa``, or ``math`` (the reference kernel); the same function on each.
             train_log_every: plain-text train lines at steps 1-10 and every N steps.
             check_finite_every: every N steps (and before each validation) stop with a clear error naming the
                 first step whose training loss was NaN/inf and the last checkpoint; each check is one host read,
@@ -151,6 +157,8 @@ class GolfModule(L.LightningModule):
                     "test_methods": self.test_methods,
                     "compile": compile,
                     "compile_settings": dataclasses.asdict(_as(CompileSettings, compile_settings)),
+                    "record_dtypes": record_dtypes,
+                    "attention_backend": attention_backend,
                     "train_log_every": train_log_every,
                     "check_finite_every": check_finite_every,
                 }
@@ -160,6 +168,9 @@ class GolfModule(L.LightningModule):
         self.automatic_optimization = False
         self.compile = compile
         self.compile_settings = _as(CompileSettings, compile_settings)
+        self.record_dtypes = record_dtypes
+        self.attention_backend = attention_backend
+        self.model.set_attention_backend(attention_backend)
         self.train_log_every = train_log_every
         self.check_finite_every = check_finite_every
         self.clock = TrainClock()
@@ -220,6 +231,8 @@ class GolfModule(L.LightningModule):
         if self.trainer.is_global_zero:
             self.text_log = TextLog(f"{self._run_dir}/train.log")
         self.compile_settings.apply(self.device, self.compile)
+        if self.record_dtypes and str(self.trainer.precision).startswith("bf16"):
+            self.model.apply_record_dtypes()
         if self.compile and self._forward is self.model:
             # Stored outside the module tree so the state dict keeps one copy of every weight.
             object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False, fullgraph=True))
@@ -419,6 +432,8 @@ class GolfModule(L.LightningModule):
     def evaluate(self, method: str, model: Optional[torch.nn.Module] = None, context: Optional[EvalContext] = None):
         """Run one registered pass on the datamodule's val split, on every rank (collective), and return it."""
         dm = self.trainer.datamodule
+        if model is not None and hasattr(model, "set_attention_backend"):
+            model.set_attention_backend(self.attention_backend)
         # SLOT and TTT optimize: leave any inference mode and the Trainer's autocast; each pass sets its own
         # precision through the context, as the record scripts do.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):

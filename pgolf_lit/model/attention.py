@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf_lit.model.layers import CastedLinear
+from pgolf_lit.model.layers import CastedLinear, rms_norm
 from pgolf_lit.model.roles import control, declare_roles, matrix
 
 
@@ -57,17 +57,24 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
     return out if x_pass is None else torch.cat((out, x_pass), dim=-1)
 
 
-def _import_flash_attn_varlen() -> Optional[Callable[..., Any]]:
+def _import_flash_attn(name: str) -> Optional[Callable[..., Any]]:
     try:
-        from flash_attn_interface import flash_attn_varlen_func
+        module = __import__("flash_attn_interface")
     except ImportError:
         return None
-    return flash_attn_varlen_func
+    return getattr(module, name, None)
 
 
-# FA3's ``flash_attn_varlen_func`` (package ``flash_attn_interface``, Hopper wheels) or None. Resolved at import, as
-# the record does, so a compiled model sees a plain global (torch.compile cannot trace an import).
-FLASH_ATTN_VARLEN: Optional[Callable[..., Any]] = _import_flash_attn_varlen()
+# FA3's kernels (package ``flash_attn_interface``, Hopper wheels) or None. Resolved at import, as the records do,
+# so a compiled model sees plain globals (torch.compile cannot trace an import).
+FLASH_ATTN: Optional[Callable[..., Any]] = _import_flash_attn("flash_attn_func")
+FLASH_ATTN_VARLEN: Optional[Callable[..., Any]] = _import_flash_attn("flash_attn_varlen_func")
+
+# Which kernel computes attention (the same function on every backend): ``auto`` = FA3 for CUDA bf16/fp16 inputs
+# when it is installed (the records' kernel, native GQA), else SDPA; ``fa3`` always FA3 (an error without it);
+# ``sdpa`` = torch's SDPA with ``enable_gqa`` (it picks the fastest kernel that supports the shapes); ``math`` =
+# SDPA's reference math kernel with K/V repeated per query head.
+ATTENTION_BACKENDS = ("auto", "fa3", "sdpa", "math")
 
 
 @dataclass
@@ -114,7 +121,33 @@ class PackedSegments:
         return self._bounds
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Optional[PackedSegments] = None) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, math: bool) -> Tensor:
+    """Causal SDPA on [B, T, H, D] / [B, T, Hkv, D]; ``math``: the reference kernel on K/V repeated per head."""
+    if math:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        groups = q.size(-2) // k.size(-2)
+        k, v = k.repeat_interleave(groups, dim=-2), v.repeat_interleave(groups, dim=-2)
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            ).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=k.size(-2) != q.size(-2)
+    ).transpose(1, 2)
+
+
+def _use_fa3(q: Tensor, backend: str, kernel: Optional[Callable[..., Any]]) -> bool:
+    if backend == "fa3":
+        if kernel is None:
+            raise RuntimeError("attention_backend fa3: flash_attn_interface (FA3) is not installed")
+        return True
+    return backend == "auto" and kernel is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, segments: Optional[PackedSegments] = None, backend: str = "auto"
+) -> Tensor:
     """Causal GQA attention on [B, T, H, D] queries and [B, T, Hkv, D] keys/values, scale 1/sqrt(D).
 
     Without ``segments`` every row is one sequence (SDPA). With them (B = 1) attention stays inside each document
@@ -122,23 +155,18 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Optional[PackedS
     ``CausalSelfAttention.forward``), else SDPA per segment (the same function; it syncs once to read the
     boundaries, so a compiled fullgraph model needs FA3 for packed rows).
     """
-    gqa = k.size(-2) != q.size(-2)
+    math = backend == "math"
     if segments is None:
-        return F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa
-        ).transpose(1, 2)
-    varlen = FLASH_ATTN_VARLEN
-    if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        if _use_fa3(q, backend, FLASH_ATTN):
+            out = FLASH_ATTN(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out
+        return _sdpa(q, k, v, math)
+    if _use_fa3(q, backend, FLASH_ATTN_VARLEN):
         cu, n = segments.cu_seqlens, segments.max_seqlen
-        out = varlen(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n, causal=True)
+        out = FLASH_ATTN_VARLEN(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n,
+                                causal=True)
         return (out[0] if isinstance(out, tuple) else out)[None]
-    pieces = [
-        F.scaled_dot_product_attention(
-            q[:, a:b].transpose(1, 2), k[:, a:b].transpose(1, 2), v[:, a:b].transpose(1, 2),
-            is_causal=True, enable_gqa=gqa,
-        ).transpose(1, 2)
-        for a, b in segments.bounds()
-    ]
+    pieces = [_sdpa(q[:, a:b], k[:, a:b], v[:, a:b], math) for a, b in segments.bounds()]
     return torch.cat(pieces, dim=1)
 
 
@@ -173,6 +201,7 @@ class CausalSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = dim // num_heads
+        self.backend = "auto"  # set by GPT.set_attention_backend (a runtime choice, not part of the config)
         kv_dim = num_kv_heads * self.head_dim
         self.rope_dims = rope_dims or self.head_dim
         self.xsa = xsa
@@ -227,13 +256,13 @@ class CausalSelfAttention(nn.Module):
             a = torch.sigmoid(self.vrl_gate.to(v.dtype))
             v = (1 - a) * v + a * v_first
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
-        q = F.rms_norm(q, (self.head_dim,))
-        k = F.rms_norm(k, (self.head_dim,))
+        q = rms_norm(q, self.head_dim)
+        k = rms_norm(k, self.head_dim)
         cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
         q = apply_rotary(q, cos, sin, self.rope_dims)
         k = apply_rotary(k, cos, sin, self.rope_dims)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v, segments)
+        y = causal_attention(q, k, v, segments, self.backend)
         if self.xsa:
             y = remove_self_value(y, v)
         if self.attn_gate_w is not None:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.model.attention import CausalSelfAttention, PackedSegments, Rotary
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.model.attention import ATTENTION_BACKENDS, CausalSelfAttention, PackedSegments, Rotary
 from pgolf_lit.model.layers import (
     MLP,
     BigramHash,
@@ -261,6 +262,13 @@ class GPT(nn.Module):
                         module.weight.mul_(1.0 / math.sqrt(2 * cfg.num_layers))
 
     # --- recurrence state ------------------------------------------------------------------------------
+    def set_attention_backend(self, backend: str) -> None:
+        """Choose the attention kernel of every block (``auto | fa3 | sdpa | math``, see ``ATTENTION_BACKENDS``)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend: expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+        for block in self.blocks:
+            block.attn.backend = backend
+
     def set_recurrence(self, active: bool) -> None:
         """Switch depth recurrence on or off (a no-op for configs without recurrence)."""
         self.recurrence_active = bool(active)
@@ -434,6 +442,18 @@ class GPT(nn.Module):
             logits = c * torch.tanh(head(z[:, :valid]) / c)
             losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets[:, k + 1 :].reshape(-1)))
         return torch.stack(losses).mean() if losses else z.new_zeros(())
+
+    def apply_record_dtypes(self) -> list[str]:
+        """The records' dtype policy (``GPT(h).bfloat16()``, then fp32 restored for CastedLinear weights and control
+        tensors): every parameter whose role declares ``record_dtype: bf16`` (the token tables, PR #1278's iteration
+        embeddings) is stored in bf16, so the embedding output and the residual stream are bf16 under autocast.
+        Returns the names cast. Reproduce mode (the fixtures) keeps everything fp32 by not calling this."""
+        cast = []
+        for name, p in self.named_parameters():
+            if self.roles[name].record_dtype == "bf16" and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+                cast.append(name)
+        return cast
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -13,9 +13,15 @@ from torch import Tensor, nn
 from pgolf_lit.model.roles import ParamRole, control, declare_roles, embedding, matrix
 
 
-def rms_norm(x: Tensor) -> Tensor:
-    """Weightless RMS norm over the last dim. eps=None: PyTorch then uses float32's epsilon even for bf16."""
-    return F.rms_norm(x, (x.size(-1),))
+def rms_norm(x: Tensor, dims: int | None = None) -> Tensor:
+    """Weightless RMS norm over the last dim (or the last ``dims`` features); eps=None: PyTorch then uses float32's
+    epsilon even for bf16. The output keeps the input's dtype under autocast too: torch >= 2.12 autocasts rms_norm
+    to fp32, the records' torch kept bf16 (so their q/k, rotary and q_gain ran in bf16, and so do ours)."""
+    shape = (x.size(-1) if dims is None else dims,)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, shape)
+    return F.rms_norm(x, shape)
 
 
 def fake_quantize_rows(w: Tensor, bits: int) -> Tensor:

@@ -34,7 +34,7 @@ def _load(path: str) -> dict:
 
 
 def main(argv) -> None:
-    p = argparse.ArgumentParser(prog="pgolf convert", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="pgolf convert", description=__doc__.splitlines()[0])
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-upstream", metavar="FINAL_MODEL_PT")
     direction.add_argument("--to-upstream", metavar="PGOLF_CKPT")

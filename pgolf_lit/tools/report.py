@@ -454,7 +454,9 @@ def build_report(run_dir: Path, out: Path, ckpt: Optional[Path] = None) -> list[
 
 
 def main(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="pgolf report", description="PNG plots and a one-page summary.md of a fit run")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, prog="pgolf report", description="PNG plots and a one-page summary.md of a fit run"
+    )
     p.add_argument("run_dir", help="a pgolf fit run directory (train.log, metrics.csv, summary.json, artifact)")
     p.add_argument("--ckpt", default=None, help="float weights to compare (a Lightning or pgolf convert checkpoint)")
     p.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")

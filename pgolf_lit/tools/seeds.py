@@ -428,6 +428,7 @@ def main(argv: Sequence[str]) -> None:
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="pgolf seeds", allow_abbrev=False,
         description="pgolf fit + pgolf test for each seed, every figure in DIR/results.json and results.csv "
         "(resumable); arguments not listed here (or after --) go to pgolf fit",
@@ -461,7 +462,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 def stats_main(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="pgolf stats", description="the table and record test of a pgolf seeds sweep")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, prog="pgolf stats", description="the table and record test of a pgolf seeds sweep"
+    )
     p.add_argument("results", help=f"a sweep's {RESULTS_JSON}")
     p.add_argument("--baseline", default=None, help="val_loss to beat: a number (nats), a results or submission.json")
     args = p.parse_args(argv)

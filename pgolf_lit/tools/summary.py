@@ -81,7 +81,7 @@ def summarize(model: GPT, rules: Optional[dict[str, tuple[int, float]]] = None) 
 
 
 def main(argv) -> None:
-    parser = argparse.ArgumentParser(prog="pgolf summary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="pgolf summary", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a pgolf YAML config (its model.gpt section is used)")
     args = parser.parse_args(argv)
     # Shapes are all a summary reads: build on the meta device (no weights, no orthogonal init of ~30M values).
