@@ -97,6 +97,9 @@ class OptimizerChain(torch.optim.Optimizer):
             raise ValueError(f"OptimizerChain: state has {found} optimizer(s), the chain has {len(self.optimizers)}")
         for opt, sd in zip(self.optimizers, states):
             opt.load_state_dict(sd)
+        # torch replaces a member's group dicts on load: point the chain at the new ones (else LearningRateMonitor,
+        # and anything else reading chain.param_groups, sees the groups of before compile priming forever)
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
 
     def __iter__(self) -> Iterator[torch.optim.Optimizer]:
         return iter(self.optimizers)
