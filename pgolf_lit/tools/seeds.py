@@ -428,7 +428,6 @@ def main(argv: Sequence[str]) -> None:
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(
-        allow_abbrev=False,
         prog="pgolf seeds", allow_abbrev=False,
         description="pgolf fit + pgolf test for each seed, every figure in DIR/results.json and results.csv "
         "(resumable); arguments not listed here (or after --) go to pgolf fit",
