@@ -134,7 +134,9 @@ def test_every_record_evaluation_is_equal_under_pgolf_test_and_the_fabric_evalua
           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.version", "t"])
     tested = read_summary(run_cwd / "runs" / config.stem / "t")["test"]
     assert set(tested) == set(load_config(config)["model"]["test_methods"])
-    main(["eval", "m.pgolf", "--data", "data/demo/datasets/fineweb10B_sp1024", "--config", str(config),
+    # The record's own dataset (pgolf test built it): the CaseOps twin scores bytes from its sidecar.
+    data_dir = load_config(config)["data"]["data_dir"]
+    main(["eval", "m.pgolf", "--data", data_dir, "--config", str(config),
           "--val-max-tokens", "2048", "--results-json", "fabric.json"])
     fabric = {r["label"]: r for r in json.loads((run_cwd / "fabric.json").read_text())}
     assert len(fabric) == len(tested)
