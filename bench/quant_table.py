@@ -10,7 +10,7 @@ inside ``--work`` (the demo configs build their embedded dataset under ``./data/
 final weights (EMA applied where the config keeps one) are cached under ``--work/cache`` and reused by later runs
 of this script and of ``bench/eval_table.py``.
 
-Every export variant then runs on that fp32 model through ``pgolf_lit.quant`` (``ExportConfig.preset`` +
+Every export variant then runs on that fp32 model through ``pgolf_lit.quant`` (a record's export settings +
 overrides, ``collect_hessians``, ``export_model``, ``build_model_from_artifact``/``read_artifact``), and every BPB
 is a standard (non-overlapping) eval with ``pgolf_lit.eval.run_method`` on the first ``--val-tokens`` validation
 tokens: pre = the fp32 model, post = the model rebuilt from the artifact. Gap = post − pre.
@@ -239,7 +239,7 @@ class Scheme:
     default_routing: bool = False  # keep the records' 65,536 keep-float threshold
 
 
-def schemes(quick: bool) -> list[Scheme]:
+def schemes(quick: bool, only: Sequence[str] = ()) -> list[Scheme]:
     from pgolf_lit.quant import TensorRule
 
     rtn6_sd, rtn8_sd = TensorRule(6, "rtn", "sdclip", 12.85), TensorRule(8, "rtn", "sdclip", 20.0)
@@ -253,7 +253,17 @@ def schemes(quick: bool) -> list[Scheme]:
         Scheme("int6_gptq_sdclip", "GPTQ int6 SDClip, emb GPTQ int8 (#1394)", "pr1394"),
         Scheme("default_routing", "GPTQ int6 SDClip (#1394), default keep-float 65,536", "pr1394",
                default_routing=True),
+        # PR #1855's per-group clips and int8 gate rule, with and without its LQER correction: the row pair
+        # measures what LQER's low-rank factors buy per byte on this model.
+        Scheme("pr1855_no_lqer", "GPTQ int6/int7 per-group SDClip (#1855), no LQER", "pr1855",
+               {"lqer": None}),
+        Scheme("pr1855_lqer", "GPTQ int6/int7 per-group SDClip + LQER asym (#1855)", "pr1855"),
     ]
+    if only:
+        unknown = sorted(set(only) - {s.key for s in all_schemes})
+        if unknown:
+            raise SystemExit(f"--schemes: unknown {unknown}; expected some of {[s.key for s in all_schemes]}")
+        return [s for s in all_schemes if s.key in only]
     if quick:
         return [s for s in all_schemes if s.key in ("int8_rtn", "int6_rtn_pct", "int6_gptq_sdclip")]
     return all_schemes
@@ -404,7 +414,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
 
     grid = CODEC_GRID if not args.quick else CODEC_GRID[:1]  # quick: zlib only (fast)
     results: list[VariantResult] = []
-    for scheme in schemes(args.quick):
+    for scheme in schemes(args.quick, args.schemes):
         r = export_and_score(scheme, scheme.key)
         log(f"[{prep.name}] {scheme.key}: {r.report.model_bytes:,} B, post {r.post_bpb:.5f} "
             f"(gap {r.post_bpb - pre.val_bpb:+.5f}), export {r.report.seconds['total']:.1f} s")
@@ -567,6 +577,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="torch threads (default 1: on a shared 2-core machine 2 threads oversubscribe and run "
                         "5-30x slower and erratically)")
     p.add_argument("--quick", action="store_true", help="smoke-test size: a few steps and variants")
+    p.add_argument("--schemes", nargs="+", default=(), help="only these variants (keys of `schemes`)")
     p.add_argument("fit_args", nargs="*", help="after --: extra `pgolf fit` overrides (part of the cache key)")
     args = p.parse_args(argv)
     if args.quick:

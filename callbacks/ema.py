@@ -2,11 +2,11 @@
 
 Built on Lightning's ``WeightAveraging`` (an ``AveragedModel`` updated after every optimizer step, stored in
 checkpoints, copied into the model at the end of training). Lightning's ``EMAWeightAveraging`` differs from
-the records in three ways (spec/training.md §13), handled here: the shadow starts from the initial weights (not
-from the weights after the first step); mid-run validation sees the raw weights unless
-``swap_for_validation``; and the shadow is fp32 — Lightning keeps it in the parameter dtype, bf16 for the
-records' embedding tables, while pgolf keeps every parameter fp32 (the upstream bf16 policy is applied only
-when exporting ``format: upstream``). Buffers are constants (RoPE tables, byte LUTs) and are not averaged.
+the records in three ways, handled here: the shadow starts from the initial weights (not from the weights after
+the first step); mid-run validation sees the raw weights unless ``swap_for_validation``; and the shadow is fp32
+for every parameter, as the records' ``ema_state`` is — Lightning would keep it in the parameter dtype, which
+under the records' dtype policy (``GolfModule(record_dtypes=True)`` with bf16 precision) is bf16 for the token
+tables. Buffers are constants (RoPE tables, byte LUTs) and are not averaged.
 """
 
 from __future__ import annotations

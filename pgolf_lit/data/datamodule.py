@@ -109,8 +109,9 @@ class TokenShardDataModule(L.LightningDataModule):
             train_batch_tokens: global tokens per optimizer step (upstream TRAIN_BATCH_TOKENS).
             train_seq_len: training sequence length (upstream TRAIN_SEQ_LEN).
             grad_accum_base: world_size × grad_accum; upstream hard-codes 8, so a world size must divide it.
-            loader: ``sequential`` (baseline, PR #1263/#1278/#1321), ``shuffled`` (PR #1394) or ``coprime``
-                (PR #1333/#1334/#1421).
+            loader: ``sequential`` (baseline, PR #1263/#1278/#1321), ``shuffled`` (PR #1394), ``coprime``
+                (PR #1333/#1334/#1421) or ``packed`` (PR #1855: whole documents packed into one row per
+                micro-batch, with their ``cu_seqlens`` for varlen attention).
             val_seq_len: sequence length of validation and of the val trimming (default train_seq_len); under
                 ``pgolf`` it is linked to ``model.evaluation.seq_len``, the evaluation window length.
             val_batch_tokens: global validation tokens per step (upstream VAL_BATCH_SIZE / VAL_BATCH_TOKENS).

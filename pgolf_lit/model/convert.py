@@ -9,8 +9,9 @@ as the script's own ``_unbank_state_dict`` / ``_rebank_state_dict`` do (PR #1855
     kv_bank[i] = blocks.i.attn.c_k.weight      kv_bank[L+i] = blocks.i.attn.c_v.weight
     mlp_up_bank[i] = blocks.i.mlp.fc.weight    mlp_down_bank[i] = blocks.i.mlp.proj.weight
 
-Upstream stores embedding tables in bf16; our model keeps fp32 master weights, so tensors are cast to our dtypes
-on the way in and (optionally) back to the upstream dtype policy on the way out (spec/model.md §1.5, §5).
+Upstream stores embedding tables in bf16. A GPT is built fp32 (under a bf16 precision the module then applies
+the records' dtype policy, ``GPT.apply_record_dtypes``), so tensors are cast to the model's dtypes on the way in
+and (optionally) to the upstream dtype policy on the way out (each parameter role's ``record_dtype``).
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ class OptimConfig:
     muon_momentum_warmup_steps: int = 500
     """Length of the momentum ramp in steps (upstream MUON_MOMENTUM_WARMUP_STEPS)."""
     muon_backend_steps: int = 5
-    """Newton–Schulz iterations (upstream MUON_BACKEND_STEPS; Polar Express has five tuples, more reuse them)."""
+    """Newton–Schulz iterations (upstream MUON_BACKEND_STEPS; Polar Express has five tuples: more than five steps run
+    just those five, as the script's slice does)."""
     muon_nesterov: bool = True
     """Nesterov momentum in Muon."""
     muon_row_normalize: bool = False

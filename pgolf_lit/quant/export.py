@@ -45,6 +45,7 @@ from pgolf_lit.quant.artifact import (
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size
 from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.gptq import GPTQSettings
+from pgolf_lit.quant.gate import gate_shape_qualifies
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
 from pgolf_lit.quant.pergroup import (
     PergroupSettings,
@@ -74,9 +75,6 @@ __all__ = [
 
 PathLike = Union[str, Path]
 RULE_GROUPS = ("mlp", "attn", "embed", "other")
-
-# PR #1855's QuantGate quantizes 2-D gate tensors of 32..8192 elements; smaller ones stay floats.
-GATE_NUMEL_RANGE = (32, 8192)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,8 +265,7 @@ def _add_lqer(state_dict: Mapping[str, Tensor], quant: dict[str, Tensor], meta: 
 def _rule_for(name: str, t: Tensor, role: ParamRole, cfg: ExportConfig) -> Optional[TensorRule]:
     """The rule that quantizes this tensor, or None to keep it as a float (the records' routing, by role)."""
     if role.quant == "gate":
-        lo, hi = GATE_NUMEL_RANGE
-        return cfg.gate if cfg.gate is not None and t.ndim == 2 and lo <= t.numel() <= hi else None
+        return cfg.gate if cfg.gate is not None and gate_shape_qualifies(t) else None
     if t.numel() <= cfg.keep_float_max_numel or role.is_control or role.quant is None:
         return None
     return cfg.rule(role)
@@ -446,7 +443,7 @@ def _prunable(quant: Mapping[str, Tensor], meta: Meta) -> tuple[list[str], list[
 def _category_bytes(quant: Mapping[str, Tensor], meta: Meta, roles: Mapping[str, ParamRole]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for name, entry in meta.items():
-        category = roles[name].quant or "other" if entry["kind"] == "int" else "kept"
+        category = (roles[name].quant or "other") if entry["kind"] == "int" else "kept"
         nbytes = sum(quant[k].numel() * quant[k].element_size() for k in tensor_keys(name, entry))
         sizes[category] = sizes.get(category, 0) + nbytes
     return sizes

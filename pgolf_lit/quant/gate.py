@@ -35,14 +35,16 @@ class GateSettings:
     max_numel: int = 8192
 
 
+def gate_shape_qualifies(t: Tensor, settings: GateSettings = GateSettings()) -> bool:
+    """The record's size rule for a gate tensor: a 2-D float of ``min_numel..max_numel`` elements (smaller gates
+    stay floats). The exporter applies it to the tensors whose declared role is a gate."""
+    return t.is_floating_point() and t.ndim == 2 and settings.min_numel <= t.numel() <= settings.max_numel
+
+
 def is_quant_gate(name: str, t: Tensor, settings: GateSettings = GateSettings()) -> bool:
-    """Whether ``gptq_mixed_quantize`` routes ``name`` to the int8 gate path (when QuantGate is on)."""
-    return (
-        t.is_floating_point()
-        and t.ndim == 2
-        and name.endswith(settings.name_suffix)
-        and settings.min_numel <= t.numel() <= settings.max_numel
-    )
+    """Whether ``gptq_mixed_quantize`` routes ``name`` to the int8 gate path (when QuantGate is on): the
+    script's name rule, for reading upstream state dicts that carry no roles."""
+    return name.endswith(settings.name_suffix) and gate_shape_qualifies(t, settings)
 
 
 def quantize_gate_rows(w: Tensor) -> tuple[Tensor, Tensor]:

@@ -48,11 +48,12 @@ def main(argv) -> None:
     settings = merge_configs(cb_args.get("export") or {}, overrides)
     if args.allow_over_budget:
         settings["allow_over_budget"] = True
-    exporter = GPTQExport(
-        export=ExportConfig.from_dict(settings),
-        calibration=cb_args.get("calibration", "train_replay"),
-        calibration_batches=args.calibration_batches or cb_args.get("calibration_batches", 64),
-    )
+    # The config's own GPTQExport arguments (calibration source, loader, batches, ...), so the command cannot drift
+    # from the callback; only the export settings and the batch count take the command line's values.
+    exporter_args = {**cb_args, "export": ExportConfig.from_dict(settings)}
+    if args.calibration_batches:
+        exporter_args["calibration_batches"] = args.calibration_batches
+    exporter = GPTQExport(**exporter_args)
     module = GolfModule.from_config(config)
     steps_trained = None
     if args.ckpt:
