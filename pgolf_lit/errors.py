@@ -15,3 +15,15 @@ class DataError(PgolfError, ValueError):
 
 class ArtifactError(PgolfError, ValueError):
     """A truncated, corrupted, mismatched or over-budget artifact (names the file)."""
+
+
+class CheckpointError(PgolfError, ValueError):
+    """A missing, truncated, corrupted or mismatched checkpoint, or one that cannot be written (names the file)."""
+
+
+def error_line(e: BaseException) -> str:
+    """The one line for a PgolfError (its message) or an OSError (its path, then the reason)."""
+    if isinstance(e, OSError) and not isinstance(e, PgolfError):
+        what = e.strerror or str(e).strip() or type(e).__name__
+        return f"{e.filename}: {what}" if e.filename else what
+    return str(e)
