@@ -104,8 +104,20 @@ def save_checkpoint_file(checkpoint: Mapping[str, Any], path: str | os.PathLike,
                 f.flush()
                 os.fsync(f.fileno())
         fsync_dir(path.parent)
-    except OSError as e:
-        raise write_error(path, e, what) from None
+    except Exception as e:
+        # torch.save's zip writer turns a failed write into a RuntimeError when it closes; the OSError is its context
+        cause = next((x for x in _causes(e) if isinstance(x, OSError)), None)
+        if cause is None:
+            raise
+        raise write_error(path, cause, what) from None
+
+
+def _causes(e: Optional[BaseException]):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def load_checkpoint_file(
@@ -125,7 +137,7 @@ def load_checkpoint_file(
         obj = torch.load(p, map_location=map_location, weights_only=True)
     except CheckpointError:
         raise
-    except OSError as e:
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
         raise CheckpointError(f"{path}: cannot read the {what} ({e.strerror or _first_line(e)})") from None
     except Exception as e:  # a truncated zip, a non-torch file, a weights_only refusal of pickled code
         import pickle
@@ -175,7 +187,7 @@ def check_writable_dir(path: str | os.PathLike, what: str = "checkpoint folder")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        return (f"{e.filename or path}: the {what} is not writable ({e.strerror or e}); fix its permissions or set "
+        return (f"{path}: the {what} is not writable ({e.strerror or e}); fix its permissions or set "
                 f"ModelCheckpoint's dirpath to a writable folder")
     return None
 

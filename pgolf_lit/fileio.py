@@ -31,11 +31,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     without a file name (a ``write`` on a full disk) gets ``path`` as its file name, so the message can name it.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise _named(e, path) from None
+    except OSError as e:  # named after the file asked for, not the temporary name tried
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -348,7 +348,7 @@ class GolfModule(L.LightningModule):
         weights_finite = len(values) < 2 or values[1] == 1
         if first_bad < 0 and weights_finite:
             return
-        before = f"before writing the checkpoint of step {self.global_step}, " if checkpoint is not None else ""
+        before = f"before writing the checkpoint of step {self.global_step} " if checkpoint is not None else ""
         what = f"training loss is not finite (nan/inf) at step {first_bad}" if first_bad >= 0 else \
             f"the weights are not finite (nan/inf) at step {self.global_step}"
         raise PgolfError(
