@@ -161,8 +161,12 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
-    # Attribute docstrings of the config dataclasses become `pgolf fit --help` text.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    if args is None:
+        args = sys.argv[1:]
+    # Attribute docstrings of the config dataclasses become `pgolf fit --help` text (and --print_config=comments).
+    # Reading them from the source costs seconds per command, so only when they are shown.
+    shown = any(a in ("-h", "--help") or (a.startswith("--print_config") and "comments" in a) for a in args)
+    set_parsing_settings(docstring_parse_attribute_docstrings=shown)
 
     from pgolf_lit.data.datamodule import TokenShardDataModule
     from pgolf_lit.module import GolfModule
@@ -216,8 +220,6 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
             if path:
                 self.model.load_artifact(path)
 
-    if args is None:
-        args = sys.argv[1:]
     return GolfCLI(
         GolfModule,
         TokenShardDataModule,
