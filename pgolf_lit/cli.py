@@ -90,7 +90,11 @@ def explicit_model_keys(args: Sequence[str]) -> set[str]:
     def parsed(value: str) -> Any:
         from pathlib import Path
 
-        if Path(value).is_file():
+        try:
+            is_file = Path(value).is_file()
+        except OSError:  # a YAML string too long to be a file name
+            is_file = False
+        if is_file:
             return load_config(value)
         try:
             return yaml.safe_load(value)
