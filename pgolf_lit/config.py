@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pgolf_lit.errors import ConfigError
-from pgolf_lit.typecheck import check_field_types
+from pgolf_lit.errors import ConfigError, check_field_types
 
 
 @dataclass
