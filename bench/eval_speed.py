@@ -2,6 +2,7 @@
 
     python bench/eval_speed.py --config configs/records/pr1321_slot48_tiny.yaml --methods sliding slot
     python bench/eval_speed.py --config configs/records/pr1394_sp8192_loop45.yaml --val-tokens 1048576 --device cuda
+    python bench/eval_speed.py --config X.yaml -- --data.data_dir D --data.build_embedded true   # extra fit arguments
 
 The model is the config's architecture at its random initialisation (speed does not depend on the weights)
 with depth recurrence on, as every evaluation runs it; the passes use the config's ``model.evaluation``
@@ -40,7 +41,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--val-tokens", type=int, default=65536, help="score the first N val tokens (0: the whole split)")
     p.add_argument("--repeats", type=int, default=2, help="passes per method; the first includes compilation")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    args = p.parse_args(argv)
+    own, extra = (list(argv), []) if "--" not in argv else (list(argv[: list(argv).index("--")]),
+                                                             list(argv[list(argv).index("--") + 1 :]))
+    args = p.parse_args(own)
+    args.extra = extra
     if args.repeats < 1 or args.val_tokens < 0:
         p.error("--repeats must be at least 1 and --val-tokens non-negative")
     return args
@@ -60,6 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     fit_args = ["--config", args.config, "--data.val_max_tokens", str(args.val_tokens), "--trainer.logger", "false"]
     if device.type == "cpu":
         fit_args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.compile", "false"]
+    fit_args += args.extra  # e.g. -- --data.data_dir ... --data.build_embedded true
     cli = make_cli(fit_args, run=False)
     module, dm = cli.model, cli.datamodule
     dm.prepare_data()

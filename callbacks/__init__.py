@@ -4,15 +4,18 @@
       init_args: {decay: 0.997}
 
 One technique per file: ema, swa, late_qat, wallclock (WallclockBudget), recurrence (RecurrenceActivation),
-priming (CompilePriming), gptq_export (GPTQExport).
+priming (CompilePriming), gptq_export (GPTQExport), progress (BudgetProgressBar, CompactModelSummary: attached
+by ``pgolf fit`` itself).
 """
 
+from .checkpoint import Checkpoint
 from .ema import EMA
 from .gptq_export import GPTQExport
 from .late_qat import LateQAT
 from .priming import CompilePriming
+from .progress import BudgetProgressBar, CompactModelSummary
 from .recurrence import RecurrenceActivation
 from .swa import SWA
 from .wallclock import WallclockBudget
 
-__all__ = ["EMA", "SWA", "CompilePriming", "GPTQExport", "LateQAT", "RecurrenceActivation", "WallclockBudget"]
+__all__ = ["BudgetProgressBar", "Checkpoint", "CompactModelSummary", "EMA", "SWA", "CompilePriming", "GPTQExport", "LateQAT", "RecurrenceActivation", "WallclockBudget"]

@@ -39,13 +39,21 @@ class EMA(WeightAveraging):
         # The records start the shadow from the weights training starts from; priming restores those exactly,
         # so the order against CompilePriming does not matter. A resumed run keeps its restored shadow.
         if trainer.global_step == 0:
+            # Buffers set after WeightAveraging.setup copied the module (a CaseOps val byte sidecar) have other
+            # shapes in the copy; update_parameters copies buffers in place, so give the copy the new shapes first.
+            for copy, live in zip(self._average_model.module.buffers(), pl_module.buffers()):
+                if copy.shape != live.shape:
+                    copy.data = live.detach().to(copy.device).clone()
             self._average_model.update_parameters(pl_module)  # the first update copies
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # The same lerp as get_ema_multi_avg_fn, without update_parameters' two host reads of n_averaged.
         avg = self._average_model
-        torch._foreach_lerp_(list(avg.module.parameters()), list(pl_module.parameters()), 1.0 - self.decay)
+        shadow = list(avg.module.parameters())
+        # the shadow stays fp32 (as the records keep it) when the records' dtypes make a table bf16
+        live = [p if p.dtype == s.dtype else p.to(s.dtype) for s, p in zip(shadow, pl_module.parameters())]
+        torch._foreach_lerp_(shadow, live, 1.0 - self.decay)
         avg.n_averaged += 1
         self._latest_update_step = trainer.global_step
 

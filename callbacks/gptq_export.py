@@ -34,6 +34,7 @@ class GPTQExport(Callback):
         export: Optional[ExportConfig] = None,
         calibration: Literal["train_replay", "train_continue", "generated"] = "train_replay",
         calibration_batches: int = 64,
+        calibration_loader: Optional[str] = None,
         roundtrip_eval: bool = True,
     ):
         """
@@ -46,12 +47,15 @@ class GPTQExport(Callback):
                 sampled from the model (PR #1019).
             calibration_batches: training micro-batches, or self-generated sequences (fed one at a time without
                 their last token, as PR #1019), used for the Hessians.
+            calibration_loader: read the calibration batches with this loader instead of the training one (PR
+                #1855 trains on packed documents but calibrates on ``shuffled`` dense sequences).
             roundtrip_eval: reload the artifact and score it with the standard pass, as the records do.
         """
         self.path = path
         self.config = export if isinstance(export, ExportConfig) else ExportConfig.from_dict(export or {})
         self.calibration = calibration
         self.calibration_batches = calibration_batches
+        self.calibration_loader = calibration_loader
         self.roundtrip_eval = roundtrip_eval
         self.report = None
         self.results: dict[str, Any] = {}
@@ -73,7 +77,7 @@ class GPTQExport(Callback):
             )
             return token_batches(tokens, 1, drop_last_token=True)
         skip = steps_trained if self.calibration == "train_continue" else 0
-        loader = datamodule.make_train_loader(skip_steps=skip)
+        loader = datamodule.make_train_loader(skip_steps=skip, kind=self.calibration_loader)
         return [loader.next_batch()[0].to(device) for _ in range(self.calibration_batches)]
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -106,7 +110,17 @@ class GPTQExport(Callback):
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 batches = self.calibration_tokens(model, trainer.datamodule, pl_module.device, trainer.global_step)
                 self.report = export_model(model, self.config, out, calib_batches=batches, progress=True)
-            pl_module.log_text(f"export:{self.report.summary()} time:{time.perf_counter() - started:.1f}s")
+            spent = time.perf_counter() - started
+            pl_module.log_text(f"export:{self.report.summary()} time:{spent:.1f}s")
+            budget = pl_module.wallclock_budget
+            reserve = budget.reserve_seconds if budget is not None and budget.effective_cap_ms is not None else 0.0
+            hessians = self.report.hessians
+            verdict = "" if spent <= reserve or not reserve else " OVER the reserve: the export ran past the cap"
+            pl_module.log_text(
+                f"gptq:hessians:{len(hessians.names) if hessians else 0} "
+                f"hessian_time:{(hessians.seconds if hessians else 0.0):.1f}s time:{spent:.1f}s "
+                f"reserve:{reserve:g}s{verdict}"
+            )
             pl_module.log_text(
                 f"Serialized model bytes:{self.report.model_bytes} code bytes:{self.report.code_bytes} "
                 f"total:{self.report.total_bytes}"

@@ -8,13 +8,18 @@ batches come from a fresh loader, so training then starts from the same data the
 its looped graph this way, PR #1278 runs recurrent from the start). ``qat_steps`` prime the late-QAT graph.
 ``mode``: ``construction`` (Family A: construction-time LR and momentum, no clipping) or ``step_fn``
 (Family B: the real step at LR multiplier 1, momentum warmup at the priming index, clipping on).
+``cu_buckets`` (packed documents, PR #1855 ``_run_cu_bucket_warmup``): before the real steps, for recurrence off
+and on, three forward/backward passes without a step for each listed ``cu_seqlens`` width, with synthetic
+boundaries every ``train_seq_len`` tokens, so every bucket's graph is compiled off the clock.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from typing import Literal
+from typing import Literal, Optional
+
+import torch
 
 from lightning.pytorch.callbacks import Callback
 
@@ -29,7 +34,19 @@ class CompilePriming(Callback):
         qat_steps: int = 0,
         qat_bits: int = 6,
         mode: Literal["construction", "step_fn"] = "step_fn",
+        cu_buckets: Optional[list[int]] = None,
     ):
+        """
+        Args:
+            steps: real optimizer steps with recurrence off.
+            recurrent_steps: real optimizer steps with recurrence on.
+            qat_steps: steps with late-QAT fake quantization on (primes that graph).
+            qat_bits: the fake-quantization width of those steps.
+            mode: ``construction`` (PR #1263 family) or ``step_fn`` (PR #1333 onwards), see the module docstring.
+            cu_buckets: packed-document ``cu_seqlens`` widths to compile before the real steps (PR #1855: 64, 128,
+                192, 256); empty for dense training.
+        """
+        self.cu_buckets = list(cu_buckets or [])
         self.steps = steps
         self.recurrent_steps = recurrent_steps
         self.qat_steps = qat_steps
@@ -52,22 +69,44 @@ class CompilePriming(Callback):
         phases = [(self.steps, False, False), (self.recurrent_steps, True, False), (self.qat_steps, was_recurrent, True)]
         index = itertools.count()
         with trainer.precision_plugin.train_step_context():
+            if self.cu_buckets and pl_module.compile:  # only the compiled graphs care about bucket widths
+                self._prime_cu_buckets(pl_module, next(iter(TrainSteps(dm.make_train_loader(), 1))), dm.train_seq_len)
             for n, recurrent, qat in phases:
                 model.set_recurrence(recurrent)
                 set_qat_bits(model, self.qat_bits if qat else 0)
                 for _ in range(n):
                     i = next(index)
-                    x, y = (t.to(pl_module.device, non_blocking=True) for t in next(batches))
+                    batch = tuple(t.to(pl_module.device, non_blocking=True) for t in next(batches))
                     if self.mode == "construction":
                         sched = StepSchedule(i, 0.0, 0.0, 1.0, pl_module.optim_config.muon_momentum)
                     else:
                         sched = StepSchedule(i, 0.0, 0.0, 1.0, pl_module.optim_config.muon_momentum_at(i))
-                    pl_module.run_optimizer_step((x, y), sched, chain, clip=self.mode != "construction")
+                    pl_module.run_optimizer_step(batch, sched, chain, clip=self.mode != "construction")
                     if i < 5 or (i + 1) % 10 == 0:
                         pl_module.log_text(f"warmup_step:{i + 1} recurrent:{recurrent} qat:{qat}")
         set_qat_bits(model, 0)
         model.set_recurrence(was_recurrent)
+        model.zero_grad(set_to_none=True)
         model.load_state_dict(weights)
         chain.load_state_dict(opt_state)
         chain.zero_grad(set_to_none=True)
         pl_module.record_event("warmup:done", f"warmup:done steps:{next(index)} weights and optimizer state restored")
+
+    def _prime_cu_buckets(self, pl_module, batch, seq_len: int) -> None:
+        if len(batch) < 3:
+            return  # dense rows: no document boundaries to compile for
+        x, y = (t[0].to(pl_module.device) for t in batch[:2])
+        n = x.size(-1)
+        starts = torch.arange(0, n, seq_len, dtype=torch.int32)
+        for recurrent in (False, True):
+            pl_module.model.set_recurrence(recurrent)
+            for width in self.cu_buckets:
+                if width < starts.numel() + 1:
+                    continue  # too narrow to hold this row's boundaries
+                cu = torch.full((width,), n, dtype=torch.int32)
+                cu[: starts.numel()] = starts
+                cu = cu.to(pl_module.device)
+                for _ in range(3):
+                    pl_module.model.zero_grad(set_to_none=True)
+                    pl_module._forward(x, y, cu_seqlens=cu, max_seqlen=n).backward()
+        pl_module.log_text(f"warmup_cu_buckets:{self.cu_buckets} recurrent:both")

@@ -18,7 +18,49 @@ from typing import Any, Optional, Sequence
 
 from pgolf_lit.errors import ConfigError, PgolfError
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_COMMANDS = ("fit", "validate", "test")
+
+# Console noise the package can filter without hiding anything a user needs (message regexes).
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # lightning 2.6 + torch 2.13, inside Lightning
+    r".*It is recommended to use `self\.log\(.*sync_dist=True",  # our metrics reduce themselves
+    r".*LightningCLI's args parameter is intended",
+    r".*Your `IterableDataset` has `__len__` defined",  # our loaders run in the main process (no workers)
+    r".*Checkpoint directory .* exists and is not empty",  # a run resumed in its own folder
+)
+# Lightning's litlogger / litmodels advertisements, and its note that our own summary callback replaced its own.
+QUIET_INFO = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+
+
+def quiet_console() -> None:
+    """Filter the warnings and tips above (idempotent)."""
+    import logging
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+    class DropTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.getMessage()).startswith(QUIET_INFO)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropTips) for f in logger.filters):
+            logger.addFilter(DropTips())
+        for handler in logger.handlers:
+            if not any(isinstance(f, DropTips) for f in handler.filters):
+                handler.addFilter(DropTips())
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("pgolf-lit")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 CONFIG_FLAGS = ("--config", "-c")
@@ -45,6 +87,8 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
             value, width = out[i + 1], 2
         elif flag.startswith("--config="):
             value, width = flag.split("=", 1)[1], 1
+        if value is not None and not Path(value).is_file() and "\n" not in value and ":" not in value:
+            value = str(named_config(value))  # a record's name: configs/records/<name>.yaml
         if value is not None and Path(value).is_file():
             positions.append((i, width))
             files.append(value)
@@ -158,6 +202,117 @@ def merge_checkpoint_hparams(stored: dict[str, Any], current: dict[str, Any], ex
     return remaining
 
 
+def named_config(value: str):
+    """A config path as given, or the packaged config of that name (``pgolf_lit.config.resolve_config_path``)."""
+    from pgolf_lit.config import resolve_config_path
+
+    return resolve_config_path(value)
+
+
+def _max_time_seconds(value) -> float:
+    """Lightning's ``max_time`` ("DD:HH:MM:SS", a dict of timedelta fields, or a timedelta) in seconds."""
+    import datetime
+
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, dict) or hasattr(value, "__dict__"):
+        return datetime.timedelta(**dict(vars(value) if hasattr(value, "__dict__") else value)).total_seconds()
+    try:
+        days, hours, minutes, seconds = (int(x) for x in str(value).split(":"))
+    except ValueError:
+        raise PgolfError(f"trainer.max_time: expected DD:HH:MM:SS, got {value!r}") from None
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def honest_trainer_flags(config) -> None:
+    """Trainer flags that manual optimization or the records' own clock would ignore are mapped onto the record's
+    knobs, or refused with one line naming the right field:
+
+    * ``gradient_clip_val`` → ``model.optim.grad_clip_norm`` (the records clip the global norm before each step);
+    * ``accumulate_grad_batches`` → refused: the records accumulate ``data.grad_accum_base`` micro-batches;
+    * ``enable_checkpointing false`` → the config's checkpoint callback is dropped (Lightning would refuse both);
+    * ``max_time`` → the ``WallclockBudget`` cap (added when the config has none), so the LR schedule's training
+      fraction and the stop follow it; Lightning's own timer, which also counts validation, is not used.
+    """
+    from jsonargparse import Namespace
+
+    trainer = config.trainer
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None:
+        if trainer.get("gradient_clip_algorithm") not in (None, "norm"):
+            raise PgolfError("trainer.gradient_clip_algorithm: the records clip the gradient norm; use 'norm'")
+        config.model.optim.grad_clip_norm = float(clip)
+        trainer.gradient_clip_val = None
+        trainer.gradient_clip_algorithm = None
+    if trainer.get("accumulate_grad_batches") not in (None, 1):
+        raise PgolfError(
+            "trainer.accumulate_grad_batches: pgolf accumulates data.grad_accum_base micro-batches per step (the "
+            "global batch stays data.train_batch_tokens on any device count); set data.grad_accum_base instead"
+        )
+    if trainer.get("enable_checkpointing") is False:  # the switch wins over the config's checkpoint callback
+        trainer.callbacks = [c for c in (trainer.get("callbacks") or []) if not _is_checkpoint(c)]
+    max_time = trainer.get("max_time")
+    if max_time is not None:
+        seconds = _max_time_seconds(max_time)
+        callbacks = list(trainer.get("callbacks") or [])
+        budget = next((c for c in callbacks if str(c.get("class_path", "")).endswith(".WallclockBudget")), None)
+        if budget is None:
+            callbacks.append(Namespace(class_path="pgolf_lit.callbacks.WallclockBudget",
+                                       init_args=Namespace(max_seconds=seconds, reserve_seconds=0.0)))
+        else:
+            cap = budget.init_args.get("max_seconds") or 0
+            budget.init_args.max_seconds = seconds if cap <= 0 else min(cap, seconds)
+            reserve = budget.init_args.get("reserve_seconds") or 0
+            if reserve >= budget.init_args.max_seconds:
+                raise PgolfError(
+                    f"trainer.max_time: a {budget.init_args.max_seconds:g} s cap leaves no training time after the "
+                    f"config's WallclockBudget.reserve_seconds {reserve:g}"
+                )
+        trainer.callbacks = callbacks
+        trainer.max_time = None
+
+
+def _is_checkpoint(callback) -> bool:
+    import importlib
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if isinstance(callback, ModelCheckpoint):
+        return True
+    module, _, name = str(getattr(callback, "class_path", "") or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+
+
+def resume_in_place(config) -> None:
+    """``--ckpt_path last`` resumes the run's own newest checkpoint in its own folder: the logger's version is pinned
+    to the run folder holding the newest ``checkpoints/*.ckpt`` (Lightning would start a fresh version_N and find
+    no last checkpoint there). A logger given an explicit version is left alone."""
+    from pathlib import Path
+
+    logger = config.trainer.get("logger")
+    args = logger.get("init_args") if hasattr(logger, "get") else None
+    if args is None or args.get("version") is not None or not args.get("save_dir"):
+        return
+    root = Path(args.get("save_dir")) / (args.get("name") or "lightning_logs")
+    checkpoints = sorted(root.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if checkpoints:
+        args.version = checkpoints[-1].parent.parent.name
+
+
+def _root_cause(error: BaseException, kinds: tuple) -> Optional[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
     """The LightningCLI over GolfModule + TokenShardDataModule. ``run=False`` only parses the config and builds
     the trainer, module and datamodule (``cli.trainer``, ``cli.model``, ``cli.datamodule``): tests and tools use
@@ -176,6 +331,40 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
     from pgolf_lit.module import GolfModule
 
     class GolfCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict:
+            # `predict` has no meaning for a scored language model; `pgolf sample` generates text instead.
+            return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+        def init_parser(self, **kwargs):
+            kwargs.setdefault("allow_abbrev", False)  # --model.gpt.num_layer must not silently mean num_layers
+            return super().init_parser(**kwargs)
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            honest_trainer_flags(config)
+            if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+                resume_in_place(config)
+            # The console callbacks, unless the Trainer turns bars or the summary off (Lightning refuses a bar
+            # callback with enable_progress_bar false).
+            extra = []
+            if config.trainer.get("enable_progress_bar") is not False:
+                extra.append(BudgetProgressBar())
+            if config.trainer.get("enable_model_summary") is not False:
+                extra.append(CompactModelSummary(max_depth=1))
+            self.trainer_defaults["callbacks"] = extra
+
+        def instantiate_classes(self) -> None:
+            # jsonargparse wraps what a constructor raises into "Does not validate against any of the Union
+            # subtypes"; a config error or a missing package deserves its own one line.
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as e:
+                cause = _root_cause(e, (PgolfError, ModuleNotFoundError))
+                if cause is None:
+                    raise
+                raise cause from None
+
         def add_arguments_to_parser(self, parser) -> None:
             # One vocabulary: the data side checks its tokenizer and shards against the model's.
             parser.link_arguments("model.gpt.vocab_size", "data.vocab_size")
@@ -224,6 +413,9 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
             if path:
                 self.model.load_artifact(path)
 
+    from pgolf_lit.callbacks import BudgetProgressBar, CompactModelSummary
+
+    quiet_console()
     return GolfCLI(
         GolfModule,
         TokenShardDataModule,
@@ -231,6 +423,7 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        trainer_defaults={"default_root_dir": "runs"},
     )
 
 
@@ -333,6 +526,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command = argv[0] if argv else "--help"
     try:
         _run(argv, command)
+    except ModuleNotFoundError as e:  # e.g. a logger whose package is not installed
+        print(f"error: {missing_package_line(e)}", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         line = one_line(e)
         if line is None:
@@ -344,8 +540,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(2)
 
 
+def missing_package_line(error: ModuleNotFoundError) -> str:
+    """What to install, in one line (Lightning's loggers raise without a module name: read the message)."""
+    text = f"{error.name or ''} {error}".lower()
+    for package, extra in (("tensorboard", "tensorboard"), ("matplotlib", "report")):
+        if package in text:
+            return f"the Python package '{package}' is not installed: pip install 'pgolf-lit[{extra}]'"
+    name = error.name or str(error).split("'")[1] if "'" in str(error) else (error.name or str(error))
+    return f"the Python package '{name}' is not installed: pip install {name}"
+
+
 def _run(argv: list[str], command: str) -> None:
-    if command in TRAINER_COMMANDS:
+    if command in ("-V", "--version"):
+        print(f"pgolf-lit {version()}")
+    elif command == "predict":
+        raise PgolfError("pgolf predict: a language model is scored, not predicted; use "
+                         "`pgolf sample --config X --artifact A --prompt ...` to generate text")
+    elif command in TRAINER_COMMANDS:
         make_cli(argv)
     elif command in TOOLS:
         module_name, func = TOOLS[command]
@@ -370,6 +581,7 @@ TOOLS = {
     "stats": ("seeds", "stats_main"),
     "record": ("record", "main"),
     "report": ("report", "main"),
+    "sample": ("sample", "main"),
 }
 
 USAGE = """usage: pgolf COMMAND ...
@@ -391,8 +603,11 @@ from runs to a record:
   stats RESULTS.json --baseline B        the seeds table and the one-sided t-test (>= 0.005 nats at p < 0.01)
   record --results RESULTS.json --out records/<name>/   README.md + submission.json + logs, from the logs
   report RUN_DIR [--ckpt C]              PNG plots (curves, LR and events, weights, bytes) + summary.md
+text:
+  sample --config X (--artifact A | --ckpt C) --prompt "..."   generate text from a trained model
 demo:
   demo                      the CPU demo: embedded corpus -> 60 s of training -> export -> roundtrip val_bpb
+  --version                 the installed version
 """
 
 

@@ -55,6 +55,15 @@ class GPTConfig:
     """Initial value of the learned per-head query gain (PR #1394: 4.0; PR #1421/#1855: 5.0)."""
     xsa_last_n: int = 0
     """XSA: remove each head's component along its own value on the last n physical layers."""
+    sparse_attn_gate: bool = False
+    """SparseAttnGate (PR #1787/#1855, upstream SPARSE_ATTN_GATE_ENABLED): every head's output is multiplied by
+    σ(scale · attn_gate_w · x[:gate_window]) after XSA, before the output projection (x: the normed attention input)."""
+    sparse_attn_gate_scale: float = 1.0
+    """Multiplier of the sparse gate's logit (upstream SPARSE_ATTN_GATE_SCALE; PR #1855: 0.5)."""
+    sparse_attn_gate_init_std: float = 0.0
+    """Init std of attn_gate_w; 0 = zeros, so every gate starts at 0.5 (upstream SPARSE_ATTN_GATE_INIT_STD)."""
+    gate_window: int = 12
+    """Leading residual channels the sparse attention gate and the token SmearGate read (upstream GATE_WINDOW)."""
     # --- residual stream -------------------------------------------------------------------------------
     ln_scale: bool = False
     """Multiply the normed block inputs by 1/sqrt(layer + 1)."""
@@ -65,12 +74,26 @@ class GPTConfig:
     skip_wiring: Literal["standard", "folder_copy"] = "standard"
     """folder_copy: the skip consumption of PR #1278's record-folder script (to load its checkpoints)."""
     parallel_start_layer: int = 0
-    """>0: attention and MLP run in two lanes from this physical layer on, merged by lane_merge (PR #1333/#1421)."""
+    """>0: attention and MLP run in two lanes from this physical decoder layer on (PR #1333/#1421, PR #1529/#1855)."""
+    parallel_residual: Literal["lane_merge", "lambdas"] = "lane_merge"
+    """Form of the two lanes. lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one
+    learned scalar. lambdas (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and
+    decays them by parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane."""
+    parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"
+    """lambdas form: the hidden state after the last block: the lanes' mean, the attention lane or the MLP lane
+    (upstream PARALLEL_FINAL_LANE)."""
     dtg: bool = False
     """Dynamic token gate per block (present in the PR #1263 family's scripts, off in every record)."""
     # --- embeddings ------------------------------------------------------------------------------------
     smear_gate: bool = False
-    """Per-channel sigmoid smear of each position with the previous one after the embedding (PR #1263 family)."""
+    """Smear each position with the previous one; smear_gate_form says how (upstream SMEAR_GATE_ENABLED)."""
+    smear_gate_form: Literal["channel", "token"] = "channel"
+    """channel (PR #1263 family): a per-channel sigmoid mix with the previous position after the embedding norm.
+    token (PR #1667/#1855): e_t += smear_lambda · σ(smear_gate · e_t[:gate_window]) · e_{t-1} on the raw token
+    embedding, before its norm, except where token t is bos_id (no smear across documents)."""
+    bos_id: int = 1
+    """Token id that starts a document: the token SmearGate does not smear into it (PR #1851/#1855's fix; the
+    upstream module global BOS_ID); -1 = no mask (PR #1797, which leaks the previous document into each BOS)."""
     bigram_vocab_size: int = 0
     """Buckets of the hashed token-pair table added to the embedding (BigramHash); 0 = off."""
     bigram_dim: int = 128
@@ -107,6 +130,11 @@ class GPTConfig:
     """Multi-token prediction heads (a training loss only; never exported)."""
     mtp_loss_weight: float = 0.2
     """Weight of the MTP loss."""
+    # --- checkpoint interop ----------------------------------------------------------------------------
+    state_dict_layout: Literal["per_block", "banks"] = "per_block"
+    """How the record's own script stores the block matrices: per_block (blocks.i.attn.c_q.weight …, up to PR
+    #1394) or banks (qo_bank, kv_bank, mlp_up_bank, mlp_down_bank, PR #1523 onwards). Only `pgolf convert
+    --to-upstream` reads it; the model is always per block and reads either layout."""
 
     def __post_init__(self) -> None:
         self.ve_layers = [int(i) for i in self.ve_layers]
@@ -190,6 +218,25 @@ class GPTConfig:
                       "set dtg false or parallel_start_layer 0")
         if self.mtp_num_heads < 0:
             raise bad("mtp_num_heads", f"must be >= 0, got {self.mtp_num_heads}")
+        choices = {
+            "smear_gate_form": ("channel", "token"),
+            "parallel_residual": ("lane_merge", "lambdas"),
+            "parallel_final_lane": ("mean", "attn", "mlp"),
+            "state_dict_layout": ("per_block", "banks"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"expected one of {list(allowed)}, got {getattr(self, name)!r}")
+        token_smear = self.smear_gate and self.smear_gate_form == "token"
+        if token_smear or self.sparse_attn_gate:
+            width = self.emb_dim if token_smear else self.model_dim
+            if not 0 < self.gate_window <= min(width, self.model_dim):
+                raise bad("gate_window", f"must lie in [1, {min(width, self.model_dim)}] (the gated input's "
+                          f"width), got {self.gate_window}")
+        if self.sparse_attn_gate_init_std < 0:
+            raise bad("sparse_attn_gate_init_std", f"must be >= 0, got {self.sparse_attn_gate_init_std}")
+        if self.bos_id < -1 or self.bos_id >= self.vocab_size:
+            raise bad("bos_id", f"must be a token id below vocab_size {self.vocab_size} or -1 (no mask), got {self.bos_id}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,7 +258,17 @@ class GPTConfig:
 # Record configs on disk
 # ---------------------------------------------------------------------------------------------------------
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """Where the packaged configs are: the repository's configs/ (editable install) or the wheel's copy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgolf_lit.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 def record_config_path(name: str) -> Path:
@@ -279,10 +336,22 @@ def _is_class_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "class_path" in v for v in value)
 
 
-def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A pgolf YAML config with its ``extends: <base.yaml>`` chain resolved (the path is relative to the file that
-    names it): the base, then this file merged on top by ``merge_configs``."""
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` when it is a file, else the packaged config of that name (``pr1394_sp8192_loop45``, ``demo_cpu``:
+    ``configs/records/<name>.yaml`` or ``configs/<name>.yaml``, shipped in the wheel)."""
     path = Path(path)
+    if path.is_file() or len(path.parts) > 1:
+        return path
+    try:
+        return record_config_path(path.name.removesuffix(".yaml"))
+    except ConfigError:
+        raise ConfigError(f"{path}: config file not found (and no packaged config of that name)") from None
+
+
+def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A pgolf YAML config (a path, or a packaged config's name) with its ``extends: <base.yaml>`` chain resolved
+    (the path is relative to the file that names it): the base, then this file merged on top by ``merge_configs``."""
+    path = resolve_config_path(path) if not _seen else Path(path)
     data = load_yaml(path)
     base_name = data.pop(EXTENDS_KEY, None)
     if base_name is None:

@@ -38,9 +38,11 @@ def evaluate_on_rank(
     compile: bool,
     val_max_tokens: int = 0,
     model_config: Optional[GPTConfig] = None,
+    attention_backend: str = "auto",
 ) -> list[EvalResult]:
     art = read_artifact(artifact, model_config)
     model = model_from_artifact(art, artifact, fabric.device)
+    model.set_attention_backend(attention_backend)
     vocab = model.config.vocab_size
     # The data folder first: a missing one is named as such, not as its missing tokenizer.
     tokens = load_validation_tokens(data_dir, settings.seq_len, vocab)
@@ -76,6 +78,7 @@ def evaluate_artifact(
     val_max_tokens: int = 0,
     results_json: Optional[str] = None,
     model_config: Optional[GPTConfig] = None,
+    attention_backend: str = "auto",
 ) -> list[EvalResult]:
     """Launch Fabric and evaluate ``artifact`` with every method; returns rank 0's results. ``model_config`` is
     needed for upstream record files (they hold no config) and checked against a native file's own."""
@@ -83,7 +86,7 @@ def evaluate_artifact(
     fabric.launch()
     results = evaluate_on_rank(
         fabric, artifact, data_dir, tokenizer_path, methods, settings or EvalSettings(), precision, compile,
-        val_max_tokens, model_config,
+        val_max_tokens, model_config, attention_backend,
     )
     if results_json and fabric.is_global_zero:
         atomic_write_text(results_json, json.dumps([asdict(r) for r in results], indent=2))

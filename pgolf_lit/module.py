@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
@@ -36,7 +37,7 @@ from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.summary import update_summary
 from pgolf_lit.optim.groups import OptimConfig, build_optimizers
-from pgolf_lit.optim.chain import OptimizerChain
+from pgolf_lit.optim.chain import OptimizerChain, all_reduce_gradients, clip_grad_norm
 from pgolf_lit.optim.schedule import ScheduleConfig, apply_schedule
 from pgolf_lit.textlog import TextLog
 
@@ -50,6 +51,42 @@ class StepSchedule:
     frac: float  # training fraction (wallclock over the budget, or steps over max_steps)
     lr_scale: float
     momentum: float
+
+
+@dataclass
+class CompileSettings:
+    """How the records set up torch.compile and CUDA matmuls before training (upstream ``train_gpt.py`` setup)."""
+
+    tf32: bool = True
+    """On CUDA: allow TF32 matmuls and float32 matmul precision "high" (every record; GPTQ's fp32 Hessian sums
+    run in TF32 too, which is what fits them in the records' reserve)."""
+    optimize_ddp: Optional[bool] = None
+    """``torch._dynamo.config.optimize_ddp``; null keeps torch's default. PR #1333/#1421/#1394 set it false."""
+    cache_size_limit: Optional[int] = None
+    """``torch._dynamo.config.cache_size_limit``: room for the recurrent and QAT graph variants (PR #1334
+    family: 32; PR #1855: 64); null keeps torch's default."""
+
+    def apply(self, device: torch.device, compiling: bool) -> None:
+        if self.tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")
+        if compiling:
+            import torch._dynamo
+
+            if self.optimize_ddp is not None:
+                torch._dynamo.config.optimize_ddp = self.optimize_ddp
+            if self.cache_size_limit is not None:
+                torch._dynamo.config.cache_size_limit = self.cache_size_limit
+
+
+def plain(value: Any) -> Any:
+    """Nested dicts/lists/tuples as dicts and lists (what yaml.safe_load and torch.load(weights_only) accept)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def _as(cls, value):
@@ -70,6 +107,9 @@ class GolfModule(L.LightningModule):
         evaluation: EvalSettings = EvalSettings(),
         test_methods: list[str] = ["standard", "sliding"],
         compile: bool = False,
+        compile_settings: CompileSettings = CompileSettings(),
+        record_dtypes: bool = True,
+        attention_backend: Literal["auto", "fa3", "sdpa", "math"] = "auto",
         train_log_every: int = 200,
         check_finite_every: int = 50,
     ):
@@ -82,6 +122,11 @@ class GolfModule(L.LightningModule):
             test_methods: the passes ``pgolf test`` runs, in order (registered methods: standard, sliding, slot,
                 causal_slot, ttt); the last one is the record's scored pass.
             compile: torch.compile the model (fullgraph, static shapes); on by default on CUDA in record configs.
+            compile_settings: TF32 and the dynamo settings the records use with torch.compile and DDP.
+            record_dtypes: under a bf16 precision, keep the tensors the records keep in bf16 (token tables) in bf16,
+                so the residual stream is bf16 as in the records; fp32 precisions keep every weight fp32.
+            attention_backend: the attention kernel: ``auto`` (FA3 on CUDA bf16 when installed, as the records,
+                else SDPA), ``fa3``, ``sdpa``, or ``math`` (the reference kernel); the same function on each.
             train_log_every: plain-text train lines at steps 1-10 and every N steps.
             check_finite_every: every N steps (and before each validation) stop with a clear error naming the
                 first step whose training loss was NaN/inf and the last checkpoint; each check is one host read,
@@ -101,21 +146,31 @@ class GolfModule(L.LightningModule):
         # averaging callback's "post-ema") or an artifact's dequantized ones (load_artifact).
         self.weights = Weights.float_weights()
         # Plain dicts only: checkpoints then load with torch.load(weights_only=True).
+        # Plain YAML types only (tuples as lists): hparams.yaml then loads with yaml.safe_load.
         self.save_hyperparameters(
-            {
-                "gpt": self.gpt_config.to_dict(),
-                "optim": dataclasses.asdict(self.optim_config),
-                "schedule": dataclasses.asdict(self.schedule_config),
-                "evaluation": self.evaluation.to_dict(),
-                "test_methods": self.test_methods,
-                "compile": compile,
-                "train_log_every": train_log_every,
-                "check_finite_every": check_finite_every,
-            }
+            plain(
+                {
+                    "gpt": self.gpt_config.to_dict(),
+                    "optim": dataclasses.asdict(self.optim_config),
+                    "schedule": dataclasses.asdict(self.schedule_config),
+                    "evaluation": self.evaluation.to_dict(),
+                    "test_methods": self.test_methods,
+                    "compile": compile,
+                    "compile_settings": dataclasses.asdict(_as(CompileSettings, compile_settings)),
+                    "record_dtypes": record_dtypes,
+                    "attention_backend": attention_backend,
+                    "train_log_every": train_log_every,
+                    "check_finite_every": check_finite_every,
+                }
+            )
         )
         self.model = GPT(self.gpt_config)
         self.automatic_optimization = False
         self.compile = compile
+        self.compile_settings = _as(CompileSettings, compile_settings)
+        self.record_dtypes = record_dtypes
+        self.attention_backend = attention_backend
+        self.model.set_attention_backend(attention_backend)
         self.train_log_every = train_log_every
         self.check_finite_every = check_finite_every
         self.clock = TrainClock()
@@ -130,6 +185,7 @@ class GolfModule(L.LightningModule):
         self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
         self._forward = self.model  # replaced by the compiled model in setup()
         self.last_train_loss: Optional[Tensor] = None
+        self.last_val_bpb: Optional[float] = None  # for the progress bar
         self._first_nonfinite_step = torch.tensor(-1)
         self._checkpoint_write_due = False  # a checkpoint was written since the ranks last agreed on its outcome
         self._clock_was_running = False
@@ -168,8 +224,13 @@ class GolfModule(L.LightningModule):
             self.val_metric.set_sidecar(counts.sidecar)
         # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank asks, once, here.
         self._run_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if self.trainer.fast_dev_run:  # no logger then: keep the debug run's files out of the working directory
+            self._run_dir = str(Path(self.trainer.default_root_dir) / "fast_dev_run")
         if self.trainer.is_global_zero:
             self.text_log = TextLog(f"{self._run_dir}/train.log")
+        self.compile_settings.apply(self.device, self.compile)
+        if self.record_dtypes and str(self.trainer.precision).startswith("bf16"):
+            self.model.apply_record_dtypes()
         if self.compile and self._forward is self.model:
             # Stored outside the module tree so the state dict keeps one copy of every weight.
             object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False, fullgraph=True))
@@ -277,6 +338,11 @@ class GolfModule(L.LightningModule):
         })
 
     def on_train_start(self) -> None:
+        if self.global_step > 0:  # resumed: the CSV keeps the run's history up to the checkpoint
+            for logger in self.trainer.loggers:
+                keep = getattr(logger.experiment, "keep_steps_before", None) if self.trainer.is_global_zero else None
+                if keep is not None:
+                    keep(self.global_step)
         # Priming callbacks ran before this hook; the wallclock starts now.
         self.clock.start(self.device)
         self.log_text(f"train:start steps:{self.max_steps} params:{self.model.num_params()}")
@@ -311,20 +377,28 @@ class GolfModule(L.LightningModule):
         ``optimizer`` is the LightningOptimizer in training (so Lightning counts the step) or the bare
         OptimizerChain during compile priming. Returns the mean micro-batch loss (a device tensor, no sync).
         """
-        x, y = batch  # [grad_accum, rows, T] each
+        x, y = batch[0], batch[1]  # [grad_accum, rows, T] each (packed rows: rows 1, T = N)
+        cu_seqlens = batch[2] if len(batch) > 2 else None  # [grad_accum, K] document boundaries (packed rows)
         optimizer.zero_grad(set_to_none=True)
         accum = x.size(0)
+        # PR #1855 clips each rank's own gradient and reduces after; otherwise DDP syncs on the last micro-batch
+        local_clip = self.optim_config.grad_clip_scope == "local"
         total = torch.zeros((), device=x.device)
         for i in range(accum):
-            with self._no_sync(i < accum - 1):
-                loss = self._forward(x[i], y[i])
+            with self._no_sync(local_clip or i < accum - 1):
+                if cu_seqlens is None:
+                    loss = self._forward(x[i], y[i])
+                else:  # upstream passes the training length as max_seqlen, a bound on every piece
+                    loss = self._forward(x[i], y[i], cu_seqlens=cu_seqlens[i], max_seqlen=x.size(-1))
                 self.manual_backward(loss / accum)
             total += loss.detach()
         chain = getattr(optimizer, "optimizer", optimizer)
         apply_schedule(chain, sched.lr_scale, sched.momentum)
         max_norm = self.optim_config.grad_clip_norm
         if max_norm > 0 and clip is not False:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            clip_grad_norm(self.model.parameters(), max_norm)
+        if local_clip:
+            all_reduce_gradients(self.model.parameters())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total / accum
@@ -362,11 +436,14 @@ class GolfModule(L.LightningModule):
         if self.check_finite_every and (step % self.check_finite_every == 0 or step >= self.max_steps):
             self._check_finite()
         if step <= 10 or step % self.train_log_every == 0:
+            # The mean over ranks (one all-reduce at log steps only), not rank 0's micro-batches alone.
+            loss = self.trainer.strategy.reduce(self.last_train_loss.detach(), reduce_op="mean")
             elapsed = self.clock.elapsed_ms()
             tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
             tok_s = step * tokens / max(elapsed / 1000.0, 1e-9)
+            self.log_dict({"tok_s": tok_s, "train_time_ms": elapsed}, on_step=True, sync_dist=False)
             self.log_text(
-                f"step:{step}/{self.max_steps} train_loss:{float(self.last_train_loss):.4f} "
+                f"step:{step}/{self.max_steps} train_loss:{float(loss):.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(step, 1):.2f}ms tok/s:{tok_s:.0f}"
             )
         if step >= self.max_steps:
@@ -399,9 +476,11 @@ class GolfModule(L.LightningModule):
         result = self.val_metric.compute()
         self.val_metric.reset()
         val_loss, val_bpb = float(result["loss"]), float(result["bpb"])
+        self.last_val_bpb = val_bpb
         if self.trainer.state.fn == "fit":
             key = "initial_val" if self.trainer.sanity_checking else "last_val"
-            self.write_summary(**{key: {"step": self.global_step, "val_loss": val_loss, "val_bpb": val_bpb}})
+            if not (key == "initial_val" and self.global_step > 0):  # a resume keeps the run's initial score
+                self.write_summary(**{key: {"step": self.global_step, "val_loss": val_loss, "val_bpb": val_bpb}})
         if not self.trainer.sanity_checking:
             self.log("val_loss", val_loss, sync_dist=False)
             self.log("val_bpb", val_bpb, prog_bar=True, sync_dist=False)
@@ -430,6 +509,8 @@ class GolfModule(L.LightningModule):
     def evaluate(self, method: str, model: Optional[torch.nn.Module] = None, context: Optional[EvalContext] = None):
         """Run one registered pass on the datamodule's val split, on every rank (collective), and return it."""
         dm = self.trainer.datamodule
+        if model is not None and hasattr(model, "set_attention_backend"):
+            model.set_attention_backend(self.attention_backend)
         # SLOT and TTT optimize: leave any inference mode and the Trainer's autocast; each pass sets its own
         # precision through the context, as the record scripts do.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):

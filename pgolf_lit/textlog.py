@@ -4,8 +4,11 @@ to ``<run dir>/train.log``, so existing log parsers and people used to the recor
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
+
+from tqdm.auto import tqdm
 
 
 class TextLog:
@@ -20,7 +23,9 @@ class TextLog:
         if not self.enabled:
             return
         if self.echo:
-            print(line, flush=True)
+            # tqdm.write clears and redraws any progress bar on screen, so a line never lands inside one.
+            tqdm.write(line)
+            sys.stdout.flush()
         if self.path is not None:
             # Appending a line is the log's atomic unit; a summary file is written with fileio.atomic_path.
             with open(self.path, "a", encoding="utf-8") as f:

@@ -288,5 +288,28 @@ def test_setup_cfg_lists_every_package():
     cfg.read(ROOT / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
     found = {"pgolf_lit"} | {f"pgolf_lit.{p.parent.name}" for p in (ROOT / "pgolf_lit").glob("*/__init__.py")}
-    assert found | {"pgolf_lit.callbacks"} == listed
-    assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks"]
+    assert found | {"pgolf_lit.callbacks", "pgolf_lit.configs"} == listed
+    assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks",
+                                                     "pgolf_lit.configs", "=", "configs"]
+
+
+def test_the_record_table_in_the_docs_is_current():
+    """docs/techniques.md §8 is generated from the configs; a config change without regenerating it fails here."""
+    out = subprocess.run([sys.executable, "-m", "pgolf_lit.tools.record_table", "--check"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+def test_compile_settings_set_dynamo_as_the_records():
+    import torch._dynamo
+
+    from pgolf_lit.module import CompileSettings
+    from pgolf_lit.records import record_config
+
+    saved = (torch._dynamo.config.optimize_ddp, torch._dynamo.config.cache_size_limit)
+    try:
+        settings = CompileSettings(**record_config("pr1421")["model"]["compile_settings"])
+        settings.apply(torch.device("cpu"), compiling=True)
+        assert torch._dynamo.config.optimize_ddp is False and torch._dynamo.config.cache_size_limit == 32
+    finally:
+        torch._dynamo.config.optimize_ddp, torch._dynamo.config.cache_size_limit = saved

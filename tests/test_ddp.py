@@ -4,8 +4,10 @@ wallclock stop is taken by every rank at the same step."""
 from __future__ import annotations
 
 import json
+import re
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -44,8 +46,14 @@ def test_two_gloo_processes_equal_one_process_with_double_accumulation(embedded_
         tiny_trainer(tmp_path / "two", steps, [WriteLosses(tmp_path / "two.jsonl")], devices=2, strategy="ddp_spawn"))
     one, two = read(tmp_path / "one.jsonl"), read(tmp_path / "two.jsonl")
     assert [r[0] for r in one] == [r[0] for r in two] == list(range(1, steps + 1))
-    # Rank 0 logs only its own micro-batch's loss under DDP (as upstream), so compare the weights: the same
-    # global batch and the same averaged gradient give the same update up to summation order.
+    # The logged train loss is the mean over ranks (all-reduced at log steps), the one process's mean over its
+    # two micro-batches: the train.log lines agree (4 decimals printed).
+    def logged(run):
+        text = (tmp_path / run / "train.log").read_text()
+        return [float(x) for x in re.findall(r"train_loss:(\S+)", text)]
+
+    assert len(logged("one")) == steps and logged("one") == pytest.approx(logged("two"), abs=2e-4)
+    # The same global batch and the same averaged gradient give the same update up to summation order.
     w1 = torch.load(tmp_path / "one.jsonl.pt", weights_only=True)
     w2 = torch.load(tmp_path / "two.jsonl.pt", weights_only=True)
     for k in w1:

@@ -21,6 +21,7 @@ RECORD_PARAMS = {
     "pr1421_recur_ema9965": 34_401_372,
     "pr1333_sp4096_causal_slot": 34_401_372,
     "pr1394_sp8192_loop45": 35_943_512,
+    "pr1855_sp8192_lqer_sparsegate": 35_945_671,
 }
 
 

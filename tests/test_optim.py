@@ -182,6 +182,7 @@ SPEC_GROUP_SIZES = {
     "pr1333_sp4096_causal_slot": (67, 31_752_192, 50, 27_740, 2_621_440, 2, 34_401_372),
     "pr1421_recur_ema9965": (67, 31_752_192, 50, 27_740, 2_621_440, 2, 34_401_372),
     "pr1394_sp8192_loop45": (66, 31_719_424, 46, 29_784, 4_194_304, 1, 35_943_512),
+    "pr1855_sp8192_lqer_sparsegate": (66, 31_719_424, 61, 31_943, 4_194_304, 1, 35_945_671),
 }
 
 
@@ -251,3 +252,18 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="unknown field"):
         OptimConfig.from_dict({"matrix_lr": 0.1, "matrix_lrr": 0.1})
     assert clip_grad_norm([nn.Parameter(torch.ones(2))], 0.0) is None
+
+
+def test_chain_param_groups_stay_the_members_after_a_state_load():
+    """Priming restores the optimizer state: the chain's groups must still be the members' (LearningRateMonitor)."""
+    from pgolf_lit.optim.chain import OptimizerChain
+    from pgolf_lit.optim.schedule import apply_schedule
+
+    model = nn.Linear(4, 4)
+    chain = OptimizerChain([torch.optim.AdamW([model.weight], lr=0.1), torch.optim.AdamW([model.bias], lr=0.2)])
+    for g in chain.param_groups:
+        g["base_lr"] = g["lr"]
+    chain.load_state_dict(chain.state_dict())
+    apply_schedule(chain, 0.5, 0.9)
+    assert [g["lr"] for g in chain.param_groups] == [0.05, 0.1]
+    assert all(any(g is h for o in chain.optimizers for h in o.param_groups) for g in chain.param_groups)

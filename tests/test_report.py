@@ -69,6 +69,8 @@ def test_report_renders_the_plots_and_a_summary(run, tmp_path):
     loss, bpb = fit["roundtrip"]["val_loss"], fit["roundtrip"]["val_bpb"]
     assert f"| final_int6_roundtrip | val_loss {loss:.8f}, val_bpb {bpb:.8f} |" in summary
     assert "| recurrence:activated | 6 |" in summary and "| warmup:done | 0 |" in summary
+    pre = fit["pre_quant"]["val_bpb"]
+    assert f"Quantization gap (written on the val panels): {bpb - pre:+.5f} BPB" in summary
     rows = category_rows(summary)
     assert set(rows) == {"embed", "mlp", "other", "kept float"}
     assert rows["mlp"][2] == "6" and rows["embed"][2] == "8" and rows["kept float"][2] == "float"

@@ -31,16 +31,28 @@ from pgolf_lit.errors import ConfigError
 
 
 class TrainSteps(IterableDataset):
-    """Infinite stream of optimizer steps: (x, y) int64 tensors of shape [grad_accum, rows, T]."""
+    """Infinite stream of optimizer steps: (x, y) int64 tensors of shape [grad_accum, rows, T]; for the document
+    packing loader (x, y, cu_seqlens) with x, y [grad_accum, 1, N] and cu_seqlens int32 [grad_accum, K], each
+    micro-batch's boundaries padded with N to the longest of the step (empty segments), so compiled graphs see
+    only the loader's few bucket sizes."""
 
     def __init__(self, loader, grad_accum: int):
         self.loader = loader
         self.grad_accum = grad_accum
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
-            xs, ys = zip(*(self.loader.next_batch() for _ in range(self.grad_accum)))
-            yield torch.stack(xs), torch.stack(ys)
+            batches = [self.loader.next_batch() for _ in range(self.grad_accum)]
+            if len(batches[0]) == 2:
+                xs, ys = zip(*batches)
+                yield torch.stack(xs), torch.stack(ys)
+                continue
+            n = batches[0].inputs.size(-1)
+            width = max(b.cu_seqlens.numel() for b in batches)
+            cu = torch.full((len(batches), width), n, dtype=torch.int32)
+            for i, b in enumerate(batches):
+                cu[i, : b.cu_seqlens.numel()] = b.cu_seqlens
+            yield torch.stack([b.inputs for b in batches]), torch.stack([b.targets for b in batches]), cu
 
 
 class PassIndices(IterableDataset):
@@ -65,6 +77,10 @@ class ValSequences(IterableDataset):
         total = (tokens.numel() - 1) // seq_len
         self.tokens, self.seq_len, self.seqs_per_batch = tokens, seq_len, seqs_per_batch
         self.first, self.last = total * rank // world_size, total * (rank + 1) // world_size
+
+    def __len__(self) -> int:
+        """Batches on this rank (so validation bars have a length)."""
+        return -(-(self.last - self.first) // self.seqs_per_batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(sequences [B, seq_len + 1], the stream position of the first one's first token)."""
@@ -196,10 +212,11 @@ class TokenShardDataModule(L.LightningDataModule):
         if stage in (None, "fit"):
             list_shards(self.data_dir, "train")  # a clear error now, not at the first batch
 
-    def make_train_loader(self, skip_steps: int = 0):
-        """A fresh training loader for this rank, fast-forwarded past ``skip_steps`` optimizer steps."""
+    def make_train_loader(self, skip_steps: int = 0, kind: Optional[str] = None):
+        """A fresh training loader for this rank (``kind``: another loader than the training one, e.g. the
+        shuffled sequences PR #1855 calibrates GPTQ on), fast-forwarded past ``skip_steps`` optimizer steps."""
         loader = make_loader(
-            self.loader_kind,
+            kind or self.loader_kind,
             self.data_dir,
             rank=self.rank,
             world_size=self.world_size,

@@ -1,16 +1,21 @@
 """The GPT of the baseline and every record system, built from a GPTConfig. Plain PyTorch.
 
 Forward, top to bottom (spec/model.md §1.3 and §2):
-  token embedding (+ BigramHash) → RMSNorm (→ embed_proj) (→ SmearGate) = x0
+  token embedding (→ token SmearGate, PR #1855) (+ BigramHash) → RMSNorm (→ embed_proj) (→ SmearGate) = x0
   encoder half of the layer schedule, pushing each output on a stack
   decoder half: pop a U-Net skip (scaled, optionally gated) before each block; from ``parallel_start_layer``
-  on, attention and MLP run in two lanes merged at the end
+  on, attention and MLP run in two lanes (lane_merge: PR #1333; lambdas: PR #1529/#1855)
   → forward_hidden ends here (pre final norm)
   final RMSNorm (→ head_proj) → tied or untied head → softcap
 
 The layer schedule is the list of physical blocks executed; depth recurrence makes it longer without adding
-block parameters. Parameter names equal the upstream scripts' state-dict keys, so upstream checkpoints load as
-they are (``pgolf convert`` only checks them).
+block parameters. Parameter names equal the upstream scripts' state-dict keys up to PR #1394, so those
+checkpoints load as they are; PR #1855 stores the block matrices in four banks, which ``pgolf convert`` maps
+to these per-block names (``pgolf_lit.model.convert``).
+
+Packed rows: every forward takes ``cu_seqlens``/``max_seqlen`` (inputs [1, N]) and then attends only inside
+each document (``attention.causal_attention``). Per-document LoRA adapters (``pgolf_lit.model.lora``) plug in
+through ``forward_hidden(..., lora=)`` and ``forward_ttt``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.model.attention import CausalSelfAttention, Rotary
-from pgolf_lit.model.layers import MLP, BigramHash, CastedLinear, SmearGate, ValueEmbedding, rms_norm
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.model.attention import ATTENTION_BACKENDS, CausalSelfAttention, PackedSegments, Rotary
+from pgolf_lit.model.layers import (
+    MLP,
+    BigramHash,
+    CastedLinear,
+    SmearGate,
+    ValueEmbedding,
+    rms_norm,
+    smear_previous_token,
+)
 from pgolf_lit.model.roles import ParamRole, control, declare_roles, embedding, parameter_roles
 
 
@@ -107,6 +121,9 @@ class Block(nn.Module):
             qk_gain_init=cfg.qk_gain_init,
             xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n,
             vrl_gate=cfg.vrl and layer_idx > 0,
+            sparse_gate_window=cfg.gate_window if cfg.sparse_attn_gate else 0,
+            sparse_gate_scale=cfg.sparse_attn_gate_scale,
+            sparse_gate_init_std=cfg.sparse_attn_gate_init_std,
         )
         self.mlp = MLP(d, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
         self.ln_scale_factor = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
@@ -117,25 +134,50 @@ class Block(nn.Module):
             nn.init.zeros_(self.dtg_gate.weight)
             nn.init.constant_(self.dtg_gate.bias, 2.0)
 
-    def forward(self, x, x0, rope, ve=None, v_first=None) -> tuple[Tensor, Tensor]:
+    def _mlp(self, n: Tensor, adapter) -> Tensor:
+        """MLP of the normed input, plus the LoRA bypass read from the same input (PR #1855 ``_block_with_lora``)."""
+        out = self.mlp(n)
+        if adapter is not None and adapter.mlp is not None:
+            out = out + adapter.mlp(n)
+        return out
+
+    def forward(self, x, x0, rope, ve=None, v_first=None, segments=None, adapter=None) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        attn_out, v_raw = self.attn(rms_norm(x_in) * self.ln_scale_factor, rope, ve, v_first)
+        attn_out, v_raw = self.attn(rms_norm(x_in) * self.ln_scale_factor, rope, ve, v_first, segments, adapter)
         x = x_in + self.attn_scale.to(x.dtype) * attn_out
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale_factor)
+        x = x + self.mlp_scale.to(x.dtype) * self._mlp(rms_norm(x) * self.ln_scale_factor, adapter)
         if self.dtg_gate is not None:
             gate = torch.sigmoid(self.dtg_gate(x_in.detach()))
             x = x_in + gate * (x - x_in)
         return x, v_raw
 
-    def forward_parallel(self, lane_a, lane_m, x0, rope, ve=None, v_first=None) -> tuple[Tensor, Tensor]:
-        """Parallel residual lanes: attention reads and writes lane_a (with resid_mix), the MLP lane_m only."""
+    def forward_parallel(
+        self, lane_a, lane_m, x0, rope, ve=None, v_first=None, segments=None, adapter=None
+    ) -> tuple[Tensor, Tensor]:
+        """PR #1333's parallel lanes: attention reads and writes lane_a (with resid_mix), the MLP lane_m only."""
         mix = self.resid_mix.to(lane_a.dtype)
         a_in = mix[0] * lane_a + mix[1] * x0
-        attn_out, _ = self.attn(rms_norm(a_in) * self.ln_scale_factor, rope, ve, v_first)
+        attn_out, _ = self.attn(rms_norm(a_in) * self.ln_scale_factor, rope, ve, v_first, segments, adapter)
         lane_a = a_in + self.attn_scale.to(a_in.dtype) * attn_out
-        lane_m = lane_m + self.mlp_scale.to(lane_m.dtype) * self.mlp(rms_norm(lane_m) * self.ln_scale_factor)
+        lane_m = lane_m + self.mlp_scale.to(lane_m.dtype) * self._mlp(rms_norm(lane_m) * self.ln_scale_factor, adapter)
         return lane_a, lane_m
+
+    def forward_lambdas(
+        self, lane0, lane1, x0, rope, post: Tensor, resid: Tensor, ve=None, v_first=None, segments=None, adapter=None
+    ) -> tuple[Tensor, Tensor]:
+        """PR #1529's two lanes (PR #1855 train_gpt.py ``GPT._parallel_block``): attention reads
+        resid_mix·(lane0, x0), the MLP reads lane1, and each output is written to both lanes:
+        lane_k ← resid[k]·lane_k + post[0, k]·attn + post[1, k]·mlp. The residual is the unmixed lane0."""
+        mix = self.resid_mix.to(lane0.dtype)
+        a_in = mix[0] * lane0 + mix[1] * x0
+        attn_out, _ = self.attn(rms_norm(a_in) * self.ln_scale_factor, rope, ve, v_first, segments, adapter)
+        attn_out = self.attn_scale.to(attn_out.dtype) * attn_out
+        mlp_out = self.mlp_scale.to(lane1.dtype) * self._mlp(rms_norm(lane1) * self.ln_scale_factor, adapter)
+        post, resid = post.to(lane0.dtype), resid.to(lane0.dtype)
+        new0 = resid[0] * lane0 + post[0, 0] * attn_out + post[1, 0] * mlp_out
+        new1 = resid[1] * lane1 + post[0, 1] * attn_out + post[1, 1] * mlp_out
+        return new0, new1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,7 +198,12 @@ class GPT(nn.Module):
         self.bigram = (
             BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bigram_trigram) if cfg.bigram_vocab_size else None
         )
-        self.smear = SmearGate(d) if cfg.smear_gate else None
+        token_smear = cfg.smear_gate and cfg.smear_gate_form == "token"
+        self.smear = SmearGate(d) if cfg.smear_gate and not token_smear else None
+        # PR #1855's token SmearGate, on the raw embedding; the upstream names smear_gate / smear_lambda.
+        self.smear_gate = CastedLinear(cfg.gate_window, 1, role=control("smear"), zero_init=True) if token_smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if token_smear else None
+        declare_roles(self, smear_lambda=control("smear"))
         rows = num_skip_rows(cfg)
         self.skip_weights = nn.Parameter(torch.ones(rows, d))
         self.skip_gates = nn.Parameter(torch.zeros(rows, d)) if cfg.skip_gates else None
@@ -176,8 +223,14 @@ class GPT(nn.Module):
         )
         declare_roles(self.ve_layer_scales, **{str(j): control("value_embedding") for j in range(len(self.ve_layer_scales))})
         self._ve_index = {layer: j for j, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
-        self.lane_merge = nn.Parameter(torch.tensor(0.5)) if cfg.parallel_start_layer else None
-        declare_roles(self, lane_merge=control("parallel_residual"))
+        lanes = cfg.parallel_residual if cfg.parallel_start_layer else None
+        self.lane_merge = nn.Parameter(torch.tensor(0.5)) if lanes == "lane_merge" else None
+        # PR #1529/#1855: sized for every physical layer, as upstream, though only rows >= parallel_start_layer act.
+        n = cfg.num_layers
+        self.parallel_post_lambdas = nn.Parameter(torch.ones(n, 2, 2)) if lanes == "lambdas" else None
+        self.parallel_resid_lambdas = nn.Parameter(torch.full((n, 2), 1.1)) if lanes == "lambdas" else None
+        parallel = control("parallel_residual")
+        declare_roles(self, lane_merge=parallel, parallel_post_lambdas=parallel, parallel_resid_lambdas=parallel)
         head = ParamRole("head", "embed", "embeddings")
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(e, v, role=head, zero_init=True)
         mtp = ParamRole("aux_head", None, "mtp_heads")
@@ -209,6 +262,13 @@ class GPT(nn.Module):
                         module.weight.mul_(1.0 / math.sqrt(2 * cfg.num_layers))
 
     # --- recurrence state ------------------------------------------------------------------------------
+    def set_attention_backend(self, backend: str) -> None:
+        """Choose the attention kernel of every block (``auto | fa3 | sdpa | math``, see ``ATTENTION_BACKENDS``)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend: expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+        for block in self.blocks:
+            block.attn.backend = backend
+
     def set_recurrence(self, active: bool) -> None:
         """Switch depth recurrence on or off (a no-op for configs without recurrence)."""
         self.recurrence_active = bool(active)
@@ -217,10 +277,21 @@ class GPT(nn.Module):
         return self._plans[self.recurrence_active][0]
 
     # --- forward ---------------------------------------------------------------------------------------
-    def forward_hidden(self, ids: Tensor) -> Tensor:
-        """The residual stream after the last block, before the final norm: [B, T, model_dim]."""
+    def forward_hidden(
+        self, ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: int = 0, lora=None
+    ) -> Tensor:
+        """The residual stream after the last block, before the final norm: [B, T, model_dim].
+
+        ``cu_seqlens`` (int32, padded with N) with ``ids`` [1, N]: a packed row whose documents attend only
+        within themselves (PR #1855 train_gpt.py ``GPT._forward_hidden``); ``max_seqlen`` is FA3's hint.
+        ``lora``: a ``BatchedTTTLoRA`` built for the current layer schedule; its slot ``p`` adapts the block at
+        schedule position ``p`` (PR #1855 ``GPT.forward_ttt``).
+        """
         cfg = self.config
+        segments = PackedSegments.build(cu_seqlens, max_seqlen, ids) if cu_seqlens is not None else None
         x = self.tok_emb(ids)
+        if self.smear_gate is not None:
+            x = smear_previous_token(x, ids, self.smear_gate.weight, self.smear_lambda, cfg.bos_id)
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = rms_norm(x)
@@ -233,6 +304,12 @@ class GPT(nn.Module):
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
         schedule, plan = self._plans[self.recurrence_active]
         n_enc = len(schedule) // 2
+        if lora is not None and lora.num_slots != len(schedule):
+            raise ValueError(
+                f"the LoRA has {lora.num_slots} layer slots, the model runs {len(schedule)} layers now "
+                f"(recurrence {'on' if self.recurrence_active else 'off'}): build it after setting the recurrence"
+            )
+        lambdas = self.parallel_post_lambdas is not None
 
         stack: list[Tensor] = []
         v_first: Optional[Tensor] = None
@@ -240,7 +317,20 @@ class GPT(nn.Module):
         repeat_idx = 0
         lanes: Optional[tuple[Tensor, Tensor]] = None
         for pos, layer in enumerate(schedule):
-            if pos >= n_enc and lanes is None:
+            if pos >= n_enc and lambdas:
+                # PR #1855: the lanes start at the first decoder block >= parallel_start_layer; skips keep coming,
+                # into lane0 only.
+                if lanes is None and layer >= cfg.parallel_start_layer:
+                    lanes = (x, x)
+                row = plan[pos - n_enc]
+                if row is not None:
+                    skip = stack.pop()
+                    if row >= 0:
+                        if lanes is None:
+                            x = self._add_skip(x, skip, row)
+                        else:
+                            lanes = (self._add_skip(lanes[0], skip, row), lanes[1])
+            elif pos >= n_enc and lanes is None:
                 row = plan[pos - n_enc]
                 if row is not None:
                     skip = stack.pop()
@@ -255,18 +345,33 @@ class GPT(nn.Module):
             seen.add(layer)
             ve = self._value_embedding(ve_base, layer)
             block = self.blocks[layer]
+            adapter = lora.slot(pos) if lora is not None else None
             if lanes is not None:
-                lanes = block.forward_parallel(lanes[0], lanes[1], x0, rope, ve, v_first)
+                if lambdas:
+                    post, resid = self.parallel_post_lambdas[layer], self.parallel_resid_lambdas[layer]
+                    lanes = block.forward_lambdas(lanes[0], lanes[1], x0, rope, post, resid, ve, v_first, segments, adapter)
+                else:
+                    lanes = block.forward_parallel(lanes[0], lanes[1], x0, rope, ve, v_first, segments, adapter)
                 continue
-            x, v_raw = block(x, x0, rope, ve, v_first)
+            x, v_raw = block(x, x0, rope, ve, v_first, segments, adapter)
             if cfg.vrl and v_first is None:
                 v_first = v_raw
             if pos < n_enc:
                 stack.append(x)
         if lanes is not None:
-            m = self.lane_merge.to(lanes[0].dtype)
-            x = m * lanes[0] + (1 - m) * lanes[1]
+            x = self._merge_lanes(*lanes)
         return x
+
+    def _merge_lanes(self, lane0: Tensor, lane1: Tensor) -> Tensor:
+        if self.lane_merge is not None:
+            m = self.lane_merge.to(lane0.dtype)
+            return m * lane0 + (1 - m) * lane1
+        final = self.config.parallel_final_lane  # PR #1855 train_gpt.py ``GPT._final_parallel_hidden``
+        if final == "attn":
+            return lane0
+        if final == "mlp":
+            return lane1
+        return 0.5 * (lane0 + lane1)
 
     def _add_skip(self, x: Tensor, skip: Tensor, row: int) -> Tensor:
         scaled = self.skip_weights[row].to(x.dtype) * skip
@@ -284,9 +389,12 @@ class GPT(nn.Module):
         z = rms_norm(h)
         return self.head_proj(z) if self.head_proj is not None else z
 
-    def logits_from_normed(self, z: Tensor, logit_bias: Optional[Tensor] = None) -> Tensor:
-        """Tied or untied head, an optional additive logit bias (SLOT), then the tanh softcap."""
+    def logits_from_normed(self, z: Tensor, logit_bias: Optional[Tensor] = None, lora=None) -> Tensor:
+        """Tied or untied head (plus the LoRA head adapter of ``lora``), an optional additive logit bias (SLOT),
+        then the tanh softcap."""
         raw = F.linear(z, self.tok_emb.weight) if self.lm_head is None else self.lm_head(z)
+        if lora is not None:
+            raw = raw + lora.lm_head_lora(z)
         if logit_bias is not None:
             raw = raw + logit_bias
         c = self.config.logit_softcap
@@ -295,13 +403,17 @@ class GPT(nn.Module):
     def logits_from_hidden(self, h: Tensor) -> Tensor:
         return self.logits_from_normed(self.normalize_hidden(h))
 
-    def forward_logits(self, ids: Tensor) -> Tensor:
-        return self.logits_from_hidden(self.forward_hidden(ids))
+    def forward_logits(self, ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: int = 0) -> Tensor:
+        """Softcapped logits [B, T, V] (a packed row with ``cu_seqlens``: see ``forward_hidden``)."""
+        return self.logits_from_hidden(self.forward_hidden(ids, cu_seqlens, max_seqlen))
 
-    def forward(self, ids: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, ids: Tensor, targets: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None, max_seqlen: int = 0
+    ) -> Tensor:
         """Logits [B,T,V] without targets; with targets the mean cross entropy (fp32) over all positions,
-        plus the multi-token-prediction loss in training mode when MTP heads exist."""
-        z = self.normalize_hidden(self.forward_hidden(ids))
+        plus the multi-token-prediction loss in training mode when MTP heads exist. The softcapped CE is the
+        eager form of PR #1855's fused Triton kernel (the same function). ``cu_seqlens``: see ``forward_hidden``."""
+        z = self.normalize_hidden(self.forward_hidden(ids, cu_seqlens, max_seqlen))
         logits = self.logits_from_normed(z)
         if targets is None:
             return logits
@@ -309,6 +421,15 @@ class GPT(nn.Module):
         if self.training and len(self.mtp_heads) and self.config.mtp_loss_weight > 0:
             loss = loss + self.config.mtp_loss_weight * self._mtp_loss(z, targets)
         return loss
+
+    def forward_ttt(self, ids: Tensor, targets: Tensor, lora) -> Tensor:
+        """Per-token cross entropy [B, T] (fp32, no reduction) with per-document LoRA adapters: row b uses the
+        adapters of document b of ``lora`` (a ``BatchedTTTLoRA`` of batch size B). Dense causal attention per
+        row. PR #1855 train_gpt.py ``GPT.forward_ttt``."""
+        z = self.normalize_hidden(self.forward_hidden(ids, lora=lora))
+        logits = self.logits_from_normed(z, lora=lora)
+        B, T, V = logits.shape
+        return F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), reduction="none").reshape(B, T)
 
     def _mtp_loss(self, z: Tensor, targets: Tensor) -> Tensor:
         """Head k predicts the token k+1 positions after the main target (training only)."""
@@ -321,6 +442,18 @@ class GPT(nn.Module):
             logits = c * torch.tanh(head(z[:, :valid]) / c)
             losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets[:, k + 1 :].reshape(-1)))
         return torch.stack(losses).mean() if losses else z.new_zeros(())
+
+    def apply_record_dtypes(self) -> list[str]:
+        """The records' dtype policy (``GPT(h).bfloat16()``, then fp32 restored for CastedLinear weights and control
+        tensors): every parameter whose role declares ``record_dtype: bf16`` (the token tables, PR #1278's iteration
+        embeddings) is stored in bf16, so the embedding output and the residual stream are bf16 under autocast.
+        Returns the names cast. Reproduce mode (the fixtures) keeps everything fp32 by not calling this."""
+        cast = []
+        for name, p in self.named_parameters():
+            if self.roles[name].record_dtype == "bf16" and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+                cast.append(name)
+        return cast
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

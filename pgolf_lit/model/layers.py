@@ -1,5 +1,6 @@
-"""Building blocks of the GPT: weightless RMSNorm, CastedLinear (with a fake-quant hook), MLP, SmearGate,
-BigramHash, ValueEmbedding. Plain PyTorch (spec/model.md §1.2, §2.1, §2.9-2.11, §2.15)."""
+"""Building blocks of the GPT: weightless RMSNorm, CastedLinear (with a fake-quant hook), MLP, the two SmearGates
+(PR #1263's per-channel one, PR #1855's token-gated one), BigramHash, ValueEmbedding. Plain PyTorch
+(spec/model.md §1.2, §2.1, §2.9-2.11, §2.15)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from torch import Tensor, nn
 from pgolf_lit.model.roles import ParamRole, control, declare_roles, embedding, matrix
 
 
-def rms_norm(x: Tensor) -> Tensor:
-    """Weightless RMS norm over the last dim. eps=None: PyTorch then uses float32's epsilon even for bf16."""
-    return F.rms_norm(x, (x.size(-1),))
+def rms_norm(x: Tensor, dims: int | None = None) -> Tensor:
+    """Weightless RMS norm over the last dim (or the last ``dims`` features); eps=None: PyTorch then uses float32's
+    epsilon even for bf16. The output keeps the input's dtype under autocast too: torch >= 2.12 autocasts rms_norm
+    to fp32, the records' torch kept bf16 (so their q/k, rotary and q_gain ran in bf16, and so do ours)."""
+    shape = (x.size(-1) if dims is None else dims,)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, shape)
+    return F.rms_norm(x, shape)
 
 
 def fake_quantize_rows(w: Tensor, bits: int) -> Tensor:
@@ -66,7 +73,8 @@ class MLP(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x[t] ← (1-g)·x[t] + g·x[t-1] per row, g = σ(gate) per channel; position 0 mixes with zeros."""
+    """PR #1263's smear: x[t] ← (1-g)·x[t] + g·x[t-1] per row, g = σ(gate) per channel; position 0 mixes with
+    zeros. (PR #1855's input-dependent, BOS-masked form is ``smear_previous_token``.)"""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -77,6 +85,22 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate.to(x.dtype))[None, None, :]
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
         return (1 - g) * x + g * prev
+
+
+def smear_previous_token(
+    x: Tensor, ids: Tensor, gate_weight: Tensor, smear_lambda: Tensor, bos_id: int = -1
+) -> Tensor:
+    """The token SmearGate, PR #1855 train_gpt.py ``GPT._forward_hidden``: for t >= 1,
+    x[t] += λ·σ(x[t, :w] · gate_weightᵀ) · x[t-1], skipped where ``ids[t] == bos_id`` (so a packed row never
+    smears one document's last token into the next document's BOS); x[0] is left alone.
+
+    x [B, T, D] is the raw token embedding (before its norm); ``gate_weight`` [1, w]; ``smear_lambda`` [1].
+    λ = 0 at init makes it the identity. The previous position is the un-smeared x[t-1].
+    """
+    window = gate_weight.size(-1)
+    gate = smear_lambda.to(x.dtype) * torch.sigmoid(F.linear(x[:, 1:, :window].contiguous(), gate_weight.to(x.dtype)))
+    not_bos = (ids[:, 1:] != bos_id).to(x.dtype).unsqueeze(-1)
+    return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1] * not_bos], dim=1)
 
 
 def bigram_hash(tokens: Tensor, table_size: int) -> Tensor:

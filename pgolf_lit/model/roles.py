@@ -13,7 +13,8 @@ hand-written optimizer lists, upstream ``train_gpt.py`` of each record): the tra
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from torch import nn
@@ -45,6 +46,9 @@ class ParamRole:
     ``record_dtype`` is the dtype the record scripts store it in (``GPT(h).bfloat16()`` then fp32 restored for
     CastedLinear weights and control tensors: token tables and iteration embeddings stay bf16).
     ``layer`` is the physical block that holds it (None outside ``blocks``), filled in by ``parameter_roles``.
+    ``declared`` numbers the declarations in the order the model made them (``declare_roles``): the scripts list
+    the tensors of one technique in the order they create them (PR #1855: ``smear_gate.weight`` before
+    ``smear_lambda``), which is not always ``named_parameters`` order (a module's own tensors come first there).
     """
 
     kind: Kind
@@ -52,6 +56,7 @@ class ParamRole:
     component: str = "control"
     record_dtype: RecordDtype = "fp32"
     layer: Optional[int] = None
+    declared: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,10 +89,13 @@ def embedding(quant: QuantGroup, component: str) -> ParamRole:
     return ParamRole("embedding", quant, component, "bf16")
 
 
+_DECLARATIONS = itertools.count(1)
+
+
 def declare_roles(module: nn.Module, **roles: ParamRole) -> None:
     """Declare the roles of parameters ``module`` owns directly, by attribute name (e.g. ``weight=...``)."""
     table = dict(getattr(module, "param_roles", {}))
-    table.update(roles)
+    table.update({name: dataclasses.replace(role, declared=next(_DECLARATIONS)) for name, role in roles.items()})
     module.param_roles = table
 
 

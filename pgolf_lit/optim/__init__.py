@@ -2,12 +2,14 @@
 
 Per training step (spec/training.md §1): ``mult = schedule.lr_multiplier(...)``,
 ``apply_schedule(chain, mult, optim_cfg.muon_momentum_at(step))``, ``clip_grad_norm(model.parameters(),
-optim_cfg.grad_clip_norm)``, ``chain.step()``, ``chain.zero_grad()``.
+optim_cfg.grad_clip_norm)``, ``chain.step()``, ``chain.zero_grad()``. With ``grad_clip_scope: local``
+(PR #1855) backward leaves each rank's gradient local, the clip acts on it, and ``all_reduce_gradients`` averages
+the clipped gradients before ``chain.step()``.
 """
 
-from pgolf_lit.optim.chain import OptimizerChain, clip_grad_norm
+from pgolf_lit.optim.chain import OptimizerChain, all_reduce_gradients, clip_grad_norm
 from pgolf_lit.optim.groups import OptimConfig, ParamRouting, build_optimizers, route_parameters
-from pgolf_lit.optim.muon import Muon, zeropower_via_newtonschulz5
+from pgolf_lit.optim.muon import Muon, zeropower_via_newtonschulz5, zeropower_via_polar_express
 from pgolf_lit.optim.presets import record_optim_config, record_schedule_config
 from pgolf_lit.optim.schedule import ScheduleConfig, apply_schedule, effective_cap_ms, momentum_warmup
 
@@ -15,6 +17,7 @@ __all__ = [
     "Muon",
     "OptimConfig",
     "OptimizerChain",
+    "all_reduce_gradients",
     "ParamRouting",
     "ScheduleConfig",
     "apply_schedule",
@@ -26,4 +29,5 @@ __all__ = [
     "record_schedule_config",
     "route_parameters",
     "zeropower_via_newtonschulz5",
+    "zeropower_via_polar_express",
 ]

@@ -1,7 +1,9 @@
 """A chain that presents the records' several optimizers as one, and the records' gradient clipping.
 
 Per step, after backward (spec/training.md §1): ``apply_schedule`` (schedule.py), ``clip_grad_norm`` over all
-parameters, then ``OptimizerChain.step()`` (token, [head], Muon, scalar) and ``zero_grad``.
+parameters, then ``OptimizerChain.step()`` (token, [head], Muon, scalar) and ``zero_grad``. With
+``grad_clip_scope: local`` (PR #1855) the gradients are not synchronised by backward: clip each rank's own, then
+``all_reduce_gradients``, then step.
 """
 
 from __future__ import annotations
@@ -95,12 +97,43 @@ class OptimizerChain(torch.optim.Optimizer):
             raise ValueError(f"OptimizerChain: state has {found} optimizer(s), the chain has {len(self.optimizers)}")
         for opt, sd in zip(self.optimizers, states):
             opt.load_state_dict(sd)
+        # torch replaces a member's group dicts on load: point the chain at the new ones (else LearningRateMonitor,
+        # and anything else reading chain.param_groups, sees the groups of before compile priming forever)
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
 
     def __iter__(self) -> Iterator[torch.optim.Optimizer]:
         return iter(self.optimizers)
 
     def __repr__(self) -> str:
         return f"OptimizerChain({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def all_reduce_gradients(parameters: Iterable[Tensor]) -> None:
+    """Average every ``.grad`` over the default process group, in place; a no-op without one (or with one rank).
+
+    The manual reduction that ``grad_clip_scope: local`` needs (PR #1855 train_gpt.py ``Optimizers.step``: the
+    gradients are reduced only after ``step_fn`` clipped each rank's own): run every micro-batch's backward
+    without DDP's synchronisation, clip, then call this. Gradients are packed into one flat buffer per
+    (device, dtype), summed and divided by the world size (SUM, because gloo has no AVG). Parameters without
+    a gradient are skipped; every rank must pass the same parameters with the same gradients present.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in by_kind.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> Optional[Tensor]:

@@ -40,27 +40,62 @@ class OptimConfig:
     """
 
     tied_embed_lr: float = 0.05
+    """lr of the tied token table (upstream TIED_EMBED_LR)."""
     embed_lr: float = 0.6
+    """lr of the token table when the head is untied (upstream EMBED_LR)."""
     head_lr: float = 0.008
+    """lr of an untied output head (upstream HEAD_LR)."""
     matrix_lr: float = 0.04
+    """Muon lr (upstream MATRIX_LR; PR #1855: 0.026)."""
     scalar_lr: float = 0.04
+    """lr of the control tensors' Adam(W) (upstream SCALAR_LR)."""
     muon_momentum: float = 0.95
+    """Muon momentum after the warmup (upstream MUON_MOMENTUM; PR #1855: 0.97)."""
     muon_momentum_warmup_start: float = 0.85
+    """Muon momentum at step 0, ramped linearly to muon_momentum (upstream MUON_MOMENTUM_WARMUP_START)."""
     muon_momentum_warmup_steps: int = 500
+    """Length of the momentum ramp in steps (upstream MUON_MOMENTUM_WARMUP_STEPS)."""
     muon_backend_steps: int = 5
+    """Newton–Schulz iterations (upstream MUON_BACKEND_STEPS; Polar Express has five tuples, more reuse them)."""
     muon_nesterov: bool = True
+    """Nesterov momentum in Muon."""
     muon_row_normalize: bool = False
+    """MuonEq-R: normalise every row of the update before the iteration (upstream MUON_ROW_NORMALIZE)."""
     muon_wd: float = 0.0
+    """Decoupled Muon weight decay, scaled by the scheduled lr (upstream MUON_WD; PR #1855: 0.095)."""
     muon_compile_cuda: bool = True
+    """Run Newton–Schulz through torch.compile on CUDA tensors, as the records do."""
+    muon_ns_coefficients: Literal["ns5", "polar_express"] = "ns5"
+    """Newton–Schulz coefficients: ns5, the fixed quintic (3.4445, −4.775, 2.0315) of every record up to PR #1394;
+    polar_express, one minimax tuple per iteration (PR #1344 via PR #1787/#1855, ``_PE_COEFFS``)."""
+    muon_momentum_dtype: Literal["fp32", "bf16"] = "fp32"
+    """bf16: PR #1855's Muon step: the gradient is cast to bf16 before the momentum, the momentum buffer is bf16 and
+    the shape scale is applied in the fp32 update; fp32: the earlier records' step (buffer in the grad's dtype)."""
+    muon_skip_params_without_grad: bool = False
+    """True (PR #1855): a Muon parameter without a gradient is not touched at all; False (earlier records): it
+    gets a zero update but is still decayed."""
     adam_class: Literal["Adam", "AdamW"] = "Adam"
+    """Torch class of the token and scalar optimizers (the baseline: Adam without decay; the records: AdamW)."""
     beta1: float = 0.9
+    """Adam β1 of the token, head and scalar optimizers (upstream BETA1)."""
     beta2: float = 0.95
+    """Adam β2 of the token, head and scalar optimizers (upstream BETA2; PR #1855: 0.99)."""
     adam_eps: float = 1e-8
+    """Adam ε (upstream ADAM_EPS)."""
     adam_wd: float = 0.0
+    """Decoupled decay of the scalar AdamW (upstream ADAM_WD), and of the token table when embed_wd is null."""
     embed_wd: Optional[float] = None
+    """Decoupled decay of the token AdamW (upstream EMBED_WD); null = adam_wd."""
     fused: bool = True
+    """Fused Adam(W) kernels, as the scripts."""
     grad_clip_norm: float = 0.0
+    """Clip the L2 norm of all gradients to this before the step; 0 = off (upstream GRAD_CLIP_NORM)."""
+    grad_clip_scope: Literal["global", "local"] = "global"
+    """Which gradient is clipped under data parallelism: global, the averaged gradient (every record up to PR
+    #1394); local, each rank's own gradient before the all-reduce, with its own coefficient (PR #1855's step_fn:
+    clip, then the optimizers reduce). Identical on one device."""
     train_embed_projections: bool = True
+    """Train embed_proj/head_proj with Muon (True) or leave them at their init as the scripts do (False)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +121,14 @@ class OptimConfig:
             raise ConfigError(f"optim.grad_clip_norm: must be >= 0 (0 = off), got {self.grad_clip_norm}")
         if self.adam_class not in ("Adam", "AdamW"):
             raise ConfigError(f"optim.adam_class: expected 'Adam' or 'AdamW', got {self.adam_class!r}")
+        choices = {
+            "muon_ns_coefficients": ("ns5", "polar_express"),
+            "muon_momentum_dtype": ("fp32", "bf16"),
+            "grad_clip_scope": ("global", "local"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"optim.{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.adam_class == "Adam" and (self.adam_wd or self.embed_wd):
             raise ConfigError(
                 "optim.adam_wd/embed_wd: decay needs adam_class AdamW (torch Adam's weight_decay is an L2 "
@@ -146,15 +189,16 @@ SCRIPT_COMPONENT_ORDER = (
 
 
 def script_order(roles: dict[str, ParamRole]) -> list[str]:
-    """Parameter names in the scripts' optimizer order: block tensors in model order, then by technique."""
+    """Parameter names in the scripts' optimizer order: block tensors in model order, then by technique, and
+    within a technique in the order the model declared them (the order the scripts create and list them)."""
     position = {name: i for i, name in enumerate(roles)}
 
-    def key(name: str) -> tuple[int, int]:
+    def key(name: str) -> tuple[int, int, int]:
         role = roles[name]
         if role.layer is not None:
-            return 0, position[name]
+            return 0, 0, position[name]
         rank = SCRIPT_COMPONENT_ORDER.index(role.component) if role.component in SCRIPT_COMPONENT_ORDER else len(SCRIPT_COMPONENT_ORDER)
-        return 1 + rank, position[name]
+        return 1 + rank, role.declared, position[name]
 
     return sorted(roles, key=key)
 
@@ -213,6 +257,9 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
             weight_decay=cfg.muon_wd,
             row_normalize=cfg.muon_row_normalize,
             compile_cuda=cfg.muon_compile_cuda,
+            coefficients=cfg.muon_ns_coefficients,
+            momentum_dtype=cfg.muon_momentum_dtype,
+            skip_without_grad=cfg.muon_skip_params_without_grad,
         )
     )
     optimizers.append(adam_cls(groups(routing.scalar, cfg.scalar_lr), weight_decay=cfg.adam_wd, **common))

@@ -69,9 +69,13 @@ class ScheduleConfig:
     """
 
     warmdown: Literal["iters", "frac"] = "iters"
+    """iters: Family A's ramp over the last warmdown_iters steps; frac: Family B's ramp over a training fraction."""
     warmdown_iters: int = 1200
+    """iters mode: warmdown length in steps (upstream WARMDOWN_ITERS)."""
     warmdown_frac: float = 0.667
+    """frac mode: the final fraction of training that ramps down (upstream WARMDOWN_FRAC; PR #1855: 0.85)."""
     min_lr: float = 0.0
+    """frac mode: floor of the LR multiplier, not an absolute lr (upstream MIN_LR; PR #1855: 0.1)."""
 
     def __post_init__(self) -> None:
         if self.warmdown not in ("iters", "frac"):
@@ -89,6 +93,15 @@ class ScheduleConfig:
             return step / max(iterations, 1)
         return elapsed_ms / max(cap_ms, 1e-9)
 
+    def multiplier_at_fraction(self, frac: float) -> float:
+        """Family B's multiplier at training fraction ``frac``: 1 before the warmdown, then
+        ``max((1 − frac) / warmdown_frac, min_lr)`` (PR #1855 train_gpt.py ``lr_mul``)."""
+        if self.warmdown_frac <= 0:
+            return 1.0
+        if frac >= 1.0 - self.warmdown_frac:
+            return max((1.0 - frac) / self.warmdown_frac, self.min_lr)
+        return 1.0
+
     def lr_multiplier(self, step: int, elapsed_ms: float, cap_ms: Optional[float], iterations: int) -> float:
         """The factor applied to every group's ``base_lr`` before the step with index ``step``.
 
@@ -98,10 +111,7 @@ class ScheduleConfig:
         if self.warmdown == "frac":
             if self.warmdown_frac <= 0:
                 return 1.0
-            frac = self.training_fraction(step, elapsed_ms, cap_ms, iterations)
-            if frac >= 1.0 - self.warmdown_frac:
-                return max((1.0 - frac) / self.warmdown_frac, self.min_lr)
-            return 1.0
+            return self.multiplier_at_fraction(self.training_fraction(step, elapsed_ms, cap_ms, iterations))
         w = self.warmdown_iters
         if w <= 0:
             return 1.0

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pgolf_lit.model.generate import generate
+
 
 def token_batches(tokens: Tensor, seqs_per_batch: int, drop_last_token: bool = False) -> list[Tensor]:
     """Consecutive row groups ``tokens[i·B:(i+1)·B]`` (a shorter last group is kept)."""
@@ -44,22 +46,9 @@ def generate_calibration_tokens(
     device = device or next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    was_training = model.training
-    model.eval()
     sequences = []
-    steps = tqdm(total=num_seqs * (seq_len - 1), desc="calibration text", disable=not progress, leave=False)
-    try:
-        with torch.no_grad():
-            for first in range(0, num_seqs, batch_size):
-                n = min(batch_size, num_seqs - first)
-                seq = torch.randint(0, vocab_size, (n, 1), device=device, generator=generator)
-                for _ in range(seq_len - 1):
-                    logits = model.forward_logits(seq)[:, -1, :].float()
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    seq = torch.cat([seq, torch.multinomial(probs, 1, generator=generator)], dim=1)
-                    steps.update(n)
-                sequences.append(seq)
-    finally:
-        steps.close()
-        model.train(was_training)
+    for first in tqdm(range(0, num_seqs, batch_size), desc="calibration text", disable=not progress, leave=False):
+        n = min(batch_size, num_seqs - first)
+        start = torch.randint(0, vocab_size, (n, 1), device=device, generator=generator)
+        sequences.append(generate(model, start, seq_len - 1, temperature=temperature, generator=generator))
     return torch.cat(sequences)

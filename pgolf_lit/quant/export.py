@@ -394,7 +394,8 @@ def export_model(
     seconds["prune_and_compress"] = time.perf_counter() - mark
 
     report = ExportReport(
-        path=str(out_path), format=cfg.format, codec=cfg.codec, model_bytes=len(blob), code=code,
+        path=str(out_path), format=cfg.format, codec="lrzip-zpaq + brotli" if cfg.format == "pergroup" else cfg.codec,
+        model_bytes=len(blob), code=code,
         budget_bytes=cfg.budget_bytes, category_bytes=_category_bytes(quant, meta, roles),
         num_quantized=sum(e["kind"] == "int" for e in meta.values()),
         num_kept=sum(e["kind"] != "int" for e in meta.values()),
@@ -418,7 +419,7 @@ def _export_state_dict(model: nn.Module, cfg: ExportConfig, roles: Mapping[str, 
     """CPU weights to quantize: as the model holds them (native), or in the record's live dtypes (upstream).
     Training-only tensors (multi-token-prediction heads) are dropped, as upstream drops them from final_model.pt."""
     if cfg.format in ("upstream", "pergroup"):
-        sd = to_upstream_state_dict(model)
+        sd = to_upstream_state_dict(model, banked=False)
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {k: v for k, v in sd.items() if k not in roles or roles[k].exported}
@@ -487,7 +488,7 @@ def read_artifact(path: PathLike, config: Optional[GPTConfig] = None) -> LoadedA
         return LoadedArtifact(stored, dequantize(art.quant, art.meta), "native", art.info, Weights.artifact(art.quant, art.meta))
     if config is None:
         raise ArtifactError(f"{source}: an upstream record artifact holds no model config; pass the record's config")
-    template = {k: v.dtype for k, v in to_upstream_state_dict(GPT(config)).items()}
+    template = {k: v.dtype for k, v in to_upstream_state_dict(GPT(config), banked=False).items()}
     if is_pergroup(data):
         quant, meta = quantized_from_pergroup(*decode_pergroup(data, source), template)
         info = {"codec": "pergroup"}

@@ -11,7 +11,7 @@ from pgolf_lit.eval.audit import AuditSetup, audit, audit_methods, format_audit_
 
 def main(argv) -> None:
     names = list(audit_methods(AuditSetup()))
-    p = argparse.ArgumentParser(prog="pgolf audit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="pgolf audit", description=__doc__.splitlines()[0])
     p.add_argument("--method", action="append", choices=names, help="procedure to audit (default: all)")
     args = p.parse_args(argv)
     reports = [audit(name) for name in (args.method or names)]

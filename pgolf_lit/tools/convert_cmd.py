@@ -1,6 +1,8 @@
 """``pgolf convert --from-upstream final_model.pt --config X.yaml --out model.ckpt`` (and ``--to-upstream``):
-upstream train_gpt.py state dicts <-> pgolf checkpoints. Our parameter names are the upstream keys, so the
-conversion checks every key and shape against the config and fails with the first mismatch named."""
+upstream train_gpt.py state dicts <-> pgolf checkpoints. Up to PR #1394 our parameter names are the upstream keys;
+PR #1855's parameter banks (qo_bank, kv_bank, mlp_up_bank, mlp_down_bank) are recognised on the way in and written
+on the way out when the config's ``state_dict_layout`` is ``banks``. Every key and shape is checked against the
+config; the first mismatch is named."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _load(path: str) -> dict:
 
 
 def main(argv) -> None:
-    p = argparse.ArgumentParser(prog="pgolf convert", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="pgolf convert", description=__doc__.splitlines()[0])
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-upstream", metavar="FINAL_MODEL_PT")
     direction.add_argument("--to-upstream", metavar="PGOLF_CKPT")

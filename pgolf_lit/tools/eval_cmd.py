@@ -13,7 +13,7 @@ from pgolf_lit.eval import EVAL_METHODS, EvalSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgolf eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="pgolf eval", description=__doc__.splitlines()[0])
     p.add_argument("artifact", help="a pgolf artifact (pgolf export / GPTQExport)")
     p.add_argument("--data", required=True, help="dataset directory with fineweb_val_*.bin")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: <data>/../../tokenizers/...)")
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="auto")
     p.add_argument("--precision", default="32-true", help="bf16-mixed on GPUs, as the records")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention-backend", choices=("auto", "fa3", "sdpa", "math"), default="auto",
+                   help="attention kernel (auto: FA3 on CUDA bf16 when installed, else SDPA)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--results-json", default=None, help="also write the results as JSON")
     return p
@@ -81,5 +83,6 @@ def main(argv) -> None:
         tokenizer_path=args.tokenizer, accelerator=args.accelerator, devices=devices, strategy=args.strategy,
         precision=args.precision, compile=args.compile, val_max_tokens=args.val_max_tokens,
         results_json=args.results_json, model_config=model_config_from(args),
+        attention_backend=args.attention_backend,
     )
 

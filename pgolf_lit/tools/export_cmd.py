@@ -16,7 +16,7 @@ from pgolf_lit.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgolf export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="pgolf export", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a Lightning checkpoint of this config (loaded with weights_only=True)")
     src.add_argument("--upstream", help="an upstream train_gpt.py state dict (final_model.pt)")

@@ -320,6 +320,7 @@ def build_record(
 
 def main(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="pgolf record",
         description="a record folder (README.md, submission.json, logs, config) from a pgolf seeds results file",
     )

@@ -243,8 +243,17 @@ def _mark_events(ax, events: Sequence[tuple[str, float]]) -> None:
                 color=f"C{3 + i % 6}")
 
 
-def plot_curves(timeline: Timeline, path: Path) -> None:
-    """Train loss and val_bpb, each against step and against training wallclock, with the events marked."""
+def quantization_gap(summary: dict[str, Any]) -> Optional[tuple[float, float]]:
+    """(pre-quantization val_bpb, roundtrip val_bpb) of the run's GPTQExport, from summary.json."""
+    pre, post = summary.get("pre_quant") or {}, summary.get("roundtrip") or {}
+    if "val_bpb" in pre and "val_bpb" in post:
+        return float(pre["val_bpb"]), float(post["val_bpb"])
+    return None
+
+
+def plot_curves(timeline: Timeline, path: Path, gap: Optional[tuple[float, float]] = None) -> None:
+    """Train loss and val_bpb, each against step and against training wallclock, with the events marked; the final
+    passes as labelled markers and, when the run exported, the quantization gap written on the val panels."""
     fig = _figure(figsize=(12, 7.5), layout="constrained")
     axes = fig.subplots(2, 2)
     val_results = [(label, bpb) for label, (_, bpb) in timeline.results.items()]
@@ -257,8 +266,16 @@ def plot_curves(timeline: Timeline, path: Path) -> None:
             axes[1, col].plot(val[:, 0 if col == 0 else 3] * scale, val[:, 2], marker="o", color="C1", label="val_bpb")
             last_x = val[-1, 0 if col == 0 else 3] * scale
             for i, (label, bpb) in enumerate(val_results):
-                axes[1, col].scatter([last_x], [bpb], marker="x^sv"[i % 4], color=f"C{5 + i}", zorder=3, label=label)
-            axes[1, col].legend(fontsize=7)
+                axes[1, col].scatter([last_x], [bpb], marker="x^sv"[i % 4], s=70, linewidths=2, color=f"C{5 + i}",
+                                     zorder=3, label=f"{label}: {bpb:.4f}")
+            axes[1, col].legend(fontsize=8, loc="upper right")
+            if gap is not None:
+                pre, post = gap
+                axes[1, col].text(
+                    0.02, 0.04, f"quantization gap {post - pre:+.5f} BPB\n(pre {pre:.5f} → roundtrip {post:.5f})",
+                    transform=axes[1, col].transAxes, fontsize=9, va="bottom",
+                    bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85},
+                )
         axes[1, col].set_ylabel("val_bpb (bits/byte)")
         for row in range(2):
             axes[row, col].set_xlabel(axis_name)
@@ -372,6 +389,10 @@ def summary_markdown(run_dir: Path, summary: dict[str, Any], timeline: Timeline,
     each plot can and cannot show."""
     lines = [f"# Run report: `{run_dir}`", "", *_figures_table(summary, timeline), "", "## Training", "",
              "![training curves](curves.png)", ""]
+    gap = quantization_gap(summary)
+    if gap is not None:
+        lines += [f"Quantization gap (written on the val panels): {gap[1] - gap[0]:+.5f} BPB, pre-quantization "
+                  f"{gap[0]:.5f} → roundtrip {gap[1]:.5f}.", ""]
     if timeline.events:
         lines += ["| event | step | training wallclock (s) |", "|---|---|---|"]
         lines += [f"| {name} | {step} | {time / 1000:.1f} |" for name, step, time in timeline.events]
@@ -416,7 +437,7 @@ def build_report(run_dir: Path, out: Path, ckpt: Optional[Path] = None) -> list[
     lr = read_lr_scale(run_dir / "metrics.csv")
     artifact = find_artifact(run_dir, summary)
     written = [out / "curves.png"]
-    plot_curves(timeline, written[0])
+    plot_curves(timeline, written[0], quantization_gap(summary))
     if lr:
         written.append(out / "schedule.png")
         plot_schedule(lr, timeline, written[-1])
@@ -433,7 +454,9 @@ def build_report(run_dir: Path, out: Path, ckpt: Optional[Path] = None) -> list[
 
 
 def main(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="pgolf report", description="PNG plots and a one-page summary.md of a fit run")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, prog="pgolf report", description="PNG plots and a one-page summary.md of a fit run"
+    )
     p.add_argument("run_dir", help="a pgolf fit run directory (train.log, metrics.csv, summary.json, artifact)")
     p.add_argument("--ckpt", default=None, help="float weights to compare (a Lightning or pgolf convert checkpoint)")
     p.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")

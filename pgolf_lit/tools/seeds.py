@@ -461,7 +461,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 def stats_main(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="pgolf stats", description="the table and record test of a pgolf seeds sweep")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, prog="pgolf stats", description="the table and record test of a pgolf seeds sweep"
+    )
     p.add_argument("results", help=f"a sweep's {RESULTS_JSON}")
     p.add_argument("--baseline", default=None, help="val_loss to beat: a number (nats), a results or submission.json")
     args = p.parse_args(argv)
