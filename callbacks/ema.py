@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from pgolf_lit.errors import ConfigError
+
 
 class EMA(WeightAveraging):
     def __init__(self, decay: float = 0.997, swap_for_validation: bool = False):
@@ -23,6 +25,8 @@ class EMA(WeightAveraging):
             decay: shadow ← decay·shadow + (1 − decay)·weights after every step (0.997; PR #1421 uses 0.9965).
             swap_for_validation: validate with the EMA weights (the records validate on the raw weights).
         """
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ConfigError(f"EMA.decay: must be a number in [0, 1] (the records use 0.997), got {decay!r}")
         super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))  # used for the first copy
         self.decay = decay
         self.swap_for_validation = swap_for_validation

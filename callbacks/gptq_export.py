@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from pgolf_lit.errors import PgolfError, error_line
 from pgolf_lit.eval import format_result_line
 from pgolf_lit.quant import ExportConfig, export_model, model_from_artifact, read_artifact
 from pgolf_lit.quant.calibration import generate_calibration_tokens, token_batches
@@ -81,6 +81,24 @@ class GPTQExport(Callback):
         return [loader.next_batch()[0].to(device) for _ in range(self.calibration_batches)]
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._outcome_shared = False
+        try:
+            self._on_fit_end(trainer, pl_module)
+        except (PgolfError, OSError) as e:
+            if trainer.world_size > 1 and not self._outcome_shared:  # rank 0's export failed: the others wait for it
+                self._share_outcome(trainer, error_line(e))
+            raise
+
+    def _share_outcome(self, trainer, error: Optional[str]) -> None:
+        """Rank 0 exports while the other ranks wait here (a broadcast instead of a barrier): they learn its outcome,
+        so an over-budget or unwritable artifact stops every rank with the same line, not rank 0 alone."""
+        self._outcome_shared = True
+        if trainer.world_size > 1:
+            error = trainer.strategy.broadcast(error, src=0)
+            if error and not trainer.is_global_zero:
+                raise PgolfError(error)
+
+    def _on_fit_end(self, trainer, pl_module) -> None:
         model = pl_module.model
         # The same evaluation `pgolf test` runs (precision, compile, settings): same label, same computation.
         pre = pl_module.evaluate("standard")
@@ -112,8 +130,7 @@ class GPTQExport(Callback):
                 "total_bytes": self.report.total_bytes, "budget_bytes": self.report.budget_bytes,
                 "fits": self.report.fits, "codec": self.report.codec, "seconds": self.report.seconds,
             })
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        self._share_outcome(trainer, None)
         if not self.roundtrip_eval:
             return
         # A record container holds no model config: read it with the run's (native files carry their own).

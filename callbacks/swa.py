@@ -16,9 +16,13 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from pgolf_lit.errors import ConfigError
+
 
 class SWA(Callback):
     def __init__(self, every: int = 50, lr_scale_below: float = 0.2, apply: bool = False):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"SWA.every: must be a positive number of steps, got {every!r}")
         self.every = every
         self.lr_scale_below = lr_scale_below
         self.apply = apply

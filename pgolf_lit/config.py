@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pgolf_lit.errors import ConfigError
+from pgolf_lit.errors import ConfigError, check_field_types
 
 
 @dataclass
@@ -247,6 +247,7 @@ class GPTConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"gpt: unknown field(s) {unknown}; known fields are listed in pgolf_lit/config.py")
+        check_field_types(cls, d, "gpt")  # YAML, checkpoints and artifacts reach validate() with these types
         return cls(**d)
 
     def replace(self, **changes: Any) -> "GPTConfig":

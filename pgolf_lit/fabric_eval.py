@@ -16,7 +16,12 @@ import lightning as L
 
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.shards import load_validation_tokens
-from pgolf_lit.data.tokenizer import default_tokenizer_path, load_tokenizer, validation_byte_counts
+from pgolf_lit.data.tokenizer import (
+    check_tokenizer_matches_dataset,
+    default_tokenizer_path,
+    load_tokenizer,
+    validation_byte_counts,
+)
 from pgolf_lit.eval import EvalResult, EvalSettings, evaluation_context, format_result_line, run_method
 from pgolf_lit.fileio import atomic_write_text
 from pgolf_lit.quant.export import model_from_artifact, read_artifact
@@ -39,8 +44,11 @@ def evaluate_on_rank(
     model = model_from_artifact(art, artifact, fabric.device)
     model.set_attention_backend(attention_backend)
     vocab = model.config.vocab_size
-    sp = load_tokenizer(tokenizer_path or default_tokenizer_path(data_dir, vocab), vocab)
+    # The data folder first: a missing one is named as such, not as its missing tokenizer.
     tokens = load_validation_tokens(data_dir, settings.seq_len, vocab)
+    tokenizer_path = tokenizer_path or default_tokenizer_path(data_dir, vocab)
+    sp = load_tokenizer(tokenizer_path, vocab)
+    check_tokenizer_matches_dataset(sp, tokenizer_path, data_dir)
     if val_max_tokens:
         tokens = tokens[: max(val_max_tokens // settings.seq_len, 1) * settings.seq_len + 1]
     byte_counts = validation_byte_counts(sp, vocab, data_dir, tokens.numel())

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from pgolf_lit.clock import TrainClock
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.errors import ConfigError, PgolfError
+from pgolf_lit.errors import CheckpointError, ConfigError, PgolfError
 from pgolf_lit.eval import (
     EVAL_METHODS,
     EvalContext,
@@ -187,6 +187,7 @@ class GolfModule(L.LightningModule):
         self.last_train_loss: Optional[Tensor] = None
         self.last_val_bpb: Optional[float] = None  # for the progress bar
         self._first_nonfinite_step = torch.tensor(-1)
+        self._checkpoint_write_due = False  # a checkpoint was written since the ranks last agreed on its outcome
         self._clock_was_running = False
         self._run_dir = "."
 
@@ -198,15 +199,11 @@ class GolfModule(L.LightningModule):
     def load_checkpoint_weights(self, path: str) -> Optional[int]:
         """The model weights of a Lightning checkpoint of this config (the EMA weights when the EMA callback
         saved it) or of a ``pgolf convert`` file; returns the checkpoint's ``global_step`` (None without one).
-        Loads with ``weights_only=True``: no pickled code runs."""
+        Loads with ``weights_only=True`` (no pickled code runs) and verifies the checkpoint's checksum."""
+        from pgolf_lit.checkpoint import load_checkpoint_file
         from pgolf_lit.model.convert import load_upstream_state_dict
 
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: checkpoint not found") from None
-        except Exception as e:
-            raise ConfigError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        ckpt = load_checkpoint_file(path)
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
         weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
         load_upstream_state_dict(self.model, weights, path)
@@ -219,6 +216,7 @@ class GolfModule(L.LightningModule):
     # Setup
     # --------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self._setup_checkpoints(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         counts = getattr(datamodule, "byte_counts", None) if datamodule is not None else None
         if counts is not None:
@@ -236,6 +234,57 @@ class GolfModule(L.LightningModule):
         if self.compile and self._forward is self.model:
             # Stored outside the module tree so the state dict keeps one copy of every weight.
             object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False, fullgraph=True))
+
+    def _setup_checkpoints(self, stage: str) -> None:
+        """Checkpoints go through ``GolfCheckpointIO`` (atomic, fsynced, checksummed, verified); under DDP its write
+        errors wait for every rank (``_raise_checkpoint_write_error``). Before fitting, rank 0 checks that every
+        ModelCheckpoint folder (resolved by now: callbacks' setup runs before the module's) takes a file, and
+        every rank stops with its answer."""
+        from pgolf_lit.checkpoint import check_writable_dir, install_checkpoint_io
+
+        io = install_checkpoint_io(self.trainer)
+        if io is not None:
+            io.defer_errors = self.trainer.world_size > 1
+        if stage != "fit":
+            return
+        problem = None
+        if self.trainer.is_global_zero:
+            for cb in self.trainer.checkpoint_callbacks:
+                dirpath = getattr(cb, "dirpath", None)
+                if dirpath and "://" not in str(dirpath):
+                    problem = problem or check_writable_dir(dirpath)
+        problem = self.trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise CheckpointError(problem)
+
+    def _raise_checkpoint_write_error(self) -> None:
+        """After a checkpoint was written (only rank 0 writes, the others wait at Lightning's barrier), every rank
+        learns rank 0's outcome and a failed write stops them all with its one line (DDP); one collective per
+        checkpoint, none on other steps."""
+        if not self._checkpoint_write_due or self._trainer is None:
+            return
+        self._checkpoint_write_due = False
+        from pgolf_lit.checkpoint import GolfCheckpointIO
+
+        io = self.trainer.strategy.checkpoint_io
+        error = io.deferred_error if isinstance(io, GolfCheckpointIO) and self.trainer.is_global_zero else None
+        if self.trainer.world_size > 1:
+            error = self.trainer.strategy.broadcast(error, src=0)
+        if error:
+            raise CheckpointError(error)
+
+    def last_good_checkpoint(self) -> str:
+        """The newest checkpoint this run wrote that is still on disk (every one was checked finite before it was
+        written), else the one it resumed from, else ``none saved``; the same answer on every rank (collective)."""
+        from pgolf_lit.checkpoint import GolfCheckpointIO
+
+        io = self.trainer.strategy.checkpoint_io
+        path = io.newest_saved() if isinstance(io, GolfCheckpointIO) else None
+        if path is None:
+            path = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or self.trainer.ckpt_path
+        if self.trainer.world_size > 1:
+            path = self.trainer.strategy.broadcast(path, src=0)
+        return str(path) if path else "none saved"
 
     def configure_optimizers(self):
         return OptimizerChain(build_optimizers(self.model, self.optim_config))
@@ -270,7 +319,16 @@ class GolfModule(L.LightningModule):
     # --------------------------------------------------------------------------------------------------
     # Training
     # --------------------------------------------------------------------------------------------------
+    def on_train_epoch_end(self) -> None:
+        self._raise_checkpoint_write_error()
+
     def on_train_end(self) -> None:
+        self._raise_checkpoint_write_error()
+        from pgolf_lit.checkpoint import GolfCheckpointIO
+
+        io = self.trainer.strategy.checkpoint_io
+        if isinstance(io, GolfCheckpointIO):  # a later save (outside the loop's hooks) raises where it fails
+            io.defer_errors = False
         elapsed = self.clock.elapsed_ms()
         tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
         self.write_summary(train={
@@ -345,17 +403,35 @@ class GolfModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         return total / accum
 
-    def _check_finite(self) -> None:
-        """Raise if any training loss since the last check was NaN/inf (one host read)."""
-        first_bad = int(self._first_nonfinite_step)
-        if first_bad >= 0:
-            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved"
-            raise PgolfError(
-                f"training loss is not finite (nan/inf) at step {first_bad}: stopping (last good checkpoint: "
-                f"{ckpt}); lower the learning rates or check the data"
-            )
+    def _check_finite(self, checkpoint: Optional[dict[str, Any]] = None) -> None:
+        """Raise if any training loss since the last check was NaN/inf on any rank (one host read; one small
+        all-reduce under DDP, so every rank stops together). With ``checkpoint`` (about to be written), also raise if
+        a weight it holds is NaN/inf: a checkpoint that is written is finite."""
+        first = self._first_nonfinite_step.to(self.device)
+        status = [torch.where(first >= 0, first, torch.iinfo(torch.int64).max)]
+        if checkpoint is not None:
+            tensors = [t for key in ("state_dict", "current_model_state")
+                       for t in (checkpoint.get(key) or {}).values() if torch.is_tensor(t) and t.is_floating_point()]
+            finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+            status.append(finite.to(device=self.device, dtype=torch.int64))
+        status = torch.stack(status)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            status = self.trainer.strategy.reduce(status, reduce_op="min")
+        values = status.tolist()
+        first_bad = values[0] if values[0] != torch.iinfo(torch.int64).max else -1
+        weights_finite = len(values) < 2 or values[1] == 1
+        if first_bad < 0 and weights_finite:
+            return
+        before = f"before writing the checkpoint of step {self.global_step} " if checkpoint is not None else ""
+        what = f"training loss is not finite (nan/inf) at step {first_bad}" if first_bad >= 0 else \
+            f"the weights are not finite (nan/inf) at step {self.global_step}"
+        raise PgolfError(
+            f"{what}: stopping {before}(last good checkpoint: {self.last_good_checkpoint()}); lower the learning "
+            f"rates or check the data"
+        )
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._raise_checkpoint_write_error()
         step = self.global_step
         if self.check_finite_every and (step % self.check_finite_every == 0 or step >= self.max_steps):
             self._check_finite()
@@ -384,6 +460,7 @@ class GolfModule(L.LightningModule):
         self.clock.pause(self.device)
 
     def on_validation_end(self) -> None:
+        self._raise_checkpoint_write_error()
         if self._clock_was_running:
             self.clock.start(self.device)
 
@@ -467,6 +544,10 @@ class GolfModule(L.LightningModule):
     # Checkpoints: the wallclock and the recurrence state travel with the weights
     # --------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # Before the file is written, on every rank (Lightning dumps the checkpoint on all of them).
+            self._check_finite(checkpoint)
+            self._checkpoint_write_due = True
         checkpoint["pgolf"] = {
             "clock": self.clock.state_dict(),
             "recurrence_active": self.model.recurrence_active,
@@ -474,6 +555,18 @@ class GolfModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit" and "loops" not in checkpoint:
+            raise CheckpointError(
+                f"{self.trainer.ckpt_path}: holds model weights only (a pgolf convert output or a save_weights_only "
+                f"checkpoint), no training state to resume from; evaluate it with pgolf test --ckpt_path or export it "
+                f"with pgolf export --ckpt"
+            )
+        sd = checkpoint.get("state_dict")
+        if isinstance(sd, dict) and "_forward" in self._modules:
+            # The module registers the model twice (``model`` and ``_forward``, the module the steps call); a
+            # weights-only file such as a ``pgolf convert`` output holds only ``model.*``.
+            for key in [k for k in sd if k.startswith("model.")]:
+                sd.setdefault("_forward." + key[len("model."):], sd[key])
         state = checkpoint.get("pgolf")
         if state:
             self.clock.load_state_dict(state["clock"])

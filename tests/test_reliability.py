@@ -22,7 +22,7 @@ from pgolf_lit.config import load_config
 from pgolf_lit.config import CONFIG_DIR, record_config_path
 from pgolf_lit.data.shards import HEADER_BYTES, load_validation_tokens, write_shard
 from pgolf_lit.data.tokenizer import NoByteFallbackWarning, build_byte_luts, load_tokenizer
-from pgolf_lit.errors import ArtifactError, ConfigError, DataError, PgolfError
+from pgolf_lit.errors import ArtifactError, CheckpointError, ConfigError, DataError, PgolfError
 from pgolf_lit.quant import ExportConfig, export_model
 from trainer_utils import TINY_GPT, tiny_datamodule, tiny_module
 
@@ -208,7 +208,7 @@ def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
 
     bad = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Boom()}, bad)
-    with pytest.raises(ConfigError, match="evil.ckpt: not a loadable checkpoint"):
+    with pytest.raises(CheckpointError, match="evil.ckpt: not a loadable checkpoint"):
         tiny_module().load_checkpoint_weights(str(bad))
     assert not (tmp_path / "pwned").exists()
 

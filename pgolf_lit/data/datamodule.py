@@ -21,7 +21,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pgolf_lit.data.loaders import make_loader
 from pgolf_lit.data.shards import list_shards, load_validation_tokens
-from pgolf_lit.data.tokenizer import default_tokenizer_path, load_tokenizer, validation_byte_counts
+from pgolf_lit.data.tokenizer import (
+    check_tokenizer_matches_dataset,
+    default_tokenizer_path,
+    load_tokenizer,
+    validation_byte_counts,
+)
 from pgolf_lit.errors import ConfigError
 
 
@@ -135,9 +140,21 @@ class TokenShardDataModule(L.LightningDataModule):
         self.byte_counts = None  # ByteCounts: the LUTs, and the val byte sidecar where the split has one
         self.val_tokens: Optional[torch.Tensor] = None
         self.rank, self.world_size = 0, 1
+        self._check_values()
         self._check_sizes()
 
     # --- sizes -----------------------------------------------------------------------------------------
+    def _check_values(self) -> None:
+        """Types and ranges of the size arguments, each named (a 0 would divide by zero further on)."""
+        def integer(name: str, value, low: int, what: str) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"data.{name}: must be {what}, got {value!r}")
+
+        for name in ("train_batch_tokens", "train_seq_len", "grad_accum_base", "val_batch_tokens"):
+            integer(name, getattr(self, name), 1, "a positive integer")
+        integer("val_seq_len", self.val_seq_len, 1, "a positive integer (or null: train_seq_len)")
+        integer("val_max_tokens", self.val_max_tokens, 0, "0 (the whole split) or a positive number of tokens")
+
     def _check_sizes(self, world_size: int = 1) -> None:
         if self.grad_accum_base % world_size:
             raise ConfigError(
@@ -188,7 +205,9 @@ class TokenShardDataModule(L.LightningDataModule):
             self.val_tokens = tokens
             self.byte_counts = None
         if self.byte_counts is None:
-            sp = load_tokenizer(self.tokenizer_path or self.default_tokenizer_path, self.vocab_size)
+            tokenizer_path = self.tokenizer_path or self.default_tokenizer_path
+            sp = load_tokenizer(tokenizer_path, self.vocab_size)
+            check_tokenizer_matches_dataset(sp, tokenizer_path, self.data_dir)
             self.byte_counts = validation_byte_counts(sp, self.vocab_size, self.data_dir, self.val_tokens.numel())
             self.luts = self.byte_counts.luts
         if stage in (None, "fit"):

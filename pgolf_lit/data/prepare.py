@@ -24,19 +24,24 @@ what the input's ``<stem>.source_manifest.json`` declares, or a validation text 
 
 The build is staged in a hidden folder inside OUT and moved into place (a few renames) only once the tokenizer and
 every shard are written; the manifest is written last, atomically. A build that fails or is interrupted before
-then (bad input, full disk, Ctrl-C during the export) leaves OUT as it was.
+then (bad input, full disk, Ctrl-C or SIGTERM during the export) leaves OUT as it was; the staging folder of a
+build that was killed outright (SIGKILL, power loss) is removed by the next build into OUT.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
@@ -54,7 +59,7 @@ from pgolf_lit.data.caseops import (
 )
 from pgolf_lit.data.corpus import embedded_corpus, split_paragraphs
 from pgolf_lit.data.shards import MAX_VOCAB, byte_sidecar_name, shard_name, write_shard
-from pgolf_lit.data.tokenizer import encode_with_surfaces, file_sha256, load_tokenizer, train_tokenizer
+from pgolf_lit.data.tokenizer import encode_with_surfaces, file_sha256, load_tokenizer, pieces_sha256, train_tokenizer
 from pgolf_lit.errors import DataError, PgolfError
 from pgolf_lit.fileio import atomic_write_text
 
@@ -511,6 +516,7 @@ def _build_manifest(
         "model_path": f"tokenizers/{model_path.name}",
         **({"vocab_path": f"tokenizers/{vocab_file.name}"} if vocab_file is not None else {}),
         "sha256": file_sha256(model_path),
+        "pieces_sha256": pieces_sha256(sp),  # checked when a dataset is loaded (check_tokenizer_matches_dataset)
         **transform,
     }
     dataset_path = f"datasets/{dataset_name}"
@@ -543,6 +549,72 @@ def _build_manifest(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Build
+
+
+_STAGING_PREFIX = ".pgolf-build-"
+
+
+def _owner_tag() -> str:
+    """Host and process of a staging folder's name, so a later build can tell a dead build's folder from a live one."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Delete the staging folders (and renamed-away old outputs) in ``out_dir`` left by builds on this host whose
+    process no longer runs (killed with SIGKILL, or the machine went down); returns what was removed."""
+    host = socket.gethostname().replace("-", "_")
+    candidates = list(out_dir.glob(f"{_STAGING_PREFIX}*"))
+    candidates += [p for sub in ("datasets", "tokenizers") for p in (out_dir / sub).glob(".*.old-*")]
+    removed = []
+    for path in candidates:
+        tag = path.name[len(_STAGING_PREFIX):] if path.name.startswith(_STAGING_PREFIX) else f"{host}-" + \
+            path.name.rsplit(".old-", 1)[-1] + "-"
+        owner_host, _, rest = tag.partition("-")
+        pid = rest.split("-", 1)[0]
+        if owner_host != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class _Terminated(BaseException):
+    """SIGTERM inside a build: unwinds it like Ctrl-C (its cleanup runs), then the signal is delivered again."""
+
+
+@contextlib.contextmanager
+def _terminate_after_cleanup():
+    """While the build runs, SIGTERM (a scheduler's stop, ``kill``) raises, so the ``finally`` that removes the
+    staging folder runs; the process then ends by the signal as it would have (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM) from None  # a handler that chose not to end the process
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _move_into_place(staged: Path, final: Path) -> None:
@@ -625,10 +697,22 @@ def build_dataset(
         )
     threads = num_threads or os.cpu_count() or 1
     names = variant_names(name, vocab_size, caseops)
-    dataset_name, model_name = names.dataset, names.model
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pgolf-build-", dir=out_dir))
+    remove_stale_staging(out_dir)
+    with _terminate_after_cleanup():
+        return _build_staged(
+            out_dir, source, vocab_size, names, reuse_path=reuse_path, tokenizer_train_docs=tokenizer_train_docs,
+            threads=threads, num_docs=num_docs, val_docs=val_docs, shard_tokens=shard_tokens, progress=progress,
+            caseops=caseops,
+        )
+
+
+def _build_staged(out_dir, source, vocab_size, names, *, reuse_path, tokenizer_train_docs, threads, num_docs,
+                  val_docs, shard_tokens, progress, caseops) -> dict:
+    """``build_dataset`` after its checks: everything is written into a staging folder, then moved into place."""
+    dataset_name, model_name = names.dataset, names.model
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX + _owner_tag(), dir=out_dir))
     try:
         model_path = _prepare_tokenizer(
             source, vocab_size, staging / "tokenizers" / model_name,

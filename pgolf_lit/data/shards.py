@@ -46,13 +46,14 @@ def read_num_tokens(path: str | os.PathLike) -> int:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            head = f.read(HEADER_BYTES)
     except FileNotFoundError:
         raise DataError(f"{path}: shard file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: expected a shard file, found a directory") from None
-    if header.size < HEADER_INTS:
+    if len(head) < HEADER_BYTES:  # checked before parsing: a size that is no multiple of 4 does not parse as int32
         raise DataError(f"{path}: unexpected shard header: file has {size} bytes, a header needs {HEADER_BYTES}")
+    header = np.frombuffer(head, dtype="<i4")
     if int(header[0]) != SHARD_MAGIC:
         raise DataError(f"{path}: unexpected shard header: magic {int(header[0])}, expected {SHARD_MAGIC}")
     if int(header[1]) != SHARD_VERSION:

@@ -82,6 +82,42 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def pieces_sha256(sp) -> str:
+    """sha256 of a tokenizer's vocabulary: every id's piece and kind (normal, byte, control, unknown, unused), the
+    whole input of the byte LUTs. Unlike the model file's bytes, stable across sentencepiece builds."""
+    h = hashlib.sha256()
+    for i in range(sp.vocab_size()):
+        kind = ("byte" if sp.is_byte(i) else "control" if sp.is_control(i) else "unknown" if sp.is_unknown(i)
+                else "unused" if sp.is_unused(i) else "normal")
+        h.update(f"{i}\t{kind}\t{sp.id_to_piece(i)}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def check_tokenizer_matches_dataset(sp, tokenizer_path: str | os.PathLike, data_dir: str | os.PathLike) -> None:
+    """Refuse a tokenizer other than the one a dataset was built with, when the dataset's manifest
+    (``<root>/manifest.json`` beside ``<root>/datasets/<name>``) records its ``pieces_sha256`` (pgolf data build
+    writes it; upstream manifests do not, and are not checked): the same vocab size with other pieces would score a
+    wrong BPB without a word."""
+    import json
+
+    data_dir = Path(data_dir)
+    manifest_path = data_dir.parent.parent / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        dataset = next(d for d in manifest["datasets"] if d.get("name") == data_dir.name)
+        entry = next(t for t in manifest["tokenizers"] if t.get("name") == dataset["tokenizer_name"])
+        expected = entry["pieces_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return  # no manifest, another layout, or an upstream manifest without the hash: nothing to compare
+    got = pieces_sha256(sp)
+    if got != expected:
+        raise DataError(
+            f"{tokenizer_path}: not the tokenizer {data_dir} was built with ({manifest_path} records "
+            f"{entry.get('name')!r} with pieces_sha256 {str(expected)[:12]}…, this one has {got[:12]}…); its byte "
+            f"counts would give a wrong BPB: use {data_dir.parent.parent / str(entry.get('model_path', 'tokenizers/'))}"
+        )
+
+
 def build_byte_luts(sp, vocab_size: int, *, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(base_bytes int16, has_leading_space bool, is_boundary bool)`` of length max(sp vocab, vocab_size).
 

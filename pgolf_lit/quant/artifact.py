@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.errors import ArtifactError
-from pgolf_lit.quant.compress import CODECS, byte_unshuffle, compress, decompress, get_codec, sniff_codec
+from pgolf_lit.quant.compress import SHUFFLE_MAGIC, CODECS, byte_unshuffle, compress, get_codec, sniff_codec
 from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, float_dtype, tensor_keys, validate
 
 PathLike = Union[str, Path]
@@ -49,7 +49,7 @@ _HEADER = struct.Struct("<6sB8sBQQ32s")
 HEADER_BYTES = _HEADER.size
 _CHECKED = HEADER_BYTES - 32  # the header bytes before the checksum
 _JSON_LENGTH = struct.Struct("<I")
-MAX_RAW_BYTES = 1 << 32  # far above any 16 MB artifact; a larger claim is a damaged header
+MAX_RAW_BYTES = 1 << 30  # far above any 16 MB artifact (records: < 100 MB raw); a larger claim is damaged or crafted
 
 STORED_DTYPES = {
     "uint8": torch.uint8,
@@ -140,7 +140,10 @@ def decode_native(data: bytes, source: str) -> NativeArtifact:
     if raw_len > MAX_RAW_BYTES:
         raise ArtifactError(f"{source}: header claims {raw_len} decompressed bytes (more than {MAX_RAW_BYTES})")
     try:
-        raw = decompress(payload, codec, stride)
+        # Streamed with the header's length as the limit (plus the shuffle's 5-byte tag): a crafted payload that
+        # expands further stops there instead of filling memory.
+        raw = decompress_bounded(payload, codec, raw_len + (len(SHUFFLE_MAGIC) + 1 if stride >= 2 else 0))
+        raw = byte_unshuffle(raw, stride) if stride >= 2 else raw
         if len(raw) != raw_len:
             raise ValueError(f"decompressed to {len(raw)} bytes, the header says {raw_len}")
         document, quant = _parse_raw(raw)
@@ -155,6 +158,37 @@ def decode_native(data: bytes, source: str) -> NativeArtifact:
     return NativeArtifact(document["config"], meta, quant, document["info"], codec, stride)
 
 
+def decompress_bounded(blob: bytes, codec: str, limit: int) -> bytes:
+    """``codec``'s decompression of ``blob``, streamed and stopped past ``limit`` bytes (ValueError then, and for a
+    truncated stream or data after its end): the memory an untrusted file can claim is bounded by ``limit``."""
+    import lzma
+    import zlib
+
+    import zstandard
+
+    from pgolf_lit.quant.pergroup import brotli_decompress_bounded
+
+    get_codec(codec)
+    if codec == "brotli":
+        return brotli_decompress_bounded(blob, limit, "the payload")
+    if codec == "zstd":
+        out = bytearray()
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            while len(out) <= limit:
+                chunk = reader.read(min(1 << 20, limit + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+    else:
+        d = zlib.decompressobj() if codec == "zlib" else lzma.LZMADecompressor()
+        out = d.decompress(blob, limit + 1)
+        if len(out) <= limit and (not d.eof or d.unused_data):
+            raise ValueError(f"{codec} stream is truncated or followed by other data")
+    if len(out) > limit:
+        raise ValueError(f"decompresses to more than the {limit} bytes the header allows")
+    return bytes(out)
+
+
 def _tensor_bytes(t: Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -167,7 +201,7 @@ def _parse_raw(raw: bytes) -> tuple[dict[str, Any], dict[str, Tensor]]:
     document = json.loads(raw[start : start + json_len].decode("utf-8"))
     if not isinstance(document, dict) or not {"config", "meta", "info", "tensors"} <= set(document):
         raise ValueError("the JSON document lacks config/meta/info/tensors")
-    buffer = bytearray(raw[:start])  # writable, as torch.frombuffer wants
+    buffer = bytearray(memoryview(raw)[:start])  # writable, as torch.frombuffer wants (one copy, not two)
     quant: dict[str, Tensor] = {}
     offset = 0
     for entry in document["tensors"]:
@@ -349,13 +383,13 @@ def load_upstream_container(data: bytes, source: str, codec: Optional[str] = Non
     raw = None
     for name in names:
         try:
-            raw = get_codec(name).decompress(data)
+            raw = decompress_bounded(data, name, MAX_RAW_BYTES)  # no header states the size: the format's ceiling
             codec = name
             break
         except Exception:  # a failed trial decode; the error below names the file and the codecs tried
             continue
     if raw is None:
-        raise ArtifactError(f"{source}: does not decompress as {' or '.join(names)}")
+        raise ArtifactError(f"{source}: does not decompress as {' or '.join(names)} (within {MAX_RAW_BYTES} bytes)")
     unshuffled = byte_unshuffle(raw)
     try:
         obj = torch.load(io.BytesIO(unshuffled), map_location="cpu", weights_only=True)

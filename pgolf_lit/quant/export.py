@@ -16,6 +16,7 @@ size re-read from disk. ``load_artifact`` / ``build_model_from_artifact`` revers
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -480,6 +481,7 @@ def read_artifact(path: PathLike, config: Optional[GPTConfig] = None) -> LoadedA
         if config is not None and config != stored:
             differs = sorted(k for k, v in config.to_dict().items() if art.config.get(k) != v)
             raise ArtifactError(f"{source}: exported for another model config (differs in {differs})")
+        _check_stored_shapes(stored, art.quant, art.meta, source)
         return LoadedArtifact(stored, dequantize(art.quant, art.meta), "native", art.info, Weights.artifact(art.quant, art.meta))
     if config is None:
         raise ArtifactError(f"{source}: an upstream record artifact holds no model config; pass the record's config")
@@ -491,6 +493,31 @@ def read_artifact(path: PathLike, config: Optional[GPTConfig] = None) -> LoadedA
     art = decode_upstream(data, source, template)
     info = {"codec": art.codec, "shuffled": art.shuffled}
     return LoadedArtifact(config, art.state_dict, art.style, info, Weights.artifact(art.quant, art.meta))
+
+
+def _check_stored_shapes(config: GPTConfig, quant: Mapping[str, Tensor], meta: Meta, source: str) -> None:
+    """The tensors a native artifact holds are exactly the ones its stored config's model has, shape for shape,
+    checked on a model built on the meta device (no memory) before any real model is allocated: a crafted config
+    (a huge vocab or width beside small tensors) fails here instead of allocating it. A cheap bound comes first, so
+    even the meta model is only built for a config of the size of the tensors present."""
+    shapes = {name: tuple(quant[f"{name}.q" if entry["kind"] == "int" else name].shape) for name, entry in meta.items()}
+    largest = max((math.prod(s) for s in shapes.values()), default=0)
+    if config.num_layers > len(shapes) or config.vocab_size * config.emb_dim > largest \
+            or config.model_dim * max(config.mlp_hidden, 1) > largest:
+        raise ArtifactError(
+            f"{source}: the stored model config ({config.num_layers} layers, vocab {config.vocab_size}, width "
+            f"{config.model_dim}) is larger than the {len(shapes)} tensors it holds (largest {largest} elements)"
+        )
+    with torch.device("meta"):
+        meta_model = GPT(config)
+    dropped = {k for k, r in parameter_roles(meta_model).items() if not r.exported}  # as _export_state_dict does
+    expected = {k: tuple(t.shape) for k, t in meta_model.state_dict().items() if k not in dropped}
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = next((k for k in expected if k in shapes and shapes[k] != expected[k]), None)
+    if missing or extra or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else
+                  f"{wrong} is {shapes[wrong]}, the config implies {expected[wrong]}")
+        raise ArtifactError(f"{source}: the tensors do not match the stored model config ({detail})")
 
 
 def load_artifact(path: PathLike, config: Optional[GPTConfig] = None) -> tuple[GPTConfig, dict[str, Tensor]]:

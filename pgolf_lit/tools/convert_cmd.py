@@ -11,6 +11,7 @@ import io
 
 import torch
 
+from pgolf_lit.checkpoint import load_checkpoint_file, save_checkpoint_file
 from pgolf_lit.config import gpt_config_from_yaml
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.fileio import atomic_write_bytes
@@ -25,12 +26,10 @@ def _save(obj, path: str) -> None:
 
 
 def _load(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except Exception as e:  # a weights_only refusal or a corrupt zip
-        raise ConfigError(f"{path}: not a loadable state dict ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    obj = load_checkpoint_file(path, what="state dict")  # weights only, checksum verified when it has one
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: expected a state dict, got a {type(obj).__name__}")
+    return obj
 
 
 def main(argv) -> None:
@@ -45,8 +44,10 @@ def main(argv) -> None:
     model = GPT(cfg)
     if args.from_upstream:
         load_upstream_state_dict(model, _load(args.from_upstream), args.from_upstream)
-        # A Lightning-style checkpoint of GolfModule weights (load with `pgolf test --ckpt_path` or export --ckpt).
-        _save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "pgolf_gpt": cfg.to_dict()}, args.out)
+        # A Lightning-style checkpoint of GolfModule weights (load with `pgolf test --ckpt_path` or export --ckpt),
+        # written like every checkpoint: atomically, fsynced, with its checksum.
+        save_checkpoint_file({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                              "pgolf_gpt": cfg.to_dict()}, args.out)
     else:
         ckpt = _load(args.to_upstream)
         sd = ckpt.get("state_dict", ckpt)

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 
 from pgolf_lit.config import load_config
+from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval import EVAL_METHODS, EvalSettings
 
 
@@ -52,9 +53,9 @@ def settings_from(args) -> EvalSettings:
     if args.config:
         section = ((load_config(args.config).get("model") or {}).get("evaluation")) or {}
         settings = EvalSettings.from_dict(section)
-    if args.seq_len:
+    if args.seq_len is not None:
         settings.seq_len = args.seq_len
-    if args.stride:
+    if args.stride is not None:
         settings.stride = args.stride
     if args.window_rule:
         settings.sliding = dataclasses.replace(settings.sliding, window_rule=args.window_rule)
@@ -74,6 +75,8 @@ def main(argv) -> None:
     from pgolf_lit.fabric_eval import evaluate_artifact
 
     args = build_parser().parse_args(argv)
+    if args.val_max_tokens < 0:
+        raise ConfigError(f"--val-max-tokens: must be 0 (the whole split) or positive, got {args.val_max_tokens}")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     evaluate_artifact(
         args.artifact, args.data, methods=methods_from(args), settings=settings_from(args),

@@ -59,9 +59,13 @@ def main(argv) -> None:
     if args.ckpt:
         steps_trained = module.load_checkpoint_weights(args.ckpt)
     else:
+        from pgolf_lit.checkpoint import load_checkpoint_file
         from pgolf_lit.model.convert import load_upstream_state_dict
 
-        load_upstream_state_dict(module.model, torch.load(args.upstream, map_location="cpu", weights_only=True), args.upstream)
+        state_dict = load_checkpoint_file(args.upstream, what="state dict")
+        if not isinstance(state_dict, dict):
+            raise ConfigError(f"{args.upstream}: expected an upstream state dict, got a {type(state_dict).__name__}")
+        load_upstream_state_dict(module.model, state_dict, args.upstream)
     module.to(args.device)
     model = module.model
     model.set_recurrence(True)
