@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from pgolf_lit.checkpoint import CHECKSUM_KEY, load_checkpoint_file
 from pgolf_lit.cli import main
@@ -437,7 +437,6 @@ def _build_in_child(corpus: Path, out: Path) -> None:
 
 def _interrupted_build(corpus: Path, out: Path, sig: int) -> int:
     """``pgolf data build`` in a forked child, sent ``sig`` once its own staging folder exists; its exit code."""
-    before = set(out.glob(".pgolf-build-*"))
     child = multiprocessing.get_context("fork").Process(target=_build_in_child, args=(corpus, out))
     child.start()
     deadline = time.time() + 120
