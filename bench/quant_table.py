@@ -483,7 +483,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     by_key = {r.scheme.key: r for r in results}
     deq = {k: read_artifact(r.path).state_dict for k, r in by_key.items() if k not in ("fp16", "default_routing")}
     errs = hessian_errors(model, hessians, deq)
-    pairs = [("int6_rtn_pct", "int6_gptq_pct"), ("int6_rtn_sdclip", "int6_gptq_sdclip")]
+    pairs = [("int6_rtn_pct", "int6_gptq_pct"), ("int6_rtn_sdclip", "int6_gptq_sdclip"), ("pr1855_no_lqer", "pr1855_lqer")]
     pairs = [(a, b) for a, b in pairs if a in deq and b in deq]
     if not pairs and "int6_rtn_pct" in deq and "int6_gptq_sdclip" in deq:
         pairs = [("int6_rtn_pct", "int6_gptq_sdclip")]
@@ -501,7 +501,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         rows.append(cells)
     headers = ["category", "matrices"] + (["RTN int8"] if "int8_rtn" in deq else [])
     for a, b in pairs:
-        headers += [by_key[a].scheme.label, by_key[b].scheme.label, "GPTQ / RTN"]
+        headers += [by_key[a].scheme.label, by_key[b].scheme.label, "right / left"]
     wins = []
     for a, b in pairs:
         w, n = matrix_wins(model, hessians, deq[a], deq[b])
@@ -518,6 +518,8 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     prune_rows = []
     if not args.quick:
         for key, mode in (("int6_gptq_pct", "upstream"), ("int6_gptq_sdclip", "search")):
+            if key not in by_key:  # --schemes left it out
+                continue
             base = by_key[key]
             for frac in args.prune_excess:
                 budget = base.report.code_bytes + int(base.report.model_bytes * (1 - frac))

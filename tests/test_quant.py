@@ -25,7 +25,7 @@ from pgolf_lit.model.roles import matrix
 from pgolf_lit.quant import artifact as art
 from pgolf_lit.quant.artifact import decode_native, encode_native, encode_upstream, read_upstream_artifact
 from pgolf_lit.quant.calibration import generate_calibration_tokens, token_batches
-from pgolf_lit.quant.code_size import CODE_FILES, code_files, measure_code_size, minify, package_program, wrap
+from pgolf_lit.quant.code_size import CODE_ENTRY_MODULES, code_files, measure_code_size, minify, package_program, wrap
 from pgolf_lit.quant.compress import CODECS, byte_shuffle, byte_unshuffle, compress, decompress, sniff_codec
 from pgolf_lit.quant.export import (
     ExportConfig,
@@ -609,7 +609,9 @@ def test_code_size_counts_the_wrapped_package():
     assert size.wrapped_bytes == len(wrap(program).encode()) == size.counted_bytes < size.program_bytes
     lines = wrap(program).split("\n")
     assert len(lines) == 2 and lines[0] == "import lzma as L,base64 as B"
-    assert set(CODE_FILES) >= {"pgolf_lit/config.py", "pgolf_lit/quant", "pgolf_lit/model"}
+    assert "pgolf_lit.eval" in CODE_ENTRY_MODULES and "pgolf_lit/eval/windows.py" in files
+    # Only what evaluation imports: the training side and the audit tool are not counted.
+    assert not {"pgolf_lit/module.py", "pgolf_lit/eval/audit.py", "pgolf_lit/optim/muon.py"} & set(files)
     assert minify('"""doc"""\ndef f():\n    """doc"""\n    # note\n    return 1\n') == "def f():\n    return 1\n"
 
 
@@ -628,6 +630,13 @@ def test_wrapped_code_alone_loads_and_evaluates_an_artifact(tmp_path):
         m = e.build_model_from_artifact({str(tmp_path / 'm.bin')!r})
         with torch.no_grad():
             torch.save(m.forward_logits(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+        import sys, pgolf_lit.eval, pgolf_lit.data.tokenizer, pgolf_lit.data.shards
+        # Every registered method's code, and whatever it imports lazily, came from the wrapper, not the install.
+        from pgolf_lit.eval.registry import EVAL_METHODS
+        assert set(EVAL_METHODS) >= {{"standard", "sliding"}}
+        outside = sorted(n for n, mod in sys.modules.items()
+                         if n.startswith("pgolf_lit") and not str(getattr(mod, "__file__", "")).startswith("pgolf_lit/"))
+        assert not outside, outside
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, capture_output=True)

@@ -1,7 +1,8 @@
 """Honest code bytes: the package source needed to load and evaluate an artifact, wrapped as records wrap theirs.
 
 The challenge counts code bytes + compressed model bytes. A record counts its one script; a package must count
-every source file that loading and evaluating an artifact runs: ``CODE_FILES``. Those sources (docstrings and
+every source file that loading and evaluating an artifact runs: ``code_files()``, the import closure of
+``CODE_ENTRY_MODULES``. Those sources (docstrings and
 comments stripped, as PR #1394 minified its script) go into one Python program that installs them as an
 importable ``pgolf_lit`` package, and that program is wrapped the way PR #1333/#1334 wrapped theirs::
 
@@ -22,19 +23,15 @@ from typing import Optional
 
 from pgolf_lit.errors import ArtifactError
 
-# Paths relative to the repository root; a directory means every .py file under it.
-CODE_FILES = (
-    "pgolf_lit/__init__.py",
-    "pgolf_lit/errors.py",
-    "pgolf_lit/fileio.py",
-    "pgolf_lit/config.py",
-    "pgolf_lit/metrics.py",
-    "pgolf_lit/model",
-    "pgolf_lit/quant",
-    "pgolf_lit/eval",
-    "pgolf_lit/data/__init__.py",
-    "pgolf_lit/data/shards.py",
-    "pgolf_lit/data/tokenizer.py",
+# What loading and evaluating an artifact imports: the artifact reader, every registered eval method, the val
+# shards and byte LUTs. The counted files are these modules plus everything they import from pgolf_lit (lazy
+# imports inside functions included), so a new dependency is counted the day it is added.
+CODE_ENTRY_MODULES = (
+    "pgolf_lit.quant.export",
+    "pgolf_lit.eval",
+    "pgolf_lit.metrics",
+    "pgolf_lit.data.shards",
+    "pgolf_lit.data.tokenizer",
 )
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -67,17 +64,55 @@ class CodeSize:
         return self.wrapped_bytes
 
 
-def code_files(root: Path = PACKAGE_ROOT, entries: tuple[str, ...] = CODE_FILES) -> list[str]:
-    """The .py files of ``entries`` under ``root``, sorted; a listed path that does not exist is an error."""
+def _module_file(root: Path, module: str) -> Optional[str]:
+    base = module.replace(".", "/")
+    for rel in (f"{base}.py", f"{base}/__init__.py"):
+        if (root / rel).is_file():
+            return rel
+    return None
+
+
+def _imported_modules(source: str, package: str) -> set[str]:
+    """Every ``pgolf_lit`` module a source imports anywhere in it (``from a import b`` may name module ``a.b``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "pgolf_lit")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the importing package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base.split(".")[0] == "pgolf_lit":
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names)
+    return found
+
+
+def code_files(root: Path = PACKAGE_ROOT, entries: tuple[str, ...] = CODE_ENTRY_MODULES) -> list[str]:
+    """The .py files of ``entries`` and of every pgolf_lit module they import (with their packages' __init__),
+    sorted; an entry that does not exist is an error."""
     files: set[str] = set()
-    for entry in entries:
-        path = root / entry
-        if path.is_dir():
-            files.update(p.relative_to(root).as_posix() for p in path.rglob("*.py"))
-        elif path.is_file():
-            files.add(entry)
-        else:
-            raise ArtifactError(f"{path}: listed in CODE_FILES but missing; the code size cannot be counted")
+    todo = []
+    for module in entries:
+        if _module_file(root, module) is None:
+            raise ArtifactError(f"{root}: {module} is a code entry module but has no source; the code size cannot be counted")
+        todo.append(module)
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        rel = _module_file(root, module)
+        if rel is None:  # ``from pkg import name`` where name is not a module
+            continue
+        files.add(rel)
+        parts = module.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # the packages it sits in
+        package = module if rel.endswith("__init__.py") else ".".join(parts[:-1])
+        todo.extend(_imported_modules((root / rel).read_text(encoding="utf-8"), package))
     return sorted(files)
 
 
@@ -93,7 +128,7 @@ def minify(source: str) -> str:
     return ast.unparse(tree) + "\n"
 
 
-def package_program(root: Path = PACKAGE_ROOT, entries: tuple[str, ...] = CODE_FILES) -> tuple[str, int, list[str]]:
+def package_program(root: Path = PACKAGE_ROOT, entries: tuple[str, ...] = CODE_ENTRY_MODULES) -> tuple[str, int, list[str]]:
     """The self-installing program, the raw source bytes it was made from, and the file list."""
     files = code_files(root, entries)
     sources = {}
