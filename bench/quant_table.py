@@ -479,12 +479,13 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         f"single-threaded codecs; shared machine, so expect ±30 %). {caption}.\n\n" + md_table(headers[:-1], time_rows)
     )
 
-    # -- 3. Hessian-weighted error, GPTQ vs RTN on the same matrices and Hessians
+    # -- 3. Hessian-weighted error on the same matrices and Hessians: GPTQ vs RTN, LQER vs none
     by_key = {r.scheme.key: r for r in results}
     deq = {k: read_artifact(r.path).state_dict for k, r in by_key.items() if k not in ("fp16", "default_routing")}
     errs = hessian_errors(model, hessians, deq)
-    pairs = [("int6_rtn_pct", "int6_gptq_pct"), ("int6_rtn_sdclip", "int6_gptq_sdclip"), ("pr1855_no_lqer", "pr1855_lqer")]
-    pairs = [(a, b) for a, b in pairs if a in deq and b in deq]
+    ratio_label = {("int6_rtn_pct", "int6_gptq_pct"): "GPTQ / RTN", ("int6_rtn_sdclip", "int6_gptq_sdclip"): "GPTQ / RTN",
+                   ("pr1855_no_lqer", "pr1855_lqer"): "LQER / none", ("int6_rtn_pct", "int6_gptq_sdclip"): "GPTQ / RTN"}
+    pairs = [p for p in list(ratio_label)[:3] if p[0] in deq and p[1] in deq]
     if not pairs and "int6_rtn_pct" in deq and "int6_gptq_sdclip" in deq:
         pairs = [("int6_rtn_pct", "int6_gptq_sdclip")]
     rows = []
@@ -501,7 +502,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         rows.append(cells)
     headers = ["category", "matrices"] + (["RTN int8"] if "int8_rtn" in deq else [])
     for a, b in pairs:
-        headers += [by_key[a].scheme.label, by_key[b].scheme.label, "right / left"]
+        headers += [by_key[a].scheme.label, by_key[b].scheme.label, ratio_label[a, b]]
     wins = []
     for a, b in pairs:
         w, n = matrix_wins(model, hessians, deq[a], deq[b])
@@ -582,6 +583,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--schemes", nargs="+", default=(), help="only these variants (keys of `schemes`)")
     p.add_argument("fit_args", nargs="*", help="after --: extra `pgolf fit` overrides (part of the cache key)")
     args = p.parse_args(argv)
+    args.configs = [str(Path(c).resolve()) for c in args.configs]  # before run_tables changes into --work
     if args.quick:
         args.fit_args = [*QUICK_FIT_ARGS, *args.fit_args]
         args.calib_batches = min(args.calib_batches, 2)
