@@ -17,7 +17,8 @@ SLOT passes take everything else from the record presets (``slot_preset``: steps
 delta position, window rule); TTT takes ``TTTConfig``'s PR #1334 defaults with chunks of 4 windows' worth of
 tokens (16 in the records, 32,768 / 2,048, over a split ~4,000 times longer) and runs on all ``--val-tokens``.
 
-Nothing printed is a constant except the quoted upstream figures, each cited to its section of the spec.
+Nothing printed is a constant except the quoted upstream figures, each cited to the record log or README it is
+read from.
 """
 
 from __future__ import annotations
@@ -45,16 +46,15 @@ from quant_table import (  # noqa: E402  (shared helpers: training/cache, machin
     val_token_count,
 )
 
-SPEC = "spec/evaluation.md"
-# The seeds' reported effects, copied from the spec (method BPB − the same record's sliding BPB).
+# The seeds' reported effects (method BPB − the same record's sliding BPB), each with the record file it is read from.
 UPSTREAM = {
-    "slot_pr1263": ("−0.191", "§4.4 (3-seed mean 0.93544 vs sliding 1.12633, s64)"),
-    "slot_pr1278": ("−0.352", "§4.4 (README: 0.7736 vs 1.1257)"),
-    "slot_pr1321": ("−0.381", "§4.4 (0.74056 vs sliding 1.12168, s96)"),
-    "causal_batch_shared": ("−0.0130", "§5.2 / §8 (#1333: 1.0766 vs 1.0896)"),
-    "ttt_exact": ("+0.2466", "§6.4 (#1334 seed 42: 1.33603 vs 1.08939; PR #1334 window rule)"),
+    "slot_pr1263": ("−0.191", "PR #1263 logs/seed{1337,42,7}.log (3-seed mean 0.93544 vs sliding 1.12633, s64)"),
+    "slot_pr1278": ("−0.352", "PR #1278 README.md (0.7736 vs 1.1257; no logs)"),
+    "slot_pr1321": ("−0.381", "PR #1321 train_seed{1337,42,2024}.log (0.74056 vs sliding 1.12168, s96)"),
+    "causal_batch_shared": ("−0.0130", "PR #1333 train_seed{42,314,999}.log (1.0766 vs 1.0896)"),
+    "ttt_exact": ("+0.2466", "PR #1334 train_seed42.log (1.33603 vs 1.08939; PR #1334 window rule)"),
 }
-UPSTREAM_TIME = {  # seconds per pass on 8×H100 over the full 62M-token val split (spec §4.4 / §8)
+UPSTREAM_TIME = {  # seconds per pass on 8×H100 over the full 62M-token val split (the same record logs)
     "sliding_exact": "76.2 (#1333)",
     "sliding_legacy": "119.4 (#1263)",
     "standard": "7.6 (#1333)",
@@ -193,7 +193,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
            f"re-run on that subset" if any(s for _, s in rows_meta) else "")
         + f"; fp32 model, eval window L = {seq_len}, stride S = {stride}. "
         f"Δ columns: this pass's BPB − the sliding pass on the same tokens. Upstream: the seed's reported "
-        f"effect of the same procedure at record scale (L 2048, stride 64/96, 8×H100, {SPEC} §4.4, §5.2, §6.4, §8); "
+        f"effect of the same procedure at record scale (L 2048, stride 64/96, 8×H100, from the record logs); "
         f"upstream time = that pass over the full val split."
     )
     headers = ["pass", "settings", "val tokens", "scored", "BPB", "Δ vs sliding exact", "Δ vs sliding legacy",
@@ -202,7 +202,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
     if checks:
         text += "\n\nSelf-check: " + "; ".join(checks) + "."
     sources = "; ".join(f"{k}: {ref}" for k, (_, ref) in UPSTREAM.items())
-    text += f"\n\nUpstream Δ sources ({SPEC}): {sources}."
+    text += f"\n\nUpstream Δ sources: {sources}."
     return text
 
 
@@ -233,7 +233,8 @@ def audit_section() -> str:
         f"`format_audit_table` prints), float64 tiny causal model (vocab {s.vocab_size}, d {s.model_dim}), "
         f"L {s.seq_len}, stride {s.stride}, batch {s.batch_windows}, world {s.world_size}, tol {s.tol:g}; "
         f"{secs:.1f} s. A = prefix invariance, B = every target scored exactly once, C = score before update, "
-        f"D = batch/world invariance (diagnostic). Expected verdicts: {SPEC} §7.6.\n\n" + md_table(headers, rows)
+        f"D = batch/world invariance (diagnostic). Expected verdicts: docs/techniques.md §6 (Compliance verdicts)."
+        "\n\n" + md_table(headers, rows)
     )
 
 

@@ -1,6 +1,6 @@
 """The records' training step as a plain PyTorch loop: the reference side of ``bench/throughput.py``.
 
-It does per optimizer step what upstream ``train_gpt.py`` does (spec/training.md §1), with pgolf_lit's model,
+It does per optimizer step what upstream ``train_gpt.py`` does in its ``main`` loop, with pgolf_lit's model,
 optimizers and loaders and nothing of Lightning:
 
     scale = LR multiplier (elapsed wallclock, cap)   [recurrence switch when due]

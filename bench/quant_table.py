@@ -445,8 +445,9 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         f"**Quantization gap, {tag}** — {caption}; calibration {hrep.num_batches} replayed train batches "
         f"({hrep.num_tokens:,} tokens); native container, brotli-11 + byte shuffle, no pruning; BPB = standard eval "
         f"(seq_len {dm.val_seq_len}). Rows at 1/R floor: share of the per-row scales equal to fp16(1/R), the scale "
-        f"floor of the baseline/int6 scripts (spec/quantization.md §2.3: when it binds, the percentile search is a no-op "
-        f"and the grid is a fixed step); codes = 0 / ±1: shares over every quantized tensor.\n\n"
+        f"floor of the baseline/int6 scripts (upstream `quantize_float_tensor`, `quantize_int6_per_row`: when it "
+        f"binds, the percentile search is a no-op and the grid is a fixed step); codes = 0 / ±1: shares over every "
+        f"quantized tensor.\n\n"
         + md_table(["scheme", "keep-float numel", "quantized tensors", "model bytes", "code bytes", "total bytes",
                     "pre BPB", "post BPB", "gap (post − pre)", "rows at 1/R floor", "codes = 0", "codes = ±1"],
                    rows)
@@ -560,8 +561,8 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
 
 
 UPSTREAM_GAPS = (
-    "Upstream, for comparison (the shared spec `spec/quantization.md` §11, \"Mean gaps [derived]\", post-quant "
-    "standard BPB − pre-quant BPB of the record logs, 8×H100, ~16 MB artifacts): baseline 0.0072; #1263 0.0035; "
+    "Upstream, for comparison (post-quant standard BPB − pre-quant BPB, mean over the seed logs in each record's "
+    "folder, e.g. PR #1394 train_seed*.log; 8×H100, ~16 MB artifacts): baseline 0.0072; #1263 0.0035; "
     "#1321 0.0075; #1333 0.0116; #1334 0.0116; #1421 0.0141; #1394 0.0121."
 )
 

@@ -1,4 +1,4 @@
-"""EMA of the weights, as the records keep it (spec/training.md §6.1).
+"""EMA of the weights, as the records keep it (``ema_state`` in PR #1263 ``main``, PR #1334/#1394 ``train_model``).
 
 Built on Lightning's ``WeightAveraging`` (an ``AveragedModel`` updated after every optimizer step, stored in
 checkpoints, copied into the model at the end of training). Lightning's ``EMAWeightAveraging`` differs from

@@ -1,5 +1,6 @@
 """GPTQExport: at the end of ``fit`` (after EMA/SWA were applied) quantize, compress and write the artifact,
-then read it back and score it, as the record scripts do after training (spec/quantization.md §9).
+then read it back and score it, as the record scripts do after training (PR #1334/#1394
+``train_and_eval``: ``serialize``, ``deserialize``, then ``eval_val``).
 
 Prints, upstream style: the pre-quantization score of the final weights, the byte accounting (model + code =
 total against the 16,000,000 budget) and the roundtrip score of the reloaded artifact. The export itself is

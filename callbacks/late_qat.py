@@ -1,5 +1,5 @@
-"""Late QAT (PR #1263/#1278/#1321, spec/training.md §7): once the LR multiplier falls below a threshold,
-every CastedLinear in training mode fake-quantizes its weight per row (int6: scale max(|w|max/31, 1/31),
+"""Late QAT (PR #1263/#1278/#1321 ``main``, ``CastedLinear._qat_enabled``): once the LR multiplier falls below a
+threshold, every CastedLinear in training mode fake-quantizes its weight per row (int6: scale max(|w|max/31, 1/31),
 codes in [-32, 31]) with a straight-through gradient.
 
 In the record runs the switch never took effect (a class flag flipped under torch.compile without a

@@ -1,4 +1,4 @@
-"""CompilePriming: upstream's warmup steps (spec/training.md §5).
+"""CompilePriming: upstream's warmup steps (the ``warmup_steps`` loop of train_gpt.py ``main``).
 
 Runs real optimizer steps on real batches before the training clock starts, so torch.compile builds (and
 autotunes) the training graphs off the clock, then restores the initial weights and optimizer state. The

@@ -1,4 +1,5 @@
-"""RecurrenceActivation: switch depth recurrence on during training (spec/training.md §8).
+"""RecurrenceActivation: switch depth recurrence on during training (PR #1421 ``train_model``'s ``recur_start_step``,
+PR #1394's ``enable_looping_at``).
 
 PR #1333/#1421 switch at the top of step 3000 (``at_step=3000``), PR #1394 when the training fraction reaches
 0.5 (``at_fraction=0.5``), PR #1278 runs it from the start (``at_step=0``). Evaluation and export always run

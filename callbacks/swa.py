@@ -1,4 +1,4 @@
-"""Tight SWA (PR #1263/#1278/#1321, spec/training.md §6.2): once the LR multiplier is below a threshold, add a
+"""Tight SWA (PR #1263/#1278/#1321 ``main``'s ``swa_state``): once the LR multiplier is below a threshold, add a
 copy of the weights every ``every`` steps to a running sum.
 
 In the records the sum is collected and never used (the exported weights are the EMA), so ``apply`` defaults

@@ -1,4 +1,4 @@
-"""WallclockBudget: the records' 600-second training cap (spec/training.md §4).
+"""WallclockBudget: the records' 600-second training cap (upstream ``main``: ``max_wallclock_ms``, ``stop_after_step``).
 
 The budget runs on the module's training clock (validation and compile priming excluded; Lightning's
 ``Timer`` counts validation, so it does not fit). A ``reserve`` (GPTQ seconds in PR #1333/#1421/#1394) is

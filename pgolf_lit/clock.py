@@ -1,8 +1,9 @@
 """The training wallclock: time spent in the training loop only (validation and compile priming excluded).
 
-The records' schedule and stop rule run on this clock (spec/training.md §3.1). Lightning's ``Timer`` counts
-validation time and restarts per stage, so it cannot drive them; this clock is paused around validation,
-started after priming, and saved in checkpoints so a resumed run continues its budget instead of restarting it.
+The records' schedule and stop rule run on this clock (``training_time_ms`` in upstream ``main``). Lightning's
+``Timer`` counts validation time and restarts per stage, so it cannot drive them; this clock is paused around
+validation, started after priming, and saved in checkpoints so a resumed run continues its budget instead of
+restarting it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """GPTConfig: every architecture switch of the baseline and the record systems, named as upstream names it.
 
 The defaults are the upstream baseline (``train_gpt.py``: 9 layers, 512 wide, relu² MLP ×2, SP1024, 17,059,912
-parameters). Each record in ``configs/records/`` sets only the fields where it differs. spec/model.md describes
-every switch; docs/techniques.md summarises them.
+parameters). Each record in ``configs/records/`` sets only the fields where it differs. docs/techniques.md
+describes every switch and names its upstream origin.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """GolfModule: the LightningModule around the GPT. It holds the step logic of the record scripts.
 
 One training batch is one optimizer step: the datamodule yields ``grad_accum`` micro-batches stacked, and
-``training_step`` runs them (DDP syncs gradients on the last one only), sets every group's LR from the
-schedule, clips, and steps the optimizers in the records' order (spec/training.md §1). Manual optimization
-keeps that order exact. Cross-cutting behaviour (EMA, SWA, late QAT, wallclock stop, recurrence switch,
+``training_step`` runs them (DDP syncs gradients on the last one only), sets every group's LR from the schedule,
+clips, and steps the optimizers in the records' order (upstream ``main`` loop, PR #1394 ``step_fn``). Manual
+optimization keeps that order exact. Cross-cutting behaviour (EMA, SWA, late QAT, wallclock stop, recurrence switch,
 compile priming, export) lives in the callbacks of ``callbacks/``.
 """
 
@@ -451,7 +451,7 @@ class GolfModule(L.LightningModule):
             self.trainer.should_stop = True
 
     # --------------------------------------------------------------------------------------------------
-    # Validation: the full split, contiguous sequences, raw weights (spec/evaluation.md §2)
+    # Validation: the full split, contiguous sequences, raw weights (upstream train_gpt.py ``eval_val``)
     # --------------------------------------------------------------------------------------------------
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and self.check_finite_every:

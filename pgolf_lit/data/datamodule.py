@@ -5,8 +5,8 @@ As upstream, ``grad_accum = grad_accum_base // world_size`` (8 // W on 8 GPUs) a
 ``train_batch_tokens // grad_accum_base`` tokens per micro-batch; one training batch stacks the
 ``grad_accum`` micro-batches of one optimizer step, so the module steps once per batch.
 
-Validation is the whole val split trimmed as upstream (spec/data.md §10), split into contiguous sequence ranges
-per rank with no padding or duplicates (Lightning's DistributedSampler would duplicate samples, so the
+Validation is the whole val split trimmed as upstream (train_gpt.py ``load_validation_tokens``), split into contiguous
+sequence ranges per rank with no padding or duplicates (Lightning's DistributedSampler would duplicate samples, so the
 datasets here are rank-aware iterables).
 """
 

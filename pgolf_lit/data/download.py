@@ -1,7 +1,7 @@
 """Fetch the official pre-tokenized FineWeb shards (``pgolf data download``), as upstream
 ``data/cached_challenge_fineweb.py`` does.
 
-Same remote paths, local layout and rules (spec/data.md §3-5): the manifest decides how many shards exist; the
+Same remote paths, local layout and rules (its ``main`` and ``get``): the manifest decides how many shards exist; the
 validation split is always fetched in full; ``--train-shards N`` fetches the first N training shards; files already
 in the data root are not fetched again, so a complete local tree needs no network. On top of upstream: every shard
 is validated (header and size) before it is put in place, an invalid local shard is fetched again, ``--hub-root``
@@ -102,7 +102,7 @@ class HubSource:
                 repo_id=self.repo_id, filename=name, subfolder=parent or None, repo_type="dataset",
                 revision=self.revision,
             )
-        # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first (spec/data.md §12).
+        # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first (huggingface_hub 0.x and 2.x).
         except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, ConnectionError):
             offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
             reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face hub cannot be reached"

@@ -3,7 +3,7 @@
 Each loader yields micro-batches ``(x, y)``, int64 CPU tensors of shape ``(rows, seq_len)`` with
 ``rows = tokens_per_rank // seq_len``, where ``tokens_per_rank`` is upstream's ``L = B // (world_size * G)``; ``y``
 is ``x`` shifted one token to the right. One ``next_batch()`` call is one upstream ``next_batch`` call, so an
-optimizer step makes G of them (spec/data.md §9):
+optimizer step makes G of them (upstream train_gpt.py ``DistributedTokenLoader.next_batch``):
 
 - ``SequentialLoader``: the baseline's ``TokenStream`` + ``DistributedTokenLoader`` (one stream over the sorted
   shards, wrapping after the last; each call takes ``world_size * (L + 1)`` tokens and rank r keeps slice r).

@@ -1,7 +1,7 @@
 """Text or JSONL documents to token shards, with upstream's export rules (``pgolf data build``).
 
-The output tree is the one the official download produces (spec/data.md §3-4, §7-8), so every loader, the
-downloader's ``--hub-root`` and the record scripts read it unchanged::
+The output tree is the one the official download produces (upstream data/download_hf_docs_and_tokenize.py ``main``),
+so every loader, the downloader's ``--hub-root`` and the record scripts read it unchanged::
 
     OUT/manifest.json
     OUT/tokenizers/fineweb_<V>_bpe.model, .vocab
@@ -493,7 +493,8 @@ def _build_manifest(
     tokenizer_name: str,
     caseops: bool = False,
 ) -> dict:
-    """The upstream manifest (spec/data.md §4); paths relative to the output root, other variants kept.
+    """The upstream manifest (download_hf_docs_and_tokenize.py ``main``); paths relative to the output root, other
+    variants kept.
 
     A CaseOps build adds the fields of PR #1855 download_hf_docs_and_tokenize.py: ``text_transform`` and
     ``reserve_text_transform_controls`` on the tokenizer, ``val_bytes_glob`` on the dataset.

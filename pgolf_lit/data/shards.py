@@ -2,7 +2,8 @@
 
 A shard is a 1024-byte header of 256 little-endian int32 words (magic 20240520, version 1, token count N,
 then zeros) followed by N little-endian uint16 tokens; the file size is exactly 1024 + 2N. Datasets live in
-``<root>/datasets/<name>/fineweb_{train,val}_NNNNNN.bin`` (spec/data.md §2-3).
+``<root>/datasets/<name>/fineweb_{train,val}_NNNNNN.bin`` (upstream train_gpt.py ``load_data_shard``,
+data/cached_challenge_fineweb.py).
 
 A CaseOps dataset (PR #1855) also has a byte sidecar ``fineweb_val_bytes_NNNNNN.bin`` per val shard: the same
 format, one entry per val token, the number of bytes of the original text that token covers (0 for BOS).

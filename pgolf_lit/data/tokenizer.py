@@ -1,7 +1,7 @@
 """SentencePiece tokenizers: load with checks, train with the upstream export settings, build byte LUTs.
 
-The byte LUTs turn token-level cross entropy into bits per byte (spec/evaluation.md §1.3-1.4): for a scored
-position with previous token ``u`` and target ``t`` the target is worth
+The byte LUTs turn token-level cross entropy into bits per byte (upstream ``build_sentencepiece_luts``, ``eval_val``):
+for a scored position with previous token ``u`` and target ``t`` the target is worth
 ``base_bytes[t] + (has_leading_space[t] and not is_boundary[u])`` UTF-8 bytes.
 """
 
@@ -20,7 +20,8 @@ from pgolf_lit.errors import DataError
 
 SPACE = "\u2581"  # SentencePiece's whitespace marker "▁"
 
-# The upstream export's trainer settings (spec/data.md §7); everything else stays at the library default.
+# The upstream export's trainer settings (data/download_hf_docs_and_tokenize.py ``build_sentencepiece_tokenizer``);
+# everything else stays at the library default.
 EXPORT_TRAINER_OPTIONS = dict(
     model_type="bpe",
     character_coverage=0.999,

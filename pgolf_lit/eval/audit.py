@@ -1,4 +1,4 @@
-"""Empirical causality audit of an evaluation procedure (spec/evaluation.md §7.5-7.6, ``pgolf audit``).
+"""Empirical causality audit of an evaluation procedure (the four conditions of upstream issue #1017, ``pgolf audit``).
 
 The procedure under test runs unchanged (window lists, batching, rank split, SLOT/TTT state) on a tiny
 deterministic float64 causal model, with a ``ScoreRecorder`` capturing every distribution it scores with and
@@ -15,7 +15,7 @@ D  batch / world invariance (diagnostic): the same distributions with one window
    between windows, such as PR #1333's batch-shared delta.
 
 float64 and deterministic kernels make any dependence visible at ``tol = 1e-12``; a GPU bf16 run would not.
-The verdicts expected from the seed procedures (§7.6): standard eval, exact sliding, per-window causal SLOT and
+The verdicts expected from the seed procedures: standard eval, exact sliding, per-window causal SLOT and
 score-first TTT pass A and C; standard SLOT and batch-shared causal SLOT fail A; the legacy and TTT window
 rules fail B.
 """
@@ -43,7 +43,7 @@ Procedure = Callable[[nn.Module, Tensor, BitsPerByte, "Recording", int, int, int
 
 @dataclass(frozen=True)
 class AuditSetup:
-    """The audit's model, stream and test set (spec §7.5 defaults: T = 12·L, p every 23rd index from 40)."""
+    """The audit's model, stream and test set (defaults: T = 12·L, p every 23rd index from 40)."""
 
     vocab_size: int = 40
     model_dim: int = 16

@@ -1,4 +1,4 @@
-"""The recording hook every evaluation procedure reports to (spec/evaluation.md §7.5).
+"""The recording hook every evaluation procedure reports to (read by the causality audit, ``audit.py``).
 
 Evaluators take an optional ``recorder``. When one is given they report every distribution they score with
 and every state update they apply, which lets the causality audit (``audit.py``) and the tests check the

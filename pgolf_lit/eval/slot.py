@@ -1,5 +1,6 @@
-"""SLOT: per-batch optimisation of a hidden-state delta (and optionally a logit bias) on top of the frozen
-model's hidden states, then scoring with it (spec/evaluation.md §4-5).
+"""SLOT: per-batch optimisation of a hidden-state delta (and optionally a logit bias) on top of the frozen model's
+hidden states, then scoring with it (PR #1263 ``eval_val_sliding_slot``, PR #1321 ``eval_val_slot``, PR #1333
+``run_evals``).
 
 Three modes, differing in what the delta is fitted on and who shares it:
 
@@ -10,7 +11,7 @@ causal_batch_shared  PR #1333. One delta [1,1,d] for the whole batch, fitted on 
                      window's unscored prefix. Non-compliant: the prefixes of later windows overlap the scored
                      blocks of earlier ones, so 31 of 32 windows are scored with a delta fitted on their own
                      targets (and up to ``seq_len - stride`` positions beyond).
-causal_per_window    pgolf_lit's compliant variant (§5.3). One delta per window, loss = sum over windows of each
+causal_per_window    pgolf_lit's compliant variant. One delta per window, loss = sum over windows of each
                      window's own mean prefix nll; Adam is element-wise, so every window's delta is exactly what
                      optimising it alone would give and depends only on tokens before its scored block. The
                      result is independent of batch size, batch membership and world size.

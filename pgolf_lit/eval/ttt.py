@@ -1,4 +1,4 @@
-"""Score-first test-time training (spec/evaluation.md §6, PR #1334/#1421 ``eval_val_ttt``).
+"""Score-first test-time training (PR #1334/#1421 ``eval_val_ttt``).
 
 The stream is cut into chunks of ``chunk_tokens`` positions; a window belongs to the chunk where its scored
 slice starts. Chunk by chunk: first score the chunk's windows with the current weights (no grad), then train
@@ -82,7 +82,8 @@ class TTTConfig:
 
     @property
     def compliant(self) -> bool:
-        """Score-first TTT is compliant (spec §7.4); only the legacy-style window lists re-score targets."""
+        """Score-first TTT is compliant (issue #1017's conditions); only the legacy-style window lists re-score
+        targets."""
         return self.window_rule == "exact"
 
     def lr_for_chunk(self, chunk: int, n_chunks: int) -> float:

@@ -1,5 +1,5 @@
 """Windows over the validation stream, their batching and scoring, and the two stateless evaluations:
-standard (non-overlapping sequences) and sliding-window (spec/evaluation.md §1-3).
+standard (non-overlapping sequences) and sliding-window (upstream ``eval_val``, the records' ``eval_val_sliding``).
 
 Every method in this package is "windows scored by some model": standard eval is the window list
 ``ws = 0, L, 2L, …`` with every position scored; sliding eval lets windows overlap and scores only their last
@@ -242,8 +242,8 @@ def evaluate_standard(
     options: ForwardOptions = ForwardOptions(),
     recorder: Optional[ScoreRecorder] = None,
 ) -> None:
-    """Non-overlapping sequences of ``seq_len``, every position scored (spec §2); contiguous rank split of the
-    ``T // seq_len`` sequences, ``batch_seqs`` per forward. Per-token nll is summed in float64, where the
+    """Non-overlapping sequences of ``seq_len``, every position scored (upstream ``eval_val``); contiguous rank split
+    of the ``T // seq_len`` sequences, ``batch_seqs`` per forward. Per-token nll is summed in float64, where the
     upstream ``eval_val`` adds float32 batch means (a ≤ 2e-7 difference in val_loss)."""
     windows = rank_share(sequence_windows(tokens.numel() - 1, seq_len), rank, world_size)
     evaluate_windows(
@@ -267,8 +267,9 @@ def evaluate_sliding(
     options: ForwardOptions = ForwardOptions(),
     recorder: Optional[ScoreRecorder] = None,
 ) -> None:
-    """Sliding-window eval (spec §3): every window scores only its slice ``[s, wl)``; contiguous rank split.
-    ``rule="exact"`` scores each target once; ``"legacy"`` reproduces the PR #1263/#1278/#1321 over-count."""
+    """Sliding-window eval (the records' ``eval_val_sliding``): every window scores only its slice ``[s, wl)``;
+    contiguous rank split. ``rule="exact"`` scores each target once; ``"legacy"`` reproduces the PR #1263/#1278/#1321
+    over-count."""
     all_windows = sliding_windows(tokens.numel() - 1, seq_len, stride, rule)
     evaluate_windows(
         model, tokens, metric, rank_share(all_windows, rank, world_size), seq_len=seq_len,

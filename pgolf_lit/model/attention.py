@@ -1,7 +1,7 @@
 """Grouped-query causal self-attention with QK RMSNorm, (partial) RoPE with the length rescale, a learned
-per-head q gain, optional XSA (projection removal), the VRL value residual (spec/model.md §1.2, §2.3-2.6,
-§2.12), PR #1855's sparse per-head output gate, variable-length (document-restricted) attention over packed
-rows, and the hooks of per-document LoRA adapters. Plain PyTorch."""
+per-head q gain, optional XSA (projection removal), the VRL value residual (``CausalSelfAttention`` of upstream
+train_gpt.py, PR #1263 and PR #1321), PR #1855's sparse per-head output gate, variable-length
+(document-restricted) attention over packed rows, and the hooks of per-document LoRA adapters. Plain PyTorch."""
 
 from __future__ import annotations
 

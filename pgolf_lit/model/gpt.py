@@ -1,6 +1,6 @@
 """The GPT of the baseline and every record system, built from a GPTConfig. Plain PyTorch.
 
-Forward, top to bottom (spec/model.md §1.3 and §2):
+Forward, top to bottom (upstream ``GPT.forward``; PR #1855 ``GPT._forward_hidden``):
   token embedding (→ token SmearGate, PR #1855) (+ BigramHash) → RMSNorm (→ embed_proj) (→ SmearGate) = x0
   encoder half of the layer schedule, pushing each output on a stack
   decoder half: pop a U-Net skip (scaled, optionally gated) before each block; from ``parallel_start_layer``

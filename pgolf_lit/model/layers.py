@@ -1,6 +1,7 @@
 """Building blocks of the GPT: weightless RMSNorm, CastedLinear (with a fake-quant hook), MLP, the two SmearGates
 (PR #1263's per-channel one, PR #1855's token-gated one), BigramHash, ValueEmbedding. Plain PyTorch
-(spec/model.md §1.2, §2.1, §2.9-2.11, §2.15)."""
+(upstream train_gpt.py ``RMSNorm``, ``CastedLinear``, ``MLP``; PR #1263 ``SmearGate``, ``BigramHashEmbedding``,
+``ValueEmbedding``)."""
 
 from __future__ import annotations
 

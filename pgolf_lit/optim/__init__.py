@@ -1,10 +1,10 @@
 """Optimizers, parameter routing and LR/momentum schedules of the record scripts. Plain PyTorch (no Lightning).
 
-Per training step (spec/training.md §1): ``mult = schedule.lr_multiplier(...)``,
-``apply_schedule(chain, mult, optim_cfg.muon_momentum_at(step))``, ``clip_grad_norm(model.parameters(),
-optim_cfg.grad_clip_norm)``, ``chain.step()``, ``chain.zero_grad()``. With ``grad_clip_scope: local``
-(PR #1855) backward leaves each rank's gradient local, the clip acts on it, and ``all_reduce_gradients`` averages
-the clipped gradients before ``chain.step()``.
+Per training step (upstream train_gpt.py ``main`` loop; PR #1334/#1394 ``step_fn``):
+``mult = schedule.lr_multiplier(...)``, ``apply_schedule(chain, mult, optim_cfg.muon_momentum_at(step))``,
+``clip_grad_norm(model.parameters(), optim_cfg.grad_clip_norm)``, ``chain.step()``, ``chain.zero_grad()``. With
+``grad_clip_scope: local`` (PR #1855) backward leaves each rank's gradient local, the clip acts on it, and
+``all_reduce_gradients`` averages the clipped gradients before ``chain.step()``.
 """
 
 from pgolf_lit.optim.chain import OptimizerChain, all_reduce_gradients, clip_grad_norm

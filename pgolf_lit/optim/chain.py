@@ -1,9 +1,9 @@
 """A chain that presents the records' several optimizers as one, and the records' gradient clipping.
 
-Per step, after backward (spec/training.md §1): ``apply_schedule`` (schedule.py), ``clip_grad_norm`` over all
-parameters, then ``OptimizerChain.step()`` (token, [head], Muon, scalar) and ``zero_grad``. With
-``grad_clip_scope: local`` (PR #1855) the gradients are not synchronised by backward: clip each rank's own, then
-``all_reduce_gradients``, then step.
+Per step, after backward (upstream train_gpt.py ``main`` loop; PR #1334/#1394 ``step_fn``): ``apply_schedule``
+(schedule.py), ``clip_grad_norm`` over all parameters, then ``OptimizerChain.step()`` (token, [head], Muon, scalar)
+and ``zero_grad``. With ``grad_clip_scope: local`` (PR #1855) the gradients are not synchronised by backward: clip
+each rank's own, then ``all_reduce_gradients``, then step.
 """
 
 from __future__ import annotations

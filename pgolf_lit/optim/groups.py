@@ -141,7 +141,7 @@ class OptimConfig:
         return self.adam_wd if self.embed_wd is None else self.embed_wd
 
     def muon_momentum_at(self, step: int) -> float:
-        """The Muon momentum for the step with 0-based index ``step`` (warmup, spec §3.4)."""
+        """The Muon momentum for the step with 0-based index ``step`` (warmup as in upstream ``main``)."""
         return momentum_warmup(
             step, self.muon_momentum_warmup_start, self.muon_momentum, self.muon_momentum_warmup_steps
         )

@@ -1,4 +1,5 @@
-"""Muon: momentum SGD whose update is orthogonalised by a Newton–Schulz iteration (spec/training.md §2.2–2.4).
+"""Muon: momentum SGD whose update is orthogonalised by a Newton–Schulz iteration (upstream train_gpt.py
+``Muon``, ``zeropower_via_newtonschulz5``).
 
 Every record script uses the same algorithm; they differ in decoupled weight decay (PR #1263 on), in MuonEq-R
 row normalisation of the update before the iteration (PR #1334 family, PR #1394), and, in PR #1855, in the

@@ -1,4 +1,5 @@
-"""LR warmdown multiplier and Muon momentum warmup of the record scripts (spec/training.md §3).
+"""LR warmdown multiplier and Muon momentum warmup of the record scripts (``lr_mul`` of upstream ``main``
+and of PR #1334/#1394 ``train_model``).
 
 The schedule values are pure functions of their arguments: the training clock (which excludes validation and
 compile priming) is measured by the caller and passed in as ``elapsed_ms``, together with the cap;

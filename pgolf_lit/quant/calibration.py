@@ -1,6 +1,6 @@
 """GPTQ calibration tokens: fixed batches from data, or text the model writes itself (PR #1019).
 
-The records after PR #1019 calibrate on training batches (spec/quantization.md §4.2); ``token_batches`` cuts a
+The records after PR #1019 calibrate on training batches (PR #1334/#1394 ``serialize``); ``token_batches`` cuts a
 ``[N, T]`` token tensor into the batches ``collect_hessians`` consumes. PR #1019 instead sampled its own
 calibration set so that export touches no data: sequences start from a uniformly random token and continue by
 temperature sampling from the model (no KV cache), all from one seeded generator; each sequence then feeds the

@@ -1,4 +1,4 @@
-"""Byte shuffle and the records' general-purpose compressors (spec/quantization.md §7.2-7.3).
+"""Byte shuffle and the records' general-purpose compressors (PR #1334/#1394 ``_byte_shuffle``, ``_compress``).
 
 Codecs are looked up by name in ``CODECS``; each name fixes its settings, so a name alone reproduces a record's
 bytes (given the same library build):

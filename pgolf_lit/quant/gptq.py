@@ -1,4 +1,5 @@
-"""Full GPTQ (Frantar et al., 2023) as the record scripts run it (spec/quantization.md §4).
+"""Full GPTQ (Frantar et al., 2023) as the record scripts run it (PR #1263 ``quantize_int6_gptq``,
+PR #1334/#1394 ``gptq_quantize_weight``).
 
 Quantize one column at a time, in descending order of the Hessian diagonal ("act-order"), and push each column's
 rounding error onto the columns not yet quantized through the upper Cholesky factor of H⁻¹. Columns go in

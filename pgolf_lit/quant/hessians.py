@@ -1,4 +1,5 @@
-"""GPTQ Hessians H = Σ XᵀX / batches from forward hooks on the GPT's linear layers (spec/quantization.md §4.1).
+"""GPTQ Hessians H = Σ XᵀX / batches from forward hooks on the GPT's linear layers (PR #1263/#1334/#1394
+``collect_hessians``).
 
 Which layers: ``"large"`` hooks the CastedLinear modules with more than ``min_numel`` (65,536) weights in the
 mlp/attn quant groups of their declared roles (PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263, PR #1019).

@@ -1,4 +1,5 @@
-"""Selective ±1 pruning: zero the cheapest ±1 codes until the artifact fits the budget (spec/quantization.md §6).
+"""Selective ±1 pruning: zero the cheapest ±1 codes until the artifact fits the budget (PR #1333/#1334/#1421
+``serialize``).
 
 Candidates are the entries with |q| = 1 in per-row quantized tensors below int8 (the int6 matrices; int8 tables
 are never pruned). Moving ±s to 0 adds s_row² of squared error, so candidates are taken in ascending order of

@@ -1,4 +1,5 @@
-"""Round-to-nearest symmetric integer quantization, one fp16 scale per row (spec/quantization.md §2).
+"""Round-to-nearest symmetric integer quantization, one fp16 scale per row (upstream ``quantize_float_tensor``, PR #1321
+``quantize_int6_per_row``).
 
 Three ways to pick a row's scale, each as the records compute it so that codes match them bit for bit:
 

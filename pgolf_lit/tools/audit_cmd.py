@@ -1,4 +1,4 @@
-"""``pgolf audit [--method NAME ...]``: the empirical causality audit (spec/evaluation.md §7.5) of each
+"""``pgolf audit [--method NAME ...]``: the empirical causality audit (issue #1017's conditions) of each
 evaluation procedure on a tiny deterministic float64 model: A prefix invariance, B every target scored exactly
 once, C score before update, D batch/world invariance. Exits 0; the table says which procedures fail."""
 

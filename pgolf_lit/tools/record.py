@@ -199,7 +199,8 @@ def compliance(doc: dict[str, Any]) -> str:
         return "The scored pass is marked `compliant:yes` in every eval log (pgolf's causality rules)."
     seeds = [seed for seed, f in doc["seed_results"].items() if not f["compliant"]]
     return (f"**Warning: the scored pass is marked `compliant:no` in the eval logs of seeds {', '.join(seeds)}: "
-            "it lets a target shape the prediction that scores it (see spec/evaluation.md).**")
+            "it lets a target shape the prediction that scores it (see `pgolf audit` and pgolf_lit's "
+            "docs/techniques.md §6).**")
 
 
 def readme(
