@@ -34,6 +34,12 @@ def set_qat_bits(model, bits: int) -> int:
 
 class LateQAT(Callback):
     def __init__(self, lr_scale_below: float = 0.15, bits: int = 6, apply: bool = False):
+        """
+        Args:
+            lr_scale_below: switch on when the step's LR multiplier falls below this (the records: 0.15).
+            bits: fake-quantization width of the weights (6: codes in [-32, 31]).
+            apply: really fake-quantize (False reproduces the record runs, where the switch had no effect).
+        """
         self.lr_scale_below = lr_scale_below
         self.bits = bits
         self.apply = apply

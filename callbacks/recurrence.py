@@ -15,6 +15,12 @@ from lightning.pytorch.callbacks import Callback
 
 class RecurrenceActivation(Callback):
     def __init__(self, at_step: Optional[int] = None, at_fraction: Optional[float] = None):
+        """Give exactly one of the two.
+
+        Args:
+            at_step: switch on at the top of this optimizer step (PR #1333/#1421: 3000; PR #1278: 0).
+            at_fraction: switch on once this fraction of the training budget is used (PR #1394: 0.5).
+        """
         if (at_step is None) == (at_fraction is None):
             from pgolf_lit.errors import ConfigError
 

@@ -21,6 +21,12 @@ from pgolf_lit.errors import ConfigError
 
 class SWA(Callback):
     def __init__(self, every: int = 50, lr_scale_below: float = 0.2, apply: bool = False):
+        """
+        Args:
+            every: add the weights to the sum every N optimizer steps once collecting (the records: 50).
+            lr_scale_below: start collecting when the step's LR multiplier falls below this (the records: 0.2).
+            apply: replace the weights by the average at the end of training (the records never do).
+        """
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigError(f"SWA.every: must be a positive number of steps, got {every!r}")
         self.every = every

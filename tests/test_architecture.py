@@ -313,3 +313,23 @@ def test_compile_settings_set_dynamo_as_the_records():
         assert torch._dynamo.config.optimize_ddp is False and torch._dynamo.config.cache_size_limit == 32
     finally:
         torch._dynamo.config.optimize_ddp, torch._dynamo.config.cache_size_limit = saved
+
+
+def test_every_callback_argument_has_help_text():
+    # `pgolf fit --trainer.callbacks.help <class>` shows the Args: docstrings; an undocumented knob is a blank line.
+    import inspect
+
+    from docstring_parser import parse
+
+    import pgolf_lit.callbacks as callbacks
+
+    missing = []
+    for name in callbacks.__all__:
+        cls = getattr(callbacks, name)
+        if not cls.__init__.__module__.startswith("pgolf_lit."):  # Lightning's own __init__ (and its docs)
+            continue
+        documented = {p.arg_name for p in parse(cls.__init__.__doc__ or "").params}
+        for arg, param in inspect.signature(cls.__init__).parameters.items():
+            if arg != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) and arg not in documented:
+                missing.append(f"{name}.{arg}")
+    assert not missing, missing
