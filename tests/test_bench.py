@@ -73,3 +73,21 @@ def test_host_syncs_lists_sites_per_step(bench, capsys):
     assert m, last
     assert float(m.group(1)) == pytest.approx(sum(sites.values()) / 2)
     assert all(count > 0 and site for site, count in sites.items())
+
+
+def test_container_compare_reencodes_the_record_artifact_and_prints_a_ratio(bench, capsys):
+    import shutil
+
+    if shutil.which("lrzip") is None:
+        pytest.skip("lrzip not on PATH")
+    module = bench("container_compare")
+    artifact = module.default_artifact()
+    if not artifact.is_file():
+        pytest.skip(f"no PR #1855 quant fixture at {artifact}")
+    text = module.main([str(artifact)])
+    assert text in capsys.readouterr().out
+    assert "byte-identical to the input" in text  # the re-encoded PGRP is the record's file
+    sizes = [int(m.replace(",", "")) for m in re.findall(r"^\| [^|]+ \| ([0-9,]+) \|", text, re.M)]
+    assert len(sizes) == 4 and all(s > 0 for s in sizes)
+    ratio = _positive_finite(re.search(rf"ratio PGRP / best single stream = {NUMBER}", text).group(1))
+    assert abs(ratio - sizes[0] / min(sizes[2:])) < 1e-3
