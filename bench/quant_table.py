@@ -511,8 +511,9 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     sections["hessian"] = (
         f"**Hessian-weighted error Σ tr((W−Ŵ)H(W−Ŵ)ᵀ), {tag}** — H = the undamped calibration Hessians "
         f"({hrep.num_batches} batches; the embedding's is the tied head's input), Ŵ = the dequantized weights read "
-        f"back from each artifact; summed over the matrices of each category. The embedding row is int8 in every "
-        f"scheme (RTN quantile for #1321/#1333, SDClip 20σ for the SDClip pair). {caption}.\n\n"
+        f"back from each artifact; summed over the matrices of each category. The embedding row is int8 (RTN "
+        f"quantile for #1321/#1333, SDClip 20σ for the SDClip pair), int7 at 14σ in PR #1855's pair, whose LQER "
+        f"corrects only its top-k error matrices. {caption}.\n\n"
         + md_table(headers, rows) + ("\n\n" + "; ".join(wins) + "." if wins else "")
     )
 
