@@ -110,7 +110,7 @@ class PhasedTTTSettings:
     global_grad_clip: float = 1.0
     """Global-norm clip of a global-phase step; 0 = off (GLOBAL_TTT_GRAD_CLIP)."""
     global_chunk_tokens: int = 32768
-    """Tokens per chunk of a global phase's training stream; the last chunk is never trained (GLOBAL_TTT_CHUNK_TOKENS)."""
+    """Tokens per chunk of a global phase's training stream; the last is never trained (GLOBAL_TTT_CHUNK_TOKENS)."""
     global_batch_seqs: int = 32
     """Evaluation-length sequences per global-phase step, over all ranks (GLOBAL_TTT_BATCH_SEQS)."""
     global_respect_doc_boundaries: bool = True
@@ -228,9 +228,13 @@ class _PhasedLearner:
         if cfg.lora_seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(cfg.lora_seed)
 
+        # adapters in fp32 as the record's (under bf16 autocast), fp64 for an fp64 model (the audit)
+        lora_dtype = torch.promote_types(self.model.tok_emb.weight.dtype, torch.float32)
+
         def default_factory(bsz: int) -> BatchedTTTLoRA:
-            return BatchedTTTLoRA(self.model, bsz, cfg.lora_rank, cfg.lora_alpha, k=cfg.k_lora, o=cfg.o_lora,
+            lora = BatchedTTTLoRA(self.model, bsz, cfg.lora_rank, cfg.lora_alpha, k=cfg.k_lora, o=cfg.o_lora,
                                   mlp=cfg.mlp_lora, generator=generator)
+            return lora.to(lora_dtype)
 
         self.new_lora = default_factory if lora_factory is None else (lambda bsz: lora_factory(self.model, bsz))
         self.forward = self._compiled_loss() if options.compile else self.model.forward_ttt
@@ -497,7 +501,10 @@ def evaluate_phased_ttt(
             chosen = [docs[doc] for _, _, doc in sorted(scored)[: boundaries[phase]]]
             reads, losses = _global_phase(learner, tokens, chosen, seq_len, rank, world_size, recorder)
             global_reads = max(global_reads, reads)
-            summary["phases"].append({"documents": len(chosen), "scored_before": len(scored), "losses": losses})
+            summary["phases"].append({
+                "documents": len(chosen), "tokens": sum(n for _, n in chosen), "scored_before": len(scored),
+                "losses": losses,
+            })
             phase += 1
             global_done = phase >= len(boundaries)
     return summary
