@@ -20,10 +20,12 @@ from pgolf_lit.eval import EvalSettings, Weights, evaluation_context, run_method
 from pgolf_lit.eval.audit import AuditSetup, audit, audit_methods
 from pgolf_lit.eval.phased_ttt import (
     PhasedTTTSettings,
+    deal,
     document_queue,
     evaluate_doc_isolated,
     evaluate_phased_ttt,
     find_documents,
+    phase_cuts,
 )
 from pgolf_lit.metrics import BitsPerByte, ByteCounts
 from pgolf_lit.model.convert import config_from_upstream, load_upstream_state_dict
@@ -201,6 +203,15 @@ def test_documents_and_queue_follow_the_record():
     assert queue == [(2, [2]), (1, [0, 4]), (0, [3, 1])]
     assert find_documents(stream([5], 20), BOS)[0] == (0, 6)  # a stream without a leading BOS: a document from 0
     assert TINY.phase_boundaries(4) == [2, 4] and replace(TINY, prefix_docs=0).phase_boundaries(9) == [0, 0]
+    # phases after the batch reaching each boundary, at most one per batch; none without a prefix
+    assert phase_cuts([2, 4, 4, 4], [2, 4, 6]) == [1, 2, 3] and phase_cuts([2, 4, 4, 4], [6]) == [2]
+    assert phase_cuts([4, 4], [1, 2, 3]) == [1, 2] and phase_cuts([4, 4], [0, 0]) == []
+    # the ranks' deals partition the queue, each rank's in queue order; the longest batch's rank gets less after it
+    many = find_documents(stream(list(range(0, 600, 7)) + [700, 900], 1000), BOS)
+    batches = document_queue(many, 4)
+    deals = [deal(batches, many, TINY, r, 3, 0) for r in range(3)]
+    assert sorted(sum(deals, [])) == list(range(len(batches))) and all(d == sorted(d) for d in deals)
+    assert deals[0][0] == 0 and len(deals[0]) < min(len(deals[1]), len(deals[2]))
 
 
 def test_zero_updates_equal_the_document_isolated_eval():

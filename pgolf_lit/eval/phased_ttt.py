@@ -13,10 +13,11 @@ State that carries across documents, as in the record: the adapters' A matrices 
 a batch of another size and after a global phase) and the base weights changed by the global phases. Both only
 ever learned from documents already scored.
 
-Ranks: batches are dealt round robin, rank r scoring queue items r, r + W, r + 2W, …, and the phase check runs
-after each round on the count every rank derives from the schedule. The record instead claims batches from a
-file counter in /tmp; a deterministic deal needs no shared file system and makes the run reproducible, and with
-one rank it is the record's order exactly.
+Ranks: the record's ranks claim batches from a file counter in /tmp and pause for a phase once a shared document
+count reaches its boundary. Here the phases sit at fixed queue positions (after the batch that reaches each
+boundary, ``phase_cuts``) and between them every rank deals the batches the same way, each to the rank with the
+least predicted work (``deal``): no shared file system, a reproducible run, and with one rank the record's order
+exactly.
 
 The recorder sees every scored position with the largest stream index read by any update its adapter or the base
 weights depend on, and every update with the stream range it read (a global-SGD step: the range of the stream
@@ -119,8 +120,9 @@ class PhasedTTTSettings:
     """Chunks of linear lr warmup before the cosine (GLOBAL_TTT_WARMUP_CHUNKS)."""
     global_warmup_start_lr: float = 0.0
     """Learning rate of the first warmup chunk (GLOBAL_TTT_WARMUP_START_LR)."""
-    lora_seed: Optional[int] = None
-    """Seed of the adapters' random A matrices; None = torch's global generator, as the record."""
+    lora_seed: Optional[int] = 0
+    """Seed of the adapters' random A matrices, so every evaluation of an artifact gives the same score; None =
+    torch's global generator (the record: whatever state training left it in)."""
     compile_warmup: bool = True
     """With compiled forwards: compile on random tokens before scoring (never on validation data)."""
 
@@ -206,6 +208,46 @@ def document_queue(docs: list[tuple[int, int]], batch_docs: int) -> list[tuple[i
 # ---------------------------------------------------------------------------------------------------------
 # Phased TTT
 # ---------------------------------------------------------------------------------------------------------
+
+
+def phase_cuts(batch_sizes: list[int], boundaries: list[int]) -> list[int]:
+    """Queue positions after which the global phases run: phase p after the first batch that brings the scored
+    documents to ``boundaries[p]``, at most one phase per batch (the record checks once after each batch); none
+    when every boundary is 0. A phase whose turn comes after the last batch still runs, as in the record."""
+    if not boundaries or boundaries[-1] == 0:
+        return []
+    cuts, scored, k = [], 0, 0
+    for boundary in boundaries:
+        if k == len(batch_sizes):
+            break
+        scored, k = scored + batch_sizes[k], k + 1  # a check follows a batch
+        while scored < boundary and k < len(batch_sizes):
+            scored, k = scored + batch_sizes[k], k + 1
+        cuts.append(k)
+    return cuts
+
+
+def batch_cost(docs: list[tuple[int, int]], batch: list[int], cfg: PhasedTTTSettings) -> int:
+    """Token cells the batch's forwards compute: every chunk runs all its rows at the chunk's window width."""
+    chunks = max(-(-(docs[i][1] - 1) // cfg.chunk) for i in batch)
+    return len(batch) * sum(min((ci + 1) * cfg.chunk, cfg.context) for ci in range(chunks))
+
+
+def deal(segment: list[tuple[int, list[int]]], docs: list[tuple[int, int]], cfg: PhasedTTTSettings, rank: int,
+         world_size: int, offset: int) -> list[int]:
+    """This rank's queue items of one segment between global phases: each item, in queue order, goes to the rank
+    with the least work dealt so far (ties to the lower rank), the work being ``batch_cost``. It mimics the
+    record's first-free-rank-claims-next queue without its shared file; every rank computes the same deal."""
+    if world_size == 1:
+        return list(range(offset, offset + len(segment)))
+    loads, mine = [0] * world_size, []
+    for k, (_, batch) in enumerate(segment):
+        target = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[target] += batch_cost(docs, batch, cfg)
+        if target == rank:
+            mine.append(offset + k)
+    return mine
+
 
 
 LoraFactory = Callable[[nn.Module, int], BatchedTTTLoRA]  # (the adapted model, batch size) -> adapters
@@ -393,6 +435,9 @@ def _global_phase(
     depend on the world size (the record averages per-rank means of per-rank batches, the same at its settings:
     16 sequences per chunk over 8 ranks, one step per chunk)."""
     cfg, model, device = learner.cfg, learner.model, learner.device
+    if not docs:  # a phase at a zero boundary (prefix_docs < num_phases) trains nothing, as in the record
+        learner.after_global_phase()
+        return NO_STATE, []
     stream = torch.cat([tokens[s : s + n] for s, n in docs])
     where = torch.cat([torch.arange(s, s + n) for s, n in docs])  # stream index of each concatenated token
     params = learner.global_params
@@ -470,6 +515,7 @@ def evaluate_phased_ttt(
     """
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("phased TTT with world_size > 1 needs an initialised torch.distributed process group")
+    tokens = tokens.cpu()  # windows are gathered on the host and moved per chunk, as the record does
     bos = model.config.bos_id
     docs = find_documents(tokens, bos)
     queue = document_queue(docs, cfg.batch_docs)
@@ -477,36 +523,30 @@ def evaluate_phased_ttt(
     learner = _PhasedLearner(model, cfg, options, lora_factory)
     if options.compile and cfg.compile_warmup:
         learner.warm_up_compile(model.config.vocab_size)
-    phase, global_done = 0, boundaries[-1] == 0
-    scored: list[tuple[int, int, int]] = []  # (index in the ascending cut, position in batch, document)
     global_reads = NO_STATE
     summary = {"documents": len(docs), "batches": len(queue), "boundaries": boundaries, "phases": []}
-    n_rounds = -(-len(queue) // world_size)
+    cuts = phase_cuts([len(batch) for _, batch in queue], boundaries)
     with progress_bar(len(queue), "phased TTT", progress) as bar:
-        for round_index in range(n_rounds):
-            mine = round_index * world_size + rank
-            if mine < len(queue):
-                _, batch = queue[mine]
+        first = 0
+        for segment_end, phase_after in [*((k, p) for p, k in enumerate(cuts)), (len(queue), None)]:
+            for item in deal(queue[first:segment_end], docs, cfg, rank, world_size, first):
+                _, batch = queue[item]
                 _score_and_train_batch(learner, tokens, [docs[i] for i in batch], metric, recorder, global_reads,
                                        train_first)
-            bar.update(min(world_size, len(queue) - round_index * world_size))
-            if global_done:
+            bar.update(segment_end - first)
+            first = segment_end
+            if phase_after is None:
                 continue
-            # every rank knows what all ranks scored this round: the deal is deterministic
-            for item in range(round_index * world_size, min((round_index + 1) * world_size, len(queue))):
-                ascending_index, batch = queue[item]
-                scored.extend((ascending_index, pos, doc) for pos, doc in enumerate(batch))
-            if len(scored) < boundaries[phase]:
-                continue
-            chosen = [docs[doc] for _, _, doc in sorted(scored)[: boundaries[phase]]]
+            # every rank knows what all ranks scored so far: the deal is deterministic
+            scored = sorted((ascending_index, pos, doc) for ascending_index, batch in queue[:segment_end]
+                            for pos, doc in enumerate(batch))
+            chosen = [docs[doc] for _, _, doc in scored[: boundaries[phase_after]]]
             reads, losses = _global_phase(learner, tokens, chosen, seq_len, rank, world_size, recorder)
             global_reads = max(global_reads, reads)
             summary["phases"].append({
                 "documents": len(chosen), "tokens": sum(n for _, n in chosen), "scored_before": len(scored),
                 "losses": losses,
             })
-            phase += 1
-            global_done = phase >= len(boundaries)
     return summary
 
 
