@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf_lit.eval.audit import AuditSetup, audit, audit_methods, format_audit_table
+from pgolf_lit.eval.audit import AuditSetup, audit, audit_methods, format_audit_table, perturbed_indices
 
 SETUP = AuditSetup()
 
@@ -21,6 +21,8 @@ EXPECTED = {
     "causal_slot_per_window": (True, True, True, True),
     "ttt_score_first": (True, False, True, None),
     "ttt_exact": (True, True, True, None),
+    "doc_isolated": (True, True, True, None),
+    "phased_ttt": (True, True, True, None),
 }
 
 
@@ -42,7 +44,7 @@ def test_every_method_has_an_expected_verdict():
 def test_audit_verdict(reports, method):
     report = reports[method]
     prefix, once, ordered, invariant = EXPECTED[method]
-    assert report.prefix_checks == sum(SETUP.perturbed_indices)
+    assert report.prefix_checks == sum(perturbed_indices(SETUP, audit_methods(SETUP)[method]))
     assert report.prefix_invariant is prefix
     if not prefix:  # both kinds of leak: later tokens and the scored token itself
         assert report.violations_before > 0 and report.violations_self > 0 and report.prefix_max_delta > SETUP.tol

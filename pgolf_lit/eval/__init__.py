@@ -1,11 +1,18 @@
-"""Evaluation in plain PyTorch: standard, sliding-window, SLOT and score-first TTT passes, registered by name
-(``registry.py``), run with one evaluation context (``context.py``), their result lines, and the empirical
-causality audit. No Lightning here: the LightningModule, the Fabric evaluator and the export callback call these."""
+"""Evaluation in plain PyTorch: standard, sliding-window, document-isolated, SLOT, score-first and phased TTT passes,
+registered by name (``registry.py``), run with one evaluation context (``context.py``), their result lines, and the
+empirical causality audit. No Lightning here: the LightningModule, the Fabric evaluator and the export callback call
+these."""
 
 from pgolf_lit.eval.context import EvalContext, ForwardOptions, Weights, evaluation_context, forward_options
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
 from pgolf_lit.eval.registry import EVAL_METHODS, EvalMethod, PassOutcome, PassSetup, register_eval_method
 from pgolf_lit.eval.runner import EvalResult, EvalSettings, format_result_line, run_method, scored_counts
+from pgolf_lit.eval.phased_ttt import (
+    DocIsolatedSettings,
+    PhasedTTTSettings,
+    evaluate_doc_isolated,
+    evaluate_phased_ttt,
+)
 from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
 from pgolf_lit.eval.ttt import TTTConfig, evaluate_ttt
 from pgolf_lit.eval.windows import (
@@ -25,6 +32,7 @@ from pgolf_lit.eval.windows import (
 __all__ = [
     "EVAL_METHODS",
     "NO_STATE",
+    "DocIsolatedSettings",
     "EvalContext",
     "EvalMethod",
     "EvalResult",
@@ -32,6 +40,7 @@ __all__ = [
     "ForwardOptions",
     "PassOutcome",
     "PassSetup",
+    "PhasedTTTSettings",
     "ScoreRecorder",
     "SlidingSettings",
     "SlotConfig",
@@ -40,6 +49,8 @@ __all__ = [
     "Weights",
     "Window",
     "WindowBatch",
+    "evaluate_doc_isolated",
+    "evaluate_phased_ttt",
     "evaluate_sliding",
     "evaluate_slot",
     "evaluate_standard",

@@ -16,8 +16,9 @@ D  batch / world invariance (diagnostic): the same distributions with one window
 
 float64 and deterministic kernels make any dependence visible at ``tol = 1e-12``; a GPU bf16 run would not.
 The verdicts expected from the seed procedures: standard eval, exact sliding, per-window causal SLOT and
-score-first TTT pass A and C; standard SLOT and batch-shared causal SLOT fail A; the legacy and TTT window
-rules fail B.
+score-first TTT, the document-isolated eval and phased TTT pass A and C; standard SLOT and batch-shared causal
+SLOT fail A; the legacy and TTT window rules fail B. The document methods run on a stream with BOS at
+``document_starts`` and perturbations that keep every BOS in place.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.tokenizer import count_bytes
+from pgolf_lit.eval.phased_ttt import PhasedTTTSettings, evaluate_doc_isolated, evaluate_phased_ttt
 from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
 from pgolf_lit.eval.ttt import TTTConfig, evaluate_ttt
 from pgolf_lit.eval.windows import evaluate_sliding, evaluate_standard
@@ -58,6 +60,13 @@ class AuditSetup:
     seed: int = 0
     slot_steps: int = 8
     ttt_chunk_tokens: int = 64
+    # The document methods' stream: BOS at these positions, so the documents get shorter along the stream and
+    # phased TTT's longest-first queue scores them in stream order (then "no later token" is the same as "no
+    # token scored later"); seq_len is their context, chunks of 8, 2 documents per batch, 2 global phases.
+    document_starts: tuple[int, ...] = (0, 70, 132, 187, 235, 275, 309, 337, 359, 374)
+    phased_chunk: int = 8
+    phased_batch_docs: int = 2
+    phased_prefix_docs: int = 6
 
     @property
     def total_targets(self) -> int:
@@ -76,6 +85,9 @@ class AuditMethod:
     # D applies: False where the batch size is part of the method's definition (TTT's training batches) or
     # where ranks communicate (TTT all-reduces gradients, which one process cannot simulate).
     invariance_applies: bool = True
+    # the stream has BOS at setup.document_starts; perturbations keep every BOS where it is (documents are
+    # delimited by them, and the scoring structure must not change with a token value)
+    documents: bool = False
 
 
 def record_slot(record: str, section: str) -> SlotConfig:
@@ -122,6 +134,19 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
 
         return run
 
+    def phased(model, tokens, metric, recorder, batch, rank, world):
+        cfg = PhasedTTTSettings(
+            chunk=setup.phased_chunk, context=L, batch_docs=setup.phased_batch_docs, lora_rank=2, lora_lr=0.01,
+            prefix_docs=setup.phased_prefix_docs, num_phases=2, global_lr=0.01, global_chunk_tokens=2 * L,
+            global_batch_seqs=2, lora_seed=setup.seed,
+        )
+        evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=L, rank=rank, world_size=world, recorder=recorder)
+
+    def doc_isolated(model, tokens, metric, recorder, batch, rank, world):
+        evaluate_doc_isolated(
+            model, tokens, metric, seq_len=L, batch_seqs=batch, rank=rank, world_size=world, recorder=recorder
+        )
+
     methods = [
         AuditMethod("standard", "standard eval (non-overlapping sequences)", standard),
         AuditMethod("sliding_exact", "sliding window, exact rule", sliding("exact")),
@@ -144,6 +169,16 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
             invariance_applies=False,
         ),
         AuditMethod("ttt_exact", "score-first TTT, exact windows", ttt("exact"), invariance_applies=False),
+        # D n/a: the batch is the packed row, and a document crossing a sequence boundary inside a row keeps its
+        # context there (the record's definition), so rows of another size score differently by design
+        AuditMethod(
+            "doc_isolated", "document-isolated packed sequences (PR #1855 eval_val)", doc_isolated,
+            invariance_applies=False, documents=True,
+        ),
+        AuditMethod(
+            "phased_ttt", "phased score-first TTT (PR #1855: per-document LoRA + global SGD phases)", phased,
+            invariance_applies=False, documents=True,
+        ),
     ]
     return {m.name: m for m in methods}
 
@@ -166,12 +201,30 @@ def audit_model(setup: AuditSetup) -> GPT:
     return model.eval()
 
 
-def audit_tokens(setup: AuditSetup) -> Tensor:
-    """A BOS-led random stream of ``T + 1`` tokens (BOS = 1)."""
+AUDIT_BOS = 1
+
+
+def audit_tokens(setup: AuditSetup, documents: bool = False) -> Tensor:
+    """A BOS-led random stream of ``T + 1`` tokens (BOS = 1); ``documents``: BOS at every ``document_starts``."""
     generator = torch.Generator().manual_seed(setup.seed + 2)
     tokens = torch.randint(2, setup.vocab_size, (setup.total_targets + 1,), generator=generator)
-    tokens[0] = 1
+    tokens[0] = AUDIT_BOS
+    if documents:
+        tokens[list(setup.document_starts)] = AUDIT_BOS
     return tokens
+
+
+def perturbed_indices(setup: AuditSetup, method: "AuditMethod") -> list[int]:
+    """The positions A perturbs: ``setup.perturbed_indices``, minus the BOS of a document method's stream."""
+    bos = set(setup.document_starts) if method.documents else set()
+    return [p for p in setup.perturbed_indices if p not in bos]
+
+
+def _perturb(value: int, p: int, vocab_size: int, keep_bos: bool) -> int:
+    new = (value + 1 + p % (vocab_size - 1)) % vocab_size
+    while keep_bos and new in (AUDIT_BOS, value):  # a new BOS would split a document
+        new = (new + 1) % vocab_size
+    return new
 
 
 def audit_luts(vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -316,7 +369,7 @@ def audit(
             raise ValueError(f"unknown audit method '{method}': expected one of {sorted(methods)}")
         method = methods[method]
     model = audit_model(setup) if model is None else model
-    tokens = audit_tokens(setup)
+    tokens = audit_tokens(setup, method.documents)
     luts = audit_luts(setup.vocab_size)
     T, tol = setup.total_targets, setup.tol
 
@@ -326,9 +379,9 @@ def audit(
 
         checks = violations_before = violations_self = 0
         max_delta = 0.0
-        for p in setup.perturbed_indices:
+        for p in perturbed_indices(setup, method):
             perturbed = tokens.clone()
-            perturbed[p] = (tokens[p] + 1 + p % (setup.vocab_size - 1)) % setup.vocab_size
+            perturbed[p] = _perturb(int(tokens[p]), p, setup.vocab_size, method.documents)
             run = _record(method, model, perturbed, luts, setup.batch_windows, 1)
             run_targets, run_log_probs, _ = run.by_target()
             if not torch.equal(run_targets, targets):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval import slot, ttt, windows  # noqa: F401  (importing them registers their methods)
+from pgolf_lit.eval import phased_ttt, slot, ttt, windows  # noqa: F401  (importing them registers their methods)
 from pgolf_lit.eval.context import EvalContext, evaluation_context
 from pgolf_lit.eval.registry import EVAL_METHODS, PassSetup
 from pgolf_lit.metrics import BitsPerByte, ByteCounts, as_byte_counts

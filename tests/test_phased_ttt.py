@@ -1,0 +1,301 @@
+"""Phased score-first TTT (PR #1855 ``eval_val_ttt_phased``) and the document-isolated eval (its ``eval_val``):
+the record's own run on a tiny model (``$PGOLF_PR1855_FIXTURES/eval/<case>``; every setting and number read from
+the case's files, skipped without them), the zero-update limit against the document-isolated eval, the causality
+audit with a leaking variant, and a run through the registry on a random model without fixtures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fixture_root
+from pgolf_lit.config import GPTConfig
+from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_tokens
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.eval import EvalSettings, Weights, evaluation_context, run_method
+from pgolf_lit.eval.audit import AuditSetup, audit, audit_methods
+from pgolf_lit.eval.phased_ttt import (
+    PhasedTTTSettings,
+    deal,
+    document_queue,
+    evaluate_doc_isolated,
+    evaluate_phased_ttt,
+    find_documents,
+    phase_cuts,
+)
+from pgolf_lit.metrics import BitsPerByte, ByteCounts
+from pgolf_lit.model.convert import config_from_upstream, load_upstream_state_dict
+from pgolf_lit.model.gpt import GPT
+from pgolf_lit.model.lora import BatchedTTTLoRA
+
+ROOT = fixture_root("PGOLF_PR1855_FIXTURES", "pr1855")
+SLOW_VARIANTS = {"no_global_phases", "one_phase"}  # the same code paths as primary / no_adaptation
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run fastest on one thread (intra-op parallelism stalls on a busy machine); the fixture was made
+    on one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _eval_cases() -> list:
+    folder = ROOT / "eval" if ROOT is not None else None
+    if folder is None or not folder.is_dir():
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason="no PR #1855 eval fixtures"))]
+    params = []
+    for case in sorted(p for p in folder.iterdir() if (p / "expected.json").is_file()):
+        expected = json.loads((case / "expected.json").read_text())
+        for variant in ["primary", *expected.get("variants", {})]:
+            marks = [pytest.mark.slow] if variant in SLOW_VARIANTS else []
+            params.append(pytest.param(case, variant, id=f"{case.name}-{variant}", marks=marks))
+    return params
+
+
+def settings_from_fixture(hp: dict, overrides: dict) -> PhasedTTTSettings:
+    """The case's resolved upstream settings (``settings`` + a variant's overrides) as our dataclass."""
+    s = {**hp["settings"], **overrides}
+    assert s["ttt_optimizer"] == "adam" and s["val_doc_fraction"] == 1.0
+    return PhasedTTTSettings(
+        chunk=s["ttt_chunk_size"], context=s["ttt_eval_seq_len"], batch_docs=s["ttt_batch_size"],
+        lora_rank=s["ttt_lora_rank"], lora_alpha=hp["lora_alpha"], warm_start_a=hp["lora_warm_start_a"],
+        k_lora=s["ttt_k_lora"], o_lora=s["ttt_o_lora"], mlp_lora=s["ttt_mlp_lora"], lora_lr=s["ttt_lora_lr"],
+        beta1=s["ttt_beta1"], beta2=s["ttt_beta2"], eps=hp["hyperparameters"].get("ttt_adam_eps", 1e-10),
+        weight_decay=s["ttt_weight_decay"], grad_steps=s["ttt_grad_steps"], prefix_docs=s["phased_ttt_prefix_docs"],
+        num_phases=s["phased_ttt_num_phases"], global_lr=s["global_ttt_lr"], global_momentum=s["global_ttt_momentum"],
+        global_epochs=s["global_ttt_epochs"], global_grad_clip=s["global_ttt_grad_clip"],
+        global_chunk_tokens=s["global_ttt_chunk_tokens"], global_batch_seqs=s["global_ttt_batch_seqs"],
+        global_respect_doc_boundaries=s["global_ttt_respect_doc_boundaries"],
+        global_warmup_chunks=s["global_ttt_warmup_chunks"], lora_seed=hp["ttt_rng"]["seed"],
+    )
+
+
+class NllRecorder:
+    """Keeps the nll of every scored target (the fixture's per-document sums) and counts the updates."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, self.targets, self.nll, self.updates = tokens, [], [], 0
+
+    def on_scores(self, target_index, log_probs, state_reads_upto):
+        self.targets.append(target_index.cpu())
+        self.nll.append(-log_probs.gather(1, self.tokens[target_index.cpu()].view(-1, 1)).squeeze(1).double().cpu())
+
+    def on_update(self, first_token, last_token):
+        self.updates += 1
+
+
+@pytest.mark.parametrize("case,variant", _eval_cases())
+def test_phased_ttt_matches_the_record(case: Path, variant: str):
+    hp = json.loads((case / "hparams.json").read_text())
+    expected = json.loads((case / "expected.json").read_text())
+    want = expected if variant == "primary" else expected["variants"][variant]
+    tol = expected["tolerance"]
+    cfg = settings_from_fixture(hp, want.get("overrides", {}))
+    gpt = config_from_upstream(hp["record"], {k: v["fixture"] for k, v in hp["changed_from_record"].items()})
+    model = GPT(gpt)
+    load_upstream_state_dict(model, torch.load(case / "state_dict.pt", weights_only=True))
+    model.set_recurrence(bool(hp["recurrence"]["value"]))
+    model.eval()
+    assert model.num_params() == hp["weights"]["param_count"]
+    seq_len = hp["settings"]["eval_seq_len"]
+    data = case / hp["val_data"]["dir"]
+    tokens = load_validation_tokens(data, seq_len)
+    sidecar = load_validation_byte_sidecar(data, tokens.numel(), bos_id=gpt.bos_id)
+    inits = torch.load(case / "lora_inits.pt", weights_only=True)[variant]
+
+    # the adapters' A exactly as the record drew them, in creation order (and the recipe reproduces the first)
+    made: list[int] = []
+
+    def from_fixture(adapted: GPT, bsz: int) -> BatchedTTTLoRA:
+        entry = inits[len(made)]
+        assert (entry["bsz"], entry["rank"]) == (bsz, cfg.lora_rank)
+        lora = BatchedTTTLoRA(adapted, bsz, cfg.lora_rank, cfg.lora_alpha)
+        lora.load_state_dict({**lora.state_dict(), **entry["A"]})
+        made.append(bsz)
+        return lora
+
+    recipe = BatchedTTTLoRA(model, inits[0]["bsz"], cfg.lora_rank, cfg.lora_alpha,
+                            generator=torch.Generator().manual_seed(hp["ttt_rng"]["seed"]))
+    for name, a in inits[0]["A"].items():
+        assert torch.equal(recipe.state_dict()[name], a), name
+
+    vocab = gpt.vocab_size
+    no_luts = (torch.zeros(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
+               torch.ones(vocab, dtype=torch.bool))
+    metric = BitsPerByte(ByteCounts(no_luts, sidecar))
+    recorder = NllRecorder(tokens)
+    summary = evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder,
+                                  lora_factory=from_fixture)
+    values = metric.compute()
+    assert len(made) == len(inits)
+    assert int(metric.token_count) == want["token_count"] and float(metric.byte_count) == want["byte_count"]
+    assert abs(float(values["loss"]) - want["val_loss"]) <= tol["atol_val_loss"]
+    assert abs(float(values["bpb"]) - want["val_bpb"]) <= tol["atol_val_bpb"]
+
+    targets, nll = torch.cat(recorder.targets), torch.cat(recorder.nll)
+    assert torch.equal(torch.sort(targets).values, torch.arange(1, tokens.numel()))
+    for doc in want["docs"]:
+        mine = (targets > doc["start"]) & (targets < doc["start"] + doc["len"])
+        assert int(mine.sum()) == doc["token_count"]
+        assert float(sidecar[targets[mine]].sum()) == doc["byte_sum"]
+        mean = float(nll[mine].sum()) / doc["token_count"]
+        assert abs(mean - doc["loss_sum"] / doc["token_count"]) <= tol["atol_val_loss"], doc["doc_index"]
+
+    assert len(summary["phases"]) == len(want["phases"])
+    for ours, theirs in zip(summary["phases"], want["phases"]):
+        assert ours["tokens"] == theirs["tokens"] and ours["scored_before"] == theirs["docs_scored_before"]
+        torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(theirs["train_losses"]),
+                                   atol=tol["atol_val_loss"], rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Without fixtures: a random GPT on a synthetic BOS-separated stream
+# ---------------------------------------------------------------------------------------------------------
+
+VOCAB, BOS = 64, 1
+
+
+def random_model(seed: int = 0, dtype=torch.float32) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, bos_id=BOS))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model.to(dtype).eval()
+
+
+def stream(doc_starts: list[int], total: int, seed: int = 2) -> torch.Tensor:
+    tokens = torch.randint(2, VOCAB, (total + 1,), generator=torch.Generator().manual_seed(seed))
+    tokens[doc_starts] = BOS
+    return tokens
+
+
+def luts() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.arange(VOCAB)
+    return torch.where(ids < 2, 0, 1 + ids % 3).to(torch.int16), (ids >= 2) & (ids % 2 == 0), ids < 2
+
+
+def run(model, tokens, cfg, seq_len, **kw) -> BitsPerByte:
+    metric = BitsPerByte(luts())
+    evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, **kw)
+    return metric
+
+
+TINY = PhasedTTTSettings(chunk=8, context=32, batch_docs=3, lora_rank=4, lora_lr=1e-2, prefix_docs=5,
+                         num_phases=2, global_lr=1e-2, global_chunk_tokens=64, global_batch_seqs=2, lora_seed=0)
+
+
+def test_documents_and_queue_follow_the_record():
+    tokens = stream([0, 10, 15, 40, 41], 60)
+    docs = find_documents(tokens, BOS)
+    # BOS to next BOS inclusive, the last to the end; adjacent BOS make a one-target document
+    assert docs == [(0, 11), (10, 6), (15, 26), (40, 2), (41, 20)]
+    queue = document_queue(docs, 2)
+    # ascending cut [3, 1], [0, 4], [2]; batches by their longest document, longest first
+    assert queue == [(2, [2]), (1, [0, 4]), (0, [3, 1])]
+    assert find_documents(stream([5], 20), BOS)[0] == (0, 6)  # a stream without a leading BOS: a document from 0
+    assert TINY.phase_boundaries(4) == [2, 4] and replace(TINY, prefix_docs=0).phase_boundaries(9) == [0, 0]
+    # phases after the batch reaching each boundary, at most one per batch; none without a prefix
+    assert phase_cuts([2, 4, 4, 4], [2, 4, 6]) == [1, 2, 3] and phase_cuts([2, 4, 4, 4], [6]) == [2]
+    assert phase_cuts([4, 4], [1, 2, 3]) == [1, 2] and phase_cuts([4, 4], [0, 0]) == []
+    # the ranks' deals partition the queue, each rank's in queue order; the longest batch's rank gets less after it
+    many = find_documents(stream(list(range(0, 600, 7)) + [700, 900], 1000), BOS)
+    batches = document_queue(many, 4)
+    deals = [deal(batches, many, TINY, r, 3, 0) for r in range(3)]
+    assert sorted(sum(deals, [])) == list(range(len(batches))) and all(d == sorted(d) for d in deals)
+    assert deals[0][0] == 0 and len(deals[0]) < min(len(deals[1]), len(deals[2]))
+
+
+def test_zero_updates_equal_the_document_isolated_eval():
+    """Where the windows coincide (every document one full-context window: sequences starting with BOS, chunk =
+    context = seq_len), TTT without updates is the document-isolated eval, bit for bit; with shorter chunks the
+    windows differ in length only, so the scores agree to float rounding; lr 0 is exactly no update."""
+    seq_len, n = 32, 8
+    model, tokens = random_model(), stream(list(range(0, n * 32 + 1, 32)), n * 32)
+    isolated = BitsPerByte(luts())
+    evaluate_doc_isolated(model, tokens, isolated, seq_len=seq_len, batch_seqs=1)
+    frozen = replace(TINY, chunk=seq_len, context=seq_len, grad_steps=0, prefix_docs=0)
+    one_window = run(model, tokens, frozen, seq_len)
+    for name in ("loss_sum", "token_count", "byte_count"):
+        assert float(getattr(one_window, name)) == float(getattr(isolated, name)), name
+
+    no_steps = run(model, tokens, replace(frozen, chunk=8), seq_len)
+    lr_zero = run(model, tokens, replace(frozen, chunk=8, grad_steps=1, lora_lr=0.0), seq_len)
+    assert float(lr_zero.loss_sum) == float(no_steps.loss_sum)
+    assert float(no_steps.token_count) == float(isolated.token_count) == n * seq_len
+    torch.testing.assert_close(no_steps.loss_sum, isolated.loss_sum, rtol=1e-9, atol=0)
+    adapted = run(model, tokens, replace(frozen, chunk=8, grad_steps=1), seq_len)
+    assert float(adapted.loss_sum) != float(no_steps.loss_sum)
+
+
+def test_registered_method_scores_every_target_once_and_keeps_the_model():
+    total, seq_len = 320, 32
+    model, tokens = random_model(), stream([0, 30, 95, 120, 180, 200, 251, 300], total)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = EvalSettings(seq_len=seq_len, stride=seq_len, phased_ttt=TINY)
+    context = evaluation_context(settings, precision="32-true", device=torch.device("cpu"), compile=False,
+                                 weights=Weights.float_weights())
+    result = run_method("phased_ttt", model, tokens, luts(), context)
+    assert result.tokens == total and result.compliant
+    assert result.extra["phases"] == TINY.num_phases and result.extra["docs"] == 8
+    assert result.label == "pre-quantization ttt_phased"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed: the global phases must train a copy"
+    plain = run_method("doc_isolated", model, tokens, luts(), context)
+    assert plain.tokens == total and plain.compliant and plain.bytes == result.bytes
+    assert result.val_loss != plain.val_loss
+
+
+def test_global_phases_change_later_scores_only():
+    model, tokens = random_model(), stream([0, 60, 110, 150, 185, 215, 240, 260, 275, 285], 295)
+    with_phases = NllRecorder(tokens)
+    run(model, tokens, TINY, 32, recorder=with_phases)
+    without = NllRecorder(tokens)
+    run(model, tokens, replace(TINY, prefix_docs=0), 32, recorder=without)
+    a = torch.cat(with_phases.nll)[torch.argsort(torch.cat(with_phases.targets))]
+    b = torch.cat(without.nll)[torch.argsort(torch.cat(without.targets))]
+    # the stream's documents get shorter, so the first batch (the two longest, the first ~110 targets) is scored
+    # before any phase; the documents scored after the phases differ
+    assert torch.equal(a[:110], b[:110]) and not torch.equal(a[150:], b[150:])
+    assert with_phases.updates > without.updates
+
+
+@pytest.mark.parametrize("field,value", [("chunk", 0), ("chunk", 4096), ("batch_docs", 0), ("beta2", 1.0),
+                                         ("prefix_docs", -1), ("global_batch_seqs", 0)])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"phased_ttt.{field}"):
+        PhasedTTTSettings(**{field: value})
+    with pytest.raises(ConfigError, match="doc_isolated.batch_seqs"):
+        EvalSettings.from_dict({"doc_isolated": {"batch_seqs": 0}})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The causality audit
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_audit_passes_phased_ttt_and_fails_training_before_scoring():
+    setup = AuditSetup()
+    real = audit_methods(setup)["phased_ttt"]
+
+    def leaky(model, tokens, metric, recorder, batch, rank, world):
+        # the audit's phased TTT with each chunk trained on before it is scored
+        cfg = PhasedTTTSettings(chunk=setup.phased_chunk, context=setup.seq_len, batch_docs=setup.phased_batch_docs,
+                                lora_rank=2, lora_lr=0.01, prefix_docs=0, lora_seed=setup.seed)
+        evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=setup.seq_len, recorder=recorder, train_first=True)
+
+    good = audit(real, setup)
+    bad = audit(replace(real, name="phased_ttt_train_first", run=leaky), setup)
+    assert good.compliant and good.score_before_update and good.exactly_once and good.prefix_invariant
+    assert good.updates > 0
+    assert not bad.score_before_update and bad.update_violations > 0
+    assert not bad.prefix_invariant and bad.violations_self > 0  # a chunk's own tokens moved its scores
+    assert bad.exactly_once and not bad.compliant
