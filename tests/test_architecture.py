@@ -185,7 +185,10 @@ SCALE_KEYS = {
 }
 CALLBACK_SCALE_ARGS = {"max_seconds", "steps", "recurrent_steps", "decay", "every", "at_step", "calibration_batches",
                        "export"}
-EVAL_SCALE_ARGS = {"seq_len", "stride", "steps", "batch_windows", "chunk_tokens", "epochs", "batch_seqs"}
+EVAL_SCALE_ARGS = {"seq_len", "stride", "steps", "batch_windows", "chunk_tokens", "epochs", "batch_seqs",
+                   # phased TTT's sizes: chunk and context lengths, documents per batch, adapter rank, phase sizes
+                   "chunk", "context", "batch_docs", "lora_rank", "prefix_docs", "global_chunk_tokens",
+                   "global_batch_seqs"}
 
 
 @pytest.mark.parametrize("tiny", TINY_TWINS, ids=lambda p: p.stem)
