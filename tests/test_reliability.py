@@ -243,6 +243,7 @@ def _fit(cwd: Path, config: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # 65 s of three concurrent fits; test_trainer and test_console cover resume in CI
 def test_sigkill_and_resume_gives_the_uninterrupted_weights(tmp_path, embedded_data_root):
     runs = {}
     for name in ("full", "killed"):
