@@ -484,11 +484,12 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     by_key = {r.scheme.key: r for r in results}
     deq = {k: read_artifact(r.path).state_dict for k, r in by_key.items() if k not in ("fp16", "default_routing")}
     errs = hessian_errors(model, hessians, deq)
-    ratio_label = {("int6_rtn_pct", "int6_gptq_pct"): "GPTQ / RTN", ("int6_rtn_sdclip", "int6_gptq_sdclip"): "GPTQ / RTN",
-                   ("pr1855_no_lqer", "pr1855_lqer"): "LQER / none", ("int6_rtn_pct", "int6_gptq_sdclip"): "GPTQ / RTN"}
-    pairs = [p for p in list(ratio_label)[:3] if p[0] in deq and p[1] in deq]
+    pairs = [(a, b, ratio) for a, b, ratio in (("int6_rtn_pct", "int6_gptq_pct", "GPTQ / RTN"),
+                                               ("int6_rtn_sdclip", "int6_gptq_sdclip", "GPTQ / RTN"),
+                                               ("pr1855_no_lqer", "pr1855_lqer", "LQER / none"))
+             if a in deq and b in deq]
     if not pairs and "int6_rtn_pct" in deq and "int6_gptq_sdclip" in deq:
-        pairs = [("int6_rtn_pct", "int6_gptq_sdclip")]
+        pairs = [("int6_rtn_pct", "int6_gptq_sdclip", "GPTQ / RTN")]
     rows = []
     for cat in ("attn", "mlp", "embed"):
         if cat not in errs:
@@ -498,14 +499,14 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         cells = [cat, n]
         if "int8_rtn" in e:
             cells.append(f"{e['int8_rtn'][1]:.4g}")
-        for a, b in pairs:
+        for a, b, _ in pairs:
             cells += [f"{e[a][1]:.4g}", f"{e[b][1]:.4g}", f"{e[b][1] / e[a][1]:.3f}" if e[a][1] > 0 else "—"]
         rows.append(cells)
     headers = ["category", "matrices"] + (["RTN int8"] if "int8_rtn" in deq else [])
-    for a, b in pairs:
-        headers += [by_key[a].scheme.label, by_key[b].scheme.label, ratio_label[a, b]]
+    for a, b, ratio in pairs:
+        headers += [by_key[a].scheme.label, by_key[b].scheme.label, ratio]
     wins = []
-    for a, b in pairs:
+    for a, b, _ in pairs:
         w, n = matrix_wins(model, hessians, deq[a], deq[b])
         wins.append(f"{by_key[b].scheme.label} beats {by_key[a].scheme.label} on {w}/{n} matrices")
     sections["hessian"] = (
