@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from typing import Literal, Optional
 
 import torch
@@ -59,6 +60,7 @@ class CompilePriming(Callback):
         from .late_qat import set_qat_bits
         from pgolf_lit.module import StepSchedule
 
+        started = time.perf_counter()
         model = pl_module.model
         chain = pl_module.optimizers().optimizer
         weights = copy.deepcopy(model.state_dict())
@@ -70,13 +72,14 @@ class CompilePriming(Callback):
         index = itertools.count()
         with trainer.precision_plugin.train_step_context():
             if self.cu_buckets and pl_module.compile:  # only the compiled graphs care about bucket widths
-                self._prime_cu_buckets(pl_module, next(iter(TrainSteps(dm.make_train_loader(), 1))), dm.train_seq_len)
+                self._prime_cu_buckets(pl_module, next(iter(TrainSteps(dm.make_train_loader(), 1))))
             for n, recurrent, qat in phases:
                 model.set_recurrence(recurrent)
                 set_qat_bits(model, self.qat_bits if qat else 0)
                 for _ in range(n):
                     i = next(index)
-                    batch = tuple(t.to(pl_module.device, non_blocking=True) for t in next(batches))
+                    batch = tuple(t.to(pl_module.device, non_blocking=True) if torch.is_tensor(t) else t
+                                  for t in next(batches))
                     if self.mode == "construction":
                         sched = StepSchedule(i, 0.0, 0.0, 1.0, pl_module.optim_config.muon_momentum)
                     else:
@@ -90,14 +93,19 @@ class CompilePriming(Callback):
         model.load_state_dict(weights)
         chain.load_state_dict(opt_state)
         chain.zero_grad(set_to_none=True)
-        pl_module.record_event("warmup:done", f"warmup:done steps:{next(index)} weights and optimizer state restored")
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        seconds = time.perf_counter() - started
+        pl_module.clock.note_off_clock("priming", seconds)  # compile + autotune, off the training clock as upstream
+        pl_module.record_event("warmup:done", f"warmup:done steps:{next(index)} weights and optimizer state restored "
+                                              f"time:{seconds:.1f}s")
 
-    def _prime_cu_buckets(self, pl_module, batch, seq_len: int) -> None:
-        if len(batch) < 3:
+    def _prime_cu_buckets(self, pl_module, batch) -> None:
+        if len(batch) < 4:
             return  # dense rows: no document boundaries to compile for
         x, y = (t[0].to(pl_module.device) for t in batch[:2])
-        n = x.size(-1)
-        starts = torch.arange(0, n, seq_len, dtype=torch.int32)
+        n, bound = x.size(-1), int(batch[3])  # the same max_seqlen the training steps pass
+        starts = torch.arange(0, n, bound, dtype=torch.int32)
         for recurrent in (False, True):
             pl_module.model.set_recurrence(recurrent)
             for width in self.cu_buckets:
@@ -108,5 +116,5 @@ class CompilePriming(Callback):
                 cu = cu.to(pl_module.device)
                 for _ in range(3):
                     pl_module.model.zero_grad(set_to_none=True)
-                    pl_module._forward(x, y, cu_seqlens=cu, max_seqlen=n).backward()
+                    pl_module._forward(x, y, cu_seqlens=cu, max_seqlen=bound).backward()
         pl_module.log_text(f"warmup_cu_buckets:{self.cu_buckets} recurrent:both")

@@ -28,6 +28,14 @@ class WallclockBudget(Callback):
         self.effective_cap_ms = effective_cap_ms(max_seconds, reserve_seconds)  # validates; None = no cap
         self.stopped_at_step = -1
 
+    def scale_training_time(self, factor: float) -> None:
+        """Step-matched mode (``record.step_matched``): the training part of the budget (cap minus reserve) runs
+        ``factor`` times longer; the reserve stays, since the export after training does not depend on the world."""
+        if self.effective_cap_ms is None:
+            return
+        self.max_seconds = self.reserve_seconds + (self.max_seconds - self.reserve_seconds) * factor
+        self.effective_cap_ms = effective_cap_ms(self.max_seconds, self.reserve_seconds)
+
     def fraction(self, pl_module) -> float:
         if self.effective_cap_ms is None:
             return 0.0

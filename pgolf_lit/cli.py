@@ -231,6 +231,9 @@ def honest_trainer_flags(config) -> None:
     * ``gradient_clip_val`` → ``model.optim.grad_clip_norm`` (the records clip the global norm before each step);
     * ``accumulate_grad_batches`` → refused: the records accumulate ``data.grad_accum_base`` micro-batches;
     * ``enable_checkpointing false`` → the config's checkpoint callback is dropped (Lightning would refuse both);
+    * ``enable_checkpointing true`` on a config without a checkpoint callback (the records write nothing during the
+      timed run) → ``pgolf_lit.callbacks.Checkpoint`` (every 1000 steps, plus ``last.ckpt`` where training stops),
+      not Lightning's default, which saves only at an epoch's end (never, in a run of one endless epoch);
     * ``max_time`` → the ``WallclockBudget`` cap (added when the config has none), so the LR schedule's training
       fraction and the stop follow it; Lightning's own timer, which also counts validation, is not used.
     """
@@ -251,6 +254,9 @@ def honest_trainer_flags(config) -> None:
         )
     if trainer.get("enable_checkpointing") is False:  # the switch wins over the config's checkpoint callback
         trainer.callbacks = [c for c in (trainer.get("callbacks") or []) if not _is_checkpoint(c)]
+    elif trainer.get("enable_checkpointing") and not any(_is_checkpoint(c) for c in trainer.get("callbacks") or []):
+        trainer.callbacks = [*(trainer.get("callbacks") or []),
+                             Namespace(class_path="pgolf_lit.callbacks.Checkpoint", init_args=Namespace())]
     max_time = trainer.get("max_time")
     if max_time is not None:
         seconds = _max_time_seconds(max_time)
@@ -373,6 +379,8 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
             parser.add_argument(
                 "--artifact", type=Optional[str], default=None, help="test/validate the weights of a pgolf artifact"
             )
+            # A record config's `record:` section: the world it ran on, and the step-matched mode for fewer GPUs.
+            parser.add_class_arguments(RecordRun, "record")
 
         def parse_arguments(self, parser, args) -> None:
             # pgolf always passes the (overlay-resolved) command line on, so Lightning's warning that ``args`` is
@@ -402,6 +410,33 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
                                                  f"the checkpoint {path}")
             self.config = self.parser.parse_object({sub: {"model": remaining}}, self.config)
 
+        def before_fit(self) -> None:
+            self._apply_record_run()
+
+        def _apply_record_run(self) -> None:
+            """Compare this run's world with the record's (``record.world``): the differences go to train.log as
+            one line, and step-matched mode scales the wallclock budget (``RecordRun``)."""
+            from pgolf_lit.callbacks import GPTQExport, WallclockBudget
+
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            record = config.get("record") or RecordRun()
+            trainer, module = self.trainer, self.model
+            budget = next((cb for cb in trainer.callbacks if isinstance(cb, WallclockBudget)), None)
+            capped = budget is not None and budget.effective_cap_ms is not None
+            export = next((cb for cb in trainer.callbacks if isinstance(cb, GPTQExport)), None)
+            calibrates = export is not None and export.config.uses_gptq and export.calibration != "generated"
+            notes = record.world_notes(
+                trainer.world_size, getattr(self.datamodule, "grad_accum_base", 8),
+                getattr(module.optim_config, "grad_clip_scope", "global") == "local", calibrates,
+                budget.effective_cap_ms / 1000.0 if capped else None,
+            )
+            scale = record.step_scale(trainer.world_size)
+            if capped and scale != 1.0:
+                budget.scale_training_time(scale)
+            if hasattr(module, "run_notes"):
+                module.run_notes = notes
+                module.record_run = record.summary(trainer.world_size, capped and scale != 1.0)
+
         def before_validate(self) -> None:
             self._load_artifact()
 
@@ -414,6 +449,7 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
                 self.model.load_artifact(path)
 
     from pgolf_lit.callbacks import BudgetProgressBar, CompactModelSummary
+    from pgolf_lit.records import RecordRun
 
     quiet_console()
     return GolfCLI(

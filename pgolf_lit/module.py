@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pgolf_lit.clock import TrainClock
+from pgolf_lit.clock import TrainClock, ledger_line
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.errors import CheckpointError, ConfigError, PgolfError
 from pgolf_lit.eval import (
@@ -189,7 +190,12 @@ class GolfModule(L.LightningModule):
         self._first_nonfinite_step = torch.tensor(-1)
         self._checkpoint_write_due = False  # a checkpoint was written since the ranks last agreed on its outcome
         self._clock_was_running = False
+        self._validation_started = 0.0
         self._run_dir = "."
+        # Set by `pgolf fit` from the config's `record:` section (pgolf_lit.records.RecordRun): what differs from the
+        # record's world, and summary.json's record_run.
+        self.run_notes: list[str] = []
+        self.record_run: Optional[dict[str, Any]] = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GolfModule":
@@ -228,6 +234,11 @@ class GolfModule(L.LightningModule):
             self._run_dir = str(Path(self.trainer.default_root_dir) / "fast_dev_run")
         if self.trainer.is_global_zero:
             self.text_log = TextLog(f"{self._run_dir}/train.log")
+        if stage == "fit":
+            for line in self.run_notes:
+                self.log_text(line)
+            if self.record_run is not None:
+                self.write_summary(record_run=self.record_run)
         self.compile_settings.apply(self.device, self.compile)
         if self.record_dtypes and str(self.trainer.precision).startswith("bf16"):
             self.model.apply_record_dtypes()
@@ -323,6 +334,7 @@ class GolfModule(L.LightningModule):
         self._raise_checkpoint_write_error()
 
     def on_train_end(self) -> None:
+        self.clock.pause(self.device)  # training is over: the EMA, the export and the scores are not training time
         self._raise_checkpoint_write_error()
         from pgolf_lit.checkpoint import GolfCheckpointIO
 
@@ -336,6 +348,16 @@ class GolfModule(L.LightningModule):
             "tokens_per_s": self.global_step * tokens / max(elapsed / 1000.0, 1e-9), "params": self.model.num_params(),
             "world_size": self.trainer.world_size,
         })
+
+    def on_fit_end(self) -> None:
+        """The clock ledger (after the callbacks' fit-end work, so the export's calibration time is in it)."""
+        budget = self.wallclock_budget
+        cap_s = reserve_s = None
+        if budget is not None and budget.effective_cap_ms is not None:
+            cap_s, reserve_s = budget.max_seconds, budget.reserve_seconds
+        ledger = self.clock.ledger(cap_s, reserve_s or 0.0)
+        self.log_text(ledger_line(ledger))
+        self.write_summary(clock=ledger)
 
     def on_train_start(self) -> None:
         if self.global_step > 0:  # resumed: the CSV keeps the run's history up to the checkpoint
@@ -379,6 +401,7 @@ class GolfModule(L.LightningModule):
         """
         x, y = batch[0], batch[1]  # [grad_accum, rows, T] each (packed rows: rows 1, T = N)
         cu_seqlens = batch[2] if len(batch) > 2 else None  # [grad_accum, K] document boundaries (packed rows)
+        max_seqlen = int(batch[3]) if len(batch) > 3 else 0  # the loader's bound on every segment (packed rows)
         optimizer.zero_grad(set_to_none=True)
         accum = x.size(0)
         # PR #1855 clips each rank's own gradient and reduces after; otherwise DDP syncs on the last micro-batch
@@ -388,8 +411,8 @@ class GolfModule(L.LightningModule):
             with self._no_sync(local_clip or i < accum - 1):
                 if cu_seqlens is None:
                     loss = self._forward(x[i], y[i])
-                else:  # upstream passes the training length as max_seqlen, a bound on every piece
-                    loss = self._forward(x[i], y[i], cu_seqlens=cu_seqlens[i], max_seqlen=x.size(-1))
+                else:
+                    loss = self._forward(x[i], y[i], cu_seqlens=cu_seqlens[i], max_seqlen=max_seqlen)
                 self.manual_backward(loss / accum)
             total += loss.detach()
         chain = getattr(optimizer, "optimizer", optimizer)
@@ -458,9 +481,14 @@ class GolfModule(L.LightningModule):
             self._check_finite()
         self._clock_was_running = self.clock.running
         self.clock.pause(self.device)
+        self._validation_started = time.perf_counter()
 
     def on_validation_end(self) -> None:
         self._raise_checkpoint_write_error()
+        if self.trainer.state.fn == "fit":  # the clock ledger's off-the-clock validation time
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.clock.note_off_clock("validation", time.perf_counter() - self._validation_started)
         if self._clock_was_running:
             self.clock.start(self.device)
 

@@ -179,9 +179,11 @@ SIZE_FIELDS = {
             "bigram_vocab_size", "bigram_dim", "ve_dim"},
 }
 SCALE_KEYS = {
-    "trainer": {"accelerator", "precision", "max_steps", "val_check_interval", "log_every_n_steps", "logger",
-                "callbacks"},
+    # a twin runs on one CPU process: its device count and strategy (and record.world) are sizes too
+    "trainer": {"accelerator", "devices", "strategy", "precision", "max_steps", "val_check_interval",
+                "log_every_n_steps", "logger", "callbacks"},
     "model": {"gpt", "schedule", "evaluation", "compile", "train_log_every"},
+    "record": {"world"},
 }
 CALLBACK_SCALE_ARGS = {"max_seconds", "steps", "recurrent_steps", "decay", "every", "at_step", "calibration_batches",
                        "export"}

@@ -36,7 +36,9 @@ def fitted(tmp_path_factory, embedded_data_root):
     cwd = tmp_path_factory.mktemp("console")
     (cwd / "data").mkdir()
     (cwd / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)
-    first = pgolf("fit", "--config", "pr1394_sp8192_loop45_tiny", *QUIET, cwd=cwd)
+    # Record configs write no checkpoint during the timed run; the switch turns the step checkpoints on for resuming.
+    first = pgolf("fit", "--config", "pr1394_sp8192_loop45_tiny", *QUIET, "--trainer.enable_checkpointing", "true",
+                  cwd=cwd)
     assert first.returncode == 0, first.stderr[-3000:]
     run = cwd / "runs" / "pr1394_sp8192_loop45_tiny" / "version_0"
     before = {"metrics": (run / "metrics.csv").read_text(), "summary": json.loads((run / "summary.json").read_text())}

@@ -298,9 +298,11 @@ def test_result_line_format():
         eval_time_ms=1234.56, compliant=True, extra={"stride": 64, "window_rule": "exact"},
     )
     assert format_result_line(result) == (
-        "final_int6_sliding_window val_loss:1.23456789 val_bpb:0.50000000 eval_time:1235ms "
+        "final_int6_sliding_window val_loss:1.23456789 val_bpb:0.50000000 eval_time:1235ms eval_time_includes:none "
         "stride:64 window_rule:exact compliant:yes"
     )
+    compiled = replace(result, eval_time_includes=("compile", "precompute"))
+    assert " eval_time:1235ms eval_time_includes:compile+precompute stride:64 " in format_result_line(compiled)
 
 
 def test_run_method_labels_and_compliance(tiny):

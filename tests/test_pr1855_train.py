@@ -278,4 +278,12 @@ def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     assert "packed" in (run_dir / "config.yaml").read_text()
     log = (run_dir / "train.log").read_text()
     assert "ema:applying EMA weights decay:0.9" in log and "final_int6_roundtrip val_loss:" in log
+    # Nothing written during the timed run (the records never checkpoint), and the clock ledger closes the log.
+    assert not (run_dir / "checkpoints").exists()
+    assert log.rstrip().splitlines()[-1].startswith("clock: train ")
+    ledger = summary["clock"]
+    assert ledger["off_clock"]["priming"]["count"] == 1 and ledger["after_cap"]["calibration"] > 0
+    assert ledger["train_s"] * 1000 == pytest.approx(summary["train"]["train_time_ms"], rel=1e-6)
+    assert summary["record_run"] == {"record_world": 1, "world": 1, "step_matched": False, "budget_scale": 1.0,
+                                     "record_valid": True}
     print(f"tiny twin pgolf fit: {seconds:.1f} s")

@@ -32,9 +32,10 @@ from pgolf_lit.errors import ConfigError
 
 class TrainSteps(IterableDataset):
     """Infinite stream of optimizer steps: (x, y) int64 tensors of shape [grad_accum, rows, T]; for the document
-    packing loader (x, y, cu_seqlens) with x, y [grad_accum, 1, N] and cu_seqlens int32 [grad_accum, K], each
-    micro-batch's boundaries padded with N to the longest of the step (empty segments), so compiled graphs see
-    only the loader's few bucket sizes."""
+    packing loader (x, y, cu_seqlens, max_seqlen) with x, y [grad_accum, 1, N] and cu_seqlens int32 [grad_accum, K],
+    each micro-batch's boundaries padded with N to the longest of the step (empty segments), so compiled graphs see
+    only the loader's few bucket sizes, and ``max_seqlen`` the loader's ``seqlen_bound`` (a Python int: the longest
+    segment any row can hold, which varlen attention takes as its launch bound)."""
 
     def __init__(self, loader, grad_accum: int):
         self.loader = loader
@@ -52,7 +53,8 @@ class TrainSteps(IterableDataset):
             cu = torch.full((len(batches), width), n, dtype=torch.int32)
             for i, b in enumerate(batches):
                 cu[i, : b.cu_seqlens.numel()] = b.cu_seqlens
-            yield torch.stack([b.inputs for b in batches]), torch.stack([b.targets for b in batches]), cu
+            yield (torch.stack([b.inputs for b in batches]), torch.stack([b.targets for b in batches]), cu,
+                   self.loader.seqlen_bound)
 
 
 class PassIndices(IterableDataset):

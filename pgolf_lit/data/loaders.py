@@ -487,7 +487,7 @@ class PackedBatch(NamedTuple):
     inputs: torch.Tensor  # int64 (1, tokens_per_rank)
     targets: torch.Tensor  # int64 (1, tokens_per_rank): inputs shifted one token to the right
     cu_seqlens: torch.Tensor  # int32 (64k,): segment boundaries in inputs, padded with tokens_per_rank
-    max_seqlen: int  # the longest segment (upstream trains with max_seqlen = seq_len instead)
+    max_seqlen: int  # this row's longest segment (training passes the loader's ``seqlen_bound`` instead)
 
 
 class DocumentPackingLoader(TokenLoader):
@@ -523,6 +523,13 @@ class DocumentPackingLoader(TokenLoader):
                 f"tokens, a call takes world_size {world_size} x (tokens_per_rank {tokens_per_rank} + 1)"
             )
         self._restart()
+
+    @property
+    def seqlen_bound(self) -> int:
+        """No segment of any row is longer: documents are cut every ``max_doc_len`` tokens. Training hands it to
+        varlen attention as ``max_seqlen`` (upstream passes its training length): FA3 sizes its launch grid from
+        it, so the row length (48x larger at the records' sizes) would launch mostly empty blocks."""
+        return self.max_doc_len
 
     def _enter_shard(self, index: int) -> None:
         self.shard = index

@@ -34,6 +34,7 @@ class PassOutcome:
 
     compliant: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    precompute: bool = False  # the pass did work before scoring (inside its eval_time), e.g. building a hint table
 
 
 RunFn = Callable[[nn.Module, Tensor, BitsPerByte, Any, PassSetup], PassOutcome]

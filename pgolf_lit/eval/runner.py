@@ -98,13 +98,17 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)  # printed after eval_time, in insertion order
     method: str = ""
     weights: str = ""  # what was scored: "quantized int6", "float post-ema", ...
+    # What eval_time counts besides the scoring forwards: "compile" (forwards compiled inside the pass) and
+    # "precompute" (work a method does before scoring, e.g. a hint table); empty when nothing else.
+    eval_time_includes: tuple[str, ...] = ()
 
 
 def format_result_line(result: EvalResult) -> str:
-    """``{label} val_loss:{:.8f} val_bpb:{:.8f} eval_time:{ms}ms`` then ``key:value`` extras and ``compliant:``."""
+    """``{label} val_loss:{:.8f} val_bpb:{:.8f} eval_time:{ms}ms eval_time_includes:{what}`` then ``key:value``
+    extras and ``compliant:``. ``what`` is ``compile``, ``precompute``, both joined by ``+``, or ``none``."""
     line = (
         f"{result.label} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
-        f"eval_time:{result.eval_time_ms:.0f}ms"
+        f"eval_time:{result.eval_time_ms:.0f}ms eval_time_includes:{'+'.join(result.eval_time_includes) or 'none'}"
     )
     fields = [f"{key}:{value}" for key, value in result.extra.items()]
     fields.append(f"compliant:{'yes' if result.compliant else 'no'}")
@@ -170,6 +174,10 @@ def run_method(
         extra={**outcome.extra, "bytes": metric.byte_source},
         method=method,
         weights=context.weights.describe(),
+        eval_time_includes=tuple(
+            what for what, included in (("compile", context.forward.compile), ("precompute", outcome.precompute))
+            if included
+        ),
     )
 
 
