@@ -9,8 +9,6 @@ already saved that step.
 
 from __future__ import annotations
 
-import os
-
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -25,6 +23,7 @@ class Checkpoint(ModelCheckpoint):
         """
         kwargs.setdefault("save_last", True)
         super().__init__(every_n_train_steps=every_n_train_steps, save_top_k=save_top_k, **kwargs)
+        self._last_step_saved_as_last = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -35,6 +34,13 @@ class Checkpoint(ModelCheckpoint):
     def save_last_step(self, trainer) -> None:
         if self.dirpath is None or trainer.global_step == self._last_global_step_saved:
             return
-        path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-        trainer.save_checkpoint(path, weights_only=False)  # a resumable checkpoint: optimizer and callback states
+        # Through ModelCheckpoint's own last-save, so it knows the file is its own: a later save at this step
+        # (the validation that ends the run) then finds it written instead of adding a last-v1.ckpt beside it.
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_global_step_saved = trainer.global_step
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self.save_last and self._last_step_saved_as_last == trainer.global_step:
+            return  # this step's state is already last.ckpt: the records' final validation changes no weight
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step_saved_as_last = trainer.global_step

@@ -293,20 +293,29 @@ def _is_checkpoint(callback) -> bool:
     return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
 
 
-def resume_in_place(config) -> None:
+def resume_in_place(config, command_line: Sequence[str] = ()) -> None:
     """``--ckpt_path last`` resumes the run's own newest checkpoint in its own folder: the logger's version is pinned
     to the run folder holding the newest ``checkpoints/*.ckpt`` (Lightning would start a fresh version_N and find
-    no last checkpoint there). A logger given an explicit version is left alone."""
+    no last checkpoint there), and ``ckpt_path`` becomes that file, so resuming does not depend on this invocation
+    having a checkpoint callback (record configs have none). The resumed run keeps checkpointing, as the run it
+    resumes did, unless the command line says ``--trainer.enable_checkpointing false``. A logger given an explicit
+    version resumes from that folder."""
     from pathlib import Path
 
+    if not any(a.startswith("--trainer.enable_checkpointing") for a in command_line):
+        config.trainer.enable_checkpointing = True
     logger = config.trainer.get("logger")
     args = logger.get("init_args") if hasattr(logger, "get") else None
-    if args is None or args.get("version") is not None or not args.get("save_dir"):
+    if args is None or not args.get("save_dir"):
         return
     root = Path(args.get("save_dir")) / (args.get("name") or "lightning_logs")
-    checkpoints = sorted(root.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    version = args.get("version")
+    folders = "*" if version is None else version if isinstance(version, str) else f"version_{version}"
+    checkpoints = sorted(root.glob(f"{folders}/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
     if checkpoints:
-        args.version = checkpoints[-1].parent.parent.name
+        if version is None:
+            args.version = checkpoints[-1].parent.parent.name
+        config.ckpt_path = str(checkpoints[-1])
 
 
 def _root_cause(error: BaseException, kinds: tuple) -> Optional[BaseException]:
@@ -348,9 +357,9 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
-            honest_trainer_flags(config)
             if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-                resume_in_place(config)
+                resume_in_place(config, self._args)
+            honest_trainer_flags(config)
             # The console callbacks, unless the Trainer turns bars or the summary off (Lightning refuses a bar
             # callback with enable_progress_bar false).
             extra = []

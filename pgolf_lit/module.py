@@ -73,12 +73,13 @@ class CompileSettings:
             torch.backends.cudnn.allow_tf32 = True
             torch.set_float32_matmul_precision("high")
         if compiling:
-            import torch._dynamo
+            # `import torch._dynamo` here would make `torch` a local name of this function, unbound above on CUDA.
+            from torch import _dynamo
 
             if self.optimize_ddp is not None:
-                torch._dynamo.config.optimize_ddp = self.optimize_ddp
+                _dynamo.config.optimize_ddp = self.optimize_ddp
             if self.cache_size_limit is not None:
-                torch._dynamo.config.cache_size_limit = self.cache_size_limit
+                _dynamo.config.cache_size_limit = self.cache_size_limit
 
 
 def plain(value: Any) -> Any:

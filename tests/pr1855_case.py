@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import brotli
 import pytest
@@ -149,9 +148,10 @@ def add_lqer(c: Case, weights: dict, quant: dict, meta: dict, gptq_names: list) 
     return factors
 
 
-def tie_cfg() -> SimpleNamespace:
-    """What ``test_quant_fixtures.assert_tie_mismatches`` reads of an export config."""
-    return SimpleNamespace(gptq_damping=DAMPING, gptq_block_size=BLOCK_SIZE)
+def tie_settings() -> tuple[float, int]:
+    """The GPTQ settings (damping, block size) PR #1855's codes were made with, for
+    ``test_quant_fixtures.assert_tie_mismatches``."""
+    return DAMPING, BLOCK_SIZE
 
 
 @functools.lru_cache(maxsize=None)

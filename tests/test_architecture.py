@@ -312,12 +312,19 @@ def test_compile_settings_set_dynamo_as_the_records():
     from pgolf_lit.records import record_config
 
     saved = (torch._dynamo.config.optimize_ddp, torch._dynamo.config.cache_size_limit)
+    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                  torch.get_float32_matmul_precision())
     try:
         settings = CompileSettings(**record_config("pr1421")["model"]["compile_settings"])
         settings.apply(torch.device("cpu"), compiling=True)
         assert torch._dynamo.config.optimize_ddp is False and torch._dynamo.config.cache_size_limit == 32
+        # The CUDA branch (TF32 first) runs without a GPU too: it once died there on a shadowed `torch` name.
+        settings.apply(torch.device("cuda"), compiling=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
     finally:
         torch._dynamo.config.optimize_ddp, torch._dynamo.config.cache_size_limit = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32[:2]
+        torch.set_float32_matmul_precision(saved_tf32[2])
 
 
 def test_every_callback_argument_has_help_text():

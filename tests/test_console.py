@@ -99,6 +99,12 @@ def test_resume_in_place_continues_the_run_and_its_logs(fitted):
     assert "tok_s" in rows[0] and yaml.safe_load((run / "hparams.yaml").read_text())["evaluation"]
     log = (run / "train.log").read_text()
     assert "step:4/" in log and "step:6/6" in log
+    # The config checkpoints nothing, but a resumed run keeps checkpointing as the run it resumed did: one last.ckpt,
+    # now at step 6 (no last-v1.ckpt from the final validation saving the same step again).
+    import torch
+
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
 
 
 def test_trainer_flags_are_mapped_or_refused(tmp_path):

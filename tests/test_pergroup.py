@@ -38,7 +38,7 @@ from pgolf_lit.quant.pergroup import (
     unpack_streams,
 )
 from pgolf_lit.quant.rtn import quantize_sdclip
-from pr1855_case import Case, add_lqer, case, pergroup_cases, quantize_without_lqer, tie_cfg
+from pr1855_case import Case, add_lqer, case, pergroup_cases, quantize_without_lqer, tie_settings
 from test_quant_fixtures import assert_tie_mismatches
 
 CASES = pergroup_cases()
@@ -100,7 +100,7 @@ def test_state_dict_to_artifact_bytes(path):
         if not torch.equal(quant[key], expected[key]):
             bits = int(meta[name][len("gptq (int"):].split(")")[0])
             assert_tie_mismatches(key, quant[key], expected[key], quant[name + ".scale"], weights[name].float(),
-                                  hessians[name], bits, tie_cfg())
+                                  hessians[name], bits, *tie_settings())
             quant[key] = expected[key]
     factors = add_lqer(c, weights, quant, meta, gptq_names)
     assert list(factors) == c.qmeta["lqer"]["chosen"]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from conftest import fixture_root
 from pgolf_lit.config import CONFIG_DIR, GPTConfig
+from pgolf_lit.data.packing import build_cu_seqlens
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.model.attention import CausalSelfAttention, Rotary
 from pgolf_lit.model.convert import config_from_upstream, load_upstream_state_dict, to_upstream_state_dict
@@ -212,16 +213,37 @@ def test_bos_mask_isolates_documents_of_a_packed_row(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_packed_row_equals_documents_run_alone(case):
-    """Varlen attention: each document of the packed row gives what it gives alone, within fp32 rounding (the
-    matmuls see other row counts, and RoPE positions differ by the document's offset)."""
+    """Varlen attention isolates the segments of a packed row, within fp32 rounding (the matmuls see other row counts,
+    and RoPE positions differ by the segment's offset). A segment that starts a document (BOS, or the row's start)
+    gives what it gives alone. A segment that continues a document cut at the loader's ``max_doc_len`` also reads the
+    token before the cut through the token SmearGate (masked at BOS only, as upstream): it gives what that token and
+    the segment give as a row of two segments. Both kinds are made on the fixture's tokens (documents written in with
+    BOS, each cut in two), so neither depends on what the fixture's own row happens to hold."""
     hp, model = build(case)
-    ids = _load(case / "inputs.pt")["input_ids"].reshape(1, -1)
-    cu = _load(case / "outputs.pt")["cu_seqlens"]
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.5)  # a smear that moves the logits, whatever the fixture's weights hold
+    ids = _load(case / "inputs.pt")["input_ids"].reshape(1, -1).clone()
+    n, bos = ids.size(1), model.config.bos_id
+    assert n >= 16, "the fixture row is too short to hold three documents cut in two"
+    ids[ids == bos] = (bos + 1) % model.config.vocab_size
+    doc_starts = [0, n // 3, 2 * n // 3]
+    ids[0, doc_starts] = bos
+    cu, _ = build_cu_seqlens(doc_starts, n, max_doc_len=-(-(n - 2 * n // 3) // 2))
+    starts_doc = continues = 0
     with torch.no_grad():
         packed = model.forward_logits(ids, cu, 0)
         for a, b in segments_of(cu):
             alone = model.forward_logits(ids[:, a:b])
-            torch.testing.assert_close(packed[:, a:b], alone, atol=hp["atol"], rtol=0)
+            if a == 0 or ids[0, a] == bos:
+                starts_doc += 1
+                torch.testing.assert_close(packed[:, a:b], alone, atol=hp["atol"], rtol=0)
+                continue
+            continues += 1
+            pair = torch.tensor([0, 1, b - a + 1], dtype=torch.int32)
+            across = model.forward_logits(ids[:, a - 1 : b], pair, 0)[:, 1:]
+            torch.testing.assert_close(packed[:, a:b], across, atol=hp["atol"], rtol=0)
+            assert (packed[:, a:b] - alone).abs().max() > 10 * hp["atol"], "the cut is read across"
+    assert starts_doc == 3 and continues == 3
 
 
 def test_packed_layout_errors_are_one_line():

@@ -31,7 +31,7 @@ from pgolf_lit.quant.artifact import (
 from pgolf_lit.quant.calibration import token_batches
 from pgolf_lit.quant.compress import byte_unshuffle, compress, get_codec
 from pgolf_lit.quant.export import ExportConfig, quantize_state_dict
-from pgolf_lit.quant.gptq import factor_hessian, permuted_weight
+from pgolf_lit.quant.gptq import BLOCK_SIZE, DAMPING, factor_hessian, gptq_sweep, permuted_weight
 from pgolf_lit.quant.hessians import collect_hessians
 from pgolf_lit.quant.prune import selective_prune
 from pgolf_lit.quant.quantized import dequantize
@@ -188,14 +188,15 @@ def assert_same_tensors(ours: dict, expected: dict, tie_tolerant: dict | None = 
             assert torch.equal(got, ref), f"{key}: {(got != ref).sum().item()} values differ"
 
 
-def assert_tie_mismatches(key, got, ref, scale, weight, hessian, bits, cfg) -> None:
+def assert_tie_mismatches(key, got, ref, scale, weight, hessian, bits, damping, block_size) -> None:
     """GPTQ codes off by rounding ties only: at most 0.1 %, and each differing row first differs (in the sweep
-    order) where w/s sits within NEAR_TIE of a half-integer, where an ulp of platform arithmetic decides."""
+    order) where w/s sits within NEAR_TIE of a half-integer, where an ulp of platform arithmetic decides.
+    ``damping`` and ``block_size`` are the GPTQ settings the codes were made with."""
     mismatched = (got != ref).sum().item()
     assert mismatched <= MAX_TIE_MISMATCH * got.numel(), f"{key}: {mismatched} codes differ (> 0.1 %)"
-    factor = factor_hessian(hessian, cfg.gptq.damping)
+    factor = factor_hessian(hessian, damping)
     ratios = replay_sweep_ratios(permuted_weight(weight, factor), factor.upper, scale.float(),
-                                 ref[:, factor.perm], got[:, factor.perm], 2 ** (bits - 1) - 1, cfg.gptq.block_size)
+                                 ref[:, factor.perm], got[:, factor.perm], 2 ** (bits - 1) - 1, block_size)
     for row, ratio in ratios.items():
         distance = abs(ratio - (torch.floor(torch.tensor(ratio)).item() + 0.5))
         assert distance <= NEAR_TIE * max(1.0, abs(ratio)), f"{key}: row {row} first differs at w/s = {ratio!r}"
@@ -230,12 +231,45 @@ def tie_context(case: Case, hessians: dict) -> dict:
     cfg = case.export_config()
     sd = case.live_state_dict()
     _, meta = quantized_from_reference_hessians(case.path)
-    return {n: (sd[n].float(), hessians[n], meta[n]["bits"], cfg) for n in gptq_names(case)}
+    return {n: (sd[n].float(), hessians[n], meta[n]["bits"], cfg.gptq.damping, cfg.gptq.block_size)
+            for n in gptq_names(case)}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------------------
+
+
+def test_tie_tolerance_accepts_a_crafted_tie_and_refuses_any_other_difference():
+    """The tie branch of the fixture tests runs only where a platform rounds a tie otherwise, which the visible
+    fixtures may never show: a tie is made here. The first column of the sweep (act-order's first) has no error
+    feedback, so w = 2.5·s there is an exact tie; codes made from w nudged by one ulp round it the other way and
+    differ from there on (as another platform's would). Any difference that does not start at a tie is refused."""
+    torch.manual_seed(0)
+    rows, cols, bits = 256, 256, 6  # a flipped tie changes ~50 later codes of its row: under 0.1 % of 65,536
+    x = torch.randn(512, cols)
+    hessian = x.T @ x
+    scale = torch.full((rows,), 0.125)  # a power of two: w / s is exact
+    weight = torch.randn(rows, cols) * 0.2
+    factor = factor_hessian(hessian, DAMPING)
+    first = int(factor.perm[0])
+    weight[3, first] = 2.5 * 0.125
+
+    def codes(w):
+        return gptq_sweep(permuted_weight(w, factor), factor.upper, scale, 2 ** (bits - 1) - 1, BLOCK_SIZE)[
+            :, factor.inv_perm]
+
+    got = codes(weight)
+    nudged = weight.clone()
+    nudged[3, first] = torch.nextafter(torch.tensor(2.5 * 0.125), torch.tensor(1.0))
+    ref = codes(nudged)
+    assert (got != ref).any() and (got != ref).nonzero()[:, 0].unique().tolist() == [3]
+    assert_tie_mismatches("w.q", got, ref, scale, weight, hessian, bits, DAMPING, BLOCK_SIZE)
+    off = got.clone()
+    off[7, int(factor.perm[5])] += 1  # a code one step away where nothing ties
+    with pytest.raises(AssertionError, match="row 7 first differs"):
+        assert_tie_mismatches("w.q", off, got, scale, weight, hessian, bits, DAMPING, BLOCK_SIZE)
+
 
 
 @pytest.mark.parametrize("case", CASES)
