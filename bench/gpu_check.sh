@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check of the CUDA path in one run, one log: the CUDA tests, Lightning-vs-plain throughput of PR #1394
-# and PR #1321 at full size, host syncs, evaluation speed, and a 3-minute `pgolf fit` of PR #1394 through its loop
-# switch and export (step times before/after the switch, recompiles, export time against the GPTQ reserve).
+# Every GPU check of the CUDA path in one run, one log: the CUDA tests, Lightning-vs-plain throughput of PR #1394,
+# PR #1321 and PR #1855 (packed rows) at full size, PR #1855's step anatomy (ms/step with each speed-parity switch
+# off in turn, beside the record's logged ms/step), host syncs, evaluation speed, and a 3-minute `pgolf fit` of
+# PR #1394 through its loop switch and export (step times before/after the switch, recompiles, export time against
+# the GPTQ reserve).
 #
 #   bash bench/gpu_check.sh                  # on the GPU machine (one H100/H200), ~8 minutes
 #   bash bench/gpu_check.sh --device cpu     # smoke mode: tiny configs, a few steps, so the GPU run cannot fail on a typo
@@ -40,6 +42,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, and record the exit status
 if [ "$DEVICE" = cuda ]; then
     R1394=configs/records/pr1394_sp8192_loop45.yaml
     R1321=configs/records/pr1321_slot48.yaml
+    R1855=configs/records/pr1855_sp8192_lqer_sparsegate.yaml
+    DATA1855=(--data.data_dir data/gpu/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
+              --data.build_embedded true --data.val_max_tokens 1048576)
+    ANATOMY=(--steps 20 --warmup 5 --rounds 1)
     DATA8192=(--data.data_dir data/gpu/datasets/fineweb10B_sp8192 --data.build_embedded true --data.val_max_tokens 1048576)
     DATA1024=(--data.data_dir data/gpu/datasets/fineweb10B_sp1024 --data.build_embedded true --data.val_max_tokens 1048576)
     TP=(--steps 20 --warmup 10 --rounds 3)
@@ -48,6 +54,9 @@ if [ "$DEVICE" = cuda ]; then
 else
     R1394=configs/records/pr1394_sp8192_loop45_tiny.yaml
     R1321=configs/records/pr1321_slot48_tiny.yaml
+    R1855=configs/records/pr1855_sp8192_lqer_sparsegate_tiny.yaml
+    DATA1855=()
+    ANATOMY=(--steps 2 --warmup 1 --rounds 1)
     DATA8192=()
     DATA1024=()
     TP=(--steps 2 --warmup 1 --rounds 1)
@@ -67,6 +76,9 @@ EOF
 step cuda_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compile.py
 step throughput_pr1394 360 "$PY" bench/throughput.py --config "$R1394" --device "$DEVICE" "${TP[@]}" -- "${DATA8192[@]}"
 step throughput_pr1321 300 "$PY" bench/throughput.py --config "$R1321" --device "$DEVICE" "${TP[@]}" -- "${DATA1024[@]}"
+step throughput_pr1855 360 "$PY" bench/throughput.py --config "$R1855" --device "$DEVICE" "${TP[@]}" -- "${DATA1855[@]}"
+step step_anatomy_pr1855 480 "$PY" bench/step_anatomy.py --config "$R1855" --device "$DEVICE" "${ANATOMY[@]}" \
+    -- "${DATA1855[@]}"
 step host_syncs 240 "$PY" bench/host_syncs.py --config "$R1394" --device "$DEVICE" -- "${DATA8192[@]}"
 step eval_speed 300 "$PY" bench/eval_speed.py --config "$R1394" --device "$DEVICE" --methods standard sliding \
     --val-tokens "$EVAL_TOKENS" -- "${DATA8192[@]}"
@@ -76,3 +88,4 @@ TORCH_LOGS=recompiles step fit_pr1394 420 "$PY" -m pgolf_lit.cli fit --config "$
 echo "=== summary" | tee -a "$LOG"
 grep -E "^=== .* rc=|^throughput |^eval method=|recurrence:activated|stopping_early|gptq:hessians|Recompiling|recompil" \
     "$LOG" | tee "$OUT/summary.txt"
+sed -n '/^step anatomy$/,/^step_anatomy /p' "$OUT/step_anatomy_pr1855.log" | tee -a "$OUT/summary.txt"

@@ -6,6 +6,7 @@ optimizers and loaders and nothing of Lightning:
     scale = LR multiplier (elapsed wallclock, cap)   [recurrence switch when due]
     zero grads
     grad_accum × (next micro-batch → forward (bf16 autocast on CUDA) → backward of loss / grad_accum)
+        (a packed loader's micro-batch is one row with its cu_seqlens; attention takes the loader's seqlen bound)
     Muon momentum and every group's lr from the schedule; clip the global grad norm; step token, [head],
     Muon, scalar; zero grads
     EMA update of an fp32 shadow of the state dict, tensor by tensor, as upstream
@@ -28,7 +29,7 @@ from typing import Optional, TextIO
 import torch
 
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.data.loaders import make_loader
+from pgolf_lit.data.loaders import PackedBatch, make_loader
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.optim import OptimConfig, ScheduleConfig, apply_schedule, build_optimizers, clip_grad_norm
 
@@ -122,9 +123,14 @@ class PlainTrainer:
             zero_grad()
             train_loss = torch.zeros((), device=cfg.device)
             for _ in range(cfg.grad_accum):
-                x, y = (t.to(cfg.device, non_blocking=True) for t in loader.next_batch())
+                batch = loader.next_batch()
+                x, y = (t.to(cfg.device, non_blocking=True) for t in batch[:2])
                 with self._autocast():
-                    loss = self.forward(x, y)
+                    if isinstance(batch, PackedBatch):  # PR #1855's packed row: varlen attention per document
+                        cu = batch.cu_seqlens.to(cfg.device, non_blocking=True)
+                        loss = self.forward(x, y, cu_seqlens=cu, max_seqlen=loader.seqlen_bound)
+                    else:
+                        loss = self.forward(x, y)
                 (loss / cfg.grad_accum).backward()
                 train_loss += loss.detach()
             train_loss /= cfg.grad_accum

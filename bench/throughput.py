@@ -148,11 +148,13 @@ class LightningSide:
     def callback(self, cls):
         return next((c for c in self.callbacks if isinstance(c, cls)), None)
 
-    def run(self, *observers: Callback) -> float:
-        """Fit one round; return the timed seconds. ``observers`` are extra callbacks used as given."""
+    def run(self, *observers: Callback, **trainer_flags) -> float:
+        """Fit one round; return the timed seconds. ``observers`` are extra callbacks used as given, ``trainer_flags``
+        Trainer arguments over the config's."""
         timer = StepTimer(self.warmup, self.warmup + self.steps)
         trainer = self.cli.instantiate_trainer(
-            callbacks=copy.deepcopy(self.callbacks) + [timer, *observers], logger=copy.deepcopy(self.logger)
+            callbacks=copy.deepcopy(self.callbacks) + [timer, *observers], logger=copy.deepcopy(self.logger),
+            **trainer_flags,
         )
         trainer.fit(self.cli.model, datamodule=self.cli.datamodule)
         if timer.seconds is None:

@@ -10,9 +10,11 @@ summary off; the upstream-style text lines are written through tqdm, so they nev
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.model_summary import summarize
 
 
@@ -31,18 +33,30 @@ class BudgetProgressBar(TQDMProgressBar):
         cap = getattr(budget, "effective_cap_ms", None)
         return cap / 1000.0 if cap else None
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._train_layout = self._layout(pl_module)
+        super().on_train_start(trainer, pl_module)
+
+    def _layout(self, pl_module) -> tuple[str, float, str]:
+        """(description, total, unit) of the training bar: budget seconds under a cap, else optimizer steps."""
         cap = self._cap_s(pl_module)
-        bar = self.train_progress_bar
         if cap is not None:
-            bar.reset(total=round(cap, 1))
-            bar.unit, bar.unit_scale = "s", False
-            bar.set_description("train (budget)")
-        else:
-            bar.reset(total=pl_module.max_steps)
-            bar.set_description("train (steps)")
-        bar.initial = 0
+            return "train (budget)", round(cap, 1), "s"
+        return "train (steps)", pl_module.max_steps, "it"
+
+    def init_train_tqdm(self) -> Tqdm:
+        """The training bar, drawn with its own total from the first frame (Lightning's first frames show the
+        dataloader's nominal length, "Epoch 0: 0/100000", which stayed in every log file)."""
+        description, total, unit = getattr(self, "_train_layout", (self.train_description, None, "it"))
+        return Tqdm(desc=description, total=total, unit=unit, unit_scale=False, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # One endless epoch: the bar was laid out when it was created; Lightning's reset to the epoch's length and
+        # its "Epoch N" description would draw another frame first.
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -57,6 +71,12 @@ class BudgetProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Close the bars, so the error that follows starts on a line of its own instead of after a bar."""
+        for bar in (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar):
+            if bar is not None and not bar.disable:
+                bar.close()
 
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
         """Step, tokens per second and the last val_bpb (no ``v_num``; no host reads of device tensors)."""

@@ -91,3 +91,31 @@ def test_container_compare_reencodes_the_record_artifact_and_prints_a_ratio(benc
     assert len(sizes) == 4 and all(s > 0 for s in sizes)
     ratio = _positive_finite(re.search(rf"ratio PGRP / best single stream = {NUMBER}", text).group(1))
     assert abs(ratio - sizes[0] / min(sizes[2:])) < 1e-3
+
+
+PR1855_TINY = str(ROOT / "configs" / "records" / "pr1855_sp8192_lqer_sparsegate_tiny.yaml")
+
+
+def test_throughput_and_step_anatomy_run_the_packed_record(bench, capsys):
+    """PR #1855 trains on packed rows (x, y, cu_seqlens): the plain loop takes them, and the step anatomy times the
+    record with each switch off in turn, beside the record's own logged ms/step."""
+    bench("throughput").main(["--config", PR1855_TINY, "--steps", "2", "--warmup", "1", "--rounds", "1",
+                              "--device", "cpu", "--", "--trainer.enable_progress_bar", "false"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"throughput lightning_tok_s={NUMBER} plain_tok_s={NUMBER} ratio={NUMBER} device=cpu "
+                        r"config=pr1855_sp8192_lqer_sparsegate_tiny\.yaml steps=2", last), last
+
+    result = bench("step_anatomy").main(["--config", PR1855_TINY, "--steps", "2", "--warmup", "1", "--rounds", "1",
+                                         "--device", "cpu", "--", "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr().out
+    table = out[out.index("\nstep anatomy\n"):]
+    rows = {label: [_positive_finite(s) for s in seconds] for label, seconds in result["rows"].items()}
+    assert list(rows)[0] == "as shipped" and any(label.startswith("1 off: varlen") for label in rows)
+    assert any(label.startswith("2 off: Checkpoint") for label in rows)
+    for label in rows:
+        assert re.search(rf"^{re.escape(label)} +[0-9.]+ +[0-9.]+x$", table, re.M), (label, table)
+    assert "3 world" in table and "5 off: fp32 gradient reduction" in table
+    # the record's logged ms/step: 599,433 ms / 4,932 steps and its two other seeds (upstream train_seed*.log)
+    assert result["record_ms"] == pytest.approx(121.6, abs=0.1)
+    assert re.search(r"^step_anatomy shipped_ms=[0-9.]+ record_ms=121\.\d+ config=pr1855_sp8192_lqer_sparsegate_tiny"
+                     r"\.yaml device=cpu$", out, re.M)

@@ -216,22 +216,28 @@ def test_documents_and_queue_follow_the_record():
 
 def test_zero_updates_equal_the_document_isolated_eval():
     """Where the windows coincide (every document one full-context window: sequences starting with BOS, chunk =
-    context = seq_len), TTT without updates is the document-isolated eval, bit for bit; with shorter chunks the
-    windows differ in length only, so the scores agree to float rounding; lr 0 is exactly no update."""
+    context = seq_len), TTT without updates is the document-isolated eval; with shorter chunks the windows differ
+    in length only, so the scores agree to float rounding; lr 0 is exactly no update."""
     seq_len, n = 32, 8
     model, tokens = random_model(), stream(list(range(0, n * 32 + 1, 32)), n * 32)
     isolated = BitsPerByte(luts())
     evaluate_doc_isolated(model, tokens, isolated, seq_len=seq_len, batch_seqs=1)
     frozen = replace(TINY, chunk=seq_len, context=seq_len, grad_steps=0, prefix_docs=0)
     one_window = run(model, tokens, frozen, seq_len)
-    for name in ("loss_sum", "token_count", "byte_count"):
+    for name in ("token_count", "byte_count"):
         assert float(getattr(one_window, name)) == float(getattr(isolated, name)), name
+    # The same windows, batched three documents at a time vs one: equal up to per-term fp32 rounding (see below).
+    torch.testing.assert_close(one_window.loss_sum, isolated.loss_sum, rtol=2.0**-20, atol=0)
 
     no_steps = run(model, tokens, replace(frozen, chunk=8), seq_len)
     lr_zero = run(model, tokens, replace(frozen, chunk=8, grad_steps=1, lora_lr=0.0), seq_len)
     assert float(lr_zero.loss_sum) == float(no_steps.loss_sum)
     assert float(no_steps.token_count) == float(isolated.token_count) == n * seq_len
-    torch.testing.assert_close(no_steps.loss_sum, isolated.loss_sum, rtol=1e-9, atol=0)
+    # Same windows, other batch shapes: each fp32 per-token loss may differ by a few fp32 ulps (the kernels block
+    # their dot products by shape), and a sum of positive terms keeps the largest relative error of a term. So the
+    # bound is per-term fp32 rounding (16 ulps = 2^-20), not float64's: observed 2e-9; a window with other context
+    # moves the sum by ~1e-3.
+    torch.testing.assert_close(no_steps.loss_sum, isolated.loss_sum, rtol=2.0**-20, atol=0)
     adapted = run(model, tokens, replace(frozen, chunk=8, grad_steps=1), seq_len)
     assert float(adapted.loss_sum) != float(no_steps.loss_sum)
 

@@ -222,3 +222,22 @@ def test_non_finite_loss_stops_with_the_step_named(embedded_data_root, tmp_path)
 
     with pytest.raises(PgolfError, match=r"training loss is not finite \(nan/inf\) at step 4.*last good checkpoint: none saved"):
         fit(tiny_module(), tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 10, [PoisonWeights()]))
+
+
+def test_an_error_during_training_starts_on_a_line_of_its_own(embedded_data_root, tmp_path, capsys):
+    """The budget bar is closed when training raises, so the ``error:`` line that follows is not glued to a bar
+    frame; and the bar's first frame already has its own total (no Lightning "0/100000" epoch frame)."""
+    from pgolf_lit.callbacks import BudgetProgressBar
+
+    class Fail(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                raise PgolfError("stop here")
+
+    with pytest.raises(PgolfError, match="stop here"):
+        fit(tiny_module(), tiny_datamodule(embedded_data_root),
+            tiny_trainer(tmp_path, 10, [BudgetProgressBar(), Fail()], enable_progress_bar=True))
+    screen = capsys.readouterr().out
+    frames = [f for f in screen.replace("\r", "\n").split("\n") if "it/s" in f or "s/it" in f]
+    assert frames and all("/10 [" in f and f.startswith("train (steps)") for f in frames), frames
+    assert screen.endswith("\n"), repr(screen[-200:])
