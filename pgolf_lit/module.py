@@ -39,6 +39,7 @@ from pgolf_lit.model.gpt import GPT
 from pgolf_lit.summary import update_summary
 from pgolf_lit.optim.groups import OptimConfig, build_optimizers
 from pgolf_lit.optim.chain import OptimizerChain, all_reduce_gradients, clip_grad_norm
+from pgolf_lit.optim.muon import Muon
 from pgolf_lit.optim.schedule import ScheduleConfig, apply_schedule
 from pgolf_lit.textlog import TextLog
 
@@ -80,6 +81,32 @@ class CompileSettings:
                 _dynamo.config.optimize_ddp = self.optimize_ddp
             if self.cache_size_limit is not None:
                 _dynamo.config.cache_size_limit = self.cache_size_limit
+
+
+def grad_compression_dtype(strategy: Any) -> Optional[torch.dtype]:
+    """The dtype in which the strategy's DDP communication hook reduces gradients: ``DDPStrategy(ddp_comm_hook=
+    default_hooks.bf16_compress_hook)`` → bfloat16 (``fp16_compress_hook`` → float16); None without a hook.
+
+    DDP runs the hook itself when it reduces (``grad_clip_scope: global``; Lightning registers it on CUDA only).
+    With ``grad_clip_scope: local`` DDP never reduces (every backward runs under ``no_sync``) and the module
+    reduces by ``all_reduce_gradients``, which follows this switch for the Muon parameters (PR #1855: bf16 banks,
+    the rest in their own dtype). Raises ConfigError for another hook or a wrapper, which that reduction cannot
+    follow."""
+    hook = getattr(strategy, "_ddp_comm_hook", None)
+    wrapper = getattr(strategy, "_ddp_comm_wrapper", None)
+    if hook is None and wrapper is None:
+        return None
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    known = {default_hooks.bf16_compress_hook: torch.bfloat16, default_hooks.fp16_compress_hook: torch.float16}
+    if wrapper is None and hook in known:
+        return known[hook]
+    name = getattr(wrapper if wrapper is not None else hook, "__qualname__", repr(hook))
+    raise ConfigError(
+        f"trainer.strategy: with model.optim.grad_clip_scope local the module reduces the gradients itself and follows "
+        f"ddp_comm_hook bf16_compress_hook or fp16_compress_hook (torch.distributed.algorithms.ddp_comm_hooks."
+        f"default_hooks) only, got {name}"
+    )
 
 
 def plain(value: Any) -> Any:
@@ -240,6 +267,8 @@ class GolfModule(L.LightningModule):
                 self.log_text(line)
             if self.record_run is not None:
                 self.write_summary(record_run=self.record_run)
+        if stage == "fit" and self.optim_config.grad_clip_scope == "local":
+            grad_compression_dtype(self.trainer.strategy)  # a hook the manual reduction cannot follow stops here
         self.compile_settings.apply(self.device, self.compile)
         if self.record_dtypes and str(self.trainer.precision).startswith("bf16"):
             self.model.apply_record_dtypes()
@@ -422,10 +451,19 @@ class GolfModule(L.LightningModule):
         if max_norm > 0 and clip is not False:
             clip_grad_norm(self.model.parameters(), max_norm)
         if local_clip:
-            all_reduce_gradients(self.model.parameters())
+            self._reduce_gradients(chain)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total / accum
+
+    def _reduce_gradients(self, chain) -> None:
+        """``grad_clip_scope: local``: average the clipped gradients over the ranks. With a compression comm hook on
+        the strategy (``grad_compression_dtype``), the Muon parameters' gradients (the parameters the chain's Muon
+        holds, i.e. those whose declared role routes them there) are reduced in that dtype, the rest in their own."""
+        dtype = grad_compression_dtype(self.trainer.strategy) if self._trainer is not None else None
+        compressed = [p for opt in getattr(chain, "optimizers", [chain]) if isinstance(opt, Muon)
+                      for group in opt.param_groups for p in group["params"]] if dtype is not None else []
+        all_reduce_gradients(self.model.parameters(), compressed, dtype or torch.bfloat16)
 
     def _check_finite(self, checkpoint: Optional[dict[str, Any]] = None) -> None:
         """Raise if any training loss since the last check was NaN/inf on any rank (one host read; one small

@@ -27,6 +27,7 @@ from pgolf_lit.optim import (
     record_optim_config,
     route_parameters,
 )
+from pgolf_lit.optim.muon import balanced_owners, newton_schulz_cost
 
 # ---------------------------------------------------------------------------------------------------------
 # Rank-sharded Muon
@@ -78,6 +79,103 @@ def test_sharded_muon_equals_unsharded(tmp_path):
         assert sorted(got["buffers"]) == sorted(want_buffers)  # every rank holds the complete state
         for i, want in want_buffers.items():
             assert torch.equal(got["buffers"][i], want), f"rank {rank} buffer {i}"
+
+
+# Banks [B, rows, cols] (PR #1855's storage) beside single matrices: at world 2 the balanced owners split banks
+# between the ranks, so a rank orthogonalises some slices of a bank as one batch.
+BANKED_SHAPES = [(5, 16, 24), (24, 40), (3, 32, 16), (8, 8), (4, 24, 24)]
+
+
+def _run_banked_muon() -> list[torch.Tensor]:
+    """Two steps of PR #1855's Muon (Polar Express, bf16 momentum, MuonEq-R, decay) on banks and matrices."""
+    g = torch.Generator().manual_seed(4321)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in BANKED_SHAPES]
+    opt = Muon(params, lr=0.02, momentum=0.97, weight_decay=0.095, row_normalize=True, coefficients="polar_express",
+               momentum_dtype="bf16", skip_without_grad=True)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def _banked_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_run_banked_muon(), Path(out_dir) / f"banked{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_balanced_sharded_muon_on_banks_equals_one_process(tmp_path):
+    """Each matrix (bank slice) has exactly one owner, so the bf16 SUM is exact: every rank ends bit-identical to a
+    single process, whose step orthogonalises each bank as one batch."""
+    world = 2
+    matrices = [s[-2:] for s in BANKED_SHAPES for _ in range(s[0] if len(s) == 3 else 1)]
+    owners = balanced_owners(matrices, world)
+    first = 0
+    split = []
+    for s in BANKED_SHAPES:
+        n = s[0] if len(s) == 3 else 1
+        split.append(len(set(owners[first : first + n])) > 1)
+        first += n
+    assert sum(split) >= 2  # banks whose slices are orthogonalised on both ranks
+    mp.spawn(_banked_worker, args=(world, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=world, join=True)
+    want = _run_banked_muon()
+    for rank in range(world):
+        got = torch.load(tmp_path / f"banked{rank}.pt", weights_only=True)
+        for i, (p, w) in enumerate(zip(got, want)):
+            assert torch.equal(p, w), f"rank {rank} param {i} {BANKED_SHAPES[i]}"
+
+
+def test_balanced_owners_small_cases():
+    # cost rows·cols·min(rows, cols): the 8×8 (512) first, then the 4×4s (64 each) fill the other rank
+    assert balanced_owners([(4, 4), (4, 4), (4, 4), (8, 8)], 2) == [1, 1, 1, 0]
+    assert balanced_owners([(2, 2)] * 4, 2) == [0, 1, 0, 1]  # ties: list order, lowest rank
+    assert balanced_owners([(3, 5), (5, 3)], 1) == [0, 0]
+    assert balanced_owners([], 4) == []
+    assert newton_schulz_cost(2048, 512) == newton_schulz_cost(512, 2048) == 2048 * 512 * 512
+    with pytest.raises(ValueError):
+        balanced_owners([(2, 2)], 0)
+
+
+def _max_over_mean(owners: list[int], costs: list[int], world: int) -> float:
+    loads = [0] * world
+    for owner, cost in zip(owners, costs):
+        loads[owner] += cost
+    return max(loads) / (sum(loads) / world)
+
+
+@pytest.mark.parametrize("record", ["pr1855_sp8192_lqer_sparsegate", "pr1394_sp8192_loop45"])
+def test_balanced_owners_on_record_shapes(record):
+    """World 8, the record config's Muon group (built on the meta device): max load / mean load of round robin
+    (parameter i on rank i % 8, as the scripts and the former Muon.step) and of balanced_owners. The numbers are the
+    ones muon.balanced_owners's docstring states; printed with ``pytest -s``."""
+    world = 8
+    with torch.device("meta"):
+        model = GPT(gpt_config_from_yaml(CONFIG_DIR / "records" / f"{record}.yaml"))
+    params = [p for _, p in route_parameters(model, record_optim_config(record)).muon]
+    assert all(p.ndim == 2 for p in params) and len(params) == 66  # 11 blocks × (q, k, v, proj, fc, mlp.proj)
+    shapes = [tuple(p.shape) for p in params]
+    costs = [newton_schulz_cost(*s) for s in shapes]
+    round_robin = _max_over_mean([i % world for i in range(len(shapes))], costs, world)
+    balanced = _max_over_mean(balanced_owners(shapes, world), costs, world)
+    print(f"{record} world {world}: max/mean load round robin {round_robin:.3f}, balanced {balanced:.3f}")
+    assert (round(round_robin, 3), round(balanced, 3)) == (1.091, 1.004)
+    assert balanced <= 1 + max(costs) / (sum(costs) / world)  # list scheduling: within one matrix of the mean
+    if not record.startswith("pr1855"):
+        return
+    # PR #1855's script stores these 66 matrices as four banks (leaderboard.md §3.1): round robin over the banks
+    # against balanced over their slices.
+    banks = [(22, 512, 512), (22, 256, 512), (11, 2048, 512), (11, 512, 2048)]
+    bank_costs = [b * newton_schulz_cost(r, c) for b, r, c in banks]
+    slices = [(r, c) for b, r, c in banks for _ in range(b)]
+    assert sorted(slices) == sorted(shapes)
+    per_bank = _max_over_mean([i % world for i in range(len(banks))], bank_costs, world)
+    per_slice = _max_over_mean(balanced_owners(slices, world), [newton_schulz_cost(*s) for s in slices], world)
+    print(f"  as 4 banks: round robin over the banks {per_bank:.3f}, balanced over the slices {per_slice:.3f}")
+    assert (round(per_bank, 3), round(per_slice, 3)) == (3.048, 1.004)
 
 
 def test_muon_rejects_non_matrices():

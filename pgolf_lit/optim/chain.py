@@ -8,12 +8,11 @@ each rank's own, then ``all_reduce_gradients``, then step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Collection, Iterator, MutableMapping
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
-
 
 
 class _ChainedState(MutableMapping):
@@ -108,7 +107,11 @@ class OptimizerChain(torch.optim.Optimizer):
         return f"OptimizerChain({', '.join(type(o).__name__ for o in self.optimizers)})"
 
 
-def all_reduce_gradients(parameters: Iterable[Tensor]) -> None:
+def all_reduce_gradients(
+    parameters: Iterable[Tensor],
+    compressed: Collection[Tensor] = (),
+    compress_dtype: torch.dtype = torch.bfloat16,
+) -> None:
     """Average every ``.grad`` over the default process group, in place; a no-op without one (or with one rank).
 
     The manual reduction that ``grad_clip_scope: local`` needs (PR #1855 train_gpt.py ``Optimizers.step``: the
@@ -116,20 +119,30 @@ def all_reduce_gradients(parameters: Iterable[Tensor]) -> None:
     without DDP's synchronisation, clip, then call this. Gradients are packed into one flat buffer per
     (device, dtype), summed and divided by the world size (SUM, because gloo has no AVG). Parameters without
     a gradient are skipped; every rank must pass the same parameters with the same gradients present.
+
+    The gradients of the parameters in ``compressed`` are reduced as DDP's compression hook reduces a bucket
+    (torch ``default_hooks._compress_hook``, e.g. ``bf16_compress_hook``): cast to ``compress_dtype``, divided by
+    the world size, summed in that dtype, written back into the gradient in its own dtype. PR #1855 reduces its
+    Muon banks so (bf16 ``reduce_scatter`` AVG) and every other gradient in its own dtype.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     world = dist.get_world_size()
-    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    low = {id(p) for p in compressed}
+    by_kind: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
-            by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    for grads in by_kind.values():
+            by_kind.setdefault((p.grad.device, p.grad.dtype, id(p) in low), []).append(p.grad)
+    for (_, _, compress), grads in by_kind.items():
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world)
+        if compress:
+            flat = flat.to(compress_dtype).div_(world)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        else:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(world)
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -11,7 +11,7 @@ because the acceptance fixtures compare eager results bit for bit.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,9 @@ def zeropower_via_polar_express(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    coefficients = POLAR_EXPRESS_COEFFICIENTS[:steps] if steps <= len(POLAR_EXPRESS_COEFFICIENTS) else POLAR_EXPRESS_COEFFICIENTS
+    coefficients = POLAR_EXPRESS_COEFFICIENTS
+    if steps <= len(POLAR_EXPRESS_COEFFICIENTS):
+        coefficients = POLAR_EXPRESS_COEFFICIENTS[:steps]
     for a, b, c in coefficients:
         gram = x @ x.mT
         poly = b * gram + c * (gram @ gram)
@@ -110,6 +112,38 @@ def _newtonschulz(update: Tensor, steps: int, compile_cuda: bool, coefficients: 
     return ORTHOGONALIZERS[coefficients](update, steps)
 
 
+def newton_schulz_cost(rows: int, cols: int) -> int:
+    """rows·cols·min(rows, cols): the multiply-adds of one Newton–Schulz iteration on a rows×cols matrix, up to a
+    constant (the Gram matrix X·Xᵀ and B·X on the wide orientation each cost min²·max)."""
+    return rows * cols * min(rows, cols)
+
+
+def balanced_owners(shapes: Sequence[tuple[int, int]], world: int) -> list[int]:
+    """The rank that orthogonalises each matrix: longest processing time first.
+
+    ``shapes`` are the (rows, cols) of the matrices in a fixed order (every rank passes the same list). Matrices
+    are taken by ``newton_schulz_cost`` descending, ties in list order, and each goes to the rank with the least
+    load so far, ties to the lowest rank; every rank computes the same answer. Greedy list scheduling keeps the
+    largest load within one matrix's cost of the mean. The records assigned parameter ``i`` to rank
+    ``i % world`` (PR #1394, round robin) or gave every rank an equal share of each bank (PR #1855).
+
+    Max load / mean load at world 8 (``tests/test_optim.py::test_balanced_owners_on_record_shapes``): the Muon
+    group of PR #1394 and of PR #1855 (the same 66 matrices: 11 × c_q 512×512, c_k and c_v 256×512, attn.proj
+    512×512, mlp.fc 2048×512, mlp.proj 512×2048): round robin over the parameters 1.091, balanced 1.004. Stored as
+    PR #1855's four banks, round robin over the banks would give 3.048; balanced over their slices, 1.004.
+    """
+    if world < 1:
+        raise ValueError(f"balanced_owners: world must be >= 1, got {world}")
+    costs = [newton_schulz_cost(r, c) for r, c in shapes]
+    loads = [0] * world
+    owners = [0] * len(shapes)
+    for k in sorted(range(len(shapes)), key=lambda k: -costs[k]):  # stable: equal costs keep list order
+        rank = min(range(world), key=loads.__getitem__)  # the first (lowest) of the least loaded
+        owners[k] = rank
+        loads[rank] += costs[k]
+    return owners
+
+
 def shape_scale(rows: int, cols: int) -> float:
     """sqrt(max(1, rows/cols)): tall matrices (MLP-in, the 128-wide projections) get a larger step."""
     return max(1.0, rows / cols) ** 0.5
@@ -136,11 +170,14 @@ class Muon(torch.optim.Optimizer):
     ``bf16`` is PR #1855's step: G is cast to bf16 first, the buffer is bf16, the Nesterov sum and row norm
     run in bf16, and the shape scale goes into the fp32 update (``W ← W − η·scale·O``) instead of into O.
 
-    Distribution: when ``torch.distributed`` is initialised, parameter ``i`` of a group (list order) is owned
-    by rank ``i % world_size``. Only the owner runs the row normalisation and the iteration; each rank writes
-    its results into a zeroed bf16 buffer of the group's total size and one ``all_reduce(SUM)`` gives every
-    rank every update (exactly one rank contributes each slice, so the sum is exact and the result equals a
-    single-process step bit for bit). A single process goes through the same buffer.
+    Distribution: when ``torch.distributed`` is initialised, every matrix of a group (a 2-D parameter, or one
+    slice of a bank) has one owner, ``balanced_owners`` over the group's matrices in list order (balanced by
+    Newton–Schulz cost, not round robin as the scripts). Only the owner runs the row normalisation and the
+    iteration (a rank that owns several slices of a bank runs them as one batch); each rank writes its results
+    into a zeroed bf16 buffer of the group's total size and one ``all_reduce(SUM)`` gives every rank every
+    update (exactly one rank contributes each slice, so the sum is exact and the result equals a
+    single-process step bit for bit, given that a matrix's iteration does not depend on the batch it runs in:
+    tested on CPU). A single process owns everything and goes through the same buffer.
 
     Momentum buffers are kept for every parameter on every rank (the scripts keep each only on its owner).
     The gradients are identical on all ranks after DDP's all-reduce, so the buffers are too; the extra cost
@@ -219,9 +256,14 @@ class Muon(torch.optim.Optimizer):
             self._update_momentum(grads, group["momentum"])
             flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.bfloat16, device=params[0].device)
             offset = 0
-            for i, p in enumerate(params):
-                if i % world == rank and p in grads:
-                    flat[offset : offset + p.numel()] = self._orthogonalized_update(p, grads[p], group).reshape(-1)
+            for p, owned in zip(params, self._owned_slices(params, world, rank)):
+                if owned and p in grads:
+                    out = flat[offset : offset + p.numel()].view_as(p)
+                    if p.ndim == 2 or len(owned) == p.size(0):  # the whole matrix or bank
+                        out.copy_(self._orthogonalized_update(p, grads[p], group))
+                    else:  # some slices of a bank, as one batch
+                        index = torch.tensor(owned, device=p.device)
+                        out[index] = self._orthogonalized_update(p, grads[p], group, index)
                 offset += p.numel()
             if world > 1:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -239,6 +281,17 @@ class Muon(torch.optim.Optimizer):
                 else:
                     p.add_(update.to(p.dtype), alpha=-lr)
         return loss
+
+    @staticmethod
+    def _owned_slices(params: list[Tensor], world: int, rank: int) -> list[list[int]]:
+        """Per parameter, the matrices ``rank`` orthogonalises: slice indices of a bank, [0] for a 2-D parameter."""
+        matrices = [(i, j) for i, p in enumerate(params) for j in range(p.size(0) if p.ndim == 3 else 1)]
+        owners = balanced_owners([tuple(params[i].shape[-2:]) for i, _ in matrices], world)
+        owned: list[list[int]] = [[] for _ in params]
+        for (i, j), owner in zip(matrices, owners):
+            if owner == rank:
+                owned[i].append(j)
+        return owned
 
     @staticmethod
     def _step_grad(p: Tensor, bf16_step: bool) -> Tensor:
@@ -263,11 +316,13 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, list(grads.values()))
 
-    def _orthogonalized_update(self, p: Tensor, grad: Tensor, group: dict) -> Tensor:
-        """Steps 2–5 for one owned parameter: Nesterov, MuonEq-R, Newton–Schulz, and (except in the bf16 step,
-        which scales in the fp32 update) the shape scale. bf16 result."""
+    def _orthogonalized_update(self, p: Tensor, grad: Tensor, group: dict, index: Optional[Tensor] = None) -> Tensor:
+        """Steps 2–5 for one owned parameter (or the bank slices ``index``): Nesterov, MuonEq-R, Newton–Schulz, and
+        (except in the bf16 step, which scales in the fp32 update) the shape scale. bf16 result."""
         buf = self.state[p]["momentum_buffer"]
         update = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        if index is not None:
+            update = update[index]
         if group["row_normalize"]:
             row_norms = update.float().norm(dim=-1, keepdim=True).clamp_min(ROW_NORM_EPS)
             update = update / row_norms.to(update.dtype)
