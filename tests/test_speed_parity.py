@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,6 +80,17 @@ def test_record_configs_write_no_checkpoint_and_state_their_world(path):
     assert trainer["devices"] == config["record"]["world"] == 8
     strategy = trainer["strategy"]
     assert strategy == "ddp" or str(strategy.get("class_path")).endswith("DDPStrategy"), strategy
+    hook = strategy.get("init_args", {}).get("ddp_comm_hook") if isinstance(strategy, dict) else None
+    if hook is not None:  # an import path jsonargparse resolves to one of PyTorch's compression hooks
+        import importlib
+
+        from pgolf_lit.module import grad_compression_dtype
+
+        module, _, name = hook.rpartition(".")
+        resolved = getattr(importlib.import_module(module), name)
+        assert grad_compression_dtype(SimpleNamespace(_ddp_comm_hook=resolved, _ddp_comm_wrapper=None)) is not None
+    if path.stem.startswith("pr1855"):  # spec leaderboard.md §4.3: the record reduces its Muon banks in bf16
+        assert hook is not None and hook.endswith("default_hooks.bf16_compress_hook"), strategy
 
 
 @pytest.mark.parametrize("path", TINY_CONFIGS, ids=lambda p: p.stem)
