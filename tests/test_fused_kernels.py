@@ -1,6 +1,6 @@
 """The records' fused Triton kernels (issue 23 item 4) against the eager math they replace, values and gradients:
 PR #1787's softcapped CE (``model/fused_softcap_ce.py``) and PR #1530's LeakyReLU² MLP (``model/fused_mlp.py``), alone,
-and under torch.compile.
+inside a GPT with the switch on, under torch.compile, and the ``model.fused_kernels`` switch from the PR #1855 config.
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before triton is imported); the shapes are the records' scaled down (tokens 128, dim 64, hidden 4·dim, vocab 512-1000)
@@ -17,8 +17,11 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from pgolf_lit.config import CONFIG_DIR, GPTConfig  # noqa: E402
+from pgolf_lit.model import fused_mlp, fused_softcap_ce  # noqa: E402
 from pgolf_lit.model.fused_mlp import fused_leaky_relu2_mlp  # noqa: E402
 from pgolf_lit.model.fused_softcap_ce import softcapped_cross_entropy  # noqa: E402
+from pgolf_lit.model.gpt import GPT  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 C = 30.0  # the records' logit softcap
@@ -177,6 +180,94 @@ def test_fused_mlp_bf16_is_as_accurate_as_eager_bf16(autocast):
                                    msg=lambda m: f"{name}: {m}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Inside the GPT: the switch
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=4.0,
+            mlp_activation="leaky_relu2", init="orthogonal")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of kernel launches: {"mlp": n, "ce": n}."""
+    counts = {"mlp": 0, "ce": 0}
+    launch, ce = fused_mlp._launch, fused_softcap_ce._softcapped_ce_launch
+
+    def spy_mlp(*a, **k):
+        counts["mlp"] += 1
+        return launch(*a, **k)
+
+    def spy_ce(*a, **k):
+        counts["ce"] += 1
+        return ce(*a, **k)
+
+    monkeypatch.setattr(fused_mlp, "_launch", spy_mlp)
+    monkeypatch.setattr(fused_softcap_ce, "_softcapped_ce_launch", spy_ce)
+    return counts
+
+
+def gpt_loss_and_grads(model: GPT, ids, targets):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_gpt() -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).to(DEVICE).train()
+    with torch.no_grad():  # the zero-initialised projections and head would hide the MLP's and CE's gradients
+        for p in model.parameters():
+            if p.ndim == 2 and not p.abs().any():
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 512, (2, 64), generator=g).to(DEVICE)
+    return model, ids, torch.roll(ids, -1, 1)
+
+
+def test_fused_kernels_in_the_gpt_give_the_eager_loss_and_gradients(launches):
+    """A tiny leaky-relu² GPT, fp32: the switch on (kernels forced onto CPU tensors under the interpreter) gives the
+    loss and every parameter gradient of the switch off. MLP kernels run in training mode only (2 blocks × forward
+    and backward), the CE kernel in GPT.forward's loss (also in eval mode); never for logits without targets."""
+    model, ids, targets = tiny_gpt()
+    loss_off, grads_off = gpt_loss_and_grads(model, ids, targets)
+    assert launches == {"mlp": 0, "ce": 0}
+    model.set_fused_kernels(True, force=True)
+    loss_on, grads_on = gpt_loss_and_grads(model, ids, targets)
+    assert launches == {"mlp": 2 * 2, "ce": 1}
+    torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=1e-5)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, targets), loss_off, rtol=0, atol=1e-5)
+        model(ids)
+    assert launches == {"mlp": 4, "ce": 2}
+    # late-QAT fake quantization: the eager MLP (the kernel would skip the quantizer)
+    model.train()
+    for block in model.blocks:
+        block.mlp.fc.qat_bits = block.mlp.proj.qat_bits = 6
+    model(ids, targets)
+    assert launches == {"mlp": 4, "ce": 3}
+
+
+def test_fused_switch_is_a_noop_off_cuda_unless_forced(launches):
+    """On CPU tensors the switch alone changes nothing: the same loss and gradients bit for bit, no kernel launched."""
+    if DEVICE.type == "cuda":
+        pytest.skip("a GPU runs the kernels: the no-op is for CPU tensors")
+    model, ids, targets = tiny_gpt()
+    loss_off, grads_off = gpt_loss_and_grads(model, ids, targets)
+    model.set_fused_kernels(True)
+    loss_on, grads_on = gpt_loss_and_grads(model, ids, targets)
+    assert launches == {"mlp": 0, "ce": 0}
+    assert torch.equal(loss_on, loss_off) and all(torch.equal(grads_on[n], grads_off[n]) for n in grads_off)
+    model.set_fused_kernels(False)
+    assert model.fused_ce is None and all(b.mlp.fused is None for b in model.blocks)
+
+
 def test_fused_ops_pass_opcheck_and_trace_under_torch_compile():
     """torch.library.opcheck accepts the four custom ops (schema, fake, autograd registration, AOT dispatch); both
     forward ops trace in one fullgraph compile, forward and backward, and compute what they compute eagerly
@@ -208,3 +299,26 @@ def test_fused_ops_pass_opcheck_and_trace_under_torch_compile():
     torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The config switch
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_fused_kernels_switch_reaches_the_model_from_the_pr1855_config():
+    """``model.fused_kernels: true`` in PR #1855's config (the only record here from PR #1530 on: both kernels) sets
+    both kernels on its GPT; its CPU twin inherits the switch (ignored there: CPU tensors); the other records and the
+    baseline leave it off."""
+    from pgolf_lit.cli import make_cli
+    from pgolf_lit.config import load_config
+
+    cli = make_cli(["--config", str(CONFIG_DIR / "records" / "pr1855_sp8192_lqer_sparsegate_tiny.yaml"),
+                    "--trainer.logger", "false"], run=False)
+    module = cli.model
+    assert module.fused_kernels is True and module.hparams["fused_kernels"] is True
+    assert module.model.fused_ce is softcapped_cross_entropy and not module.model.fused_force
+    assert all(block.mlp.fused is fused_leaky_relu2_mlp for block in module.model.blocks)
+    for path in sorted((CONFIG_DIR / "records").glob("*.yaml")) + [CONFIG_DIR / "baseline_sp1024.yaml"]:
+        on = load_config(path)["model"].get("fused_kernels", False)
+        assert on == path.stem.startswith("pr1855"), path.name
