@@ -139,6 +139,7 @@ class GolfModule(L.LightningModule):
         compile_settings: CompileSettings = CompileSettings(),
         record_dtypes: bool = True,
         attention_backend: Literal["auto", "fa3", "sdpa", "math"] = "auto",
+        fused_kernels: bool = False,
         train_log_every: int = 200,
         check_finite_every: int = 50,
     ):
@@ -156,6 +157,9 @@ class GolfModule(L.LightningModule):
                 so the residual stream is bf16 as in the records; fp32 precisions keep every weight fp32.
             attention_backend: the attention kernel: ``auto`` (FA3 on CUDA bf16 when installed, as the records,
                 else SDPA), ``fa3``, ``sdpa``, or ``math`` (the reference kernel); the same function on each.
+            fused_kernels: the records' Triton kernels on CUDA: the fused LeakyReLU² MLP (PR #1530 on) and the
+                fused softcapped CE (PR #1787 on); needs triton (the ``kernels`` extra); ignored off CUDA (today's
+                PyTorch path). The same functions as the eager path (``GPT.set_fused_kernels``).
             train_log_every: plain-text train lines at steps 1-10 and every N steps.
             check_finite_every: every N steps (and before each validation) stop with a clear error naming the
                 first step whose training loss was NaN/inf and the last checkpoint; each check is one host read,
@@ -188,6 +192,7 @@ class GolfModule(L.LightningModule):
                     "compile_settings": dataclasses.asdict(_as(CompileSettings, compile_settings)),
                     "record_dtypes": record_dtypes,
                     "attention_backend": attention_backend,
+                    "fused_kernels": fused_kernels,
                     "train_log_every": train_log_every,
                     "check_finite_every": check_finite_every,
                 }
@@ -200,6 +205,8 @@ class GolfModule(L.LightningModule):
         self.record_dtypes = record_dtypes
         self.attention_backend = attention_backend
         self.model.set_attention_backend(attention_backend)
+        self.fused_kernels = fused_kernels
+        self.model.set_fused_kernels(fused_kernels)
         self.train_log_every = train_log_every
         self.check_finite_every = check_finite_every
         self.clock = TrainClock()
@@ -578,6 +585,7 @@ class GolfModule(L.LightningModule):
         dm = self.trainer.datamodule
         if model is not None and hasattr(model, "set_attention_backend"):
             model.set_attention_backend(self.attention_backend)
+            model.set_fused_kernels(self.fused_kernels)  # PR #1855's global-SGD TTT trains through GPT.forward
         # SLOT and TTT optimize: leave any inference mode and the Trainer's autocast; each pass sets its own
         # precision through the context, as the record scripts do.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):

@@ -242,6 +242,8 @@ class GPT(nn.Module):
             active: (s, skip_plan(cfg, s)) for active in (False, True) for s in [layer_schedule(cfg, active)]
         }
         self.recurrence_active = False
+        self.fused_ce = None  # set_fused_kernels: the fused softcapped CE of forward's loss
+        self.fused_force = False
         self._init_weights()
         # Every parameter's role, declared above and in the blocks; a missing declaration fails here.
         self.roles: dict[str, ParamRole] = parameter_roles(self)
@@ -268,6 +270,19 @@ class GPT(nn.Module):
             raise ConfigError(f"attention_backend: expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
         for block in self.blocks:
             block.attn.backend = backend
+
+    def set_fused_kernels(self, enabled: bool, force: bool = False) -> None:
+        """The records' Triton kernels (PR #1530's fused LeakyReLU² MLP, PR #1787's fused softcapped CE; needs
+        triton) for CUDA tensors: the MLP in training mode (``MLP.fused``), the CE in ``forward``'s main loss only
+        (not ``forward_ttt``, not the MTP heads). Off CUDA the eager path runs unless ``force`` (the tests run the
+        kernels on CPU tensors under ``TRITON_INTERPRET=1``). Each computes the same function as its eager path."""
+        mlp = ce = None
+        if enabled:  # imported here: triton is optional and loads only when the kernels are asked for
+            from pgolf_lit.model.fused_mlp import fused_leaky_relu2_mlp as mlp
+            from pgolf_lit.model.fused_softcap_ce import softcapped_cross_entropy as ce
+        for block in self.blocks:
+            block.mlp.fused, block.mlp.fused_force = mlp, bool(force)
+        self.fused_ce, self.fused_force = ce, bool(force)
 
     def set_recurrence(self, active: bool) -> None:
         """Switch depth recurrence on or off (a no-op for configs without recurrence)."""
@@ -389,10 +404,14 @@ class GPT(nn.Module):
         z = rms_norm(h)
         return self.head_proj(z) if self.head_proj is not None else z
 
+    def head_logits(self, z: Tensor) -> Tensor:
+        """The pre-softcap logits of the tied or untied head."""
+        return F.linear(z, self.tok_emb.weight) if self.lm_head is None else self.lm_head(z)
+
     def logits_from_normed(self, z: Tensor, logit_bias: Optional[Tensor] = None, lora=None) -> Tensor:
         """Tied or untied head (plus the LoRA head adapter of ``lora``), an optional additive logit bias (SLOT),
         then the tanh softcap."""
-        raw = F.linear(z, self.tok_emb.weight) if self.lm_head is None else self.lm_head(z)
+        raw = self.head_logits(z)
         if lora is not None:
             raw = raw + lora.lm_head_lora(z)
         if logit_bias is not None:
@@ -412,12 +431,17 @@ class GPT(nn.Module):
     ) -> Tensor:
         """Logits [B,T,V] without targets; with targets the mean cross entropy (fp32) over all positions,
         plus the multi-token-prediction loss in training mode when MTP heads exist. The softcapped CE is the
-        eager form of PR #1855's fused Triton kernel (the same function). ``cu_seqlens``: see ``forward_hidden``."""
+        eager form of PR #1855's fused Triton kernel (the same function), which ``set_fused_kernels`` swaps in: it
+        reads the pre-softcap logits and applies the softcap in fp32. ``cu_seqlens``: see ``forward_hidden``."""
         z = self.normalize_hidden(self.forward_hidden(ids, cu_seqlens, max_seqlen))
-        logits = self.logits_from_normed(z)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+            return self.logits_from_normed(z)
+        if self.fused_ce is not None and (z.is_cuda or self.fused_force):
+            raw = self.head_logits(z)
+            loss = self.fused_ce(raw.reshape(-1, raw.size(-1)), targets.reshape(-1), self.config.logit_softcap)
+        else:
+            logits = self.logits_from_normed(z)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
         if self.training and len(self.mtp_heads) and self.config.mtp_loss_weight > 0:
             loss = loss + self.config.mtp_loss_weight * self._mtp_loss(z, targets)
         return loss

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,12 @@ class CastedLinear(nn.Linear):
 
 
 class MLP(nn.Module):
-    """proj(act(fc(x))²) with act = relu (baseline) or leaky_relu(slope) (every record)."""
+    """proj(act(fc(x))²) with act = relu (baseline) or leaky_relu(slope) (every record).
+
+    ``fused`` (set by ``GPT.set_fused_kernels``): the records' fused Triton LeakyReLU² MLP (``fused_mlp``), taken in
+    training mode with ``leaky_relu2`` and no QAT fake-quant, on CUDA tensors (any device with ``fused_force``, for
+    the tests under the Triton interpreter); the same function as the eager path below, which runs otherwise.
+    """
 
     def __init__(self, dim: int, hidden: int, activation: str = "relu2", slope: float = 0.5):
         super().__init__()
@@ -66,8 +71,13 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, dim, role=matrix("mlp", "mlp"), zero_init=True)
         self.activation = activation
         self.slope = slope
+        self.fused: Optional[Callable[..., Tensor]] = None
+        self.fused_force = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if (self.fused is not None and self.training and self.activation == "leaky_relu2"
+                and not (self.fc.qat_bits or self.proj.qat_bits) and (x.is_cuda or self.fused_force)):
+            return self.fused(x, self.fc.weight, self.proj.weight, self.slope)
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.activation == "leaky_relu2" else torch.relu(h)
         return self.proj(h.square())
