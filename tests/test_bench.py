@@ -96,6 +96,7 @@ def test_container_compare_reencodes_the_record_artifact_and_prints_a_ratio(benc
 PR1855_TINY = str(ROOT / "configs" / "records" / "pr1855_sp8192_lqer_sparsegate_tiny.yaml")
 
 
+@pytest.mark.slow  # ~25 s: four fits of the PR #1855 twin
 def test_throughput_and_step_anatomy_run_the_packed_record(bench, capsys):
     """PR #1855 trains on packed rows (x, y, cu_seqlens): the plain loop takes them, and the step anatomy times the
     record with each switch off in turn, beside the record's own logged ms/step."""

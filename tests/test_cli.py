@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ def test_summary_prints_the_exact_total(capsys):
     assert 15_000_000 < estimate < 16_500_000  # PR #1394's real artifact: 15.97 MB
 
 
+@pytest.mark.slow  # 35-70 s: `pgolf demo` trains and exports; the seed records' tiny fits cover the same path
 def test_demo_pipeline_short(run_cwd):
     """The demo's path through the real CLI, cut to a few steps: step-0 val, training, export, roundtrip."""
     result = pgolf("demo", "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
@@ -80,6 +82,7 @@ def test_fit_logs_every_event_of_the_record(tiny_run):
         assert event in log, event
 
 
+@pytest.mark.slow  # ~50 s: three passes twice; the sp1024 records of the test below keep Trainer = Fabric fast
 def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
     cwd, config, run_dir = tiny_run
     artifact = run_dir / "final_model.pgolf"
@@ -114,10 +117,18 @@ def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
         assert f["val_bpb"] == pytest.approx(r["val_bpb"], abs=1e-9)
 
 
-TINY_RECORDS = sorted((CONFIG_DIR / "records").glob("*_tiny.yaml"))
+def _builds_its_own_dataset(config: Path) -> bool:
+    """A tiny twin at another vocabulary (or CaseOps) first trains its tokenizer and builds its dataset (10-80 s)."""
+    from pgolf_lit.config import load_config
+
+    return load_config(config)["data"]["data_dir"] != "data/demo/datasets/fineweb10B_sp1024"
 
 
-@pytest.mark.parametrize("config", TINY_RECORDS, ids=lambda p: p.stem)
+TINY_RECORDS = [pytest.param(p, marks=pytest.mark.slow) if _builds_its_own_dataset(p) else p
+                for p in sorted((CONFIG_DIR / "records").glob("*_tiny.yaml"))]
+
+
+@pytest.mark.parametrize("config", TINY_RECORDS, ids=lambda p: getattr(p, "values", [p])[0].stem)
 def test_every_record_evaluation_is_equal_under_pgolf_test_and_the_fabric_evaluator(config, run_cwd):
     """Each seed's evaluation passes (the config's test_methods: SLOT-16/32/48, causal SLOT, sliding, ...) on an
     artifact of its tiny architecture (untrained, RTN int8: the passes, not the model, are under test), on the
@@ -165,7 +176,7 @@ def test_export_command_matches_the_callback(tiny_run, tmp_path):
     assert reread.config == art.config
 
 
-@pytest.mark.parametrize("step", [5, None])
+@pytest.mark.parametrize("step", [5, pytest.param(None, marks=pytest.mark.slow)])
 def test_export_command_calibrates_like_the_callback(run_cwd, monkeypatch, capsys, step):
     """`pgolf export` takes the config's calibration: for PR #1263's train_continue the training stream after the
     checkpoint's step (as GPTQExport does at the end of fit), from the start when the file records no step."""
@@ -199,6 +210,7 @@ def test_export_command_calibrates_like_the_callback(run_cwd, monkeypatch, capsy
     assert ("records no training step" in capsys.readouterr().err) == (step is None)
 
 
+@pytest.mark.slow  # ~30 s (a full-size model saved and converted twice); the fixture tests load upstream weights fast
 def test_convert_round_trip_is_the_identity(tmp_path):
     from pgolf_lit.model.convert import record_gpt_config
     from pgolf_lit.model.gpt import GPT

@@ -82,6 +82,7 @@ def _assert_same_training(config_path, steps: int, recurrent: bool) -> None:
     assert compiled_losses[-1] < compiled_losses[0], "the compiled model did not train"
 
 
+@pytest.mark.slow  # ~60 s of inductor compilation on 2 cores
 @pytest.mark.usefixtures("inductor")
 def test_compiled_demo_model_trains_like_eager():
     _assert_same_training(DEMO, steps=3, recurrent=False)

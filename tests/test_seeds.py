@@ -93,6 +93,7 @@ def test_sweep_collects_every_figure_of_every_seed(sweep):
     assert [float(r["sliding_val_bpb"]) for r in rows] == [e["sliding_val_bpb"] for e in results["seeds"]]
 
 
+@pytest.mark.slow  # ~30 s: reruns a seed of the sweep
 def test_resume_reruns_only_what_did_not_finish(sweep, tmp_path, tmp_path_factory, embedded_data_root):
     out = tmp_path / "sweep"
     shutil.copytree(sweep.parent, out)
