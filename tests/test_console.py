@@ -122,6 +122,7 @@ def test_trainer_flags_are_mapped_or_refused(tmp_path):
     assert out.returncode == 2 and "pgolf sample" in out.stderr
 
 
+@pytest.mark.slow  # ~15 s: a subprocess fit just for the folder a fast_dev_run writes into
 def test_fast_dev_run_writes_into_the_run_folder(tmp_path, embedded_data_root):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)

@@ -21,6 +21,9 @@ META = {"name": "Tiny PR 1421", "author": "Test Author", "github_id": "tester", 
         "track": "10min_16mb", "blurb": "A CPU sweep."}
 
 
+# Every test here reads one 3-seed sweep of a tiny record (~35 s on 2 cores): the slow suite.
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, embedded_data_root) -> Path:
     return finished_sweep(tmp_path_factory, embedded_data_root)

@@ -61,6 +61,7 @@ def sweep(tmp_path_factory, embedded_data_root) -> Path:
     return finished_sweep(tmp_path_factory, embedded_data_root)
 
 
+@pytest.mark.slow  # the shared 3-seed sweep (~35 s)
 def test_sweep_collects_every_figure_of_every_seed(sweep):
     results = load_results(sweep)
     out = sweep.parent
@@ -93,7 +94,7 @@ def test_sweep_collects_every_figure_of_every_seed(sweep):
     assert [float(r["sliding_val_bpb"]) for r in rows] == [e["sliding_val_bpb"] for e in results["seeds"]]
 
 
-@pytest.mark.slow  # ~30 s: reruns a seed of the sweep
+@pytest.mark.slow  # ~30 s: reruns a seed of the sweep, after the shared 3-seed sweep
 def test_resume_reruns_only_what_did_not_finish(sweep, tmp_path, tmp_path_factory, embedded_data_root):
     out = tmp_path / "sweep"
     shutil.copytree(sweep.parent, out)
@@ -127,6 +128,7 @@ def test_resume_reruns_only_what_did_not_finish(sweep, tmp_path, tmp_path_factor
     assert rerun["val_loss"] == rerun_summary["test"]["sliding"]["val_loss"]
 
 
+@pytest.mark.slow  # ~10 s: a sweep of two seeds, one failing
 def test_a_failing_seed_is_reported_and_the_sweep_goes_on(tmp_path, tmp_path_factory, embedded_data_root):
     cwd = sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep")
     out = tmp_path / "failing"
@@ -142,6 +144,7 @@ def test_a_failing_seed_is_reported_and_the_sweep_goes_on(tmp_path, tmp_path_fac
     assert results["summary"]["finished"] == 0 and results["summary"]["failed"] == 2
 
 
+@pytest.mark.slow  # the shared 3-seed sweep (~35 s)
 def test_a_resumed_sweep_must_keep_its_config_and_arguments(sweep, tmp_path_factory, embedded_data_root):
     cwd = sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep")
     run = pgolf("seeds", "--config", str(CONFIG), "--seeds", "42", "--out", str(sweep.parent),
@@ -153,6 +156,7 @@ def test_a_resumed_sweep_must_keep_its_config_and_arguments(sweep, tmp_path_fact
     ]
 
 
+@pytest.mark.slow  # the shared 3-seed sweep (~35 s)
 def test_stats_command_tests_the_sweep_against_a_baseline(sweep, tmp_path_factory, embedded_data_root):
     cwd = sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep")
     results = load_results(sweep)
@@ -170,6 +174,7 @@ def test_stats_command_tests_the_sweep_against_a_baseline(sweep, tmp_path_factor
     assert f"mean {sum(losses) / 3:.8f}" in run.stdout
 
 
+@pytest.mark.slow  # the shared 3-seed sweep (~35 s)
 def test_baselines_from_numbers_results_and_upstream_submissions(tmp_path, sweep):
     assert load_baseline("2.80428") == ([2.80428], "2.80428000 nats")
     values, source = load_baseline(str(sweep))
@@ -195,6 +200,7 @@ def test_bad_seed_lists_fail_before_anything_runs(seeds, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow  # the shared 3-seed sweep (~35 s)
 def test_margin_in_bits_per_byte(sweep):
     results = load_results(sweep)
     entry = results["seeds"][0]
