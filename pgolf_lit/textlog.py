@@ -31,12 +31,3 @@ class TextLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
-
-def format_metrics(**fields) -> str:
-    """``key:value`` pairs in the given order; floats with 4 decimals unless given as strings."""
-    parts = []
-    for k, v in fields.items():
-        if isinstance(v, float):
-            v = f"{v:.4f}"
-        parts.append(f"{k}:{v}")
-    return " ".join(parts)

@@ -98,12 +98,6 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
 
 
-def iter_jsonl_texts(path: Path) -> Iterator[str]:
-    """The ``"text"`` of each line's JSON object; blank lines are skipped, anything else malformed is an error."""
-    for _, text in _iter_jsonl_lines(path):
-        yield text
-
-
 def _iter_jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):

@@ -71,10 +71,6 @@ def default_tokenizer_path(data_dir: str | os.PathLike, vocab_size: int) -> Path
     return data_dir.parent.parent / "tokenizers" / f"fineweb_{vocab_size}_bpe{tail}.model"
 
 
-def has_byte_fallback(sp) -> bool:
-    return any(sp.is_byte(i) for i in range(sp.vocab_size()))
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
