@@ -102,11 +102,26 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
     merged: dict = {}
     for path in files:
         merged = merge_configs(merged, load_config(path))
+    _default_logger_name(merged, files[-1], load_yaml(files[-1]))
     for i, width in reversed(positions[1:]):
         del out[i : i + width]
     first, width = positions[0]
     out[first : first + width] = ["--config", yaml.safe_dump(merged, sort_keys=False)]
     return out
+
+
+def _default_logger_name(merged: dict, path: str, own: dict) -> None:
+    """A config that extends another logs under its own file's stem (``runs/<stem>/version_N``) unless it names its
+    logger itself: inheriting the parent's name put a child's runs in the parent's folder, where ``--ckpt_path last``
+    then resumed the parent's run."""
+    from pathlib import Path
+
+    own_logger = ((own.get("trainer") or {}).get("logger") if isinstance(own, dict) else None) or {}
+    if isinstance(own_logger, dict) and "name" in (own_logger.get("init_args") or {}):
+        return
+    logger = (merged.get("trainer") or {}).get("logger")
+    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+        logger["init_args"]["name"] = Path(path).stem
 
 
 # Values of ``--ckpt_path`` that Lightning resolves itself (not files).

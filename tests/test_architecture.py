@@ -232,6 +232,26 @@ def test_stacked_configs_equal_the_overlay(tiny):
     assert len(alone.trainer.callbacks) == len(load_config(record)["trainer"]["callbacks"])
 
 
+def test_a_config_that_extends_another_logs_under_its_own_name(tmp_path):
+    """A child config without its own logger name runs in runs/<its stem>, not in its parent's folder (where
+    ``--ckpt_path last`` would resume the parent's run); a name it sets itself, or one given on the command line, wins."""
+    from pgolf_lit.cli import make_cli
+
+    parent = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
+    child = tmp_path / "my_variant.yaml"
+    child.write_text(f"extends: {parent}\nmodel: {{gpt: {{qk_gain_init: 5.25}}}}\n")
+    named = tmp_path / "named_variant.yaml"
+    named.write_text(f"extends: {parent}\ntrainer: {{logger: {{init_args: {{name: chosen}}}}}}\n")
+
+    def logger_name(*args: str) -> str:
+        return make_cli(["--config", *args], run=False).trainer.logger.name
+
+    assert logger_name(str(child)) == "my_variant"
+    assert logger_name(str(named)) == "chosen"
+    assert logger_name(str(child), "--trainer.logger.init_args.name", "cli") == "cli"
+    assert logger_name(str(parent)) == "pr1394_sp8192_loop45_tiny"
+
+
 def test_merge_configs_matches_callbacks_by_class():
     base = {"trainer": {"callbacks": [{"class_path": "A", "init_args": {"x": 1, "y": 2}},
                                       {"class_path": "B", "init_args": {"z": 3}}]}, "model": {"gpt": {"a": 1}}}
