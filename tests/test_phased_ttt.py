@@ -375,6 +375,7 @@ def test_registered_method_scores_every_target_once_and_keeps_the_model():
     result = run_method("phased_ttt", model, tokens, luts(), context)
     assert result.tokens == total and result.compliant
     assert result.extra["phases"] == TINY.num_phases and result.extra["docs"] == 8
+    assert result.extra["schedule_world"] == 1  # the evaluating world: one process
     assert result.label == "pre-quantization ttt_phased"
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed: the global phases must train a copy"

@@ -590,6 +590,7 @@ def _run_phased_ttt(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: 
     extra = {
         "docs": summary["documents"], "chunk": cfg.chunk, "context": cfg.context, "lora_rank": cfg.lora_rank,
         "phases": len(summary["phases"]), "prefix_docs": summary["boundaries"][-1],
+        "schedule_world": summary["schedule_world"],
     }
     return PassOutcome(True, extra)
 
