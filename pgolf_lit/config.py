@@ -51,6 +51,12 @@ class GPTConfig:
     """Rotated dims per head (partial RoPE: 16 in the records); 0 = the whole head."""
     rope_train_seq_len: int = 0
     """Rescale the RoPE base for sequences longer than this (records before PR #1855); 0 = never."""
+    rope_inv_freq_dtype: Literal["fp32", "bf16"] = "fp32"
+    """bf16: RoPE's inverse frequencies rounded to bf16 (up to 0.37 % off), as every record script's
+    model.bfloat16() leaves its inv_freq buffer; the length-rescaled frequencies stay fp32 (computed afresh)."""
+    rope_positions_dtype: Literal["fp32", "bf16"] = "fp32"
+    """bf16: positions rounded to bf16 before the angles (exact to 256, then steps of 2, 4, 8), as the scripts before
+    PR #1855 compute their table from arange(T, dtype=inv_freq.dtype) of the bf16 buffer; not on the rescaled path."""
     qk_gain_init: float = 1.5
     """Initial value of the learned per-head query gain (PR #1394: 4.0; PR #1421/#1855: 5.0)."""
     xsa_last_n: int = 0
@@ -212,7 +218,8 @@ class GPTConfig:
         if self.iter_conditioning and self.recurrence == "none":
             raise bad("iter_conditioning", "needs a recurrence form")
         if self.parallel_start_layer and not 0 < self.parallel_start_layer < self.num_layers:
-            raise bad("parallel_start_layer", f"must lie in [1, {self.num_layers}) or be 0, got {self.parallel_start_layer}")
+            raise bad("parallel_start_layer",
+                      f"must lie in [1, {self.num_layers}) or be 0, got {self.parallel_start_layer}")
         if self.dtg and self.parallel_start_layer:
             raise bad("dtg", "the dynamic token gate has no parallel-lane form (no script combines them); "
                       "set dtg false or parallel_start_layer 0")
@@ -236,7 +243,8 @@ class GPTConfig:
         if self.sparse_attn_gate_init_std < 0:
             raise bad("sparse_attn_gate_init_std", f"must be >= 0, got {self.sparse_attn_gate_init_std}")
         if self.bos_id < -1 or self.bos_id >= self.vocab_size:
-            raise bad("bos_id", f"must be a token id below vocab_size {self.vocab_size} or -1 (no mask), got {self.bos_id}")
+            raise bad("bos_id",
+                      f"must be a token id below vocab_size {self.vocab_size} or -1 (no mask), got {self.bos_id}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,7 +9,13 @@ import torch
 
 from pgolf_lit.config import CONFIG_DIR, GPTConfig, gpt_config_from_yaml, record_config_path
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.model.convert import load_upstream_state_dict, record_gpt_config, to_upstream_state_dict
+from pgolf_lit.model.attention import Rotary, _round_to_bf16
+from pgolf_lit.model.convert import (
+    config_from_upstream,
+    load_upstream_state_dict,
+    record_gpt_config,
+    to_upstream_state_dict,
+)
 from pgolf_lit.model.gpt import GPT, layer_schedule, skip_plan
 
 # The reference parameter counts (spec/model.md §4, the records' logs), by record config.
@@ -146,7 +152,8 @@ def test_each_feature_changes_the_output(name):
         out_on = on.forward_logits(x)
         # Same weights where both models have them: the difference comes from the switch alone.
         off = GPT(off_cfg).eval()
-        shared = {k: v for k, v in on.state_dict().items() if k in off.state_dict() and v.shape == off.state_dict()[k].shape}
+        theirs = off.state_dict()
+        shared = {k: v for k, v in on.state_dict().items() if k in theirs and v.shape == theirs[k].shape}
         off.load_state_dict(shared, strict=False)
         out_off = off.forward_logits(x)
     assert out_on.shape == out_off.shape
@@ -249,3 +256,123 @@ def test_config_errors_name_the_field(changes, field):
 def test_unknown_config_field_is_rejected():
     with pytest.raises(ConfigError, match="unknown field"):
         GPTConfig.from_dict({**dataclasses.asdict(GPTConfig()), "xsa_last": 3})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE table precision: the records' model.bfloat16() also casts the rotary's inv_freq buffer
+# ---------------------------------------------------------------------------------------------------------
+
+# Every upstream script casts the model with .bfloat16() (rounding the non-persistent inv_freq buffer, which
+# restore_fp32_params leaves alone); the scripts before PR #1855 build their table from arange(T, dtype=
+# inv_freq.dtype) (bf16 positions), PR #1855's from inv_freq.float() and fp32 positions.
+ROPE_DTYPES = {
+    "baseline_sp1024": ("bf16", "bf16"),
+    "pr1263_slot16": ("bf16", "bf16"),
+    "pr1278_slot32_recur": ("bf16", "bf16"),
+    "pr1321_slot48": ("bf16", "bf16"),
+    "pr1333_sp4096_causal_slot": ("bf16", "bf16"),
+    "pr1394_sp8192_loop45": ("bf16", "bf16"),
+    "pr1421_recur_ema9965": ("bf16", "bf16"),
+    "pr1855_sp8192_lqer_sparsegate": ("bf16", "fp32"),
+}
+
+
+class ScriptRotary(torch.nn.Module):
+    """The records' rotary as the spec describes it (model.md §1.2, §2.4): an fp32 ``inv_freq`` buffer that the
+    script's ``model.bfloat16()`` casts; ``table`` without the length rescale."""
+
+    def __init__(self, rope_dims: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def table_pr1855(self, T: int) -> torch.Tensor:  # inv_freq.float(), fp32 positions
+        return torch.outer(torch.arange(T, dtype=torch.float32), self.inv_freq.float())
+
+    def table_before_pr1855(self, T: int) -> torch.Tensor:  # positions in the buffer's dtype
+        t = torch.arange(T, dtype=self.inv_freq.dtype)
+        return torch.outer(t, self.inv_freq)
+
+
+def test_bf16_inv_freq_is_the_records_cast_buffer():
+    script = ScriptRotary(16).bfloat16()
+    ours, plain = Rotary(16, inv_freq_dtype="bf16"), Rotary(16)
+    assert script.inv_freq.dtype == torch.bfloat16
+    assert torch.equal(ours.inv_freq, script.inv_freq.float())
+    assert torch.equal(plain.inv_freq, ScriptRotary(16).inv_freq)  # fp32 unchanged
+    rel = ((ours.inv_freq - plain.inv_freq).abs() / plain.inv_freq).max().item()
+    assert 0.003 < rel < 2.0**-8  # up to 0.37 % (i = 3: 10000^(-3/8))
+    # PR #1855's table from it (fp32 positions): equal to the script's; the fp32 table is off by up to 0.36 at T=2048
+    T = 2048
+    cos, sin = ours(T)
+    angles = script.table_pr1855(T)
+    assert torch.equal(cos[0, :, 0], angles.cos()) and torch.equal(sin[0, :, 0], angles.sin())
+    assert torch.equal(plain(T)[0][0, :, 0], ScriptRotary(16).table_pr1855(T).cos())
+    assert (cos - plain(T)[0]).abs().max() > 0.3
+
+
+def test_bf16_positions_are_the_compiled_tables_of_the_scripts_before_pr1855():
+    """The scripts' table as their compiled graphs compute it (inductor on CPU here): bf16 positions times the bf16
+    frequencies in fp32, cos/sin stored in bf16. Eager they also round each angle, which is further off."""
+    script = ScriptRotary(16).bfloat16()
+    T = 2048
+    compiled = torch.compile(lambda n: (lambda f: (f.cos(), f.sin()))(script.table_before_pr1855(n)), dynamic=False)
+    theirs_cos, theirs_sin = compiled(T)
+    cos, sin = Rotary(16, inv_freq_dtype="bf16", positions_dtype="bf16")(T)
+    ulp = 2.0**-8  # one bf16 step below 1
+    assert (cos[0, :, 0].bfloat16().float() - theirs_cos.float()).abs().max() <= ulp
+    assert (sin[0, :, 0].bfloat16().float() - theirs_sin.float()).abs().max() <= ulp
+    fp32_positions = Rotary(16, inv_freq_dtype="bf16")(T)[0]
+    assert (fp32_positions[0, :, 0] - theirs_cos.float()).abs().max() > 1.0  # positions past 256 are rounded
+    assert torch.equal(cos[:, :257], fp32_positions[:, :257])  # exact up to 256
+    eager = script.table_before_pr1855(T).cos().float()
+    assert (eager - theirs_cos.float()).abs().max() > 1.0
+
+
+def test_rope_dtypes_leave_the_rescaled_frequencies_fp32():
+    """Past ``train_seq_len`` the scripts compute the rescaled frequencies afresh in fp32 (and fp32 positions)."""
+    plain = Rotary(16, train_seq_len=1024)
+    cast = Rotary(16, train_seq_len=1024, inv_freq_dtype="bf16", positions_dtype="bf16")
+    for a, b in zip(plain(2048), cast(2048)):
+        assert torch.equal(a, b)
+    assert not torch.equal(plain(1024)[0], cast(1024)[0])
+    with pytest.raises(ValueError, match="inv_freq_dtype"):
+        Rotary(16, inv_freq_dtype="fp16")
+
+
+@pytest.mark.parametrize("record", sorted(ROPE_DTYPES))
+def test_record_configs_use_their_scripts_rope_dtypes(record):
+    cfg = record_gpt_config(record)
+    assert (cfg.rope_inv_freq_dtype, cfg.rope_positions_dtype) == ROPE_DTYPES[record]
+    model = GPT(cfg.replace(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=16,
+                            embedding_dim=None, bigram_dim=8, ve_dim=8))
+    script = ScriptRotary(16).bfloat16()
+    assert torch.equal(model.rotary.inv_freq, script.inv_freq.float())
+    # the fixtures ran the scripts' constructors without the harness's cast: fp32 unless asked for the cast
+    up = config_from_upstream(record, {})
+    assert (up.rope_inv_freq_dtype, up.rope_positions_dtype) == ("fp32", "fp32")
+    cast = config_from_upstream(record, {}, harness_cast=True)
+    assert (cast.rope_inv_freq_dtype, cast.rope_positions_dtype) == ROPE_DTYPES[record]
+    assert GPTConfig().rope_inv_freq_dtype == GPTConfig().rope_positions_dtype == "fp32"  # new runs
+
+
+def test_rope_dtypes_reach_the_logits():
+    """Position 0 has angle 0 under any frequencies; later positions move with bf16 frequencies; bf16 positions
+    change nothing below 257 tokens."""
+    x = ids(T=24)
+    with torch.no_grad():
+        fp32 = perturbed(small(rope_dims=8)).forward_logits(x)
+        bf16 = perturbed(small(rope_dims=8, rope_inv_freq_dtype="bf16")).forward_logits(x)
+        both = perturbed(small(rope_dims=8, rope_inv_freq_dtype="bf16", rope_positions_dtype="bf16")).forward_logits(x)
+    assert torch.equal(bf16[:, 0], fp32[:, 0]) and not torch.equal(bf16[:, 1:], fp32[:, 1:])
+    assert torch.equal(both, bf16)
+
+
+def test_bf16_positions_survive_torch_compile():
+    """inductor drops a plain fp32 -> bf16 -> fp32 round trip; the rotary rounds with integer bit arithmetic."""
+    rotary = Rotary(16, inv_freq_dtype="bf16", positions_dtype="bf16")
+    eager, compiled = rotary(2048), torch.compile(rotary.forward, dynamic=False)(2048)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    t = torch.arange(1 << 20, dtype=torch.float32)
+    assert torch.equal(_round_to_bf16(t), t.bfloat16().float())

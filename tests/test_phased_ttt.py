@@ -5,7 +5,10 @@ audit with a leaking variant, and a run through the registry on a random model w
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from conftest import fixture_root
-from pgolf_lit.config import GPTConfig
+from pgolf_lit.config import CONFIG_DIR, GPTConfig, load_config
 from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_tokens
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval import EvalSettings, Weights, evaluation_context, run_method
@@ -214,6 +217,126 @@ def test_documents_and_queue_follow_the_record():
     assert deals[0][0] == 0 and len(deals[0]) < min(len(deals[1]), len(deals[2]))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Where the global phases fall on N ranks (the record's logs)
+# ---------------------------------------------------------------------------------------------------------
+
+# (documents, batch_docs, prefix_docs, num_phases, ranks, documents scored before each phase). The logs are not
+# under ../shared, so their numbers are stated here with their source (upstream parameter-golf record folders).
+LOGGED_PAUSES = {
+    # PR #1855 (2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611) train_seed{42,0,1234}.log, all
+    # three alike: "world_size: 8", "ttt_batch_size: 64", "ttt_phased: total_docs:50000 prefix_docs:2500 ...
+    # num_phases:3 boundaries:[833, 1666, 2500]", "ttpp: phase:1/3 pd:1296 gd:833", "ttpp: phase:2/3 pd:2128
+    # gd:1666", "ttpp: phase:3/3 pd:2960 gd:2500" (PR #1945's and PR #1953's six logs print the same lines)
+    "pr1855_8_ranks": (50000, 64, 2500, 3, 8, [1296, 2128, 2960]),
+    # PR #2014 (2026-04-30_SP8192_CaseOps_Progressive3k_ShortDocTTT) train_seed{42,0,314}.log: "ttt_batch_size: 24",
+    # "num_phases:1 boundaries:[2500]", "ttpp: phase:1/1 pd:2672 gd:2500"
+    "pr2014_8_ranks": (50000, 24, 2500, 1, 8, [2672]),
+    # PR #2135 (2026-05-01_SP8192_PR2130Base_Calib32) train_seed{42,0,314}.log: "ttt_batch_size: 64",
+    # "num_phases:1 boundaries:[2500]", "ttpp: phase:1/1 pd:2960 gd:2500"
+    "pr2135_8_ranks": (50000, 64, 2500, 1, 8, [2960]),
+    # one rank (not logged): the phase follows the batch that reaches its boundary
+    "pr1855_1_rank": (50000, 64, 2500, 3, 1, [848, 1680, 2512]),
+}
+
+
+def record_queue_sizes(n_docs: int, batch_docs: int) -> list[int]:
+    """Batch sizes in queue order for documents of distinct lengths (only the longest batch is short)."""
+    return [len(batch) for _, batch in document_queue([(0, n + 2) for n in range(n_docs)], batch_docs)]
+
+
+def simulate_record_pauses(sizes: list[int], boundaries: list[int], ranks: int, seed: int) -> list[int]:
+    """The record's protocol with random batch times: a rank claims the next batch from the shared counter,
+    scores it, adds its documents to the shared count, raises the pause flag once the count reaches the current
+    boundary, then pauses if the flag is up, else claims again; when every rank has paused the phase runs
+    (recording the count) and every rank claims anew. Returns the count at each phase."""
+    rng = random.Random(seed)
+    events: list[tuple[float, int, int]] = []  # (finish time, rank, queue position)
+    claimed, count, flag, phase, paused, pauses = 0, 0, False, 0, 0, []
+
+    def claim(rank: int, now: float) -> None:
+        nonlocal claimed
+        if claimed < len(sizes):
+            heapq.heappush(events, (now + rng.uniform(0.1, 10.0), rank, claimed))
+            claimed += 1
+
+    for r in range(ranks):
+        claim(r, 0.0)
+    while events:
+        now, rank, item = heapq.heappop(events)
+        count += sizes[item]
+        if phase < len(boundaries):
+            flag = flag or count >= boundaries[phase]
+            if flag:
+                paused += 1
+                if paused == ranks:  # the barrier: every rank has finished the batch it held
+                    pauses.append(count)
+                    phase, flag, paused = phase + 1, False, 0
+                    for r in rng.sample(range(ranks), ranks):
+                        claim(r, now)
+                continue
+        claim(rank, now)
+    return pauses
+
+
+@pytest.mark.parametrize("case", sorted(LOGGED_PAUSES))
+def test_phase_cuts_reproduce_the_logged_pauses(case):
+    n_docs, batch_docs, prefix, phases, ranks, logged = LOGGED_PAUSES[case]
+    cfg = PhasedTTTSettings(batch_docs=batch_docs, prefix_docs=prefix, num_phases=phases)
+    boundaries = cfg.phase_boundaries(n_docs)
+    sizes = record_queue_sizes(n_docs, batch_docs)
+    scored = list(itertools.accumulate(sizes, initial=0))
+    cuts = phase_cuts(sizes, boundaries, ranks)
+    assert [scored[k] for k in cuts] == logged
+    assert phase_cuts(sizes, boundaries, ranks) == cuts  # pure: same arguments, same answer
+    # the record's own protocol gives these counts whatever order its ranks finish in (random batch times)
+    for seed in range(3):
+        assert simulate_record_pauses(sizes, boundaries, ranks, seed) == logged, seed
+
+
+def test_phase_cuts_on_more_ranks_wait_for_the_batches_in_flight():
+    sizes = [2, 4, 4, 4, 4, 4]
+    assert phase_cuts(sizes, [2, 4, 6]) == [1, 2, 3]
+    assert phase_cuts(sizes, [2, 4, 6], 2) == [2, 4, 6]  # one more batch each; the third at the queue's end
+    assert phase_cuts(sizes, [2, 4, 6], 3) == [3, 6]  # the queue runs out before the third phase
+    assert phase_cuts(sizes, [0, 0], 8) == [] and phase_cuts(sizes, [0, 2], 8) == [6]
+    with pytest.raises(ValueError, match="world_size"):
+        phase_cuts(sizes, [2], 0)
+    # the simulated record agrees (only the first batch is short); on 5 ranks the record itself is undefined: 4 ranks
+    # find the queue empty and leave while the fifth waits for them at the pause
+    for ranks in (1, 2, 3):
+        for seed in range(3):
+            got = simulate_record_pauses(sizes, [2, 4, 6], ranks, seed)
+            assert got == [sum(sizes[:k]) for k in phase_cuts(sizes, [2, 4, 6], ranks)], (ranks, seed)
+
+
+def test_schedule_world_moves_the_phases_on_one_process():
+    model, tokens = random_model(), stream([0, 60, 110, 150, 185, 215, 240, 260, 275, 285], 295)
+    cfg = replace(TINY, batch_docs=2, prefix_docs=4)
+    docs = find_documents(tokens, BOS)
+    sizes = [len(batch) for _, batch in document_queue(docs, cfg.batch_docs)]
+    summaries = {}
+    for world in (None, 2):
+        metric = BitsPerByte(luts())
+        summaries[world] = evaluate_phased_ttt(model, tokens, metric, replace(cfg, schedule_world=world), seq_len=32)
+        assert int(metric.token_count) == 295  # every target once, on any schedule
+    for world, ranks in ((None, 1), (2, 2)):
+        summary = summaries[world]
+        cuts = phase_cuts(sizes, cfg.phase_boundaries(len(docs)), ranks)
+        assert summary["schedule_world"] == ranks
+        assert [p["scored_before"] for p in summary["phases"]] == [sum(sizes[:k]) for k in cuts]
+        assert [p["documents"] for p in summary["phases"]] == cfg.phase_boundaries(len(docs))
+    assert [p["scored_before"] for p in summaries[None]["phases"]] == [2, 4]
+    assert [p["scored_before"] for p in summaries[2]["phases"]] == [4, 8]
+
+
+@pytest.mark.parametrize("name", ["pr1855_sp8192_lqer_sparsegate", "pr1855_sp8192_lqer_sparsegate_tiny"])
+def test_record_configs_schedule_the_phases_for_their_record_world(name):
+    merged = load_config(CONFIG_DIR / "records" / f"{name}.yaml")
+    settings = EvalSettings.from_dict(merged["model"]["evaluation"])
+    assert settings.phased_ttt.schedule_world == merged["record"]["world"]
+
+
 def test_zero_updates_equal_the_document_isolated_eval():
     """Where the windows coincide (every document one full-context window: sequences starting with BOS, chunk =
     context = seq_len), TTT without updates is the document-isolated eval; with shorter chunks the windows differ
@@ -252,6 +375,7 @@ def test_registered_method_scores_every_target_once_and_keeps_the_model():
     result = run_method("phased_ttt", model, tokens, luts(), context)
     assert result.tokens == total and result.compliant
     assert result.extra["phases"] == TINY.num_phases and result.extra["docs"] == 8
+    assert result.extra["schedule_world"] == 1  # the evaluating world: one process
     assert result.label == "pre-quantization ttt_phased"
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed: the global phases must train a copy"
@@ -275,7 +399,7 @@ def test_global_phases_change_later_scores_only():
 
 
 @pytest.mark.parametrize("field,value", [("chunk", 0), ("chunk", 4096), ("batch_docs", 0), ("beta2", 1.0),
-                                         ("prefix_docs", -1), ("global_batch_seqs", 0)])
+                                         ("prefix_docs", -1), ("global_batch_seqs", 0), ("schedule_world", 0)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"phased_ttt.{field}"):
         PhasedTTTSettings(**{field: value})

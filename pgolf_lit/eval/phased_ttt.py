@@ -14,8 +14,11 @@ a batch of another size and after a global phase) and the base weights changed b
 ever learned from documents already scored.
 
 Ranks: the record's ranks claim batches from a file counter in /tmp and pause for a phase once a shared document
-count reaches its boundary. Here the phases sit at fixed queue positions (after the batch that reaches each
-boundary, ``phase_cuts``) and between them every rank deals the batches the same way, each to the rank with the
+count reaches its boundary; every other rank first finishes the batch it holds, so on 8 ranks 7 more batches are
+scored before each phase than on one. Here the phases sit at fixed queue positions computed from the world size
+the schedule follows (``phase_cuts``: after the batch that reaches each boundary, plus one batch in flight per
+other rank; ``PhasedTTTSettings.schedule_world``, default the evaluating world, so one process can reproduce the
+record's 8-rank phases), and between them every rank deals the batches the same way, each to the rank with the
 least predicted work (``deal``): no shared file system, a reproducible run, and with one rank the record's order
 exactly.
 
@@ -66,7 +69,8 @@ from pgolf_lit.model.roles import parameter_roles
 
 @dataclass
 class PhasedTTTSettings:
-    """Phased score-first TTT. Defaults: PR #1855's record values (its env and the script's defaults)."""
+    """Phased score-first TTT. Defaults: PR #1855's record values (its env and the script's defaults), except
+    ``schedule_world`` (the evaluating world; the record's config sets its 8)."""
 
     chunk: int = 48
     """Positions scored per step of a document (TTT_CHUNK_SIZE); its adapter trains on each chunk after scoring it."""
@@ -125,6 +129,11 @@ class PhasedTTTSettings:
     torch's global generator (the record: whatever state training left it in)."""
     compile_warmup: bool = True
     """With compiled forwards: compile on random tokens before scoring (never on validation data)."""
+    schedule_world: Optional[int] = None
+    """Ranks whose schedule the global phases follow: each phase runs once the batch reaching its boundary and one
+    batch in flight on every other rank are scored (``phase_cuts``). None = the evaluating world size; PR #1855's
+    config sets 8, the record's world, so one GPU pauses where its 8 ranks did (1,296 / 2,128 / 2,960 documents
+    scored before the phases, against 848 / 1,680 / 2,512 on one rank)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -145,6 +154,8 @@ class PhasedTTTSettings:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, f"must lie in [0, 1), got {getattr(self, name)}")
+        if self.schedule_world is not None and (isinstance(self.schedule_world, bool) or self.schedule_world < 1):
+            raise bad("schedule_world", f"must be a positive rank count or null, got {self.schedule_world!r}")
 
     def phase_boundaries(self, n_docs: int) -> list[int]:
         """Scored-document counts after which each global phase runs (the record's boundaries)."""
@@ -210,18 +221,35 @@ def document_queue(docs: list[tuple[int, int]], batch_docs: int) -> list[tuple[i
 # ---------------------------------------------------------------------------------------------------------
 
 
-def phase_cuts(batch_sizes: list[int], boundaries: list[int]) -> list[int]:
-    """Queue positions after which the global phases run: phase p after the first batch that brings the scored
-    documents to ``boundaries[p]``, at most one phase per batch (the record checks once after each batch); none
-    when every boundary is 0. A phase whose turn comes after the last batch still runs, as in the record."""
+def phase_cuts(batch_sizes: list[int], boundaries: list[int], world_size: int = 1) -> list[int]:
+    """Queue positions after which the global phases run, as ``world_size`` ranks of the record reach them.
+
+    The record (``eval_val_ttt_phased``): after each batch a rank adds its documents to a shared count, raises the
+    pause flag once the count reaches the current boundary, and pauses if the flag is up; a rank that finished
+    before the flag went up has already claimed its next batch, so each other rank scores one more batch before
+    the phase. Taking batches to finish in the order they were claimed, phase p runs after batch
+    ``m + world_size - 1`` (capped at the queue's end), where m is the first batch that brings the scored documents
+    to ``boundaries[p]`` and at least one past the previous phase (the count is checked after a batch; on resuming
+    every rank claims one). None when every boundary is 0; none once the queue is used up (where fewer batches
+    are left than ranks, the record's ranks that find the queue empty leave while the others wait for them at the
+    pause; here the phase follows the last batch). A pure function of its arguments. At the records' settings the
+    counts do not depend on the finishing order (PR #1855's logs: 1,296 / 2,128 / 2,960 documents scored on 8
+    ranks; tests/test_phased_ttt.py simulates the protocol with random batch times); in general a short batch
+    finishing late can move a phase by one batch."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be positive, got {world_size}")
     if not boundaries or boundaries[-1] == 0:
         return []
-    cuts, scored, k = [], 0, 0
+    n = len(batch_sizes)
+    cuts, scored, k = [], 0, 0  # scored = documents in the first k batches
     for boundary in boundaries:
-        if k == len(batch_sizes):
+        if k == n:
             break
         scored, k = scored + batch_sizes[k], k + 1  # a check follows a batch
-        while scored < boundary and k < len(batch_sizes):
+        while scored < boundary and k < n:
+            scored, k = scored + batch_sizes[k], k + 1
+        in_flight_end = min(k + world_size - 1, n)  # the other ranks finish the batches they hold
+        while k < in_flight_end:
             scored, k = scored + batch_sizes[k], k + 1
         cuts.append(k)
     return cuts
@@ -511,7 +539,8 @@ def evaluate_phased_ttt(
     ``seq_len``: the evaluation length, the sequence length of the global phases. ``lora_factory(model, bsz)`` replaces
     the adapter construction (tests set the A matrices of a reference run). ``train_first`` is the audit's leaking
     negative control. With ``world_size > 1`` a process group must be initialised. Returns a summary: documents,
-    batches, and per global phase the documents it trained on and its step losses.
+    batches, the world the phases were scheduled for, and per global phase the documents scored before it, the
+    documents it trained on and its step losses.
     """
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("phased TTT with world_size > 1 needs an initialised torch.distributed process group")
@@ -524,8 +553,10 @@ def evaluate_phased_ttt(
     if options.compile and cfg.compile_warmup:
         learner.warm_up_compile(model.config.vocab_size)
     global_reads = NO_STATE
-    summary = {"documents": len(docs), "batches": len(queue), "boundaries": boundaries, "phases": []}
-    cuts = phase_cuts([len(batch) for _, batch in queue], boundaries)
+    schedule_world = cfg.schedule_world or world_size
+    summary = {"documents": len(docs), "batches": len(queue), "boundaries": boundaries,
+               "schedule_world": schedule_world, "phases": []}
+    cuts = phase_cuts([len(batch) for _, batch in queue], boundaries, schedule_world)
     with progress_bar(len(queue), "phased TTT", progress) as bar:
         first = 0
         for segment_end, phase_after in [*((k, p) for p, k in enumerate(cuts)), (len(queue), None)]:
@@ -559,6 +590,7 @@ def _run_phased_ttt(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: 
     extra = {
         "docs": summary["documents"], "chunk": cfg.chunk, "context": cfg.context, "lora_rank": cfg.lora_rank,
         "phases": len(summary["phases"]), "prefix_docs": summary["boundaries"][-1],
+        "schedule_world": summary["schedule_world"],
     }
     return PassOutcome(True, extra)
 

@@ -16,31 +16,59 @@ from pgolf_lit.model.layers import CastedLinear, rms_norm
 from pgolf_lit.model.roles import control, declare_roles, matrix
 
 
+def _round_to_bf16(x: Tensor) -> Tensor:
+    """fp32 values rounded to the nearest bf16 (ties to even), kept in fp32, for finite x. Integer bit arithmetic:
+    torch.compile drops a plain ``x.bfloat16().float()`` round trip (inductor computes it in fp32)."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).view(torch.float32)
+
+
 class Rotary(nn.Module):
     """cos/sin tables for the first ``rope_dims`` dims of a head, "half-split" pairing (i, i + rope_dims/2).
 
     With ``train_seq_len > 0`` a sequence longer than it uses the base ``base·(T/train_seq_len)^(rd/(rd-2))``
     (the records' length rescale: Family A hard-codes train_seq_len 1024, Family B uses TRAIN_SEQ_LEN).
+
+    The records cast the whole model with ``.bfloat16()``, the rotary's non-persistent ``inv_freq`` buffer
+    included, and keep it so: ``inv_freq_dtype="bf16"`` rounds the unscaled frequencies to bf16 as that cast does
+    (the rescaled ones are computed afresh in fp32 there, so they stay fp32). The scripts before PR #1855 then
+    build the table from ``arange(T, dtype=inv_freq.dtype)``, i.e. bf16 positions: ``positions_dtype="bf16"``
+    rounds the positions (on the unscaled path only) and multiplies in fp32, as their compiled graphs do (in
+    eager mode they also round each angle to bf16; checked with CPU inductor, not on a GPU). PR #1855 takes
+    ``inv_freq.float()`` and fp32 positions. The table itself is fp32; the attention casts it to q's dtype.
     """
 
-    def __init__(self, rope_dims: int, base: float = 10000.0, train_seq_len: int = 0):
+    def __init__(self, rope_dims: int, base: float = 10000.0, train_seq_len: int = 0,
+                 inv_freq_dtype: str = "fp32", positions_dtype: str = "fp32"):
         super().__init__()
+        for name, value in (("inv_freq_dtype", inv_freq_dtype), ("positions_dtype", positions_dtype)):
+            if value not in ("fp32", "bf16"):
+                raise ValueError(f"Rotary {name}: expected 'fp32' or 'bf16', got {value!r}")
         self.rope_dims = rope_dims
         self.base = base
         self.train_seq_len = train_seq_len
-        self.register_buffer("inv_freq", self._inv_freq(base), persistent=False)
+        self.positions_bf16 = positions_dtype == "bf16"
+        inv_freq = self._inv_freq(base)
+        if inv_freq_dtype == "bf16":
+            inv_freq = inv_freq.bfloat16().float()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _inv_freq(self, base: float, device=None) -> Tensor:
         rd = self.rope_dims
         return 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
 
     def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
-        if self.train_seq_len and seq_len > self.train_seq_len:
+        rescaled = bool(self.train_seq_len and seq_len > self.train_seq_len)
+        if rescaled:
             rd = self.rope_dims
-            inv_freq = self._inv_freq(self.base * (seq_len / self.train_seq_len) ** (rd / (rd - 2)), self.inv_freq.device)
+            base = self.base * (seq_len / self.train_seq_len) ** (rd / (rd - 2))
+            inv_freq = self._inv_freq(base, self.inv_freq.device)
+        else:  # at least fp32 (a bf16 cast of the module rounds the values, not the arithmetic; fp64 stays)
+            inv_freq = self.inv_freq.to(torch.promote_types(self.inv_freq.dtype, torch.float32))
+        if self.positions_bf16 and not rescaled:
+            t = _round_to_bf16(torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)).to(inv_freq.dtype)
         else:
-            inv_freq = self.inv_freq
-        t = torch.arange(seq_len, device=inv_freq.device, dtype=inv_freq.dtype)
+            t = torch.arange(seq_len, device=inv_freq.device, dtype=inv_freq.dtype)
         freqs = torch.outer(t, inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 

@@ -131,13 +131,18 @@ def record_gpt_config(record: str) -> GPTConfig:
     return gpt_config_from_yaml(record_config_path(record))
 
 
-def config_from_upstream(record: str, changes: Mapping[str, Any]) -> GPTConfig:
+def config_from_upstream(record: str, changes: Mapping[str, Any], harness_cast: bool = False) -> GPTConfig:
     """A record preset with upstream hyperparameter overrides (lower-case env names) applied.
 
     Only names that are architecture fields change the config; list-valued knobs given as upstream strings
     ("9,10") are parsed, other env-style strings take the field's type. Unknown names are ignored, so a full
     upstream ``Hyperparameters`` dict (or env) can be passed. ``rope_yarn`` false (PR #1855) turns the RoPE
     length rescale off whatever ``rope_train_seq_len`` says.
+
+    The model is the one the script's constructor builds from these hyperparameters: its RoPE tables are fp32
+    (``rope_inv_freq_dtype`` / ``rope_positions_dtype`` fp32, as every fixture ran it) unless ``harness_cast``:
+    then the preset's, i.e. as the script's run casts the model with ``.bfloat16()`` before training and before
+    evaluating (what ``pgolf convert --from-upstream`` with the record's config gives).
     """
     cfg = record_gpt_config(record)
     base = RECORD_VARIANTS.get(RECORD_ALIASES.get(record, record), (RECORD_ALIASES.get(record, record),))[0]
@@ -155,6 +160,9 @@ def config_from_upstream(record: str, changes: Mapping[str, Any]) -> GPTConfig:
     rope_yarn = {k.lower(): v for k, v in changes.items()}.get("rope_yarn")
     if rope_yarn is not None and not _coerce_like(rope_yarn, True):
         update["rope_train_seq_len"] = 0
+    if not harness_cast:
+        update.setdefault("rope_inv_freq_dtype", "fp32")
+        update.setdefault("rope_positions_dtype", "fp32")
     return cfg.replace(**update) if update else cfg
 
 
