@@ -30,7 +30,8 @@ from pgolf_lit.data.shards import (
     load_validation_tokens,
     write_shard,
 )
-from pgolf_lit.data.tokenizer import SPACE, default_tokenizer_path, encode_with_surfaces, load_tokenizer
+from pgolf_lit.data.tokenizer import SPACE, default_tokenizer_path, load_tokenizer
+from pgolf_lit.data.tokenizer_train import encode_with_surfaces
 from pgolf_lit.errors import DataError, PgolfError
 from pgolf_lit.tools import data_cmd
 

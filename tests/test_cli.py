@@ -243,4 +243,4 @@ def test_eval_with_a_bad_config_names_the_file_and_field(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path / "m.pgolf"), "--data", str(tmp_path), "--config", str(bad)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"error: {bad}: gpt: unknown field(s) ['num_layerz']; known fields are listed in pgolf_lit/config.py"
+    assert capsys.readouterr().err.strip() == f"error: {bad}: gpt: unknown field(s) ['num_layerz']; known fields are listed in pgolf_lit/model/config.py"
