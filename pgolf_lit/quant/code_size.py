@@ -134,7 +134,8 @@ def _is_optional(root: Path, module: str) -> bool:
     if rel is None:
         return False
     for node in ast.parse((root / rel).read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == OPTIONAL_MARK for t in node.targets):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == OPTIONAL_MARK for t in targets):
             return True
     return False
 
@@ -181,7 +182,9 @@ def code_files(
     entries = list(entries) if entries is not None else entry_modules(formats, methods)
     for module in entries:
         if _module_file(root, module) is None:
-            raise ArtifactError(f"{root}: {module} is a code entry module but has no source; the code size cannot be counted")
+            raise ArtifactError(
+                f"{root}: {module} is a code entry module but has no source; the code size cannot be counted"
+            )
     files: set[str] = set()
     todo, seen = list(entries), set()
     while todo:
@@ -257,4 +260,5 @@ def measure_code_size(
     formats = tuple(containers) if formats is None else tuple(formats)
     methods = tuple(eval_methods) if methods is None else tuple(methods)
     program, raw, files = package_program(formats, methods, root or PACKAGE_ROOT)
-    return CodeSize(tuple(files), raw, len(program.encode("utf-8")), len(wrap(program).encode("utf-8")), formats, methods)
+    wrapped = len(wrap(program).encode("utf-8"))
+    return CodeSize(tuple(files), raw, len(program.encode("utf-8")), wrapped, formats, methods)

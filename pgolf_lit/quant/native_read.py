@@ -166,7 +166,8 @@ def read_native(data: bytes, source: str, config: Optional[GPTConfig] = None) ->
         differs = sorted(k for k, v in config.to_dict().items() if art.config.get(k) != v)
         raise ArtifactError(f"{source}: exported for another model config (differs in {differs})")
     _check_stored_shapes(stored, art.quant, art.meta, source)
-    return LoadedArtifact(stored, dequantize(art.quant, art.meta), "native", art.info, Weights.artifact(art.quant, art.meta))
+    return LoadedArtifact(stored, dequantize(art.quant, art.meta), "native", art.info,
+                          Weights.artifact(art.quant, art.meta))
 
 
 def _check_stored_shapes(config: GPTConfig, quant: Mapping[str, Tensor], meta: Meta, source: str) -> None:
