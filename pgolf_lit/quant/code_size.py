@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -213,6 +214,13 @@ def minify(source: str) -> str:
     return python_minifier.minify(source, **PYMINIFY_OPTIONS)
 
 
+@functools.lru_cache(maxsize=256)
+def _read_minified(path: str, mtime_ns: int, size: int) -> tuple[str, str]:
+    """A file's text and its minified form, cached while the file is unchanged (every export measures its code)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text, minify(text)
+
+
 def package_program(
     formats: Optional[Iterable[str]] = None,
     methods: Optional[Iterable[str]] = None,
@@ -225,9 +233,9 @@ def package_program(
     sources = {}
     raw = 0
     for rel in files:
-        text = (root / rel).read_text(encoding="utf-8")
+        stat = (root / rel).stat()
+        text, sources[rel] = _read_minified(str(root / rel), stat.st_mtime_ns, stat.st_size)
         raw += len(text.encode("utf-8"))
-        sources[rel] = minify(text)
     table = ",".join(f"{rel!r}:{_literal(src)}" for rel, src in sources.items())
     program = f"S={{{table}}}\n{_BOOTSTRAP}import {','.join(entries)}\n"
     return program, raw, files
