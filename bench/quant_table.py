@@ -396,7 +396,7 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         model, calib, modules="large", head=True, min_numel=args.keep_float, progress=False
     )
     log(f"[{prep.name}] Hessians of {len(hessians)} matrices from {hrep.num_tokens} tokens in {hrep.seconds:.1f} s")
-    code = measure_code_size()
+    code = measure_code_size(("native",), prep.module.test_methods)  # the variants are native artifacts of this config
     out_dir = Path(args.work) / "artifacts" / prep.config.stem
     out_dir.mkdir(parents=True, exist_ok=True)
 

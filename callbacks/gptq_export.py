@@ -111,7 +111,8 @@ class GPTQExport(Callback):
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 batches = self.calibration_tokens(model, trainer.datamodule, pl_module.device, trainer.global_step)
                 reading = time.perf_counter() - started
-                self.report = export_model(model, self.config, out, calib_batches=batches, progress=True)
+                self.report = export_model(model, self.config, out, calib_batches=batches, progress=True,
+                                           eval_methods=pl_module.test_methods)
             spent = time.perf_counter() - started
             # The clock ledger: calibration on training data (reading it + the Hessian pass) is what a record's GPTQ
             # reserve pays for; quantizing and compressing come after and are not training.

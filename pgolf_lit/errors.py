@@ -41,7 +41,7 @@ def error_line(e: BaseException) -> str:
 # one line naming its field instead of a TypeError deep inside a ``validate``. Written here rather than taken from a
 # library: jsonargparse (already a dependency) checks types under the CLI, but builds a parser per check and words
 # its errors over several lines; typeguard or pydantic would be new dependencies for some 40 lines. (This file is
-# part of the code an artifact is evaluated with, quant/code_size.py's CODE_FILES.)
+# part of the code an artifact is evaluated with, counted by quant/code_size.py.)
 # ---------------------------------------------------------------------------------------------------------
 
 _UNIONS = (typing.Union, types.UnionType)

@@ -1,9 +1,9 @@
 """Evaluate an artifact on N devices with Lightning Fabric, outside the Trainer (``pgolf eval``).
 
 Every rank loads the artifact, the val split and the byte LUTs, then runs each method through
-``pgolf_lit.eval.run_method`` (the same code ``pgolf test`` runs inside the Trainer), so both paths give the
-same numbers. The model is not wrapped in DDP: the eval methods reduce their own sums, and TTT all-reduces its
-own gradients. Rank 0 prints one upstream-style line per pass.
+``pgolf_lit.eval.run_method`` (``eval/artifact_eval.py``; the same code ``pgolf test`` runs inside the Trainer),
+so both paths give the same numbers. The model is not wrapped in DDP: the eval methods reduce their own sums, and
+TTT all-reduces its own gradients. Rank 0 prints one upstream-style line per pass.
 """
 
 from __future__ import annotations
@@ -15,16 +15,9 @@ from typing import Optional, Sequence
 import lightning as L
 
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.data.shards import load_validation_tokens
-from pgolf_lit.data.tokenizer import (
-    check_tokenizer_matches_dataset,
-    default_tokenizer_path,
-    load_tokenizer,
-    validation_byte_counts,
-)
-from pgolf_lit.eval import EvalResult, EvalSettings, evaluation_context, format_result_line, run_method
+from pgolf_lit.eval import EvalResult, EvalSettings
+from pgolf_lit.eval.artifact_eval import evaluate_artifact_file
 from pgolf_lit.fileio import atomic_write_text
-from pgolf_lit.quant.export import model_from_artifact, read_artifact
 
 
 def evaluate_on_rank(
@@ -40,28 +33,10 @@ def evaluate_on_rank(
     model_config: Optional[GPTConfig] = None,
     attention_backend: str = "auto",
 ) -> list[EvalResult]:
-    art = read_artifact(artifact, model_config)
-    model = model_from_artifact(art, artifact, fabric.device)
-    model.set_attention_backend(attention_backend)
-    vocab = model.config.vocab_size
-    # The data folder first: a missing one is named as such, not as its missing tokenizer.
-    tokens = load_validation_tokens(data_dir, settings.seq_len, vocab)
-    tokenizer_path = tokenizer_path or default_tokenizer_path(data_dir, vocab)
-    sp = load_tokenizer(tokenizer_path, vocab)
-    check_tokenizer_matches_dataset(sp, tokenizer_path, data_dir)
-    if val_max_tokens:
-        tokens = tokens[: max(val_max_tokens // settings.seq_len, 1) * settings.seq_len + 1]
-    byte_counts = validation_byte_counts(sp, vocab, data_dir, tokens.numel())
-    context = evaluation_context(settings, precision=precision, device=fabric.device, compile=compile, weights=art.weights)
-    results = []
-    for method in methods:
-        result = run_method(
-            method, model, tokens.to(fabric.device), byte_counts, context, rank=fabric.global_rank,
-            world_size=fabric.world_size,
-        )
-        fabric.print(format_result_line(result))
-        results.append(result)
-    return results
+    return evaluate_artifact_file(
+        artifact, data_dir, methods, settings, tokenizer_path, fabric.device, precision, compile, val_max_tokens,
+        model_config, attention_backend, rank=fabric.global_rank, world_size=fabric.world_size, log=fabric.print,
+    )
 
 
 def evaluate_artifact(

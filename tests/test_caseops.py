@@ -28,9 +28,10 @@ from pgolf_lit.data.shards import (
     load_shard,
     load_validation_byte_sidecar,
     load_validation_tokens,
-    write_shard,
 )
-from pgolf_lit.data.tokenizer import SPACE, default_tokenizer_path, encode_with_surfaces, load_tokenizer
+from pgolf_lit.data.tokenizer import SPACE, default_tokenizer_path, load_tokenizer
+from pgolf_lit.data.shards_write import write_shard
+from pgolf_lit.data.tokenizer_train import encode_with_surfaces
 from pgolf_lit.errors import DataError, PgolfError
 from pgolf_lit.tools import data_cmd
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from pgolf_lit.data import download
-from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_tokens, write_shard
+from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_tokens
+from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent

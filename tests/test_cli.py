@@ -82,6 +82,18 @@ def test_fit_logs_every_event_of_the_record(tiny_run):
         assert event in log, event
 
 
+def test_fit_counts_the_code_its_artifact_needs(tiny_run):
+    """The printed ``code bytes:N`` and summary.json's code_bytes are the length of the wrapper that reads this
+    artifact's container and runs its config's passes (native; standard, sliding, causal_slot)."""
+    from pgolf_lit.quant.code_size import measure_code_size
+
+    _, _, run_dir = tiny_run
+    artifact = read_summary(run_dir)["artifact"]
+    expected = measure_code_size(("native",), ["standard", "sliding", "causal_slot"]).counted_bytes
+    assert artifact["code_bytes"] == expected and artifact["total_bytes"] == artifact["model_bytes"] + expected
+    assert f"code bytes:{expected} " in (run_dir / "train.log").read_text()
+
+
 @pytest.mark.slow  # ~50 s: three passes twice; the sp1024 records of the test below keep Trainer = Fabric fast
 def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
     cwd, config, run_dir = tiny_run
@@ -243,4 +255,4 @@ def test_eval_with_a_bad_config_names_the_file_and_field(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path / "m.pgolf"), "--data", str(tmp_path), "--config", str(bad)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"error: {bad}: gpt: unknown field(s) ['num_layerz']; known fields are listed in pgolf_lit/config.py"
+    assert capsys.readouterr().err.strip() == f"error: {bad}: gpt: unknown field(s) ['num_layerz']; known fields are listed in pgolf_lit/model/config.py"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from pgolf_lit.data import download
-from pgolf_lit.data.shards import read_num_tokens, write_shard
+from pgolf_lit.data.shards import read_num_tokens
+from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent

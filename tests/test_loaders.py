@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pgolf_lit.data.loaders import CoprimeStrideLoader, SequentialLoader, ShuffledSequenceLoader, make_loader
-from pgolf_lit.data.shards import write_shard
+from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.errors import ConfigError, DataError
 
 SHARD_LENGTHS = [900, 1300, 700, 1100, 1000]

@@ -17,7 +17,7 @@ import torch
 
 from pgolf_lit.data.loaders import LOADERS, DocumentPackingLoader, PackedBatch, make_loader
 from pgolf_lit.data.packing import build_cu_seqlens
-from pgolf_lit.data.shards import write_shard
+from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.errors import DataError
 
 BOS = 1

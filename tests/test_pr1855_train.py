@@ -286,4 +286,9 @@ def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     assert ledger["train_s"] * 1000 == pytest.approx(summary["train"]["train_time_ms"], rel=1e-6)
     assert summary["record_run"] == {"record_world": 1, "world": 1, "step_matched": False, "budget_scale": 1.0,
                                      "record_valid": True}
-    print(f"tiny twin pgolf fit: {seconds:.1f} s")
+    # The export counts the code that reads a PGRP file and runs the config's four passes (quant/code_size.py).
+    from pgolf_lit.quant.code_size import measure_code_size
+
+    code = measure_code_size(("pergroup",), ["standard", "sliding", "doc_isolated", "phased_ttt"]).counted_bytes
+    assert artifact["code_bytes"] == code <= 40_000 and f"code bytes:{code} " in log
+    print(f"tiny twin pgolf fit: {seconds:.1f} s, code bytes:{code}")

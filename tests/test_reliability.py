@@ -20,7 +20,8 @@ import yaml
 from pgolf_lit.config import load_config
 
 from pgolf_lit.config import CONFIG_DIR, record_config_path
-from pgolf_lit.data.shards import HEADER_BYTES, load_validation_tokens, write_shard
+from pgolf_lit.data.shards import HEADER_BYTES, load_validation_tokens
+from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.data.tokenizer import NoByteFallbackWarning, build_byte_luts, load_tokenizer
 from pgolf_lit.errors import ArtifactError, CheckpointError, ConfigError, DataError, PgolfError
 from pgolf_lit.quant import ExportConfig, export_model

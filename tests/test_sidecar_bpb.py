@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.data.shards import byte_sidecar_name, list_shards, load_shard, load_validation_tokens, write_shard
+from pgolf_lit.data.shards import byte_sidecar_name, list_shards, load_shard, load_validation_tokens
+from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer, validation_byte_counts
 from pgolf_lit.errors import DataError
 from pgolf_lit.eval import EvalSettings, Weights, evaluation_context, run_method

@@ -19,19 +19,19 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from pgolf_lit.data.caseops_read import (  # noqa: F401  (re-exported: evaluation imports caseops_read alone)
+    ALLCAPS,
+    CAPNEXT,
+    ESC,
+    OPERATOR_IDS,
+    OPERATORS,
+    RESERVED_SUFFIX,
+    TITLE,
+    TRANSFORM_NAME,
+    is_caseops_tokenizer,
+)
 from pgolf_lit.errors import DataError
 
-TRANSFORM_NAME = "lossless_caps_caseops_v1"
-# Names of the tokenizer model, tokenizer entry and dataset of the public CaseOps export (PR #1729 / #1855).
-RESERVED_SUFFIX = "lossless_caps_caseops_v1_reserved"
-
-TITLE = "\ue001"
-ALLCAPS = "\ue002"
-CAPNEXT = "\ue003"
-ESC = "\ue004"
-OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
-# Where a CaseOps tokenizer holds the operators: user-defined pieces right after <pad> <s> </s> <unk>.
-OPERATOR_IDS = (4, 5, 6, 7)
 
 _RUN_OR_OPERATOR = re.compile("[A-Za-z]+|[" + "".join(OPERATORS) + "]")
 _OPERATOR = re.compile("[" + "".join(OPERATORS) + "]")
@@ -163,14 +163,6 @@ def original_byte_counts(surfaces: Iterable[str]) -> list[int]:
     except ValueError as e:
         raise CaseOpsError(f"malformed CaseOps token surfaces: {e} (piece {piece})") from None
     return counts
-
-
-def is_caseops_tokenizer(sp) -> bool:
-    """True when a SentencePiece model holds the four CaseOps operators at ids 4..7 (its documents are CaseOps
-    encoded, and BPB needs the byte sidecar)."""
-    if sp.vocab_size() <= max(OPERATOR_IDS):
-        return False
-    return all(sp.id_to_piece(i) == op for i, op in zip(OPERATOR_IDS, OPERATORS))
 
 
 def find_operator(text: str) -> int:

@@ -58,8 +58,10 @@ from pgolf_lit.data.caseops import (
     original_byte_counts,
 )
 from pgolf_lit.data.corpus import embedded_corpus, split_paragraphs
-from pgolf_lit.data.shards import MAX_VOCAB, byte_sidecar_name, shard_name, write_shard
-from pgolf_lit.data.tokenizer import encode_with_surfaces, file_sha256, load_tokenizer, pieces_sha256, train_tokenizer
+from pgolf_lit.data.shards import MAX_VOCAB, byte_sidecar_name, shard_name
+from pgolf_lit.data.shards_write import write_shard
+from pgolf_lit.data.tokenizer import file_sha256, load_tokenizer, pieces_sha256
+from pgolf_lit.data.tokenizer_train import encode_with_surfaces, train_tokenizer
 from pgolf_lit.errors import DataError, PgolfError
 from pgolf_lit.fileio import atomic_write_text
 

@@ -1,4 +1,4 @@
-"""The upstream token-shard format: read (memory-mapped), write (atomically), validate.
+"""The upstream token-shard format: read (memory-mapped) and validate; written by ``shards_write.py`` (atomically).
 
 A shard is a 1024-byte header of 256 little-endian int32 words (magic 20240520, version 1, token count N,
 then zeros) followed by N little-endian uint16 tokens; the file size is exactly 1024 + 2N. Datasets live in
@@ -14,13 +14,11 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from pgolf_lit.errors import DataError
-from pgolf_lit.fileio import atomic_path
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -101,27 +99,6 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, path: str | os.PathLi
             f"{path}: token id {top} at or above vocab_size {vocab_size} (first at index {first}); "
             f"the shards were made with another tokenizer than the model's vocab_size expects"
         )
-
-
-def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int] | torch.Tensor) -> Path:
-    """Write tokens as one shard, to a temporary name first, then rename."""
-    path = Path(path)
-    if isinstance(tokens, torch.Tensor):
-        tokens = tokens.cpu().numpy()
-    arr = np.asarray(tokens)
-    if arr.ndim != 1:
-        raise DataError(f"{path}: tokens must be 1-D, got shape {tuple(arr.shape)}")
-    if arr.size >= 2**31:
-        raise DataError(f"{path}: {arr.size} tokens do not fit one shard (< 2^31)")
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= MAX_VOCAB):
-        raise DataError(f"{path}: token ids must lie in [0, {MAX_VOCAB}) to fit uint16; the vocabulary is too large")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, arr.size
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(arr.astype("<u2", copy=False).tobytes())
-    return path
 
 
 def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:

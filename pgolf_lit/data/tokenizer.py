@@ -1,4 +1,4 @@
-"""SentencePiece tokenizers: load with checks, train with the upstream export settings, build byte LUTs.
+"""SentencePiece tokenizers: load with checks, build byte LUTs (training them: ``tokenizer_train.py``).
 
 The byte LUTs turn token-level cross entropy into bits per byte (upstream ``build_sentencepiece_luts``, ``eval_val``):
 for a scored position with previous token ``u`` and target ``t`` the target is worth
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
@@ -20,21 +18,6 @@ from pgolf_lit.errors import DataError
 
 SPACE = "\u2581"  # SentencePiece's whitespace marker "▁"
 
-# The upstream export's trainer settings (data/download_hf_docs_and_tokenize.py ``build_sentencepiece_tokenizer``);
-# everything else stays at the library default.
-EXPORT_TRAINER_OPTIONS = dict(
-    model_type="bpe",
-    character_coverage=0.999,
-    byte_fallback=True,
-    split_digits=True,
-    normalization_rule_name="nmt_nfkc",
-    add_dummy_prefix=False,
-    pad_id=0,
-    bos_id=1,
-    eos_id=2,
-    unk_id=3,
-    hard_vocab_limit=False,
-)
 BOS_ID = 1
 
 
@@ -64,7 +47,7 @@ def default_tokenizer_path(data_dir: str | os.PathLike, vocab_size: int) -> Path
     """The tokenizer of a dataset folder ``<root>/datasets/<name>`` in the upstream layout:
     ``<root>/tokenizers/fineweb_<V>_bpe.model``, or ``fineweb_<V>_bpe_lossless_caps_caseops_v1_reserved.model`` when
     the folder is a CaseOps one (its name ends in ``_lossless_caps_caseops_v1_reserved``, as the public export's)."""
-    from pgolf_lit.data.caseops import RESERVED_SUFFIX
+    from pgolf_lit.data.caseops_read import RESERVED_SUFFIX
 
     data_dir = Path(data_dir)
     tail = f"_{RESERVED_SUFFIX}" if data_dir.name.endswith(f"_sp{vocab_size}_{RESERVED_SUFFIX}") else ""
@@ -165,7 +148,7 @@ def validation_byte_counts(sp, vocab_size: int, data_dir: str | os.PathLike, num
     split has one or the tokenizer is a CaseOps one (PR #1855: its pieces are of the transformed text, so the LUTs
     would count the case operators and overcount; a CaseOps split without its sidecar is an error, never a silent
     fall-back to LUT bytes)."""
-    from pgolf_lit.data.caseops import is_caseops_tokenizer
+    from pgolf_lit.data.caseops_read import is_caseops_tokenizer
     from pgolf_lit.data.shards import BYTE_SIDECAR_MARK, load_validation_byte_sidecar
     from pgolf_lit.metrics import ByteCounts
 
@@ -185,96 +168,3 @@ def count_bytes(tokens: torch.Tensor, luts: tuple[torch.Tensor, torch.Tensor, to
     return int(b.sum())
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of a serialized protobuf message: an int for varints, bytes for length-delimited
-    fields; fixed-width fields (a score) are skipped."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _varint(buf, pos)
-            yield field, value
-        elif wire_type == 2:
-            size, pos = _varint(buf, pos)
-            yield field, buf[pos : pos + size]
-            pos += size
-        elif wire_type in (1, 5):
-            pos += 8 if wire_type == 1 else 4
-        else:
-            raise DataError(f"SentencePiece returned an unreadable encoding (protobuf wire type {wire_type})")
-
-
-def encode_with_surfaces(sp, texts: list[str], num_threads: int = 1) -> list[tuple[list[int], list[str]]]:
-    """For each text, its piece ids and their surfaces (the span of the input text each piece covers).
-
-    sentencepiece 0.2.3 has no ``encode_as_immutable_proto`` and its ``out_type='proto'`` needs the protobuf
-    package, which is not a dependency here; ``out_type='serialized_proto'`` returns the same SentencePieceText
-    message as bytes, read here directly (SentencePieceText.pieces = field 2; SentencePiece.id = 2, .surface = 3).
-    A byte-fallback piece that starts a multi-byte character has an empty surface.
-    """
-    results = []
-    for message in sp.encode(texts, out_type="serialized_proto", num_threads=num_threads):
-        ids, surfaces = [], []
-        for field, piece in _proto_fields(message):
-            if field != 2:
-                continue
-            piece_id, surface = None, b""
-            for sub_field, value in _proto_fields(piece):
-                if sub_field == 2:
-                    piece_id = value
-                elif sub_field == 3:
-                    surface = value
-            if piece_id is None:
-                raise DataError("SentencePiece returned a piece without an id")
-            ids.append(piece_id)
-            surfaces.append(surface.decode("utf-8"))
-        results.append((ids, surfaces))
-    return results
-
-
-def train_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int,
-    model_prefix: str | os.PathLike,
-    *,
-    num_threads: int | None = None,
-    **overrides,
-) -> Path:
-    """Train a SentencePiece BPE model with the upstream export settings; return the ``.model`` path.
-
-    Each text has NUL replaced by a space and is stripped; empty texts are skipped (as upstream does for
-    tokenizer training). Writes ``<model_prefix>.model`` and ``.vocab``.
-    """
-    import sentencepiece as spm
-
-    model_prefix = Path(model_prefix)
-    model_prefix.parent.mkdir(parents=True, exist_ok=True)
-
-    def sentences():
-        for t in texts:
-            t = t.replace("\x00", " ").strip()
-            if t:
-                yield t
-
-    options = dict(EXPORT_TRAINER_OPTIONS, vocab_size=vocab_size, **overrides)
-    if num_threads:
-        options["num_threads"] = num_threads
-    # Train into a scratch directory beside the target, then rename: no half-written .model under the final name.
-    with tempfile.TemporaryDirectory(dir=model_prefix.parent, prefix=".sp-train-") as tmp:
-        tmp_prefix = Path(tmp) / model_prefix.name
-        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=str(tmp_prefix), **options)
-        for ext in (".vocab", ".model"):
-            os.replace(f"{tmp_prefix}{ext}", f"{model_prefix}{ext}")
-    return Path(f"{model_prefix}.model")

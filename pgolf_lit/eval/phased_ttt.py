@@ -44,7 +44,6 @@ from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval.context import ForwardOptions
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
 from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
-from pgolf_lit.eval.ttt import _sum_gradients_over_ranks
 from pgolf_lit.eval.windows import (
     Window,
     WindowBatch,
@@ -56,6 +55,7 @@ from pgolf_lit.eval.windows import (
     rank_share,
     score_batch,
     sequence_windows,
+    sum_gradients_over_ranks,
 )
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.lora import DEFAULT_ALPHA, BatchedTTTLoRA
@@ -507,7 +507,7 @@ def _global_phase(
                     if recorder is not None:
                         recorder.on_update(int(where[a:b].min()), int(where[a:b].max()))
                 if world_size > 1:
-                    _sum_gradients_over_ranks(params)
+                    sum_gradients_over_ranks(params)
                 if cfg.global_grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.global_grad_clip)
                 optimizer.step()

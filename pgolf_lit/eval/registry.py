@@ -1,7 +1,9 @@
 """Evaluation methods by name. Each method registers itself, with its settings dataclass, in the file that
-implements it (``windows.py``: standard, sliding; ``slot.py``: slot, causal_slot; ``ttt.py``: ttt), the way
-codecs sit in ``CODECS``; ``EvalSettings`` (``runner.py``) gets one field per registered method, so a new method
-is one file plus one ``register_eval_method`` call (and its import in ``pgolf_lit/eval/__init__.py``)."""
+implements it (``windows.py``: standard, sliding; ``slot.py``: slot, causal_slot; ``ttt.py``: ttt;
+``phased_ttt.py``: doc_isolated, phased_ttt), the way codecs sit in ``CODECS``; ``EvalSettings`` (``runner.py``)
+gets one field per registered method, so a new method is one file plus one ``register_eval_method`` call (and its
+import in ``pgolf_lit/eval/__init__.py``). A method's ``modules`` (its ``run``'s module, plus ``needs``) are what
+an artifact's code size counts for it (``pgolf_lit/quant/code_size.py``)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,12 @@ class EvalMethod:
     quantized_label: str
     float_suffix: str
     description: str = ""
+    needs: tuple[str, ...] = ()  # modules the pass needs beyond ``run``'s module and what that imports
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules that running this pass needs (``code_size.py`` counts them and everything they import)."""
+        return (self.run.__module__, *self.needs)
 
 
 EVAL_METHODS: dict[str, EvalMethod] = {}

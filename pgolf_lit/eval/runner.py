@@ -1,7 +1,9 @@
 """One evaluation pass by name, timed and labelled, and its result line (upstream ``eval_val*`` log lines).
 
 ``EvalSettings`` holds the window geometry every pass shares (``seq_len``, ``stride``) and one settings section
-per registered method (``registry.py``), built from the registry so a new method needs no edit here.
+per registered method (``registry.py``), built from the registry when this module is imported, so a new method
+needs no edit here: ``pgolf_lit.eval`` imports every method's module first (this module imports none of them, so
+the wrapped evaluation program of ``code_size.py`` carries only its config's methods).
 ``run_method`` is what ``pgolf test``, ``pgolf eval`` and ``GPTQExport`` call per pass, with an ``EvalContext``
 (``context.py``) saying how the forwards run and which weights are scored. The line format keeps the upstream
 labels and 8-decimal fields so existing log parsers keep working, and appends pgolf_lit's extra fields (stride,
@@ -20,7 +22,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval import phased_ttt, slot, ttt, windows  # noqa: F401  (importing them registers their methods)
 from pgolf_lit.eval.context import EvalContext, evaluation_context
 from pgolf_lit.eval.registry import EVAL_METHODS, PassSetup
 from pgolf_lit.metrics import BitsPerByte, ByteCounts, as_byte_counts

@@ -41,6 +41,7 @@ from pgolf_lit.eval.windows import (
     rank_share,
     score_batch,
     sliding_windows,
+    sum_gradients_over_ranks,
 )
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.roles import parameter_roles
@@ -113,18 +114,6 @@ def trainable_parameters(model: nn.Module, freeze_blocks: int) -> list[nn.Parame
     return trained
 
 
-def _sum_gradients_over_ranks(params: Sequence[nn.Parameter]) -> None:
-    """One all-reduce of every gradient (zeros where this rank has none), so all ranks step identically."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
-
-
 class _ScoreFirstLearner:
     """The adapted copy of the model with its optimizer, scoring and training one chunk at a time."""
 
@@ -174,7 +163,7 @@ class _ScoreFirstLearner:
                     )
                     (loss_sum / (count * seq_len)).backward()  # this rank's share of the global batch mean
                 if self.world_size > 1:
-                    _sum_gradients_over_ranks(self.params)
+                    sum_gradients_over_ranks(self.params)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                 self.optimizer.step()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator, Literal, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -92,6 +93,19 @@ def rank_share(items: Sequence[Item], rank: int, world_size: int, split: RankSpl
         return items[rank::world_size]
     n = len(items)
     return items[n * rank // world_size : n * (rank + 1) // world_size]
+
+
+def sum_gradients_over_ranks(params: Sequence[nn.Parameter]) -> None:
+    """One all-reduce of every gradient (zeros where this rank has none), so all ranks step identically
+    (the TTT passes' gradient reduction)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
 
 
 def batched(items: Sequence[Item], size: int) -> list[Sequence[Item]]:

@@ -16,14 +16,18 @@ and (optionally) to the upstream dtype policy on the way out (each parameter rol
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
-
-import torch
-from torch import Tensor, nn
+from typing import Any, Mapping
 
 from pgolf_lit.config import GPTConfig, gpt_config_from_yaml, record_config_path
-from pgolf_lit.errors import ConfigError
-from pgolf_lit.model.roles import parameter_roles
+from pgolf_lit.model.state_dicts import (  # noqa: F401  (re-exported: reading an artifact imports state_dicts alone)
+    BANK_NAMES,
+    BANKS,
+    bank_slices,
+    bank_state_dict,
+    load_upstream_state_dict,
+    to_upstream_state_dict,
+    unbank_state_dict,
+)
 
 # Names the upstream fixtures and scripts use for a record, mapped to our record configs.
 RECORD_ALIASES = {
@@ -52,61 +56,6 @@ _UPSTREAM_FIELD_NAMES = {
     "skip_gates_enabled": "skip_gates", "vrl_enabled": "vrl", "dtg_enabled": "dtg",
     "smear_gate_enabled": "smear_gate", "sparse_attn_gate_enabled": "sparse_attn_gate",
 }  # fmt: skip
-
-# The four banks of PR #1855 and, for each, the per-block matrices it stacks: (bank, [(offset, suffix), ...]).
-# Slice offset·L + i of a bank is the matrix ``blocks.i.<suffix>``.
-BANKS: tuple[tuple[str, tuple[tuple[int, str], ...]], ...] = (
-    ("qo_bank", ((0, "attn.c_q.weight"), (1, "attn.proj.weight"))),
-    ("kv_bank", ((0, "attn.c_k.weight"), (1, "attn.c_v.weight"))),
-    ("mlp_up_bank", ((0, "mlp.fc.weight"),)),
-    ("mlp_down_bank", ((0, "mlp.proj.weight"),)),
-)
-BANK_NAMES = tuple(name for name, _ in BANKS)
-
-
-def bank_slices(num_layers: int) -> dict[str, tuple[str, int]]:
-    """Per-block matrix name → (bank, slice index) for a model of ``num_layers`` blocks."""
-    return {
-        f"blocks.{i}.{suffix}": (bank, offset * num_layers + i)
-        for bank, parts in BANKS
-        for offset, suffix in parts
-        for i in range(num_layers)
-    }
-
-
-def unbank_state_dict(state_dict: Mapping[str, Tensor], num_layers: int) -> dict[str, Tensor]:
-    """PR #1855's banked state dict under our per-block names (other entries unchanged); PR #1855 train_gpt.py
-    ``_unbank_state_dict``. A bank whose leading size is not its matrix count is an error naming it."""
-    out = {k: v for k, v in state_dict.items() if k not in BANK_NAMES}
-    for bank, parts in BANKS:
-        if bank not in state_dict:
-            continue
-        t = state_dict[bank]
-        if not isinstance(t, Tensor) or t.dim() != 3 or t.size(0) != len(parts) * num_layers:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ConfigError(
-                f"{bank}: expected {len(parts) * num_layers} stacked matrices for {num_layers} layers, got {shape}"
-            )
-        for name, (b, index) in bank_slices(num_layers).items():
-            if b == bank:
-                out[name] = t[index].clone()
-    return out
-
-
-def bank_state_dict(state_dict: Mapping[str, Tensor], num_layers: int) -> dict[str, Tensor]:
-    """Our per-block state dict with the block matrices stacked into PR #1855's four banks (first, in the
-    script's order), PR #1855 train_gpt.py ``_rebank_state_dict``."""
-    slices = bank_slices(num_layers)
-    missing = sorted(set(slices) - set(state_dict))
-    if missing:
-        raise ConfigError(f"cannot build the parameter banks: missing {len(missing)} matrices, e.g. {missing[:3]}")
-    out: dict[str, Tensor] = {}
-    for bank, parts in BANKS:
-        out[bank] = torch.stack(
-            [state_dict[f"blocks.{i}.{suffix}"] for offset, suffix in parts for i in range(num_layers)]
-        ).contiguous()
-    out.update({k: v for k, v in state_dict.items() if k not in slices})
-    return out
 
 
 def _coerce_like(value: Any, current: Any) -> Any:
@@ -166,54 +115,3 @@ def config_from_upstream(record: str, changes: Mapping[str, Any], harness_cast: 
     return cfg.replace(**update) if update else cfg
 
 
-def load_upstream_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """Load an upstream state dict into our GPT strictly, with one clear error per mismatch kind. A banked state
-    dict (PR #1855: ``qo_bank`` …) is recognised by its keys and unbanked first."""
-    if any(name in state_dict for name in BANK_NAMES):
-        try:
-            state_dict = unbank_state_dict(state_dict, len(model.blocks))
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(ours))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
-        raise ConfigError(f"{source}: does not match the config's model ({'; '.join(parts)}); check --config")
-    converted = {}
-    for name, ref in ours.items():
-        t = state_dict[name]
-        if not isinstance(t, Tensor):
-            raise ConfigError(f"{source}: entry {name} is a {type(t).__name__}, expected a tensor")
-        if tuple(t.shape) != tuple(ref.shape):
-            raise ConfigError(
-                f"{source}: {name} has shape {tuple(t.shape)}, the config's model expects {tuple(ref.shape)}"
-            )
-        converted[name] = t.to(ref.dtype)
-    model.load_state_dict(converted, strict=True)
-
-
-def to_upstream_state_dict(
-    model: nn.Module, upstream_dtypes: bool = True, banked: Optional[bool] = None
-) -> dict[str, Tensor]:
-    """Our weights under the upstream keys, in the records' dtypes (each parameter's declared ``record_dtype``:
-    bf16 token tables and iteration embeddings) unless told otherwise; the block matrices stacked into the four
-    fp32 banks when ``banked`` (default: the config's ``state_dict_layout`` is ``banks``, PR #1855). Exports
-    pass ``banked=False``: the records unbank before quantizing."""
-    roles = parameter_roles(model)
-    out = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu()
-        if upstream_dtypes and name in roles and roles[name].record_dtype == "bf16":
-            t = t.to(torch.bfloat16)
-        out[name] = t.contiguous()
-    config = getattr(model, "config", None)
-    if banked is None:
-        banked = config is not None and getattr(config, "state_dict_layout", "per_block") == "banks"
-    if banked:
-        out = bank_state_dict(out, len(model.blocks))
-    return out

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf_lit.config import GPTConfig
+from pgolf_lit.model.config import GPTConfig
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.model.attention import ATTENTION_BACKENDS, CausalSelfAttention, PackedSegments, Rotary
 from pgolf_lit.model.layers import (

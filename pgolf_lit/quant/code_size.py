@@ -1,54 +1,78 @@
-"""Honest code bytes: the package source needed to load and evaluate an artifact, wrapped as records wrap theirs.
+"""Honest code bytes: the source that loading and evaluating *this* artifact needs, minified and wrapped as the
+records wrap theirs.
 
-The challenge counts code bytes + compressed model bytes. A record counts its one script; a package must count
-every source file that loading and evaluating an artifact runs: ``code_files()``, the import closure of
-``CODE_ENTRY_MODULES``. Those sources (docstrings and
-comments stripped, as PR #1394 minified its script) go into one Python program that installs them as an
-importable ``pgolf_lit`` package, and that program is wrapped the way PR #1333/#1334 wrapped theirs::
+The challenge counts code bytes + compressed model bytes. A record counts its one script; a package counts what
+reading its artifact and running its config's scored passes imports (``code_files``), starting from
 
-    import lzma as L,base64 as B
-    exec(L.decompress(B.b85decode("<xz preset 9 of the program, base85>")))
+* ``EVAL_ENTRY`` (``eval/artifact_eval.py``): read the artifact, build the model, load the val split and its byte
+  counts, run the passes by name;
+* the reader of the artifact's container (``export.format``): each container registers its reader where it is
+  defined (``reader.py``'s ``CONTAINERS``; ``Container.modules``), the decoder side only;
+* each scored pass of the config (``model.test_methods``): each method registers where it is defined, with what
+  else it needs (``eval/registry.py``; ``EvalMethod.modules``);
 
-The wrapper really works (``exec`` it, then ``import pgolf_lit.quant.export``); its length is the counted size.
+and adding every pgolf_lit module these import, at module level or inside a function, so a new dependency is
+counted the day it is added. The one exception is declared by the imported module itself: a module that assigns a
+string to ``TRAINING_ONLY`` (the fused Triton kernels: training speed, the same function as the eager path) is not
+followed from an import inside a function; a module-level import of it is. A package's ``__init__.py`` is counted
+only when a counted module imports a name from it (``from pgolf_lit.eval import EvalSettings``); otherwise the
+program creates the package empty, so importing ``pgolf_lit.eval.runner`` does not import every method.
+
+The sources are minified with python-minifier using PR #1855's ``pyminify`` flags (``PYMINIFY_OPTIONS``) and put in
+one program, which serves them as an importable ``pgolf_lit`` package (``_BOOTSTRAP``), then imports the registering
+modules (the config's passes, the container) and the entry. The program is wrapped as PR #1855 measures its code
+(``_compressed_code_size``)::
+
+    import brotli as B,base64 as b
+    exec(B.decompress(b.b85decode("<brotli quality 11 of the program, base85>")))
+
+The wrapper really works: exec it in an interpreter without pgolf_lit installed, then
+``from pgolf_lit.eval.artifact_eval import evaluate_artifact_file``. Its length is the counted size.
+python-minifier is needed to measure (export side); the wrapped program needs only the runtime packages.
 """
 
 from __future__ import annotations
 
 import ast
 import base64
-import lzma
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
-from pgolf_lit.errors import ArtifactError
+import brotli
 
-# What loading and evaluating an artifact imports: the artifact reader, every registered eval method, the val
-# shards and byte LUTs. The counted files are these modules plus everything they import from pgolf_lit (lazy
-# imports inside functions included), so a new dependency is counted the day it is added.
-CODE_ENTRY_MODULES = (
-    "pgolf_lit.quant.export",
-    "pgolf_lit.eval",
-    "pgolf_lit.metrics",
-    "pgolf_lit.data.shards",
-    "pgolf_lit.data.tokenizer",
-)
+from pgolf_lit.errors import ArtifactError, ConfigError
+
+EVAL_ENTRY = "pgolf_lit.eval.artifact_eval"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
+# PR #1855 train_gpt.py `_compressed_code_size`: pyminify --no-rename-locals --no-hoist-literals
+# --remove-literal-statements --remove-asserts --prefer-single-line (the rest are pyminify's defaults).
+PYMINIFY_OPTIONS = dict(
+    rename_locals=False,
+    hoist_literals=False,
+    remove_literal_statements=True,
+    remove_asserts=True,
+    prefer_single_line=True,
+)
+BROTLI_QUALITY = 11
+WRAPPER_HEAD = 'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("'
+WRAPPER_TAIL = '")))\n'
+OPTIONAL_MARK = "TRAINING_ONLY"
 
-# Serves the embedded sources (dict S: path -> source) as modules, ahead of the normal import system.
-_BOOTSTRAP = """
-import sys,importlib.abc,importlib.util
-class _PgolfSources(importlib.abc.MetaPathFinder,importlib.abc.Loader):
- def _path(s,n):
-  k=n.replace('.','/')
-  return k+'/__init__.py' if k+'/__init__.py' in S else k+'.py' if k+'.py' in S else None
+# Serves the sources in S (path -> source) as modules ahead of the normal import system; a folder of S without an
+# __init__.py is an empty package.
+_BOOTSTRAP = """import sys,importlib.abc as A,importlib.util as U
+class F(A.MetaPathFinder,A.Loader):
  def find_spec(s,n,p=None,t=None):
-  f=s._path(n)
-  return None if f is None else importlib.util.spec_from_loader(n,s,is_package=f.endswith('__init__.py'))
- def create_module(s,spec):return None
+  k=n.replace('.','/')
+  if k+'.py' in S:return U.spec_from_loader(n,s,origin=k+'.py')
+  if any(f.startswith(k+'/')for f in S):return U.spec_from_loader(n,s,origin=k+'/__init__.py',is_package=True)
+ def create_module(s,spec):return
  def exec_module(s,m):
-  f=s._path(m.__name__);m.__file__=f;exec(compile(S[f],f,'exec'),m.__dict__)
-sys.meta_path.insert(0,_PgolfSources())
+  f=m.__spec__.origin
+  if f in S:m.__file__=f;exec(compile(S[f],f,'exec'),m.__dict__)
+sys.meta_path.insert(0,F())
 """
 
 
@@ -58,10 +82,44 @@ class CodeSize:
     source_bytes: int  # the files as they are
     program_bytes: int  # minified sources inside the self-installing program
     wrapped_bytes: int  # the two-line wrapper: the counted size
+    formats: tuple[str, ...] = ()  # the containers whose readers are counted
+    methods: tuple[str, ...] = ()  # the eval passes whose code is counted
 
     @property
     def counted_bytes(self) -> int:
         return self.wrapped_bytes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which modules: the entries of a config, and their import closure
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _registries():
+    """Every registered container and eval method (importing the packages registers them all)."""
+    import pgolf_lit.eval
+    import pgolf_lit.quant  # noqa: F401
+    from pgolf_lit.eval.registry import EVAL_METHODS
+    from pgolf_lit.quant.reader import CONTAINERS
+
+    return CONTAINERS, EVAL_METHODS
+
+
+def entry_modules(formats: Optional[Iterable[str]] = None, methods: Optional[Iterable[str]] = None) -> list[str]:
+    """The modules the program registers (each format's reader, each method's modules, in that order), then
+    ``EVAL_ENTRY``. ``None`` means every registered format / method (the whole evaluation side)."""
+    containers, eval_methods = _registries()
+    formats = list(containers) if formats is None else list(formats)
+    methods = list(eval_methods) if methods is None else list(methods)
+    unknown = [f for f in formats if f not in containers]
+    if unknown:
+        raise ConfigError(f"code size: unknown artifact format(s) {unknown}; expected some of {list(containers)}")
+    unknown = [m for m in methods if m not in eval_methods]
+    if unknown:
+        raise ConfigError(f"code size: unknown eval method(s) {unknown}; expected some of {list(eval_methods)}")
+    modules = [m for name in methods for m in eval_methods[name].modules]
+    modules += [m for name in formats for m in containers[name].modules]
+    return list(dict.fromkeys([*modules, EVAL_ENTRY]))
 
 
 def _module_file(root: Path, module: str) -> Optional[str]:
@@ -72,80 +130,143 @@ def _module_file(root: Path, module: str) -> Optional[str]:
     return None
 
 
-def _imported_modules(source: str, package: str) -> set[str]:
-    """Every ``pgolf_lit`` module a source imports anywhere in it (``from a import b`` may name module ``a.b``)."""
+def _is_optional(root: Path, module: str) -> bool:
+    rel = _module_file(root, module)
+    if rel is None:
+        return False
+    for node in ast.parse((root / rel).read_text(encoding="utf-8")).body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == OPTIONAL_MARK for t in targets):
+            return True
+    return False
+
+
+def _imported_modules(root: Path, source: str, module: str, is_package: bool) -> set[str]:
+    """The pgolf_lit modules a source needs: ``import a.b`` needs ``a.b``; ``from a import n`` needs module ``a.n``
+    when that is a module, else ``a`` itself (its ``__init__`` when a package). Imports inside functions count
+    too, except of modules that declare ``TRAINING_ONLY``."""
+    package = module if is_package else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "pgolf_lit")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against the importing package
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
+
+    def visit(node: ast.AST, lazy: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:  # relative: resolve against the importing package
+                    parts = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join(parts + ([child.module] if child.module else []))
+                else:
+                    base = child.module or ""
+                names = [f"{base}.{a.name}" if _module_file(root, f"{base}.{a.name}") else base for a in child.names]
             else:
-                base = node.module or ""
-            if base.split(".")[0] == "pgolf_lit":
-                found.add(base)
-                found.update(f"{base}.{a.name}" for a in node.names)
+                visit(child, inner)
+                continue
+            for name in names:
+                if name.split(".")[0] == "pgolf_lit" and not (lazy and _is_optional(root, name)):
+                    found.add(name)
+
+    visit(ast.parse(source), False)
     return found
 
 
-def code_files(root: Path = PACKAGE_ROOT, entries: tuple[str, ...] = CODE_ENTRY_MODULES) -> list[str]:
-    """The .py files of ``entries`` and of every pgolf_lit module they import (with their packages' __init__),
-    sorted; an entry that does not exist is an error."""
-    files: set[str] = set()
-    todo = []
+def code_files(
+    formats: Optional[Iterable[str]] = None,
+    methods: Optional[Iterable[str]] = None,
+    root: Path = PACKAGE_ROOT,
+    entries: Optional[Sequence[str]] = None,
+) -> list[str]:
+    """The .py files counted for an artifact of ``formats`` scored by ``methods`` (``entry_modules``), or for
+    explicit ``entries``: those modules and every pgolf_lit module they need, sorted. An entry without source is
+    an error."""
+    entries = list(entries) if entries is not None else entry_modules(formats, methods)
     for module in entries:
         if _module_file(root, module) is None:
-            raise ArtifactError(f"{root}: {module} is a code entry module but has no source; the code size cannot be counted")
-        todo.append(module)
-    seen: set[str] = set()
+            raise ArtifactError(
+                f"{root}: {module} is a code entry module but has no source; the code size cannot be counted"
+            )
+    files: set[str] = set()
+    todo, seen = list(entries), set()
     while todo:
         module = todo.pop()
         if module in seen:
             continue
         seen.add(module)
         rel = _module_file(root, module)
-        if rel is None:  # ``from pkg import name`` where name is not a module
+        if rel is None:  # a name pgolf_lit does not have as a file: the import fails at run time as it would here
             continue
         files.add(rel)
-        parts = module.split(".")
-        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # the packages it sits in
-        package = module if rel.endswith("__init__.py") else ".".join(parts[:-1])
-        todo.extend(_imported_modules((root / rel).read_text(encoding="utf-8"), package))
+        source = (root / rel).read_text(encoding="utf-8")
+        todo.extend(_imported_modules(root, source, module, rel.endswith("__init__.py")))
     return sorted(files)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The program and its wrapper
+# ---------------------------------------------------------------------------------------------------------
+
+
 def minify(source: str) -> str:
-    """The same program without comments and docstrings (annotations stay: dataclasses need them)."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
-                if isinstance(body[0].value.value, str):
-                    node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree) + "\n"
+    """``source`` as PR #1855's pyminify call minifies it (python-minifier, ``PYMINIFY_OPTIONS``)."""
+    import python_minifier  # the export side's dependency; the wrapped program never needs it
+
+    return python_minifier.minify(source, **PYMINIFY_OPTIONS)
 
 
-def package_program(root: Path = PACKAGE_ROOT, entries: tuple[str, ...] = CODE_ENTRY_MODULES) -> tuple[str, int, list[str]]:
+@functools.lru_cache(maxsize=256)
+def _read_minified(path: str, mtime_ns: int, size: int) -> tuple[str, str]:
+    """A file's text and its minified form, cached while the file is unchanged (every export measures its code)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text, minify(text)
+
+
+def package_program(
+    formats: Optional[Iterable[str]] = None,
+    methods: Optional[Iterable[str]] = None,
+    root: Path = PACKAGE_ROOT,
+    entries: Optional[Sequence[str]] = None,
+) -> tuple[str, int, list[str]]:
     """The self-installing program, the raw source bytes it was made from, and the file list."""
-    files = code_files(root, entries)
+    entries = list(entries) if entries is not None else entry_modules(formats, methods)
+    files = code_files(root=root, entries=entries)
     sources = {}
     raw = 0
     for rel in files:
-        text = (root / rel).read_text(encoding="utf-8")
+        stat = (root / rel).stat()
+        text, sources[rel] = _read_minified(str(root / rel), stat.st_mtime_ns, stat.st_size)
         raw += len(text.encode("utf-8"))
-        sources[rel] = minify(text)
-    return f"S={sources!r}\n{_BOOTSTRAP.lstrip()}", raw, files
+    table = ",".join(f"{rel!r}:{_literal(src)}" for rel, src in sources.items())
+    program = f"S={{{table}}}\n{_BOOTSTRAP}import {','.join(entries)}\n"
+    return program, raw, files
+
+
+def _literal(source: str) -> str:
+    """``source`` as a Python string literal: raw and triple-quoted where that spells it verbatim (no escaped
+    newlines and quotes: ~2 % fewer compressed bytes than ``repr``), else ``repr``."""
+    tail = len(source) - len(source.rstrip("\\"))
+    literal = f"r'''{source}'''"
+    if "'''" in source or "\r" in source or tail % 2 or source.endswith("'") or ast.literal_eval(literal) != source:
+        return repr(source)
+    return literal
 
 
 def wrap(program: str) -> str:
-    """The records' two-line self-extracting wrapper around ``program`` (xz preset 9, base85)."""
-    payload = base64.b85encode(lzma.compress(program.encode("utf-8"), preset=9)).decode("ascii")
-    return f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("{payload}")))'
+    """PR #1855's two-line self-extracting wrapper around ``program`` (brotli quality 11, base85)."""
+    payload = base64.b85encode(brotli.compress(program.encode("utf-8"), quality=BROTLI_QUALITY)).decode("ascii")
+    return f"{WRAPPER_HEAD}{payload}{WRAPPER_TAIL}"
 
 
-def measure_code_size(root: Optional[Path] = None) -> CodeSize:
-    program, raw, files = package_program(root or PACKAGE_ROOT)
-    return CodeSize(tuple(files), raw, len(program.encode("utf-8")), len(wrap(program).encode("utf-8")))
+def measure_code_size(
+    formats: Optional[Iterable[str]] = None,
+    methods: Optional[Iterable[str]] = None,
+    root: Optional[Path] = None,
+) -> CodeSize:
+    """The counted code of an artifact in ``formats`` scored by ``methods`` (None: every registered one, the
+    whole evaluation side: an upper bound)."""
+    containers, eval_methods = _registries()
+    formats = tuple(containers) if formats is None else tuple(formats)
+    methods = tuple(eval_methods) if methods is None else tuple(methods)
+    program, raw, files = package_program(formats, methods, root or PACKAGE_ROOT)
+    wrapped = len(wrap(program).encode("utf-8"))
+    return CodeSize(tuple(files), raw, len(program.encode("utf-8")), wrapped, formats, methods)

@@ -9,6 +9,8 @@ bytes (given the same library build):
     zstd    zstandard level 22         (PR #1263)
     brotli  brotli quality 11          (PR #1333/#1334/#1421/#1394)
 
+``decompress_bounded`` is the readers' side: a decompression that stops at the size the container allows.
+
 The byte shuffle (PR #1218 lineage) regroups bytes by their position modulo a stride: for fp16 data, all low
 bytes then all high bytes. Its output is ``b"BSHF"`` + one stride byte + the regrouped bytes.
 """
@@ -23,6 +25,8 @@ from typing import Callable, Optional
 import brotli
 import numpy as np
 import zstandard
+
+from pgolf_lit.quant.brotli_bounded import brotli_decompress_bounded
 
 SHUFFLE_MAGIC = b"BSHF"
 
@@ -98,6 +102,30 @@ def decompress(blob: bytes, codec: str, shuffle_stride: int = 0) -> bytes:
     """The codec's inverse, then unshuffle when a shuffle stride was used."""
     raw = get_codec(codec).decompress(blob)
     return byte_unshuffle(raw, shuffle_stride) if shuffle_stride >= 2 else raw
+
+
+def decompress_bounded(blob: bytes, codec: str, limit: int) -> bytes:
+    """``codec``'s decompression of ``blob``, streamed and stopped past ``limit`` bytes (ValueError then, and for a
+    truncated stream or data after its end): the memory an untrusted file can claim is bounded by ``limit``."""
+    get_codec(codec)
+    if codec == "brotli":
+        return brotli_decompress_bounded(blob, limit, "the payload")
+    if codec == "zstd":
+        out = bytearray()
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            while len(out) <= limit:
+                chunk = reader.read(min(1 << 20, limit + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+    else:
+        d = zlib.decompressobj() if codec == "zlib" else lzma.LZMADecompressor()
+        out = d.decompress(blob, limit + 1)
+        if len(out) <= limit and (not d.eof or d.unused_data):
+            raise ValueError(f"{codec} stream is truncated or followed by other data")
+    if len(out) > limit:
+        raise ValueError(f"decompresses to more than the {limit} bytes the header allows")
+    return bytes(out)
 
 
 def sniff_codec(blob: bytes) -> str:

@@ -10,56 +10,45 @@ floats, the rest are quantized by the rule of their quant group with a registere
 
 Flow of ``export_model``: Hessians (``hessians.py``) → ``quantize_state_dict`` → ``selective_prune`` (each probe
 serializes and compresses for real) → budget check on model bytes + code bytes (``code_size.py``) → atomic write →
-size re-read from disk. ``load_artifact`` / ``build_model_from_artifact`` reverse it.
+size re-read from disk. ``load_artifact`` / ``build_model_from_artifact`` (``reader.py``) reverse it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, Union
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.errors import ArtifactError, ConfigError, PgolfError
-from pgolf_lit.eval.context import Weights
+from pgolf_lit.errors import ArtifactError, ConfigError
 from pgolf_lit.fileio import atomic_write_bytes
-from pgolf_lit.model.convert import load_upstream_state_dict, to_upstream_state_dict
-from pgolf_lit.model.gpt import GPT
+from pgolf_lit.model.convert import to_upstream_state_dict
 from pgolf_lit.model.roles import ParamRole, parameter_roles
-from pgolf_lit.quant.artifact import (
-    UPSTREAM_STYLES,
-    decode_native,
-    decode_upstream,
-    encode_native,
-    encode_upstream,
-    is_native,
-    read_bytes,
-)
+from pgolf_lit.quant.artifact import UPSTREAM_STYLES, encode_native, encode_upstream
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size
 from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.gptq import GPTQSettings
 from pgolf_lit.quant.gate import gate_shape_qualifies
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
-from pgolf_lit.quant.pergroup import (
-    PergroupSettings,
-    decode_pergroup,
-    encode_pergroup,
-    is_pergroup,
-    pergroup_from_quantized,
-    quantized_from_pergroup,
-)
+from pgolf_lit.quant.pergroup import PergroupSettings, encode_pergroup, pergroup_from_quantized
 from pgolf_lit.quant.hessians import HessianReport, collect_hessians
 from pgolf_lit.quant.prune import PruneReport, selective_prune
 from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, tensor_keys
 from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL, QUANTIZERS, TensorRule, clip_range
+from pgolf_lit.quant.reader import (  # the reading side, re-exported (reading never imports this module)
+    LoadedArtifact,
+    build_model_from_artifact,
+    load_artifact,
+    model_from_artifact,
+    read_artifact,
+)
 
 __all__ = [
     "ExportConfig",
@@ -70,6 +59,7 @@ __all__ = [
     "dequantize",
     "export_model",
     "load_artifact",
+    "model_from_artifact",
     "quantize_state_dict",
     "read_artifact",
 ]
@@ -346,12 +336,15 @@ def export_model(
     hessians: Optional[Mapping[str, Tensor]] = None,
     code: Optional[CodeSize] = None,
     progress: bool = True,
+    eval_methods: Optional[Sequence[str]] = None,
 ) -> ExportReport:
     """Quantize ``model`` (a GPT) with ``cfg`` and write the artifact to ``out_path``.
 
     GPTQ needs ``hessians`` or ``calib_batches`` (token batches ``[B, T]`` on the model's device; the model's
-    recurrence state is used as it is). ``code`` defaults to this package's wrapped source size. Raises
-    ``ArtifactError`` (writing nothing) when model + code bytes exceed the budget, unless ``allow_over_budget``.
+    recurrence state is used as it is). ``code`` defaults to the wrapped code that reading this artifact
+    (``cfg.format``) and scoring it with ``eval_methods`` (its config's ``model.test_methods``; None: every
+    registered pass) needs (``code_size.py``). Raises ``ArtifactError`` (writing nothing) when model + code bytes
+    exceed the budget, unless ``allow_over_budget``.
     """
     out_path = Path(out_path)
     seconds: dict[str, float] = {}
@@ -372,7 +365,7 @@ def export_model(
     quant, meta = quantize_state_dict(_export_state_dict(model, cfg, roles), cfg, hessians, roles=roles, progress=progress)
     seconds["quantize"] = time.perf_counter() - mark
 
-    code = code if code is not None else measure_code_size()
+    code = code if code is not None else measure_code_size((cfg.format,), eval_methods)
     blobs: dict[int, tuple[Mapping[str, Tensor], bytes]] = {}
 
     def total_bytes(candidate: Mapping[str, Tensor]) -> int:
@@ -448,94 +441,3 @@ def _category_bytes(quant: Mapping[str, Tensor], meta: Meta, roles: Mapping[str,
         nbytes = sum(quant[k].numel() * quant[k].element_size() for k in tensor_keys(name, entry))
         sizes[category] = sizes.get(category, 0) + nbytes
     return sizes
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedArtifact:
-    config: GPTConfig
-    state_dict: dict[str, Tensor]
-    format: str  # "native" or the upstream container style
-    info: dict[str, Any]
-    weights: Weights  # what scoring these weights scores (the label of its result lines)
-
-
-def read_artifact(path: PathLike, config: Optional[GPTConfig] = None) -> LoadedArtifact:
-    """Read a native or upstream artifact into a dequantized state dict.
-
-    A native file carries its GPTConfig (``config``, when given, must equal it). An upstream record file holds
-    none: ``config`` is required, and its weights dequantize to the record's live dtypes (bf16 tables).
-    """
-    source = str(path)
-    data = read_bytes(path)
-    if is_native(data):
-        art = decode_native(data, source)
-        try:
-            stored = GPTConfig.from_dict(art.config)
-        except PgolfError as e:
-            raise ArtifactError(f"{source}: stored model config is invalid ({e})") from None
-        if config is not None and config != stored:
-            differs = sorted(k for k, v in config.to_dict().items() if art.config.get(k) != v)
-            raise ArtifactError(f"{source}: exported for another model config (differs in {differs})")
-        _check_stored_shapes(stored, art.quant, art.meta, source)
-        return LoadedArtifact(stored, dequantize(art.quant, art.meta), "native", art.info, Weights.artifact(art.quant, art.meta))
-    if config is None:
-        raise ArtifactError(f"{source}: an upstream record artifact holds no model config; pass the record's config")
-    template = {k: v.dtype for k, v in to_upstream_state_dict(GPT(config), banked=False).items()}
-    if is_pergroup(data):
-        quant, meta = quantized_from_pergroup(*decode_pergroup(data, source), template)
-        info = {"codec": "pergroup"}
-        return LoadedArtifact(config, dequantize(quant, meta), "pergroup", info, Weights.artifact(quant, meta))
-    art = decode_upstream(data, source, template)
-    info = {"codec": art.codec, "shuffled": art.shuffled}
-    return LoadedArtifact(config, art.state_dict, art.style, info, Weights.artifact(art.quant, art.meta))
-
-
-def _check_stored_shapes(config: GPTConfig, quant: Mapping[str, Tensor], meta: Meta, source: str) -> None:
-    """The tensors a native artifact holds are exactly the ones its stored config's model has, shape for shape,
-    checked on a model built on the meta device (no memory) before any real model is allocated: a crafted config
-    (a huge vocab or width beside small tensors) fails here instead of allocating it. A cheap bound comes first, so
-    even the meta model is only built for a config of the size of the tensors present."""
-    shapes = {name: tuple(quant[f"{name}.q" if entry["kind"] == "int" else name].shape) for name, entry in meta.items()}
-    largest = max((math.prod(s) for s in shapes.values()), default=0)
-    if config.num_layers > len(shapes) or config.vocab_size * config.emb_dim > largest \
-            or config.model_dim * max(config.mlp_hidden, 1) > largest:
-        raise ArtifactError(
-            f"{source}: the stored model config ({config.num_layers} layers, vocab {config.vocab_size}, width "
-            f"{config.model_dim}) is larger than the {len(shapes)} tensors it holds (largest {largest} elements)"
-        )
-    with torch.device("meta"):
-        meta_model = GPT(config)
-    dropped = {k for k, r in parameter_roles(meta_model).items() if not r.exported}  # as _export_state_dict does
-    expected = {k: tuple(t.shape) for k, t in meta_model.state_dict().items() if k not in dropped}
-    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    wrong = next((k for k in expected if k in shapes and shapes[k] != expected[k]), None)
-    if missing or extra or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else
-                  f"{wrong} is {shapes[wrong]}, the config implies {expected[wrong]}")
-        raise ArtifactError(f"{source}: the tensors do not match the stored model config ({detail})")
-
-
-def load_artifact(path: PathLike, config: Optional[GPTConfig] = None) -> tuple[GPTConfig, dict[str, Tensor]]:
-    """``(GPTConfig, dequantized state dict)`` of an artifact; see ``read_artifact``."""
-    art = read_artifact(path, config)
-    return art.config, art.state_dict
-
-
-def build_model_from_artifact(
-    path: PathLike, config: Optional[GPTConfig] = None, device: Union[str, torch.device] = "cpu"
-) -> GPT:
-    """A GPT holding the artifact's dequantized weights, with recurrence as it was at export (native files)."""
-    return model_from_artifact(read_artifact(path, config), str(path), device)
-
-
-def model_from_artifact(art: LoadedArtifact, source: str, device: Union[str, torch.device] = "cpu") -> GPT:
-    """A GPT holding a read artifact's dequantized weights (see ``build_model_from_artifact``)."""
-    model = GPT(art.config)
-    load_upstream_state_dict(model, art.state_dict, source)
-    model.set_recurrence(bool(art.info.get("recurrence_active", False)))
-    return model.to(device).eval()

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-GATE_META = "gate_int8_row"
-CODES_SUFFIX = ".gq"
-SCALE_SUFFIX = ".gs"
+# How the PGRP container stores a gate (its reader's names, re-exported).
+from pgolf_lit.quant.pergroup_read import CODES_SUFFIX, GATE_META, SCALE_SUFFIX  # noqa: F401
+
 GATE_CODE_MAX = 127
 GATE_MIN_SCALE = 1e-10
 

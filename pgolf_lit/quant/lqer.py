@@ -30,11 +30,16 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.errors import ConfigError
+from pgolf_lit.quant.lqer_read import (  # noqa: F401  (the reading side, re-exported)
+    ASYM,
+    KEY_SUFFIXES,
+    META_SUFFIX,
+    SYM,
+    LqerFactors,
+    lqer_correction,
+    lqer_dequant,
+)
 
-ASYM = "asym"
-SYM = "sym"
-META_SUFFIX = {ASYM: "+lqer_asym", SYM: "+lqer"}
-KEY_SUFFIXES = {ASYM: (".lqA_a", ".lqAs_a", ".lqB_a", ".lqBs_a"), SYM: (".lqA", ".lqAs", ".lqB", ".lqBs")}
 MIN_SCALE = 1e-10
 ASYM_A_RANGE = (-2, 1)
 ASYM_A_DIVISOR = 1.5
@@ -72,30 +77,6 @@ class LqerSettings:
             raise ConfigError(f"lqer factor_bits must lie in [2, 8], got {self.factor_bits}")
         if self.svd_threads is not None and self.svd_threads < 1:
             raise ConfigError(f"lqer svd_threads must be >= 1 or None, got {self.svd_threads}")
-
-
-@dataclass
-class LqerFactors:
-    """One matrix's packed correction: int8 codes and fp16 scales of A [rows, r] and B [r, cols]."""
-
-    kind: str  # ASYM or SYM
-    qA: Tensor
-    sA: Tensor
-    qB: Tensor
-    sB: Tensor
-
-    @property
-    def meta_suffix(self) -> str:
-        return META_SUFFIX[self.kind]
-
-    def tensors(self, name: str) -> dict[str, Tensor]:
-        """The four tensors under the record's keys for weight ``name``."""
-        return dict(zip((name + s for s in KEY_SUFFIXES[self.kind]), (self.qA, self.sA, self.qB, self.sB)))
-
-    @classmethod
-    def from_tensors(cls, quant: Mapping[str, Tensor], name: str, kind: str) -> "LqerFactors":
-        """The factors of ``name`` read back from a flat quantized dict (KeyError when one is missing)."""
-        return cls(kind, *(quant[name + s] for s in KEY_SUFFIXES[kind]))
 
 
 def quantization_error(w: Tensor, q: Tensor, scale: Tensor) -> Tensor:
@@ -158,34 +139,6 @@ def lqer_pack(a: Tensor, b: Tensor, settings: LqerSettings = LqerSettings()) -> 
     if settings.asym and b.numel() % settings.asym_group == 0:
         return lqer_pack_asym(a, b, settings.asym_group)
     return lqer_pack_sym(a, b, settings.factor_bits)
-
-
-def lqer_correction(f: LqerFactors) -> Tensor:
-    """(qA·sA) @ (qB·sB) in fp32 (PR #1855 train_gpt.py `dequantize_mixed`, LQER branches)."""
-    if f.kind == ASYM:
-        a = f.qA.float() * float(f.sA)
-        g = f.qB.numel() // f.sB.numel()
-        b = (f.qB.reshape(-1, g).float() * f.sB.float().view(-1, 1)).reshape(f.qB.shape)
-    elif f.kind == SYM:
-        a = f.qA.float() * f.sA.float().view(-1, 1)
-        b = f.qB.float() * f.sB.float().view(-1, 1)
-    else:
-        raise ValueError(f"unknown LQER kind {f.kind!r}; expected {ASYM!r} or {SYM!r}")
-    return a @ b
-
-
-def lqer_dequant(
-    q: Tensor, scale: Tensor, factors: Optional[LqerFactors] = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """q·s (per row, or one 0-d scale) plus the LQER correction if any, in fp32, then cast to ``dtype``
-    (PR #1855 train_gpt.py `dequantize_mixed`)."""
-    if scale.ndim > 0:
-        w = q.float() * scale.float().view(q.shape[0], *[1] * (q.ndim - 1))
-    else:
-        w = q.float() * float(scale.item())
-    if factors is not None:
-        w = w + lqer_correction(factors)
-    return w.to(dtype)
 
 
 def lqer_apply(

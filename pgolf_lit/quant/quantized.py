@@ -22,8 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from pgolf_lit.quant.lqer import KEY_SUFFIXES, LqerFactors, lqer_dequant
-from pgolf_lit.quant.rtn import dequantize_codes
+from pgolf_lit.quant.lqer_read import KEY_SUFFIXES, LqerFactors, lqer_dequant
 
 Meta = dict[str, dict[str, Any]]
 
@@ -43,6 +42,14 @@ def float_dtype(name: Any) -> torch.dtype:
     if name not in FLOAT_DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {sorted(FLOAT_DTYPES)}")
     return FLOAT_DTYPES[name]
+
+
+def dequantize_codes(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """q · s in fp32, cast to ``dtype`` (the records' dequantization)."""
+    s = scale.float()
+    if s.ndim:
+        s = s.view(-1, *([1] * (q.ndim - 1)))
+    return (q.float() * s).to(dtype)
 
 
 def dequantize(quant: Mapping[str, Tensor], meta: Meta) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from pgolf_lit.quant.quantized import dequantize_codes  # noqa: F401  (re-exported: the reading side)
 from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range, register_quantizer
 
 INT8_CLIP_QUANTILE = 99.99984 / 100.0
@@ -43,14 +44,6 @@ def round_to_grid(w: Tensor, scale: Tensor, r: int) -> Tensor:
     """clamp(round(w / s), -R, R) with a per-row (``[rows]``) or 0-d fp32 scale; float result."""
     s = scale[:, None] if scale.ndim else scale
     return torch.clamp(torch.round(w / s), -r, r)
-
-
-def dequantize_codes(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """q · s in fp32, cast to ``dtype`` (the records' dequantization)."""
-    s = scale.float()
-    if s.ndim:
-        s = s.view(-1, *([1] * (q.ndim - 1)))
-    return (q.float() * s).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

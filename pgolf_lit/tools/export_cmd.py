@@ -80,6 +80,7 @@ def main(argv) -> None:
         dm = TokenShardDataModule(**data_args)
         batches = exporter.calibration_tokens(model, dm, torch.device(args.device), steps_trained or 0)
     with torch.no_grad():
-        report = export_model(model, exporter.config, args.out, calib_batches=batches, progress=True)
+        report = export_model(model, exporter.config, args.out, calib_batches=batches, progress=True,
+                              eval_methods=module.test_methods)
     print(report.summary())
     print(f"Serialized model bytes:{report.model_bytes} code bytes:{report.code_bytes} total:{report.total_bytes}")
