@@ -22,6 +22,8 @@ RECORD_PARAMS = {
     "pr1333_sp4096_causal_slot": 34_401_372,
     "pr1394_sp8192_loop45": 35_943_512,
     "pr1855_sp8192_lqer_sparsegate": 35_945_671,
+    "pr1945_awq_asymlogit": 35_945_673,  # + softcap_pos, softcap_neg (spec/frontier.md §0)
+    "pr1953_longctx_noqv": 35_945_673,
 }
 
 
