@@ -5,6 +5,9 @@ held-out twin with other seeds and shapes exists), and everything skips cleanly 
 
 - ``model/<case>``: the model of #1945/#1953/#2014 (AsymLogit with distinct caps on the evaluation logits, the
   symmetric softcap in the loss, packed varlen rows, the no-Q/V TTT LoRA), atol from the case.
+- ``eval/<case>``: PR #1953's ``eval_val_ttt_phased`` (no-Q/V adapters, LoRA lr ×0.75, its context) on a tiny model:
+  val_loss/val_bpb, per-document and per-chunk loss sums, the adapters' creations (A drawn from the record's seed),
+  the global phases' token counts; the case's variants (each delta undone) by val_loss/val_bpb.
 """
 
 from __future__ import annotations
@@ -137,3 +140,143 @@ def test_record_parameter_counts_of_the_case(case):
         assert model.num_params() == count, record
         counted += 1
     assert counted >= 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval/<case>: the record's eval_val_ttt_phased on a tiny model (PR #1953: no-Q/V adapters, LoRA lr ×0.75, context)
+# ---------------------------------------------------------------------------------------------------------
+
+VARIANTS_KEY = "variants_(same_weights_and_seeds)"
+# The records whose evaluation procedure is ported (PR #2014's short-document chunks and PR #2135's n-gram tilt are
+# not).
+EVAL_PORTED = {"pr1945", "pr1953"}
+
+
+def _eval_params() -> list:
+    params = []
+    for p in _cases("eval"):
+        case = p.values[0]
+        if case is None or p.marks or not (case / "expected.json").is_file():
+            params.append(pytest.param(case, "primary", id=p.id, marks=p.marks))
+            continue
+        if json.loads((case / "hparams.json").read_text())["record"] not in EVAL_PORTED:
+            skip = pytest.mark.skip(reason="this record's evaluation procedure is not ported here")
+            params.append(pytest.param(case, "primary", id=p.id, marks=[skip]))
+            continue
+        expected = json.loads((case / "expected.json").read_text())
+        for variant in ["primary", *expected.get(VARIANTS_KEY, {})]:
+            params.append(pytest.param(case, variant, id=f"{case.name}-{variant[:24]}"))
+    return params
+
+
+def _coerce(value: str, like):
+    if isinstance(like, bool):
+        return bool(int(value))
+    return type(like)(value) if isinstance(like, (int, float)) else value
+
+
+def phased_settings(h: dict) -> PhasedTTTSettings:
+    """The case's resolved upstream hyperparameters as our settings (the record's names in each field's doc)."""
+    assert h["ttt_optimizer"] == "adam" and h["val_doc_fraction"] == 1.0
+    return PhasedTTTSettings(
+        chunk=h["ttt_chunk_size"], context=h["ttt_eval_seq_len"], batch_docs=h["ttt_batch_size"],
+        lora_rank=h["ttt_lora_rank"], q_lora=h["ttt_q_lora"], k_lora=h["ttt_k_lora"], v_lora=h["ttt_v_lora"],
+        o_lora=h["ttt_o_lora"], mlp_lora=h["ttt_mlp_lora"], lora_lr=h["ttt_lora_lr"],
+        local_lr_mult=h["ttt_local_lr_mult"], beta1=h["ttt_beta1"], beta2=h["ttt_beta2"],
+        eps=h.get("ttt_adam_eps", 1e-10), weight_decay=h["ttt_weight_decay"], grad_steps=h["ttt_grad_steps"],
+        prefix_docs=h["phased_ttt_prefix_docs"], num_phases=h["phased_ttt_num_phases"], global_lr=h["global_ttt_lr"],
+        global_momentum=h["global_ttt_momentum"], global_epochs=h["global_ttt_epochs"],
+        global_grad_clip=h["global_ttt_grad_clip"], global_chunk_tokens=h["global_ttt_chunk_tokens"],
+        global_batch_seqs=h["global_ttt_batch_seqs"],
+        global_respect_doc_boundaries=h["global_ttt_respect_doc_boundaries"],
+        global_warmup_chunks=h["global_ttt_warmup_chunks"], global_warmup_start_lr=h["global_ttt_warmup_start_lr"],
+    )
+
+
+class ChunkRecorder:
+    """The nll of every scored target, with its stream index."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, self.targets, self.nll = tokens, [], []
+
+    def on_scores(self, target_index, log_probs, state_reads_upto):
+        self.targets.append(target_index.cpu())
+        self.nll.append(-log_probs.gather(1, self.tokens[target_index.cpu()].view(-1, 1)).squeeze(1).double().cpu())
+
+    def on_update(self, first_token, last_token):
+        pass
+
+
+@pytest.mark.parametrize("case,variant", _eval_params())
+def test_phased_ttt_matches_the_record(case, variant):
+    from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_tokens
+    from pgolf_lit.eval.phased_ttt import evaluate_phased_ttt
+    from pgolf_lit.metrics import BitsPerByte, ByteCounts
+
+    torch.set_num_threads(1)  # the fixture was made on one thread; tiny tensors run fastest so
+    hp = json.loads((case / "hparams.json").read_text())
+    expected = json.loads((case / "expected.json").read_text())
+    want = expected if variant == "primary" else expected[VARIANTS_KEY][variant]
+    hyper = dict(hp["hyperparameters"])
+    for name, value in (want.get("env") or {}).items():
+        if name.lower() in hyper:
+            hyper[name.lower()] = _coerce(value, hyper[name.lower()])
+    cfg = phased_settings(hyper)
+    record = MODEL_OF[hp["record"]]
+    model = GPT(config_from_upstream(record, hp["hyperparameters"]))
+    load_upstream_state_dict(model, _load(case / "state_dict.pt"), str(case / "state_dict.pt"))
+    assert model.num_params() == hp["weights"]["param_count"]
+    assert "looping_active = True" in hp["ttt_model"]
+    model.set_recurrence(True)
+    model.eval()
+    seq_len = hyper["eval_seq_len"]
+    data = case / json.loads((case / "stream.json").read_text())["dir"]
+    tokens = load_validation_tokens(data, seq_len)
+    sidecar = load_validation_byte_sidecar(data, tokens.numel(), bos_id=model.config.bos_id)
+
+    # the adapters' A as the record draws them: one generator seeded as its torch.manual_seed, in creation order
+    generator = torch.Generator().manual_seed(hp["ttt_rng"]["seed"])
+    made: list[BatchedTTTLoRA] = []
+
+    def factory(adapted: GPT, bsz: int) -> BatchedTTTLoRA:
+        lora = BatchedTTTLoRA(adapted, bsz, cfg.lora_rank, q=cfg.q_lora, k=cfg.k_lora, v=cfg.v_lora, o=cfg.o_lora,
+                              mlp=cfg.mlp_lora, generator=generator)
+        made.append(lora)
+        if variant == "primary":
+            entry = expected["lora_creations"][len(made) - 1]
+            kinds = sorted({k.split(".")[0] for k in lora.state_dict()})
+            assert (bsz, cfg.lora_rank, kinds) == (entry["bsz"], entry["rank"], entry["keys"])
+            assert sum(p.numel() for p in lora.parameters()) == entry["n_params"]
+            a_sum = sum(float(m.A.detach().double().sum()) for m in lora.adapters())
+            assert a_sum == pytest.approx(entry["A_sum"], rel=1e-9, abs=1e-9), len(made)
+        return lora
+
+    vocab = model.config.vocab_size
+    no_luts = (torch.zeros(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
+               torch.ones(vocab, dtype=torch.bool))
+    metric = BitsPerByte(ByteCounts(no_luts, sidecar))
+    recorder = ChunkRecorder(tokens)
+    summary = evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder,
+                                  lora_factory=factory)
+    values = metric.compute()
+    tol = hp["tolerance"]
+    assert abs(float(values["loss"]) - want["val_loss"]) <= tol["val_loss"]
+    assert abs(float(values["bpb"]) - want["val_bpb"]) <= tol["val_bpb"]
+    if variant != "primary":
+        return
+    assert len(made) == len(expected["lora_creations"])
+    assert int(metric.token_count) == expected["token_count"] and float(metric.byte_count) == expected["byte_count"]
+    assert tokens.numel() == expected["val_tokens"]
+    targets, nll = torch.cat(recorder.targets), torch.cat(recorder.nll)
+    assert torch.equal(torch.sort(targets).values, torch.arange(1, tokens.numel()))
+    for doc in expected["docs"]:
+        mine = (targets > doc["start"]) & (targets < doc["start"] + doc["len"])
+        assert int(mine.sum()) == doc["token_count"]
+        assert float(sidecar[targets[mine]].sum()) == doc["byte_sum"]
+        assert float(nll[mine].sum()) == pytest.approx(doc["loss_sum"], rel=1e-4), doc["doc_index"]
+        chunk_of = (targets[mine] - doc["start"] - 1) // cfg.chunk
+        for ci, (loss_sum, count, byte_sum) in enumerate(doc["chunks"]):
+            in_chunk = chunk_of == ci
+            assert int(in_chunk.sum()) == count and float(sidecar[targets[mine][in_chunk]].sum()) == byte_sum
+            assert float(nll[mine][in_chunk].sum()) == pytest.approx(loss_sum, rel=1e-4), (doc["doc_index"], ci)
+    assert [p["tokens"] for p in summary["phases"]] == [p["tokens"] for p in expected["global_sgd_phases"]]
