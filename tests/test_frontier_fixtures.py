@@ -5,6 +5,9 @@ held-out twin with other seeds and shapes exists), and everything skips cleanly 
 
 - ``model/<case>``: the model of #1945/#1953/#2014 (AsymLogit with distinct caps on the evaluation logits, the
   symmetric softcap in the loss, packed varlen rows, the no-Q/V TTT LoRA), atol from the case.
+- ``quant/<case>``: PR #1945's serialize (AWQ-lite selection and the protected group inside GPTQ, the int8 gate,
+  LQER after AWQ): codes, scales, ``.awqg_*``, factors and meta exact, dequantized tensors bit-exact (sha256), the
+  PGRP artifact byte-exact with the fixture's lrzip/brotli/torch builds.
 - ``eval/<case>``: PR #1953's ``eval_val_ttt_phased`` (no-Q/V adapters, LoRA lr ×0.75, its context) on a tiny model:
   val_loss/val_bpb, per-document and per-chunk loss sums, the adapters' creations (A drawn from the record's seed),
   the global phases' token counts; the case's variants (each delta undone) by val_loss/val_bpb.
@@ -280,3 +283,140 @@ def test_phased_ttt_matches_the_record(case, variant):
             assert int(in_chunk.sum()) == count and float(sidecar[targets[mine][in_chunk]].sum()) == byte_sum
             assert float(nll[mine][in_chunk].sum()) == pytest.approx(loss_sum, rel=1e-4), (doc["doc_index"], ci)
     assert [p["tokens"] for p in summary["phases"]] == [p["tokens"] for p in expected["global_sgd_phases"]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quant/<case>: PR #1945's serialize (AWQ-lite inside GPTQ, then LQER, the int8 gate, the PGRP container)
+# ---------------------------------------------------------------------------------------------------------
+
+# The records' gptq_mixed_quantize keeps every tensor of at most this many elements as fp16 (a script literal).
+RECORD_KEEP_FLOAT_MAX_NUMEL = 65_536
+BANK_PARTS = {"qo_bank": ("attn.c_q.weight", "attn.proj.weight"), "kv_bank": ("attn.c_k.weight", "attn.c_v.weight"),
+              "mlp_up_bank": ("mlp.fc.weight",), "mlp_down_bank": ("mlp.proj.weight",)}
+QUANT_PORTED = {"pr1945"}
+
+
+def _quant_params() -> list:
+    params = []
+    for p in _cases("quant"):
+        case = p.values[0]
+        if case is not None and not p.marks and json.loads((case / "hparams.json").read_text())["record"] \
+                not in QUANT_PORTED:
+            p = pytest.param(case, id=p.id, marks=[pytest.mark.skip(reason="this record's export is not ported")])
+        elif case is not None and not p.marks and not (case / "act_stats.pt").is_file():
+            p = pytest.param(case, id=p.id, marks=[pytest.mark.skip(reason="no activation statistics: not AWQ")])
+        params.append(p)
+    return params
+
+
+QUANT_CASES = _quant_params()
+
+
+def record_unbank(banked: dict, num_layers: int) -> dict:
+    """The record's ``_unbank_state_dict`` order: each bank expanded where it stands, then the other entries."""
+    out = {}
+    for key, t in banked.items():
+        if key in BANK_PARTS:
+            for j, suffix in enumerate(BANK_PARTS[key]):
+                for i in range(num_layers):
+                    out[f"blocks.{i}.{suffix}"] = t[j * num_layers + i]
+        else:
+            out[key] = t
+    return out
+
+
+def record_route(h: dict, name: str, t: torch.Tensor):
+    """The record's routing (``gptq_mixed_quantize``): "gate", "passthrough" or (bits, clip sigmas)."""
+    from pgolf_lit.quant.gate import is_quant_gate
+
+    if h["gated_attn_quant_gate"] and is_quant_gate(name, t):
+        return "gate"
+    if not t.is_floating_point() or t.numel() <= RECORD_KEEP_FLOAT_MAX_NUMEL:
+        return "passthrough"
+    if "tok_emb" in name:
+        return h["embed_bits"], h["embed_clip_sigmas"]
+    sigmas = h["mlp_clip_sigmas"] if ".mlp." in name else h["attn_clip_sigmas"] if ".attn." in name \
+        else h["matrix_clip_sigmas"]
+    return h["matrix_bits"], sigmas
+
+
+@pytest.mark.parametrize("case", QUANT_CASES)
+def test_awq_lite_gptq_matches_the_record(case):
+    """state_dict + Hessians + activation RMS → AWQ-lite selection → GPTQ (protected group on the int8 grid) → gate
+    int8 → LQER after AWQ: codes, scales, AWQ tensors, factors and meta exact; the dequantized tensors bit-exact;
+    the PGRP artifact byte-exact (same lrzip/brotli/torch builds)."""
+    import hashlib
+
+    import brotli
+
+    from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
+    from pgolf_lit.quant.gate import GATE_META, quantize_gate_rows
+    from pgolf_lit.quant.gptq import gptq_sdclip, gptq_sdclip_protected
+    from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
+    from pgolf_lit.quant.pergroup import PASSTHROUGH_META, dequantize_mixed, encode_pergroup, gptq_meta, lrzip_version
+
+    torch.set_num_threads(1)
+    hp = json.loads((case / "hparams.json").read_text())
+    h = hp["hyperparameters"]
+    weights = {k: v.float() for k, v in record_unbank(_load(case / "state_dict.pt"), h["num_layers"]).items()}
+    hessians, act_rms = _load(case / "hessians.pt"), _load(case / "act_stats.pt")
+    expected, meta_ref = _load(case / "expected_quant.pt"), json.loads((case / "quant_meta.json").read_text())
+    awq_ref = json.loads((case / "awq.json").read_text())
+
+    routes = {name: record_route(h, name, t) for name, t in weights.items()}
+    gptq = {n: weights[n] for n, r in routes.items() if isinstance(r, tuple)}
+    awq = AwqSettings(bits=h["awq_lite_bits"], top_k=h["awq_lite_group_top_k"], group_size=h["awq_lite_group_size"])
+    candidates, chosen = select_groups(gptq, act_rms, {n: routes[n][0] for n in gptq}, awq)
+    assert [(n, s, e) for _, n, s, e in candidates] == \
+        [(c["name"], c["start"], c["end"]) for c in awq_ref["candidates_sorted"]]
+    assert [score for score, *_ in candidates] == [c["score"] for c in awq_ref["candidates_sorted"]]
+    assert {n: [list(g) for g in gs] for n, gs in chosen.items()} == awq_ref["selected"]
+
+    quant, meta = {}, {}
+    for name, t in weights.items():
+        route = routes[name]
+        if route == "gate":
+            quant[name + ".gq"], quant[name + ".gs"] = quantize_gate_rows(t)
+            meta[name] = GATE_META
+        elif route == "passthrough":
+            quant[name], meta[name] = t.to(torch.float16), PASSTHROUGH_META
+        else:
+            bits, sigmas = route
+            if name in chosen:
+                mask = protect_mask(t.shape[1], chosen[name])
+                q, s_hi = gptq_sdclip_protected(t, hessians[name], bits, sigmas, mask, awq.bits)
+                groups = AwqGroups(torch.tensor([s for s, _ in chosen[name]], dtype=torch.int16), s_hi,
+                                   torch.tensor(awq.group_size, dtype=torch.int16))
+                quant.update({name + ".q": q.q, name + ".scale": q.scale, **groups.tensors(name)})
+                meta[name] = gptq_meta(bits, awq_bits=awq.bits)
+            else:
+                q = gptq_sdclip(t, hessians[name], bits, sigmas)
+                quant[name + ".q"], quant[name + ".scale"] = q.q, q.scale
+                meta[name] = gptq_meta(bits)
+    lqer = LqerSettings(rank=h["lqer_rank"], top_k=h["lqer_top_k"], asym=h["lqer_asym_enabled"],
+                        asym_group=h["lqer_asym_group"], factor_bits=h["lqer_factor_bits"])
+    for name, factors in lqer_apply(weights, quant, list(gptq), lqer).items():
+        quant.update(factors.tensors(name))
+        meta[name] += factors.meta_suffix
+    assert sorted(quant) == sorted(expected)
+    for key, ref in expected.items():
+        assert quant[key].dtype == ref.dtype and torch.equal(quant[key], ref), key
+    assert list(meta.items()) == list(meta_ref.items())
+
+    dequant_ref = json.loads((case / "expected_dequant.json").read_text())
+    dtypes = {name: getattr(torch, entry["dtype"]) for name, entry in dequant_ref.items()}
+    flat = dequantize_mixed(quant, meta, dtypes)
+    for name, entry in dequant_ref.items():
+        t = flat[name].contiguous()
+        assert (str(t.dtype).removeprefix("torch."), list(t.shape)) == (entry["dtype"], entry["shape"]), name
+        assert hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.dim() else
+                              t.reshape(1).view(torch.uint8).numpy().tobytes()).hexdigest() == entry["sha256"], name
+
+    art = json.loads((case / "artifact.json").read_text())
+    blob = encode_pergroup(quant, meta)
+    versions = hp["versions"]
+    here = {"torch": torch.__version__, "brotli": brotli.__version__, "lrzip": lrzip_version()}
+    differ = [k for k in here if here[k] != versions[k]]
+    if differ:
+        pytest.skip(f"artifact bytes depend on {differ}: builds differ from the fixture's")
+    assert len(blob) == art["bytes"] and hashlib.sha256(blob).hexdigest() == art["sha256"]

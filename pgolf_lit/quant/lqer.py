@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.errors import ConfigError
+from pgolf_lit.quant.awq import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
+from pgolf_lit.quant.awq import AwqGroups
 
 ASYM = "asym"
 SYM = "sym"
@@ -98,9 +100,13 @@ class LqerFactors:
         return cls(kind, *(quant[name + s] for s in KEY_SUFFIXES[kind]))
 
 
-def quantization_error(w: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """E = W − q·s in fp32, s one value per row (PR #1855 train_gpt.py `gptq_mixed_quantize`, LQER candidates)."""
-    return w.float() - q.float() * scale.float().view(-1, 1)
+def quantization_error(w: Tensor, q: Tensor, scale: Tensor, awq=None) -> Tensor:
+    """E = W − q·s in fp32, s one value per row, AWQ-lite's protected columns at their own scale (``awq``, PR #1945:
+    LQER is fitted after AWQ) (PR #1855/#1945 train_gpt.py `gptq_mixed_quantize`, LQER candidates)."""
+    w_q = q.float() * scale.float().view(-1, 1)
+    if awq is not None:
+        awq.apply(w_q, q)
+    return w.float() - w_q
 
 
 def lqer_select(scores: Mapping[str, float], top_k: int) -> list[str]:
@@ -175,14 +181,17 @@ def lqer_correction(f: LqerFactors) -> Tensor:
 
 
 def lqer_dequant(
-    q: Tensor, scale: Tensor, factors: Optional[LqerFactors] = None, dtype: torch.dtype = torch.float32
+    q: Tensor, scale: Tensor, factors: Optional[LqerFactors] = None, dtype: torch.dtype = torch.float32, awq=None
 ) -> Tensor:
-    """q·s (per row, or one 0-d scale) plus the LQER correction if any, in fp32, then cast to ``dtype``
-    (PR #1855 train_gpt.py `dequantize_mixed`)."""
+    """q·s (per row, or one 0-d scale), AWQ-lite's protected columns at their own scale (``awq``: an
+    ``awq.AwqGroups``, PR #1945), plus the LQER correction if any, in fp32, then cast to ``dtype``
+    (PR #1855/#1945 train_gpt.py `dequantize_mixed`)."""
     if scale.ndim > 0:
         w = q.float() * scale.float().view(q.shape[0], *[1] * (q.ndim - 1))
     else:
         w = q.float() * float(scale.item())
+    if awq is not None:
+        awq.apply(w, q)
     if factors is not None:
         w = w + lqer_correction(factors)
     return w.to(dtype)
@@ -199,15 +208,21 @@ def lqer_apply(
 
     ``names`` are the GPTQ-quantized weights in state-dict order (the candidates; ties keep this order);
     ``weights[name]`` is the float weight that was quantized, ``quant[name + ".q"]`` / ``quant[name + ".scale"]``
-    its codes and per-row fp16 scale. Returns the chosen names, largest error first, with their factors: the
-    caller adds ``factors.tensors(name)`` to the quantized dict and ``factors.meta_suffix`` to the name's meta.
+    its codes and per-row fp16 scale (and AWQ-lite's ``.awqg_*`` when present: the error is taken after AWQ).
+    Returns the chosen names, largest error first, with their factors: the caller adds ``factors.tensors(name)``
+    to the quantized dict and ``factors.meta_suffix`` to the name's meta.
     """
+
+    def error_of(name: str) -> Tensor:
+        awq = AwqGroups.from_tensors(quant, name) if name + AWQ_KEY_SUFFIXES[0] in quant else None
+        return quantization_error(weights[name], quant[name + ".q"], quant[name + ".scale"], awq)
+
     scores = {}
     for name in names:
-        scores[name] = float(quantization_error(weights[name], quant[name + ".q"], quant[name + ".scale"]).norm())
+        scores[name] = float(error_of(name).norm())
     out: dict[str, LqerFactors] = {}
     for name in lqer_select(scores, settings.top_k):
-        error = quantization_error(weights[name], quant[name + ".q"], quant[name + ".scale"])
+        error = error_of(name)
         a, b = lqer_factor(error, settings.rank, settings.svd_threads)
         out[name] = lqer_pack(a, b, settings)
     return out

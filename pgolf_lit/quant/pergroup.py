@@ -14,7 +14,8 @@ factors), the meta strings, and each present group's list of original shapes. St
 the row orders as uint16, in group then layer order (empty when there are none).
 
 The meta is the record's: one string per tensor, in state-dict order — ``"passthrough (float16)"``,
-``"gate_int8_row"``, ``"gptq (int6)"``, ``"gptq (int6)+lqer_asym"``, ``"gptq (int6)+lqer"`` (``gptq_meta``
+``"gate_int8_row"``, ``"gptq (int6)"``, ``"gptq (int6)+lqer_asym"``, ``"gptq (int6)+lqer"``, and from PR #1945
+``"gptq (int7)+awqgrpint8[+lqer_asym]"`` (AWQ-lite's ``.awqg_*`` tensors go to the remainder) (``gptq_meta``
 builds them, ``parse_meta`` reads them).
 
 Writing is byte-exact against the record (same torch, brotli and lrzip builds): the remainder is pickled with the
@@ -59,6 +60,9 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.errors import ArtifactError, PgolfError
+from pgolf_lit.quant.awq import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
+from pgolf_lit.quant.awq import AwqGroups
+from pgolf_lit.quant.awq import meta_suffix as awq_meta_suffix
 from pgolf_lit.quant.gate import CODES_SUFFIX, GATE_META, SCALE_SUFFIX, dequantize_gate_rows
 from pgolf_lit.quant.lqer import ASYM, KEY_SUFFIXES, META_SUFFIX, LqerFactors, lqer_dequant
 from pgolf_lit.quant.quantized import float_dtype
@@ -85,7 +89,7 @@ INSTALL_HINT = "install it with `apt-get install lrzip` (Debian/Ubuntu; lrzip 0.
 PathLike = Union[str, Path]
 _U32 = np.dtype("<u4")
 _U16 = np.dtype("<u2")
-_META_RE = re.compile(r"gptq \(int([2-8])\)(\+lqer_asym|\+lqer)?")
+_META_RE = re.compile(r"gptq \(int([2-8])\)(?:\+awqgrpint([2-8]))?(\+lqer_asym|\+lqer)?")
 _LQER_BY_SUFFIX = {v: k for k, v in META_SUFFIX.items()}
 
 
@@ -131,16 +135,19 @@ class PergroupSettings:
 
 @dataclass(frozen=True)
 class MetaEntry:
-    """One parsed meta string: kind ``"passthrough"`` | ``"gate"`` | ``"gptq"``, GPTQ bits, LQER kind or None."""
+    """One parsed meta string: kind ``"passthrough"`` | ``"gate"`` | ``"gptq"``, GPTQ bits, LQER kind or None,
+    AWQ-lite's protected-group bits or None (PR #1945's ``+awqgrpint8``)."""
 
     kind: str
     bits: Optional[int] = None
     lqer: Optional[str] = None
+    awq_bits: Optional[int] = None
 
 
-def gptq_meta(bits: int, lqer: Optional[str] = None) -> str:
-    """The record's meta string of a GPTQ tensor: ``"gptq (int6)"``, plus ``"+lqer_asym"`` / ``"+lqer"``."""
-    return f"gptq (int{bits})" + (META_SUFFIX[lqer] if lqer else "")
+def gptq_meta(bits: int, lqer: Optional[str] = None, awq_bits: Optional[int] = None) -> str:
+    """The record's meta string of a GPTQ tensor: ``"gptq (int6)"``, plus ``"+awqgrpint8"`` (PR #1945's AWQ-lite
+    groups), plus ``"+lqer_asym"`` / ``"+lqer"``."""
+    return f"gptq (int{bits})" + (awq_meta_suffix(awq_bits) if awq_bits else "") + (META_SUFFIX[lqer] if lqer else "")
 
 
 def parse_meta(info: Any) -> MetaEntry:
@@ -152,7 +159,8 @@ def parse_meta(info: Any) -> MetaEntry:
     m = _META_RE.fullmatch(info) if isinstance(info, str) else None
     if m is None:
         raise ValueError(f"unknown meta {info!r}")
-    return MetaEntry("gptq", int(m.group(1)), _LQER_BY_SUFFIX.get(m.group(2)) if m.group(2) else None)
+    lqer = _LQER_BY_SUFFIX.get(m.group(3)) if m.group(3) else None
+    return MetaEntry("gptq", int(m.group(1)), lqer, int(m.group(2)) if m.group(2) else None)
 
 
 def tensor_keys(name: str, entry: MetaEntry) -> tuple[str, ...]:
@@ -161,7 +169,7 @@ def tensor_keys(name: str, entry: MetaEntry) -> tuple[str, ...]:
         return (name,)
     if entry.kind == "gate":
         return (name + CODES_SUFFIX, name + SCALE_SUFFIX)
-    keys = (name + ".q", name + ".scale")
+    keys = (name + ".q", name + ".scale") + (tuple(name + s for s in AWQ_KEY_SUFFIXES) if entry.awq_bits else ())
     return keys + tuple(name + s for s in KEY_SUFFIXES[entry.lqer]) if entry.lqer else keys
 
 
@@ -190,6 +198,8 @@ def validate_quant(quant: Mapping[str, Tensor], meta: Mapping[str, str]) -> None
             per_row = s.ndim == 1 and s.shape[0] == q.shape[0]
             fits = s.is_floating_point() and (per_row or s.ndim == 0)
             _expect(fits, name, f"scale {_desc(s)} does not fit {_desc(q)}")
+            if entry.awq_bits:
+                _check_awq(name, q, AwqGroups.from_tensors(quant, name))
             if entry.lqer:
                 _check_lqer(name, q, LqerFactors.from_tensors(quant, name, entry.lqer))
     extra = sorted(set(quant) - expected)
@@ -207,6 +217,15 @@ def _check_lqer(name: str, q: Tensor, f: LqerFactors) -> None:
     else:
         ok = ok and f.sA.shape == (q.shape[0],) and f.sB.shape == (rank,)
     _expect(ok, name, f"LQER factors {_desc(f.qA)}, {_desc(f.sA)}, {_desc(f.qB)}, {_desc(f.sB)} do not fit {_desc(q)}")
+
+
+def _check_awq(name: str, q: Tensor, g: AwqGroups) -> None:
+    size = int(g.size.item()) if g.size.numel() == 1 and not g.size.is_floating_point() else -1
+    cols = q.shape[1] if q.ndim == 2 else 0
+    ok = (q.ndim == 2 and g.starts.ndim == 1 and not g.starts.is_floating_point() and g.size.ndim == 0 and size > 0
+          and g.s_hi.is_floating_point() and g.s_hi.shape == (q.shape[0],)
+          and all(0 <= s and s + size <= cols for s in g.starts.tolist()))
+    _expect(ok, name, f"AWQ groups {_desc(g.starts)}, {_desc(g.s_hi)}, {_desc(g.size)} do not fit {_desc(q)}")
 
 
 def _expect(cond: bool, name: str, what: str) -> None:
@@ -242,7 +261,8 @@ def dequantize_mixed(
             out[name] = dequantize_gate_rows(quant[name + CODES_SUFFIX], quant[name + SCALE_SUFFIX], target)
         else:
             factors = LqerFactors.from_tensors(quant, name, entry.lqer) if entry.lqer else None
-            out[name] = lqer_dequant(quant[name + ".q"], quant[name + ".scale"], factors, target)
+            awq = AwqGroups.from_tensors(quant, name) if entry.awq_bits else None
+            out[name] = lqer_dequant(quant[name + ".q"], quant[name + ".scale"], factors, target, awq)
     return out
 
 
