@@ -420,3 +420,98 @@ def test_awq_lite_gptq_matches_the_record(case):
     if differ:
         pytest.skip(f"artifact bytes depend on {differ}: builds differ from the fixture's")
     assert len(blob) == art["bytes"] and hashlib.sha256(blob).hexdigest() == art["sha256"]
+
+
+def fixture_quant_model(case: Path, hp: dict) -> tuple[GPT, dict]:
+    """Our GPT for a quant case's script settings (fp32 weights of state_dict.pt, looping on as at calibration), and
+    the roles of every entry of the record's state dict.
+
+    With fewer layers than ``parallel_start_layer`` the record's lanes never start, but its script still creates the
+    parallel lambdas (unused): our model has no lanes (parallel_start_layer 0) and the lambdas are left out of the
+    load; their roles are those of the lanes' lambdas (controls)."""
+    from pgolf_lit.model.gpt import roles_of
+
+    changes = dict(hp["hyperparameters"])
+    roles_extra = {}
+    if int(changes.get("parallel_start_layer", 0)) >= int(changes["num_layers"]):
+        changes["parallel_start_layer"] = 0
+    cfg = config_from_upstream(MODEL_OF[hp["record"]], changes)
+    model = GPT(cfg)
+    sd = {k: v.float() for k, v in _load(case / "state_dict.pt").items()}
+    lanes = {k for k in sd if k.startswith("parallel_") and k not in model.state_dict()}
+    if lanes:
+        lane_roles = roles_of(cfg.replace(num_layers=2, parallel_start_layer=1, parallel_residual="lambdas"))
+        roles_extra = {k: lane_roles[k] for k in lanes}
+    load_upstream_state_dict(model, {k: v for k, v in sd.items() if k not in lanes})
+    assert "looping_active=True" in hp["calibration"]["forward"]
+    model.set_recurrence(True)
+    return model.eval(), {**model.roles, **roles_extra}
+
+
+def record_export_settings(hp: dict):
+    """The record config's export (pr1945's GPTQExport.export) at the record script's keep-float size."""
+    from pgolf_lit.config import callback_init_args
+    from pgolf_lit.quant.export import ExportConfig
+
+    record = RECORD_ALIASES[MODEL_OF[hp["record"]]]
+    export = callback_init_args(load_config(record_config_path(record)), "GPTQExport")["export"]
+    return ExportConfig.from_dict({**export, "keep_float_max_numel": RECORD_KEEP_FLOAT_MAX_NUMEL})
+
+
+@pytest.mark.parametrize("case", QUANT_CASES)
+def test_activation_stats_from_calibration_tokens(case):
+    """Our calibration pass (collect_hessians on our GPT) gives the case's Hessians and activation RMS."""
+    from pgolf_lit.quant.hessians import collect_hessians
+
+    torch.set_num_threads(1)
+    hp = json.loads((case / "hparams.json").read_text())
+    cal = hp["calibration"]
+    tokens = _load(case / cal["file"])
+    per = cal["seqs_per_batch"]
+    batches = [tokens[i * per : (i + 1) * per] for i in range(cal["num_batches"])]
+    cfg = record_export_settings(hp)
+    hessians, report = collect_hessians(fixture_quant_model(case, hp)[0], batches, modules=cfg.gptq.hessian_modules,
+                                        head=cfg.head_uses_gptq, min_numel=cfg.keep_float_max_numel, progress=False)
+    ref_h, ref_rms = _load(case / hp["hessians"]["file"]), _load(case / hp["act_stats"]["file"])
+    hooked = set(hessians)
+    assert hooked <= set(ref_h) and hooked == set(report.act_rms)
+    for name in hooked:
+        torch.testing.assert_close(hessians[name], ref_h[name], atol=1e-4 * ref_h[name].abs().max().item(), rtol=0)
+        torch.testing.assert_close(report.act_rms[name], ref_rms[name], atol=1e-4 * ref_rms[name].max().item(), rtol=0)
+    # the record also hooks c_k/c_v, which its routing keeps as floats at this size: the same input as c_q
+    assert all(torch.equal(ref_rms[n], ref_rms[n.replace(".c_k.", ".c_q.").replace(".c_v.", ".c_q.")])
+               for n in set(ref_rms) - hooked)
+
+
+@pytest.mark.parametrize("case", QUANT_CASES)
+def test_record_export_setting_gives_the_records_artifact(case):
+    """The record config's export (rules, gate, LQER, ``awq``) through ``quantize_state_dict`` on the case's
+    weights, Hessians and activation RMS (in the record's state-dict order) → the record's codes, meta and bytes."""
+    import hashlib
+
+    import brotli
+
+    from pgolf_lit.quant.export import quantize_state_dict
+    from pgolf_lit.quant.pergroup import encode_pergroup, lrzip_version, pergroup_from_quantized
+
+    torch.set_num_threads(1)
+    hp = json.loads((case / "hparams.json").read_text())
+    cfg = record_export_settings(hp)
+    assert cfg.awq is not None and (cfg.awq.bits, cfg.awq.top_k, cfg.awq.group_size) == tuple(
+        hp["hyperparameters"][k] for k in ("awq_lite_bits", "awq_lite_group_top_k", "awq_lite_group_size"))
+    _, roles = fixture_quant_model(case, hp)
+    weights = {k: v.float() for k, v in record_unbank(_load(case / "state_dict.pt"),
+                                                      hp["hyperparameters"]["num_layers"]).items()}
+    quant, meta = quantize_state_dict(weights, cfg, _load(case / "hessians.pt"), roles=roles,
+                                      act_rms=_load(case / "act_stats.pt"))
+    strings = pergroup_from_quantized(quant, meta, "test")
+    expected = _load(case / "expected_quant.pt")
+    assert sorted(strings[0]) == sorted(expected)
+    for key, ref in expected.items():
+        assert strings[0][key].dtype == ref.dtype and torch.equal(strings[0][key], ref), key
+    assert list(strings[1].items()) == list(json.loads((case / "quant_meta.json").read_text()).items())
+    here = {"torch": torch.__version__, "brotli": brotli.__version__, "lrzip": lrzip_version()}
+    if any(here[k] != hp["versions"][k] for k in here):
+        pytest.skip("artifact bytes: library builds differ from the fixture's")
+    art = json.loads((case / "artifact.json").read_text())
+    assert hashlib.sha256(encode_pergroup(*strings)).hexdigest() == art["sha256"]

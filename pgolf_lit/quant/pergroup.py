@@ -779,9 +779,10 @@ def pergroup_from_quantized(quant: Mapping[str, Tensor], meta: Mapping[str, Mapp
             out[name + CODES_SUFFIX], out[name + SCALE_SUFFIX] = quant[name + ".q"], quant[name + ".scale"]
             strings[name] = GATE_META
         elif info["kind"] == "int":
-            for key in (".q", ".scale", *(KEY_SUFFIXES[info["lqer"]] if info.get("lqer") else ())):
+            awq = AWQ_KEY_SUFFIXES if info.get("awq") else ()
+            for key in (".q", ".scale", *awq, *(KEY_SUFFIXES[info["lqer"]] if info.get("lqer") else ())):
                 out[name + key] = quant[name + key]
-            strings[name] = gptq_meta(int(info["bits"]), info.get("lqer"))
+            strings[name] = gptq_meta(int(info["bits"]), info.get("lqer"), info.get("awq"))
         else:
             raise PergroupError(f"{target}: {name} is a non-float tensor; the per-group container holds none")
     return out, strings
@@ -810,4 +811,6 @@ def quantized_from_pergroup(
             entries[name] = {"kind": "int", "bits": entry.bits, "dtype": dtype, "method": "gptq"}
             if entry.lqer:
                 entries[name]["lqer"] = entry.lqer
+            if entry.awq_bits:
+                entries[name]["awq"] = entry.awq_bits
     return out, entries
