@@ -67,3 +67,14 @@ def test_mask_and_lr_multiplier_reach_the_phased_run():
     assert float(same.loss_sum) == float(base.loss_sum)
     with pytest.raises(ConfigError, match="phased_ttt.local_lr_mult"):
         PhasedTTTSettings(local_lr_mult=-1.0)
+
+
+def test_score_first_ttt_leaves_the_asym_caps_alone():
+    """The legacy score-first TTT trains every exported parameter but constants: AsymLogit's caps stay untrained."""
+    from pgolf_lit.config import GPTConfig
+    from pgolf_lit.eval.ttt import trainable_parameters
+
+    model = GPT(GPTConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, asym_logit=True))
+    trained = {id(p) for p in trainable_parameters(model, freeze_blocks=0)}
+    assert id(model.softcap_pos) not in trained and id(model.softcap_neg) not in trained
+    assert id(model.tok_emb.weight) in trained and not model.softcap_pos.requires_grad
