@@ -28,6 +28,8 @@ RECORD_PARAMS = {
     "pr1333_sp4096_causal_slot": 34_401_372,
     "pr1394_sp8192_loop45": 35_943_512,
     "pr1855_sp8192_lqer_sparsegate": 35_945_671,
+    "pr1945_awq_asymlogit": 35_945_673,  # + softcap_pos, softcap_neg (spec/frontier.md §0)
+    "pr1953_longctx_noqv": 35_945_673,
 }
 
 
@@ -376,3 +378,41 @@ def test_bf16_positions_survive_torch_compile():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     t = torch.arange(1 << 20, dtype=torch.float32)
     assert torch.equal(_round_to_bf16(t), t.bfloat16().float())
+# AsymLogit (PR #1945)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_asym_logit_adds_two_untrained_caps_used_on_the_eval_paths_only():
+    from pgolf_lit.model.lora import BatchedTTTLoRA
+    from pgolf_lit.optim.groups import OptimConfig, route_parameters
+    from pgolf_lit.quant.export import ExportConfig, quantize_state_dict
+
+    plain_cfg = small(smear_gate=True, smear_gate_form="token", logit_softcap=3.0)
+    plain, asym = perturbed(plain_cfg), GPT(plain_cfg.replace(asym_logit=True)).eval()
+    assert asym.num_params() == plain.num_params() + 2
+    assert asym.softcap_pos.shape == () and float(asym.softcap_pos) == float(asym.softcap_neg) == 3.0
+    asym.load_state_dict({**plain.state_dict(), "softcap_pos": asym.softcap_pos, "softcap_neg": asym.softcap_neg})
+    x, y = ids(), ids(seed=4)
+    with torch.no_grad():
+        # caps at logit_softcap: the symmetric softcap, bit for bit (what the records run)
+        assert torch.equal(asym.forward_logits(x), plain.forward_logits(x))
+        asym.softcap_pos.fill_(1.5)
+        asym.softcap_neg.fill_(2.5)
+        raw = asym.head_logits(asym.normalize_hidden(asym.forward_hidden(x)))
+        want = torch.where(raw > 0, 1.5 * torch.tanh(raw / 1.5), 2.5 * torch.tanh(raw / 2.5))
+        torch.testing.assert_close(asym.forward_logits(x), want, atol=1e-6, rtol=0)
+        assert torch.equal(asym(x), asym.forward_logits(x))
+        # the loss keeps the symmetric cap
+        assert torch.equal(asym(x, y), plain(x, y))
+        lora = BatchedTTTLoRA(asym, 2, 2)  # B = 0: the adapters change nothing
+        ce = torch.nn.functional.cross_entropy(want.reshape(-1, want.size(-1)), y.reshape(-1), reduction="none")
+        torch.testing.assert_close(asym.forward_ttt(x, y, lora), ce.reshape(y.shape), atol=1e-5, rtol=0)
+    # no optimizer, no gradient from the training loss, a float in artifacts
+    routing = route_parameters(asym, OptimConfig())
+    assert [n for n, _ in routing.no_optimizer] == ["softcap_pos", "softcap_neg"]
+    assert asym.roles["softcap_pos"].kind == "constant" and not asym.softcap_pos.requires_grad
+    asym.train()
+    asym(x, y).backward()
+    assert asym.softcap_pos.grad is None and asym.softcap_neg.grad is None
+    quant, meta = quantize_state_dict(asym.state_dict(), ExportConfig(keep_float_max_numel=0), roles=asym.roles)
+    assert meta["softcap_pos"]["kind"] == "float" and quant["softcap_pos"].dtype == torch.float16

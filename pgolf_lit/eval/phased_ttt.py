@@ -84,14 +84,20 @@ class PhasedTTTSettings:
     """Adapter outputs are scaled by alpha / rank (TTT_LORA_ALPHA)."""
     warm_start_a: bool = True
     """A full batch keeps the previous batch's trained A matrices, only B is zeroed (TTT_WARM_START_A)."""
+    q_lora: bool = True
+    """Adapters on the queries (TTT_Q_LORA; PR #1953's TTT_MASK=no_qv turns it and v_lora off)."""
     k_lora: bool = True
-    """Adapters on the keys (TTT_K_LORA)."""
+    """Adapters on the keys (TTT_K_LORA; off in PR #2135)."""
+    v_lora: bool = True
+    """Adapters on the values (TTT_V_LORA; off with PR #1953's TTT_MASK=no_qv)."""
     o_lora: bool = True
     """Low-rank bypass around each attention (TTT_O_LORA)."""
     mlp_lora: bool = True
     """Low-rank bypass around each MLP (TTT_MLP_LORA)."""
     lora_lr: float = 1e-4
-    """AdamW learning rate of the adapters (TTT_LORA_LR)."""
+    """AdamW learning rate of the adapters (TTT_LORA_LR), times local_lr_mult."""
+    local_lr_mult: float = 1.0
+    """Multiplier of lora_lr for the per-document adapters (TTT_LOCAL_LR_MULT; PR #1953: 0.75, i.e. 7.5e-5)."""
     beta1: float = 0.0
     """AdamW beta1 (TTT_BETA1)."""
     beta2: float = 0.99
@@ -148,7 +154,8 @@ class PhasedTTTSettings:
         for name in ("grad_steps", "prefix_docs", "global_epochs", "global_warmup_chunks"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("lora_lr", "weight_decay", "global_lr", "global_momentum", "global_grad_clip", "eps"):
+        for name in ("lora_lr", "local_lr_mult", "weight_decay", "global_lr", "global_momentum", "global_grad_clip",
+                     "eps"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
@@ -302,8 +309,8 @@ class _PhasedLearner:
         lora_dtype = torch.promote_types(self.model.tok_emb.weight.dtype, torch.float32)
 
         def default_factory(bsz: int) -> BatchedTTTLoRA:
-            lora = BatchedTTTLoRA(self.model, bsz, cfg.lora_rank, cfg.lora_alpha, k=cfg.k_lora, o=cfg.o_lora,
-                                  mlp=cfg.mlp_lora, generator=generator)
+            lora = BatchedTTTLoRA(self.model, bsz, cfg.lora_rank, cfg.lora_alpha, q=cfg.q_lora, k=cfg.k_lora,
+                                  v=cfg.v_lora, o=cfg.o_lora, mlp=cfg.mlp_lora, generator=generator)
             return lora.to(lora_dtype)
 
         self.new_lora = default_factory if lora_factory is None else (lambda bsz: lora_factory(self.model, bsz))
@@ -322,8 +329,8 @@ class _PhasedLearner:
     def optimizer(self, lora: BatchedTTTLoRA) -> torch.optim.Optimizer:
         cfg = self.cfg
         fused = self.device.type in ("cuda", "cpu") and all(p.is_floating_point() for p in lora.parameters())
-        return torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, fused=fused)
+        return torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr * cfg.local_lr_mult, betas=(cfg.beta1, cfg.beta2),
+                                 eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
 
     def adapters_for(self, bsz: int) -> tuple[BatchedTTTLoRA, Tensor]:
         """A full batch reuses the adapters (B zeroed, A kept or redrawn), any other size gets fresh ones; with
@@ -344,8 +351,9 @@ class _PhasedLearner:
         """Compile the TTT forward and backward at the shortest and longest window on random tokens with a
         throw-away adapter (the record's warmup; no validation token is read). Draws no adapter randomness."""
         cfg = self.cfg
-        lora = BatchedTTTLoRA(self.model, cfg.batch_docs, cfg.lora_rank, cfg.lora_alpha, k=cfg.k_lora,
-                              o=cfg.o_lora, mlp=cfg.mlp_lora, generator=torch.Generator(self.device).manual_seed(0))
+        lora = BatchedTTTLoRA(self.model, cfg.batch_docs, cfg.lora_rank, cfg.lora_alpha, q=cfg.q_lora, k=cfg.k_lora,
+                              v=cfg.v_lora, o=cfg.o_lora, mlp=cfg.mlp_lora,
+                              generator=torch.Generator(self.device).manual_seed(0))
         opt = self.optimizer(lora)
         generator = torch.Generator(self.device).manual_seed(0)
         for length in (cfg.chunk, cfg.context):

@@ -102,12 +102,14 @@ def chunk_windows(windows: Sequence[Window], chunk_tokens: int, total: int) -> l
 
 def trainable_parameters(model: nn.Module, freeze_blocks: int) -> list[nn.Parameter]:
     """Every exported parameter outside the first ``freeze_blocks`` blocks (by each parameter's declared layer);
-    sets requires_grad accordingly. Training-only heads (MTP) never score, so they are not trained either."""
+    sets requires_grad accordingly. Training-only heads (MTP) never score, so they are not trained either, nor are
+    constants (AsymLogit's caps: no record trains them)."""
     roles = parameter_roles(model)
     trained = []
     for name, p in model.named_parameters():
         role = roles[name]
-        train = role.exported and not (role.layer is not None and role.layer < freeze_blocks)
+        frozen = role.kind == "constant" or (role.layer is not None and role.layer < freeze_blocks)
+        train = role.exported and not frozen
         p.requires_grad_(train)
         if train:
             trained.append(p)

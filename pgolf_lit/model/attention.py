@@ -273,10 +273,12 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x)
         v_raw = self.c_v(x)
         if adapter is not None:
-            q = q + adapter.q(x)
+            if adapter.q is not None:
+                q = q + adapter.q(x)
             if adapter.k is not None:
                 k = k + adapter.k(x)
-            v_raw = v_raw + adapter.v(x)
+            if adapter.v is not None:
+                v_raw = v_raw + adapter.v(x)
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v_raw if ve is None else v_raw + ve

@@ -43,6 +43,12 @@ class GPTConfig:
     """Standard deviation of the tied token table's init."""
     logit_softcap: float = 30.0
     """Logits pass through c·tanh(z/c)."""
+    asym_logit: bool = False
+    """AsymLogit (PR #1923 idea, PR #1945 onwards; upstream env ASYM_LOGIT_RESCALE): two 0-d parameters softcap_pos
+    and softcap_neg, both initialised to logit_softcap, and the evaluation logits (forward_logits, forward_ttt) become
+    where(z > 0, sp·tanh(z/sp), sn·tanh(z/sn)); the training loss keeps the symmetric logit_softcap. No optimizer
+    takes the two and the loss gives them no gradient, so in the records they stay logit_softcap: numerically the
+    plain softcap (+2 parameters)."""
     # --- attention -------------------------------------------------------------------------------------
     rope_base: float = 10000.0
     """RoPE frequency base."""

@@ -40,6 +40,8 @@ RECORD_ALIASES = {
     "pr1333": "pr1333_sp4096_causal_slot",
     "pr1394": "pr1394_sp8192_loop45",
     "pr1855": "pr1855_sp8192_lqer_sparsegate",
+    "pr1945": "pr1945_awq_asymlogit",
+    "pr1953": "pr1953_longctx_noqv",
 }
 
 # Variants that exist only to load checkpoints of a script version that is not a record preset.

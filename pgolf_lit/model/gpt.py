@@ -39,7 +39,7 @@ from pgolf_lit.model.layers import (
     rms_norm,
     smear_previous_token,
 )
-from pgolf_lit.model.roles import ParamRole, control, declare_roles, embedding, parameter_roles
+from pgolf_lit.model.roles import ParamRole, constant, control, declare_roles, embedding, parameter_roles
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,6 +237,13 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(e, v, role=head, zero_init=True)
         mtp = ParamRole("aux_head", None, "mtp_heads")
         self.mtp_heads = nn.ModuleList(CastedLinear(d, v, role=mtp, zero_init=True) for _ in range(cfg.mtp_num_heads))
+        # AsymLogit (PR #1945): the two caps of the evaluation softcap, under the upstream names. The records put them
+        # in no optimizer and the training loss never reads them, so they stay at logit_softcap; requires_grad is off
+        # so that data parallelism does not wait for gradients that never come.
+        cap = float(cfg.logit_softcap)
+        self.softcap_pos = nn.Parameter(torch.tensor(cap), requires_grad=False) if cfg.asym_logit else None
+        self.softcap_neg = nn.Parameter(torch.tensor(cap), requires_grad=False) if cfg.asym_logit else None
+        declare_roles(self, softcap_pos=constant("asym_logit"), softcap_neg=constant("asym_logit"))
         self.rotary = Rotary(cfg.rope_dims or cfg.head_dim, cfg.rope_base, cfg.rope_train_seq_len,
                              cfg.rope_inv_freq_dtype, cfg.rope_positions_dtype)
         # Layer schedule and skip plan for each recurrence state. A plain attribute: before Python 3.12
@@ -412,16 +419,26 @@ class GPT(nn.Module):
         """The pre-softcap logits of the tied or untied head."""
         return F.linear(z, self.tok_emb.weight) if self.lm_head is None else self.lm_head(z)
 
-    def logits_from_normed(self, z: Tensor, logit_bias: Optional[Tensor] = None, lora=None) -> Tensor:
+    def softcap(self, raw: Tensor, symmetric: bool = False) -> Tensor:
+        """c·tanh(z/c); with AsymLogit (PR #1945 ``GPT._apply_asym_softcap``) and not ``symmetric``:
+        where(z > 0, sp·tanh(z/sp), sn·tanh(z/sn)), the caps cast to z's dtype as upstream."""
+        if self.softcap_pos is None or symmetric:
+            c = self.config.logit_softcap
+            return c * torch.tanh(raw / c)
+        sp, sn = self.softcap_pos.to(raw.dtype), self.softcap_neg.to(raw.dtype)
+        return torch.where(raw > 0, sp * torch.tanh(raw / sp), sn * torch.tanh(raw / sn))
+
+    def logits_from_normed(
+        self, z: Tensor, logit_bias: Optional[Tensor] = None, lora=None, symmetric: bool = False
+    ) -> Tensor:
         """Tied or untied head (plus the LoRA head adapter of ``lora``), an optional additive logit bias (SLOT),
-        then the tanh softcap."""
+        then the softcap: the evaluation one (AsymLogit when on) unless ``symmetric`` (the training loss's)."""
         raw = self.head_logits(z)
         if lora is not None:
             raw = raw + lora.lm_head_lora(z)
         if logit_bias is not None:
             raw = raw + logit_bias
-        c = self.config.logit_softcap
-        return c * torch.tanh(raw / c)
+        return self.softcap(raw, symmetric)
 
     def logits_from_hidden(self, h: Tensor) -> Tensor:
         return self.logits_from_normed(self.normalize_hidden(h))
@@ -436,15 +453,17 @@ class GPT(nn.Module):
         """Logits [B,T,V] without targets; with targets the mean cross entropy (fp32) over all positions,
         plus the multi-token-prediction loss in training mode when MTP heads exist. The softcapped CE is the
         eager form of PR #1855's fused Triton kernel (the same function), which ``set_fused_kernels`` swaps in: it
-        reads the pre-softcap logits and applies the softcap in fp32. ``cu_seqlens``: see ``forward_hidden``."""
+        reads the pre-softcap logits and applies the softcap in fp32. The loss always uses the symmetric softcap
+        (AsymLogit acts on the evaluation logits only, as in PR #1945); the logits without targets are the evaluation
+        ones. ``cu_seqlens``: see ``forward_hidden``."""
         z = self.normalize_hidden(self.forward_hidden(ids, cu_seqlens, max_seqlen))
         if targets is None:
             return self.logits_from_normed(z)
         if self.fused_ce is not None and (z.is_cuda or self.fused_force):
             raw = self.head_logits(z)
             loss = self.fused_ce(raw.reshape(-1, raw.size(-1)), targets.reshape(-1), self.config.logit_softcap)
-        else:
-            logits = self.logits_from_normed(z)
+        else:  # the training loss keeps the symmetric softcap under AsymLogit too (PR #1945's GPT.forward)
+            logits = self.logits_from_normed(z, symmetric=True)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
         if self.training and len(self.mtp_heads) and self.config.mtp_loss_weight > 0:
             loss = loss + self.config.mtp_loss_weight * self._mtp_loss(z, targets)

@@ -5,7 +5,8 @@ A batch of ``bsz`` documents is adapted at once: every adapter holds one (A, B) 
 the model's input uses pair b. There is one set of adapters per *layer slot* — per position of the layer schedule,
 so each pass of a looped layer has its own — plus one on the output head. In a slot:
 
-- Q, K, V: added to the projections of the normed attention input n (before the head reshape, QK norm and RoPE);
+- Q, K, V: added to the projections of the normed attention input n (before the head reshape, QK norm and RoPE;
+  PR #1953 drops Q and V);
 - O: computed from n and added to the attention output: a low-rank bypass around the whole attention;
 - MLP: computed from the normed MLP input and added to the MLP output: a bypass around the MLP;
 - head: computed from the final normed hidden state and added to the raw logits before the softcap.
@@ -62,11 +63,11 @@ class BatchedLinearLoRA(nn.Module):
 
 
 class SlotAdapters(NamedTuple):
-    """The adapters of one layer slot; k, o and mlp are None when switched off."""
+    """The adapters of one layer slot; each is None when switched off."""
 
-    q: BatchedLinearLoRA
+    q: Optional[BatchedLinearLoRA]
     k: Optional[BatchedLinearLoRA]
-    v: BatchedLinearLoRA
+    v: Optional[BatchedLinearLoRA]
     o: Optional[BatchedLinearLoRA]
     mlp: Optional[BatchedLinearLoRA]
 
@@ -77,7 +78,9 @@ class BatchedTTTLoRA(nn.Module):
     Build it after setting the model's recurrence: the slot count is the number of layers the model runs now
     (17 for PR #1855 with looping on, 11 off); the model refuses a LoRA with another count. Submodule names are
     the upstream ones (``lm_head_lora``, ``q_loras.<slot>``, …), so an upstream LoRA state dict loads as it is.
-    ``k``, ``o``, ``mlp`` switch those adapters (upstream TTT_K_LORA, TTT_O_LORA, TTT_MLP_LORA; all on in #1855).
+    ``q``, ``k``, ``v``, ``o``, ``mlp`` switch those adapters (upstream TTT_Q_LORA, TTT_K_LORA, TTT_V_LORA,
+    TTT_O_LORA, TTT_MLP_LORA; all on in #1855; PR #1953's TTT_MASK=no_qv is q and v off, PR #2135's k off). A
+    switched-off list is None and draws no randomness, as upstream.
     """
 
     def __init__(
@@ -87,7 +90,9 @@ class BatchedTTTLoRA(nn.Module):
         rank: int,
         alpha: float = DEFAULT_ALPHA,
         *,
+        q: bool = True,
         k: bool = True,
+        v: bool = True,
         o: bool = True,
         mlp: bool = True,
         generator: Optional[torch.Generator] = None,
@@ -108,8 +113,8 @@ class BatchedTTTLoRA(nn.Module):
         device = model.tok_emb.weight.device
         with torch.device(device):
             self.lm_head_lora = BatchedLinearLoRA(bsz, e, cfg.vocab_size, rank, alpha, generator)
-            self.q_loras = adapters(d, d)
-            self.v_loras = adapters(d, kv)
+            self.q_loras = adapters(d, d) if q else None
+            self.v_loras = adapters(d, kv) if v else None
             self.k_loras = adapters(d, kv) if k else None
             self.mlp_loras = adapters(d, d) if mlp else None
             self.o_loras = adapters(d, d) if o else None
@@ -120,7 +125,7 @@ class BatchedTTTLoRA(nn.Module):
         def pick(loras: Optional[nn.ModuleList]) -> Optional[BatchedLinearLoRA]:
             return None if loras is None else loras[index]
 
-        return SlotAdapters(self.q_loras[index], pick(self.k_loras), self.v_loras[index], pick(self.o_loras),
+        return SlotAdapters(pick(self.q_loras), pick(self.k_loras), pick(self.v_loras), pick(self.o_loras),
                             pick(self.mlp_loras))
 
     def adapters(self) -> list[BatchedLinearLoRA]:

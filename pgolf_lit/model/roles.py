@@ -21,11 +21,11 @@ from torch import nn
 
 from pgolf_lit.errors import ConfigError
 
-Kind = Literal["matrix", "embedding", "head", "projection", "control", "aux_head"]
+Kind = Literal["matrix", "embedding", "head", "projection", "control", "aux_head", "constant"]
 QuantGroup = Literal["attn", "mlp", "embed", "other", "gate"]
 RecordDtype = Literal["fp32", "bf16"]
 
-KINDS: tuple[str, ...] = ("matrix", "embedding", "head", "projection", "control", "aux_head")
+KINDS: tuple[str, ...] = ("matrix", "embedding", "head", "projection", "control", "aux_head", "constant")
 QUANT_GROUPS: tuple[str, ...] = ("attn", "mlp", "embed", "other", "gate")
 
 
@@ -36,7 +36,8 @@ class ParamRole:
     ``kind`` decides the optimizer: matrix → Muon; embedding (token tables) → the token Adam(W), one group each;
     head (an untied output head) → the head Adam; projection (embed_proj/head_proj) → Muon unless the record
     leaves them untrained; control (gains, mixes, gates, skip weights, small scales) → the scalar Adam(W);
-    aux_head (multi-token-prediction heads) → Muon, training only, never exported.
+    aux_head (multi-token-prediction heads) → Muon, training only, never exported; constant (PR #1945's
+    softcap_pos/neg) → no optimizer: a parameter the records create but never train, exported as a float.
 
     ``quant`` is the export rule that quantizes the tensor when it is too large to keep as a float (the records'
     category: attention, MLP, embedding tables, other); ``gate`` tensors may be int8-quantized per row (PR #1855's
@@ -82,6 +83,11 @@ def matrix(quant: QuantGroup, component: str) -> ParamRole:
 def control(component: str = "control", record_dtype: RecordDtype = "fp32", quant: Optional[QuantGroup] = None) -> ParamRole:
     """A small trained control tensor (scalar Adam(W)); kept as a float in artifacts unless ``quant='gate'``."""
     return ParamRole("control", quant, component, record_dtype)
+
+
+def constant(component: str) -> ParamRole:
+    """A parameter no optimizer takes (the record scripts list it in no group); kept as a float in artifacts."""
+    return ParamRole("constant", None, component)
 
 
 def embedding(quant: QuantGroup, component: str) -> ParamRole:

@@ -171,8 +171,9 @@ class ParamRouting:
     """Which optimizer each parameter goes to, by qualified name, in optimizer order.
 
     ``token`` entries each become their own param group. ``no_optimizer`` holds what is deliberately left
-    out: empty skip tables (a 1-layer model) and, with ``train_embed_projections=False``, the embedding
-    projections — they still receive gradients (and count in the clipping norm), as in the scripts.
+    out: empty skip tables (a 1-layer model), constants (PR #1945's softcap_pos/neg) and, with
+    ``train_embed_projections=False``, the embedding projections — they still receive gradients where the loss
+    reaches them (and count in the clipping norm), as in the scripts.
     """
 
     token: Named
@@ -220,6 +221,7 @@ def route_parameters(model: nn.Module, cfg: OptimConfig) -> ParamRouting:
         "embedding": routing.token,
         "head": routing.head,
         "control": routing.scalar,
+        "constant": routing.no_optimizer,
     }
     for name in script_order(roles):
         p = params[name]

@@ -34,14 +34,15 @@ from pgolf_lit.model.roles import ParamRole, parameter_roles
 from pgolf_lit.quant.artifact import UPSTREAM_STYLES, encode_native, encode_upstream
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size
 from pgolf_lit.quant.compress import CODECS
-from pgolf_lit.quant.gptq import GPTQSettings
+from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
+from pgolf_lit.quant.gptq import GPTQSettings, gptq_sdclip_protected
 from pgolf_lit.quant.gate import gate_shape_qualifies
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
 from pgolf_lit.quant.pergroup import PergroupSettings, encode_pergroup, pergroup_from_quantized
 from pgolf_lit.quant.hessians import HessianReport, collect_hessians
 from pgolf_lit.quant.prune import PruneReport, selective_prune
 from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, tensor_keys
-from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL, QUANTIZERS, TensorRule, clip_range
+from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL, QUANTIZERS, Quantized, TensorRule, clip_range
 from pgolf_lit.quant.reader import (  # the reading side, re-exported (reading never imports this module)
     LoadedArtifact,
     build_model_from_artifact,
@@ -105,6 +106,10 @@ class ExportConfig:
     """Hessian collection and GPTQ sweep settings."""
     lqer: Optional[LqerSettings] = None
     """LQER (PR #1855): a low-rank correction of the top-k GPTQ tensors by quantization error; null = off."""
+    awq: Optional[AwqSettings] = None
+    """AWQ-lite (PR #1945, upstream AWQ_LITE_ENABLED): the top-k groups of input columns of the whole model, by
+    activation RMS × mean |W|, quantized at ``awq.bits`` inside the GPTQ sweep (candidates: the sdclip-GPTQ
+    tensors with fewer bits; the activation statistics come with the Hessians); LQER runs after it. null = off."""
     pergroup: PergroupSettings = field(default_factory=PergroupSettings)
     """lrzip and brotli settings of the ``pergroup`` container."""
     codec: str = "brotli"
@@ -133,6 +138,8 @@ class ExportConfig:
         self.gptq = GPTQSettings(**gptq) if isinstance(gptq, Mapping) else dataclasses.replace(gptq)
         if isinstance(self.lqer, Mapping):
             self.lqer = LqerSettings(**self.lqer)
+        if isinstance(self.awq, Mapping):
+            self.awq = AwqSettings(**self.awq)
         if isinstance(self.pergroup, Mapping):
             self.pergroup = PergroupSettings(**self.pergroup)
         self.validate()
@@ -146,6 +153,14 @@ class ExportConfig:
             getattr(self, g) is not None and QUANTIZERS[getattr(self, g).method].needs_hessian for g in RULE_GROUPS
         ):
             raise ConfigError("export.lqer: corrects GPTQ tensors, but no quant group uses gptq")
+        if self.awq is not None and not any(
+            getattr(self, g) is not None and getattr(self, g).method == "gptq" and getattr(self, g).scale == "sdclip"
+            for g in RULE_GROUPS
+        ):
+            raise ConfigError("export.awq: protects columns inside SDClip GPTQ, but no quant group uses it")
+        if self.awq is not None and self.format == "upstream":
+            raise ConfigError("export.awq: the upstream containers before PR #1945 hold no AWQ groups; use native or "
+                              "pergroup")
         if self.format == "upstream" and self.upstream_style not in UPSTREAM_STYLES:
             raise ConfigError(
                 f"export.upstream_style: expected one of {list(UPSTREAM_STYLES)}, got {self.upstream_style!r}"
@@ -206,17 +221,20 @@ def quantize_state_dict(
     *,
     roles: Mapping[str, ParamRole],
     progress: bool = False,
+    act_rms: Optional[Mapping[str, Tensor]] = None,
 ) -> tuple[dict[str, Tensor], Meta]:
     """Route and quantize every entry by its role (see ``quantized.py`` for the result's layout), in state-dict order.
 
     ``roles`` is the model's ``parameter_roles`` table. Tensors arrive in the dtypes they should dequantize to
-    (reproduce mode: the record's live dtypes, bf16 tables).
+    (reproduce mode: the record's live dtypes, bf16 tables). ``act_rms``: the activation statistics AWQ-lite
+    scores with (``HessianReport.act_rms``), needed when ``cfg.awq`` is set.
     """
     hessians = hessians or {}
     missing = [name for name in state_dict if name not in roles]
     if missing:
         raise ConfigError(f"export: no declared role for state-dict entries {missing[:3]} (is this the model's state dict?)")
     low_bits = _trace_ranked_low_bits(state_dict, cfg, hessians, roles)
+    protected = _awq_selection(state_dict, cfg, roles, act_rms, low_bits) if cfg.awq is not None else {}
     quant: dict[str, Tensor] = {}
     meta: Meta = {}
     for name, tensor in tqdm(state_dict.items(), desc="quantize", disable=not progress, leave=False):
@@ -232,12 +250,51 @@ def quantize_state_dict(
             meta[name] = {"kind": "float", "dtype": dtype_name(t.dtype)}
             continue
         bits = low_bits.get(name, rule.bits)
-        q, how = QUANTIZERS[rule.method].quantize(name, t, rule, bits, hessians.get(name), cfg.gptq)
+        if name in protected:
+            q, groups = _quantize_protected(name, t, rule, bits, hessians.get(name), cfg, protected[name])
+            quant.update(groups.tensors(name))
+            how = {"method": "gptq", "clip_sigmas": rule.clip_sigmas, "awq": cfg.awq.bits}
+        else:
+            q, how = QUANTIZERS[rule.method].quantize(name, t, rule, bits, hessians.get(name), cfg.gptq)
         quant[f"{name}.q"], quant[f"{name}.scale"] = q.q, q.scale
         meta[name] = {"kind": "int", "bits": bits, "dtype": dtype_name(t.dtype), **how}
     if cfg.lqer is not None:
         _add_lqer(state_dict, quant, meta, cfg.lqer)
     return quant, meta
+
+
+def _awq_selection(
+    state_dict: Mapping[str, Tensor], cfg: ExportConfig, roles: Mapping[str, ParamRole],
+    act_rms: Optional[Mapping[str, Tensor]], low_bits: Mapping[str, int],
+) -> dict[str, list[tuple[int, int]]]:
+    """AWQ-lite's chosen groups by tensor among the SDClip-GPTQ matrices (PR #1945 ``gptq_mixed_quantize``)."""
+    if act_rms is None:
+        raise ConfigError("export.awq: needs the activation statistics of the calibration pass (act_rms)")
+    weights, bits = {}, {}
+    for name, t in state_dict.items():
+        rule = _rule_for(name, t, roles[name], cfg) if t.is_floating_point() else None
+        if rule is not None and rule.method == "gptq" and rule.scale == "sdclip" and t.ndim == 2:
+            weights[name], bits[name] = t.detach().cpu(), low_bits.get(name, rule.bits)
+    return select_groups(weights, act_rms, bits, cfg.awq)[1]
+
+
+def _quantize_protected(
+    name: str, t: Tensor, rule: TensorRule, bits: int, hessian: Optional[Tensor], cfg: ExportConfig,
+    groups: list[tuple[int, int]],
+) -> tuple[Quantized, AwqGroups]:
+    """SDClip GPTQ with AWQ-lite's protected groups on the ``cfg.awq.bits`` grid, and their stored tensors."""
+    if hessian is None:
+        raise ArtifactError(f"{name}: AWQ-lite protects columns inside GPTQ, which needs a Hessian; none was collected")
+    s = cfg.gptq
+    try:
+        q, s_hi = gptq_sdclip_protected(t.to(s.device), hessian.to(s.device), bits, rule.clip_sigmas,
+                                        protect_mask(t.shape[1], groups), cfg.awq.bits, s.damping, s.block_size)
+    except torch.linalg.LinAlgError:
+        raise ArtifactError(f"{name}: GPTQ Cholesky failed (Hessian not positive definite after damping) on an "
+                            "AWQ-protected tensor; collect more calibration data") from None
+    starts = torch.tensor([start for start, _ in groups], dtype=torch.int16)
+    size = torch.tensor(cfg.awq.group_size, dtype=torch.int16)
+    return Quantized(q.q.cpu(), q.scale.cpu()), AwqGroups(starts, s_hi.cpu(), size)
 
 
 def _add_lqer(state_dict: Mapping[str, Tensor], quant: dict[str, Tensor], meta: Meta, settings: LqerSettings) -> None:
@@ -334,6 +391,7 @@ def export_model(
     *,
     calib_batches: Optional[Iterable[Tensor]] = None,
     hessians: Optional[Mapping[str, Tensor]] = None,
+    act_rms: Optional[Mapping[str, Tensor]] = None,
     code: Optional[CodeSize] = None,
     progress: bool = True,
     eval_methods: Optional[Sequence[str]] = None,
@@ -341,10 +399,11 @@ def export_model(
     """Quantize ``model`` (a GPT) with ``cfg`` and write the artifact to ``out_path``.
 
     GPTQ needs ``hessians`` or ``calib_batches`` (token batches ``[B, T]`` on the model's device; the model's
-    recurrence state is used as it is). ``code`` defaults to the wrapped code that reading this artifact
-    (``cfg.format``) and scoring it with ``eval_methods`` (its config's ``model.test_methods``; None: every
-    registered pass) needs (``code_size.py``). Raises ``ArtifactError`` (writing nothing) when model + code bytes
-    exceed the budget, unless ``allow_over_budget``.
+    recurrence state is used as it is); AWQ-lite also needs ``act_rms`` with precomputed Hessians (calibration
+    collects both). ``code`` defaults to the wrapped code that reading this artifact (``cfg.format``) and scoring it
+    with ``eval_methods`` (its config's ``model.test_methods``; None: every registered pass) needs
+    (``code_size.py``). Raises ``ArtifactError`` (writing nothing) when model + code bytes exceed the budget, unless
+    ``allow_over_budget``.
     """
     out_path = Path(out_path)
     seconds: dict[str, float] = {}
@@ -359,10 +418,12 @@ def export_model(
             min_numel=cfg.keep_float_max_numel, progress=progress,
         )
         seconds["hessians"] = hessian_report.seconds
+        act_rms = hessian_report.act_rms
 
     mark = time.perf_counter()
     roles = parameter_roles(model)
-    quant, meta = quantize_state_dict(_export_state_dict(model, cfg, roles), cfg, hessians, roles=roles, progress=progress)
+    quant, meta = quantize_state_dict(_export_state_dict(model, cfg, roles), cfg, hessians, roles=roles,
+                                      progress=progress, act_rms=act_rms)
     seconds["quantize"] = time.perf_counter() - mark
 
     code = code if code is not None else measure_code_size((cfg.format,), eval_methods)

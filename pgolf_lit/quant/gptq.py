@@ -64,15 +64,26 @@ def permuted_weight(w: Tensor, factor: HessianFactor) -> Tensor:
     return wp
 
 
-def gptq_sweep(w_perm: Tensor, upper: Tensor, scale: Tensor, r: int, block_size: int = BLOCK_SIZE) -> Tensor:
+def gptq_sweep(
+    w_perm: Tensor,
+    upper: Tensor,
+    scale: Tensor,
+    r: int,
+    block_size: int = BLOCK_SIZE,
+    protect_perm: Optional[Tensor] = None,
+    scale_hi: Optional[Tensor] = None,
+    r_hi: int = 0,
+) -> Tensor:
     """Quantize the act-ordered weight column by column with error feedback; int8 codes in act-order.
 
     ``scale`` is the fp32 value of the stored fp16 row scale. Propagated values may leave [-R·s, R·s]; the clamp
-    saturates them.
+    saturates them. ``protect_perm`` (bool, act-order) marks AWQ-lite's protected columns, quantized on the finer
+    grid ``scale_hi`` / ``r_hi`` inside the same sweep (PR #1945 ``gptq_quantize_weight``; ``awq.py``).
     """
     rows, cols = w_perm.shape
     codes = torch.zeros(rows, cols, dtype=torch.int8, device=w_perm.device)
     work = w_perm.clone()
+    protected = protect_perm.tolist() if protect_perm is not None else [False] * cols
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = work[:, start:end].clone()
@@ -80,9 +91,14 @@ def gptq_sweep(w_perm: Tensor, upper: Tensor, scale: Tensor, r: int, block_size:
         errors = torch.zeros(rows, end - start, device=w_perm.device)
         for j in range(end - start):
             column = block[:, j]
-            q = torch.clamp(torch.round(column / scale), -r, r)
+            if protected[start + j]:
+                q = torch.clamp(torch.round(column / scale_hi), -r_hi, r_hi)
+                recon = q * scale_hi
+            else:
+                q = torch.clamp(torch.round(column / scale), -r, r)
+                recon = q * scale
             codes[:, start + j] = q.to(torch.int8)
-            err = (column - q * scale) / u_block[j, j]
+            err = (column - recon) / u_block[j, j]
             errors[:, j] = err
             block[:, j:] -= err.unsqueeze(1) * u_block[j, j:].unsqueeze(0)
         if end < cols:
@@ -130,6 +146,27 @@ def gptq_sdclip(
     scale = sdclip_scale(w32, clip_sigmas, r)
     codes = gptq_sweep(permuted_weight(w32, factor), factor.upper, scale.float(), r, block_size)
     return Quantized(codes[:, factor.inv_perm], scale)
+
+
+def gptq_sdclip_protected(
+    w: Tensor,
+    hessian: Tensor,
+    bits: int,
+    clip_sigmas: float,
+    protect: Tensor,
+    protect_bits: int,
+    damping: float = DAMPING,
+    block_size: int = BLOCK_SIZE,
+) -> tuple[Quantized, Tensor]:
+    """``gptq_sdclip`` with AWQ-lite's protected columns (``protect``: bool over the original columns) on the
+    ``protect_bits`` grid of the same clip: (codes and the row scale, s_hi = fp16(max(k·σ_r / R_hi, 1e-10)))."""
+    w32 = w.float()
+    factor = factor_hessian(hessian, damping)
+    r, r_hi = clip_range(bits), clip_range(protect_bits)
+    scale, scale_hi = sdclip_scale(w32, clip_sigmas, r), sdclip_scale(w32, clip_sigmas, r_hi)
+    codes = gptq_sweep(permuted_weight(w32, factor), factor.upper, scale.float(), r, block_size,
+                       protect.to(w32.device)[factor.perm], scale_hi.float(), r_hi)
+    return Quantized(codes[:, factor.inv_perm], scale), scale_hi
 
 
 def hessian_weighted_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:

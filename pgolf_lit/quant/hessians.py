@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from pgolf_lit.model.layers import CastedLinear
 from pgolf_lit.model.roles import parameter_roles
+from pgolf_lit.quant.awq import activation_rms
 from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL
 
 HessianModules = Literal["large", "all"]
@@ -36,6 +37,9 @@ class HessianReport:
     num_tokens: int
     seconds: float
     names: list[str] = field(default_factory=list)
+    act_rms: dict[str, Tensor] = field(default_factory=dict)
+    """Per input channel sqrt(Σx² / rows) of every hooked matrix, over the same inputs as its Hessian (CPU fp32;
+    PR #1945's activation statistics, which AWQ-lite scores groups with)."""
 
 
 def hooked_linears(
@@ -57,16 +61,23 @@ def hooked_linears(
 
 
 class _Accumulator:
-    """Running Σ XᵀX per name, rows of X being the last-dim vectors of every call."""
+    """Running Σ XᵀX per name, rows of X being the last-dim vectors of every call, and Σ x² per column with the
+    row count (the activation statistics)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
+        self.sumsq: dict[str, Tensor] = {}
+        self.rows: dict[str, int] = {}
 
     def add(self, name: str, x: Tensor) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
         if name not in self.sums:
             self.sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.sumsq[name] = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+            self.rows[name] = 0
         self.sums[name].addmm_(x.T, x)
+        self.sumsq[name] += x.square().sum(dim=0)
+        self.rows[name] += x.shape[0]
 
 
 def collect_hessians(
@@ -117,7 +128,8 @@ def collect_hessians(
         if damping > 0:
             h += damping * torch.diag(h).mean().clamp_min(1e-6) * torch.eye(h.shape[0])
         hessians[name] = h
-    return hessians, HessianReport(count, tokens, time.perf_counter() - start, sorted(hessians))
+    act_rms = {name: activation_rms(acc.sumsq[name].cpu(), acc.rows[name]) for name in acc.sums}
+    return hessians, HessianReport(count, tokens, time.perf_counter() - start, sorted(hessians), act_rms)
 
 
 def _hook_head(model: nn.Module, acc: _Accumulator):

@@ -39,6 +39,8 @@ from pgolf_lit.quant.lqer_read import (  # noqa: F401  (the reading side, re-exp
     lqer_correction,
     lqer_dequant,
 )
+from pgolf_lit.quant.awq import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
+from pgolf_lit.quant.awq import AwqGroups
 
 MIN_SCALE = 1e-10
 ASYM_A_RANGE = (-2, 1)
@@ -79,9 +81,13 @@ class LqerSettings:
             raise ConfigError(f"lqer svd_threads must be >= 1 or None, got {self.svd_threads}")
 
 
-def quantization_error(w: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """E = W − q·s in fp32, s one value per row (PR #1855 train_gpt.py `gptq_mixed_quantize`, LQER candidates)."""
-    return w.float() - q.float() * scale.float().view(-1, 1)
+def quantization_error(w: Tensor, q: Tensor, scale: Tensor, awq=None) -> Tensor:
+    """E = W − q·s in fp32, s one value per row, AWQ-lite's protected columns at their own scale (``awq``, PR #1945:
+    LQER is fitted after AWQ) (PR #1855/#1945 train_gpt.py `gptq_mixed_quantize`, LQER candidates)."""
+    w_q = q.float() * scale.float().view(-1, 1)
+    if awq is not None:
+        awq.apply(w_q, q)
+    return w.float() - w_q
 
 
 def lqer_select(scores: Mapping[str, float], top_k: int) -> list[str]:
@@ -152,15 +158,21 @@ def lqer_apply(
 
     ``names`` are the GPTQ-quantized weights in state-dict order (the candidates; ties keep this order);
     ``weights[name]`` is the float weight that was quantized, ``quant[name + ".q"]`` / ``quant[name + ".scale"]``
-    its codes and per-row fp16 scale. Returns the chosen names, largest error first, with their factors: the
-    caller adds ``factors.tensors(name)`` to the quantized dict and ``factors.meta_suffix`` to the name's meta.
+    its codes and per-row fp16 scale (and AWQ-lite's ``.awqg_*`` when present: the error is taken after AWQ).
+    Returns the chosen names, largest error first, with their factors: the caller adds ``factors.tensors(name)``
+    to the quantized dict and ``factors.meta_suffix`` to the name's meta.
     """
+
+    def error_of(name: str) -> Tensor:
+        awq = AwqGroups.from_tensors(quant, name) if name + AWQ_KEY_SUFFIXES[0] in quant else None
+        return quantization_error(weights[name], quant[name + ".q"], quant[name + ".scale"], awq)
+
     scores = {}
     for name in names:
-        scores[name] = float(quantization_error(weights[name], quant[name + ".q"], quant[name + ".scale"]).norm())
+        scores[name] = float(error_of(name).norm())
     out: dict[str, LqerFactors] = {}
     for name in lqer_select(scores, settings.top_k):
-        error = quantization_error(weights[name], quant[name + ".q"], quant[name + ".scale"])
+        error = error_of(name)
         a, b = lqer_factor(error, settings.rank, settings.svd_threads)
         out[name] = lqer_pack(a, b, settings)
     return out

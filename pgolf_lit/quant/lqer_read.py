@@ -57,14 +57,17 @@ def lqer_correction(f: LqerFactors) -> Tensor:
 
 
 def lqer_dequant(
-    q: Tensor, scale: Tensor, factors: Optional[LqerFactors] = None, dtype: torch.dtype = torch.float32
+    q: Tensor, scale: Tensor, factors: Optional[LqerFactors] = None, dtype: torch.dtype = torch.float32, awq=None
 ) -> Tensor:
-    """q·s (per row, or one 0-d scale) plus the LQER correction if any, in fp32, then cast to ``dtype``
-    (PR #1855 train_gpt.py `dequantize_mixed`)."""
+    """q·s (per row, or one 0-d scale), AWQ-lite's protected columns at their own scale (``awq``: an
+    ``awq.AwqGroups``, PR #1945), plus the LQER correction if any, in fp32, then cast to ``dtype``
+    (PR #1855/#1945 train_gpt.py `dequantize_mixed`)."""
     if scale.ndim > 0:
         w = q.float() * scale.float().view(q.shape[0], *[1] * (q.ndim - 1))
     else:
         w = q.float() * float(scale.item())
+    if awq is not None:
+        awq.apply(w, q)
     if factors is not None:
         w = w + lqer_correction(factors)
     return w.to(dtype)

@@ -15,7 +15,8 @@ factors), the meta strings, and each present group's list of original shapes. St
 the row orders as uint16, in group then layer order (empty when there are none).
 
 The meta is the record's: one string per tensor, in state-dict order — ``"passthrough (float16)"``,
-``"gate_int8_row"``, ``"gptq (int6)"``, ``"gptq (int6)+lqer_asym"``, ``"gptq (int6)+lqer"`` (``gptq_meta``
+``"gate_int8_row"``, ``"gptq (int6)"``, ``"gptq (int6)+lqer_asym"``, ``"gptq (int6)+lqer"``, and from PR #1945
+``"gptq (int7)+awqgrpint8[+lqer_asym]"`` (AWQ-lite's ``.awqg_*`` tensors go to the remainder) (``gptq_meta``
 builds them, ``parse_meta`` reads them).
 
 Writing is byte-exact against the record (same torch, brotli and lrzip builds): the remainder is pickled with the
@@ -54,6 +55,9 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.quant.brotli_bounded import brotli_decompress_bounded  # noqa: F401  (re-exported)
+from pgolf_lit.quant.awq import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
+from pgolf_lit.quant.awq import AwqGroups
+from pgolf_lit.quant.awq import meta_suffix as awq_meta_suffix
 from pgolf_lit.quant.gate import dequantize_gate_rows
 from pgolf_lit.quant.lqer import KEY_SUFFIXES, META_SUFFIX, LqerFactors, lqer_dequant
 from pgolf_lit.quant.pergroup_read import (  # noqa: F401  (the reader's names, re-exported)
@@ -100,9 +104,10 @@ from pgolf_lit.quant.quantized import float_dtype
 # ---------------------------------------------------------------------------------------------------------
 
 
-def gptq_meta(bits: int, lqer: Optional[str] = None) -> str:
-    """The record's meta string of a GPTQ tensor: ``"gptq (int6)"``, plus ``"+lqer_asym"`` / ``"+lqer"``."""
-    return f"gptq (int{bits})" + (META_SUFFIX[lqer] if lqer else "")
+def gptq_meta(bits: int, lqer: Optional[str] = None, awq_bits: Optional[int] = None) -> str:
+    """The record's meta string of a GPTQ tensor: ``"gptq (int6)"``, plus ``"+awqgrpint8"`` (PR #1945's AWQ-lite
+    groups), plus ``"+lqer_asym"`` / ``"+lqer"``."""
+    return f"gptq (int{bits})" + (awq_meta_suffix(awq_bits) if awq_bits else "") + (META_SUFFIX[lqer] if lqer else "")
 
 
 def dequantize_mixed(
@@ -129,7 +134,8 @@ def dequantize_mixed(
             out[name] = dequantize_gate_rows(quant[name + CODES_SUFFIX], quant[name + SCALE_SUFFIX], target)
         else:
             factors = LqerFactors.from_tensors(quant, name, entry.lqer) if entry.lqer else None
-            out[name] = lqer_dequant(quant[name + ".q"], quant[name + ".scale"], factors, target)
+            awq = AwqGroups.from_tensors(quant, name) if entry.awq_bits else None
+            out[name] = lqer_dequant(quant[name + ".q"], quant[name + ".scale"], factors, target, awq)
     return out
 
 
@@ -357,9 +363,10 @@ def pergroup_from_quantized(quant: Mapping[str, Tensor], meta: Mapping[str, Mapp
             out[name + CODES_SUFFIX], out[name + SCALE_SUFFIX] = quant[name + ".q"], quant[name + ".scale"]
             strings[name] = GATE_META
         elif info["kind"] == "int":
-            for key in (".q", ".scale", *(KEY_SUFFIXES[info["lqer"]] if info.get("lqer") else ())):
+            awq = AWQ_KEY_SUFFIXES if info.get("awq") else ()
+            for key in (".q", ".scale", *awq, *(KEY_SUFFIXES[info["lqer"]] if info.get("lqer") else ())):
                 out[name + key] = quant[name + key]
-            strings[name] = gptq_meta(int(info["bits"]), info.get("lqer"))
+            strings[name] = gptq_meta(int(info["bits"]), info.get("lqer"), info.get("awq"))
         else:
             raise PergroupError(f"{target}: {name} is a non-float tensor; the per-group container holds none")
     return out, strings

@@ -34,6 +34,8 @@ from pgolf_lit.model.config import GPTConfig
 from pgolf_lit.errors import ArtifactError, PgolfError
 from pgolf_lit.eval.context import Weights
 from pgolf_lit.quant.brotli_bounded import brotli_decompress_bounded
+from pgolf_lit.quant.awq import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
+from pgolf_lit.quant.awq import AwqGroups
 from pgolf_lit.quant.lqer_read import ASYM, KEY_SUFFIXES, META_SUFFIX, LqerFactors
 from pgolf_lit.quant.quantized import dequantize
 from pgolf_lit.quant.reader import Container, LoadedArtifact, record_config_required, record_dtypes, register_container
@@ -76,7 +78,7 @@ _U32 = np.dtype("<u4")
 
 _U16 = np.dtype("<u2")
 
-_META_RE = re.compile(r"gptq \(int([2-8])\)(\+lqer_asym|\+lqer)?")
+_META_RE = re.compile(r"gptq \(int([2-8])\)(?:\+awqgrpint([2-8]))?(\+lqer_asym|\+lqer)?")
 
 _LQER_BY_SUFFIX = {v: k for k, v in META_SUFFIX.items()}
 
@@ -118,11 +120,13 @@ class PergroupSettings:
 
 @dataclass(frozen=True)
 class MetaEntry:
-    """One parsed meta string: kind ``"passthrough"`` | ``"gate"`` | ``"gptq"``, GPTQ bits, LQER kind or None."""
+    """One parsed meta string: kind ``"passthrough"`` | ``"gate"`` | ``"gptq"``, GPTQ bits, LQER kind or None,
+    AWQ-lite's protected-group bits or None (PR #1945's ``+awqgrpint8``)."""
 
     kind: str
     bits: Optional[int] = None
     lqer: Optional[str] = None
+    awq_bits: Optional[int] = None
 
 
 def parse_meta(info: Any) -> MetaEntry:
@@ -134,7 +138,8 @@ def parse_meta(info: Any) -> MetaEntry:
     m = _META_RE.fullmatch(info) if isinstance(info, str) else None
     if m is None:
         raise ValueError(f"unknown meta {info!r}")
-    return MetaEntry("gptq", int(m.group(1)), _LQER_BY_SUFFIX.get(m.group(2)) if m.group(2) else None)
+    lqer = _LQER_BY_SUFFIX.get(m.group(3)) if m.group(3) else None
+    return MetaEntry("gptq", int(m.group(1)), lqer, int(m.group(2)) if m.group(2) else None)
 
 
 def tensor_keys(name: str, entry: MetaEntry) -> tuple[str, ...]:
@@ -143,7 +148,7 @@ def tensor_keys(name: str, entry: MetaEntry) -> tuple[str, ...]:
         return (name,)
     if entry.kind == "gate":
         return (name + CODES_SUFFIX, name + SCALE_SUFFIX)
-    keys = (name + ".q", name + ".scale")
+    keys = (name + ".q", name + ".scale") + (tuple(name + s for s in AWQ_KEY_SUFFIXES) if entry.awq_bits else ())
     return keys + tuple(name + s for s in KEY_SUFFIXES[entry.lqer]) if entry.lqer else keys
 
 
@@ -172,6 +177,8 @@ def validate_quant(quant: Mapping[str, Tensor], meta: Mapping[str, str]) -> None
             per_row = s.ndim == 1 and s.shape[0] == q.shape[0]
             fits = s.is_floating_point() and (per_row or s.ndim == 0)
             _expect(fits, name, f"scale {_desc(s)} does not fit {_desc(q)}")
+            if entry.awq_bits:
+                _check_awq(name, q, AwqGroups.from_tensors(quant, name))
             if entry.lqer:
                 _check_lqer(name, q, LqerFactors.from_tensors(quant, name, entry.lqer))
     extra = sorted(set(quant) - expected)
@@ -189,6 +196,15 @@ def _check_lqer(name: str, q: Tensor, f: LqerFactors) -> None:
     else:
         ok = ok and f.sA.shape == (q.shape[0],) and f.sB.shape == (rank,)
     _expect(ok, name, f"LQER factors {_desc(f.qA)}, {_desc(f.sA)}, {_desc(f.qB)}, {_desc(f.sB)} do not fit {_desc(q)}")
+
+
+def _check_awq(name: str, q: Tensor, g: AwqGroups) -> None:
+    size = int(g.size.item()) if g.size.numel() == 1 and not g.size.is_floating_point() else -1
+    cols = q.shape[1] if q.ndim == 2 else 0
+    ok = (q.ndim == 2 and g.starts.ndim == 1 and not g.starts.is_floating_point() and g.size.ndim == 0 and size > 0
+          and g.s_hi.is_floating_point() and g.s_hi.shape == (q.shape[0],)
+          and all(0 <= s and s + size <= cols for s in g.starts.tolist()))
+    _expect(ok, name, f"AWQ groups {_desc(g.starts)}, {_desc(g.s_hi)}, {_desc(g.size)} do not fit {_desc(q)}")
 
 
 def _expect(cond: bool, name: str, what: str) -> None:
@@ -476,6 +492,8 @@ def quantized_from_pergroup(
             entries[name] = {"kind": "int", "bits": entry.bits, "dtype": dtype, "method": "gptq"}
             if entry.lqer:
                 entries[name]["lqer"] = entry.lqer
+            if entry.awq_bits:
+                entries[name]["awq"] = entry.awq_bits
     return out, entries
 
 

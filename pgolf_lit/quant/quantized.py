@@ -12,7 +12,9 @@ Meta, in state-dict order, ``NAME → entry``:
 Optional keys of an int entry say how it was made ("method": "gptq" | "rtn", "percentile", "clip_sigmas",
 "fallback", "scale"); dequantization needs only the tensors and ``dtype``. An int entry with ``"lqer": "asym" |
 "sym"`` also owns its low-rank correction's four tensors (PR #1855's keys ``NAME.lqA_a``, ``.lqAs_a``, ``.lqB_a``,
-``.lqBs_a``, or ``.lqA``… for the symmetric pack; ``lqer.py``), added in fp32 before the cast.
+``.lqBs_a``, or ``.lqA``… for the symmetric pack; ``lqer.py``), added in fp32 before the cast. An int entry with
+``"awq": 8`` (PR #1945's AWQ-lite) owns ``NAME.awqg_start``, ``.awqg_s_hi``, ``.awqg_size``: those columns dequantize
+with their own row scale, before the LQER correction (``awq.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from pgolf_lit.quant.awq import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
+from pgolf_lit.quant.awq import AwqGroups
 from pgolf_lit.quant.lqer_read import KEY_SUFFIXES, LqerFactors, lqer_dequant
 
 Meta = dict[str, dict[str, Any]]
@@ -56,9 +60,11 @@ def dequantize(quant: Mapping[str, Tensor], meta: Meta) -> dict[str, Tensor]:
     """The float state dict: q · s per row (or per tensor) and kept tensors, each cast to its meta dtype."""
     out = {}
     for name, info in meta.items():
-        if info["kind"] == "int" and info.get("lqer"):
-            factors = LqerFactors.from_tensors(quant, name, info["lqer"])
-            out[name] = lqer_dequant(quant[f"{name}.q"], quant[f"{name}.scale"], factors, float_dtype(info["dtype"]))
+        if info["kind"] == "int" and (info.get("lqer") or info.get("awq")):
+            factors = LqerFactors.from_tensors(quant, name, info["lqer"]) if info.get("lqer") else None
+            awq = AwqGroups.from_tensors(quant, name) if info.get("awq") else None
+            out[name] = lqer_dequant(quant[f"{name}.q"], quant[f"{name}.scale"], factors, float_dtype(info["dtype"]),
+                                     awq)
         elif info["kind"] == "int":
             out[name] = dequantize_codes(quant[f"{name}.q"], quant[f"{name}.scale"], float_dtype(info["dtype"]))
         elif info["kind"] == "float":
@@ -72,7 +78,8 @@ def tensor_keys(name: str, info: Mapping[str, Any]) -> tuple[str, ...]:
     if info["kind"] != "int":
         return (name,)
     lqer = tuple(name + s for s in KEY_SUFFIXES[info["lqer"]]) if info.get("lqer") else ()
-    return (f"{name}.q", f"{name}.scale", *lqer)
+    awq = tuple(name + s for s in AWQ_KEY_SUFFIXES) if info.get("awq") else ()
+    return (f"{name}.q", f"{name}.scale", *awq, *lqer)
 
 
 def validate(quant: Mapping[str, Tensor], meta: Meta) -> None:
@@ -97,6 +104,8 @@ def validate(quant: Mapping[str, Tensor], meta: Meta) -> None:
             _check_int_entry(name, info, quant[keys[0]], quant[keys[1]])
             if info.get("lqer"):
                 _check_lqer(name, quant[keys[0]], LqerFactors.from_tensors(quant, name, info["lqer"]))
+            if info.get("awq"):
+                _check_awq(name, quant[keys[0]], AwqGroups.from_tensors(quant, name))
         elif info["kind"] == "float":
             float_dtype(info.get("dtype"))
             if not quant[name].is_floating_point():
@@ -118,6 +127,16 @@ def _check_int_entry(name: str, info: Mapping[str, Any], q: Tensor, scale: Tenso
     per_row = scale.ndim == 1 and q.ndim >= 1 and scale.shape[0] == q.shape[0]
     if not (per_row or scale.ndim == 0):
         raise ValueError(f"{name!r}: scale shape {tuple(scale.shape)} does not fit codes {tuple(q.shape)}")
+
+
+def _check_awq(name: str, q: Tensor, g: AwqGroups) -> None:
+    integral = not (g.starts.is_floating_point() or g.size.is_floating_point())
+    size = int(g.size.item()) if integral and g.size.ndim == 0 else -1
+    fits = (q.ndim == 2 and integral and g.starts.ndim == 1 and size > 0 and g.s_hi.is_floating_point()
+            and tuple(g.s_hi.shape) == (q.shape[0],) and all(0 <= s <= q.shape[1] - size for s in g.starts.tolist()))
+    if not fits:
+        raise ValueError(f"{name!r}: AWQ groups {tuple(g.starts.shape)}, {tuple(g.s_hi.shape)} do not fit codes "
+                         f"{tuple(q.shape)}")
 
 
 def _check_lqer(name: str, q: Tensor, f: LqerFactors) -> None:
