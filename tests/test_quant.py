@@ -394,7 +394,10 @@ def test_native_tensor_bytes_compress_the_same_whatever_the_metadata(native_blob
     output by 2 % between notes one character apart."""
     a = decode_native(native_blob, "mem")
     sizes = [len(encode_native(a.quant, a.meta, a.config, {"note": "x" * n}, codec, 2)) for n in range(8)]
-    assert max(sizes) - min(sizes) <= 0.0025 * min(sizes), sizes
+    # Not exactly the same: brotli-11 chooses its block splits and context maps over the whole meta-block, so a
+    # change at its end still moves a few dozen bytes (0.31 % here, after the config gained fields); metadata in
+    # front moved 1-2 %. Half a percent separates the two.
+    assert max(sizes) - min(sizes) <= 0.005 * min(sizes), sizes
 
 
 def test_native_truncations_and_bit_flips_always_raise(native_blob):

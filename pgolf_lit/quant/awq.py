@@ -25,12 +25,7 @@ from torch import Tensor
 
 from pgolf_lit.errors import ConfigError
 
-KEY_SUFFIXES = (".awqg_start", ".awqg_s_hi", ".awqg_size")
-
-
-def meta_suffix(bits: int) -> str:
-    """The record's meta-string suffix of a tensor with protected groups: ``+awqgrpint8``."""
-    return f"+awqgrpint{bits}"
+from pgolf_lit.quant.awq_read import KEY_SUFFIXES, AwqGroups, meta_suffix  # noqa: F401  (the reading side)
 
 
 @dataclass
@@ -51,30 +46,6 @@ class AwqSettings:
             raise ConfigError(f"export.awq.top_k: must be >= 0, got {self.top_k}")
         if self.group_size < 1:
             raise ConfigError(f"export.awq.group_size: must be >= 1, got {self.group_size}")
-
-
-@dataclass
-class AwqGroups:
-    """The protected groups of one tensor: start columns, the high-precision row scale, the group size."""
-
-    starts: Tensor
-    s_hi: Tensor
-    size: Tensor
-
-    def tensors(self, name: str) -> dict[str, Tensor]:
-        return dict(zip((name + s for s in KEY_SUFFIXES), (self.starts, self.s_hi, self.size)))
-
-    @classmethod
-    def from_tensors(cls, quant: Mapping[str, Tensor], name: str) -> "AwqGroups":
-        return cls(*(quant[name + s] for s in KEY_SUFFIXES))
-
-    def apply(self, w: Tensor, q: Tensor) -> Tensor:
-        """``w`` (fp32, q·s) with every protected group's columns replaced by q·s_hi, in place; returns it."""
-        size = int(self.size.item())
-        s_hi = self.s_hi.float().view(-1, 1)
-        for start in self.starts.tolist():
-            w[:, start : start + size] = q[:, start : start + size].float() * s_hi
-        return w
 
 
 def activation_rms(sumsq: Tensor, count: int) -> Tensor:

@@ -34,8 +34,8 @@ from pgolf_lit.model.config import GPTConfig
 from pgolf_lit.errors import ArtifactError, PgolfError
 from pgolf_lit.eval.context import Weights
 from pgolf_lit.quant.brotli_bounded import brotli_decompress_bounded
-from pgolf_lit.quant.awq import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
-from pgolf_lit.quant.awq import AwqGroups
+from pgolf_lit.quant.awq_read import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
+from pgolf_lit.quant.awq_read import AwqGroups
 from pgolf_lit.quant.lqer_read import ASYM, KEY_SUFFIXES, META_SUFFIX, LqerFactors
 from pgolf_lit.quant.quantized import dequantize
 from pgolf_lit.quant.reader import Container, LoadedArtifact, record_config_required, record_dtypes, register_container

@@ -24,8 +24,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from pgolf_lit.quant.awq import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
-from pgolf_lit.quant.awq import AwqGroups
+from pgolf_lit.quant.awq_read import KEY_SUFFIXES as AWQ_KEY_SUFFIXES
+from pgolf_lit.quant.awq_read import AwqGroups
 from pgolf_lit.quant.lqer_read import KEY_SUFFIXES, LqerFactors, lqer_dequant
 
 Meta = dict[str, dict[str, Any]]
