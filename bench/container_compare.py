@@ -56,8 +56,10 @@ def timed(fn: Callable[[], bytes]) -> tuple[bytes, float]:
 def per_group_brotli(quant, meta) -> bytes:
     payloads = pergroup_payloads(quant, meta)
     streams = [brotli.compress(b, quality=11) if b else b"" for b in payloads.groups]
-    streams += [brotli.compress(payloads.remainder, quality=11, lgwin=24),
-                brotli.compress(payloads.permutations, quality=11) if payloads.permutations else b""]
+    streams += [
+        brotli.compress(payloads.remainder, quality=11, lgwin=24),
+        brotli.compress(payloads.permutations, quality=11) if payloads.permutations else b"",
+    ]
     return pack_streams(streams)
 
 
@@ -80,7 +82,10 @@ def measure(path: Path) -> str:
     pgb, t_pgb = timed(lambda: per_group_brotli(quant, meta))
     rows.append(("same per-group payloads, brotli-11 instead of lrzip", len(pgb), t_pgb, float("nan")))
     singles = []
-    for codec, label in (("brotli", "one stream, byte shuffle + brotli-11"), ("lzma9", "one stream, byte shuffle + lzma-9")):
+    for codec, label in (
+        ("brotli", "one stream, byte shuffle + brotli-11"),
+        ("lzma9", "one stream, byte shuffle + lzma-9"),
+    ):
         blob, t_enc = timed(lambda: compress(raw, codec, shuffle_stride=2))
         _, t_dec = timed(lambda: decompress(blob, codec, shuffle_stride=2))
         rows.append((label, len(blob), t_enc, t_dec))
@@ -93,9 +98,14 @@ def measure(path: Path) -> str:
         "| container | bytes | encode s | decode s |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {label} | {size:,} | {enc:.2f} | {'—' if dec != dec else f'{dec:.2f}'} |" for label, size, enc, dec in rows]
-    lines += ["", f"ratio PGRP / best single stream = {len(pgrp) / min(singles):.4f} "
-                  f"(PGRP / per-group brotli = {len(pgrp) / len(pgb):.4f}); decode of the input {t_decode:.2f} s"]
+    lines += [
+        f"| {label} | {size:,} | {enc:.2f} | {'—' if dec != dec else f'{dec:.2f}'} |" for label, size, enc, dec in rows
+    ]
+    lines += [
+        "",
+        f"ratio PGRP / best single stream = {len(pgrp) / min(singles):.4f} "
+        f"(PGRP / per-group brotli = {len(pgrp) / len(pgb):.4f}); decode of the input {t_decode:.2f} s",
+    ]
     return "\n".join(lines)
 
 
@@ -106,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     paths = args.artifacts or [default_artifact()]
     for path in paths:
         if not path.is_file():
-            raise SystemExit(f"container_compare: {path}: no such artifact (give a PGRP file, or set PGOLF_PR1855_FIXTURES)")
+            raise SystemExit(
+                f"container_compare: {path}: no such artifact (give a PGRP file, or set PGOLF_PR1855_FIXTURES)"
+            )
     text = "\n\n".join(measure(path) for path in paths)
     print(text)
     return text

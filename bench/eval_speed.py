@@ -41,8 +41,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--val-tokens", type=int, default=65536, help="score the first N val tokens (0: the whole split)")
     p.add_argument("--repeats", type=int, default=2, help="passes per method; the first includes compilation")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    own, extra = (list(argv), []) if "--" not in argv else (list(argv[: list(argv).index("--")]),
-                                                             list(argv[list(argv).index("--") + 1 :]))
+    own, extra = (
+        (list(argv), [])
+        if "--" not in argv
+        else (list(argv[: list(argv).index("--")]), list(argv[list(argv).index("--") + 1 :]))
+    )
     args = p.parse_args(own)
     args.extra = extra
     if args.repeats < 1 or args.val_tokens < 0:
@@ -72,8 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     model = module.model.to(device).eval()
     model.set_recurrence(True)
     # The evaluation `pgolf test` runs: the config's settings, its precision and compile flag.
-    context = evaluation_context(module.evaluation, precision=str(cli.trainer.precision), device=device,
-                                 compile=module.compile)
+    context = evaluation_context(
+        module.evaluation, precision=str(cli.trainer.precision), device=device, compile=module.compile
+    )
     tokens = dm.val_tokens.to(device)
 
     rows = []
@@ -81,11 +85,19 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         results = [run_method(method, model, tokens, dm.byte_counts, context) for _ in range(args.repeats)]
         steady = results[1:] or results
         eval_ms = statistics.median(r.eval_time_ms for r in steady)
-        row = {"method": method, "tokens": results[0].tokens, "first_ms": results[0].eval_time_ms,
-               "eval_ms": eval_ms, "tok_s": results[0].tokens / (eval_ms / 1000.0)}
+        row = {
+            "method": method,
+            "tokens": results[0].tokens,
+            "first_ms": results[0].eval_time_ms,
+            "eval_ms": eval_ms,
+            "tok_s": results[0].tokens / (eval_ms / 1000.0),
+        }
         rows.append(row)
-        print(f"eval method={method} tokens={row['tokens']} first_ms={row['first_ms']:.0f} eval_ms={eval_ms:.0f} "
-              f"tok_s={row['tok_s']:.1f} device={device.type} config={Path(args.config).name}", flush=True)
+        print(
+            f"eval method={method} tokens={row['tokens']} first_ms={row['first_ms']:.0f} eval_ms={eval_ms:.0f} "
+            f"tok_s={row['tok_s']:.1f} device={device.type} config={Path(args.config).name}",
+            flush=True,
+        )
     return rows
 
 

@@ -94,25 +94,48 @@ def passes(seq_len: int, stride: int, quick: bool) -> list[Pass]:
     out = [
         Pass("standard", "standard (non-overlapping)", "standard", base),
         Pass("sliding_exact", "sliding, exact windows", "sliding", base),
-        Pass("sliding_legacy", "sliding, legacy windows", "sliding", with_(sliding=SlidingSettings(window_rule="legacy"))),
+        Pass(
+            "sliding_legacy", "sliding, legacy windows", "sliding", with_(sliding=SlidingSettings(window_rule="legacy"))
+        ),
         Pass("slot_pr1263", "SLOT-16, PR #1263's config", "slot", with_(slot=record_slot("pr1263", "slot")), slow=True),
         Pass("slot_pr1278", "SLOT-32, PR #1278's config", "slot", with_(slot=record_slot("pr1278", "slot")), slow=True),
         Pass("slot_pr1321", "SLOT-48, PR #1321's config", "slot", with_(slot=record_slot("pr1321", "slot")), slow=True),
-        Pass("causal_per_window", "causal SLOT-16, per window (pgolf)", "causal_slot",
-             with_(causal_slot=SlotConfig()), slow=True),
-        Pass("causal_batch_shared", "causal SLOT-16, batch-shared (#1333)", "causal_slot",
-             with_(causal_slot=record_slot("pr1333", "slot")), slow=True),
-        Pass("ttt_exact", f"TTT score-first, exact windows (3 epochs, chunks of {TTT_CHUNK_WINDOWS * seq_len:,})", "ttt",
-             with_(ttt=ttt)),
-        Pass("ttt_epochs0", "TTT with 0 epochs (must equal sliding exact)", "ttt",
-             with_(ttt=dataclasses.replace(ttt, epochs=0)), reference="sliding_exact"),
+        Pass(
+            "causal_per_window",
+            "causal SLOT-16, per window (pgolf)",
+            "causal_slot",
+            with_(causal_slot=SlotConfig()),
+            slow=True,
+        ),
+        Pass(
+            "causal_batch_shared",
+            "causal SLOT-16, batch-shared (#1333)",
+            "causal_slot",
+            with_(causal_slot=record_slot("pr1333", "slot")),
+            slow=True,
+        ),
+        Pass(
+            "ttt_exact",
+            f"TTT score-first, exact windows (3 epochs, chunks of {TTT_CHUNK_WINDOWS * seq_len:,})",
+            "ttt",
+            with_(ttt=ttt),
+        ),
+        Pass(
+            "ttt_epochs0",
+            "TTT with 0 epochs (must equal sliding exact)",
+            "ttt",
+            with_(ttt=dataclasses.replace(ttt, epochs=0)),
+            reference="sliding_exact",
+        ),
     ]
     if quick:
         keep = ("standard", "sliding_exact", "causal_per_window", "ttt_epochs0")
         out = [p for p in out if p.key in keep]
         for p in out:  # a couple of optimisation steps are enough for a smoke test
             if p.method == "causal_slot":
-                p.settings = dataclasses.replace(p.settings, causal_slot=dataclasses.replace(p.settings.causal_slot, steps=2))
+                p.settings = dataclasses.replace(
+                    p.settings, causal_slot=dataclasses.replace(p.settings.causal_slot, steps=2)
+                )
     return out
 
 
@@ -126,11 +149,15 @@ def describe(p: Pass) -> str:
     if p.method in ("slot", "causal_slot"):
         c = s.slot if p.method == "slot" else s.causal_slot
         lr = f"lr {c.lr:g}" + (f"→{c.lr_min:g} cos" if c.lr_min is not None else "")
-        return (f"L {s.seq_len}, S {s.stride}, {c.window_rule}, {c.mode}, {c.steps} steps, {lr}, "
-                f"{c.delta_position}{', logit bias' if c.logit_bias else ''}, batch {c.batch_windows}")
+        return (
+            f"L {s.seq_len}, S {s.stride}, {c.window_rule}, {c.mode}, {c.steps} steps, {lr}, "
+            f"{c.delta_position}{', logit bias' if c.logit_bias else ''}, batch {c.batch_windows}"
+        )
     c = s.ttt
-    return (f"L {s.seq_len}, S {s.stride}, {c.window_rule}, chunk {c.chunk_tokens}, {c.epochs} ep, SGD lr {c.lr:g} "
-            f"mom {c.momentum:g}, batch {c.batch_seqs}")
+    return (
+        f"L {s.seq_len}, S {s.stride}, {c.window_rule}, chunk {c.chunk_tokens}, {c.epochs} ep, SGD lr {c.lr:g} "
+        f"mom {c.momentum:g}, batch {c.batch_seqs}"
+    )
 
 
 def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
@@ -149,8 +176,13 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
     def run(p: Pass, slow: bool):
         t = subsets[slow]
         with torch.enable_grad():  # SLOT and TTT optimise; the others run under no_grad themselves
-            context = evaluation_context(p.settings, precision=str(prep.cli.trainer.precision), device=t.device,
-                                         compile=module.compile, weights=Weights(quantized=True, tag="int6"))
+            context = evaluation_context(
+                p.settings,
+                precision=str(prep.cli.trainer.precision),
+                device=t.device,
+                compile=module.compile,
+                weights=Weights(quantized=True, tag="int6"),
+            )
             r = run_method(p.method, model, t, dm.byte_counts, context)
         results[(p.key, slow)] = r
         log(f"[{prep.name}] {format_result_line(r)} tokens:{r.tokens}")
@@ -176,12 +208,22 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
         r = results[(p.key, slow)]
         n = val_token_count(subsets[slow])
         up_gain, up_ref = UPSTREAM.get(p.key, ("—", ""))
-        rows.append([
-            p.label, describe(p), f"{n:,}" + (" (reduced)" if slow else ""), f"{r.tokens:,}", fmt(r.val_bpb, 4),
-            delta(p.key, slow, "sliding_exact"), delta(p.key, slow, "sliding_legacy"),
-            f"{r.eval_time_ms / 1000:.1f}", f"{r.tokens / max(r.eval_time_ms / 1000, 1e-9):,.0f}",
-            "yes" if r.compliant else "no", up_gain, UPSTREAM_TIME.get(p.key, "—"),
-        ])
+        rows.append(
+            [
+                p.label,
+                describe(p),
+                f"{n:,}" + (" (reduced)" if slow else ""),
+                f"{r.tokens:,}",
+                fmt(r.val_bpb, 4),
+                delta(p.key, slow, "sliding_exact"),
+                delta(p.key, slow, "sliding_legacy"),
+                f"{r.eval_time_ms / 1000:.1f}",
+                f"{r.tokens / max(r.eval_time_ms / 1000, 1e-9):,.0f}",
+                "yes" if r.compliant else "no",
+                up_gain,
+                UPSTREAM_TIME.get(p.key, "—"),
+            ]
+        )
         if p.reference:
             ref = results.get((p.reference, slow))
             if ref is not None:
@@ -189,15 +231,31 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> str:
                 checks.append(f"`{p.key}` − `{p.reference}` = {diff:.2e} BPB (same windows; expected ≈ 0)")
     caption = (
         f"**Evaluation passes, {prep.config.stem}** — {prep.caption(val_token_count(tokens))}"
-        + (f"; SLOT passes on the first {slow_n:,} of them (reduced: CPU time), with the sliding references "
-           f"re-run on that subset" if any(s for _, s in rows_meta) else "")
+        + (
+            f"; SLOT passes on the first {slow_n:,} of them (reduced: CPU time), with the sliding references "
+            f"re-run on that subset"
+            if any(s for _, s in rows_meta)
+            else ""
+        )
         + f"; fp32 model, eval window L = {seq_len}, stride S = {stride}. "
         f"Δ columns: this pass's BPB − the sliding pass on the same tokens. Upstream: the seed's reported "
         f"effect of the same procedure at record scale (L 2048, stride 64/96, 8×H100, from the record logs); "
         f"upstream time = that pass over the full val split."
     )
-    headers = ["pass", "settings", "val tokens", "scored", "BPB", "Δ vs sliding exact", "Δ vs sliding legacy",
-               "eval s", "tok/s", "compliant", "upstream Δ", "upstream s"]
+    headers = [
+        "pass",
+        "settings",
+        "val tokens",
+        "scored",
+        "BPB",
+        "Δ vs sliding exact",
+        "Δ vs sliding legacy",
+        "eval s",
+        "tok/s",
+        "compliant",
+        "upstream Δ",
+        "upstream s",
+    ]
     text = caption + "\n\n" + md_table(headers, rows)
     if checks:
         text += "\n\nSelf-check: " + "; ".join(checks) + "."
@@ -220,14 +278,41 @@ def audit_section() -> str:
     def d(x: Optional[float]) -> str:
         return "—" if x is None else f"{x:.2g}"
 
-    rows = [[
-        r.method, r.violations_before, r.violations_self, f"{r.prefix_max_delta:.2g}", v(r.prefix_invariant),
-        f"{r.extra_scorings}/{r.missing_targets}", f"{r.byte_count}/{r.expected_bytes}", v(r.exactly_once),
-        r.update_violations, v(r.score_before_update), d(r.batch_delta), d(r.world_delta),
-        v(r.batch_world_invariant), "yes" if r.compliant else "no",
-    ] for r in reports]
-    headers = ["procedure", "A j<p", "A j=p", "A max|Δ log p|", "A", "B extra/missing", "B bytes", "B",
-               "C violations", "C", "D batch Δ", "D world Δ", "D", "compliant"]
+    rows = [
+        [
+            r.method,
+            r.violations_before,
+            r.violations_self,
+            f"{r.prefix_max_delta:.2g}",
+            v(r.prefix_invariant),
+            f"{r.extra_scorings}/{r.missing_targets}",
+            f"{r.byte_count}/{r.expected_bytes}",
+            v(r.exactly_once),
+            r.update_violations,
+            v(r.score_before_update),
+            d(r.batch_delta),
+            d(r.world_delta),
+            v(r.batch_world_invariant),
+            "yes" if r.compliant else "no",
+        ]
+        for r in reports
+    ]
+    headers = [
+        "procedure",
+        "A j<p",
+        "A j=p",
+        "A max|Δ log p|",
+        "A",
+        "B extra/missing",
+        "B bytes",
+        "B",
+        "C violations",
+        "C",
+        "D batch Δ",
+        "D world Δ",
+        "D",
+        "compliant",
+    ]
     return (
         f"**Causality audit** — `pgolf audit` (`pgolf_lit.eval.audit.audit_all()`, the reports "
         f"`format_audit_table` prints), float64 tiny causal model (vocab {s.vocab_size}, d {s.model_dim}), "
@@ -244,8 +329,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the markdown here")
     p.add_argument("--configs", nargs="+", default=[str(c) for c in DEFAULT_CONFIGS])
     p.add_argument("--val-tokens", type=int, default=16384, help="first N val tokens (0: the whole split)")
-    p.add_argument("--slow-val-tokens", type=int, default=0,
-                   help="SLOT passes on the first N of those only (0: all of them)")
+    p.add_argument(
+        "--slow-val-tokens", type=int, default=0, help="SLOT passes on the first N of those only (0: all of them)"
+    )
     p.add_argument("--stride", type=int, default=0, help="override the config's eval stride (0: keep it)")
     p.add_argument("--no-audit", action="store_true", help="skip the causality audit table")
     p.add_argument("--threads", type=int, default=1, help="torch threads (see bench/quant_table.py)")
@@ -261,7 +347,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return run_tables(
-        args, "## Evaluation measurements (`bench/eval_table.py`)",
+        args,
+        "## Evaluation measurements (`bench/eval_table.py`)",
         lambda prep: [measure_model(prep, args)],
         tail=lambda: [] if args.no_audit else ["### Causality audit", audit_section()],
     )

@@ -47,7 +47,8 @@ def call_site(depth: int = 3) -> Optional[str]:
     (``apply_func.py``, which only forward a read), innermost first; None for the benchmark's own syncs
     (its step timer)."""
     frames = [
-        f for f in traceback.extract_stack()
+        f
+        for f in traceback.extract_stack()
         if not f.filename.startswith(TORCH_DIR) and not f.filename.endswith("apply_func.py")
     ]
     while frames and frames[-1].filename == HERE:  # the recorder itself
@@ -134,8 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> collections.Counter:
     print(f"host syncs: {kind} over {args.steps} step cycles, config={Path(args.config).name}")
     for site, count in recorder.sites.most_common():
         print(f"  {count / args.steps:6.2f}/step  {site}")
-    print(f"host_syncs per_step={sum(recorder.sites.values()) / args.steps:.2f} device={device.type} "
-          f"config={Path(args.config).name}", flush=True)
+    print(
+        f"host_syncs per_step={sum(recorder.sites.values()) / args.steps:.2f} device={device.type} "
+        f"config={Path(args.config).name}",
+        flush=True,
+    )
     return recorder.sites
 
 

@@ -96,8 +96,13 @@ class PlainTrainer:
         cfg, model = self.cfg, self.model
         optimizers = build_optimizers(model, cfg.optim)
         loader = make_loader(
-            cfg.loader, cfg.data_dir, rank=0, world_size=1, seq_len=cfg.seq_len,
-            tokens_per_rank=cfg.micro_batch_tokens, vocab_size=cfg.gpt.vocab_size,
+            cfg.loader,
+            cfg.data_dir,
+            rank=0,
+            world_size=1,
+            seq_len=cfg.seq_len,
+            tokens_per_rank=cfg.micro_batch_tokens,
+            vocab_size=cfg.gpt.vocab_size,
         )
         ema = None
         if cfg.ema_decay is not None:

@@ -49,8 +49,14 @@ DEFAULT_CONFIGS = (DEMO_CONFIG, TINY_CONFIG)
 
 # Overrides that make a run take seconds (for tests): a few steps, small batches, a small val split.
 QUICK_FIT_ARGS = (
-    "--trainer.max_steps", "3", "--data.train_batch_tokens", "1024", "--data.val_max_tokens", "1024",
-    "--trainer.val_check_interval", "1000",
+    "--trainer.max_steps",
+    "3",
+    "--data.train_batch_tokens",
+    "1024",
+    "--data.val_max_tokens",
+    "1024",
+    "--trainer.val_check_interval",
+    "1000",
 )
 
 
@@ -197,10 +203,14 @@ def train_or_load(config: Path, work: Path, fit_args: Sequence[str] = ()) -> Pre
             # the training clock as on_train_end saw it (the module's clock keeps running through the export)
             train = read_summary(module.run_dir).get("train", {})
             meta = {
-                "config": str(config), "fit_args": list(fit_args), "steps": int(cli.trainer.global_step),
+                "config": str(config),
+                "fit_args": list(fit_args),
+                "steps": int(cli.trainer.global_step),
                 "train_time_s": train.get("train_time_ms", module.clock.elapsed_ms()) / 1000.0,
-                "threads": torch.get_num_threads(), "fit_wall_s": time.perf_counter() - started,
-                "params": module.model.num_params(), "callback": _callback_results(cli.trainer),
+                "threads": torch.get_num_threads(),
+                "fit_wall_s": time.perf_counter() - started,
+                "params": module.model.num_params(),
+                "callback": _callback_results(cli.trainer),
                 "machine": machine_info(),
             }
             cache.mkdir(parents=True, exist_ok=True)
@@ -247,16 +257,20 @@ def schemes(quick: bool, only: Sequence[str] = ()) -> list[Scheme]:
         Scheme("fp16", "fp16 passthrough (nothing quantized)", "pr1394", {"keep_float_max_numel": 1 << 40}),
         Scheme("int8_rtn", "RTN int8, quantile clip (baseline)", "baseline"),
         Scheme("int6_rtn_pct", "RTN int6, 5-pct search (#1321)", "pr1321"),
-        Scheme("int6_rtn_sdclip", "RTN int6 SDClip 12.85σ, emb RTN int8 20σ", "pr1394",
-               {"mlp": rtn6_sd, "attn": rtn6_sd, "other": rtn6_sd, "embed": rtn8_sd}),
+        Scheme(
+            "int6_rtn_sdclip",
+            "RTN int6 SDClip 12.85σ, emb RTN int8 20σ",
+            "pr1394",
+            {"mlp": rtn6_sd, "attn": rtn6_sd, "other": rtn6_sd, "embed": rtn8_sd},
+        ),
         Scheme("int6_gptq_pct", "GPTQ int6, 5-pct search (#1333)", "pr1333"),
         Scheme("int6_gptq_sdclip", "GPTQ int6 SDClip, emb GPTQ int8 (#1394)", "pr1394"),
-        Scheme("default_routing", "GPTQ int6 SDClip (#1394), default keep-float 65,536", "pr1394",
-               default_routing=True),
+        Scheme(
+            "default_routing", "GPTQ int6 SDClip (#1394), default keep-float 65,536", "pr1394", default_routing=True
+        ),
         # PR #1855's per-group clips and int8 gate rule, with and without its LQER correction: the row pair
         # measures what LQER's low-rank factors buy per byte on this model.
-        Scheme("pr1855_no_lqer", "GPTQ int6/int7 per-group SDClip (#1855), no LQER", "pr1855",
-               {"lqer": None}),
+        Scheme("pr1855_no_lqer", "GPTQ int6/int7 per-group SDClip (#1855), no LQER", "pr1855", {"lqer": None}),
         Scheme("pr1855_lqer", "GPTQ int6/int7 per-group SDClip + LQER asym (#1855)", "pr1855"),
     ]
     if only:
@@ -275,7 +289,11 @@ def export_config(scheme: Scheme, keep_float: int, **more: Any):
 
     base = ExportConfig() if scheme.preset == "pgolf" else record_export_config(scheme.preset)
     fields: dict[str, Any] = {
-        "format": "native", "codec": "brotli", "shuffle_stride": 2, "prune": "none", "allow_over_budget": True,
+        "format": "native",
+        "codec": "brotli",
+        "shuffle_stride": 2,
+        "prune": "none",
+        "allow_over_budget": True,
         "gptq": dataclasses.replace(base.gptq, fallback="rtn"),
     }
     if not scheme.default_routing:
@@ -329,8 +347,11 @@ def code_stats(path: Path) -> dict[str, float]:
             floor = torch.tensor(1.0 / (2 ** (entry["bits"] - 1) - 1), dtype=torch.float16)
             rows += scale.numel()
             floored += int((scale == floor).sum())
-    return {"floored": floored / rows if rows else float("nan"), "zeros": zeros / codes if codes else float("nan"),
-            "ones": ones / codes if codes else float("nan")}
+    return {
+        "floored": floored / rows if rows else float("nan"),
+        "zeros": zeros / codes if codes else float("nan"),
+        "ones": ones / codes if codes else float("nan"),
+    }
 
 
 def pct(x: float) -> str:
@@ -350,6 +371,7 @@ def top_tensors(counts: dict[str, int], k: int = 3) -> str:
 def hessian_errors(model, hessians: dict, arts: dict[str, dict]) -> dict[str, dict[str, tuple[int, float]]]:
     """category -> scheme key -> (matrices, Σ tr((W−Ŵ)H(W−Ŵ)ᵀ)) over the matrices that have a Hessian."""
     from pgolf_lit.quant.gptq import hessian_weighted_error
+
     sd = model.state_dict()
     out: dict[str, dict[str, tuple[int, float]]] = {}
     for name, h in hessians.items():
@@ -382,11 +404,15 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     model, dm = prep.model, prep.datamodule
     tokens = set_val_tokens(dm, args.val_tokens)
     n_val = val_token_count(tokens)
-    cpu_fp32 = evaluation_context(EvalSettings(seq_len=dm.val_seq_len), precision="32-true", device=torch.device("cpu"),
-                                  compile=False)
+    cpu_fp32 = evaluation_context(
+        EvalSettings(seq_len=dm.val_seq_len), precision="32-true", device=torch.device("cpu"), compile=False
+    )
     with torch.no_grad():
         pre = run_method("standard", model, tokens, dm.byte_counts, cpu_fp32)
-    log(f"[{prep.name}] pre-quant standard BPB {pre.val_bpb:.5f} on {pre.tokens} tokens ({pre.eval_time_ms / 1000:.1f} s)")
+    log(
+        f"[{prep.name}] pre-quant standard BPB {pre.val_bpb:.5f} on {pre.tokens} tokens "
+        f"({pre.eval_time_ms / 1000:.1f} s)"
+    )
 
     # GPTQ Hessians, once: every CastedLinear above the keep-float threshold plus the tied head (PR #1394's set),
     # replaying the first training batches as GPTQExport(calibration="train_replay") does
@@ -404,20 +430,25 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         cfg = export_config(scheme, args.keep_float, **more)
         path = out_dir / f"{tag}.pgolf"
         with torch.no_grad():
-            report = export_model(model, cfg, path, hessians=hessians if cfg.uses_gptq else None, code=code,
-                                  progress=False)
+            report = export_model(
+                model, cfg, path, hessians=hessians if cfg.uses_gptq else None, code=code, progress=False
+            )
             t = time.perf_counter()
             art = read_artifact(path)
             rebuilt = model_from_artifact(art, str(path))
-            post = run_method("standard", rebuilt, tokens, dm.byte_counts, dataclasses.replace(cpu_fp32, weights=art.weights))
+            post = run_method(
+                "standard", rebuilt, tokens, dm.byte_counts, dataclasses.replace(cpu_fp32, weights=art.weights)
+            )
         return VariantResult(scheme, report, path, post.val_bpb, time.perf_counter() - t, report.num_quantized)
 
     grid = CODEC_GRID if not args.quick else CODEC_GRID[:1]  # quick: zlib only (fast)
     results: list[VariantResult] = []
     for scheme in schemes(args.quick, args.schemes):
         r = export_and_score(scheme, scheme.key)
-        log(f"[{prep.name}] {scheme.key}: {r.report.model_bytes:,} B, post {r.post_bpb:.5f} "
-            f"(gap {r.post_bpb - pre.val_bpb:+.5f}), export {r.report.seconds['total']:.1f} s")
+        log(
+            f"[{prep.name}] {scheme.key}: {r.report.model_bytes:,} B, post {r.post_bpb:.5f} "
+            f"(gap {r.post_bpb - pre.val_bpb:+.5f}), export {r.report.seconds['total']:.1f} s"
+        )
         for codec, _ in grid:
             for stride in (0, 2):
                 size, secs, blob = recode(r.path, codec, stride)
@@ -435,12 +466,22 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     for r in results:
         rep = r.report
         st = code_stats(r.path)
-        rows.append([
-            r.scheme.label, "default" if r.scheme.default_routing else f"≤{args.keep_float:,}" if r.scheme.key != "fp16" else "all",
-            rep.num_quantized, f"{rep.model_bytes:,}", f"{rep.code_bytes:,}", f"{rep.total_bytes:,}",
-            fmt(pre.val_bpb, 5), fmt(r.post_bpb, 5), fmt(r.post_bpb - pre.val_bpb, 5, signed=True),
-            pct(st["floored"]), pct(st["zeros"]), pct(st["ones"]),
-        ])
+        rows.append(
+            [
+                r.scheme.label,
+                "default" if r.scheme.default_routing else f"≤{args.keep_float:,}" if r.scheme.key != "fp16" else "all",
+                rep.num_quantized,
+                f"{rep.model_bytes:,}",
+                f"{rep.code_bytes:,}",
+                f"{rep.total_bytes:,}",
+                fmt(pre.val_bpb, 5),
+                fmt(r.post_bpb, 5),
+                fmt(r.post_bpb - pre.val_bpb, 5, signed=True),
+                pct(st["floored"]),
+                pct(st["zeros"]),
+                pct(st["ones"]),
+            ]
+        )
     sections["gap"] = (
         f"**Quantization gap, {tag}** — {caption}; calibration {hrep.num_batches} replayed train batches "
         f"({hrep.num_tokens:,} tokens); native container, brotli-11 + byte shuffle, no pruning; BPB = standard eval "
@@ -448,9 +489,23 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         f"floor of the baseline/int6 scripts (upstream `quantize_float_tensor`, `quantize_int6_per_row`: when it "
         f"binds, the percentile search is a no-op and the grid is a fixed step); codes = 0 / ±1: shares over every "
         f"quantized tensor.\n\n"
-        + md_table(["scheme", "keep-float numel", "quantized tensors", "model bytes", "code bytes", "total bytes",
-                    "pre BPB", "post BPB", "gap (post − pre)", "rows at 1/R floor", "codes = 0", "codes = ±1"],
-                   rows)
+        + md_table(
+            [
+                "scheme",
+                "keep-float numel",
+                "quantized tensors",
+                "model bytes",
+                "code bytes",
+                "total bytes",
+                "pre BPB",
+                "post BPB",
+                "gap (post − pre)",
+                "rows at 1/R floor",
+                "codes = 0",
+                "codes = ±1",
+            ],
+            rows,
+        )
     )
     cb = prep.meta.get("callback") or {}
     if cb.get("pre_quant") is not None and cb.get("roundtrip") is not None:
@@ -475,7 +530,8 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     sections["codecs"] = (
         f"**Model bytes per codec, {tag}** — the same quantized payload of each scheme re-encoded in the native "
         f"container (`encode_native`; the brotli-11 + shuffle entry is byte-identical to the exported file). "
-        f"{caption}.\n\n" + md_table(headers, rows)
+        f"{caption}.\n\n"
+        + md_table(headers, rows)
         + f"\n\n**Encode time (s) per codec, {tag}** (shuffle + compress of the whole payload, one run each, "
         f"single-threaded codecs; shared machine, so expect ±30 %). {caption}.\n\n" + md_table(headers[:-1], time_rows)
     )
@@ -484,10 +540,15 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
     by_key = {r.scheme.key: r for r in results}
     deq = {k: read_artifact(r.path).state_dict for k, r in by_key.items() if k not in ("fp16", "default_routing")}
     errs = hessian_errors(model, hessians, deq)
-    pairs = [(a, b, ratio) for a, b, ratio in (("int6_rtn_pct", "int6_gptq_pct", "GPTQ / RTN"),
-                                               ("int6_rtn_sdclip", "int6_gptq_sdclip", "GPTQ / RTN"),
-                                               ("pr1855_no_lqer", "pr1855_lqer", "LQER / none"))
-             if a in deq and b in deq]
+    pairs = [
+        (a, b, ratio)
+        for a, b, ratio in (
+            ("int6_rtn_pct", "int6_gptq_pct", "GPTQ / RTN"),
+            ("int6_rtn_sdclip", "int6_gptq_sdclip", "GPTQ / RTN"),
+            ("pr1855_no_lqer", "pr1855_lqer", "LQER / none"),
+        )
+        if a in deq and b in deq
+    ]
     if not pairs and "int6_rtn_pct" in deq and "int6_gptq_sdclip" in deq:
         pairs = [("int6_rtn_pct", "int6_gptq_sdclip", "GPTQ / RTN")]
     rows = []
@@ -515,7 +576,8 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
         f"back from each artifact; summed over the matrices of each category. The embedding row is int8 (RTN "
         f"quantile for #1321/#1333, SDClip 20σ for the SDClip pair), int7 at 14σ in PR #1855's pair, whose LQER "
         f"corrects only its top-k error matrices. {caption}.\n\n"
-        + md_table(headers, rows) + ("\n\n" + "; ".join(wins) + "." if wins else "")
+        + md_table(headers, rows)
+        + ("\n\n" + "; ".join(wins) + "." if wins else "")
     )
 
     # -- 4. pruning to a budget
@@ -529,29 +591,67 @@ def measure_model(prep: Prepared, args: argparse.Namespace) -> dict[str, str]:
                 budget = base.report.code_bytes + int(base.report.model_bytes * (1 - frac))
                 r = export_and_score(base.scheme, f"{key}_prune_{mode}_{frac:g}", prune=mode, budget_bytes=budget)
                 p = r.report.prune
-                prune_rows.append([
-                    base.scheme.label, mode, f"{frac:.0%}", f"{budget:,}", f"{p.excess_bytes:,}",
-                    f"{p.n_pruned:,} / {p.n_candidates:,}", f"{p.final_bytes:,}", "yes" if p.fits else "**no**",
-                    len(p.probes), top_tensors(p.pruned_per_tensor), fmt(r.post_bpb - pre.val_bpb, 5, signed=True),
-                    fmt(r.post_bpb - base.post_bpb, 5, signed=True), f"{r.report.seconds['prune_and_compress']:.1f}",
-                ])
+                prune_rows.append(
+                    [
+                        base.scheme.label,
+                        mode,
+                        f"{frac:.0%}",
+                        f"{budget:,}",
+                        f"{p.excess_bytes:,}",
+                        f"{p.n_pruned:,} / {p.n_candidates:,}",
+                        f"{p.final_bytes:,}",
+                        "yes" if p.fits else "**no**",
+                        len(p.probes),
+                        top_tensors(p.pruned_per_tensor),
+                        fmt(r.post_bpb - pre.val_bpb, 5, signed=True),
+                        fmt(r.post_bpb - base.post_bpb, 5, signed=True),
+                        f"{r.report.seconds['prune_and_compress']:.1f}",
+                    ]
+                )
                 log(f"[{prep.name}] prune {key} {mode} {frac:g}: {p.n_pruned}/{p.n_candidates}, fits {p.fits}")
         sections["prune"] = (
             f"**Selective ±1 pruning to a budget, {tag}** — budget = code bytes + (1 − x) × the unpruned model "
             f"bytes (brotli-11 + shuffle); `upstream` = PR #1333's n = 8 × excess, `search` = pgolf's bisection on "
             f"the real compressed size. {caption}.\n\n"
-            + md_table(["scheme", "mode", "x", "budget", "excess bytes", "pruned / candidates", "final total",
-                        "fits", "size probes", "tensors pruned (top 3)", "gap vs fp32", "Δ vs unpruned", "prune+compress s"], prune_rows)
+            + md_table(
+                [
+                    "scheme",
+                    "mode",
+                    "x",
+                    "budget",
+                    "excess bytes",
+                    "pruned / candidates",
+                    "final total",
+                    "fits",
+                    "size probes",
+                    "tensors pruned (top 3)",
+                    "gap vs fp32",
+                    "Δ vs unpruned",
+                    "prune+compress s",
+                ],
+                prune_rows,
+            )
         )
 
     # -- 5. export time
     rows = []
     for r in results:
         s = r.report.seconds
-        hs = f"{hrep.seconds:.2f}" if r.report.num_quantized and export_config(r.scheme, args.keep_float).uses_gptq \
+        hs = (
+            f"{hrep.seconds:.2f}"
+            if r.report.num_quantized and export_config(r.scheme, args.keep_float).uses_gptq
             else "—"
-        rows.append([r.scheme.label, hs, f"{s['quantize']:.2f}", f"{s['prune_and_compress']:.2f}",
-                     f"{s['total']:.2f}", f"{r.eval_s:.2f}"])
+        )
+        rows.append(
+            [
+                r.scheme.label,
+                hs,
+                f"{s['quantize']:.2f}",
+                f"{s['prune_and_compress']:.2f}",
+                f"{s['total']:.2f}",
+                f"{r.eval_s:.2f}",
+            ]
+        )
     sections["time"] = (
         f"**Export time (s), {tag}** — Hessians: one collection ({hrep.num_batches} batches, {len(hessians)} "
         f"matrices, shared by every GPTQ scheme; `export_model` received them precomputed, so its total excludes "
@@ -577,11 +677,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--val-tokens", type=int, default=0, help="first N val tokens scored (0: the whole split)")
     p.add_argument("--calib-batches", type=int, default=8, help="replayed training batches for the Hessians")
     p.add_argument("--keep-float", type=int, default=1024, help="keep_float_max_numel of the variants")
-    p.add_argument("--prune-excess", type=float, nargs="+", default=[0.01, 0.05],
-                   help="pruning budgets: unpruned model bytes × (1 − x)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared 2-core machine 2 threads oversubscribe and run "
-                        "5-30x slower and erratically)")
+    p.add_argument(
+        "--prune-excess",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.05],
+        help="pruning budgets: unpruned model bytes × (1 − x)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine 2 threads oversubscribe and run "
+        "5-30x slower and erratically)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke-test size: a few steps and variants")
     p.add_argument("--schemes", nargs="+", default=(), help="only these variants (keys of `schemes`)")
     p.add_argument("fit_args", nargs="*", help="after --: extra `pgolf fit` overrides (part of the cache key)")
@@ -594,8 +703,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def run_tables(args: argparse.Namespace, title: str, measure: Callable[[Prepared], list[str]],
-               tail: Callable[[], list[str]] = lambda: []) -> str:
+def run_tables(
+    args: argparse.Namespace,
+    title: str,
+    measure: Callable[[Prepared], list[str]],
+    tail: Callable[[], list[str]] = lambda: [],
+) -> str:
     """Train or load each of ``args.configs`` from inside ``args.work`` and join ``measure``'s sections into one
     markdown text (stdout and ``args.out``); ``tail`` adds sections after the configs. Shared by both tables."""
     threads_before = torch.get_num_threads()
@@ -631,7 +744,8 @@ def run_tables(args: argparse.Namespace, title: str, measure: Callable[[Prepared
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return run_tables(
-        args, "## Compression measurements (`bench/quant_table.py`)",
+        args,
+        "## Compression measurements (`bench/quant_table.py`)",
         lambda prep: list(measure_model(prep, args).values()),
         tail=lambda: [UPSTREAM_GAPS],
     )

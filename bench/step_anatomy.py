@@ -51,8 +51,9 @@ def record_ms_per_step(config: str) -> Optional[float]:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    own, extra = (list(argv), []) if "--" not in argv else (list(argv[: argv.index("--")]),
-                                                            list(argv[argv.index("--") + 1 :]))
+    own, extra = (
+        (list(argv), []) if "--" not in argv else (list(argv[: argv.index("--")]), list(argv[argv.index("--") + 1 :]))
+    )
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a record config (configs/records/...)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant per round")
@@ -77,15 +78,16 @@ def one_rank_args(cli) -> list[str]:
 class Variant:
     """One row of the table: ``apply`` turns the switch off on the live objects and returns the undo."""
 
-    def __init__(self, label: str, apply: Callable[[], Callable[[], None]], observers: Callable[[], list] = list,
-                 **trainer_flags):
+    def __init__(
+        self, label: str, apply: Callable[[], Callable[[], None]], observers: Callable[[], list] = list, **trainer_flags
+    ):
         self.label, self.apply, self.observers, self.trainer_flags = label, apply, observers, trainer_flags
         self.seconds: list[float] = []
 
 
 def variants(side: LightningSide, workdir: Path, steps: int, warmup: int) -> list[Variant]:
     module, dm = side.cli.model, side.cli.datamodule
-    rows = [Variant("as shipped", lambda: (lambda: None))]
+    rows = [Variant("as shipped", lambda: lambda: None)]
     if dm.loader_kind == "packed":
         from pgolf_lit.data.loaders import DocumentPackingLoader
 
@@ -96,10 +98,16 @@ def variants(side: LightningSide, workdir: Path, steps: int, warmup: int) -> lis
 
         rows.append(Variant("1 off: varlen max_seqlen = packed row length", row_length_bound))
     every = max(1, warmup + steps // 2)
-    rows.append(Variant(f"2 off: Checkpoint every {every} steps (one save in the timed span)", lambda: (lambda: None),
-                        lambda: [Checkpoint(every_n_train_steps=every, dirpath=str(workdir / "ckpt"))],
-                        enable_checkpointing=True))
+    rows.append(
+        Variant(
+            f"2 off: Checkpoint every {every} steps (one save in the timed span)",
+            lambda: lambda: None,
+            lambda: [Checkpoint(every_n_train_steps=every, dirpath=str(workdir / "ckpt"))],
+            enable_checkpointing=True,
+        )
+    )
     if getattr(module, "fused_kernels", False):
+
         def fused_off():
             module.set_fused_kernels(False)
             return lambda: module.set_fused_kernels(True)
@@ -119,8 +127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         side = LightningSide(cli, args.warmup, args.steps)
         rows = variants(side, workdir, args.steps, args.warmup)
         tokens = cli.datamodule.micro_batch_tokens * cli.datamodule.grad_accum_base
-        print(f"config={args.config} device={device} tokens/step={tokens} warmup={args.warmup} steps={args.steps} "
-              f"rounds={args.rounds}", flush=True)
+        print(
+            f"config={args.config} device={device} tokens/step={tokens} warmup={args.warmup} steps={args.steps} "
+            f"rounds={args.rounds}",
+            flush=True,
+        )
         for r in range(args.rounds):
             for row in rows:
                 undo = row.apply()
@@ -128,8 +139,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     row.seconds.append(side.run(*row.observers(), **row.trainer_flags))
                 finally:
                     undo()
-                print(f"round {r + 1}/{args.rounds}: {row.label}: {1000 * row.seconds[-1] / args.steps:.1f} ms/step",
-                      flush=True)
+                print(
+                    f"round {r + 1}/{args.rounds}: {row.label}: {1000 * row.seconds[-1] / args.steps:.1f} ms/step",
+                    flush=True,
+                )
 
     record = record_ms_per_step(args.config)
     shipped = 1000 * statistics.median(rows[0].seconds) / args.steps
@@ -140,15 +153,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"{row.label:<64} {ms:>9.1f} {ms / shipped:>10.3f}x")
         if row.label.startswith("2 off"):
             per_save_ms = (ms - shipped) * args.steps
-            print(f"{'  the save spread over the old cadence (2 files / 1000 steps)':<64} "
-                  f"{shipped + 2 * per_save_ms / 1000:>9.1f} {(shipped + 2 * per_save_ms / 1000) / shipped:>10.3f}x")
+            print(
+                f"{'  the save spread over the old cadence (2 files / 1000 steps)':<64} "
+                f"{shipped + 2 * per_save_ms / 1000:>9.1f} {(shipped + 2 * per_save_ms / 1000) / shipped:>10.3f}x"
+            )
     world_note = "n/a: one device" if (cli.trainer.world_size or 1) == 1 else "see bench/throughput.py under DDP"
     print(f"{'3 world (8 GPUs, local clip, per-rank calibration)':<64} {world_note:>21}")
     print(f"{'5 off: fp32 gradient reduction instead of bf16':<64} {world_note:>21}")
     if record is not None:
         print(f"{'the record, logged (8xH100, one rank per GPU)':<64} {record:>9.1f}")
-    print(f"step_anatomy shipped_ms={shipped:.2f} record_ms={record if record is None else round(record, 2)} "
-          f"config={Path(args.config).name} device={device.type}", flush=True)
+    print(
+        f"step_anatomy shipped_ms={shipped:.2f} record_ms={record if record is None else round(record, 2)} "
+        f"config={Path(args.config).name} device={device.type}",
+        flush=True,
+    )
     return {"shipped_ms": shipped, "rows": {row.label: row.seconds for row in rows}, "record_ms": record}
 
 

@@ -96,13 +96,20 @@ def make_fit_cli(args: list[str]):
 def fit_args(args: argparse.Namespace, device: torch.device, workdir: Path, extra: list[str]) -> list[str]:
     """The pgolf fit arguments of the Lightning side: one device, no validation, logs under ``workdir``."""
     out = [
-        "--config", args.config,
-        "--trainer.max_steps", str(args.warmup + args.steps),
-        "--trainer.devices", "1",
-        "--trainer.limit_val_batches", "0",
-        "--trainer.num_sanity_val_steps", "0",
-        "--trainer.default_root_dir", str(workdir),
-        "--trainer.logger.init_args.save_dir", str(workdir),
+        "--config",
+        args.config,
+        "--trainer.max_steps",
+        str(args.warmup + args.steps),
+        "--trainer.devices",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.default_root_dir",
+        str(workdir),
+        "--trainer.logger.init_args.save_dir",
+        str(workdir),
     ]
     if device.type == "cpu":
         out += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.compile", "false"]
@@ -153,7 +160,8 @@ class LightningSide:
         Trainer arguments over the config's."""
         timer = StepTimer(self.warmup, self.warmup + self.steps)
         trainer = self.cli.instantiate_trainer(
-            callbacks=copy.deepcopy(self.callbacks) + [timer, *observers], logger=copy.deepcopy(self.logger),
+            callbacks=copy.deepcopy(self.callbacks) + [timer, *observers],
+            logger=copy.deepcopy(self.logger),
             **trainer_flags,
         )
         trainer.fit(self.cli.model, datamodule=self.cli.datamodule)
@@ -213,7 +221,11 @@ def attention_backend(model: GPT, seq_len: int, device: torch.device) -> str:
 
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=torch.bfloat16),
+            sdpa_kernel(SDPBackend.FLASH_ATTENTION),
+        ):
             model(ids)
     except RuntimeError as e:
         return f"not-flash ({str(e).splitlines()[0][:200]})"
@@ -241,32 +253,46 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         side = LightningSide(cli, args.warmup, args.steps)
         plain = PlainTrainer(plain_config(side, device))
         tokens = args.steps * plain.cfg.tokens_per_step
-        print(f"config={args.config} device={device} tokens/step={plain.cfg.tokens_per_step} "
-              f"warmup={args.warmup} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()} "
-              f"loadavg={load_average()}", flush=True)
+        print(
+            f"config={args.config} device={device} tokens/step={plain.cfg.tokens_per_step} "
+            f"warmup={args.warmup} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()} "
+            f"loadavg={load_average()}",
+            flush=True,
+        )
         rates: dict[str, list[float]] = {"lightning": [], "plain": []}
         with open(workdir / "plain_train.log", "w") as plain_log:
-            runners = {"lightning": side.run, "plain": lambda: plain.run(args.warmup + args.steps, args.warmup, plain_log)}
+            runners = {
+                "lightning": side.run,
+                "plain": lambda: plain.run(args.warmup + args.steps, args.warmup, plain_log),
+            }
             for r in range(args.rounds):
                 order = ("lightning", "plain") if r % 2 == 0 else ("plain", "lightning")
                 for name in order:
                     rates[name].append(tokens / runners[name]())
                 ratio = rates["lightning"][-1] / rates["plain"][-1]
-                print(f"round {r + 1}/{args.rounds}: lightning {rates['lightning'][-1]:,.0f} tok/s  "
-                      f"plain {rates['plain'][-1]:,.0f} tok/s  ratio {ratio:.3f}  loadavg={load_average()}", flush=True)
+                print(
+                    f"round {r + 1}/{args.rounds}: lightning {rates['lightning'][-1]:,.0f} tok/s  "
+                    f"plain {rates['plain'][-1]:,.0f} tok/s  ratio {ratio:.3f}  loadavg={load_average()}",
+                    flush=True,
+                )
 
     lightning_tok_s, plain_tok_s = statistics.median(rates["lightning"]), statistics.median(rates["plain"])
-    ratio = statistics.median(l / p for l, p in zip(rates["lightning"], rates["plain"]))
+    ratio = statistics.median(lit / p for lit, p in zip(rates["lightning"], rates["plain"]))
     if device.type == "cuda":
         flops, formula = train_flops_per_token(plain.model, plain.cfg.seq_len)
         peak = peak_tflops(device, args.peak_tflops)
-        print(f"flops/token={flops:.4g} ({formula}); device={torch.cuda.get_device_name(device)} "
-              f"sdpa={attention_backend(plain.model, plain.cfg.seq_len, device)}")
+        print(
+            f"flops/token={flops:.4g} ({formula}); device={torch.cuda.get_device_name(device)} "
+            f"sdpa={attention_backend(plain.model, plain.cfg.seq_len, device)}"
+        )
         if peak:
             for name, rate in (("lightning", lightning_tok_s), ("plain", plain_tok_s)):
                 print(f"mfu {name}={flops * rate / (peak * 1e12):.4f} (flops/token * tok/s / {peak:g} TFLOP/s)")
-    print(f"throughput lightning_tok_s={lightning_tok_s:.1f} plain_tok_s={plain_tok_s:.1f} ratio={ratio:.4f} "
-          f"device={device.type} config={Path(args.config).name} steps={args.steps}", flush=True)
+    print(
+        f"throughput lightning_tok_s={lightning_tok_s:.1f} plain_tok_s={plain_tok_s:.1f} ratio={ratio:.4f} "
+        f"device={device.type} config={Path(args.config).name} steps={args.steps}",
+        flush=True,
+    )
     return {"lightning_tok_s": lightning_tok_s, "plain_tok_s": plain_tok_s, "ratio": ratio, "rates": rates}
 
 

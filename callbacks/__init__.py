@@ -18,4 +18,15 @@ from .recurrence import RecurrenceActivation
 from .swa import SWA
 from .wallclock import WallclockBudget
 
-__all__ = ["BudgetProgressBar", "Checkpoint", "CompactModelSummary", "EMA", "SWA", "CompilePriming", "GPTQExport", "LateQAT", "RecurrenceActivation", "WallclockBudget"]
+__all__ = [
+    "BudgetProgressBar",
+    "Checkpoint",
+    "CompactModelSummary",
+    "EMA",
+    "SWA",
+    "CompilePriming",
+    "GPTQExport",
+    "LateQAT",
+    "RecurrenceActivation",
+    "WallclockBudget",
+]

@@ -73,8 +73,11 @@ class GPTQExport(Callback):
             return None
         if self.calibration == "generated":
             tokens = generate_calibration_tokens(
-                model, model.config.vocab_size, num_seqs=self.calibration_batches,
-                seq_len=datamodule.train_seq_len, device=device,
+                model,
+                model.config.vocab_size,
+                num_seqs=self.calibration_batches,
+                seq_len=datamodule.train_seq_len,
+                device=device,
             )
             return token_batches(tokens, 1, drop_last_token=True)
         skip = steps_trained if self.calibration == "train_continue" else 0
@@ -111,8 +114,9 @@ class GPTQExport(Callback):
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 batches = self.calibration_tokens(model, trainer.datamodule, pl_module.device, trainer.global_step)
                 reading = time.perf_counter() - started
-                self.report = export_model(model, self.config, out, calib_batches=batches, progress=True,
-                                           eval_methods=pl_module.test_methods)
+                self.report = export_model(
+                    model, self.config, out, calib_batches=batches, progress=True, eval_methods=pl_module.test_methods
+                )
             spent = time.perf_counter() - started
             # The clock ledger: calibration on training data (reading it + the Hessian pass) is what a record's GPTQ
             # reserve pays for; quantizing and compressing come after and are not training.
@@ -134,11 +138,18 @@ class GPTQExport(Callback):
                 f"Serialized model bytes:{self.report.model_bytes} code bytes:{self.report.code_bytes} "
                 f"total:{self.report.total_bytes}"
             )
-            pl_module.write_summary(artifact={
-                "path": str(out.resolve()), "model_bytes": self.report.model_bytes, "code_bytes": self.report.code_bytes,
-                "total_bytes": self.report.total_bytes, "budget_bytes": self.report.budget_bytes,
-                "fits": self.report.fits, "codec": self.report.codec, "seconds": self.report.seconds,
-            })
+            pl_module.write_summary(
+                artifact={
+                    "path": str(out.resolve()),
+                    "model_bytes": self.report.model_bytes,
+                    "code_bytes": self.report.code_bytes,
+                    "total_bytes": self.report.total_bytes,
+                    "budget_bytes": self.report.budget_bytes,
+                    "fits": self.report.fits,
+                    "codec": self.report.codec,
+                    "seconds": self.report.seconds,
+                }
+            )
         self._share_outcome(trainer, None)
         if not self.roundtrip_eval:
             return
@@ -156,8 +167,11 @@ class GPTQExport(Callback):
         if self.report is not None:
             for logger in trainer.loggers:
                 logger.log_metrics(
-                    {"artifact_model_bytes": self.report.model_bytes, "artifact_code_bytes": self.report.code_bytes,
-                     "artifact_total_bytes": self.report.total_bytes},
+                    {
+                        "artifact_model_bytes": self.report.model_bytes,
+                        "artifact_code_bytes": self.report.code_bytes,
+                        "artifact_total_bytes": self.report.total_bytes,
+                    },
                     trainer.global_step,
                 )
                 logger.save()

@@ -53,7 +53,9 @@ class LateQAT(Callback):
             self.enabled_at_step = sched.step
             layers = set_qat_bits(pl_module.model, self.bits) if self.apply else 0
             note = f"layers:{layers}" if self.apply else "inert (apply=false reproduces the record runs)"
-            pl_module.record_event("late_qat:enabled", f"late_qat:enabled step:{sched.step} scale:{sched.lr_scale:.4f} {note}")
+            pl_module.record_event(
+                "late_qat:enabled", f"late_qat:enabled step:{sched.step} scale:{sched.lr_scale:.4f} {note}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"enabled_at_step": self.enabled_at_step}

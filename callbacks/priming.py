@@ -68,7 +68,11 @@ class CompilePriming(Callback):
         was_recurrent = model.recurrence_active
         dm = trainer.datamodule
         batches = iter(TrainSteps(dm.make_train_loader(), dm.grad_accum))
-        phases = [(self.steps, False, False), (self.recurrent_steps, True, False), (self.qat_steps, was_recurrent, True)]
+        phases = [
+            (self.steps, False, False),
+            (self.recurrent_steps, True, False),
+            (self.qat_steps, was_recurrent, True),
+        ]
         index = itertools.count()
         with trainer.precision_plugin.train_step_context():
             if self.cu_buckets and pl_module.compile:  # only the compiled graphs care about bucket widths
@@ -78,8 +82,9 @@ class CompilePriming(Callback):
                 set_qat_bits(model, self.qat_bits if qat else 0)
                 for _ in range(n):
                     i = next(index)
-                    batch = tuple(t.to(pl_module.device, non_blocking=True) if torch.is_tensor(t) else t
-                                  for t in next(batches))
+                    batch = tuple(
+                        t.to(pl_module.device, non_blocking=True) if torch.is_tensor(t) else t for t in next(batches)
+                    )
                     if self.mode == "construction":
                         sched = StepSchedule(i, 0.0, 0.0, 1.0, pl_module.optim_config.muon_momentum)
                     else:
@@ -97,8 +102,9 @@ class CompilePriming(Callback):
             torch.cuda.synchronize(pl_module.device)
         seconds = time.perf_counter() - started
         pl_module.clock.note_off_clock("priming", seconds)  # compile + autotune, off the training clock as upstream
-        pl_module.record_event("warmup:done", f"warmup:done steps:{next(index)} weights and optimizer state restored "
-                                              f"time:{seconds:.1f}s")
+        pl_module.record_event(
+            "warmup:done", f"warmup:done steps:{next(index)} weights and optimizer state restored time:{seconds:.1f}s"
+        )
 
     def _prime_cu_buckets(self, pl_module, batch) -> None:
         if len(batch) < 4:

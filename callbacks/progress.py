@@ -48,9 +48,19 @@ class BudgetProgressBar(TQDMProgressBar):
         """The training bar, drawn with its own total from the first frame (Lightning's first frames show the
         dataloader's nominal length, "Epoch 0: 0/100000", which stayed in every log file)."""
         description, total, unit = getattr(self, "_train_layout", (self.train_description, None, "it"))
-        return Tqdm(desc=description, total=total, unit=unit, unit_scale=False, position=2 * self.process_position,
-                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
-                    bar_format=self.BAR_FORMAT)
+        return Tqdm(
+            desc=description,
+            total=total,
+            unit=unit,
+            unit_scale=False,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # One endless epoch: the bar was laid out when it was created; Lightning's reset to the epoch's length and

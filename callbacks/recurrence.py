@@ -48,5 +48,5 @@ class RecurrenceActivation(Callback):
             pl_module.record_event(
                 "recurrence:activated",
                 f"recurrence:activated step:{sched.step} frac:{sched.frac:.3f} lr_scale:{sched.lr_scale:.4f} "
-                f"schedule:{model.layer_schedule()}"
+                f"schedule:{model.layer_schedule()}",
             )

@@ -58,7 +58,9 @@ class SWA(Callback):
         if not self.apply or self.sums is None:
             return
         current = pl_module.model.state_dict()
-        pl_module.model.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in self.average().items()})
+        pl_module.model.load_state_dict(
+            {k: v.to(current[k].device, current[k].dtype) for k, v in self.average().items()}
+        )
         pl_module.mark_weights("post-swa")
         pl_module.record_event("swa:applied", f"swa:applied snapshots:{self.count} from_step:{self.start_step}")
 

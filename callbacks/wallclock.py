@@ -46,9 +46,7 @@ class WallclockBudget(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.reserve_seconds > 0 and self.effective_cap_ms is not None:
-            pl_module.log_text(
-                f"gptq:reserving {self.reserve_seconds:g}s, effective={self.effective_cap_ms:.0f}ms"
-            )
+            pl_module.log_text(f"gptq:reserving {self.reserve_seconds:g}s, effective={self.effective_cap_ms:.0f}ms")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.effective_cap_ms is None:
@@ -60,7 +58,8 @@ class WallclockBudget(Callback):
             trainer.should_stop = True
             pl_module.record_event(
                 "stopping_early",
-                f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{trainer.global_step}/{pl_module.max_steps}"
+                f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms "
+                f"step:{trainer.global_step}/{pl_module.max_steps}",
             )
 
     def state_dict(self) -> dict[str, Any]:

@@ -142,8 +142,11 @@ def load_checkpoint_file(
     except Exception as e:  # a truncated zip, a non-torch file, a weights_only refusal of pickled code
         import pickle
 
-        why = ("it holds objects other than tensors and plain values, which are never unpickled"
-               if isinstance(e, pickle.UnpicklingError) else "the file is truncated, corrupted or not a torch file")
+        why = (
+            "it holds objects other than tensors and plain values, which are never unpickled"
+            if isinstance(e, pickle.UnpicklingError)
+            else "the file is truncated, corrupted or not a torch file"
+        )
         raise CheckpointError(f"{path}: not a loadable {what} ({_first_line(e)}); {why}") from None
     if verify and isinstance(obj, dict) and CHECKSUM_KEY in obj:
         stored = obj.pop(CHECKSUM_KEY)
@@ -160,8 +163,10 @@ def as_lightning_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict[str, Any
     """A loaded file in the layout Lightning restores from: a ``pgolf convert`` output (``state_dict`` and
     ``pgolf_gpt``, weights only) gets the version entry Lightning's checkpoint migration reads."""
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict); is it an upstream state dict? "
-                              f"Convert it with pgolf convert --from-upstream")
+        raise CheckpointError(
+            f"{path}: not a Lightning checkpoint (no state_dict); is it an upstream state dict? "
+            f"Convert it with pgolf convert --from-upstream"
+        )
     if _LIGHTNING_VERSION_KEY not in ckpt:
         import lightning
 
@@ -187,8 +192,10 @@ def check_writable_dir(path: str | os.PathLike, what: str = "checkpoint folder")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        return (f"{path}: the {what} is not writable ({e.strerror or e}); fix its permissions or set "
-                f"ModelCheckpoint's dirpath to a writable folder")
+        return (
+            f"{path}: the {what} is not writable ({e.strerror or e}); fix its permissions or set "
+            f"ModelCheckpoint's dirpath to a writable folder"
+        )
     return None
 
 

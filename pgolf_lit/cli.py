@@ -173,7 +173,7 @@ def explicit_model_keys(args: Sequence[str]) -> set[str]:
             if isinstance(data, dict) and isinstance(data.get("model"), dict):
                 keys.update(_leaves(data["model"]))
         elif flag == "--model" or flag.startswith("--model."):
-            key = flag[len("--model."):] if flag != "--model" else ""
+            key = flag[len("--model.") :] if flag != "--model" else ""
             data = parsed(value) if value is not None else None
             leaves = _leaves(data) if isinstance(data, dict) else {}
             keys.update(f"{key}.{k}" if key else k for k in leaves)
@@ -270,16 +270,22 @@ def honest_trainer_flags(config) -> None:
     if trainer.get("enable_checkpointing") is False:  # the switch wins over the config's checkpoint callback
         trainer.callbacks = [c for c in (trainer.get("callbacks") or []) if not _is_checkpoint(c)]
     elif trainer.get("enable_checkpointing") and not any(_is_checkpoint(c) for c in trainer.get("callbacks") or []):
-        trainer.callbacks = [*(trainer.get("callbacks") or []),
-                             Namespace(class_path="pgolf_lit.callbacks.Checkpoint", init_args=Namespace())]
+        trainer.callbacks = [
+            *(trainer.get("callbacks") or []),
+            Namespace(class_path="pgolf_lit.callbacks.Checkpoint", init_args=Namespace()),
+        ]
     max_time = trainer.get("max_time")
     if max_time is not None:
         seconds = _max_time_seconds(max_time)
         callbacks = list(trainer.get("callbacks") or [])
         budget = next((c for c in callbacks if str(c.get("class_path", "")).endswith(".WallclockBudget")), None)
         if budget is None:
-            callbacks.append(Namespace(class_path="pgolf_lit.callbacks.WallclockBudget",
-                                       init_args=Namespace(max_seconds=seconds, reserve_seconds=0.0)))
+            callbacks.append(
+                Namespace(
+                    class_path="pgolf_lit.callbacks.WallclockBudget",
+                    init_args=Namespace(max_seconds=seconds, reserve_seconds=0.0),
+                )
+            )
         else:
             cap = budget.init_args.get("max_seconds") or 0
             budget.init_args.max_seconds = seconds if cap <= 0 else min(cap, seconds)
@@ -430,8 +436,9 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
                 return super()._parse_ckpt_path()
             current = self.config[sub]["model"]
             current = current.as_dict() if hasattr(current, "as_dict") else dict(current or {})
-            remaining = merge_checkpoint_hparams(hparams, current, explicit_model_keys(self._args),
-                                                 f"the checkpoint {path}")
+            remaining = merge_checkpoint_hparams(
+                hparams, current, explicit_model_keys(self._args), f"the checkpoint {path}"
+            )
             self.config = self.parser.parse_object({sub: {"model": remaining}}, self.config)
 
         def before_fit(self) -> None:
@@ -450,8 +457,10 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
             export = next((cb for cb in trainer.callbacks if isinstance(cb, GPTQExport)), None)
             calibrates = export is not None and export.config.uses_gptq and export.calibration != "generated"
             notes = record.world_notes(
-                trainer.world_size, getattr(self.datamodule, "grad_accum_base", 8),
-                getattr(module.optim_config, "grad_clip_scope", "global") == "local", calibrates,
+                trainer.world_size,
+                getattr(self.datamodule, "grad_accum_base", 8),
+                getattr(module.optim_config, "grad_clip_scope", "global") == "local",
+                calibrates,
                 budget.effective_cap_ms / 1000.0 if capped else None,
             )
             scale = record.step_scale(trainer.world_size)
@@ -614,8 +623,10 @@ def _run(argv: list[str], command: str) -> None:
     if command in ("-V", "--version"):
         print(f"pgolf-lit {version()}")
     elif command == "predict":
-        raise PgolfError("pgolf predict: a language model is scored, not predicted; use "
-                         "`pgolf sample --config X --artifact A --prompt ...` to generate text")
+        raise PgolfError(
+            "pgolf predict: a language model is scored, not predicted; use "
+            "`pgolf sample --config X --artifact A --prompt ...` to generate text"
+        )
     elif command in TRAINER_COMMANDS:
         make_cli(argv)
     elif command in TOOLS:

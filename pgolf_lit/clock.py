@@ -32,7 +32,8 @@ class TrainClock:
         entry[1] += 1
 
     def note_after_cap(self, kind: str, seconds: float) -> None:
-        """Work after training that a record does inside its GPTQ reserve (``calibration``), or beside it (``export``)."""
+        """Work after training that a record does inside its GPTQ reserve (``calibration``), or beside it
+        (``export``)."""
         self.after_cap[kind] = self.after_cap.get(kind, 0.0) + float(seconds)
 
     @property
@@ -92,12 +93,15 @@ def ledger_line(ledger: dict) -> str:
     if budget is None:
         parts = [f"train {train:.1f}s (no wallclock cap)"]
     else:
-        parts = [f"train {train:.1f}s of a {budget:.1f}s budget (cap {ledger['cap_s']:g}s - GPTQ reserve "
-                 f"{ledger['gptq_reserve_s']:g}s)"]
+        parts = [
+            f"train {train:.1f}s of a {budget:.1f}s budget (cap {ledger['cap_s']:g}s - GPTQ reserve "
+            f"{ledger['gptq_reserve_s']:g}s)"
+        ]
     off = ledger["off_clock"]
     if off:
-        parts.append("off the clock: " + ", ".join(
-            f"{kind} {v['seconds']:.1f}s ({v['count']}x)" for kind, v in off.items()))
+        parts.append(
+            "off the clock: " + ", ".join(f"{kind} {v['seconds']:.1f}s ({v['count']}x)" for kind, v in off.items())
+        )
     else:
         parts.append("off the clock: nothing")
     after = ledger["after_cap"]
@@ -107,8 +111,11 @@ def ledger_line(ledger: dict) -> str:
             parts.append(f"calibration + Hessians {used:.1f}s")
         else:
             over = ledger["over_cap_s"]
-            fits = f"train + calibration {ledger['counted_s']:.1f}s, {over:.1f}s over the cap" if over > 0 else \
-                "inside the cap"
+            fits = (
+                f"train + calibration {ledger['counted_s']:.1f}s, {over:.1f}s over the cap"
+                if over > 0
+                else "inside the cap"
+            )
             parts.append(f"GPTQ reserve {ledger['gptq_reserve_s']:g}s, calibration + Hessians used {used:.1f}s: {fits}")
     if "export" in after:
         parts.append(f"export {after['export']:.1f}s in all (quantize, compress, write)")

@@ -32,6 +32,7 @@ __all__ = [
 # Record configs on disk
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _config_dir() -> Path:
     """Where the packaged configs are: the repository's configs/ (editable install) or the wheel's copy."""
     import importlib.util

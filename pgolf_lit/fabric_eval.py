@@ -34,8 +34,20 @@ def evaluate_on_rank(
     attention_backend: str = "auto",
 ) -> list[EvalResult]:
     return evaluate_artifact_file(
-        artifact, data_dir, methods, settings, tokenizer_path, fabric.device, precision, compile, val_max_tokens,
-        model_config, attention_backend, rank=fabric.global_rank, world_size=fabric.world_size, log=fabric.print,
+        artifact,
+        data_dir,
+        methods,
+        settings,
+        tokenizer_path,
+        fabric.device,
+        precision,
+        compile,
+        val_max_tokens,
+        model_config,
+        attention_backend,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        log=fabric.print,
     )
 
 
@@ -60,8 +72,17 @@ def evaluate_artifact(
     fabric = L.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
     fabric.launch()
     results = evaluate_on_rank(
-        fabric, artifact, data_dir, tokenizer_path, methods, settings or EvalSettings(), precision, compile,
-        val_max_tokens, model_config, attention_backend,
+        fabric,
+        artifact,
+        data_dir,
+        tokenizer_path,
+        methods,
+        settings or EvalSettings(),
+        precision,
+        compile,
+        val_max_tokens,
+        model_config,
+        attention_backend,
     )
     if results_json and fabric.is_global_zero:
         atomic_write_text(results_json, json.dumps([asdict(r) for r in results], indent=2))

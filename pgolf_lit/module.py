@@ -246,7 +246,7 @@ class GolfModule(L.LightningModule):
 
         ckpt = load_checkpoint_file(path)
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
-        weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        weights = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
         load_upstream_state_dict(self.model, weights, path)
         note = (ckpt.get("pgolf") or {}).get("weights_note", "") if isinstance(ckpt, dict) else ""
         self.weights = Weights.float_weights(note if isinstance(note, str) else "")
@@ -380,11 +380,16 @@ class GolfModule(L.LightningModule):
             io.defer_errors = False
         elapsed = self.clock.elapsed_ms()
         tokens = getattr(self.trainer.datamodule, "train_batch_tokens", 0) if self.trainer.datamodule else 0
-        self.write_summary(train={
-            "steps": self.global_step, "train_time_ms": elapsed, "step_avg_ms": elapsed / max(self.global_step, 1),
-            "tokens_per_s": self.global_step * tokens / max(elapsed / 1000.0, 1e-9), "params": self.model.num_params(),
-            "world_size": self.trainer.world_size,
-        })
+        self.write_summary(
+            train={
+                "steps": self.global_step,
+                "train_time_ms": elapsed,
+                "step_avg_ms": elapsed / max(self.global_step, 1),
+                "tokens_per_s": self.global_step * tokens / max(elapsed / 1000.0, 1e-9),
+                "params": self.model.num_params(),
+                "world_size": self.trainer.world_size,
+            }
+        )
 
     def on_fit_end(self) -> None:
         """The clock ledger (after the callbacks' fit-end work, so the export's calibration time is in it)."""
@@ -468,8 +473,17 @@ class GolfModule(L.LightningModule):
         the strategy (``grad_compression_dtype``), the Muon parameters' gradients (the parameters the chain's Muon
         holds, i.e. those whose declared role routes them there) are reduced in that dtype, the rest in their own."""
         dtype = grad_compression_dtype(self.trainer.strategy) if self._trainer is not None else None
-        compressed = [p for opt in getattr(chain, "optimizers", [chain]) if isinstance(opt, Muon)
-                      for group in opt.param_groups for p in group["params"]] if dtype is not None else []
+        compressed = (
+            [
+                p
+                for opt in getattr(chain, "optimizers", [chain])
+                if isinstance(opt, Muon)
+                for group in opt.param_groups
+                for p in group["params"]
+            ]
+            if dtype is not None
+            else []
+        )
         all_reduce_gradients(self.model.parameters(), compressed, dtype or torch.bfloat16)
 
     def _check_finite(self, checkpoint: Optional[dict[str, Any]] = None) -> None:
@@ -479,8 +493,12 @@ class GolfModule(L.LightningModule):
         first = self._first_nonfinite_step.to(self.device)
         status = [torch.where(first >= 0, first, torch.iinfo(torch.int64).max)]
         if checkpoint is not None:
-            tensors = [t for key in ("state_dict", "current_model_state")
-                       for t in (checkpoint.get(key) or {}).values() if torch.is_tensor(t) and t.is_floating_point()]
+            tensors = [
+                t
+                for key in ("state_dict", "current_model_state")
+                for t in (checkpoint.get(key) or {}).values()
+                if torch.is_tensor(t) and t.is_floating_point()
+            ]
             finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
             status.append(finite.to(device=self.device, dtype=torch.int64))
         status = torch.stack(status)
@@ -492,8 +510,11 @@ class GolfModule(L.LightningModule):
         if first_bad < 0 and weights_finite:
             return
         before = f"before writing the checkpoint of step {self.global_step} " if checkpoint is not None else ""
-        what = f"training loss is not finite (nan/inf) at step {first_bad}" if first_bad >= 0 else \
-            f"the weights are not finite (nan/inf) at step {self.global_step}"
+        what = (
+            f"training loss is not finite (nan/inf) at step {first_bad}"
+            if first_bad >= 0
+            else f"the weights are not finite (nan/inf) at step {self.global_step}"
+        )
         raise PgolfError(
             f"{what}: stopping {before}(last good checkpoint: {self.last_good_checkpoint()}); lower the learning "
             f"rates or check the data"
@@ -576,7 +597,10 @@ class GolfModule(L.LightningModule):
         """The evaluation of this run: the config's settings, the Trainer's precision, this module's compile flag
         and its current weights (the same function ``pgolf eval`` and ``GPTQExport`` use)."""
         return evaluation_context(
-            self.evaluation, precision=str(self.trainer.precision), device=self.device, compile=self.compile,
+            self.evaluation,
+            precision=str(self.trainer.precision),
+            device=self.device,
+            compile=self.compile,
             weights=self.weights,
         )
 
@@ -590,8 +614,13 @@ class GolfModule(L.LightningModule):
         # precision through the context, as the record scripts do.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
             return run_method(
-                method, model if model is not None else self.model, dm.val_tokens.to(self.device), dm.byte_counts,
-                context or self.eval_context(), self.global_rank, self.trainer.world_size,
+                method,
+                model if model is not None else self.model,
+                dm.val_tokens.to(self.device),
+                dm.byte_counts,
+                context or self.eval_context(),
+                self.global_rank,
+                self.trainer.world_size,
             )
 
     def on_test_start(self) -> None:
@@ -603,8 +632,15 @@ class GolfModule(L.LightningModule):
         self.test_results.append(result)
         self.log_text(format_result_line(result))
         self.write_summary(test={method: dataclasses.asdict(result)})
-        self.log_dict({f"{method}/val_loss": result.val_loss, f"{method}/val_bpb": result.val_bpb,
-                       f"{method}/eval_time_ms": result.eval_time_ms}, sync_dist=False, batch_size=1)
+        self.log_dict(
+            {
+                f"{method}/val_loss": result.val_loss,
+                f"{method}/val_bpb": result.val_bpb,
+                f"{method}/eval_time_ms": result.eval_time_ms,
+            },
+            sync_dist=False,
+            batch_size=1,
+        )
 
     def load_artifact(self, path: str) -> None:
         """Replace the weights by an artifact's dequantized ones; the artifact must match this config."""
@@ -641,7 +677,7 @@ class GolfModule(L.LightningModule):
             # The module registers the model twice (``model`` and ``_forward``, the module the steps call); a
             # weights-only file such as a ``pgolf convert`` output holds only ``model.*``.
             for key in [k for k in sd if k.startswith("model.")]:
-                sd.setdefault("_forward." + key[len("model."):], sd[key])
+                sd.setdefault("_forward." + key[len("model.") :], sd[key])
         state = checkpoint.get("pgolf")
         if state:
             self.clock.load_state_dict(state["clock"])

@@ -71,8 +71,9 @@ class RecordRun:
 
             raise ConfigError(f"record.world: expected a positive GPU count, got {self.world!r}")
 
-    def world_notes(self, world: int, grad_accum_base: int, local_clip: bool, calibrates: bool,
-                    budget_s: Optional[float]) -> list[str]:
+    def world_notes(
+        self, world: int, grad_accum_base: int, local_clip: bool, calibrates: bool, budget_s: Optional[float]
+    ) -> list[str]:
         """The lines ``pgolf fit`` prints when this run's ``world`` differs from the record's (none when equal): what
         differs, and, in step-matched mode, the scaled budget. Pure: the CLI passes what it resolved."""
         if world == self.world:
@@ -88,15 +89,19 @@ class RecordRun:
         elif self.step_matched:
             what.append(f"the budget scaled by {self.world}/{world} to the record's step count (step_matched)")
         else:
-            what.append(f"about {world}/{self.world} of the record's steps in the budget "
-                        f"(--record.step_matched true scales it by {self.world}/{world})")
+            what.append(
+                f"about {world}/{self.world} of the record's steps in the budget "
+                f"(--record.step_matched true scales it by {self.world}/{world})"
+            )
         lines = [f"record world: this run has {world} device(s), the record ran on {self.world}: " + "; ".join(what)]
         if self.step_matched:
             if budget_s is None:
                 lines.append("step_matched: no wallclock cap to scale (the schedule counts steps already)")
             else:
-                lines.append(f"step_matched: training budget {budget_s:.1f}s x {self.world}/{world} = "
-                             f"{budget_s * self.step_scale(world):.1f}s; not a record-valid run")
+                lines.append(
+                    f"step_matched: training budget {budget_s:.1f}s x {self.world}/{world} = "
+                    f"{budget_s * self.step_scale(world):.1f}s; not a record-valid run"
+                )
         return lines
 
     def step_scale(self, world: int) -> float:
@@ -105,6 +110,10 @@ class RecordRun:
 
     def summary(self, world: int, budget_scaled: bool) -> dict[str, Any]:
         """summary.json's ``record_run``: a run is record-valid on the record's world with an unscaled budget."""
-        return {"record_world": self.world, "world": world, "step_matched": self.step_matched,
-                "budget_scale": self.step_scale(world) if budget_scaled else 1.0,
-                "record_valid": world == self.world and not budget_scaled}
+        return {
+            "record_world": self.world,
+            "world": world,
+            "step_matched": self.step_matched,
+            "budget_scale": self.step_scale(world) if budget_scaled else 1.0,
+            "record_valid": world == self.world and not budget_scaled,
+        }

@@ -186,8 +186,20 @@ def one_sample_improvement_test(
     m, s, n = mean(values), sample_std(values), len(values)
     t = _t_statistic(baseline - margin - m, s / math.sqrt(n))
     return ImprovementTest(
-        kind="one-sample", metric=metric, unit=unit, n=n, mean=m, std=s, baseline_mean=baseline, baseline_n=1,
-        baseline_std=None, margin=margin, alpha=alpha, t=t, df=n - 1, p=student_t_sf(t, n - 1),
+        kind="one-sample",
+        metric=metric,
+        unit=unit,
+        n=n,
+        mean=m,
+        std=s,
+        baseline_mean=baseline,
+        baseline_n=1,
+        baseline_std=None,
+        margin=margin,
+        alpha=alpha,
+        t=t,
+        df=n - 1,
+        p=student_t_sf(t, n - 1),
     )
 
 
@@ -210,6 +222,18 @@ def welch_improvement_test(
     t = _t_statistic(m2 - margin - m1, math.sqrt(v1 + v2))
     df = (v1 + v2) ** 2 / (v1 * v1 / (n1 - 1) + v2 * v2 / (n2 - 1)) if v1 + v2 > 0 else float(n1 + n2 - 2)
     return ImprovementTest(
-        kind="welch", metric=metric, unit=unit, n=n1, mean=m1, std=s1, baseline_mean=m2, baseline_n=n2,
-        baseline_std=s2, margin=margin, alpha=alpha, t=t, df=df, p=student_t_sf(t, df),
+        kind="welch",
+        metric=metric,
+        unit=unit,
+        n=n1,
+        mean=m1,
+        std=s1,
+        baseline_mean=m2,
+        baseline_n=n2,
+        baseline_std=s2,
+        margin=margin,
+        alpha=alpha,
+        t=t,
+        df=df,
+        p=student_t_sf(t, df),
     )

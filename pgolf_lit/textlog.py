@@ -30,4 +30,3 @@ class TextLog:
             # Appending a line is the log's atomic unit; a summary file is written with fileio.atomic_path.
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
-

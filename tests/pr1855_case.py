@@ -107,8 +107,13 @@ class Case:
 
     def lqer_settings(self) -> LqerSettings:
         h = self.hyper
-        return LqerSettings(rank=h["lqer_rank"], top_k=h["lqer_top_k"], asym=h["lqer_asym_enabled"],
-                            asym_group=h["lqer_asym_group"], factor_bits=h["lqer_factor_bits"])
+        return LqerSettings(
+            rank=h["lqer_rank"],
+            top_k=h["lqer_top_k"],
+            asym=h["lqer_asym_enabled"],
+            asym_group=h["lqer_asym_group"],
+            factor_bits=h["lqer_factor_bits"],
+        )
 
     def versions_match(self) -> list[str]:
         """What differs from the builds that wrote artifact.ptz (empty: the bytes must match exactly)."""

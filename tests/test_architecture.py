@@ -80,12 +80,16 @@ def test_every_parameter_of_every_record_has_one_role_and_one_optimizer():
         cfg = load_config(path)
         model = GPT(GPTConfig.from_dict(cfg["model"].get("gpt") or {}))
         routing = route_parameters(model, OptimConfig.from_dict(cfg["model"].get("optim") or {}))
-        routed = [n for group in (routing.token, routing.head, routing.muon, routing.scalar, routing.no_optimizer)
-                  for n, _ in group]
+        routed = [
+            n
+            for group in (routing.token, routing.head, routing.muon, routing.scalar, routing.no_optimizer)
+            for n, _ in group
+        ]
         assert sorted(routed) == sorted(model.roles) == sorted(n for n, _ in model.named_parameters()), path.name
         assert all(model.roles[n].kind == "matrix" for n, _ in routing.muon), path.name
-    assert record_optim_config("pr1394") == OptimConfig.from_dict(load_config(CONFIG_DIR / "records" /
-                                                                               "pr1394_sp8192_loop45.yaml")["model"]["optim"])
+    assert record_optim_config("pr1394") == OptimConfig.from_dict(
+        load_config(CONFIG_DIR / "records" / "pr1394_sp8192_loop45.yaml")["model"]["optim"]
+    )
 
 
 def test_record_dtypes_come_from_the_roles():
@@ -130,7 +134,8 @@ def test_a_registered_eval_method_gets_a_settings_section_and_runs(monkeypatch):
     monkeypatch.setattr(runner, "EVAL_METHODS", methods)
     registry.register_eval_method(EvalMethod("half", HalfSettings, run_half, "final_{q}_half", "half"))
     Settings = dataclasses.make_dataclass(
-        "EvalSettings", [(n, m.settings, dataclasses.field(default_factory=m.settings)) for n, m in methods.items()],
+        "EvalSettings",
+        [(n, m.settings, dataclasses.field(default_factory=m.settings)) for n, m in methods.items()],
         bases=(runner.EvalBase,),
     )
     settings = Settings.from_dict({"seq_len": 16, "stride": 8, "half": {"every": 3}})
@@ -138,8 +143,13 @@ def test_a_registered_eval_method_gets_a_settings_section_and_runs(monkeypatch):
     model = GPT(GPTConfig(**TINY))
     tokens = torch.randint(0, 64, (16 * 9 + 1,))
     luts = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.ones(64, dtype=torch.bool))
-    ctx = evaluation_context(settings, precision="32-true", device=torch.device("cpu"), compile=False,
-                             weights=Weights(quantized=True, tag="int6"))
+    ctx = evaluation_context(
+        settings,
+        precision="32-true",
+        device=torch.device("cpu"),
+        compile=False,
+        weights=Weights(quantized=True, tag="int6"),
+    )
     result = run_method("half", model, tokens, luts, ctx)
     assert result.label == "final_int6_half" and result.tokens == 3 * 16
     assert result.extra == {"every": 3, "bytes": "lut"}
@@ -159,10 +169,28 @@ def test_test_passes_run_on_every_rank_whatever_the_sampler_flag(run_cwd):
     from pgolf_lit.summary import read_summary
 
     config = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
-    cmd = [sys.executable, "-m", "pgolf_lit.cli", "test", "--config", str(config), "--trainer.devices", "2",
-           "--trainer.strategy", "ddp", "--trainer.use_distributed_sampler", "true", "--data.val_max_tokens", "2048",
-           "--data.grad_accum_base", "2",
-           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.version", "t"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pgolf_lit.cli",
+        "test",
+        "--config",
+        str(config),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.use_distributed_sampler",
+        "true",
+        "--data.val_max_tokens",
+        "2048",
+        "--data.grad_accum_base",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.version",
+        "t",
+    ]
     out = subprocess.run(cmd, cwd=run_cwd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     tested = read_summary(run_cwd / "runs" / config.stem / "t")["test"]
@@ -176,24 +204,64 @@ def test_test_passes_run_on_every_rank_whatever_the_sampler_flag(run_cwd):
 
 # What a CPU twin may change: sizes, step counts and where the data is. Everything else is a switch.
 SIZE_FIELDS = {
-    "gpt": {"vocab_size", "model_dim", "embedding_dim", "num_heads", "num_kv_heads", "rope_dims", "rope_train_seq_len",
-            "bigram_vocab_size", "bigram_dim", "ve_dim"},
+    "gpt": {
+        "vocab_size",
+        "model_dim",
+        "embedding_dim",
+        "num_heads",
+        "num_kv_heads",
+        "rope_dims",
+        "rope_train_seq_len",
+        "bigram_vocab_size",
+        "bigram_dim",
+        "ve_dim",
+    },
 }
 SCALE_KEYS = {
     # a twin runs on one CPU process: its device count and strategy (and record.world) are sizes too
-    "trainer": {"accelerator", "devices", "strategy", "precision", "max_steps", "val_check_interval",
-                "log_every_n_steps", "logger", "callbacks"},
+    "trainer": {
+        "accelerator",
+        "devices",
+        "strategy",
+        "precision",
+        "max_steps",
+        "val_check_interval",
+        "log_every_n_steps",
+        "logger",
+        "callbacks",
+    },
     "model": {"gpt", "schedule", "evaluation", "compile", "train_log_every"},
     "record": {"world"},
 }
-CALLBACK_SCALE_ARGS = {"max_seconds", "steps", "recurrent_steps", "decay", "every", "at_step", "calibration_batches",
-                       "export"}
-EVAL_SCALE_ARGS = {"seq_len", "stride", "steps", "batch_windows", "chunk_tokens", "epochs", "batch_seqs",
-                   # phased TTT's sizes: chunk and context lengths, documents per batch, adapter rank, phase sizes
-                   "chunk", "context", "batch_docs", "lora_rank", "prefix_docs", "global_chunk_tokens",
-                   "global_batch_seqs",
-                   # the world the phases are scheduled for: a one-process twin keeps its own (as record.world)
-                   "schedule_world"}
+CALLBACK_SCALE_ARGS = {
+    "max_seconds",
+    "steps",
+    "recurrent_steps",
+    "decay",
+    "every",
+    "at_step",
+    "calibration_batches",
+    "export",
+}
+EVAL_SCALE_ARGS = {
+    "seq_len",
+    "stride",
+    "steps",
+    "batch_windows",
+    "chunk_tokens",
+    "epochs",
+    "batch_seqs",
+    # phased TTT's sizes: chunk and context lengths, documents per batch, adapter rank, phase sizes
+    "chunk",
+    "context",
+    "batch_docs",
+    "lora_rank",
+    "prefix_docs",
+    "global_chunk_tokens",
+    "global_batch_seqs",
+    # the world the phases are scheduled for: a one-process twin keeps its own (as record.world)
+    "schedule_world",
+}
 
 
 @pytest.mark.parametrize("tiny", TINY_TWINS, ids=lambda p: p.stem)
@@ -239,7 +307,8 @@ def test_stacked_configs_equal_the_overlay(tiny):
 
 def test_a_config_that_extends_another_logs_under_its_own_name(tmp_path):
     """A child config without its own logger name runs in runs/<its stem>, not in its parent's folder (where
-    ``--ckpt_path last`` would resume the parent's run); a name it sets itself, or one given on the command line, wins."""
+    ``--ckpt_path last`` would resume the parent's run); a name it sets itself, or one given on the command line,
+    wins."""
     from pgolf_lit.cli import make_cli
 
     parent = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
@@ -258,13 +327,25 @@ def test_a_config_that_extends_another_logs_under_its_own_name(tmp_path):
 
 
 def test_merge_configs_matches_callbacks_by_class():
-    base = {"trainer": {"callbacks": [{"class_path": "A", "init_args": {"x": 1, "y": 2}},
-                                      {"class_path": "B", "init_args": {"z": 3}}]}, "model": {"gpt": {"a": 1}}}
-    over = {"trainer": {"callbacks": [{"class_path": "B", "init_args": {"z": 4}}, {"class_path": "C"}]},
-            "model": {"gpt": {"b": 2}}}
+    base = {
+        "trainer": {
+            "callbacks": [
+                {"class_path": "A", "init_args": {"x": 1, "y": 2}},
+                {"class_path": "B", "init_args": {"z": 3}},
+            ]
+        },
+        "model": {"gpt": {"a": 1}},
+    }
+    over = {
+        "trainer": {"callbacks": [{"class_path": "B", "init_args": {"z": 4}}, {"class_path": "C"}]},
+        "model": {"gpt": {"b": 2}},
+    }
     merged = merge_configs(base, over)
-    assert merged["trainer"]["callbacks"] == [{"class_path": "A", "init_args": {"x": 1, "y": 2}},
-                                              {"class_path": "B", "init_args": {"z": 4}}, {"class_path": "C"}]
+    assert merged["trainer"]["callbacks"] == [
+        {"class_path": "A", "init_args": {"x": 1, "y": 2}},
+        {"class_path": "B", "init_args": {"z": 4}},
+        {"class_path": "C"},
+    ]
     assert merged["model"]["gpt"] == {"a": 1, "b": 2}
 
 
@@ -319,14 +400,21 @@ def test_setup_cfg_lists_every_package():
     listed = set(cfg["options"]["packages"].split())
     found = {"pgolf_lit"} | {f"pgolf_lit.{p.parent.name}" for p in (ROOT / "pgolf_lit").glob("*/__init__.py")}
     assert found | {"pgolf_lit.callbacks", "pgolf_lit.configs"} == listed
-    assert cfg["options"]["package_dir"].split() == ["pgolf_lit.callbacks", "=", "callbacks",
-                                                     "pgolf_lit.configs", "=", "configs"]
+    assert cfg["options"]["package_dir"].split() == [
+        "pgolf_lit.callbacks",
+        "=",
+        "callbacks",
+        "pgolf_lit.configs",
+        "=",
+        "configs",
+    ]
 
 
 def test_the_record_table_in_the_docs_is_current():
     """docs/techniques.md §8 is generated from the configs; a config change without regenerating it fails here."""
-    out = subprocess.run([sys.executable, "-m", "pgolf_lit.tools.record_table", "--check"], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "pgolf_lit.tools.record_table", "--check"], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -337,8 +425,11 @@ def test_compile_settings_set_dynamo_as_the_records():
     from pgolf_lit.records import record_config
 
     saved = (torch._dynamo.config.optimize_ddp, torch._dynamo.config.cache_size_limit)
-    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                  torch.get_float32_matmul_precision())
+    saved_tf32 = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
     try:
         settings = CompileSettings(**record_config("pr1421")["model"]["compile_settings"])
         settings.apply(torch.device("cpu"), compiling=True)

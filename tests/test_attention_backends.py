@@ -60,8 +60,9 @@ def test_the_fa3_path_matches_sdpa_dense_and_packed(model, monkeypatch):
     row[0, [0, 40, 90]] = 1  # three documents
     cu, longest = build_cu_seqlens(torch.nonzero(row[0] == 1).flatten(), row.size(1), 64)
     packed = dict(cu_seqlens=cu, max_seqlen=longest)
-    torch.testing.assert_close(logits(model, "fa3", row, **packed), logits(model, "sdpa", row, **packed),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        logits(model, "fa3", row, **packed), logits(model, "sdpa", row, **packed), atol=1e-5, rtol=0
+    )
 
 
 def test_a_missing_or_unknown_backend_is_one_line(model, monkeypatch):

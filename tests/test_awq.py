@@ -31,14 +31,22 @@ def test_awq_protects_the_top_groups_on_the_finer_grid():
     hessians, report = calibrated(model)
     assert sorted(report.act_rms) == sorted(hessians)
     cfg = ExportConfig(**RECORD_RULES, awq=AWQ)
-    plain_q, plain_m = quantize_state_dict(model.state_dict(), ExportConfig(**RECORD_RULES), hessians,
-                                           roles=model.roles)
+    plain_q, plain_m = quantize_state_dict(
+        model.state_dict(), ExportConfig(**RECORD_RULES), hessians, roles=model.roles
+    )
     quant, meta = quantize_state_dict(model.state_dict(), cfg, hessians, roles=model.roles, act_rms=report.act_rms)
     protected = [n for n, e in meta.items() if e.get("awq")]
     # the chosen groups are the two best of every GPTQ tensor's groups, by activation RMS × mean |W|
     sd = model.state_dict()
-    scored = sorted(((score, n, s) for n, e in plain_m.items() if e.get("method") == "gptq" and sd[n].ndim == 2
-                     for score, s, _ in group_scores(sd[n], report.act_rms[n], AWQ["group_size"])), reverse=True)
+    scored = sorted(
+        (
+            (score, n, s)
+            for n, e in plain_m.items()
+            if e.get("method") == "gptq" and sd[n].ndim == 2
+            for score, s, _ in group_scores(sd[n], report.act_rms[n], AWQ["group_size"])
+        ),
+        reverse=True,
+    )
     chosen = {(n, s) for _, n, s in scored[: AWQ["top_k"]]}
     got = {(n, s) for n in protected for s in quant[n + ".awqg_start"].tolist()}
     assert got == chosen and 1 <= len(protected) <= 2

@@ -55,7 +55,19 @@ def test_throughput_prints_a_ratio_line(bench, capsys):
 
 def test_eval_speed_prints_a_line_per_method(bench, capsys):
     bench("eval_speed").main(
-        ["--config", SLOT_TINY, "--methods", "sliding", "slot", "--val-tokens", "2048", "--repeats", "1", "--device", "cpu"]
+        [
+            "--config",
+            SLOT_TINY,
+            "--methods",
+            "sliding",
+            "slot",
+            "--val-tokens",
+            "2048",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+        ]
     )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval ")]
     assert [re.search(r"method=(\w+)", line).group(1) for line in lines] == ["sliding", "slot"]
@@ -100,16 +112,49 @@ PR1855_TINY = str(ROOT / "configs" / "records" / "pr1855_sp8192_lqer_sparsegate_
 def test_throughput_and_step_anatomy_run_the_packed_record(bench, capsys):
     """PR #1855 trains on packed rows (x, y, cu_seqlens): the plain loop takes them, and the step anatomy times the
     record with each switch off in turn, beside the record's own logged ms/step."""
-    bench("throughput").main(["--config", PR1855_TINY, "--steps", "2", "--warmup", "1", "--rounds", "1",
-                              "--device", "cpu", "--", "--trainer.enable_progress_bar", "false"])
+    bench("throughput").main(
+        [
+            "--config",
+            PR1855_TINY,
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--device",
+            "cpu",
+            "--",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(rf"throughput lightning_tok_s={NUMBER} plain_tok_s={NUMBER} ratio={NUMBER} device=cpu "
-                        r"config=pr1855_sp8192_lqer_sparsegate_tiny\.yaml steps=2", last), last
+    assert re.fullmatch(
+        rf"throughput lightning_tok_s={NUMBER} plain_tok_s={NUMBER} ratio={NUMBER} device=cpu "
+        r"config=pr1855_sp8192_lqer_sparsegate_tiny\.yaml steps=2",
+        last,
+    ), last
 
-    result = bench("step_anatomy").main(["--config", PR1855_TINY, "--steps", "2", "--warmup", "1", "--rounds", "1",
-                                         "--device", "cpu", "--", "--trainer.enable_progress_bar", "false"])
+    result = bench("step_anatomy").main(
+        [
+            "--config",
+            PR1855_TINY,
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--device",
+            "cpu",
+            "--",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     out = capsys.readouterr().out
-    table = out[out.index("\nstep anatomy\n"):]
+    table = out[out.index("\nstep anatomy\n") :]
     rows = {label: [_positive_finite(s) for s in seconds] for label, seconds in result["rows"].items()}
     assert list(rows)[0] == "as shipped" and any(label.startswith("1 off: varlen") for label in rows)
     assert any(label.startswith("2 off: Checkpoint") for label in rows)
@@ -118,5 +163,9 @@ def test_throughput_and_step_anatomy_run_the_packed_record(bench, capsys):
     assert "3 world" in table and "5 off: fp32 gradient reduction" in table
     # the record's logged ms/step: 599,433 ms / 4,932 steps and its two other seeds (upstream train_seed*.log)
     assert result["record_ms"] == pytest.approx(121.6, abs=0.1)
-    assert re.search(r"^step_anatomy shipped_ms=[0-9.]+ record_ms=121\.\d+ config=pr1855_sp8192_lqer_sparsegate_tiny"
-                     r"\.yaml device=cpu$", out, re.M)
+    assert re.search(
+        r"^step_anatomy shipped_ms=[0-9.]+ record_ms=121\.\d+ config=pr1855_sp8192_lqer_sparsegate_tiny"
+        r"\.yaml device=cpu$",
+        out,
+        re.M,
+    )

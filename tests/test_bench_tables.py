@@ -125,5 +125,8 @@ def test_eval_table_audit_section(bench):
     (t,) = tables(text)
     verdict = {r[0]: r[-1] for r in t["rows"]}
     assert {k for k, v in verdict.items() if v == "yes"} == {
-        "standard", "sliding_exact", "causal_slot_per_window", "ttt_exact"
+        "standard",
+        "sliding_exact",
+        "causal_slot_per_window",
+        "ttt_exact",
     }

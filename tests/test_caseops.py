@@ -144,8 +144,23 @@ def test_fixture_shards_are_rebuilt_byte_for_byte(tmp_path):
     inputs = write_docs(tmp_path / "docs.jsonl", [*texts, "One more document, for the training split."])
     out = tmp_path / "out"
     vocab = meta["special_ids"]["vocab_size"]
-    data_cmd.main(["build", "--caseops", "--input", str(inputs), "--vocab-size", str(vocab), "--out", str(out),
-                   "--val-docs", str(len(texts)), "--tokenizer", str(fixture_tokenizer_path()), "--no-progress"])
+    data_cmd.main(
+        [
+            "build",
+            "--caseops",
+            "--input",
+            str(inputs),
+            "--vocab-size",
+            str(vocab),
+            "--out",
+            str(out),
+            "--val-docs",
+            str(len(texts)),
+            "--tokenizer",
+            str(fixture_tokenizer_path()),
+            "--no-progress",
+        ]
+    )
     built = out / "datasets" / f"fineweb10B_sp{vocab}_lossless_caps_caseops_v1_reserved"
     for name in meta["shards"]["files"]:
         assert (built / name).read_bytes() == (CASE / meta["shards"]["dir"] / name).read_bytes(), name
@@ -193,8 +208,25 @@ def held_out_build(tmp_path_factory):
     filler = embedded_corpus(include_docstrings=False)[:70]  # the training split, and text for the tokenizer
     inputs = write_docs(root / "docs.jsonl", HELD_OUT + filler)
     out = root / "out"
-    assert prepare.main(["--caseops", "--input", str(inputs), "--vocab-size", "512", "--out", str(out),
-                         "--val-docs", str(len(HELD_OUT)), "--shard-tokens", "400", "--no-progress"]) == 0
+    assert (
+        prepare.main(
+            [
+                "--caseops",
+                "--input",
+                str(inputs),
+                "--vocab-size",
+                "512",
+                "--out",
+                str(out),
+                "--val-docs",
+                str(len(HELD_OUT)),
+                "--shard-tokens",
+                "400",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out, HELD_OUT + filler
 
 
@@ -252,8 +284,11 @@ def test_sidecar_length_mismatch_is_named(small_caseops_dataset):
     sidecar = small_caseops_dataset / byte_sidecar_name(0)
     counts = np.asarray(load_shard(sidecar)).copy()
     write_shard(sidecar, counts[:-1])
-    with pytest.raises(DataError, match=f"{sidecar}: byte sidecar has {counts.size - 1} entries, its val shard "
-                                        f"fineweb_val_000000.bin has {counts.size} tokens") as info:
+    with pytest.raises(
+        DataError,
+        match=f"{sidecar}: byte sidecar has {counts.size - 1} entries, its val shard "
+        f"fineweb_val_000000.bin has {counts.size} tokens",
+    ) as info:
         load_validation_byte_sidecar(small_caseops_dataset, 100)
     assert "\n" not in str(info.value)
 
@@ -297,20 +332,21 @@ def test_tokenizer_kind_must_match_the_build(held_out_build, tmp_path):
     caseops_model = out / "tokenizers" / "fineweb_512_bpe_lossless_caps_caseops_v1_reserved.model"
     path = write_docs(tmp_path / "d.jsonl", ["one document", "another document"])
     with pytest.raises(DataError, match=f"{caseops_model}: a CaseOps tokenizer .*pass --caseops"):
-        prepare.build_dataset([path], 512, tmp_path / "out", val_docs=1, tokenizer_path=caseops_model,
-                              progress=False)
+        prepare.build_dataset([path], 512, tmp_path / "out", val_docs=1, tokenizer_path=caseops_model, progress=False)
     plain_model = shared_tokenizer("fineweb_1024_bpe.model")
     with pytest.raises(DataError, match=f"{plain_model}: not a CaseOps tokenizer: pieces 4..7 are"):
-        prepare.build_dataset([path], 1024, tmp_path / "out", val_docs=1, tokenizer_path=plain_model,
-                              progress=False, caseops=True)
+        prepare.build_dataset(
+            [path], 1024, tmp_path / "out", val_docs=1, tokenizer_path=plain_model, progress=False, caseops=True
+        )
 
 
 @pytest.mark.parametrize("caseops", [False, True])
 def test_a_validation_document_repeated_in_training_stops_the_build(tmp_path, caseops):
     texts = embedded_corpus(include_docstrings=False)[:12]
     path = write_docs(tmp_path / "d.jsonl", [*texts, texts[1]])
-    with pytest.raises(DataError, match=f"{path}:13: this training document repeats validation document "
-                                        f"{path}:2 ") as info:
+    with pytest.raises(
+        DataError, match=f"{path}:13: this training document repeats validation document {path}:2 "
+    ) as info:
         prepare.build_dataset([path], 300, tmp_path / "out", val_docs=3, progress=False, caseops=caseops)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
@@ -321,8 +357,11 @@ def test_val_docs_below_the_declared_validation_set_stops_the_build(tmp_path):
     texts = embedded_corpus(include_docstrings=False)[:40]
     path = write_docs(tmp_path / "docs_selected.jsonl", texts)
     (tmp_path / "docs_selected.source_manifest.json").write_text(json.dumps({"num_docs": 40, "docs_val": 5}))
-    with pytest.raises(DataError, match="val_docs 2: .*docs_selected.source_manifest.json declares the first 5 "
-                                        "documents the validation set, so 3 validation documents would land"):
+    with pytest.raises(
+        DataError,
+        match="val_docs 2: .*docs_selected.source_manifest.json declares the first 5 "
+        "documents the validation set, so 3 validation documents would land",
+    ):
         prepare.build_dataset([path], 400, tmp_path / "out", val_docs=2, progress=False, caseops=True)
     manifest = prepare.build_dataset([path], 400, tmp_path / "out", progress=False, caseops=True)
     assert manifest["num_val_docs"] == 5  # the declared split is the default, as upstream

@@ -27,13 +27,22 @@ VAL_SHARDS, TRAIN_SHARDS = 2, 3
 
 
 def caseops_manifest(**tokenizer_changes) -> dict:
-    tokenizer = {"name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved", "model_path": f"tokenizers/{TOKENIZER}.model",
-                 "vocab_path": f"tokenizers/{TOKENIZER}.vocab", "text_transform": "lossless_caps_caseops_v1"}
+    tokenizer = {
+        "name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved",
+        "model_path": f"tokenizers/{TOKENIZER}.model",
+        "vocab_path": f"tokenizers/{TOKENIZER}.vocab",
+        "text_transform": "lossless_caps_caseops_v1",
+    }
     tokenizer.update(tokenizer_changes)
     return {
-        "datasets": [{"name": NAME, "tokenizer_name": tokenizer["name"],
-                      "val_bytes_glob": f"datasets/{NAME}/fineweb_val_bytes_*.bin",
-                      "stats": {"files_train": TRAIN_SHARDS, "files_val": VAL_SHARDS}}],
+        "datasets": [
+            {
+                "name": NAME,
+                "tokenizer_name": tokenizer["name"],
+                "val_bytes_glob": f"datasets/{NAME}/fineweb_val_bytes_*.bin",
+                "stats": {"files_train": TRAIN_SHARDS, "files_val": VAL_SHARDS},
+            }
+        ],
         "tokenizers": [tokenizer],
     }
 
@@ -66,16 +75,18 @@ def local_files(data_root: Path) -> list[str]:
     return sorted(p.relative_to(data_root).as_posix() for p in data_root.rglob("*") if p.is_file())
 
 
-EXPECTED = sorted([
-    f"datasets/{NAME}/fineweb_train_000000.bin",
-    f"datasets/{NAME}/fineweb_val_000000.bin",
-    f"datasets/{NAME}/fineweb_val_000001.bin",
-    f"datasets/{NAME}/fineweb_val_bytes_000000.bin",
-    f"datasets/{NAME}/fineweb_val_bytes_000001.bin",
-    "manifest.json",
-    f"tokenizers/{TOKENIZER}.model",
-    f"tokenizers/{TOKENIZER}.vocab",
-])
+EXPECTED = sorted(
+    [
+        f"datasets/{NAME}/fineweb_train_000000.bin",
+        f"datasets/{NAME}/fineweb_val_000000.bin",
+        f"datasets/{NAME}/fineweb_val_000001.bin",
+        f"datasets/{NAME}/fineweb_val_bytes_000000.bin",
+        f"datasets/{NAME}/fineweb_val_bytes_000001.bin",
+        "manifest.json",
+        f"tokenizers/{TOKENIZER}.model",
+        f"tokenizers/{TOKENIZER}.vocab",
+    ]
+)
 
 
 def test_caseops_variant_names():
@@ -106,8 +117,11 @@ def test_missing_sidecar_on_the_hub_is_named(hub, tmp_path):
 
 def test_misaligned_sidecar_on_the_hub_is_named(hub, tmp_path):
     write_shard(hub / DATASET / "fineweb_val_bytes_000000.bin", np.zeros(1499, dtype=np.int64))
-    with pytest.raises(DataError, match="fineweb_val_bytes_000000.bin: byte sidecar has 1499 entries, its val shard "
-                                        "fineweb_val_000000.bin has 1500 tokens"):
+    with pytest.raises(
+        DataError,
+        match="fineweb_val_bytes_000000.bin: byte sidecar has 1499 entries, its val shard "
+        "fineweb_val_000000.bin has 1500 tokens",
+    ):
         download.download_dataset("sp8192_caseops", 0, data_root=tmp_path / "data", hub_root=hub, progress=False)
 
 
@@ -115,12 +129,15 @@ def test_the_same_manifest_checks_as_the_other_variants(tmp_path):
     hub = fill_caseops_repo(tmp_path / "hub")
     with pytest.raises(DataError, match=f"sp8192_caseops has only {TRAIN_SHARDS} training shards on .*requested 4"):
         download.download_dataset("sp8192_caseops", 4, data_root=tmp_path / "a", hub_root=hub, progress=False)
-    with pytest.raises(DataError, match="dataset fineweb10B_sp4096_lossless_caps_caseops_v1_reserved not in the "
-                                        "manifest"):
+    with pytest.raises(
+        DataError, match="dataset fineweb10B_sp4096_lossless_caps_caseops_v1_reserved not in the manifest"
+    ):
         download.download_dataset("sp4096_caseops", 0, data_root=tmp_path / "b", hub_root=hub, progress=False)
     other = fill_caseops_repo(tmp_path / "hub2", caseops_manifest(text_transform="identity"))
-    with pytest.raises(DataError, match="has text_transform 'identity', the CaseOps variant sp8192_caseops needs "
-                                        "'lossless_caps_caseops_v1'"):
+    with pytest.raises(
+        DataError,
+        match="has text_transform 'identity', the CaseOps variant sp8192_caseops needs 'lossless_caps_caseops_v1'",
+    ):
         download.download_dataset("sp8192_caseops", 0, data_root=tmp_path / "c", hub_root=other, progress=False)
 
 
@@ -130,8 +147,14 @@ def run_cli(args: list[str], hf_home: Path, cwd: Path) -> tuple[subprocess.Compl
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
     env.pop("MATCHED_FINEWEB_REPO_ID", None)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pgolf_lit.data.download", "--variant", "sp8192_caseops",
-                           "--no-progress", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgolf_lit.data.download", "--variant", "sp8192_caseops", "--no-progress", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc, time.monotonic() - start
 
 

@@ -47,8 +47,16 @@ def test_summary_prints_the_exact_total(capsys):
 @pytest.mark.slow  # 35-70 s: `pgolf demo` trains and exports; the seed records' tiny fits cover the same path
 def test_demo_pipeline_short(run_cwd):
     """The demo's path through the real CLI, cut to a few steps: step-0 val, training, export, roundtrip."""
-    result = pgolf("demo", "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
-                   "--trainer.enable_progress_bar", "false", cwd=run_cwd)
+    result = pgolf(
+        "demo",
+        "--trainer.max_steps",
+        "12",
+        "--trainer.val_check_interval",
+        "6",
+        "--trainer.enable_progress_bar",
+        "false",
+        cwd=run_cwd,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = next((run_cwd / "runs" / "demo_cpu").iterdir())
     summary = read_summary(run_dir)
@@ -68,8 +76,18 @@ def tiny_run(tmp_path_factory, embedded_data_root):
     (cwd / "data").mkdir()
     (cwd / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)
     config = CONFIG_DIR / "records" / "pr1333_sp4096_causal_slot_tiny.yaml"
-    result = pgolf("fit", "--config", str(config), "--trainer.max_steps", "8", "--trainer.enable_progress_bar", "false",
-                   "--trainer.logger.init_args.version", "fit", cwd=cwd)
+    result = pgolf(
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_steps",
+        "8",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.version",
+        "fit",
+        cwd=cwd,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, config, cwd / "runs" / "pr1333_sp4096_causal_slot_tiny" / "fit"
 
@@ -77,8 +95,13 @@ def tiny_run(tmp_path_factory, embedded_data_root):
 def test_fit_logs_every_event_of_the_record(tiny_run):
     _, _, run_dir = tiny_run
     log = (run_dir / "train.log").read_text()
-    for event in ("warmup:done", "recurrence:activated step:6", "ema:applying", "pre-quantization post-ema",
-                  "final_int6_roundtrip"):
+    for event in (
+        "warmup:done",
+        "recurrence:activated step:6",
+        "ema:applying",
+        "pre-quantization post-ema",
+        "final_int6_roundtrip",
+    ):
         assert event in log, event
 
 
@@ -98,8 +121,18 @@ def test_fit_counts_the_code_its_artifact_needs(tiny_run):
 def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
     cwd, config, run_dir = tiny_run
     artifact = run_dir / "final_model.pgolf"
-    result = pgolf("test", "--config", str(config), "--artifact", str(artifact), "--trainer.enable_progress_bar", "false",
-                   "--trainer.logger.init_args.version", "test", cwd=cwd)
+    result = pgolf(
+        "test",
+        "--config",
+        str(config),
+        "--artifact",
+        str(artifact),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.version",
+        "test",
+        cwd=cwd,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tested = read_summary(cwd / "runs" / "pr1333_sp4096_causal_slot_tiny" / "test")["test"]
     assert set(tested) == {"standard", "sliding", "causal_slot"}
@@ -107,7 +140,10 @@ def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
 
     # Same label, same computation, same number: the fit's roundtrip line and pgolf test's line on its artifact.
     def scores(log_text: str) -> dict[str, str]:
-        return {m.group(1): m.group(2) for m in re.finditer(r"^(\S.*?) (val_loss:\S+ val_bpb:\S+) eval_time", log_text, re.M)}
+        return {
+            m.group(1): m.group(2)
+            for m in re.finditer(r"^(\S.*?) (val_loss:\S+ val_bpb:\S+) eval_time", log_text, re.M)
+        }
 
     fit_lines = scores((run_dir / "train.log").read_text())
     test_lines = scores((cwd / "runs" / "pr1333_sp4096_causal_slot_tiny" / "test" / "train.log").read_text())
@@ -116,9 +152,25 @@ def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
     assert "pre-quantization post-ema" in fit_lines
 
     out = cwd / "fabric.json"
-    result = pgolf("eval", str(artifact), "--data", "data/demo/datasets/fineweb10B_sp1024", "--config", str(config),
-                   "--method", "standard", "--method", "sliding", "--method", "causal_slot", "--val-max-tokens", "8192",
-                   "--results-json", str(out), cwd=cwd)
+    result = pgolf(
+        "eval",
+        str(artifact),
+        "--data",
+        "data/demo/datasets/fineweb10B_sp1024",
+        "--config",
+        str(config),
+        "--method",
+        "standard",
+        "--method",
+        "sliding",
+        "--method",
+        "causal_slot",
+        "--val-max-tokens",
+        "8192",
+        "--results-json",
+        str(out),
+        cwd=cwd,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     fabric = {r["label"]: r for r in json.loads(out.read_text())}
     for method, r in tested.items():
@@ -136,8 +188,10 @@ def _builds_its_own_dataset(config: Path) -> bool:
     return load_config(config)["data"]["data_dir"] != "data/demo/datasets/fineweb10B_sp1024"
 
 
-TINY_RECORDS = [pytest.param(p, marks=pytest.mark.slow) if _builds_its_own_dataset(p) else p
-                for p in sorted((CONFIG_DIR / "records").glob("*_tiny.yaml"))]
+TINY_RECORDS = [
+    pytest.param(p, marks=pytest.mark.slow) if _builds_its_own_dataset(p) else p
+    for p in sorted((CONFIG_DIR / "records").glob("*_tiny.yaml"))
+]
 
 
 @pytest.mark.parametrize("config", TINY_RECORDS, ids=lambda p: getattr(p, "values", [p])[0].stem)
@@ -155,14 +209,39 @@ def test_every_record_evaluation_is_equal_under_pgolf_test_and_the_fabric_evalua
     module.model.set_recurrence(True)
     rtn_int8 = dataclasses.replace(record_export_config("baseline_sp1024"), allow_over_budget=True)
     export_model(module.model, rtn_int8, run_cwd / "m.pgolf", progress=False)
-    main(["test", "--config", str(config), "--artifact", "m.pgolf", "--data.val_max_tokens", "2048",
-          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.version", "t"])
+    main(
+        [
+            "test",
+            "--config",
+            str(config),
+            "--artifact",
+            "m.pgolf",
+            "--data.val_max_tokens",
+            "2048",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.version",
+            "t",
+        ]
+    )
     tested = read_summary(run_cwd / "runs" / config.stem / "t")["test"]
     assert set(tested) == set(load_config(config)["model"]["test_methods"])
     # The record's own dataset (pgolf test built it): the CaseOps twin scores bytes from its sidecar.
     data_dir = load_config(config)["data"]["data_dir"]
-    main(["eval", "m.pgolf", "--data", data_dir, "--config", str(config),
-          "--val-max-tokens", "2048", "--results-json", "fabric.json"])
+    main(
+        [
+            "eval",
+            "m.pgolf",
+            "--data",
+            data_dir,
+            "--config",
+            str(config),
+            "--val-max-tokens",
+            "2048",
+            "--results-json",
+            "fabric.json",
+        ]
+    )
     fabric = {r["label"]: r for r in json.loads((run_cwd / "fabric.json").read_text())}
     assert len(fabric) == len(tested)
     for method, r in tested.items():
@@ -180,8 +259,18 @@ def test_export_command_matches_the_callback(tiny_run, tmp_path):
     upstream = tmp_path / "final_model.pt"
     torch.save(art.state_dict, upstream)
     out = tmp_path / "exported.pgolf"
-    result = pgolf("export", "--upstream", str(upstream), "--config", str(config), "--out", str(out),
-                   "--calibration-batches", "2", cwd=cwd)
+    result = pgolf(
+        "export",
+        "--upstream",
+        str(upstream),
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--calibration-batches",
+        "2",
+        cwd=cwd,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Serialized model bytes:" in result.stdout and out.stat().st_size > 0
     reread = read_artifact(out)
@@ -233,7 +322,17 @@ def test_convert_round_trip_is_the_identity(tmp_path):
     upstream = tmp_path / "final_model.pt"
     torch.save(model.state_dict(), upstream)
     main(["convert", "--from-upstream", str(upstream), "--config", str(config), "--out", str(tmp_path / "m.ckpt")])
-    main(["convert", "--to-upstream", str(tmp_path / "m.ckpt"), "--config", str(config), "--out", str(tmp_path / "back.pt")])
+    main(
+        [
+            "convert",
+            "--to-upstream",
+            str(tmp_path / "m.ckpt"),
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "back.pt"),
+        ]
+    )
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(back[k].float(), v.to(back[k].dtype).float()), k
@@ -255,4 +354,7 @@ def test_eval_with_a_bad_config_names_the_file_and_field(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path / "m.pgolf"), "--data", str(tmp_path), "--config", str(bad)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"error: {bad}: gpt: unknown field(s) ['num_layerz']; known fields are listed in pgolf_lit/model/config.py"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {bad}: gpt: unknown field(s) ['num_layerz']; known fields are listed in pgolf_lit/model/config.py"
+    )

@@ -36,14 +36,32 @@ PR1855_TWIN = "pr1855_sp8192_lqer_sparsegate_tiny"
 # What reading and scoring an artifact never needs: the export (quantizers, GPTQ solver, Hessians, calibration,
 # pruning search, encoders, the code counter), training, data building, the YAML configs, the fused kernels.
 EXPORT_AND_TRAINING = {
-    "pgolf_lit/quant/export.py", "pgolf_lit/quant/gptq.py", "pgolf_lit/quant/hessians.py",
-    "pgolf_lit/quant/calibration.py", "pgolf_lit/quant/prune.py", "pgolf_lit/quant/quantizers.py",
-    "pgolf_lit/quant/rtn.py", "pgolf_lit/quant/lqer.py", "pgolf_lit/quant/pergroup.py", "pgolf_lit/quant/artifact.py",
-    "pgolf_lit/quant/gate.py", "pgolf_lit/quant/code_size.py", "pgolf_lit/quant/__init__.py",
-    "pgolf_lit/eval/__init__.py", "pgolf_lit/eval/audit.py", "pgolf_lit/module.py", "pgolf_lit/optim/muon.py",
-    "pgolf_lit/config.py", "pgolf_lit/data/tokenizer_train.py", "pgolf_lit/data/shards_write.py",
-    "pgolf_lit/data/caseops.py", "pgolf_lit/data/prepare.py", "pgolf_lit/model/convert.py",
-    "pgolf_lit/model/fused_mlp.py", "pgolf_lit/model/fused_softcap_ce.py", "pgolf_lit/fileio.py",
+    "pgolf_lit/quant/export.py",
+    "pgolf_lit/quant/gptq.py",
+    "pgolf_lit/quant/hessians.py",
+    "pgolf_lit/quant/calibration.py",
+    "pgolf_lit/quant/prune.py",
+    "pgolf_lit/quant/quantizers.py",
+    "pgolf_lit/quant/rtn.py",
+    "pgolf_lit/quant/lqer.py",
+    "pgolf_lit/quant/pergroup.py",
+    "pgolf_lit/quant/artifact.py",
+    "pgolf_lit/quant/gate.py",
+    "pgolf_lit/quant/code_size.py",
+    "pgolf_lit/quant/__init__.py",
+    "pgolf_lit/eval/__init__.py",
+    "pgolf_lit/eval/audit.py",
+    "pgolf_lit/module.py",
+    "pgolf_lit/optim/muon.py",
+    "pgolf_lit/config.py",
+    "pgolf_lit/data/tokenizer_train.py",
+    "pgolf_lit/data/shards_write.py",
+    "pgolf_lit/data/caseops.py",
+    "pgolf_lit/data/prepare.py",
+    "pgolf_lit/model/convert.py",
+    "pgolf_lit/model/fused_mlp.py",
+    "pgolf_lit/model/fused_softcap_ce.py",
+    "pgolf_lit/fileio.py",
 }
 
 
@@ -56,23 +74,31 @@ def test_pr1855_twin_counts_at_most_40000_bytes():
     formats, methods = config_code(PR1855_TWIN)
     assert formats == ("pergroup",) and methods == ["standard", "sliding", "doc_isolated", "phased_ttt"]
     size = measure_code_size(formats, methods)
-    print(f"\n{PR1855_TWIN}: code bytes:{size.counted_bytes} ({len(size.files)} files, {size.source_bytes:,} source "
-          f"bytes, {size.program_bytes:,} minified)")
+    print(
+        f"\n{PR1855_TWIN}: code bytes:{size.counted_bytes} ({len(size.files)} files, {size.source_bytes:,} source "
+        f"bytes, {size.program_bytes:,} minified)"
+    )
     assert size.counted_bytes <= 40_000
     assert size.methods == tuple(methods) and size.formats == formats
     files = set(size.files)
     assert {"pgolf_lit/quant/pergroup_read.py", "pgolf_lit/eval/phased_ttt.py", "pgolf_lit/model/gpt.py"} <= files
     assert not files & EXPORT_AND_TRAINING, sorted(files & EXPORT_AND_TRAINING)
-    assert not files & {"pgolf_lit/eval/slot.py", "pgolf_lit/eval/ttt.py", "pgolf_lit/quant/native_read.py",
-                        "pgolf_lit/quant/upstream_read.py"}
+    assert not files & {
+        "pgolf_lit/eval/slot.py",
+        "pgolf_lit/eval/ttt.py",
+        "pgolf_lit/quant/native_read.py",
+        "pgolf_lit/quant/upstream_read.py",
+    }
 
 
 def test_fewer_scored_passes_count_fewer_bytes():
     pr1855 = measure_code_size(("pergroup",), record_test_methods(PR1855_TWIN))
     windows_only = measure_code_size(("pergroup",), ["standard", "sliding"])
     pr1394 = measure_code_size(*config_code("pr1394_sp8192_loop45"))
-    print(f"\npergroup + 4 passes {pr1855.counted_bytes}, pergroup + sliding {windows_only.counted_bytes}, "
-          f"pr1394 (native + sliding) {pr1394.counted_bytes}")
+    print(
+        f"\npergroup + 4 passes {pr1855.counted_bytes}, pergroup + sliding {windows_only.counted_bytes}, "
+        f"pr1394 (native + sliding) {pr1394.counted_bytes}"
+    )
     assert pr1394.counted_bytes < windows_only.counted_bytes < pr1855.counted_bytes
     assert "pgolf_lit/eval/phased_ttt.py" in pr1855.files and "pgolf_lit/eval/phased_ttt.py" not in windows_only.files
     assert "pgolf_lit/quant/native_read.py" in pr1394.files and "pgolf_lit/quant/pergroup_read.py" not in pr1394.files
@@ -85,7 +111,10 @@ def test_fewer_scored_passes_count_fewer_bytes():
 
 def test_entries_come_from_where_each_method_and_container_registers():
     assert entry_modules(["pergroup"], ["sliding", "phased_ttt"]) == [
-        "pgolf_lit.eval.windows", "pgolf_lit.eval.phased_ttt", "pgolf_lit.quant.pergroup_read", EVAL_ENTRY,
+        "pgolf_lit.eval.windows",
+        "pgolf_lit.eval.phased_ttt",
+        "pgolf_lit.quant.pergroup_read",
+        EVAL_ENTRY,
     ]
     assert EVAL_METHODS["causal_slot"].modules == ("pgolf_lit.eval.slot",)
     assert CONTAINERS["native"].modules == ("pgolf_lit.quant.native_read",)
@@ -117,7 +146,7 @@ def test_closure_rules_on_a_toy_package(tmp_path):
         "__init__.py": "from pgolf_lit.heavy import everything\n",
         "sub/__init__.py": "from pgolf_lit.sub.b import thing\n",
         "sub/a.py": "from pgolf_lit.sub import b\nfrom . import c\n\n\n"
-                    "def f():\n    from pgolf_lit import lazy, kernel\n",
+        "def f():\n    from pgolf_lit import lazy, kernel\n",
         "sub/b.py": "thing = 1\n",
         "sub/c.py": "import pgolf_lit.kernel\n",
         "lazy.py": "x = 1\n",
@@ -129,29 +158,42 @@ def test_closure_rules_on_a_toy_package(tmp_path):
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text(text)
     assert code_files(root=tmp_path, entries=["pgolf_lit.sub.a"]) == [
-        "pgolf_lit/kernel.py", "pgolf_lit/lazy.py", "pgolf_lit/sub/a.py", "pgolf_lit/sub/b.py", "pgolf_lit/sub/c.py",
+        "pgolf_lit/kernel.py",
+        "pgolf_lit/lazy.py",
+        "pgolf_lit/sub/a.py",
+        "pgolf_lit/sub/b.py",
+        "pgolf_lit/sub/c.py",
     ]  # kernel.py: by c's module-level import, not by f's lazy one
     (pkg / "sub/c.py").write_text("x = 2\n")
     assert "pgolf_lit/kernel.py" not in code_files(root=tmp_path, entries=["pgolf_lit.sub.a"])
     assert code_files(root=tmp_path, entries=["pgolf_lit.user"]) == [
-        "pgolf_lit/sub/__init__.py", "pgolf_lit/sub/b.py", "pgolf_lit/user.py",
+        "pgolf_lit/sub/__init__.py",
+        "pgolf_lit/sub/b.py",
+        "pgolf_lit/user.py",
     ]
     with pytest.raises(Exception, match="no source"):
         code_files(root=tmp_path, entries=["pgolf_lit.missing"])
 
 
 def test_minified_and_wrapped_as_the_records():
-    assert code_size.PYMINIFY_OPTIONS == dict(rename_locals=False, hoist_literals=False, remove_literal_statements=True,
-                                              remove_asserts=True, prefer_single_line=True)
-    text = ('"""doc"""\ndef f(value):\n    """doc"""\n    # note\n    assert value\n    total: int = value + 1\n'
-            '    return total\n')
+    assert code_size.PYMINIFY_OPTIONS == dict(
+        rename_locals=False,
+        hoist_literals=False,
+        remove_literal_statements=True,
+        remove_asserts=True,
+        prefer_single_line=True,
+    )
+    text = (
+        '"""doc"""\ndef f(value):\n    """doc"""\n    # note\n    assert value\n    total: int = value + 1\n'
+        "    return total\n"
+    )
     assert minify(text) == "def f(value):total=value+1;return total"
     program, raw, files = package_program(["native"], ["standard"])
     wrapped = wrap(program)
     head, tail = wrapped.split("\n", 1)
     assert head == "import brotli as B,base64 as b" and wrapped.startswith(WRAPPER_HEAD)
     assert tail.startswith('exec(B.decompress(b.b85decode("') and tail.endswith('")))\n') and tail.count("\n") == 1
-    payload = tail[len('exec(B.decompress(b.b85decode("'):-len('")))\n')]
+    payload = tail[len('exec(B.decompress(b.b85decode("') : -len('")))\n')]
     assert brotli.decompress(base64.b85decode(payload)).decode() == program
     size = measure_code_size(["native"], ["standard"])
     assert size.counted_bytes == size.wrapped_bytes == len(wrapped.encode()) < size.program_bytes < size.source_bytes
@@ -213,21 +255,42 @@ def test_wrapper_alone_scores_a_pr1855_twin_artifact_as_the_package(tmp_path, em
 
     evaluation = record_config(PR1855_TWIN)["model"]["evaluation"]
     data = embedded_data_root / "datasets" / "fineweb10B_sp1024"
-    args = {"site": site.getsitepackages(), "code": str(tmp_path / "code.py"), "artifact": str(tmp_path / "m.ptz"),
-            "data": str(data), "methods": methods, "evaluation": evaluation, "val_max_tokens": 1024,
-            "gpt": gpt.to_dict(), "out": str(tmp_path / "out.json")}
+    args = {
+        "site": site.getsitepackages(),
+        "code": str(tmp_path / "code.py"),
+        "artifact": str(tmp_path / "m.ptz"),
+        "data": str(data),
+        "methods": methods,
+        "evaluation": evaluation,
+        "val_max_tokens": 1024,
+        "gpt": gpt.to_dict(),
+        "out": str(tmp_path / "out.json"),
+    }
     (tmp_path / "args.json").write_text(json.dumps(args))
     (tmp_path / "run.py").write_text(CLEAN_RUN)
     # -I: no PYTHONPATH, no user site, no script or current folder on sys.path; -S: no site-packages .pth files.
-    run = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "run.py"), str(tmp_path / "args.json")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [sys.executable, "-I", "-S", str(tmp_path / "run.py"), str(tmp_path / "args.json")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     outside = {n: f for n, f in out["modules"].items() if f is not None and not f.startswith("pgolf_lit/")}
     assert not outside, outside  # every pgolf_lit module came from the wrapper
 
-    expected = evaluate_artifact_file(str(tmp_path / "m.ptz"), str(data), methods, EvalSettings.from_dict(evaluation),
-                                      val_max_tokens=1024, model_config=gpt, log=None)
+    expected = evaluate_artifact_file(
+        str(tmp_path / "m.ptz"),
+        str(data),
+        methods,
+        EvalSettings.from_dict(evaluation),
+        val_max_tokens=1024,
+        model_config=gpt,
+        log=None,
+    )
     assert [r[0] for r in out["results"]] == [r.label for r in expected] and len(expected) == 4
     for got, want in zip(out["results"], expected):
         assert got[3:] == [want.tokens, want.bytes], want.label
@@ -238,7 +301,8 @@ def test_wrapper_alone_scores_a_pr1855_twin_artifact_as_the_package(tmp_path, em
 def test_a_clean_interpreter_cannot_import_the_package(tmp_path):
     """The premise of the test above, checked alone: without the wrapper, pgolf_lit is not importable there."""
     code = f"import sys; sys.path.extend({site.getsitepackages()!r})\nimport torch\nimport pgolf_lit\n"
-    run = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode != 0 and "No module named 'pgolf_lit'" in run.stderr, run.stderr[-2000:]
     assert Path(code_size.__file__).is_file()

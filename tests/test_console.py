@@ -20,14 +20,28 @@ from pgolf_lit.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
-QUIET = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--model.evaluation.sliding.batch_windows",
-         "64", "--data.val_max_tokens", "2048"]
+QUIET = [
+    "--trainer.max_steps",
+    "4",
+    "--trainer.val_check_interval",
+    "2",
+    "--model.evaluation.sliding.batch_windows",
+    "64",
+    "--data.val_max_tokens",
+    "2048",
+]
 
 
 def pgolf(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pgolf_lit.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=environment)
+    return subprocess.run(
+        [sys.executable, "-m", "pgolf_lit.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +51,25 @@ def fitted(tmp_path_factory, embedded_data_root):
     (cwd / "data").mkdir()
     (cwd / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)
     # Record configs write no checkpoint during the timed run; the switch turns the step checkpoints on for resuming.
-    first = pgolf("fit", "--config", "pr1394_sp8192_loop45_tiny", *QUIET, "--trainer.enable_checkpointing", "true",
-                  cwd=cwd)
+    first = pgolf(
+        "fit", "--config", "pr1394_sp8192_loop45_tiny", *QUIET, "--trainer.enable_checkpointing", "true", cwd=cwd
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     run = cwd / "runs" / "pr1394_sp8192_loop45_tiny" / "version_0"
     before = {"metrics": (run / "metrics.csv").read_text(), "summary": json.loads((run / "summary.json").read_text())}
-    resumed = pgolf("fit", "--config", "pr1394_sp8192_loop45_tiny", *QUIET, "--trainer.max_steps", "6",
-                    "--ckpt_path", "last", "--trainer.enable_progress_bar", "false", cwd=cwd)
+    resumed = pgolf(
+        "fit",
+        "--config",
+        "pr1394_sp8192_loop45_tiny",
+        *QUIET,
+        "--trainer.max_steps",
+        "6",
+        "--ckpt_path",
+        "last",
+        "--trainer.enable_progress_bar",
+        "false",
+        cwd=cwd,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return cwd, run, first, resumed, before
 
@@ -64,8 +90,19 @@ def test_budget_bar_counts_seconds(tmp_path, embedded_data_root):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)
     # the twin keeps its record's 12 s GPTQ reserve: a 15 s max_time leaves a 3 s training budget
-    out = pgolf("fit", "--config", str(TINY), *QUIET, "--trainer.max_time", "00:00:00:15", "--trainer.max_steps",
-                "1000", "--trainer.enable_checkpointing", "false", cwd=tmp_path)
+    out = pgolf(
+        "fit",
+        "--config",
+        str(TINY),
+        *QUIET,
+        "--trainer.max_time",
+        "00:00:00:15",
+        "--trainer.max_steps",
+        "1000",
+        "--trainer.enable_checkpointing",
+        "false",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "train (budget)" in out.stdout and "stopping_early: wallclock_cap" in out.stdout
     assert re.search(r"\d+\.\d/3\.0 \[", out.stdout), "the bar shows elapsed / cap seconds"
@@ -75,8 +112,17 @@ def test_budget_bar_counts_seconds(tmp_path, embedded_data_root):
 
 def test_the_first_screen_is_quiet(fitted):
     _, _, first, _, _ = fitted
-    noise = ("💡", "litlogger", "litmodels", "LeafSpec", "LightningCLI's args", "FLOPs", "Total Flops",
-             "sync_dist=True", "Warning")
+    noise = (
+        "💡",
+        "litlogger",
+        "litmodels",
+        "LeafSpec",
+        "LightningCLI's args",
+        "FLOPs",
+        "Total Flops",
+        "sync_dist=True",
+        "Warning",
+    )
     for text in (first.stdout, first.stderr):
         for word in noise:
             assert word not in text, word
@@ -110,14 +156,26 @@ def test_resume_in_place_continues_the_run_and_its_logs(fitted):
 def test_trainer_flags_are_mapped_or_refused(tmp_path):
     from pgolf_lit.cli import make_cli
 
-    cli = make_cli(["--config", str(TINY), "--trainer.gradient_clip_val", "0.7", "--trainer.max_time",
-                    "00:00:01:30", "--trainer.logger", "false"], run=False)
+    cli = make_cli(
+        [
+            "--config",
+            str(TINY),
+            "--trainer.gradient_clip_val",
+            "0.7",
+            "--trainer.max_time",
+            "00:00:01:30",
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     assert cli.model.optim_config.grad_clip_norm == 0.7 and cli.trainer.gradient_clip_val is None
     budget = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "WallclockBudget")
     assert budget.max_seconds == 90
     out = pgolf("fit", "--config", str(TINY), "--trainer.accumulate_grad_batches", "4", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
-        "error: trainer.accumulate_grad_batches: pgolf accumulates data.grad_accum_base")
+        "error: trainer.accumulate_grad_batches: pgolf accumulates data.grad_accum_base"
+    )
     out = pgolf("predict", "--config", str(TINY), cwd=tmp_path)
     assert out.returncode == 2 and "pgolf sample" in out.stderr
 
@@ -143,38 +201,82 @@ def test_a_missing_logger_package_is_one_line(tmp_path):
     pytest.importorskip("lightning")
     if shutil.which("python") and __import__("importlib").util.find_spec("tensorboard") is not None:
         pytest.skip("tensorboard is installed here")
-    out = pgolf("fit", "--config", str(TINY), "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-                "--trainer.logger.save_dir", "runs", cwd=tmp_path)
+    out = pgolf(
+        "fit",
+        "--config",
+        str(TINY),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir",
+        "runs",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "pgolf-lit[tensorboard]" in last and "Traceback" not in out.stderr
 
 
 def test_the_wheel_carries_the_configs_and_runs_away_from_the_repository(tmp_path):
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("pgolf_lit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "pgolf_lit/configs/records/pr1394_sp8192_loop45.yaml" in names and "pgolf_lit/configs/demo_cpu.yaml" in names
     assert "pgolf_lit/callbacks/gptq_export.py" in names and not any(n.startswith("callbacks/") for n in names)
     target = tmp_path / "site"
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                                str(wheel)], capture_output=True, text=True, timeout=600)
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert installed.returncode == 0, installed.stderr[-2000:]
     away = tmp_path / "elsewhere"
     away.mkdir()
     out = pgolf("summary", "--config", "pr1394_sp8192_loop45", cwd=away, env={"PYTHONPATH": str(target)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "total_params: 35943512" in out.stdout
-    probe = subprocess.run([sys.executable, "-c", "import pgolf_lit.config as c; print(c.CONFIG_DIR)"], cwd=away,
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(target)})
+    probe = subprocess.run(
+        [sys.executable, "-c", "import pgolf_lit.config as c; print(c.CONFIG_DIR)"],
+        cwd=away,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
     assert Path(probe.stdout.strip()).is_relative_to(target)
 
 
 def test_sample_writes_text_from_the_artifact(fitted):
     cwd, run, _, _, _ = fitted
-    out = pgolf("sample", "--config", "pr1394_sp8192_loop45_tiny", "--artifact", str(run / "final_model.pgolf"),
-                "--prompt", "The", "--tokens", "8", "--samples", "2", cwd=cwd)
+    out = pgolf(
+        "sample",
+        "--config",
+        "pr1394_sp8192_loop45_tiny",
+        "--artifact",
+        str(run / "final_model.pgolf"),
+        "--prompt",
+        "The",
+        "--tokens",
+        "8",
+        "--samples",
+        "2",
+        cwd=cwd,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("--- sample ") == 2 and all(len(t.strip()) > 3 for t in out.stdout.split("---")[2::2])

@@ -62,8 +62,11 @@ def test_bf16_evaluation_stays_near_fp32():
     torch.manual_seed(0)
     model = GPT(cfg).cuda().eval()
     tokens = torch.randint(0, cfg.vocab_size, (16 * 128 + 1,), device="cuda")
-    luts = (torch.ones(cfg.vocab_size, dtype=torch.int16), torch.zeros(cfg.vocab_size, dtype=torch.bool),
-            torch.ones(cfg.vocab_size, dtype=torch.bool))
+    luts = (
+        torch.ones(cfg.vocab_size, dtype=torch.int16),
+        torch.zeros(cfg.vocab_size, dtype=torch.bool),
+        torch.ones(cfg.vocab_size, dtype=torch.bool),
+    )
     settings = EvalSettings(seq_len=128, stride=32)
     out = {}
     for precision in ("32-true", "bf16-mixed"):

@@ -68,8 +68,16 @@ def test_layout(built):
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     train = [n for n in names if "fineweb_train_" in n]
     assert names == sorted(
-        ["datasets", "datasets/fineweb10B_sp512", "manifest.json", "tokenizers", "tokenizers/fineweb_512_bpe.model",
-         "tokenizers/fineweb_512_bpe.vocab", "datasets/fineweb10B_sp512/fineweb_val_000000.bin", *train]
+        [
+            "datasets",
+            "datasets/fineweb10B_sp512",
+            "manifest.json",
+            "tokenizers",
+            "tokenizers/fineweb_512_bpe.model",
+            "tokenizers/fineweb_512_bpe.vocab",
+            "datasets/fineweb10B_sp512/fineweb_val_000000.bin",
+            *train,
+        ]
     )
     assert len(train) >= 3 and train[0].endswith("fineweb_train_000000.bin")
     assert load_tokenizer(out / "tokenizers/fineweb_512_bpe.model", VOCAB).vocab_size() == VOCAB
@@ -123,10 +131,23 @@ def test_reusing_the_tokenizer_gives_identical_shards(built, inputs, tmp_path):
     model.parent.mkdir()
     shutil.copyfile(out / "tokenizers/fineweb_512_bpe.model", model)  # no .vocab beside it
     again = tmp_path / "again"
-    reused = prepare.main([
-        "--input", str(root), "--vocab-size", "512", "--out", str(again), "--val-docs", str(VAL_DOCS),
-        "--shard-tokens", str(SHARD_TOKENS), "--tokenizer", str(model), "--no-progress",
-    ])
+    reused = prepare.main(
+        [
+            "--input",
+            str(root),
+            "--vocab-size",
+            "512",
+            "--out",
+            str(again),
+            "--val-docs",
+            str(VAL_DOCS),
+            "--shard-tokens",
+            str(SHARD_TOKENS),
+            "--tokenizer",
+            str(model),
+            "--no-progress",
+        ]
+    )
     assert reused == 0
     second = json.loads((again / "manifest.json").read_text())
     assert second["tokenizers"][0]["sha256"] == manifest["tokenizers"][0]["sha256"]
@@ -270,8 +291,12 @@ def test_vocab_larger_than_the_text_supports(tmp_path):
 
 def test_pack_paragraphs_respects_the_limit_and_keeps_order():
     paragraphs = ["a" * 400, "b" * 700, "c" * 500, "d" * 2000, "e" * 10]
-    assert pack_paragraphs(paragraphs, max_chars=1500) == ["a" * 400 + "\n\n" + "b" * 700, "c" * 500, "d" * 2000,
-                                                           "e" * 10]
+    assert pack_paragraphs(paragraphs, max_chars=1500) == [
+        "a" * 400 + "\n\n" + "b" * 700,
+        "c" * 500,
+        "d" * 2000,
+        "e" * 10,
+    ]
 
 
 def test_embedded_corpus_is_deterministic_and_big_enough(tmp_path):

@@ -26,13 +26,21 @@ TRAIN_SHARDS = 3
 
 def minimal_manifest(**dataset_changes) -> dict:
     """Only the fields the downloader reads (spec/data.md §4)."""
-    dataset = {"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
-               "stats": {"files_train": TRAIN_SHARDS, "files_val": 1}}
+    dataset = {
+        "name": "fineweb10B_sp1024",
+        "tokenizer_name": "sp_bpe_1024",
+        "stats": {"files_train": TRAIN_SHARDS, "files_val": 1},
+    }
     dataset.update(dataset_changes)
     return {
         "datasets": [dataset],
-        "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
-                        "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
+        "tokenizers": [
+            {
+                "name": "sp_bpe_1024",
+                "model_path": "tokenizers/fineweb_1024_bpe.model",
+                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+            }
+        ],
     }
 
 
@@ -62,8 +70,9 @@ def local_files(data_root: Path) -> list[str]:
 
 
 def fetch(hub, data_root, train_shards=2, **kwargs):
-    return download.download_dataset("sp1024", train_shards, data_root=data_root, hub_root=hub, progress=False,
-                                     **kwargs)
+    return download.download_dataset(
+        "sp1024", train_shards, data_root=data_root, hub_root=hub, progress=False, **kwargs
+    )
 
 
 EXPECTED_TWO_SHARDS = [
@@ -88,8 +97,10 @@ def test_mirror_fetches_prefix_val_and_tokenizer(hub, tmp_path):
         assert (data / rel).read_bytes() == remote.read_bytes()
     assert summary["fetched"] == 6 and summary["present"] == 0
     assert summary["dataset_dir"] == data / "datasets/fineweb10B_sp1024"
-    assert summary["tokenizer_files"] == [data / "tokenizers/fineweb_1024_bpe.model",
-                                          data / "tokenizers/fineweb_1024_bpe.vocab"]
+    assert summary["tokenizer_files"] == [
+        data / "tokenizers/fineweb_1024_bpe.model",
+        data / "tokenizers/fineweb_1024_bpe.vocab",
+    ]
 
 
 def test_zero_train_shards_still_fetches_val(hub, tmp_path):
@@ -182,8 +193,9 @@ def test_skip_manifest_needs_a_local_one(hub, tmp_path):
 
 def test_main_runs_with_hub_root(hub, tmp_path, capsys):
     data = tmp_path / "data"
-    assert download.main(["--hub-root", str(hub), "--data-root", str(data), "--train-shards", "2",
-                          "--no-progress"]) == 0
+    assert (
+        download.main(["--hub-root", str(hub), "--data-root", str(data), "--train-shards", "2", "--no-progress"]) == 0
+    )
     assert local_files(data) == EXPECTED_TWO_SHARDS
     assert "6 file(s) fetched, 0 already present" in capsys.readouterr().out
 
@@ -197,8 +209,14 @@ def run_cli(args: list[str], hf_home: Path, cwd: Path) -> tuple[subprocess.Compl
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
     env.pop("MATCHED_FINEWEB_REPO_ID", None)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pgolf_lit.data.download", "--repo-id", REPO_ID, "--no-progress",
-                           *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgolf_lit.data.download", "--repo-id", REPO_ID, "--no-progress", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc, time.monotonic() - start
 
 

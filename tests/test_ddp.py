@@ -39,13 +39,20 @@ def read(path):
 def test_two_gloo_processes_equal_one_process_with_double_accumulation(embedded_data_root, tmp_path):
     steps = 5
     L.seed_everything(0)
-    fit(tiny_module(), tiny_datamodule(embedded_data_root, grad_accum_base=2),
-        tiny_trainer(tmp_path / "one", steps, [WriteLosses(tmp_path / "one.jsonl")]))
+    fit(
+        tiny_module(),
+        tiny_datamodule(embedded_data_root, grad_accum_base=2),
+        tiny_trainer(tmp_path / "one", steps, [WriteLosses(tmp_path / "one.jsonl")]),
+    )
     L.seed_everything(0)
-    fit(tiny_module(), tiny_datamodule(embedded_data_root, grad_accum_base=2),
-        tiny_trainer(tmp_path / "two", steps, [WriteLosses(tmp_path / "two.jsonl")], devices=2, strategy="ddp_spawn"))
+    fit(
+        tiny_module(),
+        tiny_datamodule(embedded_data_root, grad_accum_base=2),
+        tiny_trainer(tmp_path / "two", steps, [WriteLosses(tmp_path / "two.jsonl")], devices=2, strategy="ddp_spawn"),
+    )
     one, two = read(tmp_path / "one.jsonl"), read(tmp_path / "two.jsonl")
     assert [r[0] for r in one] == [r[0] for r in two] == list(range(1, steps + 1))
+
     # The logged train loss is the mean over ranks (all-reduced at log steps), the one process's mean over its
     # two micro-batches: the train.log lines agree (4 decimals printed).
     def logged(run):
@@ -93,8 +100,11 @@ def test_budget_stop_is_taken_by_all_ranks_together(embedded_data_root, tmp_path
     module = tiny_module()
     module.clock = RankSkewedClock()
     trainer = tiny_trainer(
-        tmp_path, 100, [AdvanceClock(), WallclockBudget(max_seconds=6.5), RecordStop(tmp_path / "stop")],
-        devices=2, strategy="ddp_spawn",
+        tmp_path,
+        100,
+        [AdvanceClock(), WallclockBudget(max_seconds=6.5), RecordStop(tmp_path / "stop")],
+        devices=2,
+        strategy="ddp_spawn",
     )
     fit(module, tiny_datamodule(embedded_data_root, grad_accum_base=2), trainer)
     stops = [int(open(tmp_path / f"stop.{r}").read()) for r in (0, 1)]

@@ -45,4 +45,6 @@ def test_a_bf16_mixed_fit_keeps_the_records_dtypes_and_an_fp32_ema(embedded_data
     assert shadow["model.tok_emb.weight"].dtype == torch.float32
     assert torch.isfinite(module.last_train_loss)
     # the EMA was applied at the end: the model holds the (bf16-rounded) shadow
-    torch.testing.assert_close(module.model.tok_emb.weight.float(), shadow["model.tok_emb.weight"], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        module.model.tok_emb.weight.float(), shadow["model.tok_emb.weight"], atol=1e-2, rtol=1e-2
+    )

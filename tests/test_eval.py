@@ -66,8 +66,13 @@ def slot_procedure(name: str, **changes) -> SlotConfig:
 
 def artifact_context(settings, forward=None) -> EvalContext:
     """Scoring an int6 artifact on the CPU in fp32 (the labels upstream gives such passes)."""
-    ctx = evaluation_context(settings, precision="32-true", device=torch.device("cpu"), compile=False,
-                             weights=Weights(quantized=True, tag="int6"))
+    ctx = evaluation_context(
+        settings,
+        precision="32-true",
+        device=torch.device("cpu"),
+        compile=False,
+        weights=Weights(quantized=True, tag="int6"),
+    )
     return replace(ctx, forward=forward) if forward is not None else ctx
 
 
@@ -233,7 +238,10 @@ def test_slot_warm_start(tiny):
 def test_per_window_causal_slot_is_independent_of_the_batch(tiny):
     model, tokens, luts = tiny
     cfg = slot_procedure("causal_per_window", steps=4)
-    results = [measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=replace(cfg, batch_windows=b)) for b in (1, 4, 64)]
+    results = [
+        measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=replace(cfg, batch_windows=b))
+        for b in (1, 4, 64)
+    ]
     for other in results[1:]:
         assert_same(other, results[0])
 
@@ -296,8 +304,14 @@ def test_two_gloo_processes_equal_one(tmp_path):
 
 def test_result_line_format():
     result = EvalResult(
-        label="final_int6_sliding_window", val_loss=1.234567891, val_bpb=0.5, tokens=10, bytes=20,
-        eval_time_ms=1234.56, compliant=True, extra={"stride": 64, "window_rule": "exact"},
+        label="final_int6_sliding_window",
+        val_loss=1.234567891,
+        val_bpb=0.5,
+        tokens=10,
+        bytes=20,
+        eval_time_ms=1234.56,
+        compliant=True,
+        extra={"stride": 64, "window_rule": "exact"},
     )
     assert format_result_line(result) == (
         "final_int6_sliding_window val_loss:1.23456789 val_bpb:0.50000000 eval_time:1235ms eval_time_includes:none "
@@ -359,6 +373,8 @@ def test_bf16_autocast_stays_close_to_fp32(tiny):
     settings = EvalSettings(**DISTRIBUTED_SETTINGS)
     for method in DISTRIBUTED_METHODS:
         fp32 = run_method(method, model, tokens, luts, artifact_context(settings))
-        bf16 = run_method(method, model, tokens, luts, artifact_context(settings, ForwardOptions.bf16("cpu", compile=False)))
+        bf16 = run_method(
+            method, model, tokens, luts, artifact_context(settings, ForwardOptions.bf16("cpu", compile=False))
+        )
         assert (bf16.tokens, bf16.bytes) == (fp32.tokens, fp32.bytes)
         assert bf16.val_loss == pytest.approx(fp32.val_loss, abs=0.05) and bf16.val_loss != fp32.val_loss, method

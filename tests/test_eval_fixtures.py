@@ -46,7 +46,9 @@ def _cases() -> list[Path]:
 
 def _params(runs: list) -> list:
     if fixture_root(ENV_VAR, "eval") is None:
-        return [pytest.param(None, None, marks=pytest.mark.skip(reason=f"no fixtures: set {ENV_VAR} or provide ../shared"))]
+        return [
+            pytest.param(None, None, marks=pytest.mark.skip(reason=f"no fixtures: set {ENV_VAR} or provide ../shared"))
+        ]
     return runs
 
 
@@ -129,7 +131,12 @@ def _run_method(code: str, window_rule, s: Setup, metric: BitsPerByte) -> None:
         # Rows are independent, so the windows per batch cannot change the result; any fixture batch size will do.
         batch = s.settings["windows_per_batch"] or s.settings["local_batch_sequences"]
         evaluate_sliding(
-            s.model, s.tokens, metric, seq_len=s.seq_len, stride=h["eval_stride"], batch_windows=batch,
+            s.model,
+            s.tokens,
+            metric,
+            seq_len=s.seq_len,
+            stride=h["eval_stride"],
+            batch_windows=batch,
             rule=window_rule,
         )
     elif code in SLOT_PRESET_OF_METHOD:

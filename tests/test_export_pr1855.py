@@ -79,7 +79,9 @@ def test_per_group_container_round_trips_through_export(tmp_path):
     # the container holds the record's live dtypes (a bf16 token table), as the record's deserialize gives them
     quant, meta = quantize_state_dict(
         {k: v.to(torch.bfloat16) if k == "tok_emb.weight" else v for k, v in model.state_dict().items()},
-        cfg, hessians_of(model), roles=model.roles,
+        cfg,
+        hessians_of(model),
+        roles=model.roles,
     )
     for name, t in dequantize(quant, meta).items():
         assert torch.equal(art.state_dict[name], t), name

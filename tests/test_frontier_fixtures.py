@@ -188,17 +188,33 @@ def phased_settings(h: dict) -> PhasedTTTSettings:
     """The case's resolved upstream hyperparameters as our settings (the record's names in each field's doc)."""
     assert h["ttt_optimizer"] == "adam" and h["val_doc_fraction"] == 1.0
     return PhasedTTTSettings(
-        chunk=h["ttt_chunk_size"], context=h["ttt_eval_seq_len"], batch_docs=h["ttt_batch_size"],
-        lora_rank=h["ttt_lora_rank"], q_lora=h["ttt_q_lora"], k_lora=h["ttt_k_lora"], v_lora=h["ttt_v_lora"],
-        o_lora=h["ttt_o_lora"], mlp_lora=h["ttt_mlp_lora"], lora_lr=h["ttt_lora_lr"],
-        local_lr_mult=h["ttt_local_lr_mult"], beta1=h["ttt_beta1"], beta2=h["ttt_beta2"],
-        eps=h.get("ttt_adam_eps", 1e-10), weight_decay=h["ttt_weight_decay"], grad_steps=h["ttt_grad_steps"],
-        prefix_docs=h["phased_ttt_prefix_docs"], num_phases=h["phased_ttt_num_phases"], global_lr=h["global_ttt_lr"],
-        global_momentum=h["global_ttt_momentum"], global_epochs=h["global_ttt_epochs"],
-        global_grad_clip=h["global_ttt_grad_clip"], global_chunk_tokens=h["global_ttt_chunk_tokens"],
+        chunk=h["ttt_chunk_size"],
+        context=h["ttt_eval_seq_len"],
+        batch_docs=h["ttt_batch_size"],
+        lora_rank=h["ttt_lora_rank"],
+        q_lora=h["ttt_q_lora"],
+        k_lora=h["ttt_k_lora"],
+        v_lora=h["ttt_v_lora"],
+        o_lora=h["ttt_o_lora"],
+        mlp_lora=h["ttt_mlp_lora"],
+        lora_lr=h["ttt_lora_lr"],
+        local_lr_mult=h["ttt_local_lr_mult"],
+        beta1=h["ttt_beta1"],
+        beta2=h["ttt_beta2"],
+        eps=h.get("ttt_adam_eps", 1e-10),
+        weight_decay=h["ttt_weight_decay"],
+        grad_steps=h["ttt_grad_steps"],
+        prefix_docs=h["phased_ttt_prefix_docs"],
+        num_phases=h["phased_ttt_num_phases"],
+        global_lr=h["global_ttt_lr"],
+        global_momentum=h["global_ttt_momentum"],
+        global_epochs=h["global_ttt_epochs"],
+        global_grad_clip=h["global_ttt_grad_clip"],
+        global_chunk_tokens=h["global_ttt_chunk_tokens"],
         global_batch_seqs=h["global_ttt_batch_seqs"],
         global_respect_doc_boundaries=h["global_ttt_respect_doc_boundaries"],
-        global_warmup_chunks=h["global_ttt_warmup_chunks"], global_warmup_start_lr=h["global_ttt_warmup_start_lr"],
+        global_warmup_chunks=h["global_ttt_warmup_chunks"],
+        global_warmup_start_lr=h["global_ttt_warmup_start_lr"],
     )
 
 
@@ -247,8 +263,17 @@ def test_phased_ttt_matches_the_record(case, variant):
     made: list[BatchedTTTLoRA] = []
 
     def factory(adapted: GPT, bsz: int) -> BatchedTTTLoRA:
-        lora = BatchedTTTLoRA(adapted, bsz, cfg.lora_rank, q=cfg.q_lora, k=cfg.k_lora, v=cfg.v_lora, o=cfg.o_lora,
-                              mlp=cfg.mlp_lora, generator=generator)
+        lora = BatchedTTTLoRA(
+            adapted,
+            bsz,
+            cfg.lora_rank,
+            q=cfg.q_lora,
+            k=cfg.k_lora,
+            v=cfg.v_lora,
+            o=cfg.o_lora,
+            mlp=cfg.mlp_lora,
+            generator=generator,
+        )
         made.append(lora)
         if variant == "primary":
             entry = expected["lora_creations"][len(made) - 1]
@@ -260,12 +285,14 @@ def test_phased_ttt_matches_the_record(case, variant):
         return lora
 
     vocab = model.config.vocab_size
-    no_luts = (torch.zeros(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
-               torch.ones(vocab, dtype=torch.bool))
+    no_luts = (
+        torch.zeros(vocab, dtype=torch.int16),
+        torch.zeros(vocab, dtype=torch.bool),
+        torch.ones(vocab, dtype=torch.bool),
+    )
     metric = BitsPerByte(ByteCounts(no_luts, sidecar))
     recorder = ChunkRecorder(tokens)
-    summary = evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder,
-                                  lora_factory=factory)
+    summary = evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=factory)
     values = metric.compute()
     tol = hp["tolerance"]
     assert abs(float(values["loss"]) - want["val_loss"]) <= tol["val_loss"]
@@ -296,8 +323,12 @@ def test_phased_ttt_matches_the_record(case, variant):
 
 # The records' gptq_mixed_quantize keeps every tensor of at most this many elements as fp16 (a script literal).
 RECORD_KEEP_FLOAT_MAX_NUMEL = 65_536
-BANK_PARTS = {"qo_bank": ("attn.c_q.weight", "attn.proj.weight"), "kv_bank": ("attn.c_k.weight", "attn.c_v.weight"),
-              "mlp_up_bank": ("mlp.fc.weight",), "mlp_down_bank": ("mlp.proj.weight",)}
+BANK_PARTS = {
+    "qo_bank": ("attn.c_q.weight", "attn.proj.weight"),
+    "kv_bank": ("attn.c_k.weight", "attn.c_v.weight"),
+    "mlp_up_bank": ("mlp.fc.weight",),
+    "mlp_down_bank": ("mlp.proj.weight",),
+}
 QUANT_PORTED = {"pr1945"}
 
 
@@ -305,8 +336,11 @@ def _quant_params() -> list:
     params = []
     for p in _cases("quant"):
         case = p.values[0]
-        if case is not None and not p.marks and json.loads((case / "hparams.json").read_text())["record"] \
-                not in QUANT_PORTED:
+        if (
+            case is not None
+            and not p.marks
+            and json.loads((case / "hparams.json").read_text())["record"] not in QUANT_PORTED
+        ):
             p = pytest.param(case, id=p.id, marks=[pytest.mark.skip(reason="this record's export is not ported")])
         elif case is not None and not p.marks and not (case / "act_stats.pt").is_file():
             p = pytest.param(case, id=p.id, marks=[pytest.mark.skip(reason="no activation statistics: not AWQ")])
@@ -340,8 +374,13 @@ def record_route(h: dict, name: str, t: torch.Tensor):
         return "passthrough"
     if "tok_emb" in name:
         return h["embed_bits"], h["embed_clip_sigmas"]
-    sigmas = h["mlp_clip_sigmas"] if ".mlp." in name else h["attn_clip_sigmas"] if ".attn." in name \
+    sigmas = (
+        h["mlp_clip_sigmas"]
+        if ".mlp." in name
+        else h["attn_clip_sigmas"]
+        if ".attn." in name
         else h["matrix_clip_sigmas"]
+    )
     return h["matrix_bits"], sigmas
 
 
@@ -372,8 +411,9 @@ def test_awq_lite_gptq_matches_the_record(case):
     gptq = {n: weights[n] for n, r in routes.items() if isinstance(r, tuple)}
     awq = AwqSettings(bits=h["awq_lite_bits"], top_k=h["awq_lite_group_top_k"], group_size=h["awq_lite_group_size"])
     candidates, chosen = select_groups(gptq, act_rms, {n: routes[n][0] for n in gptq}, awq)
-    assert [(n, s, e) for _, n, s, e in candidates] == \
-        [(c["name"], c["start"], c["end"]) for c in awq_ref["candidates_sorted"]]
+    assert [(n, s, e) for _, n, s, e in candidates] == [
+        (c["name"], c["start"], c["end"]) for c in awq_ref["candidates_sorted"]
+    ]
     assert [score for score, *_ in candidates] == [c["score"] for c in awq_ref["candidates_sorted"]]
     assert {n: [list(g) for g in gs] for n, gs in chosen.items()} == awq_ref["selected"]
 
@@ -390,16 +430,24 @@ def test_awq_lite_gptq_matches_the_record(case):
             if name in chosen:
                 mask = protect_mask(t.shape[1], chosen[name])
                 q, s_hi = gptq_sdclip_protected(t, hessians[name], bits, sigmas, mask, awq.bits)
-                groups = AwqGroups(torch.tensor([s for s, _ in chosen[name]], dtype=torch.int16), s_hi,
-                                   torch.tensor(awq.group_size, dtype=torch.int16))
+                groups = AwqGroups(
+                    torch.tensor([s for s, _ in chosen[name]], dtype=torch.int16),
+                    s_hi,
+                    torch.tensor(awq.group_size, dtype=torch.int16),
+                )
                 quant.update({name + ".q": q.q, name + ".scale": q.scale, **groups.tensors(name)})
                 meta[name] = gptq_meta(bits, awq_bits=awq.bits)
             else:
                 q = gptq_sdclip(t, hessians[name], bits, sigmas)
                 quant[name + ".q"], quant[name + ".scale"] = q.q, q.scale
                 meta[name] = gptq_meta(bits)
-    lqer = LqerSettings(rank=h["lqer_rank"], top_k=h["lqer_top_k"], asym=h["lqer_asym_enabled"],
-                        asym_group=h["lqer_asym_group"], factor_bits=h["lqer_factor_bits"])
+    lqer = LqerSettings(
+        rank=h["lqer_rank"],
+        top_k=h["lqer_top_k"],
+        asym=h["lqer_asym_enabled"],
+        asym_group=h["lqer_asym_group"],
+        factor_bits=h["lqer_factor_bits"],
+    )
     for name, factors in lqer_apply(weights, quant, list(gptq), lqer).items():
         quant.update(factors.tensors(name))
         meta[name] += factors.meta_suffix
@@ -414,8 +462,12 @@ def test_awq_lite_gptq_matches_the_record(case):
     for name, entry in dequant_ref.items():
         t = flat[name].contiguous()
         assert (str(t.dtype).removeprefix("torch."), list(t.shape)) == (entry["dtype"], entry["shape"]), name
-        assert hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.dim() else
-                              t.reshape(1).view(torch.uint8).numpy().tobytes()).hexdigest() == entry["sha256"], name
+        assert (
+            hashlib.sha256(
+                t.view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes()
+            ).hexdigest()
+            == entry["sha256"]
+        ), name
 
     art = json.loads((case / "artifact.json").read_text())
     blob = encode_pergroup(quant, meta)
@@ -474,8 +526,14 @@ def test_activation_stats_from_calibration_tokens(case):
     per = cal["seqs_per_batch"]
     batches = [tokens[i * per : (i + 1) * per] for i in range(cal["num_batches"])]
     cfg = record_export_settings(hp)
-    hessians, report = collect_hessians(fixture_quant_model(case, hp)[0], batches, modules=cfg.gptq.hessian_modules,
-                                        head=cfg.head_uses_gptq, min_numel=cfg.keep_float_max_numel, progress=False)
+    hessians, report = collect_hessians(
+        fixture_quant_model(case, hp)[0],
+        batches,
+        modules=cfg.gptq.hessian_modules,
+        head=cfg.head_uses_gptq,
+        min_numel=cfg.keep_float_max_numel,
+        progress=False,
+    )
     ref_h, ref_rms = _load(case / hp["hessians"]["file"]), _load(case / hp["act_stats"]["file"])
     hooked = set(hessians)
     assert hooked <= set(ref_h) and hooked == set(report.act_rms)
@@ -483,8 +541,10 @@ def test_activation_stats_from_calibration_tokens(case):
         torch.testing.assert_close(hessians[name], ref_h[name], atol=1e-4 * ref_h[name].abs().max().item(), rtol=0)
         torch.testing.assert_close(report.act_rms[name], ref_rms[name], atol=1e-4 * ref_rms[name].max().item(), rtol=0)
     # the record also hooks c_k/c_v, which its routing keeps as floats at this size: the same input as c_q
-    assert all(torch.equal(ref_rms[n], ref_rms[n.replace(".c_k.", ".c_q.").replace(".c_v.", ".c_q.")])
-               for n in set(ref_rms) - hooked)
+    assert all(
+        torch.equal(ref_rms[n], ref_rms[n.replace(".c_k.", ".c_q.").replace(".c_v.", ".c_q.")])
+        for n in set(ref_rms) - hooked
+    )
 
 
 @pytest.mark.parametrize("case", QUANT_CASES)
@@ -502,12 +562,16 @@ def test_record_export_setting_gives_the_records_artifact(case):
     hp = json.loads((case / "hparams.json").read_text())
     cfg = record_export_settings(hp)
     assert cfg.awq is not None and (cfg.awq.bits, cfg.awq.top_k, cfg.awq.group_size) == tuple(
-        hp["hyperparameters"][k] for k in ("awq_lite_bits", "awq_lite_group_top_k", "awq_lite_group_size"))
+        hp["hyperparameters"][k] for k in ("awq_lite_bits", "awq_lite_group_top_k", "awq_lite_group_size")
+    )
     _, roles = fixture_quant_model(case, hp)
-    weights = {k: v.float() for k, v in record_unbank(_load(case / "state_dict.pt"),
-                                                      hp["hyperparameters"]["num_layers"]).items()}
-    quant, meta = quantize_state_dict(weights, cfg, _load(case / "hessians.pt"), roles=roles,
-                                      act_rms=_load(case / "act_stats.pt"))
+    weights = {
+        k: v.float()
+        for k, v in record_unbank(_load(case / "state_dict.pt"), hp["hyperparameters"]["num_layers"]).items()
+    }
+    quant, meta = quantize_state_dict(
+        weights, cfg, _load(case / "hessians.pt"), roles=roles, act_rms=_load(case / "act_stats.pt")
+    )
     strings = pergroup_from_quantized(quant, meta, "test")
     expected = _load(case / "expected_quant.pt")
     assert sorted(strings[0]) == sorted(expected)

@@ -53,8 +53,9 @@ def test_masked_adapters_change_nothing_they_do_not_hold():
 
 def test_mask_and_lr_multiplier_reach_the_phased_run():
     model = random_model()
-    learner = _PhasedLearner(model, replace(TINY, q_lora=False, v_lora=False, local_lr_mult=0.75), ForwardOptions(),
-                             None)
+    learner = _PhasedLearner(
+        model, replace(TINY, q_lora=False, v_lora=False, local_lr_mult=0.75), ForwardOptions(), None
+    )
     assert learner.reusable.q_loras is None and learner.reusable.v_loras is None
     assert learner.optimizer(learner.reusable).param_groups[0]["lr"] == pytest.approx(TINY.lora_lr * 0.75)
 

@@ -176,16 +176,25 @@ def test_fused_mlp_bf16_is_as_accurate_as_eager_bf16(autocast):
         err_fused = (a.double() - e).abs().max().item()
         err_eager = (b.double() - e).abs().max().item()
         assert err_fused <= err_eager + BF16_ULP * scale, (name, err_fused, err_eager)
-        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=4 * BF16_ULP * scale,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a.float(), b.float(), rtol=0, atol=4 * BF16_ULP * scale, msg=lambda m: f"{name}: {m}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Inside the GPT: the switch
 # ---------------------------------------------------------------------------------------------------------
 
-TINY = dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=4.0,
-            mlp_activation="leaky_relu2", init="orthogonal")
+TINY = dict(
+    vocab_size=512,
+    num_layers=2,
+    model_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_mult=4.0,
+    mlp_activation="leaky_relu2",
+    init="orthogonal",
+)
 
 
 @pytest.fixture
@@ -280,8 +289,10 @@ def test_fused_ops_pass_opcheck_and_trace_under_torch_compile():
     losses, lse = torch.ops.pgolf.softcapped_ce(z, y, C, -100)
     for op, args in [
         (torch.ops.pgolf.leaky_relu2_mlp, (x2.requires_grad_(), w_up.requires_grad_(), w_down.requires_grad_(), 0.5)),
-        (torch.ops.pgolf.leaky_relu2_mlp_backward, (torch.randn_like(out), x2.detach(), w_up.detach(), w_down.detach(),
-                                                    pre, act, 0.5)),
+        (
+            torch.ops.pgolf.leaky_relu2_mlp_backward,
+            (torch.randn_like(out), x2.detach(), w_up.detach(), w_down.detach(), pre, act, 0.5),
+        ),
         (torch.ops.pgolf.softcapped_ce, (z.requires_grad_(), y, C, -100)),
         (torch.ops.pgolf.softcapped_ce_backward, (torch.rand_like(losses), z.detach(), y, lse, C, -100)),
     ]:
@@ -313,8 +324,15 @@ def test_fused_kernels_switch_reaches_the_model_from_the_pr1855_config():
     from pgolf_lit.cli import make_cli
     from pgolf_lit.config import load_config
 
-    cli = make_cli(["--config", str(CONFIG_DIR / "records" / "pr1855_sp8192_lqer_sparsegate_tiny.yaml"),
-                    "--trainer.logger", "false"], run=False)
+    cli = make_cli(
+        [
+            "--config",
+            str(CONFIG_DIR / "records" / "pr1855_sp8192_lqer_sparsegate_tiny.yaml"),
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     module = cli.model
     assert module.fused_kernels is True and module.hparams["fused_kernels"] is True
     assert module.model.fused_ce is softcapped_cross_entropy and not module.model.fused_force

@@ -68,23 +68,30 @@ class SaveGradients(Callback):
         if trainer.global_step > 0:
             return
         model = pl_module.model
-        torch.save({
-            "local": self.local,
-            "reduced": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
-            "muon": [n for n, _ in route_parameters(model, pl_module.optim_config).muon],  # by declared role
-        }, f"{self.path}.{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "local": self.local,
+                "reduced": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+                "muon": [n for n, _ in route_parameters(model, pl_module.optim_config).muon],  # by declared role
+            },
+            f"{self.path}.{trainer.global_rank}.pt",
+        )
 
 
 def _one_step(data_root, root, scope: str):
     L.seed_everything(0)
-    module = GolfModule(gpt=GPTConfig(**TINY_GPT), optim=OptimConfig(grad_clip_norm=0.0, grad_clip_scope=scope),
-                        train_log_every=1000)
+    module = GolfModule(
+        gpt=GPTConfig(**TINY_GPT), optim=OptimConfig(grad_clip_norm=0.0, grad_clip_scope=scope), train_log_every=1000
+    )
     with torch.no_grad():  # move the zero-initialised tensors so that every gradient is nonzero at the first step
         for p in module.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     strategy = GlooDDPStrategy(start_method="spawn", ddp_comm_hook=default_hooks.bf16_compress_hook)
-    fit(module, tiny_datamodule(data_root, grad_accum_base=2),
-        tiny_trainer(root, 1, [SaveGradients(root / "grads")], devices=2, strategy=strategy))
+    fit(
+        module,
+        tiny_datamodule(data_root, grad_accum_base=2),
+        tiny_trainer(root, 1, [SaveGradients(root / "grads")], devices=2, strategy=strategy),
+    )
     ranks = [torch.load(root / f"grads.{r}.pt", weights_only=True) for r in (0, 1)]
     for name, g in ranks[0]["reduced"].items():
         assert torch.equal(g, ranks[1]["reduced"][name]), f"{scope}: the ranks disagree on {name}"

@@ -165,7 +165,12 @@ def test_each_feature_changes_the_output(name):
 @pytest.mark.parametrize("recurrence", ["group", "inplace", "loop"])
 def test_recurrence_changes_the_output_only_when_active(recurrence):
     cfg = small(
-        num_layers=6, recurrence=recurrence, recur_layers=[2, 3], num_loops=1, loop_start=2, loop_end=3,
+        num_layers=6,
+        recurrence=recurrence,
+        recur_layers=[2, 3],
+        num_loops=1,
+        loop_start=2,
+        loop_end=3,
         iter_conditioning=recurrence == "inplace",
     )
     model = perturbed(cfg)
@@ -208,8 +213,16 @@ def test_bigram_hash_matches_spec_vectors():
 
 @pytest.mark.parametrize("record", sorted(RECORD_PARAMS))
 def test_upstream_state_dict_round_trip_is_identity(record):
-    cfg = record_gpt_config(record).replace(vocab_size=64, model_dim=32, num_heads=4, num_kv_heads=2,
-                                            embedding_dim=None, rope_dims=0, bigram_dim=8, ve_dim=8)
+    cfg = record_gpt_config(record).replace(
+        vocab_size=64,
+        model_dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        embedding_dim=None,
+        rope_dims=0,
+        bigram_dim=8,
+        ve_dim=8,
+    )
     a = perturbed(cfg)
     up = to_upstream_state_dict(a, upstream_dtypes=False)
     b = GPT(cfg)
@@ -219,8 +232,11 @@ def test_upstream_state_dict_round_trip_is_identity(record):
 
 
 def test_upstream_dtype_policy_keeps_tables_bf16():
-    model = GPT(record_gpt_config("pr1263_slot16").replace(model_dim=32, num_heads=4, num_kv_heads=2,
-                                                            rope_dims=4, bigram_dim=8, ve_dim=8))
+    model = GPT(
+        record_gpt_config("pr1263_slot16").replace(
+            model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, bigram_dim=8, ve_dim=8
+        )
+    )
     sd = to_upstream_state_dict(model)
     assert sd["tok_emb.weight"].dtype == torch.bfloat16 and sd["bigram.embed.weight"].dtype == torch.bfloat16
     assert sd["blocks.0.attn.c_q.weight"].dtype == torch.float32 and sd["bigram.scale"].shape == ()
@@ -346,8 +362,18 @@ def test_rope_dtypes_leave_the_rescaled_frequencies_fp32():
 def test_record_configs_use_their_scripts_rope_dtypes(record):
     cfg = record_gpt_config(record)
     assert (cfg.rope_inv_freq_dtype, cfg.rope_positions_dtype) == ROPE_DTYPES[record]
-    model = GPT(cfg.replace(vocab_size=64, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=16,
-                            embedding_dim=None, bigram_dim=8, ve_dim=8))
+    model = GPT(
+        cfg.replace(
+            vocab_size=64,
+            model_dim=32,
+            num_heads=2,
+            num_kv_heads=1,
+            rope_dims=16,
+            embedding_dim=None,
+            bigram_dim=8,
+            ve_dim=8,
+        )
+    )
     script = ScriptRotary(16).bfloat16()
     assert torch.equal(model.rotary.inv_freq, script.inv_freq.float())
     # the fixtures ran the scripts' constructors without the harness's cast: fp32 unless asked for the cast
@@ -378,6 +404,8 @@ def test_bf16_positions_survive_torch_compile():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     t = torch.arange(1 << 20, dtype=torch.float32)
     assert torch.equal(_round_to_bf16(t), t.bfloat16().float())
+
+
 # AsymLogit (PR #1945)
 # ---------------------------------------------------------------------------------------------------------
 

@@ -90,8 +90,16 @@ def _run_banked_muon() -> list[torch.Tensor]:
     """Two steps of PR #1855's Muon (Polar Express, bf16 momentum, MuonEq-R, decay) on banks and matrices."""
     g = torch.Generator().manual_seed(4321)
     params = [nn.Parameter(torch.randn(s, generator=g)) for s in BANKED_SHAPES]
-    opt = Muon(params, lr=0.02, momentum=0.97, weight_decay=0.095, row_normalize=True, coefficients="polar_express",
-               momentum_dtype="bf16", skip_without_grad=True)
+    opt = Muon(
+        params,
+        lr=0.02,
+        momentum=0.97,
+        weight_decay=0.095,
+        row_normalize=True,
+        coefficients="polar_express",
+        momentum_dtype="bf16",
+        skip_without_grad=True,
+    )
     for _ in range(2):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g)

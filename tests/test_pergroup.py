@@ -98,9 +98,17 @@ def test_state_dict_to_artifact_bytes(path):
     for name in gptq_names:  # GPTQ codes: exact, or off at rounding ties only (then go on with the fixture's)
         key = name + ".q"
         if not torch.equal(quant[key], expected[key]):
-            bits = int(meta[name][len("gptq (int"):].split(")")[0])
-            assert_tie_mismatches(key, quant[key], expected[key], quant[name + ".scale"], weights[name].float(),
-                                  hessians[name], bits, *tie_settings())
+            bits = int(meta[name][len("gptq (int") :].split(")")[0])
+            assert_tie_mismatches(
+                key,
+                quant[key],
+                expected[key],
+                quant[name + ".scale"],
+                weights[name].float(),
+                hessians[name],
+                bits,
+                *tie_settings(),
+            )
             quant[key] = expected[key]
     factors = add_lqer(c, weights, quant, meta, gptq_names)
     assert list(factors) == c.qmeta["lqer"]["chosen"]
@@ -150,9 +158,14 @@ def synthetic_quant(seed: int = 0, layers: int = 2, dim: int = 72, kv: int = 24,
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for i in range(layers):
-        for suffix, shape in (("attn.c_q.weight", (dim, dim)), ("attn.c_k.weight", (kv, dim)),
-                              ("attn.c_v.weight", (kv, dim)), ("attn.proj.weight", (dim, dim)),
-                              ("mlp.fc.weight", (hidden, dim)), ("mlp.proj.weight", (dim, hidden))):
+        for suffix, shape in (
+            ("attn.c_q.weight", (dim, dim)),
+            ("attn.c_k.weight", (kv, dim)),
+            ("attn.c_v.weight", (kv, dim)),
+            ("attn.proj.weight", (dim, dim)),
+            ("mlp.fc.weight", (hidden, dim)),
+            ("mlp.proj.weight", (dim, hidden)),
+        ):
             weights[f"blocks.{i}.{suffix}"] = torch.randn(shape, generator=g) * 0.05
         weights[f"blocks.{i}.attn.attn_gate_w"] = torch.randn(3, 11, generator=g)
         weights[f"blocks.{i}.attn_scale"] = torch.rand(dim, generator=g)
@@ -232,8 +245,12 @@ def test_bit_flips_fail_with_one_line_or_change_nothing():
         start, end = int(starts[i]), int(starts[i + 1])
         positions += [start, start + 7, start + 15, start + lengths[i] // 2, end - 1]
     for i in (pg.REMAINDER_STREAM, pg.PERMUTATION_STREAM):
-        positions += [int(starts[i]) + 1, int(starts[i] + lengths[i] // 3), int(starts[i] + 2 * lengths[i] // 3),
-                      int(starts[i + 1]) - 1]
+        positions += [
+            int(starts[i]) + 1,
+            int(starts[i] + lengths[i] // 3),
+            int(starts[i] + 2 * lengths[i] // 3),
+            int(starts[i + 1]) - 1,
+        ]
     unchanged = []
     for p in positions:
         flipped = bytearray(blob)
@@ -281,8 +298,9 @@ def test_oversized_claims_are_refused_before_or_while_decompressing(tmp_path):
     assert "exceeded the declared size" in one_line_error(replace_stream(blob, 1, bytes(lying)))
     # a remainder that decompresses past the cap (a brotli bomb): stopped at the cap
     bomb = brotli.compress(bytes(64 << 20), quality=5)
-    assert "more than" in one_line_error(replace_stream(blob, pg.REMAINDER_STREAM, bomb),
-                                         PergroupSettings(max_raw_bytes=1 << 20))
+    assert "more than" in one_line_error(
+        replace_stream(blob, pg.REMAINDER_STREAM, bomb), PergroupSettings(max_raw_bytes=1 << 20)
+    )
     # a shape manifest claiming huge tensors: refused before lrzip runs
     obj = remainder_object(blob)
     obj["s"]["attn.c_k.weight.q"] = [(1 << 20, 1 << 20)] * 2
@@ -324,8 +342,8 @@ def test_missing_lrzip_is_one_line_with_install_hint():
 
 def test_encode_refuses_what_the_reader_would_misname():
     _, quant, meta = synthetic_quant()
-    gappy = {("blocks.5." + k[len("blocks.1."):] if k.startswith("blocks.1.") else k): v for k, v in quant.items()}
-    gappy_meta = {("blocks.5." + k[len("blocks.1."):] if k.startswith("blocks.1.") else k): v for k, v in meta.items()}
+    gappy = {("blocks.5." + k[len("blocks.1.") :] if k.startswith("blocks.1.") else k): v for k, v in quant.items()}
+    gappy_meta = {("blocks.5." + k[len("blocks.1.") :] if k.startswith("blocks.1.") else k): v for k, v in meta.items()}
     with pytest.raises(PergroupError, match="layers 0..n-1"):
         pergroup_payloads(gappy, gappy_meta)
     with pytest.raises(PergroupError, match="not described"):

@@ -67,16 +67,32 @@ def settings_from_fixture(hp: dict, overrides: dict) -> PhasedTTTSettings:
     s = {**hp["settings"], **overrides}
     assert s["ttt_optimizer"] == "adam" and s["val_doc_fraction"] == 1.0
     return PhasedTTTSettings(
-        chunk=s["ttt_chunk_size"], context=s["ttt_eval_seq_len"], batch_docs=s["ttt_batch_size"],
-        lora_rank=s["ttt_lora_rank"], lora_alpha=hp["lora_alpha"], warm_start_a=hp["lora_warm_start_a"],
-        k_lora=s["ttt_k_lora"], o_lora=s["ttt_o_lora"], mlp_lora=s["ttt_mlp_lora"], lora_lr=s["ttt_lora_lr"],
-        beta1=s["ttt_beta1"], beta2=s["ttt_beta2"], eps=hp["hyperparameters"].get("ttt_adam_eps", 1e-10),
-        weight_decay=s["ttt_weight_decay"], grad_steps=s["ttt_grad_steps"], prefix_docs=s["phased_ttt_prefix_docs"],
-        num_phases=s["phased_ttt_num_phases"], global_lr=s["global_ttt_lr"], global_momentum=s["global_ttt_momentum"],
-        global_epochs=s["global_ttt_epochs"], global_grad_clip=s["global_ttt_grad_clip"],
-        global_chunk_tokens=s["global_ttt_chunk_tokens"], global_batch_seqs=s["global_ttt_batch_seqs"],
+        chunk=s["ttt_chunk_size"],
+        context=s["ttt_eval_seq_len"],
+        batch_docs=s["ttt_batch_size"],
+        lora_rank=s["ttt_lora_rank"],
+        lora_alpha=hp["lora_alpha"],
+        warm_start_a=hp["lora_warm_start_a"],
+        k_lora=s["ttt_k_lora"],
+        o_lora=s["ttt_o_lora"],
+        mlp_lora=s["ttt_mlp_lora"],
+        lora_lr=s["ttt_lora_lr"],
+        beta1=s["ttt_beta1"],
+        beta2=s["ttt_beta2"],
+        eps=hp["hyperparameters"].get("ttt_adam_eps", 1e-10),
+        weight_decay=s["ttt_weight_decay"],
+        grad_steps=s["ttt_grad_steps"],
+        prefix_docs=s["phased_ttt_prefix_docs"],
+        num_phases=s["phased_ttt_num_phases"],
+        global_lr=s["global_ttt_lr"],
+        global_momentum=s["global_ttt_momentum"],
+        global_epochs=s["global_ttt_epochs"],
+        global_grad_clip=s["global_ttt_grad_clip"],
+        global_chunk_tokens=s["global_ttt_chunk_tokens"],
+        global_batch_seqs=s["global_ttt_batch_seqs"],
         global_respect_doc_boundaries=s["global_ttt_respect_doc_boundaries"],
-        global_warmup_chunks=s["global_ttt_warmup_chunks"], lora_seed=hp["ttt_rng"]["seed"],
+        global_warmup_chunks=s["global_ttt_warmup_chunks"],
+        lora_seed=hp["ttt_rng"]["seed"],
     )
 
 
@@ -124,18 +140,27 @@ def test_phased_ttt_matches_the_record(case: Path, variant: str):
         made.append(bsz)
         return lora
 
-    recipe = BatchedTTTLoRA(model, inits[0]["bsz"], cfg.lora_rank, cfg.lora_alpha,
-                            generator=torch.Generator().manual_seed(hp["ttt_rng"]["seed"]))
+    recipe = BatchedTTTLoRA(
+        model,
+        inits[0]["bsz"],
+        cfg.lora_rank,
+        cfg.lora_alpha,
+        generator=torch.Generator().manual_seed(hp["ttt_rng"]["seed"]),
+    )
     for name, a in inits[0]["A"].items():
         assert torch.equal(recipe.state_dict()[name], a), name
 
     vocab = gpt.vocab_size
-    no_luts = (torch.zeros(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
-               torch.ones(vocab, dtype=torch.bool))
+    no_luts = (
+        torch.zeros(vocab, dtype=torch.int16),
+        torch.zeros(vocab, dtype=torch.bool),
+        torch.ones(vocab, dtype=torch.bool),
+    )
     metric = BitsPerByte(ByteCounts(no_luts, sidecar))
     recorder = NllRecorder(tokens)
-    summary = evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder,
-                                  lora_factory=from_fixture)
+    summary = evaluate_phased_ttt(
+        model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=from_fixture
+    )
     values = metric.compute()
     assert len(made) == len(inits)
     assert int(metric.token_count) == want["token_count"] and float(metric.byte_count) == want["byte_count"]
@@ -154,8 +179,9 @@ def test_phased_ttt_matches_the_record(case: Path, variant: str):
     assert len(summary["phases"]) == len(want["phases"])
     for ours, theirs in zip(summary["phases"], want["phases"]):
         assert ours["tokens"] == theirs["tokens"] and ours["scored_before"] == theirs["docs_scored_before"]
-        torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(theirs["train_losses"]),
-                                   atol=tol["atol_val_loss"], rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(ours["losses"]), torch.tensor(theirs["train_losses"]), atol=tol["atol_val_loss"], rtol=0
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -192,8 +218,19 @@ def run(model, tokens, cfg, seq_len, **kw) -> BitsPerByte:
     return metric
 
 
-TINY = PhasedTTTSettings(chunk=8, context=32, batch_docs=3, lora_rank=4, lora_lr=1e-2, prefix_docs=5,
-                         num_phases=2, global_lr=1e-2, global_chunk_tokens=64, global_batch_seqs=2, lora_seed=0)
+TINY = PhasedTTTSettings(
+    chunk=8,
+    context=32,
+    batch_docs=3,
+    lora_rank=4,
+    lora_lr=1e-2,
+    prefix_docs=5,
+    num_phases=2,
+    global_lr=1e-2,
+    global_chunk_tokens=64,
+    global_batch_seqs=2,
+    lora_seed=0,
+)
 
 
 def test_documents_and_queue_follow_the_record():
@@ -370,8 +407,9 @@ def test_registered_method_scores_every_target_once_and_keeps_the_model():
     model, tokens = random_model(), stream([0, 30, 95, 120, 180, 200, 251, 300], total)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = EvalSettings(seq_len=seq_len, stride=seq_len, phased_ttt=TINY)
-    context = evaluation_context(settings, precision="32-true", device=torch.device("cpu"), compile=False,
-                                 weights=Weights.float_weights())
+    context = evaluation_context(
+        settings, precision="32-true", device=torch.device("cpu"), compile=False, weights=Weights.float_weights()
+    )
     result = run_method("phased_ttt", model, tokens, luts(), context)
     assert result.tokens == total and result.compliant
     assert result.extra["phases"] == TINY.num_phases and result.extra["docs"] == 8
@@ -398,8 +436,18 @@ def test_global_phases_change_later_scores_only():
     assert with_phases.updates > without.updates
 
 
-@pytest.mark.parametrize("field,value", [("chunk", 0), ("chunk", 4096), ("batch_docs", 0), ("beta2", 1.0),
-                                         ("prefix_docs", -1), ("global_batch_seqs", 0), ("schedule_world", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("chunk", 0),
+        ("chunk", 4096),
+        ("batch_docs", 0),
+        ("beta2", 1.0),
+        ("prefix_docs", -1),
+        ("global_batch_seqs", 0),
+        ("schedule_world", 0),
+    ],
+)
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"phased_ttt.{field}"):
         PhasedTTTSettings(**{field: value})
@@ -418,8 +466,15 @@ def test_audit_passes_phased_ttt_and_fails_training_before_scoring():
 
     def leaky(model, tokens, metric, recorder, batch, rank, world):
         # the audit's phased TTT with each chunk trained on before it is scored
-        cfg = PhasedTTTSettings(chunk=setup.phased_chunk, context=setup.seq_len, batch_docs=setup.phased_batch_docs,
-                                lora_rank=2, lora_lr=0.01, prefix_docs=0, lora_seed=setup.seed)
+        cfg = PhasedTTTSettings(
+            chunk=setup.phased_chunk,
+            context=setup.seq_len,
+            batch_docs=setup.phased_batch_docs,
+            lora_rank=2,
+            lora_lr=0.01,
+            prefix_docs=0,
+            lora_seed=setup.seed,
+        )
         evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=setup.seq_len, recorder=recorder, train_first=True)
 
     good = audit(real, setup)

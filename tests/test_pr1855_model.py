@@ -164,7 +164,8 @@ def test_convert_cli_round_trips_the_fixture(case, tmp_path):
 
 @pytest.mark.parametrize("case", CASES)
 def test_causality_dense_and_packed(case):
-    """Changing token t leaves every earlier position's logits unchanged, bit for bit (dense rows and the packed row)."""
+    """Changing token t leaves every earlier position's logits unchanged, bit for bit (dense rows and the packed
+    row)."""
     hp, model = build(case)
     ids = _load(case / "inputs.pt")["input_ids"]
     cu = _load(case / "outputs.pt")["cu_seqlens"]
@@ -279,8 +280,17 @@ def test_forward_ttt_with_fresh_adapters_is_the_plain_model(case):
 
 
 def test_lora_slots_follow_the_schedule_and_reset_keeps_or_redraws_a():
-    cfg = GPTConfig(vocab_size=32, num_layers=4, model_dim=16, num_heads=2, num_kv_heads=1, recurrence="loop",
-                    num_loops=1, loop_start=1, loop_end=2)
+    cfg = GPTConfig(
+        vocab_size=32,
+        num_layers=4,
+        model_dim=16,
+        num_heads=2,
+        num_kv_heads=1,
+        recurrence="loop",
+        num_loops=1,
+        loop_start=1,
+        loop_end=2,
+    )
     model = GPT(cfg).eval()
     lora = BatchedTTTLoRA(model, bsz=2, rank=3, generator=torch.Generator().manual_seed(0))
     assert lora.num_slots == 4 and len(lora.q_loras) == 4 and lora.lm_head_lora.scale == 144.0 / 3
@@ -329,8 +339,9 @@ def test_sparse_gate_multiplies_each_head_after_xsa():
     """y_h ← σ(scale · W_h · x[:12]) · y_h before the output projection: with an identity projection the gated
     output is the ungated one times the gate, head by head; zeros at init give exactly one half."""
     torch.manual_seed(0)
-    gated = CausalSelfAttention(32, 4, 2, rope_dims=8, qk_gain_init=5.0, xsa=True, sparse_gate_window=12,
-                                sparse_gate_scale=0.5)
+    gated = CausalSelfAttention(
+        32, 4, 2, rope_dims=8, qk_gain_init=5.0, xsa=True, sparse_gate_window=12, sparse_gate_scale=0.5
+    )
     plain = CausalSelfAttention(32, 4, 2, rope_dims=8, qk_gain_init=5.0, xsa=True)
     plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "attn_gate_w"})
     with torch.no_grad():
@@ -348,8 +359,16 @@ def test_sparse_gate_multiplies_each_head_after_xsa():
 
 
 def test_two_lane_block_formula():
-    cfg = GPTConfig(vocab_size=32, num_layers=3, model_dim=16, num_heads=2, num_kv_heads=1, parallel_start_layer=1,
-                    parallel_residual="lambdas", ln_scale=True)
+    cfg = GPTConfig(
+        vocab_size=32,
+        num_layers=3,
+        model_dim=16,
+        num_heads=2,
+        num_kv_heads=1,
+        parallel_start_layer=1,
+        parallel_residual="lambdas",
+        ln_scale=True,
+    )
     torch.manual_seed(1)
     model = GPT(cfg)
     with torch.no_grad():

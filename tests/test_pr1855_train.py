@@ -62,7 +62,8 @@ def _expected(case: Path) -> dict:
 
 
 def _exact_or_documented(ours: torch.Tensor, ref: torch.Tensor, atol: float, what: str) -> None:
-    """Bit-exact first; a machine whose bf16 matmuls round otherwise gets the fixture README's tolerance, and says so."""
+    """Bit-exact first; a machine whose bf16 matmuls round otherwise gets the fixture README's tolerance, and says
+    so."""
     assert ours.dtype == ref.dtype and ours.shape == ref.shape, what
     if torch.equal(ours, ref):
         return
@@ -99,15 +100,25 @@ def test_banked_bf16_muon_steps_exact(case):
     outputs = _load(case / "outputs.pt")["muon_step"]
     preset = record_optim_config(RECORD)
     assert (preset.matrix_lr, preset.muon_momentum, preset.muon_backend_steps, preset.muon_wd) == (
-        inputs["lr"], inputs["momentum"], inputs["backend_steps"], inputs["weight_decay"])
+        inputs["lr"],
+        inputs["momentum"],
+        inputs["backend_steps"],
+        inputs["weight_decay"],
+    )
     assert outputs
     for variant, steps in outputs.items():
         options = exp["muon_variants"][variant]
         params = {name: nn.Parameter(p.clone()) for name, p in inputs["params"].items()}
         opt = Muon(
-            list(params.values()), lr=inputs["lr"], momentum=inputs["momentum"], backend_steps=inputs["backend_steps"],
-            nesterov=options["nesterov"], weight_decay=options["weight_decay"], row_normalize=options["row_normalize"],
-            coefficients=preset.muon_ns_coefficients, momentum_dtype=preset.muon_momentum_dtype,
+            list(params.values()),
+            lr=inputs["lr"],
+            momentum=inputs["momentum"],
+            backend_steps=inputs["backend_steps"],
+            nesterov=options["nesterov"],
+            weight_decay=options["weight_decay"],
+            row_normalize=options["row_normalize"],
+            coefficients=preset.muon_ns_coefficients,
+            momentum_dtype=preset.muon_momentum_dtype,
             skip_without_grad=preset.muon_skip_params_without_grad,
         )
         for s, ref in enumerate(steps):
@@ -118,8 +129,12 @@ def test_banked_bf16_muon_steps_exact(case):
             for name, p in params.items():
                 scale = shape_scale(p.size(-2), p.size(-1))
                 assert scale == exp["muon_shape_scales"][name], name
-                _exact_or_documented(p.detach(), ref["params_after"][name], inputs["lr"] * 0.1 * scale + 1e-7,
-                                     f"{variant} step {s} {name}")
+                _exact_or_documented(
+                    p.detach(),
+                    ref["params_after"][name],
+                    inputs["lr"] * 0.1 * scale + 1e-7,
+                    f"{variant} step {s} {name}",
+                )
                 want = ref["bufs_after"][name]
                 if want.numel():
                     assert torch.equal(opt.state[p]["momentum_buffer"], want), f"{variant} step {s} {name} buffer"
@@ -205,8 +220,11 @@ def _local_clip_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
 
 def _rank_gradients(rank: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + rank)
-    return [torch.randn(5, 3, generator=g) * (rank + 1), torch.randn(4, generator=g) * (rank + 1),
-            torch.randn(2, 2, generator=g).bfloat16()]
+    return [
+        torch.randn(5, 3, generator=g) * (rank + 1),
+        torch.randn(4, generator=g) * (rank + 1),
+        torch.randn(2, 2, generator=g).bfloat16(),
+    ]
 
 
 def test_local_clip_then_all_reduce_averages_the_clipped_gradients(tmp_path):
@@ -239,9 +257,18 @@ def test_all_reduce_gradients_is_a_no_op_on_one_process():
 def test_record_preset_values():
     """The record's optimizer and schedule values (the seed-42 log's Hyperparameters)."""
     cfg = record_optim_config("pr1855")
-    assert (cfg.matrix_lr, cfg.muon_momentum, cfg.muon_wd, cfg.beta2, cfg.grad_clip_norm) == (0.026, 0.97, 0.095, 0.99,
-                                                                                                0.3)
-    assert (cfg.muon_ns_coefficients, cfg.muon_momentum_dtype, cfg.grad_clip_scope) == ("polar_express", "bf16", "local")
+    assert (cfg.matrix_lr, cfg.muon_momentum, cfg.muon_wd, cfg.beta2, cfg.grad_clip_norm) == (
+        0.026,
+        0.97,
+        0.095,
+        0.99,
+        0.3,
+    )
+    assert (cfg.muon_ns_coefficients, cfg.muon_momentum_dtype, cfg.grad_clip_scope) == (
+        "polar_express",
+        "bf16",
+        "local",
+    )
     assert cfg.muon_row_normalize and cfg.muon_skip_params_without_grad and cfg.adam_class == "AdamW"
     schedule = record_schedule_config("pr1855")
     assert (schedule.warmdown, schedule.warmdown_frac, schedule.min_lr) == ("frac", 0.85, 0.1)
@@ -252,7 +279,9 @@ def test_record_preset_values():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("lrzip") is None, reason="the record's per-group container needs lrzip (apt-get install lrzip)")
+@pytest.mark.skipif(
+    shutil.which("lrzip") is None, reason="the record's per-group container needs lrzip (apt-get install lrzip)"
+)
 def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     """Packed-document training (cu_seqlens through the step), the loop switch, the record's whole export (QuantGate,
     LQER, the PGRP lrzip container) inside pgolf fit, and the roundtrip score from the reloaded container."""
@@ -261,9 +290,22 @@ def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     config = CONFIG_DIR / "records" / f"{RECORD}_tiny.yaml"
     start = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "pgolf_lit.cli", "fit", "--config", str(config), "--trainer.enable_progress_bar",
-         "false", "--trainer.logger.init_args.version", "fit"],
-        cwd=run_cwd, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pgolf_lit.cli",
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.version",
+            "fit",
+        ],
+        cwd=run_cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     seconds = time.monotonic() - start
     assert out.returncode == 0, out.stderr[-3000:]
@@ -284,8 +326,13 @@ def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     ledger = summary["clock"]
     assert ledger["off_clock"]["priming"]["count"] == 1 and ledger["after_cap"]["calibration"] > 0
     assert ledger["train_s"] * 1000 == pytest.approx(summary["train"]["train_time_ms"], rel=1e-6)
-    assert summary["record_run"] == {"record_world": 1, "world": 1, "step_matched": False, "budget_scale": 1.0,
-                                     "record_valid": True}
+    assert summary["record_run"] == {
+        "record_world": 1,
+        "world": 1,
+        "step_matched": False,
+        "budget_scale": 1.0,
+        "record_valid": True,
+    }
     # The export counts the code that reads a PGRP file and runs the config's four passes (quant/code_size.py).
     from pgolf_lit.quant.code_size import measure_code_size
 

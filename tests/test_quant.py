@@ -170,8 +170,9 @@ def test_gptq_beats_rtn_on_hessian_weighted_error(seed):
         assert e_gptq < 0.8 * e_rtn, (bits, e_gptq, e_rtn)
     searched = gptq_percentile_search(w * 0.3, h)
     rtn = quantize_percentile_search(w * 0.3)
-    assert hessian_weighted_error(w * 0.3, dequantize_codes(searched.q, searched.scale, torch.float32), h) < \
-        hessian_weighted_error(w * 0.3, dequantize_codes(rtn.q, rtn.scale, torch.float32), h)
+    assert hessian_weighted_error(
+        w * 0.3, dequantize_codes(searched.q, searched.scale, torch.float32), h
+    ) < hessian_weighted_error(w * 0.3, dequantize_codes(rtn.q, rtn.scale, torch.float32), h)
 
 
 def test_gptq_beats_rtn_with_hessians_of_a_real_model():
@@ -182,8 +183,9 @@ def test_gptq_beats_rtn_with_hessians_of_a_real_model():
     for name, h in hessians.items():
         w = sd[name]
         gptq, rtn = gptq_sdclip(w, h, 6, 12.85), quantize_sdclip(w, 6, 12.85)
-        assert hessian_weighted_error(w, dequantize_codes(gptq.q, gptq.scale, torch.float32), h) <= \
-            hessian_weighted_error(w, dequantize_codes(rtn.q, rtn.scale, torch.float32), h), name
+        assert hessian_weighted_error(
+            w, dequantize_codes(gptq.q, gptq.scale, torch.float32), h
+        ) <= hessian_weighted_error(w, dequantize_codes(rtn.q, rtn.scale, torch.float32), h), name
 
 
 def test_gptq_with_identity_hessian_is_rtn():
@@ -345,9 +347,19 @@ def payloads() -> list[bytes]:
     rng = random.Random(0)
     real = io.BytesIO()
     model = tiny_model()
-    torch.save(quantize_state_dict(model.state_dict(), ExportConfig(keep_float_max_numel=SMALL), roles=model.roles)[0], real)
-    return [b"", b"\x00", b"BS", b"BSHF", b"BSHF\x02", b"BSHF\x03ab", bytes(rng.getrandbits(8) for _ in range(1001)),
-            real.getvalue()]
+    torch.save(
+        quantize_state_dict(model.state_dict(), ExportConfig(keep_float_max_numel=SMALL), roles=model.roles)[0], real
+    )
+    return [
+        b"",
+        b"\x00",
+        b"BS",
+        b"BSHF",
+        b"BSHF\x02",
+        b"BSHF\x03ab",
+        bytes(rng.getrandbits(8) for _ in range(1001)),
+        real.getvalue(),
+    ]
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))
@@ -515,8 +527,15 @@ def test_export_then_load_gives_the_dequantized_models_logits(tmp_path, preset, 
     report = export_model(model, cfg, tmp_path / "model.bin", calib_batches=calib(), code=no_code(), progress=False)
     assert report.model_bytes == os.path.getsize(tmp_path / "model.bin") == report.total_bytes
 
-    hessians = collect_hessians(model, calib(), modules=cfg.gptq.hessian_modules, head=cfg.head_uses_gptq,
-                                damping=cfg.gptq.hessian_damping, min_numel=SMALL, progress=False)[0]
+    hessians = collect_hessians(
+        model,
+        calib(),
+        modules=cfg.gptq.hessian_modules,
+        head=cfg.head_uses_gptq,
+        damping=cfg.gptq.hessian_damping,
+        min_numel=SMALL,
+        progress=False,
+    )[0]
     # upstream containers hold the record's live dtypes (bf16 tables), the native one the model's own
     weights = to_upstream_state_dict(model) if cfg.format == "upstream" else model.state_dict()
     quant, meta = quantize_state_dict(weights, cfg, hessians, roles=model.roles)

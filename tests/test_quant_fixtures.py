@@ -164,8 +164,11 @@ def codec_reproduces(case: Case) -> bool:
 
 def gptq_names(case: Case) -> set:
     hessians = case.hessians() or {}
-    return {name for name, entry in quantized_from_reference_hessians(case.path)[1].items()
-            if entry.get("method") == "gptq" and name in hessians}
+    return {
+        name
+        for name, entry in quantized_from_reference_hessians(case.path)[1].items()
+        if entry.get("method") == "gptq" and name in hessians
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,8 +198,15 @@ def assert_tie_mismatches(key, got, ref, scale, weight, hessian, bits, damping, 
     mismatched = (got != ref).sum().item()
     assert mismatched <= MAX_TIE_MISMATCH * got.numel(), f"{key}: {mismatched} codes differ (> 0.1 %)"
     factor = factor_hessian(hessian, damping)
-    ratios = replay_sweep_ratios(permuted_weight(weight, factor), factor.upper, scale.float(),
-                                 ref[:, factor.perm], got[:, factor.perm], 2 ** (bits - 1) - 1, block_size)
+    ratios = replay_sweep_ratios(
+        permuted_weight(weight, factor),
+        factor.upper,
+        scale.float(),
+        ref[:, factor.perm],
+        got[:, factor.perm],
+        2 ** (bits - 1) - 1,
+        block_size,
+    )
     for row, ratio in ratios.items():
         distance = abs(ratio - (torch.floor(torch.tensor(ratio)).item() + 0.5))
         assert distance <= NEAR_TIE * max(1.0, abs(ratio)), f"{key}: row {row} first differs at w/s = {ratio!r}"
@@ -231,8 +241,10 @@ def tie_context(case: Case, hessians: dict) -> dict:
     cfg = case.export_config()
     sd = case.live_state_dict()
     _, meta = quantized_from_reference_hessians(case.path)
-    return {n: (sd[n].float(), hessians[n], meta[n]["bits"], cfg.gptq.damping, cfg.gptq.block_size)
-            for n in gptq_names(case)}
+    return {
+        n: (sd[n].float(), hessians[n], meta[n]["bits"], cfg.gptq.damping, cfg.gptq.block_size)
+        for n in gptq_names(case)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,7 +269,8 @@ def test_tie_tolerance_accepts_a_crafted_tie_and_refuses_any_other_difference():
 
     def codes(w):
         return gptq_sweep(permuted_weight(w, factor), factor.upper, scale, 2 ** (bits - 1) - 1, BLOCK_SIZE)[
-            :, factor.inv_perm]
+            :, factor.inv_perm
+        ]
 
     got = codes(weight)
     nudged = weight.clone()
@@ -269,7 +282,6 @@ def test_tie_tolerance_accepts_a_crafted_tie_and_refuses_any_other_difference():
     off[7, int(factor.perm[5])] += 1  # a code one step away where nothing ties
     with pytest.raises(AssertionError, match="row 7 first differs"):
         assert_tie_mismatches("w.q", off, got, scale, weight, hessian, bits, DAMPING, BLOCK_SIZE)
-
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -320,12 +332,16 @@ def test_write_upstream_artifact_bytes(case):
     if torch.__version__ != c.hp["torch"]:
         loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
         assert_same_tensors(quant_from_upstream(loaded, c.template_dtypes)[0], quant)
-        pytest.skip(f"torch {torch.__version__} here, the fixture's container bytes are torch {c.hp['torch']}'s: "
-                    "compared the loaded contents instead of the bytes")
+        pytest.skip(
+            f"torch {torch.__version__} here, the fixture's container bytes are torch {c.hp['torch']}'s: "
+            "compared the loaded contents instead of the bytes"
+        )
     assert hashlib.sha256(buffer.getvalue()).hexdigest() == c.art["raw_sha256"]
     if not codec_reproduces(c):
-        pytest.skip(f"this {c.art['compressor']['name']} build does not recompress the fixture's own container to "
-                    "its blob: raw container compared, compressed bytes not comparable")
+        pytest.skip(
+            f"this {c.art['compressor']['name']} build does not recompress the fixture's own container to "
+            "its blob: raw container compared, compressed bytes not comparable"
+        )
     blob = encode_upstream(quant, meta, c.style, c.art["compressor"]["name"], c.shuffle_stride)
     assert len(blob) == c.art["bytes"]
     assert hashlib.sha256(blob).hexdigest() == c.art["sha256"]
@@ -357,8 +373,12 @@ def collected_hessians(c: Case) -> dict:
     tokens = c.tensors(cal["file"])
     cfg = c.export_config()
     hessians, report = collect_hessians(
-        calibration_model(c), token_batches(tokens, cal["seqs_per_batch"]), modules=cfg.gptq.hessian_modules,
-        head=cfg.head_uses_gptq, damping=cfg.gptq.hessian_damping, progress=False,
+        calibration_model(c),
+        token_batches(tokens, cal["seqs_per_batch"]),
+        modules=cfg.gptq.hessian_modules,
+        head=cfg.head_uses_gptq,
+        damping=cfg.gptq.hessian_damping,
+        progress=False,
     )
     assert report.num_batches == cal["num_batches"]
     return hessians
@@ -406,7 +426,11 @@ def test_upstream_pruning_reproduces_script(case):
         pytest.skip("no pruning in this case")
     quant, meta, names, total_bytes = prune_setup(c)
     pruned, report = selective_prune(
-        quant, [n + ".q" for n in names], [n + ".scale" for n in names], total_bytes, c.prune["target_bytes"],
+        quant,
+        [n + ".q" for n in names],
+        [n + ".scale" for n in names],
+        total_bytes,
+        c.prune["target_bytes"],
         mode="upstream",
     )
     assert report.unpruned_bytes - c.prune["code_bytes"] == c.prune["unpruned_blob_bytes"]
@@ -427,7 +451,11 @@ def test_search_pruning_fits_with_fewer_zeros(case):
         pytest.skip("no pruning in this case")
     quant, _, names, total_bytes = prune_setup(c)
     pruned, report = selective_prune(
-        quant, [n + ".q" for n in names], [n + ".scale" for n in names], total_bytes, c.prune["target_bytes"],
+        quant,
+        [n + ".q" for n in names],
+        [n + ".scale" for n in names],
+        total_bytes,
+        c.prune["target_bytes"],
         mode="search",
     )
     assert report.fits and total_bytes(pruned) == report.final_bytes <= c.prune["target_bytes"]

@@ -17,12 +17,19 @@ from pgolf_lit.tools.record import RecordError, build_record
 from pgolf_lit.tools.seeds import load_results
 from test_seeds import SEEDS, finished_sweep, pgolf, sweep_cwd
 
-META = {"name": "Tiny PR 1421", "author": "Test Author", "github_id": "tester", "date": "2026-04-20",
-        "track": "10min_16mb", "blurb": "A CPU sweep."}
+META = {
+    "name": "Tiny PR 1421",
+    "author": "Test Author",
+    "github_id": "tester",
+    "date": "2026-04-20",
+    "track": "10min_16mb",
+    "blurb": "A CPU sweep.",
+}
 
 
 # Every test here reads one 3-seed sweep of a tiny record (~35 s on 2 cores): the slow suite.
 pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, embedded_data_root) -> Path:
@@ -39,7 +46,7 @@ def readme_table(text: str) -> dict[str, dict[str, str]]:
 def log_line(path: Path, label: str) -> tuple[float, float]:
     """val_loss and val_bpb of the last line of ``path`` starting with ``label val_loss:``."""
     lines = [line for line in path.read_text().splitlines() if line.startswith(f"{label} val_loss:")]
-    fields = dict(item.split(":", 1) for item in lines[-1][len(label) + 1:].split())
+    fields = dict(item.split(":", 1) for item in lines[-1][len(label) + 1 :].split())
     return float(fields["val_loss"]), float(fields["val_bpb"])
 
 
@@ -47,9 +54,22 @@ def test_readme_submission_and_logs_agree(sweep, tmp_path, tmp_path_factory, emb
     out = tmp_path / "records" / "tiny_pr1421"
     losses = [e["val_loss"] for e in load_results(sweep)["seeds"]]
     baseline = statistics.mean(losses) + 0.005 + 10 * statistics.stdev(losses) / math.sqrt(3)  # t = 10: holds
-    run = pgolf("record", "--results", str(sweep), "--out", str(out), "--name", META["name"], "--github-id", "tester",
-                "--blurb", META["blurb"], "--baseline", repr(baseline),
-                cwd=sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep"))
+    run = pgolf(
+        "record",
+        "--results",
+        str(sweep),
+        "--out",
+        str(out),
+        "--name",
+        META["name"],
+        "--github-id",
+        "tester",
+        "--blurb",
+        META["blurb"],
+        "--baseline",
+        repr(baseline),
+        cwd=sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep"),
+    )
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["README.md", "submission.json", "config.yaml"]
@@ -123,8 +143,11 @@ def test_results_that_disagree_with_the_logs_are_refused(sweep, tmp_path):
     results = json.loads((copy / "results.json").read_text())
     results["seeds"][1]["sliding_val_bpb"] += 1e-6  # a hand edit, as in the review comments
     (copy / "results.json").write_text(json.dumps(results))
-    with pytest.raises(RecordError, match=r"seed 1337: sliding_val_bpb is \S+ in .*seed_1337/fit/train.log and .*"
-                                          r"seed_1337/test/train.log but \S+ in .*results.json"):
+    with pytest.raises(
+        RecordError,
+        match=r"seed 1337: sliding_val_bpb is \S+ in .*seed_1337/fit/train.log and .*"
+        r"seed_1337/test/train.log but \S+ in .*results.json",
+    ):
         build_record(copy / "results.json", tmp_path / "rec", META)
     assert not (tmp_path / "rec").exists()
 

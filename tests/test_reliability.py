@@ -161,8 +161,7 @@ def artifact(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY_GPT))
     path = tmp_path_factory.mktemp("artifact") / "model.pgolf"
-    export_model(model, ExportConfig(prune="none", gptq={"fallback": "rtn"}), path,
-                 hessians={}, progress=False)
+    export_model(model, ExportConfig(prune="none", gptq={"fallback": "rtn"}), path, hessians={}, progress=False)
     return path
 
 
@@ -197,8 +196,9 @@ def test_over_budget_export_writes_nothing(tmp_path):
 
     out = tmp_path / "big.pgolf"
     with pytest.raises(ArtifactError, match="exceed the 1,000-byte budget"):
-        export_model(GPT(GPTConfig(**TINY_GPT)), ExportConfig(budget_bytes=1000, prune="none"),
-                     out, hessians={}, progress=False)
+        export_model(
+            GPT(GPTConfig(**TINY_GPT)), ExportConfig(budget_bytes=1000, prune="none"), out, hessians={}, progress=False
+        )
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -223,11 +223,18 @@ def _config_with_checkpoints(tmp_path: Path) -> Path:
     cfg["trainer"]["max_steps"] = 14
     cfg["trainer"]["enable_checkpointing"] = True
     cfg["trainer"]["enable_progress_bar"] = False
-    cfg["trainer"]["callbacks"].append({
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": "ckpts", "every_n_train_steps": 2, "save_top_k": -1, "filename": "{step}",
-                      "save_last": True},
-    })
+    cfg["trainer"]["callbacks"].append(
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": "ckpts",
+                "every_n_train_steps": 2,
+                "save_top_k": -1,
+                "filename": "{step}",
+                "save_last": True,
+            },
+        }
+    )
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("GPTQExport")]
     for c in cfg["trainer"]["callbacks"]:
         if c["class_path"].endswith("SWA"):  # collect often enough that the SWA state is non-trivial
@@ -240,7 +247,10 @@ def _config_with_checkpoints(tmp_path: Path) -> Path:
 def _fit(cwd: Path, config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pgolf_lit.cli", "fit", "--config", str(config), *extra],
-        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

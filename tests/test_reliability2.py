@@ -64,24 +64,44 @@ def tiny_config(data_root: Path, path: Path, *, callbacks=(), **model) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 4, "max_epochs": -1, "val_check_interval": 10_000,
-            "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "use_distributed_sampler": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "max_epochs": -1,
+            "val_check_interval": 10_000,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0,
+            "use_distributed_sampler": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": False,
             "callbacks": list(callbacks),
         },
-        "model": {"gpt": dict(TINY_GPT), "evaluation": {"seq_len": 64, "stride": 32},
-                  "test_methods": ["standard"], "train_log_every": 1000, **model},
-        "data": {"data_dir": str(data_root / "datasets" / "fineweb10B_sp1024"), "train_batch_tokens": 1024,
-                 "train_seq_len": 64, "grad_accum_base": 1, "val_batch_tokens": 2048, "val_max_tokens": 2048},
+        "model": {
+            "gpt": dict(TINY_GPT),
+            "evaluation": {"seq_len": 64, "stride": 32},
+            "test_methods": ["standard"],
+            "train_log_every": 1000,
+            **model,
+        },
+        "data": {
+            "data_dir": str(data_root / "datasets" / "fineweb10B_sp1024"),
+            "train_batch_tokens": 1024,
+            "train_seq_len": 64,
+            "grad_accum_base": 1,
+            "val_batch_tokens": 2048,
+            "val_max_tokens": 2048,
+        },
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
 def checkpoints(dirpath, every: int = 2) -> dict:
-    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"dirpath": str(dirpath), "every_n_train_steps": every, "save_top_k": -1,
-                          "filename": "{step}"}}
+    return {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(dirpath), "every_n_train_steps": every, "save_top_k": -1, "filename": "{step}"},
+    }
 
 
 @contextlib.contextmanager
@@ -180,14 +200,16 @@ def test_disk_full_while_checkpointing_stops_with_one_line_and_leaves_nothing(
 
             monkeypatch.setattr(torch, "save", full_disk)
         monkeypatch.chdir(tmp_path)
-        assert_one_line(["fit", "--config", config], capsys,
-                        f"{ckpts}/step=2.ckpt: no space left on the device while writing the checkpoint",
-                        "nothing was written under that name")
+        assert_one_line(
+            ["fit", "--config", config],
+            capsys,
+            f"{ckpts}/step=2.ckpt: no space left on the device while writing the checkpoint",
+            "nothing was written under that name",
+        )
         assert list(ckpts.iterdir()) == []  # neither a truncated step=2.ckpt nor a temporary file
 
 
-def test_unwritable_checkpoint_folder_fails_at_setup(tmp_path, embedded_data_root, unwritable_dir, capsys,
-                                                     monkeypatch):
+def test_unwritable_checkpoint_folder_fails_at_setup(tmp_path, embedded_data_root, unwritable_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tiny_config(embedded_data_root, tmp_path / "c.yaml", callbacks=[checkpoints(unwritable_dir)])
     assert_one_line(["fit", "--config", config], capsys, f"{unwritable_dir}: the checkpoint folder is not writable")
@@ -212,9 +234,11 @@ def test_corrupted_checkpoint_is_refused_on_resume_test_and_export(ckpt_run, tmp
     damaged = tmp_path / "damaged.ckpt"
     damaged.write_bytes(bytes(raw))
     for bad in (flipped, damaged):
-        for args in (["fit", "--config", config, "--ckpt_path", bad],
-                     ["test", "--config", config, "--ckpt_path", bad],
-                     ["export", "--ckpt", bad, "--config", config, "--out", tmp_path / "m.pgolf"]):
+        for args in (
+            ["fit", "--config", config, "--ckpt_path", bad],
+            ["test", "--config", config, "--ckpt_path", bad],
+            ["export", "--ckpt", bad, "--config", config, "--out", tmp_path / "m.pgolf"],
+        ):
             code, line = pgolf_line(args, capsys)
             assert code == 2 and line.startswith(f"error: {bad}: "), (args[0], line)
             assert "checksum mismatch" in line or "not a loadable checkpoint" in line, line
@@ -223,38 +247,66 @@ def test_corrupted_checkpoint_is_refused_on_resume_test_and_export(ckpt_run, tmp
     assert not (tmp_path / "m.pgolf").exists()
 
 
-def test_nan_never_reaches_a_checkpoint_and_the_newest_finite_one_is_named(tmp_path, embedded_data_root, capsys,
-                                                                          monkeypatch):
+def test_nan_never_reaches_a_checkpoint_and_the_newest_finite_one_is_named(
+    tmp_path, embedded_data_root, capsys, monkeypatch
+):
     """Poisoned after step 3, checked only every 50 steps: the checkpoint of step 4 is refused before it is written
     and the message names step=2.ckpt, which holds finite weights."""
     monkeypatch.chdir(tmp_path)
     ckpts = tmp_path / "ckpts"
-    config = tiny_config(embedded_data_root, tmp_path / "c.yaml", check_finite_every=50, callbacks=[
-        {"class_path": "test_reliability2.PoisonAfterStep", "init_args": {"step": 3}}, checkpoints(ckpts)])
-    assert_one_line(["fit", "--config", config, "--trainer.max_steps", "6"], capsys,
-                    "training loss is not finite (nan/inf) at step 4: stopping before writing the checkpoint of step 4",
-                    f"last good checkpoint: {ckpts}/step=2.ckpt")
+    config = tiny_config(
+        embedded_data_root,
+        tmp_path / "c.yaml",
+        check_finite_every=50,
+        callbacks=[{"class_path": "test_reliability2.PoisonAfterStep", "init_args": {"step": 3}}, checkpoints(ckpts)],
+    )
+    assert_one_line(
+        ["fit", "--config", config, "--trainer.max_steps", "6"],
+        capsys,
+        "training loss is not finite (nan/inf) at step 4: stopping before writing the checkpoint of step 4",
+        f"last good checkpoint: {ckpts}/step=2.ckpt",
+    )
     assert sorted(p.name for p in ckpts.iterdir()) == ["step=2.ckpt"]
     state = load_checkpoint_file(ckpts / "step=2.ckpt")["state_dict"]
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
-def test_ckpt_path_keeps_explicit_settings_and_refuses_another_architecture(ckpt_run, embedded_data_root, capsys,
-                                                                           monkeypatch):
+def test_ckpt_path_keeps_explicit_settings_and_refuses_another_architecture(
+    ckpt_run, embedded_data_root, capsys, monkeypatch
+):
     from pgolf_lit.cli import make_cli
 
     cwd, config, ckpts = ckpt_run
     monkeypatch.chdir(cwd)
     data_dir = embedded_data_root / "datasets" / "fineweb10B_sp1024"
-    cli = make_cli(["test", "--ckpt_path", str(ckpts / "step=4.ckpt"), "--data.data_dir", str(data_dir),
-                    "--data.val_max_tokens", "2048", "--model.evaluation.stride", "16", "--model.test_methods",
-                    "[standard]", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    cli = make_cli(
+        [
+            "test",
+            "--ckpt_path",
+            str(ckpts / "step=4.ckpt"),
+            "--data.data_dir",
+            str(data_dir),
+            "--data.val_max_tokens",
+            "2048",
+            "--model.evaluation.stride",
+            "16",
+            "--model.test_methods",
+            "[standard]",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     assert cli.model.evaluation.stride == 16  # given: kept (the checkpoint says 32)
     assert cli.model.evaluation.seq_len == 64 and cli.model.gpt_config.num_layers == 2  # not given: the checkpoint's
     assert cli.model.test_results and cli.model.test_results[0].method == "standard"
-    assert_one_line(["test", "--config", config, "--ckpt_path", ckpts / "step=4.ckpt", "--model.gpt.num_layers", "3"],
-                    capsys, "model.gpt.num_layers: the command line gives 3, but the checkpoint",
-                    "was trained with 2")
+    assert_one_line(
+        ["test", "--config", config, "--ckpt_path", ckpts / "step=4.ckpt", "--model.gpt.num_layers", "3"],
+        capsys,
+        "model.gpt.num_layers: the command line gives 3, but the checkpoint",
+        "was trained with 2",
+    )
 
 
 # --- bad inputs: one line each ----------------------------------------------------------------------------
@@ -268,8 +320,13 @@ def artifact(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("art") / "model.pgolf"
-    export_model(GPT(GPTConfig(**TINY_GPT)), ExportConfig(prune="none", gptq={"fallback": "rtn"}), path,
-                 hessians={}, progress=False)
+    export_model(
+        GPT(GPTConfig(**TINY_GPT)),
+        ExportConfig(prune="none", gptq={"fallback": "rtn"}),
+        path,
+        hessians={},
+        progress=False,
+    )
     return path
 
 
@@ -289,43 +346,65 @@ def test_bad_values_end_in_one_line_naming_the_field(tmp_path, embedded_data_roo
         (["eval", artifact, "--data", data_dir, "--seq-len", "0"], "evaluation.seq_len: must be positive, got 0"),
     ]
     for callback, expected in [
-        ({"class_path": "pgolf_lit.callbacks.EMA", "init_args": {"decay": 2.0}}, "EMA.decay: must be a number in [0, 1]"),
+        (
+            {"class_path": "pgolf_lit.callbacks.EMA", "init_args": {"decay": 2.0}},
+            "EMA.decay: must be a number in [0, 1]",
+        ),
         ({"class_path": "pgolf_lit.callbacks.SWA", "init_args": {"every": 0}}, "SWA.every: must be a positive number"),
-        ({"class_path": "pgolf_lit.callbacks.GPTQExport", "init_args": {"export": {"mlp": {"method": "gptq9"}}}},
-         "export.mlp.method: unknown quantizer 'gptq9'"),
+        (
+            {"class_path": "pgolf_lit.callbacks.GPTQExport", "init_args": {"export": {"mlp": {"method": "gptq9"}}}},
+            "export.mlp.method: unknown quantizer 'gptq9'",
+        ),
     ]:
         path = tiny_config(embedded_data_root, tmp_path / f"cb{len(cases)}.yaml", callbacks=[callback])
         cases.append((["fit", "--config", path], expected))
     mistyped = tmp_path / "mistyped.yaml"
     mistyped.write_text(yaml.safe_dump({"model": {"gpt": {**TINY_GPT, "num_layers": "2"}}}))
-    cases.append((["eval", artifact, "--data", data_dir, "--config", mistyped],
-                  f"{mistyped}: gpt.num_layers: expected an integer, got '2'"))
+    cases.append(
+        (
+            ["eval", artifact, "--data", data_dir, "--config", mistyped],
+            f"{mistyped}: gpt.num_layers: expected an integer, got '2'",
+        )
+    )
     broken_yaml = tmp_path / "broken.yaml"
     broken_yaml.write_text("model:\n  gpt: {num_layers: 2\n")
     cases.append((["fit", "--config", broken_yaml], f"{broken_yaml}: not valid YAML"))
-    for settings, expected in [('{"mlp": {"method": "nope"}}', "export.mlp.method: unknown quantizer 'nope'"),
-                               ('{"codecs": "brotli"}', "export: unknown field(s) ['codecs']")]:
-        cases.append((["export", "--ckpt", "x.ckpt", "--config", config, "--out", "m.pgolf", "--settings", settings],
-                      expected))
+    for settings, expected in [
+        ('{"mlp": {"method": "nope"}}', "export.mlp.method: unknown quantizer 'nope'"),
+        ('{"codecs": "brotli"}', "export: unknown field(s) ['codecs']"),
+    ]:
+        cases.append(
+            (["export", "--ckpt", "x.ckpt", "--config", config, "--out", "m.pgolf", "--settings", settings], expected)
+        )
     for args, expected in cases:
         assert_one_line(args, capsys, expected)
 
 
-def test_bad_files_end_in_one_line_naming_the_file(ckpt_run, tmp_path, embedded_data_root, artifact, capsys,
-                                                   monkeypatch):
+def test_bad_files_end_in_one_line_naming_the_file(
+    ckpt_run, tmp_path, embedded_data_root, artifact, capsys, monkeypatch
+):
     cwd, config, ckpts = ckpt_run
     monkeypatch.chdir(tmp_path)
     truncated, empty, missing = tmp_path / "truncated.ckpt", tmp_path / "empty.ckpt", tmp_path / "missing.ckpt"
     truncated.write_bytes((ckpts / "step=2.ckpt").read_bytes()[:5000])
     empty.write_bytes(b"")
-    for path, expected in [(truncated, "not a loadable checkpoint"), (empty, "empty file, not a checkpoint"),
-                           (missing, "checkpoint not found")]:
+    for path, expected in [
+        (truncated, "not a loadable checkpoint"),
+        (empty, "empty file, not a checkpoint"),
+        (missing, "checkpoint not found"),
+    ]:
         assert_one_line(["test", "--config", config, "--ckpt_path", path], capsys, f"{path}: {expected}")
         assert_one_line(["fit", "--config", config, "--ckpt_path", path], capsys, f"{path}: {expected}")
-    assert_one_line(["export", "--upstream", truncated, "--config", config, "--out", "m.pgolf"], capsys,
-                    f"{truncated}: not a loadable state dict")
-    assert_one_line(["convert", "--from-upstream", empty, "--config", config, "--out", "m.ckpt"], capsys,
-                    f"{empty}: empty file, not a state dict")
+    assert_one_line(
+        ["export", "--upstream", truncated, "--config", config, "--out", "m.pgolf"],
+        capsys,
+        f"{truncated}: not a loadable state dict",
+    )
+    assert_one_line(
+        ["convert", "--from-upstream", empty, "--config", config, "--out", "m.ckpt"],
+        capsys,
+        f"{empty}: empty file, not a state dict",
+    )
     # a val shard shorter than its header whose size is no multiple of 4
     root = tmp_path / "root"
     shutil.copytree(embedded_data_root, root, symlinks=True)
@@ -345,21 +424,45 @@ def test_pgolf_test_loads_a_convert_output(ckpt_run, tmp_path, capsys, monkeypat
     cwd, config, _ = ckpt_run
     monkeypatch.chdir(tmp_path)
     torch.save(GPT(GPTConfig(**TINY_GPT)).state_dict(), tmp_path / "final_model.pt")
-    main(["convert", "--from-upstream", str(tmp_path / "final_model.pt"), "--config", str(config), "--out",
-          str(tmp_path / "m.ckpt")])
+    main(
+        [
+            "convert",
+            "--from-upstream",
+            str(tmp_path / "final_model.pt"),
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "m.ckpt"),
+        ]
+    )
     assert CHECKSUM_KEY in torch.load(tmp_path / "m.ckpt", weights_only=True)
     code, _ = pgolf_line(["test", "--config", config, "--ckpt_path", tmp_path / "m.ckpt"], capsys)
     assert code == 0
-    assert_one_line(["fit", "--config", config, "--ckpt_path", tmp_path / "m.ckpt"], capsys,
-                    "holds model weights only", "no training state to resume from")
+    assert_one_line(
+        ["fit", "--config", config, "--ckpt_path", tmp_path / "m.ckpt"],
+        capsys,
+        "holds model weights only",
+        "no training state to resume from",
+    )
 
 
-def test_permission_denied_and_disk_full_on_export_name_the_path(ckpt_run, tmp_path, unwritable_dir, capsys,
-                                                                 monkeypatch):
+def test_permission_denied_and_disk_full_on_export_name_the_path(
+    ckpt_run, tmp_path, unwritable_dir, capsys, monkeypatch
+):
     cwd, config, ckpts = ckpt_run
     monkeypatch.chdir(cwd)
-    export = ["export", "--ckpt", ckpts / "step=4.ckpt", "--config", config, "--calibration-batches", "1",
-              "--settings", '{"prune": "none"}', "--out"]
+    export = [
+        "export",
+        "--ckpt",
+        ckpts / "step=4.ckpt",
+        "--config",
+        config,
+        "--calibration-batches",
+        "1",
+        "--settings",
+        '{"prune": "none"}',
+        "--out",
+    ]
     out = unwritable_dir / "m.pgolf"
     assert_one_line(export + [out], capsys, f"error: {out}: ")
     with tmpfs(tmp_path / "full", "size=4k") as full:
@@ -367,15 +470,19 @@ def test_permission_denied_and_disk_full_on_export_name_the_path(ckpt_run, tmp_p
         assert list(full.iterdir()) == []
 
 
-def test_another_tokenizer_with_the_same_vocab_size_is_refused(tmp_path, embedded_data_root, other_build, capsys,
-                                                              monkeypatch):
+def test_another_tokenizer_with_the_same_vocab_size_is_refused(
+    tmp_path, embedded_data_root, other_build, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     manifest = json.loads((embedded_data_root / "manifest.json").read_text())
     assert manifest["tokenizers"][0]["pieces_sha256"]
     other = other_build[0] / "tokenizers" / "fineweb_1024_bpe.model"
     config = tiny_config(embedded_data_root, tmp_path / "c.yaml")
-    assert_one_line(["fit", "--config", config, "--data.tokenizer_path", other], capsys,
-                    f"{other}: not the tokenizer {embedded_data_root / 'datasets' / 'fineweb10B_sp1024'} was built with")
+    assert_one_line(
+        ["fit", "--config", config, "--data.tokenizer_path", other],
+        capsys,
+        f"{other}: not the tokenizer {embedded_data_root / 'datasets' / 'fineweb10B_sp1024'} was built with",
+    )
 
 
 # --- untrusted artifacts ----------------------------------------------------------------------------------
@@ -397,22 +504,30 @@ def test_crafted_artifacts_are_refused_within_bounded_memory(tmp_path, artifact,
     bomb.write_bytes(_native(zlib.compress(bytes(256 << 20), 9), raw_len=4096))  # 256 MiB of zeros in ~250 KB
     tracemalloc.start()
     try:
-        assert_one_line(["eval", bomb, "--data", data_dir], capsys, f"{bomb}: malformed payload",
-                        "decompresses to more than the 4096 bytes the header allows")
+        assert_one_line(
+            ["eval", bomb, "--data", data_dir],
+            capsys,
+            f"{bomb}: malformed payload",
+            "decompresses to more than the 4096 bytes the header allows",
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 32 << 20, peak
     art = decode_native(artifact.read_bytes(), str(artifact))
     for name, changes, expected in [
-        ("huge.pgolf", {"vocab_size": 65536, "model_dim": 8192, "num_heads": 64, "num_kv_heads": 8},
-         "is larger than the"),
+        (
+            "huge.pgolf",
+            {"vocab_size": 65536, "model_dim": 8192, "num_heads": 64, "num_kv_heads": 8},
+            "is larger than the",
+        ),
         ("shapes.pgolf", {"mlp_mult": 3.0}, "the tensors do not match the stored model config"),
         ("mistyped.pgolf", {"num_layers": "2"}, "stored model config is invalid (gpt.num_layers: expected an integer"),
     ]:
         crafted = tmp_path / name
-        crafted.write_bytes(encode_native(art.quant, art.meta, {**art.config, **changes}, art.info, art.codec,
-                                          art.shuffle_stride))
+        crafted.write_bytes(
+            encode_native(art.quant, art.meta, {**art.config, **changes}, art.info, art.codec, art.shuffle_stride)
+        )
         assert_one_line(["eval", crafted, "--data", data_dir], capsys, f"{crafted}: ", expected)
 
 
@@ -478,20 +593,49 @@ def test_interrupted_data_builds_leave_no_staging_folder(other_build):
 def test_an_error_on_one_ddp_rank_ends_every_rank_with_its_line(tmp_path, embedded_data_root):
     """Two gloo ranks launched as torchrun / SLURM launch them (LOCAL_RANK etc. set, started together); rank 1
     fails alone at step 2 while rank 0 waits in a collective: both end with rank 1's line, exit 2, no traceback."""
-    config = tiny_config(embedded_data_root, tmp_path / "ddp.yaml", callbacks=[
-        {"class_path": "test_reliability2.RaiseOnRank", "init_args": {"rank": 1, "step": 2}}])
+    config = tiny_config(
+        embedded_data_root,
+        tmp_path / "ddp.yaml",
+        callbacks=[{"class_path": "test_reliability2.RaiseOnRank", "init_args": {"rank": 1, "step": 2}}],
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "NODE_RANK": "0", "LOCAL_RANK": str(rank), "RANK": str(rank),
-               "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pgolf_lit.cli", "fit", "--config", str(config), "--trainer.devices", "2",
-             "--trainer.strategy", "ddp", "--data.grad_accum_base", "2"],
-            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "NODE_RANK": "0",
+            "LOCAL_RANK": str(rank),
+            "RANK": str(rank),
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pgolf_lit.cli",
+                    "fit",
+                    "--config",
+                    str(config),
+                    "--trainer.devices",
+                    "2",
+                    "--trainer.strategy",
+                    "ddp",
+                    "--data.grad_accum_base",
+                    "2",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     expected = "error: fineweb_train_000003.bin: token id 5000 at or above vocab_size 1024 (rank 1 only)"
     for rank, proc in enumerate(procs):
         _, err = proc.communicate(timeout=300)

@@ -32,8 +32,20 @@ def run(tmp_path_factory, embedded_data_root) -> Path:
     export["init_args"]["export"]["keep_float_max_numel"] = 4096
     config["trainer"]["enable_checkpointing"] = True
     (cwd / "quantized.yaml").write_text(yaml.safe_dump(config))
-    fit = pgolf("fit", "--config", "quantized.yaml", "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",
-                "--trainer.logger.init_args.save_dir", "runs", "--trainer.logger.init_args.version", "v", cwd=cwd)
+    fit = pgolf(
+        "fit",
+        "--config",
+        "quantized.yaml",
+        "--trainer.max_steps",
+        "8",
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.logger.init_args.save_dir",
+        "runs",
+        "--trainer.logger.init_args.version",
+        "v",
+        cwd=cwd,
+    )
     assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-2000:]
     return cwd / "runs" / "pr1421_recur_ema9965_tiny" / "v"
 
@@ -48,7 +60,7 @@ def category_rows(summary_md: str) -> dict[str, list[str]]:
     """summary.md's bytes table (its last table) as {category: cells after the first}."""
     rows = [line.strip("|").split("|") for line in summary_md.splitlines() if line.startswith("| ")]
     start = next(i for i, r in enumerate(rows) if r[0].strip() == "category")
-    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[start + 1:]}
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[start + 1 :]}
 
 
 def test_report_renders_the_plots_and_a_summary(run, tmp_path):
@@ -120,9 +132,22 @@ def test_without_matplotlib_the_error_says_how_to_install_it(monkeypatch):
 def test_a_tensorboard_logger_needs_only_a_yaml_or_command_line_change(tmp_path_factory, embedded_data_root):
     pytest.importorskip("tensorboard")
     cwd = sweep_cwd(tmp_path_factory, embedded_data_root, "report_run")
-    fit = pgolf("fit", "--config", str(CONFIG), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-                "--trainer.logger.init_args.save_dir", "tb", "--trainer.logger.init_args.name", "tiny", cwd=cwd)
+    fit = pgolf(
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir",
+        "tb",
+        "--trainer.logger.init_args.name",
+        "tiny",
+        cwd=cwd,
+    )
     assert fit.returncode == 0, fit.stderr[-2000:]
     run_dir = cwd / "tb" / "tiny" / "version_0"
     assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "train.log").is_file()

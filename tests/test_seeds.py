@@ -50,8 +50,9 @@ def finished_sweep(tmp_path_factory, embedded_data_root: Path) -> Path:
     cwd = sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep")
     results = cwd / "sweep" / "results.json"
     if not results.is_file():
-        run = pgolf("seeds", "--config", str(CONFIG), "--seeds", ",".join(map(str, SEEDS)), "--out", "sweep", *FAST,
-                    cwd=cwd)
+        run = pgolf(
+            "seeds", "--config", str(CONFIG), "--seeds", ",".join(map(str, SEEDS)), "--out", "sweep", *FAST, cwd=cwd
+        )
         assert run.returncode == 0, run.stdout + run.stderr
     return results
 
@@ -109,8 +110,17 @@ def test_resume_reruns_only_what_did_not_finish(sweep, tmp_path, tmp_path_factor
     (out / "seed_2024" / "test" / "train.log").write_text("final_int6_roundtrip val_loss:9")
     (out / "results.json").write_text(json.dumps(results))
 
-    run = pgolf("seeds", "--config", str(CONFIG), "--seeds", "42,1337,2024", "--out", str(out), *FAST,
-                cwd=sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep"))
+    run = pgolf(
+        "seeds",
+        "--config",
+        str(CONFIG),
+        "--seeds",
+        "42,1337,2024",
+        "--out",
+        str(out),
+        *FAST,
+        cwd=sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep"),
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "seed 42: finished earlier, kept" in run.stdout
     assert "seed 2024: fit finished earlier, kept" in run.stdout
@@ -132,23 +142,36 @@ def test_resume_reruns_only_what_did_not_finish(sweep, tmp_path, tmp_path_factor
 def test_a_failing_seed_is_reported_and_the_sweep_goes_on(tmp_path, tmp_path_factory, embedded_data_root):
     cwd = sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep")
     out = tmp_path / "failing"
-    run = pgolf("seeds", "--config", str(CONFIG), "--seeds", "1,2", "--out", str(out), "--model.gpt.num_layers", "0",
-                cwd=cwd)
+    run = pgolf(
+        "seeds", "--config", str(CONFIG), "--seeds", "1,2", "--out", str(out), "--model.gpt.num_layers", "0", cwd=cwd
+    )
     assert run.returncode == 1
     for seed in (1, 2):
         assert f"seed {seed}: fit FAILED" in run.stdout
         assert f"seed {seed}: not finished: fit: exit status 2: error: gpt.num_layers" in run.stdout
     results = load_results(out / "results.json")
-    assert [(e["seed"], e["status"], e["fit"]) for e in results["seeds"]] == [(1, "failed", "failed"),
-                                                                             (2, "failed", "failed")]
+    assert [(e["seed"], e["status"], e["fit"]) for e in results["seeds"]] == [
+        (1, "failed", "failed"),
+        (2, "failed", "failed"),
+    ]
     assert results["summary"]["finished"] == 0 and results["summary"]["failed"] == 2
 
 
 @pytest.mark.slow  # the shared 3-seed sweep (~35 s)
 def test_a_resumed_sweep_must_keep_its_config_and_arguments(sweep, tmp_path_factory, embedded_data_root):
     cwd = sweep_cwd(tmp_path_factory, embedded_data_root, "shared_sweep")
-    run = pgolf("seeds", "--config", str(CONFIG), "--seeds", "42", "--out", str(sweep.parent),
-                "--trainer.max_steps", "7", cwd=cwd)
+    run = pgolf(
+        "seeds",
+        "--config",
+        str(CONFIG),
+        "--seeds",
+        "42",
+        "--out",
+        str(sweep.parent),
+        "--trainer.max_steps",
+        "7",
+        cwd=cwd,
+    )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         f"error: {sweep}: this sweep ran with fit_args {FAST!r}, not ['--trainer.max_steps', '7']; "

@@ -59,8 +59,13 @@ def test_sidecar_bpb_equals_lut_bpb_where_both_apply(embedded_data_root, sidecar
     assert plain.source == "lut" and side.source == "sidecar"
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1))
-    ctx = evaluation_context(EvalSettings(seq_len=128, stride=32), precision="32-true", device=torch.device("cpu"),
-                             compile=False, weights=Weights(quantized=True, tag="int6"))
+    ctx = evaluation_context(
+        EvalSettings(seq_len=128, stride=32),
+        precision="32-true",
+        device=torch.device("cpu"),
+        compile=False,
+        weights=Weights(quantized=True, tag="int6"),
+    )
     for method in ("standard", "sliding"):
         a, b = run_method(method, model, tokens, plain, ctx), run_method(method, model, tokens, side, ctx)
         assert (a.tokens, a.bytes, a.val_loss, a.val_bpb) == (b.tokens, b.bytes, b.val_loss, b.val_bpb)
@@ -77,8 +82,13 @@ def test_a_sidecar_decides_the_bytes(embedded_data_root, sidecar_root, tmp_path)
     tokens = load_validation_tokens(doubled, 128)[: 8 * 128 + 1]
     model = GPT(GPTConfig(vocab_size=1024, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1))
     ctx = evaluation_context(EvalSettings(seq_len=128), precision="32-true", device=torch.device("cpu"), compile=False)
-    single = run_method("standard", model, tokens, validation_byte_counts(
-        sp, 1024, sidecar_root / "datasets" / "fineweb10B_sp1024", tokens.numel()), ctx)
+    single = run_method(
+        "standard",
+        model,
+        tokens,
+        validation_byte_counts(sp, 1024, sidecar_root / "datasets" / "fineweb10B_sp1024", tokens.numel()),
+        ctx,
+    )
     double = run_method("standard", model, tokens, validation_byte_counts(sp, 1024, doubled, tokens.numel()), ctx)
     assert double.bytes == 2 * single.bytes and double.val_bpb == pytest.approx(single.val_bpb / 2, rel=1e-12)
 

@@ -42,8 +42,9 @@ def test_packed_training_passes_the_loaders_segment_bound_as_max_seqlen(run_cwd,
         return build(cls, cu_seqlens, max_seqlen, ids)
 
     monkeypatch.setattr(PackedSegments, "build", classmethod(spy))
-    cli = make_cli(["--config", str(PR1855_TINY), "--trainer.max_steps", "2", "--trainer.enable_progress_bar",
-                    "false"], run=False)
+    cli = make_cli(
+        ["--config", str(PR1855_TINY), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"], run=False
+    )
     cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if type(cb).__name__ != "GPTQExport"]  # not needed
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     row, bound = cli.datamodule.micro_batch_tokens, cli.datamodule.train_seq_len
@@ -104,8 +105,15 @@ def test_enable_checkpointing_true_attaches_the_step_checkpoint(run_cwd):
 
     off = make_cli(["--config", str(CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml")], run=False)
     assert off.trainer.checkpoint_callbacks == []
-    on = make_cli(["--config", str(CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"),
-                   "--trainer.enable_checkpointing", "true"], run=False)
+    on = make_cli(
+        [
+            "--config",
+            str(CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"),
+            "--trainer.enable_checkpointing",
+            "true",
+        ],
+        run=False,
+    )
     (checkpoint,) = on.trainer.checkpoint_callbacks
     assert isinstance(checkpoint, Checkpoint) and checkpoint._every_n_train_steps == 1000 and checkpoint.save_last
 
@@ -115,16 +123,25 @@ def test_world_notes_name_what_differs_and_step_matching_scales_the_budget():
     assert record.world_notes(8, 8, True, True, 599.5) == []
     (line,) = record.world_notes(1, 8, True, True, 599.5)
     assert line.startswith("record world: this run has 1 device(s), the record ran on 8: ")
-    for part in ("8 micro-batch(es) per rank per step instead of 1", "each rank clips the gradient of 8 micro-batch(es) "
-                 "instead of 1", "rank 0's share of a 1-rank stream", "--record.step_matched true scales it by 8/1"):
+    for part in (
+        "8 micro-batch(es) per rank per step instead of 1",
+        "each rank clips the gradient of 8 micro-batch(es) instead of 1",
+        "rank 0's share of a 1-rank stream",
+        "--record.step_matched true scales it by 8/1",
+    ):
         assert part in line
     assert "clips" not in record.world_notes(2, 8, False, False, 599.5)[0]
     matched = RecordRun(world=8, step_matched=True)
     notes = matched.world_notes(2, 8, False, False, 599.5)
     assert notes[1] == "step_matched: training budget 599.5s x 8/2 = 2398.0s; not a record-valid run"
     assert matched.step_scale(2) == 4.0 and matched.step_scale(8) == 1.0 and record.step_scale(2) == 1.0
-    assert matched.summary(2, True) == {"record_world": 8, "world": 2, "step_matched": True, "budget_scale": 4.0,
-                                        "record_valid": False}
+    assert matched.summary(2, True) == {
+        "record_world": 8,
+        "world": 2,
+        "step_matched": True,
+        "budget_scale": 4.0,
+        "record_valid": False,
+    }
     assert record.summary(8, False)["record_valid"] is True
     with pytest.raises(Exception, match="record.world: expected a positive GPU count"):
         RecordRun(world=0)
@@ -135,15 +152,31 @@ def test_step_matched_fit_scales_the_wallclock_budget_and_is_marked(run_cwd):
     stretches the training part of the budget (cap minus the GPTQ reserve), leaving the reserve as it was."""
     from pgolf_lit.callbacks import WallclockBudget
 
-    cli = make_cli(["--config", str(CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"), "--record.world", "8",
-                    "--record.step_matched", "true", "--trainer.max_time", "00:00:01:00"], run=False)
+    cli = make_cli(
+        [
+            "--config",
+            str(CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"),
+            "--record.world",
+            "8",
+            "--record.step_matched",
+            "true",
+            "--trainer.max_time",
+            "00:00:01:00",
+        ],
+        run=False,
+    )
     cli._apply_record_run()
     (budget,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, WallclockBudget)]
     assert (budget.reserve_seconds, budget.max_seconds) == (12, 12 + 48 * 8)
     assert budget.effective_cap_ms == 48 * 8 * 1000
     assert cli.model.run_notes[0].startswith("record world: this run has 1 device(s), the record ran on 8")
-    assert cli.model.record_run == {"record_world": 8, "world": 1, "step_matched": True, "budget_scale": 8.0,
-                                    "record_valid": False}
+    assert cli.model.record_run == {
+        "record_world": 8,
+        "world": 1,
+        "step_matched": True,
+        "budget_scale": 8.0,
+        "record_valid": False,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,15 +209,19 @@ def test_clock_ledger_accounts_for_the_budget_the_exclusions_and_the_reserve():
     assert ledger["train_s"] == pytest.approx(599.7) and ledger["budget_s"] == 599.5
     assert ledger["counted_s"] == pytest.approx(604.5) and ledger["over_cap_s"] == pytest.approx(4.5)
     line = ledger_line(ledger)
-    assert line == ("clock: train 599.7s of a 599.5s budget (cap 600s - GPTQ reserve 0.5s) | off the clock: priming "
-                    "40.0s (1x), validation 2.5s (1x) | GPTQ reserve 0.5s, calibration + Hessians used 4.8s: train + "
-                    "calibration 604.5s, 4.5s over the cap | export 20.0s in all (quantize, compress, write)")
+    assert line == (
+        "clock: train 599.7s of a 599.5s budget (cap 600s - GPTQ reserve 0.5s) | off the clock: priming "
+        "40.0s (1x), validation 2.5s (1x) | GPTQ reserve 0.5s, calibration + Hessians used 4.8s: train + "
+        "calibration 604.5s, 4.5s over the cap | export 20.0s in all (quantize, compress, write)"
+    )
     # A reserve that covers the calibration; a run without a cap.
     inside = TrainClock(now=now)
     inside.note_after_cap("calibration", 3.0)
     assert ledger_line(inside.ledger(600.0, 4.0)).endswith("calibration + Hessians used 3.0s: inside the cap")
-    assert ledger_line(TrainClock(now=now).ledger(None, 0.0)) == "clock: train 0.0s (no wallclock cap) | off the " \
-                                                                  "clock: nothing"
+    assert (
+        ledger_line(TrainClock(now=now).ledger(None, 0.0)) == "clock: train 0.0s (no wallclock cap) | off the "
+        "clock: nothing"
+    )
     # The ledger survives a checkpoint (a resumed run keeps its priming and validation seconds).
     resumed = TrainClock(now=now)
     resumed.load_state_dict(clock.state_dict())

@@ -60,7 +60,9 @@ def test_wallclock_budget_stops_at_the_right_step_and_drives_the_schedule(embedd
     module.clock = TrainClock(now=fake)
     scales = Recorder(lambda t, m: (m.last_schedule.step, m.last_schedule.frac, m.last_schedule.lr_scale))
     budget = WallclockBudget(max_seconds=6.5, reserve_seconds=1.0)  # effective 5.5 s, 1 s per step
-    trainer = fit(module, tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 100, [Tick(fake, 1.0), budget, scales]))
+    trainer = fit(
+        module, tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 100, [Tick(fake, 1.0), budget, scales])
+    )
     # After step 6 the clock reads 6.0 s >= 5.5 s: the run stops there, no extra step.
     assert trainer.global_step == 6 and budget.stopped_at_step == 6
     for step, frac, scale in scales.values:
@@ -73,7 +75,9 @@ def test_ema_equals_a_hand_rolled_ema(embedded_data_root, tmp_path):
     L.seed_everything(0)
     raw = Recorder(weights, initial=True)
     decay = 0.8
-    trainer = fit(tiny_module(), tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 6, [raw, EMA(decay=decay)]))
+    trainer = fit(
+        tiny_module(), tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 6, [raw, EMA(decay=decay)])
+    )
     expected = {k: v.clone() for k, v in raw.initial.items()}  # the records start the shadow at the initial weights
     for snapshot in raw.values:
         for k in expected:
@@ -92,8 +96,11 @@ def test_ema_does_not_touch_validation_weights_by_default(embedded_data_root, tm
             seen.append(pl_module.model.blocks[0].attn.c_q.weight.detach().clone())
 
     raw = Recorder(weights)
-    fit(tiny_module(), tiny_datamodule(embedded_data_root),
-        tiny_trainer(tmp_path, 4, [raw, EMA(decay=0.5), SeeValidationWeights()], val_check_interval=2))
+    fit(
+        tiny_module(),
+        tiny_datamodule(embedded_data_root),
+        tiny_trainer(tmp_path, 4, [raw, EMA(decay=0.5), SeeValidationWeights()], val_check_interval=2),
+    )
     assert torch.equal(seen[0], raw.values[1]["blocks.0.attn.c_q.weight"])
 
 
@@ -152,7 +159,9 @@ def test_late_qat_switches_on_below_the_threshold(embedded_data_root, tmp_path):
 def test_recurrence_activation_at_a_step(embedded_data_root, tmp_path):
     module = tiny_module(num_layers=4, recurrence="group", recur_layers=[1, 2])
     state = Recorder(lambda t, m: m.model.recurrence_active)
-    fit(module, tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 5, [RecurrenceActivation(at_step=3), state]))
+    fit(
+        module, tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 5, [RecurrenceActivation(at_step=3), state])
+    )
     assert state.values == [False, False, False, True, True]
 
 
@@ -220,7 +229,9 @@ def test_non_finite_loss_stops_with_the_step_named(embedded_data_root, tmp_path)
                 with torch.no_grad():
                     pl_module.model.blocks[0].mlp.fc.weight.fill_(math.inf)
 
-    with pytest.raises(PgolfError, match=r"training loss is not finite \(nan/inf\) at step 4.*last good checkpoint: none saved"):
+    with pytest.raises(
+        PgolfError, match=r"training loss is not finite \(nan/inf\) at step 4.*last good checkpoint: none saved"
+    ):
         fit(tiny_module(), tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 10, [PoisonWeights()]))
 
 
@@ -235,8 +246,11 @@ def test_an_error_during_training_starts_on_a_line_of_its_own(embedded_data_root
                 raise PgolfError("stop here")
 
     with pytest.raises(PgolfError, match="stop here"):
-        fit(tiny_module(), tiny_datamodule(embedded_data_root),
-            tiny_trainer(tmp_path, 10, [BudgetProgressBar(), Fail()], enable_progress_bar=True))
+        fit(
+            tiny_module(),
+            tiny_datamodule(embedded_data_root),
+            tiny_trainer(tmp_path, 10, [BudgetProgressBar(), Fail()], enable_progress_bar=True),
+        )
     screen = capsys.readouterr().out
     frames = [f for f in screen.replace("\r", "\n").split("\n") if "it/s" in f or "s/it" in f]
     assert frames and all("/10 [" in f and f.startswith("train (steps)") for f in frames), frames

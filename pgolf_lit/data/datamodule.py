@@ -53,8 +53,12 @@ class TrainSteps(IterableDataset):
             cu = torch.full((len(batches), width), n, dtype=torch.int32)
             for i, b in enumerate(batches):
                 cu[i, : b.cu_seqlens.numel()] = b.cu_seqlens
-            yield (torch.stack([b.inputs for b in batches]), torch.stack([b.targets for b in batches]), cu,
-                   self.loader.seqlen_bound)
+            yield (
+                torch.stack([b.inputs for b in batches]),
+                torch.stack([b.targets for b in batches]),
+                cu,
+                self.loader.seqlen_bound,
+            )
 
 
 class PassIndices(IterableDataset):
@@ -148,6 +152,7 @@ class TokenShardDataModule(L.LightningDataModule):
     # --- sizes -----------------------------------------------------------------------------------------
     def _check_values(self) -> None:
         """Types and ranges of the size arguments, each named (a 0 would divide by zero further on)."""
+
         def integer(name: str, value, low: int, what: str) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"data.{name}: must be {what}, got {value!r}")

@@ -99,7 +99,10 @@ class HubSource:
         where = self.describe(path_in_repo)
         try:
             cached = huggingface_hub.hf_hub_download(
-                repo_id=self.repo_id, filename=name, subfolder=parent or None, repo_type="dataset",
+                repo_id=self.repo_id,
+                filename=name,
+                subfolder=parent or None,
+                repo_type="dataset",
                 revision=self.revision,
             )
         # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first (huggingface_hub 0.x and 2.x).
@@ -341,28 +344,51 @@ def build_parser() -> argparse.ArgumentParser:
             "manifest.json (as upstream data/cached_challenge_fineweb.py). Files already present are skipped."
         ),
     )
-    parser.add_argument("--variant", default="sp1024",
-                        help="sp<V> (sp1024, sp4096, sp8192), byte260, or sp8192_caseops (PR #1855's CaseOps export "
-                             "with its val byte sidecar; repo romeerp/parameter-golf-caseops-v1); default sp1024")
-    parser.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
-                        help=f"fetch the first N training shards (100M tokens each); default {DEFAULT_TRAIN_SHARDS}. "
-                             f"The validation split is always fetched in full.")
+    parser.add_argument(
+        "--variant",
+        default="sp1024",
+        help="sp<V> (sp1024, sp4096, sp8192), byte260, or sp8192_caseops (PR #1855's CaseOps export "
+        "with its val byte sidecar; repo romeerp/parameter-golf-caseops-v1); default sp1024",
+    )
+    parser.add_argument(
+        "--train-shards",
+        type=int,
+        default=DEFAULT_TRAIN_SHARDS,
+        help=f"fetch the first N training shards (100M tokens each); default {DEFAULT_TRAIN_SHARDS}. "
+        f"The validation split is always fetched in full.",
+    )
     parser.add_argument("--data-root", default="data", help="local data root (default ./data, as upstream)")
-    parser.add_argument("--repo-id", default=None,
-                        help=f"dataset repo (default $MATCHED_FINEWEB_REPO_ID or {DEFAULT_REPO_ID}, for a CaseOps "
-                             f"variant {CASEOPS_REPO_ID}; kevclark/parameter-golf has sp4096 and sp8192)")
-    parser.add_argument("--remote-root", default=None,
-                        help=f"folder inside the repo (default $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or "
-                             f"{DEFAULT_REMOTE_ROOT})")
+    parser.add_argument(
+        "--repo-id",
+        default=None,
+        help=f"dataset repo (default $MATCHED_FINEWEB_REPO_ID or {DEFAULT_REPO_ID}, for a CaseOps "
+        f"variant {CASEOPS_REPO_ID}; kevclark/parameter-golf has sp4096 and sp8192)",
+    )
+    parser.add_argument(
+        "--remote-root",
+        default=None,
+        help=f"folder inside the repo (default $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or {DEFAULT_REMOTE_ROOT})",
+    )
     parser.add_argument("--revision", default=None, help="repo branch, tag or commit (default main)")
-    parser.add_argument("--hub-root", default=None, metavar="DIR",
-                        help="read the repo's files from DIR/<path in repo> instead of the hub (a local mirror)")
-    parser.add_argument("--with-docs", action="store_true",
-                        help="also fetch docs_selected.jsonl and its sidecar (for re-tokenizing with pgolf data build)")
-    parser.add_argument("--skip-manifest", action="store_true",
-                        help="never fetch manifest.json; a local one must exist")
-    parser.add_argument("--refresh-manifest", action="store_true",
-                        help="fetch manifest.json again even if one is local (e.g. after switching --repo-id)")
+    parser.add_argument(
+        "--hub-root",
+        default=None,
+        metavar="DIR",
+        help="read the repo's files from DIR/<path in repo> instead of the hub (a local mirror)",
+    )
+    parser.add_argument(
+        "--with-docs",
+        action="store_true",
+        help="also fetch docs_selected.jsonl and its sidecar (for re-tokenizing with pgolf data build)",
+    )
+    parser.add_argument(
+        "--skip-manifest", action="store_true", help="never fetch manifest.json; a local one must exist"
+    )
+    parser.add_argument(
+        "--refresh-manifest",
+        action="store_true",
+        help="fetch manifest.json again even if one is local (e.g. after switching --repo-id)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
 
@@ -370,9 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     summary = download_dataset(
-        args.variant, args.train_shards, data_root=args.data_root, repo_id=args.repo_id,
-        remote_root=args.remote_root, revision=args.revision, hub_root=args.hub_root, with_docs=args.with_docs,
-        skip_manifest=args.skip_manifest, refresh_manifest=args.refresh_manifest, progress=args.progress,
+        args.variant,
+        args.train_shards,
+        data_root=args.data_root,
+        repo_id=args.repo_id,
+        remote_root=args.remote_root,
+        revision=args.revision,
+        hub_root=args.hub_root,
+        with_docs=args.with_docs,
+        skip_manifest=args.skip_manifest,
+        refresh_manifest=args.refresh_manifest,
+        progress=args.progress,
     )
     print(
         f"{summary['dataset_dir']}: {summary['fetched']} file(s) fetched, {summary['present']} already present; "

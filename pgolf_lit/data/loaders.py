@@ -138,8 +138,12 @@ class TokenLoader:
 
     def _resume_key(self) -> dict:
         """What a saved state must agree on to be restored here: by default the shards and every length."""
-        return {"shards": self._shard_list(), "world_size": self.world_size, "seq_len": self.seq_len,
-                "tokens_per_rank": self.tokens_per_rank}
+        return {
+            "shards": self._shard_list(),
+            "world_size": self.world_size,
+            "seq_len": self.seq_len,
+            "tokens_per_rank": self.tokens_per_rank,
+        }
 
     def _shard_list(self) -> list[list]:
         return [[f.name, n] for f, n in zip(self.train_files, self.train_tokens)]
@@ -164,8 +168,13 @@ class TokenLoader:
 
     def state_dict(self) -> dict:
         """Plain Python values and int64 tensors (safe for ``torch.load(weights_only=True)``)."""
-        return {"kind": self.kind, "rank": self.rank, "calls": self.calls, **self._resume_key(),
-                **self._position_state()}
+        return {
+            "kind": self.kind,
+            "rank": self.rank,
+            "calls": self.calls,
+            **self._resume_key(),
+            **self._position_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
@@ -203,8 +212,15 @@ class SequentialLoader(TokenLoader):
     kind = "sequential"
     rank_independent_position = True
 
-    def __init__(self, data_dir: str | os.PathLike, rank: int, world_size: int, seq_len: int, tokens_per_rank: int,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        rank: int,
+        world_size: int,
+        seq_len: int,
+        tokens_per_rank: int,
+        vocab_size: int | None = None,
+    ):
         super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
         self.shards = ShardSet(self.train_files, self.train_tokens, vocab_size)
         self.span = tokens_per_rank + 1
@@ -269,8 +285,15 @@ class ShuffledSequenceLoader(TokenLoader):
 
     kind = "shuffled"
 
-    def __init__(self, data_dir: str | os.PathLike, rank: int, world_size: int, seq_len: int, tokens_per_rank: int,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        rank: int,
+        world_size: int,
+        seq_len: int,
+        tokens_per_rank: int,
+        vocab_size: int | None = None,
+    ):
         super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
         owned = self.train_files[rank::world_size]
         if not owned:
@@ -351,8 +374,15 @@ class CoprimeStrideLoader(TokenLoader):
 
     kind = "coprime"
 
-    def __init__(self, data_dir: str | os.PathLike, rank: int, world_size: int, seq_len: int, tokens_per_rank: int,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        rank: int,
+        world_size: int,
+        seq_len: int,
+        tokens_per_rank: int,
+        vocab_size: int | None = None,
+    ):
         super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
         self.shards = ShardSet(self.train_files, self.train_tokens, vocab_size)
         self.seed = self.path_hash(self.shards.files)
@@ -412,8 +442,11 @@ class CoprimeStrideLoader(TokenLoader):
             if not self.cursor_started[shard] or self.cursor_next[shard] >= self.cursor_blocks[shard]:
                 self._reset_cursor(shard)
             blocks, first = int(self.cursor_blocks[shard]), int(self.cursor_next[shard])
-            phase, start, stride = (int(self.cursor_phase[shard]), int(self.cursor_start[shard]),
-                                    int(self.cursor_stride[shard]))
+            phase, start, stride = (
+                int(self.cursor_phase[shard]),
+                int(self.cursor_start[shard]),
+                int(self.cursor_stride[shard]),
+            )
             n = min(count - len(taken), blocks - first)
             taken += [(shard, phase + ((start + k * stride) % blocks) * self.seq_len) for k in range(first, first + n)]
             self.cursor_next[shard] = first + n
@@ -469,8 +502,10 @@ class CoprimeStrideLoader(TokenLoader):
     def _position_state(self) -> dict:
         return {
             "rng": self.rng.bit_generator.state,
-            "cursors": {name: torch.from_numpy(getattr(self, f"cursor_{name}").astype(np.int64))
-                        for name in ("phase", "blocks", "next", "start", "stride", "started")},
+            "cursors": {
+                name: torch.from_numpy(getattr(self, f"cursor_{name}").astype(np.int64))
+                for name in ("phase", "blocks", "next", "start", "stride", "started")
+            },
         }
 
     def _load_position(self, state: dict) -> None:
@@ -509,9 +544,19 @@ class DocumentPackingLoader(TokenLoader):
     kind = "packed"
     rank_independent_position = True
 
-    def __init__(self, data_dir: str | os.PathLike, rank: int, world_size: int, seq_len: int, tokens_per_rank: int,
-                 vocab_size: int | None = None, *, max_doc_len: int | None = None, bos_id: int = BOS_ID,
-                 cu_bucket: int = CU_SEQLENS_BUCKET):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        rank: int,
+        world_size: int,
+        seq_len: int,
+        tokens_per_rank: int,
+        vocab_size: int | None = None,
+        *,
+        max_doc_len: int | None = None,
+        bos_id: int = BOS_ID,
+        cu_bucket: int = CU_SEQLENS_BUCKET,
+    ):
         super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
         self.shards = ShardSet(self.train_files, self.train_tokens, vocab_size)
         self.span = tokens_per_rank + 1
@@ -583,8 +628,9 @@ class DocumentPackingLoader(TokenLoader):
         self.cursor = int(state["cursor"])
 
 
-LOADERS = {cls.kind: cls for cls in (SequentialLoader, ShuffledSequenceLoader, CoprimeStrideLoader,
-                                     DocumentPackingLoader)}
+LOADERS = {
+    cls.kind: cls for cls in (SequentialLoader, ShuffledSequenceLoader, CoprimeStrideLoader, DocumentPackingLoader)
+}
 
 
 def make_loader(

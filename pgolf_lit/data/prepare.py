@@ -370,9 +370,16 @@ def export_shards(
             doc_count = 0
             for batch in _batched(split_docs, ENCODE_BATCH_DOCS):
                 if caseops:
-                    writer.append(*encode_caseops_documents(
-                        sp, batch, vocab_size, num_threads, with_bytes=sidecar, first_index=doc_count,
-                    ))
+                    writer.append(
+                        *encode_caseops_documents(
+                            sp,
+                            batch,
+                            vocab_size,
+                            num_threads,
+                            with_bytes=sidecar,
+                            first_index=doc_count,
+                        )
+                    )
                 else:
                     writer.append(encode_documents(sp, batch, vocab_size, num_threads))
                 doc_count += len(batch)
@@ -495,16 +502,24 @@ def _build_manifest(
     A CaseOps build adds the fields of PR #1855 download_hf_docs_and_tokenize.py: ``text_transform`` and
     ``reserve_text_transform_controls`` on the tokenizer, ``val_bytes_glob`` on the dataset.
     """
-    spec: dict = {"name": tokenizer_name, "kind": "sentencepiece_bpe", "vocab_size": vocab_size,
-                  "dataset_suffix": variant_names("", vocab_size, caseops).suffix}
+    spec: dict = {
+        "name": tokenizer_name,
+        "kind": "sentencepiece_bpe",
+        "vocab_size": vocab_size,
+        "dataset_suffix": variant_names("", vocab_size, caseops).suffix,
+    }
     transform = {"text_transform": TRANSFORM_NAME, "reserve_text_transform_controls": True} if caseops else {}
     spec.update(transform)
     if train_docs is not None:
         spec["tokenizer_train_docs"] = train_docs
     if reuse_path is not None:
         spec["reuse_model_path"] = str(reuse_path)
-    ids = {"vocab_size": vocab_size, "bos_id": int(sp.bos_id()), "eos_id": int(sp.eos_id()),
-           "recommended_bigram_vocab_size": recommended_bigram_vocab_size(vocab_size)}
+    ids = {
+        "vocab_size": vocab_size,
+        "bos_id": int(sp.bos_id()),
+        "eos_id": int(sp.eos_id()),
+        "recommended_bigram_vocab_size": recommended_bigram_vocab_size(vocab_size),
+    }
     tokenizer_entry = {
         "name": tokenizer_name,
         "kind": "sentencepiece_bpe",
@@ -536,8 +551,14 @@ def _build_manifest(
         "shard_size": shard_tokens,
         "append_eos": False,
         "docs_jsonl": None,  # built from local inputs, listed in docs_meta.sources; there is no docs_selected.jsonl
-        "docs_meta": {"remote_repo_id": None, "remote_root": None, "num_docs": stats["docs_total"],
-                      "docs_sha256": None, "source_manifest": None, "sources": source.describe()},
+        "docs_meta": {
+            "remote_repo_id": None,
+            "remote_root": None,
+            "num_docs": stats["docs_total"],
+            "docs_sha256": None,
+            "source_manifest": None,
+            "sources": source.describe(),
+        },
         "tokenizer_specs": _merge_entries(existing.get("tokenizer_specs", []), spec),
         "tokenizers": _merge_entries(existing.get("tokenizers", []), tokenizer_entry),
         "datasets": _merge_entries(existing.get("datasets", []), dataset_entry),
@@ -564,8 +585,11 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     candidates += [p for sub in ("datasets", "tokenizers") for p in (out_dir / sub).glob(".*.old-*")]
     removed = []
     for path in candidates:
-        tag = path.name[len(_STAGING_PREFIX):] if path.name.startswith(_STAGING_PREFIX) else f"{host}-" + \
-            path.name.rsplit(".old-", 1)[-1] + "-"
+        tag = (
+            path.name[len(_STAGING_PREFIX) :]
+            if path.name.startswith(_STAGING_PREFIX)
+            else f"{host}-" + path.name.rsplit(".old-", 1)[-1] + "-"
+        )
         owner_host, _, rest = tag.partition("-")
         pid = rest.split("-", 1)[0]
         if owner_host != host or not pid.isdigit() or _process_alive(int(pid)):
@@ -699,21 +723,48 @@ def build_dataset(
     remove_stale_staging(out_dir)
     with _terminate_after_cleanup():
         return _build_staged(
-            out_dir, source, vocab_size, names, reuse_path=reuse_path, tokenizer_train_docs=tokenizer_train_docs,
-            threads=threads, num_docs=num_docs, val_docs=val_docs, shard_tokens=shard_tokens, progress=progress,
+            out_dir,
+            source,
+            vocab_size,
+            names,
+            reuse_path=reuse_path,
+            tokenizer_train_docs=tokenizer_train_docs,
+            threads=threads,
+            num_docs=num_docs,
+            val_docs=val_docs,
+            shard_tokens=shard_tokens,
+            progress=progress,
             caseops=caseops,
         )
 
 
-def _build_staged(out_dir, source, vocab_size, names, *, reuse_path, tokenizer_train_docs, threads, num_docs,
-                  val_docs, shard_tokens, progress, caseops) -> dict:
+def _build_staged(
+    out_dir,
+    source,
+    vocab_size,
+    names,
+    *,
+    reuse_path,
+    tokenizer_train_docs,
+    threads,
+    num_docs,
+    val_docs,
+    shard_tokens,
+    progress,
+    caseops,
+) -> dict:
     """``build_dataset`` after its checks: everything is written into a staging folder, then moved into place."""
     dataset_name, model_name = names.dataset, names.model
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX + _owner_tag(), dir=out_dir))
     try:
         model_path = _prepare_tokenizer(
-            source, vocab_size, staging / "tokenizers" / model_name,
-            reuse_path=reuse_path, train_docs=tokenizer_train_docs, num_threads=threads, caseops=caseops,
+            source,
+            vocab_size,
+            staging / "tokenizers" / model_name,
+            reuse_path=reuse_path,
+            train_docs=tokenizer_train_docs,
+            num_threads=threads,
+            caseops=caseops,
         )
         sp = load_tokenizer(model_path, vocab_size)
         if sp.bos_id() < 0:
@@ -723,16 +774,34 @@ def _build_staged(out_dir, source, vocab_size, names, *, reuse_path, tokenizer_t
         staged_dataset = staging / "datasets" / dataset_name
         staged_dataset.mkdir(parents=True)
         stats = export_shards(
-            source, sp, staged_dataset, num_docs=num_docs, val_docs=val_docs, vocab_size=vocab_size,
-            shard_tokens=shard_tokens, num_threads=threads, progress=progress, caseops=caseops,
+            source,
+            sp,
+            staged_dataset,
+            num_docs=num_docs,
+            val_docs=val_docs,
+            vocab_size=vocab_size,
+            shard_tokens=shard_tokens,
+            num_threads=threads,
+            progress=progress,
+            caseops=caseops,
         )
         vocab_file = model_path.with_suffix(".vocab")
         manifest_path = out_dir / "manifest.json"
         manifest = _build_manifest(
-            _read_existing_manifest(manifest_path), source=source, dataset_name=dataset_name,
-            vocab_size=vocab_size, val_docs=val_docs, shard_tokens=shard_tokens, model_path=model_path,
-            vocab_file=vocab_file if vocab_file.is_file() else None, reuse_path=reuse_path,
-            train_docs=tokenizer_train_docs, stats=stats, sp=sp, tokenizer_name=names.tokenizer, caseops=caseops,
+            _read_existing_manifest(manifest_path),
+            source=source,
+            dataset_name=dataset_name,
+            vocab_size=vocab_size,
+            val_docs=val_docs,
+            shard_tokens=shard_tokens,
+            model_path=model_path,
+            vocab_file=vocab_file if vocab_file.is_file() else None,
+            reuse_path=reuse_path,
+            train_docs=tokenizer_train_docs,
+            stats=stats,
+            sp=sp,
+            tokenizer_name=names.tokenizer,
+            caseops=caseops,
         )
         for artifact in (model_path, vocab_file):  # a reused model without .vocab must not keep a stale one
             final = out_dir / "tokenizers" / artifact.name
@@ -757,8 +826,12 @@ class VariantNames(NamedTuple):
 def variant_names(name: str, vocab_size: int, caseops: bool = False) -> VariantNames:
     """The upstream names of a build's dataset and tokenizer (the CaseOps ones as the public CaseOps export)."""
     tail = f"_{RESERVED_SUFFIX}" if caseops else ""
-    return VariantNames(f"sp{vocab_size}{tail}", f"{name}_sp{vocab_size}{tail}", f"fineweb_{vocab_size}_bpe{tail}",
-                        f"sp_bpe_{vocab_size}{tail}")
+    return VariantNames(
+        f"sp{vocab_size}{tail}",
+        f"{name}_sp{vocab_size}{tail}",
+        f"fineweb_{vocab_size}_bpe{tail}",
+        f"sp_bpe_{vocab_size}{tail}",
+    )
 
 
 def build_embedded_dataset(
@@ -785,8 +858,16 @@ def build_embedded_dataset(
     suffix = variant_names("", vocab_size, caseops).dataset
     if dataset_dir.parent.name != "datasets" or not dataset_dir.name.endswith(suffix) or dataset_dir.name == suffix:
         raise DataError(f"{dataset_dir}: expected a dataset folder named <root>/datasets/<name>{suffix}")
-    return build_dataset([], vocab_size, dataset_dir.parent.parent, name=dataset_dir.name[: -len(suffix)],
-                         embedded=True, shard_tokens=shard_tokens, progress=progress, caseops=caseops)
+    return build_dataset(
+        [],
+        vocab_size,
+        dataset_dir.parent.parent,
+        name=dataset_dir.name[: -len(suffix)],
+        embedded=True,
+        shard_tokens=shard_tokens,
+        progress=progress,
+        caseops=caseops,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -804,32 +885,64 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--input", dest="inputs", action="extend", nargs="+", default=[], metavar="PATH",
-        help="a .jsonl file (one JSON object per line, its \"text\" is one document), a .txt file (see --txt-mode), "
-             "or a folder searched recursively for both; repeatable. Documents are read in the order given.",
+        "--input",
+        dest="inputs",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help='a .jsonl file (one JSON object per line, its "text" is one document), a .txt file (see --txt-mode), '
+        "or a folder searched recursively for both; repeatable. Documents are read in the order given.",
     )
-    parser.add_argument("--embedded", action="store_true",
-                        help="add the built-in offline corpus (Python's own documentation, ~0.5M tokens at V=1024)")
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="add the built-in offline corpus (Python's own documentation, ~0.5M tokens at V=1024)",
+    )
     parser.add_argument("--vocab-size", type=int, required=True, help="SentencePiece vocabulary size V (<= 65536)")
     parser.add_argument("--out", required=True, help="output root (the data root the loaders and records read)")
-    parser.add_argument("--val-docs", type=int, default=None,
-                        help=f"validation documents, taken from the start (default: docs_val of the first input's "
-                             f"<stem>.source_manifest.json, else {OFFICIAL_VAL_DOCS}, at most a tenth of the documents)")
-    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                        help="tokens per shard (default 100,000,000, as upstream)")
-    parser.add_argument("--tokenizer", default=None, metavar="MODEL",
-                        help="reuse this SentencePiece .model (and its .vocab, if beside it) instead of training one")
-    parser.add_argument("--tokenizer-train-docs", type=int, default=None, metavar="N",
-                        help="train the tokenizer on the first N documents only (default: all)")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="paragraphs",
-                        help="how a .txt file splits into documents: 'paragraphs' (default) makes each blank-line-"
-                             "separated block a document; 'file' makes the whole file one document (SentencePiece "
-                             "leaves documents over 4192 bytes out of tokenizer training, but still encodes them)")
+    parser.add_argument(
+        "--val-docs",
+        type=int,
+        default=None,
+        help=f"validation documents, taken from the start (default: docs_val of the first input's "
+        f"<stem>.source_manifest.json, else {OFFICIAL_VAL_DOCS}, at most a tenth of the documents)",
+    )
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        help="tokens per shard (default 100,000,000, as upstream)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="MODEL",
+        help="reuse this SentencePiece .model (and its .vocab, if beside it) instead of training one",
+    )
+    parser.add_argument(
+        "--tokenizer-train-docs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train the tokenizer on the first N documents only (default: all)",
+    )
+    parser.add_argument(
+        "--txt-mode",
+        choices=TXT_MODES,
+        default="paragraphs",
+        help="how a .txt file splits into documents: 'paragraphs' (default) makes each blank-line-"
+        "separated block a document; 'file' makes the whole file one document (SentencePiece "
+        "leaves documents over 4192 bytes out of tokenizer training, but still encodes them)",
+    )
     parser.add_argument("--name", default=DEFAULT_NAME, help="dataset name prefix (default fineweb10B)")
-    parser.add_argument("--caseops", action="store_true",
-                        help="the PR #1855 CaseOps variant: rewrite capitalization into operator characters "
-                             "(lossless_caps_caseops_v1) before tokenizing, reserve the operators as pieces 4..7, and "
-                             "write the val byte sidecar fineweb_val_bytes_NNNNNN.bin (original UTF-8 bytes per token)")
+    parser.add_argument(
+        "--caseops",
+        action="store_true",
+        help="the PR #1855 CaseOps variant: rewrite capitalization into operator characters "
+        "(lossless_caps_caseops_v1) before tokenizing, reserve the operators as pieces 4..7, and "
+        "write the val byte sidecar fineweb_val_bytes_NNNNNN.bin (original UTF-8 bytes per token)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
 
@@ -837,9 +950,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     manifest = build_dataset(
-        args.inputs, args.vocab_size, args.out, name=args.name, val_docs=args.val_docs,
-        shard_tokens=args.shard_tokens, tokenizer_path=args.tokenizer, tokenizer_train_docs=args.tokenizer_train_docs,
-        txt_mode=args.txt_mode, embedded=args.embedded, progress=args.progress, caseops=args.caseops,
+        args.inputs,
+        args.vocab_size,
+        args.out,
+        name=args.name,
+        val_docs=args.val_docs,
+        shard_tokens=args.shard_tokens,
+        tokenizer_path=args.tokenizer,
+        tokenizer_train_docs=args.tokenizer_train_docs,
+        txt_mode=args.txt_mode,
+        embedded=args.embedded,
+        progress=args.progress,
+        caseops=args.caseops,
     )
     name = variant_names(args.name, args.vocab_size, args.caseops).dataset
     dataset = next(d for d in manifest["datasets"] if d["name"] == name)

@@ -130,9 +130,7 @@ def load_validation_tokens(data_dir: str | os.PathLike, seq_len: int, vocab_size
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
 
 
-def load_validation_byte_sidecar(
-    data_dir: str | os.PathLike, num_tokens: int, *, bos_id: int = 1
-) -> torch.Tensor:
+def load_validation_byte_sidecar(data_dir: str | os.PathLike, num_tokens: int, *, bos_id: int = 1) -> torch.Tensor:
     """The CaseOps byte sidecar aligned with ``load_validation_tokens``: an int32 CPU tensor of its first
     ``num_tokens`` entries (pass ``val_tokens.numel()``), entry p = original UTF-8 bytes of val token p
     (PR #1855 train_gpt.py ``load_validation_byte_sidecar``).

@@ -67,8 +67,17 @@ def pieces_sha256(sp) -> str:
     whole input of the byte LUTs. Unlike the model file's bytes, stable across sentencepiece builds."""
     h = hashlib.sha256()
     for i in range(sp.vocab_size()):
-        kind = ("byte" if sp.is_byte(i) else "control" if sp.is_control(i) else "unknown" if sp.is_unknown(i)
-                else "unused" if sp.is_unused(i) else "normal")
+        kind = (
+            "byte"
+            if sp.is_byte(i)
+            else "control"
+            if sp.is_control(i)
+            else "unknown"
+            if sp.is_unknown(i)
+            else "unused"
+            if sp.is_unused(i)
+            else "normal"
+        )
         h.update(f"{i}\t{kind}\t{sp.id_to_piece(i)}\n".encode("utf-8"))
     return h.hexdigest()
 
@@ -166,5 +175,3 @@ def count_bytes(tokens: torch.Tensor, luts: tuple[torch.Tensor, torch.Tensor, to
     prev, tgt = tokens[:-1].long(), tokens[1:].long()
     b = base_bytes[tgt].long() + (has_leading_space[tgt] & ~is_boundary[prev]).long()
     return int(b.sum())
-
-

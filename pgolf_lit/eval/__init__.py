@@ -6,6 +6,7 @@ these."""
 from pgolf_lit.eval.context import EvalContext, ForwardOptions, Weights, evaluation_context, forward_options
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
 from pgolf_lit.eval.registry import EVAL_METHODS, EvalMethod, PassOutcome, PassSetup, register_eval_method
+
 # The methods' modules register them, in this order (EVAL_METHODS' order).
 from pgolf_lit.eval.windows import (
     SlidingSettings,
@@ -28,6 +29,7 @@ from pgolf_lit.eval.phased_ttt import (
     evaluate_phased_ttt,
 )
 from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
+
 # After every method module: EvalSettings gets one section per method registered when runner is imported.
 from pgolf_lit.eval.runner import EvalResult, EvalSettings, format_result_line, run_method, scored_counts
 

@@ -105,8 +105,16 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
     def sliding(rule):
         def run(model, tokens, metric, recorder, batch, rank, world):
             evaluate_sliding(
-                model, tokens, metric, seq_len=L, stride=st, batch_windows=batch, rule=rule, rank=rank,
-                world_size=world, recorder=recorder,
+                model,
+                tokens,
+                metric,
+                seq_len=L,
+                stride=st,
+                batch_windows=batch,
+                rule=rule,
+                rank=rank,
+                world_size=world,
+                recorder=recorder,
             )
 
         return run
@@ -136,9 +144,17 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
 
     def phased(model, tokens, metric, recorder, batch, rank, world):
         cfg = PhasedTTTSettings(
-            chunk=setup.phased_chunk, context=L, batch_docs=setup.phased_batch_docs, lora_rank=2, lora_lr=0.01,
-            prefix_docs=setup.phased_prefix_docs, num_phases=2, global_lr=0.01, global_chunk_tokens=2 * L,
-            global_batch_seqs=2, lora_seed=setup.seed,
+            chunk=setup.phased_chunk,
+            context=L,
+            batch_docs=setup.phased_batch_docs,
+            lora_rank=2,
+            lora_lr=0.01,
+            prefix_docs=setup.phased_prefix_docs,
+            num_phases=2,
+            global_lr=0.01,
+            global_chunk_tokens=2 * L,
+            global_batch_seqs=2,
+            lora_seed=setup.seed,
         )
         evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=L, rank=rank, world_size=world, recorder=recorder)
 
@@ -153,31 +169,43 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
         AuditMethod("sliding_legacy", "sliding window, legacy rule", sliding("legacy")),
         # PR #1321's optimiser and loss; its interleaved rank split only reorders sums, contiguous keeps D simple.
         AuditMethod(
-            "slot_standard", "standard SLOT (PR #1321 structure, legacy windows)",
+            "slot_standard",
+            "standard SLOT (PR #1321 structure, legacy windows)",
             slot(record_slot("pr1321", "slot"), rank_split="contiguous"),
         ),
         AuditMethod(
-            "causal_slot_batch_shared", "causal SLOT, batch-shared delta (PR #1333)", slot(record_slot("pr1333", "slot"))
+            "causal_slot_batch_shared",
+            "causal SLOT, batch-shared delta (PR #1333)",
+            slot(record_slot("pr1333", "slot")),
         ),
         AuditMethod(
-            "causal_slot_per_window_legacy", "causal SLOT, per-window delta, legacy windows",
+            "causal_slot_per_window_legacy",
+            "causal SLOT, per-window delta, legacy windows",
             slot(SlotConfig(), window_rule="legacy"),
         ),
         AuditMethod("causal_slot_per_window", "causal SLOT, per-window delta, exact windows", slot(SlotConfig())),
         AuditMethod(
-            "ttt_score_first", "score-first TTT (PR #1334 structure, TTT window rule)", ttt("ttt"),
+            "ttt_score_first",
+            "score-first TTT (PR #1334 structure, TTT window rule)",
+            ttt("ttt"),
             invariance_applies=False,
         ),
         AuditMethod("ttt_exact", "score-first TTT, exact windows", ttt("exact"), invariance_applies=False),
         # D n/a: the batch is the packed row, and a document crossing a sequence boundary inside a row keeps its
         # context there (the record's definition), so rows of another size score differently by design
         AuditMethod(
-            "doc_isolated", "document-isolated packed sequences (PR #1855 eval_val)", doc_isolated,
-            invariance_applies=False, documents=True,
+            "doc_isolated",
+            "document-isolated packed sequences (PR #1855 eval_val)",
+            doc_isolated,
+            invariance_applies=False,
+            documents=True,
         ),
         AuditMethod(
-            "phased_ttt", "phased score-first TTT (PR #1855: per-document LoRA + global SGD phases)", phased,
-            invariance_applies=False, documents=True,
+            "phased_ttt",
+            "phased score-first TTT (PR #1855: per-document LoRA + global SGD phases)",
+            phased,
+            invariance_applies=False,
+            documents=True,
         ),
     ]
     return {m.name: m for m in methods}
@@ -436,17 +464,42 @@ def format_audit_table(reports: list[AuditReport]) -> str:
     def delta(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.2g}"
 
-    header = ["method", "A j<p", "A j=p", "A max|Δ|", "A", "B extra/missing", "B bytes", "B", "C viol.", "C",
-              "D batch", "D world", "D", "compliant"]
+    header = [
+        "method",
+        "A j<p",
+        "A j=p",
+        "A max|Δ|",
+        "A",
+        "B extra/missing",
+        "B bytes",
+        "B",
+        "C viol.",
+        "C",
+        "D batch",
+        "D world",
+        "D",
+        "compliant",
+    ]
     rows = [header]
     for r in reports:
-        rows.append([
-            r.method, str(r.violations_before), str(r.violations_self), f"{r.prefix_max_delta:.2g}",
-            verdict(r.prefix_invariant), f"{r.extra_scorings}/{r.missing_targets}",
-            f"{r.byte_count}/{r.expected_bytes}", verdict(r.exactly_once), str(r.update_violations),
-            verdict(r.score_before_update), delta(r.batch_delta), delta(r.world_delta),
-            verdict(r.batch_world_invariant), "yes" if r.compliant else "no",
-        ])
+        rows.append(
+            [
+                r.method,
+                str(r.violations_before),
+                str(r.violations_self),
+                f"{r.prefix_max_delta:.2g}",
+                verdict(r.prefix_invariant),
+                f"{r.extra_scorings}/{r.missing_targets}",
+                f"{r.byte_count}/{r.expected_bytes}",
+                verdict(r.exactly_once),
+                str(r.update_violations),
+                verdict(r.score_before_update),
+                delta(r.batch_delta),
+                delta(r.world_delta),
+                verdict(r.batch_world_invariant),
+                "yes" if r.compliant else "no",
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -145,8 +145,15 @@ class PhasedTTTSettings:
         def bad(name: str, msg: str) -> ConfigError:
             return ConfigError(f"evaluation.phased_ttt.{name}: {msg}")
 
-        for name in ("chunk", "context", "batch_docs", "lora_rank", "num_phases", "global_chunk_tokens",
-                     "global_batch_seqs"):
+        for name in (
+            "chunk",
+            "context",
+            "batch_docs",
+            "lora_rank",
+            "num_phases",
+            "global_chunk_tokens",
+            "global_batch_seqs",
+        ):
             if getattr(self, name) <= 0:
                 raise bad(name, f"must be positive, got {getattr(self, name)}")
         if self.chunk > self.context:
@@ -154,8 +161,15 @@ class PhasedTTTSettings:
         for name in ("grad_steps", "prefix_docs", "global_epochs", "global_warmup_chunks"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("lora_lr", "local_lr_mult", "weight_decay", "global_lr", "global_momentum", "global_grad_clip",
-                     "eps"):
+        for name in (
+            "lora_lr",
+            "local_lr_mult",
+            "weight_decay",
+            "global_lr",
+            "global_momentum",
+            "global_grad_clip",
+            "eps",
+        ):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
@@ -268,8 +282,14 @@ def batch_cost(docs: list[tuple[int, int]], batch: list[int], cfg: PhasedTTTSett
     return len(batch) * sum(min((ci + 1) * cfg.chunk, cfg.context) for ci in range(chunks))
 
 
-def deal(segment: list[tuple[int, list[int]]], docs: list[tuple[int, int]], cfg: PhasedTTTSettings, rank: int,
-         world_size: int, offset: int) -> list[int]:
+def deal(
+    segment: list[tuple[int, list[int]]],
+    docs: list[tuple[int, int]],
+    cfg: PhasedTTTSettings,
+    rank: int,
+    world_size: int,
+    offset: int,
+) -> list[int]:
     """This rank's queue items of one segment between global phases: each item, in queue order, goes to the rank
     with the least work dealt so far (ties to the lower rank), the work being ``batch_cost``. It mimics the
     record's first-free-rank-claims-next queue without its shared file; every rank computes the same deal."""
@@ -284,15 +304,15 @@ def deal(segment: list[tuple[int, list[int]]], docs: list[tuple[int, int]], cfg:
     return mine
 
 
-
 LoraFactory = Callable[[nn.Module, int], BatchedTTTLoRA]  # (the adapted model, batch size) -> adapters
 
 
 class _PhasedLearner:
     """The adapted copy of the model, the reusable adapters and their optimizer."""
 
-    def __init__(self, model: nn.Module, cfg: PhasedTTTSettings, options: ForwardOptions,
-                 lora_factory: Optional[LoraFactory]):
+    def __init__(
+        self, model: nn.Module, cfg: PhasedTTTSettings, options: ForwardOptions, lora_factory: Optional[LoraFactory]
+    ):
         self.cfg, self.options = cfg, options
         self.device = model_device(model)
         self.model = copy.deepcopy(model)  # the global phases change the base weights; the caller's stay
@@ -309,8 +329,18 @@ class _PhasedLearner:
         lora_dtype = torch.promote_types(self.model.tok_emb.weight.dtype, torch.float32)
 
         def default_factory(bsz: int) -> BatchedTTTLoRA:
-            lora = BatchedTTTLoRA(self.model, bsz, cfg.lora_rank, cfg.lora_alpha, q=cfg.q_lora, k=cfg.k_lora,
-                                  v=cfg.v_lora, o=cfg.o_lora, mlp=cfg.mlp_lora, generator=generator)
+            lora = BatchedTTTLoRA(
+                self.model,
+                bsz,
+                cfg.lora_rank,
+                cfg.lora_alpha,
+                q=cfg.q_lora,
+                k=cfg.k_lora,
+                v=cfg.v_lora,
+                o=cfg.o_lora,
+                mlp=cfg.mlp_lora,
+                generator=generator,
+            )
             return lora.to(lora_dtype)
 
         self.new_lora = default_factory if lora_factory is None else (lambda bsz: lora_factory(self.model, bsz))
@@ -329,8 +359,14 @@ class _PhasedLearner:
     def optimizer(self, lora: BatchedTTTLoRA) -> torch.optim.Optimizer:
         cfg = self.cfg
         fused = self.device.type in ("cuda", "cpu") and all(p.is_floating_point() for p in lora.parameters())
-        return torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr * cfg.local_lr_mult, betas=(cfg.beta1, cfg.beta2),
-                                 eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
+        return torch.optim.AdamW(
+            lora.parameters(),
+            lr=cfg.lora_lr * cfg.local_lr_mult,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=fused,
+        )
 
     def adapters_for(self, bsz: int) -> tuple[BatchedTTTLoRA, Tensor]:
         """A full batch reuses the adapters (B zeroed, A kept or redrawn), any other size gets fresh ones; with
@@ -351,14 +387,25 @@ class _PhasedLearner:
         """Compile the TTT forward and backward at the shortest and longest window on random tokens with a
         throw-away adapter (the record's warmup; no validation token is read). Draws no adapter randomness."""
         cfg = self.cfg
-        lora = BatchedTTTLoRA(self.model, cfg.batch_docs, cfg.lora_rank, cfg.lora_alpha, q=cfg.q_lora, k=cfg.k_lora,
-                              v=cfg.v_lora, o=cfg.o_lora, mlp=cfg.mlp_lora,
-                              generator=torch.Generator(self.device).manual_seed(0))
+        lora = BatchedTTTLoRA(
+            self.model,
+            cfg.batch_docs,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            q=cfg.q_lora,
+            k=cfg.k_lora,
+            v=cfg.v_lora,
+            o=cfg.o_lora,
+            mlp=cfg.mlp_lora,
+            generator=torch.Generator(self.device).manual_seed(0),
+        )
         opt = self.optimizer(lora)
         generator = torch.Generator(self.device).manual_seed(0)
         for length in (cfg.chunk, cfg.context):
-            x, y = (torch.randint(0, vocab_size, (cfg.batch_docs, length), device=self.device, generator=generator)
-                    for _ in range(2))
+            x, y = (
+                torch.randint(0, vocab_size, (cfg.batch_docs, length), device=self.device, generator=generator)
+                for _ in range(2)
+            )
             with self.options.autocast():
                 loss = self.forward(x, y, lora)
             loss[:, : min(cfg.chunk, length)].mean(dim=-1).sum().backward()
@@ -410,7 +457,10 @@ def _score_and_train_batch(
         local = cols + win_start[:, None]  # position inside the document
         scored = inside & (local >= chunk_start)
         batch = WindowBatch(
-            windows=[Window(0, 0, width)] * bsz, inputs=inputs, targets=targets, positions=positions.to(device),
+            windows=[Window(0, 0, width)] * bsz,
+            inputs=inputs,
+            targets=targets,
+            positions=positions.to(device),
             scored=scored.to(device),
         )
 
@@ -419,8 +469,9 @@ def _score_and_train_batch(
                 if recorder is None:
                     return learner.forward(inputs, targets, lora), None
                 logits = _ttt_logits(model, inputs, lora)
-            nll = F.cross_entropy(at_least_fp32(logits).reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                  reduction="none").view(bsz, width)
+            nll = F.cross_entropy(
+                at_least_fp32(logits).reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+            ).view(bsz, width)
             return nll, logits
 
         def train(per_token: Optional[Tensor]) -> None:
@@ -562,42 +613,68 @@ def evaluate_phased_ttt(
         learner.warm_up_compile(model.config.vocab_size)
     global_reads = NO_STATE
     schedule_world = cfg.schedule_world or world_size
-    summary = {"documents": len(docs), "batches": len(queue), "boundaries": boundaries,
-               "schedule_world": schedule_world, "phases": []}
+    summary = {
+        "documents": len(docs),
+        "batches": len(queue),
+        "boundaries": boundaries,
+        "schedule_world": schedule_world,
+        "phases": [],
+    }
     cuts = phase_cuts([len(batch) for _, batch in queue], boundaries, schedule_world)
     with progress_bar(len(queue), "phased TTT", progress) as bar:
         first = 0
         for segment_end, phase_after in [*((k, p) for p, k in enumerate(cuts)), (len(queue), None)]:
             for item in deal(queue[first:segment_end], docs, cfg, rank, world_size, first):
                 _, batch = queue[item]
-                _score_and_train_batch(learner, tokens, [docs[i] for i in batch], metric, recorder, global_reads,
-                                       train_first)
+                _score_and_train_batch(
+                    learner, tokens, [docs[i] for i in batch], metric, recorder, global_reads, train_first
+                )
             bar.update(segment_end - first)
             first = segment_end
             if phase_after is None:
                 continue
             # every rank knows what all ranks scored so far: the deal is deterministic
-            scored = sorted((ascending_index, pos, doc) for ascending_index, batch in queue[:segment_end]
-                            for pos, doc in enumerate(batch))
+            scored = sorted(
+                (ascending_index, pos, doc)
+                for ascending_index, batch in queue[:segment_end]
+                for pos, doc in enumerate(batch)
+            )
             chosen = [docs[doc] for _, _, doc in scored[: boundaries[phase_after]]]
             reads, losses = _global_phase(learner, tokens, chosen, seq_len, rank, world_size, recorder)
             global_reads = max(global_reads, reads)
-            summary["phases"].append({
-                "documents": len(chosen), "tokens": sum(n for _, n in chosen), "scored_before": len(scored),
-                "losses": losses,
-            })
+            summary["phases"].append(
+                {
+                    "documents": len(chosen),
+                    "tokens": sum(n for _, n in chosen),
+                    "scored_before": len(scored),
+                    "losses": losses,
+                }
+            )
     return summary
 
 
-def _run_phased_ttt(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: PhasedTTTSettings,
-                    setup: PassSetup) -> PassOutcome:
+def _run_phased_ttt(
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: PhasedTTTSettings, setup: PassSetup
+) -> PassOutcome:
     summary = evaluate_phased_ttt(
-        model, tokens, metric, cfg, seq_len=setup.seq_len, rank=setup.rank, world_size=setup.world_size,
-        progress=setup.progress, options=setup.options, recorder=setup.recorder,
+        model,
+        tokens,
+        metric,
+        cfg,
+        seq_len=setup.seq_len,
+        rank=setup.rank,
+        world_size=setup.world_size,
+        progress=setup.progress,
+        options=setup.options,
+        recorder=setup.recorder,
     )
     extra = {
-        "docs": summary["documents"], "chunk": cfg.chunk, "context": cfg.context, "lora_rank": cfg.lora_rank,
-        "phases": len(summary["phases"]), "prefix_docs": summary["boundaries"][-1],
+        "docs": summary["documents"],
+        "chunk": cfg.chunk,
+        "context": cfg.context,
+        "lora_rank": cfg.lora_rank,
+        "phases": len(summary["phases"]),
+        "prefix_docs": summary["boundaries"][-1],
         "schedule_world": summary["schedule_world"],
     }
     return PassOutcome(True, extra)
@@ -642,20 +719,41 @@ def evaluate_doc_isolated(
             bar.update()
 
 
-def _run_doc_isolated(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: DocIsolatedSettings,
-                      setup: PassSetup) -> PassOutcome:
+def _run_doc_isolated(
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: DocIsolatedSettings, setup: PassSetup
+) -> PassOutcome:
     evaluate_doc_isolated(
-        model, tokens, metric, seq_len=setup.seq_len, batch_seqs=cfg.batch_seqs, rank=setup.rank,
-        world_size=setup.world_size, progress=setup.progress, options=setup.options, recorder=setup.recorder,
+        model,
+        tokens,
+        metric,
+        seq_len=setup.seq_len,
+        batch_seqs=cfg.batch_seqs,
+        rank=setup.rank,
+        world_size=setup.world_size,
+        progress=setup.progress,
+        options=setup.options,
+        recorder=setup.recorder,
     )
     return PassOutcome(True)
 
 
-register_eval_method(EvalMethod(
-    "phased_ttt", PhasedTTTSettings, _run_phased_ttt, "quantized_ttt_phased", "ttt_phased",
-    "phased score-first TTT: per-document LoRA chunk by chunk plus global SGD phases (PR #1855)",
-))
-register_eval_method(EvalMethod(
-    "doc_isolated", DocIsolatedSettings, _run_doc_isolated, "diagnostic quantized", "doc_isolated",
-    "non-overlapping sequences as packed rows, documents attending within themselves (PR #1855 eval_val)",
-))
+register_eval_method(
+    EvalMethod(
+        "phased_ttt",
+        PhasedTTTSettings,
+        _run_phased_ttt,
+        "quantized_ttt_phased",
+        "ttt_phased",
+        "phased score-first TTT: per-document LoRA chunk by chunk plus global SGD phases (PR #1855)",
+    )
+)
+register_eval_method(
+    EvalMethod(
+        "doc_isolated",
+        DocIsolatedSettings,
+        _run_doc_isolated,
+        "diagnostic quantized",
+        "doc_isolated",
+        "non-overlapping sequences as packed rows, documents attending within themselves (PR #1855 eval_val)",
+    )
+)

@@ -64,7 +64,9 @@ class EvalBase:
                 known = {f.name for f in dataclasses.fields(settings_cls)}
                 if not isinstance(value, Mapping) or set(value) - known:
                     bad = sorted(set(value) - known) if isinstance(value, Mapping) else value
-                    raise ConfigError(f"model.evaluation.{key}: unknown field(s) {bad}; expected some of {sorted(known)}")
+                    raise ConfigError(
+                        f"model.evaluation.{key}: unknown field(s) {bad}; expected some of {sorted(known)}"
+                    )
                 value = settings_cls(**value)
             elif key not in {f.name for f in dataclasses.fields(EvalBase)}:
                 raise ConfigError(f"model.evaluation: unknown field '{key}'")
@@ -135,7 +137,8 @@ def run_method(
     """Run one registered pass on every rank and return the global result.
 
     ``byte_counts``: the split's byte LUTs, or a ``ByteCounts`` whose sidecar then counts the bytes (CaseOps data);
-    the result line says which (``bytes:sidecar|lut``). The model is put in evaluation state first (eval mode, depth recurrence on, as every record evaluates).
+    the result line says which (``bytes:sidecar|lut``). The model is put in evaluation state first (eval mode, depth
+    recurrence on, as every record evaluates).
     Collective: with a process group every rank must call it with the same method and context. The clock covers
     the whole pass, compilation included, and stops after the ranks' sums are reduced.
     """
@@ -150,12 +153,17 @@ def run_method(
     counts = as_byte_counts(byte_counts)
     if counts.sidecar is not None and counts.sidecar.numel() < tokens.numel():
         raise ConfigError(
-            f"eval: the byte sidecar has {counts.sidecar.numel()} entries for {tokens.numel()} val tokens; they must align"
+            f"eval: the byte sidecar has {counts.sidecar.numel()} entries for {tokens.numel()} val tokens; "
+            "they must align"
         )
     metric = BitsPerByte(counts).to(device)
     setup = PassSetup(
-        seq_len=settings.seq_len, stride=settings.stride, rank=rank, world_size=world_size,
-        options=context.forward, progress=settings.progress and rank == 0,
+        seq_len=settings.seq_len,
+        stride=settings.stride,
+        rank=rank,
+        world_size=world_size,
+        options=context.forward,
+        progress=settings.progress and rank == 0,
     )
     start = time.perf_counter()
     outcome = entry.run(model, tokens, metric, getattr(settings, method), setup)
@@ -176,7 +184,8 @@ def run_method(
         method=method,
         weights=context.weights.describe(),
         eval_time_includes=tuple(
-            what for what, included in (("compile", context.forward.compile), ("precompute", outcome.precompute))
+            what
+            for what, included in (("compile", context.forward.compile), ("precompute", outcome.precompute))
             if included
         ),
     )

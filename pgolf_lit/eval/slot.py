@@ -246,8 +246,17 @@ def evaluate_slot(
 
 def _run_slot(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlotConfig, setup: PassSetup) -> PassOutcome:
     evaluate_slot(
-        model, tokens, metric, cfg, seq_len=setup.seq_len, stride=setup.stride, rank=setup.rank,
-        world_size=setup.world_size, progress=setup.progress, options=setup.options, recorder=setup.recorder,
+        model,
+        tokens,
+        metric,
+        cfg,
+        seq_len=setup.seq_len,
+        stride=setup.stride,
+        rank=setup.rank,
+        world_size=setup.world_size,
+        progress=setup.progress,
+        options=setup.options,
+        recorder=setup.recorder,
     )
     extra = {"slot": cfg.mode, "steps": cfg.steps, "lr": cfg.lr, "stride": setup.stride, "window_rule": cfg.window_rule}
     return PassOutcome(cfg.compliant, extra)
@@ -255,9 +264,23 @@ def _run_slot(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlotCo
 
 # Two passes of one technique: ``slot`` (labelled as the standard-SLOT records label theirs) and ``causal_slot``
 # (PR #1333's label); each has its own settings section, so a config can run both.
-register_eval_method(EvalMethod(
-    "slot", SlotConfig, _run_slot, "final_slot", "slot", "SLOT (mode from its settings)",
-))
-register_eval_method(EvalMethod(
-    "causal_slot", SlotConfig, _run_slot, "final_causal_slot", "causal_slot", "SLOT labelled as PR #1333's causal pass",
-))
+register_eval_method(
+    EvalMethod(
+        "slot",
+        SlotConfig,
+        _run_slot,
+        "final_slot",
+        "slot",
+        "SLOT (mode from its settings)",
+    )
+)
+register_eval_method(
+    EvalMethod(
+        "causal_slot",
+        SlotConfig,
+        _run_slot,
+        "final_causal_slot",
+        "causal_slot",
+        "SLOT labelled as PR #1333's causal pass",
+    )
+)

@@ -214,16 +214,35 @@ def evaluate_ttt(
 
 def _run_ttt(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: TTTConfig, setup: PassSetup) -> PassOutcome:
     evaluate_ttt(
-        model, tokens, metric, cfg, seq_len=setup.seq_len, stride=setup.stride, rank=setup.rank,
-        world_size=setup.world_size, progress=setup.progress, options=setup.options, recorder=setup.recorder,
+        model,
+        tokens,
+        metric,
+        cfg,
+        seq_len=setup.seq_len,
+        stride=setup.stride,
+        rank=setup.rank,
+        world_size=setup.world_size,
+        progress=setup.progress,
+        options=setup.options,
+        recorder=setup.recorder,
     )
     extra = {
-        "stride": setup.stride, "window_rule": cfg.window_rule, "chunk_tokens": cfg.chunk_tokens, "ttt_lr": cfg.lr,
+        "stride": setup.stride,
+        "window_rule": cfg.window_rule,
+        "chunk_tokens": cfg.chunk_tokens,
+        "ttt_lr": cfg.lr,
         "ttt_epochs": cfg.epochs,
     }
     return PassOutcome(cfg.compliant, extra)
 
 
-register_eval_method(EvalMethod(
-    "ttt", TTTConfig, _run_ttt, "final_{q}_ttt", "ttt", "score-first test-time training (PR #1334/#1421)",
-))
+register_eval_method(
+    EvalMethod(
+        "ttt",
+        TTTConfig,
+        _run_ttt,
+        "final_{q}_ttt",
+        "ttt",
+        "score-first test-time training (PR #1334/#1421)",
+    )
+)

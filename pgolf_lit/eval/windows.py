@@ -261,8 +261,16 @@ def evaluate_standard(
     upstream ``eval_val`` adds float32 batch means (a ≤ 2e-7 difference in val_loss)."""
     windows = rank_share(sequence_windows(tokens.numel() - 1, seq_len), rank, world_size)
     evaluate_windows(
-        model, tokens, metric, windows, seq_len=seq_len, batch_windows=batch_seqs, progress=progress,
-        options=options, recorder=recorder, desc="standard eval",
+        model,
+        tokens,
+        metric,
+        windows,
+        seq_len=seq_len,
+        batch_windows=batch_seqs,
+        progress=progress,
+        options=options,
+        recorder=recorder,
+        desc="standard eval",
     )
 
 
@@ -286,8 +294,15 @@ def evaluate_sliding(
     over-count."""
     all_windows = sliding_windows(tokens.numel() - 1, seq_len, stride, rule)
     evaluate_windows(
-        model, tokens, metric, rank_share(all_windows, rank, world_size), seq_len=seq_len,
-        batch_windows=batch_windows, progress=progress, options=options, recorder=recorder,
+        model,
+        tokens,
+        metric,
+        rank_share(all_windows, rank, world_size),
+        seq_len=seq_len,
+        batch_windows=batch_windows,
+        progress=progress,
+        options=options,
+        recorder=recorder,
         desc=f"sliding eval (stride {stride}, {rule})",
     )
 
@@ -321,33 +336,64 @@ class SlidingSettings:
 
     def __post_init__(self) -> None:
         if self.window_rule not in WINDOW_RULES:
-            raise ConfigError(f"evaluation.sliding.window_rule: expected one of {WINDOW_RULES}, got {self.window_rule!r}")
+            raise ConfigError(
+                f"evaluation.sliding.window_rule: expected one of {WINDOW_RULES}, got {self.window_rule!r}"
+            )
         if self.batch_windows <= 0:
             raise ConfigError(f"evaluation.sliding.batch_windows: must be positive, got {self.batch_windows}")
 
 
 def _run_standard(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: StandardSettings, setup: PassSetup):
     evaluate_standard(
-        model, tokens, metric, seq_len=setup.seq_len, batch_seqs=cfg.batch_seqs, rank=setup.rank,
-        world_size=setup.world_size, progress=setup.progress, options=setup.options, recorder=setup.recorder,
+        model,
+        tokens,
+        metric,
+        seq_len=setup.seq_len,
+        batch_seqs=cfg.batch_seqs,
+        rank=setup.rank,
+        world_size=setup.world_size,
+        progress=setup.progress,
+        options=setup.options,
+        recorder=setup.recorder,
     )
     return PassOutcome(compliant=True)
 
 
 def _run_sliding(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlidingSettings, setup: PassSetup):
     evaluate_sliding(
-        model, tokens, metric, seq_len=setup.seq_len, stride=setup.stride, batch_windows=cfg.batch_windows,
-        rule=cfg.window_rule, rank=setup.rank, world_size=setup.world_size, progress=setup.progress,
-        options=setup.options, recorder=setup.recorder,
+        model,
+        tokens,
+        metric,
+        seq_len=setup.seq_len,
+        stride=setup.stride,
+        batch_windows=cfg.batch_windows,
+        rule=cfg.window_rule,
+        rank=setup.rank,
+        world_size=setup.world_size,
+        progress=setup.progress,
+        options=setup.options,
+        recorder=setup.recorder,
     )
     return PassOutcome(cfg.window_rule == "exact", {"stride": setup.stride, "window_rule": cfg.window_rule})
 
 
-register_eval_method(EvalMethod(
-    "standard", StandardSettings, _run_standard, "final_{q}_roundtrip", "",
-    "non-overlapping sequences (the roundtrip score)",
-))
-register_eval_method(EvalMethod(
-    "sliding", SlidingSettings, _run_sliding, "final_{q}_sliding_window", "sliding_window",
-    "sliding windows, each scoring its last stride positions",
-))
+register_eval_method(
+    EvalMethod(
+        "standard",
+        StandardSettings,
+        _run_standard,
+        "final_{q}_roundtrip",
+        "",
+        "non-overlapping sequences (the roundtrip score)",
+    )
+)
+register_eval_method(
+    EvalMethod(
+        "sliding",
+        SlidingSettings,
+        _run_sliding,
+        "final_{q}_sliding_window",
+        "sliding_window",
+        "sliding windows, each scoring its last stride positions",
+    )
+)

@@ -38,8 +38,14 @@ class Rotary(nn.Module):
     ``inv_freq.float()`` and fp32 positions. The table itself is fp32; the attention casts it to q's dtype.
     """
 
-    def __init__(self, rope_dims: int, base: float = 10000.0, train_seq_len: int = 0,
-                 inv_freq_dtype: str = "fp32", positions_dtype: str = "fp32"):
+    def __init__(
+        self,
+        rope_dims: int,
+        base: float = 10000.0,
+        train_seq_len: int = 0,
+        inv_freq_dtype: str = "fp32",
+        positions_dtype: str = "fp32",
+    ):
         super().__init__()
         for name, value in (("inv_freq_dtype", inv_freq_dtype), ("positions_dtype", positions_dtype)):
             if value not in ("fp32", "bf16"):
@@ -191,8 +197,9 @@ def causal_attention(
         return _sdpa(q, k, v, math)
     if _use_fa3(q, backend, FLASH_ATTN_VARLEN):
         cu, n = segments.cu_seqlens, segments.max_seqlen
-        out = FLASH_ATTN_VARLEN(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n,
-                                causal=True)
+        out = FLASH_ATTN_VARLEN(
+            q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n, causal=True
+        )
         return (out[0] if isinstance(out, tuple) else out)[None]
     pieces = [_sdpa(q[:, a:b], k[:, a:b], v[:, a:b], math) for a, b in segments.bounds()]
     return torch.cat(pieces, dim=1)

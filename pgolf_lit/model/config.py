@@ -223,11 +223,15 @@ class GPTConfig:
         if self.iter_conditioning and self.recurrence == "none":
             raise bad("iter_conditioning", "needs a recurrence form")
         if self.parallel_start_layer and not 0 < self.parallel_start_layer < self.num_layers:
-            raise bad("parallel_start_layer",
-                      f"must lie in [1, {self.num_layers}) or be 0, got {self.parallel_start_layer}")
+            raise bad(
+                "parallel_start_layer", f"must lie in [1, {self.num_layers}) or be 0, got {self.parallel_start_layer}"
+            )
         if self.dtg and self.parallel_start_layer:
-            raise bad("dtg", "the dynamic token gate has no parallel-lane form (no script combines them); "
-                      "set dtg false or parallel_start_layer 0")
+            raise bad(
+                "dtg",
+                "the dynamic token gate has no parallel-lane form (no script combines them); "
+                "set dtg false or parallel_start_layer 0",
+            )
         if self.mtp_num_heads < 0:
             raise bad("mtp_num_heads", f"must be >= 0, got {self.mtp_num_heads}")
         choices = {
@@ -243,13 +247,16 @@ class GPTConfig:
         if token_smear or self.sparse_attn_gate:
             width = self.emb_dim if token_smear else self.model_dim
             if not 0 < self.gate_window <= min(width, self.model_dim):
-                raise bad("gate_window", f"must lie in [1, {min(width, self.model_dim)}] (the gated input's "
-                          f"width), got {self.gate_window}")
+                raise bad(
+                    "gate_window",
+                    f"must lie in [1, {min(width, self.model_dim)}] (the gated input's width), got {self.gate_window}",
+                )
         if self.sparse_attn_gate_init_std < 0:
             raise bad("sparse_attn_gate_init_std", f"must be >= 0, got {self.sparse_attn_gate_init_std}")
         if self.bos_id < -1 or self.bos_id >= self.vocab_size:
-            raise bad("bos_id",
-                      f"must be a token id below vocab_size {self.vocab_size} or -1 (no mask), got {self.bos_id}")
+            raise bad(
+                "bos_id", f"must be a token id below vocab_size {self.vocab_size} or -1 (no mask), got {self.bos_id}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

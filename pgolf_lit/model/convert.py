@@ -115,5 +115,3 @@ def config_from_upstream(record: str, changes: Mapping[str, Any], harness_cast: 
         update.setdefault("rope_inv_freq_dtype", "fp32")
         update.setdefault("rope_positions_dtype", "fp32")
     return cfg.replace(**update) if update else cfg
-
-

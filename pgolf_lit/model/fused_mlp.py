@@ -51,8 +51,15 @@ def _tiles(a: Tensor, n: int, k: int) -> dict:
             return max(16, min(cap, triton.next_power_of_2(d)))
 
         # bf16 operands go to tl.dot as fp32 there (UPCAST): exact products, fp32 sums, as a GPU's bf16 MMA.
-        return dict(BLOCK_M=fit(m, 32), BLOCK_N=fit(n, 64), BLOCK_K=fit(k, 32), GROUP_M=4, num_warps=1, num_stages=1,
-                    UPCAST=True)
+        return dict(
+            BLOCK_M=fit(m, 32),
+            BLOCK_N=fit(n, 64),
+            BLOCK_K=fit(k, 32),
+            GROUP_M=4,
+            num_warps=1,
+            num_stages=1,
+            UPCAST=True,
+        )
     major, _ = torch.cuda.get_device_capability(a.device)
     if a.element_size() == 2 and major >= 9:  # bf16/fp16 on Hopper (sm90 smem: 3 stages × 48 KiB)
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, UPCAST=False)
@@ -65,10 +72,29 @@ if triton is not None:
 
     @triton.jit
     def _linear_leaky_relu2_kernel(
-        a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K,
-        stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_xm, stride_xn, slope,
-        BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        a_ptr,
+        b_ptr,
+        c_ptr,
+        aux_ptr,
+        M,
+        N,
+        K,
+        stride_am,
+        stride_ak,
+        stride_bn,
+        stride_bk,
+        stride_cm,
+        stride_cn,
+        stride_xm,
+        stride_xn,
+        slope,
+        BACKWARD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        UPCAST: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """acc = A[M, K]·B[N, K]ᵀ in fp32. Forward: aux ← acc (pre), c ← leaky(acc, slope)². Backward: aux holds
         pre, c ← acc ⊙ d(leaky(pre)²)/d pre."""
@@ -119,8 +145,24 @@ def _launch(a: Tensor, b: Tensor, aux: Tensor, out: Tensor, slope: float, backwa
     tiles = _tiles(a, n, k)
     grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)
     _linear_leaky_relu2_kernel[grid](
-        a, b, out, aux, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        aux.stride(0), aux.stride(1), float(slope), BACKWARD=backward, **tiles,
+        a,
+        b,
+        out,
+        aux,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        aux.stride(0),
+        aux.stride(1),
+        float(slope),
+        BACKWARD=backward,
+        **tiles,
         # fp32 operands: TF32 exactly when torch's fp32 matmuls use it (the records' CompileSettings.tf32)
         INPUT_PRECISION=None if a.element_size() == 2 else "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
     )
@@ -145,8 +187,9 @@ def _(x, w_up, w_down, slope):
 
 
 @torch.library.custom_op("pgolf::leaky_relu2_mlp_backward", mutates_args=())
-def _leaky_relu2_mlp_backward(grad: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, pre: Tensor, act: Tensor,
-                              slope: float) -> tuple[Tensor, Tensor, Tensor]:
+def _leaky_relu2_mlp_backward(
+    grad: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, pre: Tensor, act: Tensor, slope: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dW_up, dW_down) from the gradient of out [M, D]."""
     _require_triton()
     grad = grad.to(x.dtype)

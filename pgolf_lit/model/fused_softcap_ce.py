@@ -52,8 +52,9 @@ def _block_v(vocab: int) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
-    def _softcap_ce_fwd_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, V, stride_z, softcap, ignore_index,
-                               BLOCK_V: tl.constexpr):
+    def _softcap_ce_fwd_kernel(
+        z_ptr, y_ptr, loss_ptr, lse_ptr, V, stride_z, softcap, ignore_index, BLOCK_V: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride_z
         y = tl.load(y_ptr + row)
@@ -78,8 +79,9 @@ if triton is not None:
         tl.store(loss_ptr + row, tl.where(valid, lse - u_y, 0.0))
 
     @triton.jit
-    def _softcap_ce_bwd_kernel(z_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, V, stride_z, stride_dz, softcap, ignore_index,
-                               BLOCK_V: tl.constexpr):
+    def _softcap_ce_bwd_kernel(
+        z_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, V, stride_z, stride_dz, softcap, ignore_index, BLOCK_V: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride_z
         dz_row = dz_ptr + row * stride_dz
@@ -101,13 +103,24 @@ def _rows(z: Tensor) -> Tensor:
     return z if z.stride(-1) == 1 else z.contiguous()
 
 
-def _softcapped_ce_launch(z: Tensor, targets: Tensor, losses: Tensor, lse: Tensor, softcap: float,
-                          ignore_index: int) -> None:
+def _softcapped_ce_launch(
+    z: Tensor, targets: Tensor, losses: Tensor, lse: Tensor, softcap: float, ignore_index: int
+) -> None:
     n, v = z.shape
     if n:
         block, warps = _block_v(v)
-        _softcap_ce_fwd_kernel[(n,)](z, targets.contiguous(), losses, lse, v, z.stride(0), float(softcap),
-                                     int(ignore_index), BLOCK_V=block, num_warps=warps)
+        _softcap_ce_fwd_kernel[(n,)](
+            z,
+            targets.contiguous(),
+            losses,
+            lse,
+            v,
+            z.stride(0),
+            float(softcap),
+            int(ignore_index),
+            BLOCK_V=block,
+            num_warps=warps,
+        )
 
 
 @torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
@@ -128,8 +141,9 @@ def _(z, targets, softcap, ignore_index):
 
 
 @torch.library.custom_op("pgolf::softcapped_ce_backward", mutates_args=())
-def _softcapped_ce_backward(grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, softcap: float,
-                            ignore_index: int) -> Tensor:
+def _softcapped_ce_backward(
+    grad: Tensor, z: Tensor, targets: Tensor, lse: Tensor, softcap: float, ignore_index: int
+) -> Tensor:
     """dz [N, V] (z's dtype) from the gradient of the per-row losses."""
     _require_triton()
     z = _rows(z)
@@ -137,9 +151,20 @@ def _softcapped_ce_backward(grad: Tensor, z: Tensor, targets: Tensor, lse: Tenso
     dz = z.new_empty(z.shape)
     if n:
         block, warps = _block_v(v)
-        _softcap_ce_bwd_kernel[(n,)](z, targets.contiguous(), lse.contiguous(), grad.float().contiguous(), dz, v,
-                                     z.stride(0), dz.stride(0), float(softcap), int(ignore_index), BLOCK_V=block,
-                                     num_warps=warps)
+        _softcap_ce_bwd_kernel[(n,)](
+            z,
+            targets.contiguous(),
+            lse.contiguous(),
+            grad.float().contiguous(),
+            dz,
+            v,
+            z.stride(0),
+            dz.stride(0),
+            float(softcap),
+            int(ignore_index),
+            BLOCK_V=block,
+            num_warps=warps,
+        )
     return dz
 
 
@@ -165,8 +190,9 @@ def _backward(ctx, grad_losses, grad_lse):
 _softcapped_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
-def softcapped_cross_entropy(z: Tensor, targets: Tensor, softcap: float, reduction: str = "mean",
-                             ignore_index: int = -100) -> Tensor:
+def softcapped_cross_entropy(
+    z: Tensor, targets: Tensor, softcap: float, reduction: str = "mean", ignore_index: int = -100
+) -> Tensor:
     """``F.cross_entropy((softcap·tanh(z/softcap)).float(), targets)`` from the pre-softcap logits z [N, V]
     (any float dtype; the arithmetic is fp32), with the fused kernels. ``reduction``: mean, sum or none."""
     losses, _ = torch.ops.pgolf.softcapped_ce(z, targets, float(softcap), int(ignore_index))

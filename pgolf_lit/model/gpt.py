@@ -201,8 +201,9 @@ class GPT(nn.Module):
         token_smear = cfg.smear_gate and cfg.smear_gate_form == "token"
         self.smear = SmearGate(d) if cfg.smear_gate and not token_smear else None
         # PR #1855's token SmearGate, on the raw embedding; the upstream names smear_gate / smear_lambda.
-        self.smear_gate = (CastedLinear(cfg.gate_window, 1, role=control("smear"), zero_init=True) if token_smear
-                           else None)
+        self.smear_gate = (
+            CastedLinear(cfg.gate_window, 1, role=control("smear"), zero_init=True) if token_smear else None
+        )
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if token_smear else None
         declare_roles(self, smear_lambda=control("smear"))
         rows = num_skip_rows(cfg)
@@ -222,8 +223,9 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.ParameterList(
             [nn.Parameter(torch.ones(1)) for _ in (cfg.ve_layers if cfg.ve_enabled else [])]
         )
-        declare_roles(self.ve_layer_scales,
-                      **{str(j): control("value_embedding") for j in range(len(self.ve_layer_scales))})
+        declare_roles(
+            self.ve_layer_scales, **{str(j): control("value_embedding") for j in range(len(self.ve_layer_scales))}
+        )
         self._ve_index = {layer: j for j, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
         lanes = cfg.parallel_residual if cfg.parallel_start_layer else None
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if lanes == "lane_merge" else None
@@ -244,8 +246,13 @@ class GPT(nn.Module):
         self.softcap_pos = nn.Parameter(torch.tensor(cap), requires_grad=False) if cfg.asym_logit else None
         self.softcap_neg = nn.Parameter(torch.tensor(cap), requires_grad=False) if cfg.asym_logit else None
         declare_roles(self, softcap_pos=constant("asym_logit"), softcap_neg=constant("asym_logit"))
-        self.rotary = Rotary(cfg.rope_dims or cfg.head_dim, cfg.rope_base, cfg.rope_train_seq_len,
-                             cfg.rope_inv_freq_dtype, cfg.rope_positions_dtype)
+        self.rotary = Rotary(
+            cfg.rope_dims or cfg.head_dim,
+            cfg.rope_base,
+            cfg.rope_train_seq_len,
+            cfg.rope_inv_freq_dtype,
+            cfg.rope_positions_dtype,
+        )
         # Layer schedule and skip plan for each recurrence state. A plain attribute: before Python 3.12
         # functools.cached_property takes an RLock that torch.compile(fullgraph=True) cannot trace.
         self._plans: dict[bool, tuple[list[int], list[Optional[int]]]] = {
@@ -374,8 +381,9 @@ class GPT(nn.Module):
             if lanes is not None:
                 if lambdas:
                     post, resid = self.parallel_post_lambdas[layer], self.parallel_resid_lambdas[layer]
-                    lanes = block.forward_lambdas(lanes[0], lanes[1], x0, rope, post, resid, ve, v_first, segments,
-                                                  adapter)
+                    lanes = block.forward_lambdas(
+                        lanes[0], lanes[1], x0, rope, post, resid, ve, v_first, segments, adapter
+                    )
                 else:
                     lanes = block.forward_parallel(lanes[0], lanes[1], x0, rope, ve, v_first, segments, adapter)
                 continue

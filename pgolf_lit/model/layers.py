@@ -75,8 +75,13 @@ class MLP(nn.Module):
         self.fused_force = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.fused is not None and self.training and self.activation == "leaky_relu2"
-                and not (self.fc.qat_bits or self.proj.qat_bits) and (x.is_cuda or self.fused_force)):
+        if (
+            self.fused is not None
+            and self.training
+            and self.activation == "leaky_relu2"
+            and not (self.fc.qat_bits or self.proj.qat_bits)
+            and (x.is_cuda or self.fused_force)
+        ):
             return self.fused(x, self.fc.weight, self.proj.weight, self.slope)
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.activation == "leaky_relu2" else torch.relu(h)
@@ -98,9 +103,7 @@ class SmearGate(nn.Module):
         return (1 - g) * x + g * prev
 
 
-def smear_previous_token(
-    x: Tensor, ids: Tensor, gate_weight: Tensor, smear_lambda: Tensor, bos_id: int = -1
-) -> Tensor:
+def smear_previous_token(x: Tensor, ids: Tensor, gate_weight: Tensor, smear_lambda: Tensor, bos_id: int = -1) -> Tensor:
     """The token SmearGate, PR #1855 train_gpt.py ``GPT._forward_hidden``: for t >= 1,
     x[t] += λ·σ(x[t, :w] · gate_weightᵀ) · x[t-1], skipped where ``ids[t] == bos_id`` (so a packed row never
     smears one document's last token into the next document's BOS); x[0] is left alone.

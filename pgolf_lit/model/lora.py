@@ -36,7 +36,12 @@ class BatchedLinearLoRA(nn.Module):
     """``bsz`` independent rank-``rank`` adapters of one ``in_features → out_features`` map."""
 
     def __init__(
-        self, bsz: int, in_features: int, out_features: int, rank: int, alpha: float = DEFAULT_ALPHA,
+        self,
+        bsz: int,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float = DEFAULT_ALPHA,
         generator: Optional[torch.Generator] = None,
     ):
         super().__init__()
@@ -125,8 +130,9 @@ class BatchedTTTLoRA(nn.Module):
         def pick(loras: Optional[nn.ModuleList]) -> Optional[BatchedLinearLoRA]:
             return None if loras is None else loras[index]
 
-        return SlotAdapters(pick(self.q_loras), pick(self.k_loras), pick(self.v_loras), pick(self.o_loras),
-                            pick(self.mlp_loras))
+        return SlotAdapters(
+            pick(self.q_loras), pick(self.k_loras), pick(self.v_loras), pick(self.o_loras), pick(self.mlp_loras)
+        )
 
     def adapters(self) -> list[BatchedLinearLoRA]:
         return [m for m in self.modules() if isinstance(m, BatchedLinearLoRA)]

@@ -80,7 +80,9 @@ def matrix(quant: QuantGroup, component: str) -> ParamRole:
     return ParamRole("matrix", quant, component)
 
 
-def control(component: str = "control", record_dtype: RecordDtype = "fp32", quant: Optional[QuantGroup] = None) -> ParamRole:
+def control(
+    component: str = "control", record_dtype: RecordDtype = "fp32", quant: Optional[QuantGroup] = None
+) -> ParamRole:
     """A small trained control tensor (scalar Adam(W)); kept as a float in artifacts unless ``quant='gate'``."""
     return ParamRole("control", quant, component, record_dtype)
 

@@ -111,9 +111,7 @@ class OptimConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name}: must lie in [0, 1), got {getattr(self, name)}")
         if self.muon_momentum_warmup_steps < 0:
-            raise ConfigError(
-                f"optim.muon_momentum_warmup_steps: must be >= 0, got {self.muon_momentum_warmup_steps}"
-            )
+            raise ConfigError(f"optim.muon_momentum_warmup_steps: must be >= 0, got {self.muon_momentum_warmup_steps}")
         if self.muon_backend_steps < 1:
             raise ConfigError(f"optim.muon_backend_steps: must be >= 1, got {self.muon_backend_steps}")
         if self.adam_eps <= 0:
@@ -185,7 +183,14 @@ class ParamRouting:
 
 # Where the scripts list the tensors outside ``blocks`` by hand, they list them in this order of techniques.
 SCRIPT_COMPONENT_ORDER = (
-    "embeddings", "mtp_heads", "skip", "parallel_residual", "iteration", "smear", "bigram", "value_embedding",
+    "embeddings",
+    "mtp_heads",
+    "skip",
+    "parallel_residual",
+    "iteration",
+    "smear",
+    "bigram",
+    "value_embedding",
     "embed_projection",
 )
 
@@ -199,7 +204,11 @@ def script_order(roles: dict[str, ParamRole]) -> list[str]:
         role = roles[name]
         if role.layer is not None:
             return 0, 0, position[name]
-        rank = SCRIPT_COMPONENT_ORDER.index(role.component) if role.component in SCRIPT_COMPONENT_ORDER else len(SCRIPT_COMPONENT_ORDER)
+        rank = (
+            SCRIPT_COMPONENT_ORDER.index(role.component)
+            if role.component in SCRIPT_COMPONENT_ORDER
+            else len(SCRIPT_COMPONENT_ORDER)
+        )
         return 1 + rank, role.declared, position[name]
 
     return sorted(roles, key=key)

@@ -177,9 +177,7 @@ def _baseline_container(quant: Mapping[str, Tensor], meta: Meta) -> dict[str, An
     return obj
 
 
-def encode_upstream(
-    quant: Mapping[str, Tensor], meta: Meta, style: str, codec: str, shuffle_stride: int = 0
-) -> bytes:
+def encode_upstream(quant: Mapping[str, Tensor], meta: Meta, style: str, codec: str, shuffle_stride: int = 0) -> bytes:
     """``torch.save`` of the record's container, byte-shuffled when asked, then compressed: the record's file."""
     buffer = io.BytesIO()
     torch.save(upstream_container(quant, meta, style), buffer)

@@ -58,8 +58,10 @@ def group_scores(w: Tensor, act_rms: Tensor, group_size: int) -> list[tuple[floa
     (PR #1945 ``_awq_lite_group_candidates``)."""
     cols = w.shape[1]
     saliency = act_rms.float() * w.float().abs().mean(dim=0)
-    return [(float(saliency[s : s + group_size].sum()), s, s + group_size)
-            for s in range(0, (cols // group_size) * group_size, group_size)]
+    return [
+        (float(saliency[s : s + group_size].sum()), s, s + group_size)
+        for s in range(0, (cols // group_size) * group_size, group_size)
+    ]
 
 
 def select_groups(

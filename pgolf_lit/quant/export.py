@@ -88,11 +88,17 @@ class ExportConfig:
     """Float tensors with at most this many elements are kept as floats (fp16; see ``small_controls_fp32``)."""
     small_controls_fp32: bool = False
     """Keep small control tensors in fp32 instead of fp16 (the baseline's INT8_KEEP_FLOAT_FP32 rule)."""
-    mlp: TensorRule = field(default_factory=lambda: TensorRule(bits=6, method="gptq", scale="sdclip", clip_sigmas=12.85))
+    mlp: TensorRule = field(
+        default_factory=lambda: TensorRule(bits=6, method="gptq", scale="sdclip", clip_sigmas=12.85)
+    )
     """Rule for the MLP matrices."""
-    attn: TensorRule = field(default_factory=lambda: TensorRule(bits=6, method="gptq", scale="sdclip", clip_sigmas=12.85))
+    attn: TensorRule = field(
+        default_factory=lambda: TensorRule(bits=6, method="gptq", scale="sdclip", clip_sigmas=12.85)
+    )
     """Rule for the attention matrices (and, as in the records, every other ``.proj`` weight)."""
-    embed: TensorRule = field(default_factory=lambda: TensorRule(bits=8, method="gptq", scale="sdclip", clip_sigmas=20.0))
+    embed: TensorRule = field(
+        default_factory=lambda: TensorRule(bits=8, method="gptq", scale="sdclip", clip_sigmas=20.0)
+    )
     """Rule for the token embedding / output head tables."""
     other: TensorRule = field(default_factory=lambda: TensorRule(bits=8, method="rtn", scale="quantile"))
     """Rule for any other large tensor (hashed bigram and value-embedding tables, embedding projections)."""
@@ -159,8 +165,9 @@ class ExportConfig:
         ):
             raise ConfigError("export.awq: protects columns inside SDClip GPTQ, but no quant group uses it")
         if self.awq is not None and self.format == "upstream":
-            raise ConfigError("export.awq: the upstream containers before PR #1945 hold no AWQ groups; use native or "
-                              "pergroup")
+            raise ConfigError(
+                "export.awq: the upstream containers before PR #1945 hold no AWQ groups; use native or pergroup"
+            )
         if self.format == "upstream" and self.upstream_style not in UPSTREAM_STYLES:
             raise ConfigError(
                 f"export.upstream_style: expected one of {list(UPSTREAM_STYLES)}, got {self.upstream_style!r}"
@@ -178,7 +185,9 @@ class ExportConfig:
         try:
             clip_range(self.trace_rank_low_bits)
         except ConfigError:
-            raise ConfigError(f"export.trace_rank_low_bits: must lie in [2, 8], got {self.trace_rank_low_bits}") from None
+            raise ConfigError(
+                f"export.trace_rank_low_bits: must lie in [2, 8], got {self.trace_rank_low_bits}"
+            ) from None
         self.gptq.validate()
 
     @classmethod
@@ -186,7 +195,9 @@ class ExportConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"export: unknown field(s) {unknown}; known fields are listed in pgolf_lit/quant/export.py")
+            raise ConfigError(
+                f"export: unknown field(s) {unknown}; known fields are listed in pgolf_lit/quant/export.py"
+            )
         try:
             return cls(**d)
         except TypeError as e:
@@ -232,7 +243,9 @@ def quantize_state_dict(
     hessians = hessians or {}
     missing = [name for name in state_dict if name not in roles]
     if missing:
-        raise ConfigError(f"export: no declared role for state-dict entries {missing[:3]} (is this the model's state dict?)")
+        raise ConfigError(
+            f"export: no declared role for state-dict entries {missing[:3]} (is this the model's state dict?)"
+        )
     low_bits = _trace_ranked_low_bits(state_dict, cfg, hessians, roles)
     protected = _awq_selection(state_dict, cfg, roles, act_rms, low_bits) if cfg.awq is not None else {}
     quant: dict[str, Tensor] = {}
@@ -264,8 +277,11 @@ def quantize_state_dict(
 
 
 def _awq_selection(
-    state_dict: Mapping[str, Tensor], cfg: ExportConfig, roles: Mapping[str, ParamRole],
-    act_rms: Optional[Mapping[str, Tensor]], low_bits: Mapping[str, int],
+    state_dict: Mapping[str, Tensor],
+    cfg: ExportConfig,
+    roles: Mapping[str, ParamRole],
+    act_rms: Optional[Mapping[str, Tensor]],
+    low_bits: Mapping[str, int],
 ) -> dict[str, list[tuple[int, int]]]:
     """AWQ-lite's chosen groups by tensor among the SDClip-GPTQ matrices (PR #1945 ``gptq_mixed_quantize``)."""
     if act_rms is None:
@@ -279,7 +295,12 @@ def _awq_selection(
 
 
 def _quantize_protected(
-    name: str, t: Tensor, rule: TensorRule, bits: int, hessian: Optional[Tensor], cfg: ExportConfig,
+    name: str,
+    t: Tensor,
+    rule: TensorRule,
+    bits: int,
+    hessian: Optional[Tensor],
+    cfg: ExportConfig,
     groups: list[tuple[int, int]],
 ) -> tuple[Quantized, AwqGroups]:
     """SDClip GPTQ with AWQ-lite's protected groups on the ``cfg.awq.bits`` grid, and their stored tensors."""
@@ -287,11 +308,21 @@ def _quantize_protected(
         raise ArtifactError(f"{name}: AWQ-lite protects columns inside GPTQ, which needs a Hessian; none was collected")
     s = cfg.gptq
     try:
-        q, s_hi = gptq_sdclip_protected(t.to(s.device), hessian.to(s.device), bits, rule.clip_sigmas,
-                                        protect_mask(t.shape[1], groups), cfg.awq.bits, s.damping, s.block_size)
+        q, s_hi = gptq_sdclip_protected(
+            t.to(s.device),
+            hessian.to(s.device),
+            bits,
+            rule.clip_sigmas,
+            protect_mask(t.shape[1], groups),
+            cfg.awq.bits,
+            s.damping,
+            s.block_size,
+        )
     except torch.linalg.LinAlgError:
-        raise ArtifactError(f"{name}: GPTQ Cholesky failed (Hessian not positive definite after damping) on an "
-                            "AWQ-protected tensor; collect more calibration data") from None
+        raise ArtifactError(
+            f"{name}: GPTQ Cholesky failed (Hessian not positive definite after damping) on an "
+            "AWQ-protected tensor; collect more calibration data"
+        ) from None
     starts = torch.tensor([start for start, _ in groups], dtype=torch.int16)
     size = torch.tensor(cfg.awq.group_size, dtype=torch.int16)
     return Quantized(q.q.cpu(), q.scale.cpu()), AwqGroups(starts, s_hi.cpu(), size)
@@ -301,8 +332,12 @@ def _add_lqer(state_dict: Mapping[str, Tensor], quant: dict[str, Tensor], meta: 
     """PR #1855's LQER: among the GPTQ tensors (2-D, per-row scales), the top-k by ‖W − q·s‖_F get a packed
     rank-r correction, stored beside their codes (``quantized.py``)."""
     candidates = [
-        n for n, e in meta.items()
-        if e["kind"] == "int" and e.get("method") == "gptq" and quant[f"{n}.q"].ndim == 2 and quant[f"{n}.scale"].ndim == 1
+        n
+        for n, e in meta.items()
+        if e["kind"] == "int"
+        and e.get("method") == "gptq"
+        and quant[f"{n}.q"].ndim == 2
+        and quant[f"{n}.scale"].ndim == 1
     ]
     weights = {n: state_dict[n].detach().cpu() for n in candidates}
     for name, factors in lqer_apply(weights, quant, candidates, settings).items():
@@ -333,8 +368,13 @@ def _trace_ranked_low_bits(
     ranked = []
     for name, t in state_dict.items():
         rule = _rule_for(name, t, roles[name], cfg) if t.is_floating_point() else None
-        if name in hessians and roles[name].quant in ("mlp", "attn") and t.ndim == 2 and rule is not None \
-                and QUANTIZERS[rule.method].needs_hessian:
+        if (
+            name in hessians
+            and roles[name].quant in ("mlp", "attn")
+            and t.ndim == 2
+            and rule is not None
+            and QUANTIZERS[rule.method].needs_hessian
+        ):
             ranked.append(name)
     ranked.sort(key=lambda name: -float(torch.trace(hessians[name].float())))
     return {name: cfg.trace_rank_low_bits for name in ranked[cfg.trace_rank_keep :]}
@@ -413,17 +453,23 @@ def export_model(
         if calib_batches is None:
             raise ConfigError("export: GPTQ needs calibration batches or precomputed Hessians")
         hessians, hessian_report = collect_hessians(
-            model, calib_batches, modules=cfg.gptq.hessian_modules, head=cfg.head_uses_gptq,
-            damping=cfg.gptq.hessian_damping, num_batches=cfg.gptq.calibration_batches,
-            min_numel=cfg.keep_float_max_numel, progress=progress,
+            model,
+            calib_batches,
+            modules=cfg.gptq.hessian_modules,
+            head=cfg.head_uses_gptq,
+            damping=cfg.gptq.hessian_damping,
+            num_batches=cfg.gptq.calibration_batches,
+            min_numel=cfg.keep_float_max_numel,
+            progress=progress,
         )
         seconds["hessians"] = hessian_report.seconds
         act_rms = hessian_report.act_rms
 
     mark = time.perf_counter()
     roles = parameter_roles(model)
-    quant, meta = quantize_state_dict(_export_state_dict(model, cfg, roles), cfg, hessians, roles=roles,
-                                      progress=progress, act_rms=act_rms)
+    quant, meta = quantize_state_dict(
+        _export_state_dict(model, cfg, roles), cfg, hessians, roles=roles, progress=progress, act_rms=act_rms
+    )
     seconds["quantize"] = time.perf_counter() - mark
 
     code = code if code is not None else measure_code_size((cfg.format,), eval_methods)
@@ -445,12 +491,18 @@ def export_model(
     seconds["prune_and_compress"] = time.perf_counter() - mark
 
     report = ExportReport(
-        path=str(out_path), format=cfg.format, codec="lrzip-zpaq + brotli" if cfg.format == "pergroup" else cfg.codec,
-        model_bytes=len(blob), code=code,
-        budget_bytes=cfg.budget_bytes, category_bytes=_category_bytes(quant, meta, roles),
+        path=str(out_path),
+        format=cfg.format,
+        codec="lrzip-zpaq + brotli" if cfg.format == "pergroup" else cfg.codec,
+        model_bytes=len(blob),
+        code=code,
+        budget_bytes=cfg.budget_bytes,
+        category_bytes=_category_bytes(quant, meta, roles),
         num_quantized=sum(e["kind"] == "int" for e in meta.values()),
         num_kept=sum(e["kind"] != "int" for e in meta.values()),
-        seconds=seconds, prune=prune_report if cfg.prune != "none" else None, hessians=hessian_report,
+        seconds=seconds,
+        prune=prune_report if cfg.prune != "none" else None,
+        hessians=hessian_report,
     )
     if not report.fits and not cfg.allow_over_budget:
         raise ArtifactError(
@@ -489,9 +541,7 @@ def _serialize(quant: Mapping[str, Tensor], meta: Meta, model: nn.Module, cfg: E
 
 def _prunable(quant: Mapping[str, Tensor], meta: Meta) -> tuple[list[str], list[str]]:
     """Pruning candidates' tensors, in meta order: per-row quantized tensors below 8 bits."""
-    names = [
-        n for n, e in meta.items() if e["kind"] == "int" and e["bits"] < 8 and quant[f"{n}.scale"].ndim == 1
-    ]
+    names = [n for n, e in meta.items() if e["kind"] == "int" and e["bits"] < 8 and quant[f"{n}.scale"].ndim == 1]
     return [f"{n}.q" for n in names], [f"{n}.scale" for n in names]
 
 

@@ -164,8 +164,16 @@ def gptq_sdclip_protected(
     factor = factor_hessian(hessian, damping)
     r, r_hi = clip_range(bits), clip_range(protect_bits)
     scale, scale_hi = sdclip_scale(w32, clip_sigmas, r), sdclip_scale(w32, clip_sigmas, r_hi)
-    codes = gptq_sweep(permuted_weight(w32, factor), factor.upper, scale.float(), r, block_size,
-                       protect.to(w32.device)[factor.perm], scale_hi.float(), r_hi)
+    codes = gptq_sweep(
+        permuted_weight(w32, factor),
+        factor.upper,
+        scale.float(),
+        r,
+        block_size,
+        protect.to(w32.device)[factor.perm],
+        scale_hi.float(),
+        r_hi,
+    )
     return Quantized(codes[:, factor.inv_perm], scale), scale_hi
 
 

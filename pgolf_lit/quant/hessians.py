@@ -2,7 +2,8 @@
 ``collect_hessians``).
 
 Which layers: ``"large"`` hooks the CastedLinear modules with more than ``min_numel`` (65,536) weights in the
-mlp/attn quant groups of their declared roles (PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263, PR #1019).
+mlp/attn quant groups of their declared roles (PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263,
+PR #1019).
 ``head=True`` adds the output head's Hessian, taken from the vector that multiplies the head weight: the
 final-norm (and ``head_proj``) output ``model.normalize_hidden(h)`` for a tied embedding (PR #1394's
 ``tok_emb.weight``), the ``lm_head`` input otherwise.

@@ -166,8 +166,9 @@ def read_native(data: bytes, source: str, config: Optional[GPTConfig] = None) ->
         differs = sorted(k for k, v in config.to_dict().items() if art.config.get(k) != v)
         raise ArtifactError(f"{source}: exported for another model config (differs in {differs})")
     _check_stored_shapes(stored, art.quant, art.meta, source)
-    return LoadedArtifact(stored, dequantize(art.quant, art.meta), "native", art.info,
-                          Weights.artifact(art.quant, art.meta))
+    return LoadedArtifact(
+        stored, dequantize(art.quant, art.meta), "native", art.info, Weights.artifact(art.quant, art.meta)
+    )
 
 
 def _check_stored_shapes(config: GPTConfig, quant: Mapping[str, Tensor], meta: Meta, source: str) -> None:
@@ -177,8 +178,11 @@ def _check_stored_shapes(config: GPTConfig, quant: Mapping[str, Tensor], meta: M
     even the meta model is only built for a config of the size of the tensors present."""
     shapes = {name: tuple(quant[f"{name}.q" if entry["kind"] == "int" else name].shape) for name, entry in meta.items()}
     largest = max((math.prod(s) for s in shapes.values()), default=0)
-    if config.num_layers > len(shapes) or config.vocab_size * config.emb_dim > largest \
-            or config.model_dim * max(config.mlp_hidden, 1) > largest:
+    if (
+        config.num_layers > len(shapes)
+        or config.vocab_size * config.emb_dim > largest
+        or config.model_dim * max(config.mlp_hidden, 1) > largest
+    ):
         raise ArtifactError(
             f"{source}: the stored model config ({config.num_layers} layers, vocab {config.vocab_size}, width "
             f"{config.model_dim}) is larger than the {len(shapes)} tensors it holds (largest {largest} elements)"
@@ -190,8 +194,13 @@ def _check_stored_shapes(config: GPTConfig, quant: Mapping[str, Tensor], meta: M
     missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     wrong = next((k for k in expected if k in shapes and shapes[k] != expected[k]), None)
     if missing or extra or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else
-                  f"{wrong} is {shapes[wrong]}, the config implies {expected[wrong]}")
+        detail = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {extra[:3]}"
+            if extra
+            else f"{wrong} is {shapes[wrong]}, the config implies {expected[wrong]}"
+        )
         raise ArtifactError(f"{source}: the tensors do not match the stored model config ({detail})")
 
 

@@ -293,8 +293,10 @@ def pergroup_payloads(
         members = sorted(groups[group], key=lambda m: m[0])
         names = [name for _, name, _ in members]
         if names != group_tensor_names(group, len(members)):
-            raise PergroupError(f"{target}: group {group} holds {names}; PGRP needs exactly "
-                                f"{group_tensor_names(group, len(members))} (layers 0..n-1)")
+            raise PergroupError(
+                f"{target}: group {group} holds {names}; PGRP needs exactly "
+                f"{group_tensor_names(group, len(members))} (layers 0..n-1)"
+            )
         parts, shapes = [], []
         for _, name, t in members:
             arr = t.contiguous().numpy()
@@ -354,8 +356,10 @@ def pergroup_from_quantized(quant: Mapping[str, Tensor], meta: Mapping[str, Mapp
     for name, info in meta.items():
         if info["kind"] == "float":
             if quant[name].dtype != torch.float16:
-                raise PergroupError(f"{target}: {name} is kept as {quant[name].dtype}; the per-group container "
-                                    "stores kept floats as fp16 (set small_controls_fp32 false)")
+                raise PergroupError(
+                    f"{target}: {name} is kept as {quant[name].dtype}; the per-group container "
+                    "stores kept floats as fp16 (set small_controls_fp32 false)"
+                )
             out[name], strings[name] = quant[name], PASSTHROUGH_META
         elif info["kind"] == "int" and info.get("scale") == "row_amax":
             if info["bits"] != 8:
@@ -370,5 +374,3 @@ def pergroup_from_quantized(quant: Mapping[str, Tensor], meta: Mapping[str, Mapp
         else:
             raise PergroupError(f"{target}: {name} is a non-float tensor; the per-group container holds none")
     return out, strings
-
-

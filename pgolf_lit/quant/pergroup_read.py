@@ -189,8 +189,14 @@ def validate_quant(quant: Mapping[str, Tensor], meta: Mapping[str, str]) -> None
 def _check_lqer(name: str, q: Tensor, f: LqerFactors) -> None:
     _expect(q.ndim == 2, name, "LQER needs 2-D codes")
     rank = f.qA.shape[1] if f.qA.ndim == 2 else -1
-    ok = (f.qA.dtype == f.qB.dtype == torch.int8 and f.qA.ndim == f.qB.ndim == 2 and f.qA.shape[0] == q.shape[0]
-          and f.qB.shape == (rank, q.shape[1]) and f.sA.is_floating_point() and f.sB.is_floating_point())
+    ok = (
+        f.qA.dtype == f.qB.dtype == torch.int8
+        and f.qA.ndim == f.qB.ndim == 2
+        and f.qA.shape[0] == q.shape[0]
+        and f.qB.shape == (rank, q.shape[1])
+        and f.sA.is_floating_point()
+        and f.sB.is_floating_point()
+    )
     if f.kind == ASYM:
         ok = ok and f.sA.ndim == 0 and f.sB.ndim == 1 and f.sB.numel() > 0 and f.qB.numel() % f.sB.numel() == 0
     else:
@@ -201,9 +207,16 @@ def _check_lqer(name: str, q: Tensor, f: LqerFactors) -> None:
 def _check_awq(name: str, q: Tensor, g: AwqGroups) -> None:
     size = int(g.size.item()) if g.size.numel() == 1 and not g.size.is_floating_point() else -1
     cols = q.shape[1] if q.ndim == 2 else 0
-    ok = (q.ndim == 2 and g.starts.ndim == 1 and not g.starts.is_floating_point() and g.size.ndim == 0 and size > 0
-          and g.s_hi.is_floating_point() and g.s_hi.shape == (q.shape[0],)
-          and all(0 <= s and s + size <= cols for s in g.starts.tolist()))
+    ok = (
+        q.ndim == 2
+        and g.starts.ndim == 1
+        and not g.starts.is_floating_point()
+        and g.size.ndim == 0
+        and size > 0
+        and g.s_hi.is_floating_point()
+        and g.s_hi.shape == (q.shape[0],)
+        and all(0 <= s and s + size <= cols for s in g.starts.tolist())
+    )
     _expect(ok, name, f"AWQ groups {_desc(g.starts)}, {_desc(g.s_hi)}, {_desc(g.size)} do not fit {_desc(q)}")
 
 
@@ -240,8 +253,9 @@ def lrzip_executable(settings: "PergroupSettings" = PergroupSettings()) -> str:
     """The lrzip executable's path; ``LrzipNotFoundError`` (one line, with the install command) when absent."""
     exe = shutil.which(settings.lrzip)
     if exe is None:
-        raise LrzipNotFoundError(f"lrzip: the {settings.lrzip!r} executable is not on PATH and PGRP artifacts need it; "
-                                 + INSTALL_HINT)
+        raise LrzipNotFoundError(
+            f"lrzip: the {settings.lrzip!r} executable is not on PATH and PGRP artifacts need it; " + INSTALL_HINT
+        )
     return exe
 
 
@@ -289,8 +303,13 @@ def lrzip_decompress(
         with open(src, "wb") as f:
             f.write(stream)
         try:
-            run = subprocess.run([exe, "-d", "-f", "-o", dst, src], capture_output=True, timeout=settings.timeout_s,
-                                 env=_lrzip_env(tmp), preexec_fn=set_limits)
+            run = subprocess.run(
+                [exe, "-d", "-f", "-o", dst, src],
+                capture_output=True,
+                timeout=settings.timeout_s,
+                env=_lrzip_env(tmp),
+                preexec_fn=set_limits,
+            )
         except subprocess.TimeoutExpired:
             raise ValueError(f"{what}: lrzip took longer than {settings.timeout_s} s") from None
         if run.returncode != 0:
@@ -346,12 +365,16 @@ def decode_pergroup(
             raise ValueError(f"the shape manifest claims {claimed} bytes of codes, more than the {budget} allowed")
         for i, group in enumerate(GROUP_ORDER):
             if bool(streams[i]) != (group in manifest):
-                raise ValueError(f"stream {i} ({group}) is {'present' if streams[i] else 'empty'}, the manifest "
-                                 f"{'lists' if group in manifest else 'lacks'} that group")
+                raise ValueError(
+                    f"stream {i} ({group}) is {'present' if streams[i] else 'empty'}, the manifest "
+                    f"{'lists' if group in manifest else 'lacks'} that group"
+                )
         perm_stream = streams[PERMUTATION_STREAM]
         if bool(perm_stream) != bool(perm_rows):
-            raise ValueError(f"the permutation stream (8) is {'present' if perm_stream else 'empty'} but "
-                             f"{2 * sum(perm_rows)} bytes of row orders are expected")
+            raise ValueError(
+                f"the permutation stream (8) is {'present' if perm_stream else 'empty'} but "
+                f"{2 * sum(perm_rows)} bytes of row orders are expected"
+            )
         perms = b""
         if perm_stream:
             perms = brotli_decompress_bounded(perm_stream, 2 * sum(perm_rows), "the permutation stream (8)")
@@ -360,12 +383,16 @@ def decode_pergroup(
         orders = np.frombuffer(perms, dtype=_U16).astype(np.int64)
         for rows, start in zip(perm_rows, np.cumsum([0] + perm_rows[:-1])):
             if not np.array_equal(np.sort(orders[start : start + rows]), np.arange(rows)):
-                raise ValueError(f"the permutation stream's order at row offset {start} is not a permutation of "
-                                 f"{rows} rows")
+                raise ValueError(
+                    f"the permutation stream's order at row offset {start} is not a permutation of {rows} rows"
+                )
 
         jobs = [(i, g) for i, g in enumerate(GROUP_ORDER) if g in manifest]
-        raws = _map(lambda job: lrzip_decompress(streams[job[0]], sizes[job[1]], settings,
-                                                 what=f"stream {job[0]} ({job[1]})"), jobs, settings.workers)
+        raws = _map(
+            lambda job: lrzip_decompress(streams[job[0]], sizes[job[1]], settings, what=f"stream {job[0]} ({job[1]})"),
+            jobs,
+            settings.workers,
+        )
         quant = dict(remainder)
         perm_offset = 0
         for (i, group), blob in zip(jobs, raws):
@@ -413,8 +440,11 @@ def _check_names(remainder: Mapping[str, Tensor], meta: Mapping[str, str], manif
     present = set(remainder) | set(grouped)
     if expected != present:
         missing, extra = sorted(expected - present), sorted(present - expected)
-        raise ValueError(f"tensor(s) {missing[:3]} are missing" if missing else
-                         f"tensor(s) {extra[:3]} are not described by the meta")
+        raise ValueError(
+            f"tensor(s) {missing[:3]} are missing"
+            if missing
+            else f"tensor(s) {extra[:3]} are not described by the meta"
+        )
 
 
 def _check_zip_records(raw: bytes) -> None:
@@ -438,8 +468,9 @@ def _check_remainder(obj: Any) -> tuple[dict[str, Tensor], dict[str, str], dict[
         keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"the remainder holds {keys}, expected a dict of 'r', 'm', 's'")
     remainder, meta, manifest = obj["r"], obj["m"], obj["s"]
-    if not isinstance(remainder, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                  for k, v in remainder.items()):
+    if not isinstance(remainder, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in remainder.items()
+    ):
         raise ValueError("the remainder's 'r' is not a dict of named tensors")
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ValueError("the remainder's 'm' is not a dict of meta strings")
@@ -448,8 +479,11 @@ def _check_remainder(obj: Any) -> tuple[dict[str, Tensor], dict[str, str], dict[
     for group, shapes in manifest.items():
         if group not in GROUP_ORDER:
             raise ValueError(f"the shape manifest names an unknown group {group!r}")
-        ok = isinstance(shapes, list) and shapes and all(
-            isinstance(s, tuple) and s and all(isinstance(d, int) and d > 0 for d in s) for s in shapes)
+        ok = (
+            isinstance(shapes, list)
+            and shapes
+            and all(isinstance(s, tuple) and s and all(isinstance(d, int) and d > 0 for d in s) for s in shapes)
+        )
         if not ok:
             raise ValueError(f"the shape manifest of {group} is not a non-empty list of positive shapes: {shapes!r}")
         if not group.startswith("_") or len(shapes) == 1:
@@ -481,8 +515,10 @@ def quantized_from_pergroup(
         dtype = str(dtypes.get(name, torch.float32)).removeprefix("torch.")
         if entry.kind == "passthrough":
             out[name] = quant[name]
-            entries[name] = {"kind": "float", "dtype": dtype if quant[name].dtype == torch.float16 else
-                             str(quant[name].dtype).removeprefix("torch.")}
+            entries[name] = {
+                "kind": "float",
+                "dtype": dtype if quant[name].dtype == torch.float16 else str(quant[name].dtype).removeprefix("torch."),
+            }
         elif entry.kind == "gate":
             out[name + ".q"], out[name + ".scale"] = quant[name + CODES_SUFFIX], quant[name + SCALE_SUFFIX]
             entries[name] = {"kind": "int", "bits": 8, "dtype": dtype, "method": "rtn", "scale": "row_amax"}

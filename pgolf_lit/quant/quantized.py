@@ -63,8 +63,9 @@ def dequantize(quant: Mapping[str, Tensor], meta: Meta) -> dict[str, Tensor]:
         if info["kind"] == "int" and (info.get("lqer") or info.get("awq")):
             factors = LqerFactors.from_tensors(quant, name, info["lqer"]) if info.get("lqer") else None
             awq = AwqGroups.from_tensors(quant, name) if info.get("awq") else None
-            out[name] = lqer_dequant(quant[f"{name}.q"], quant[f"{name}.scale"], factors, float_dtype(info["dtype"]),
-                                     awq)
+            out[name] = lqer_dequant(
+                quant[f"{name}.q"], quant[f"{name}.scale"], factors, float_dtype(info["dtype"]), awq
+            )
         elif info["kind"] == "int":
             out[name] = dequantize_codes(quant[f"{name}.q"], quant[f"{name}.scale"], float_dtype(info["dtype"]))
         elif info["kind"] == "float":
@@ -132,20 +133,36 @@ def _check_int_entry(name: str, info: Mapping[str, Any], q: Tensor, scale: Tenso
 def _check_awq(name: str, q: Tensor, g: AwqGroups) -> None:
     integral = not (g.starts.is_floating_point() or g.size.is_floating_point())
     size = int(g.size.item()) if integral and g.size.ndim == 0 else -1
-    fits = (q.ndim == 2 and integral and g.starts.ndim == 1 and size > 0 and g.s_hi.is_floating_point()
-            and tuple(g.s_hi.shape) == (q.shape[0],) and all(0 <= s <= q.shape[1] - size for s in g.starts.tolist()))
+    fits = (
+        q.ndim == 2
+        and integral
+        and g.starts.ndim == 1
+        and size > 0
+        and g.s_hi.is_floating_point()
+        and tuple(g.s_hi.shape) == (q.shape[0],)
+        and all(0 <= s <= q.shape[1] - size for s in g.starts.tolist())
+    )
     if not fits:
-        raise ValueError(f"{name!r}: AWQ groups {tuple(g.starts.shape)}, {tuple(g.s_hi.shape)} do not fit codes "
-                         f"{tuple(q.shape)}")
+        raise ValueError(
+            f"{name!r}: AWQ groups {tuple(g.starts.shape)}, {tuple(g.s_hi.shape)} do not fit codes {tuple(q.shape)}"
+        )
 
 
 def _check_lqer(name: str, q: Tensor, f: LqerFactors) -> None:
     rank = f.qA.shape[-1] if f.qA.ndim == 2 else -1
     fits = (
-        q.ndim == 2 and f.qA.dtype == f.qB.dtype == torch.int8 and f.qA.ndim == f.qB.ndim == 2
-        and f.qA.shape[0] == q.shape[0] and tuple(f.qB.shape) == (rank, q.shape[1])
-        and f.sA.is_floating_point() and f.sB.is_floating_point() and f.sB.numel() > 0
-        and f.qB.numel() % f.sB.numel() == 0 and f.sA.numel() in (1, q.shape[0])
+        q.ndim == 2
+        and f.qA.dtype == f.qB.dtype == torch.int8
+        and f.qA.ndim == f.qB.ndim == 2
+        and f.qA.shape[0] == q.shape[0]
+        and tuple(f.qB.shape) == (rank, q.shape[1])
+        and f.sA.is_floating_point()
+        and f.sB.is_floating_point()
+        and f.sB.numel() > 0
+        and f.qB.numel() % f.sB.numel() == 0
+        and f.sA.numel() in (1, q.shape[0])
     )
     if not fits:
-        raise ValueError(f"{name!r}: LQER factors {tuple(f.qA.shape)}, {tuple(f.qB.shape)} do not fit codes {tuple(q.shape)}")
+        raise ValueError(
+            f"{name!r}: LQER factors {tuple(f.qA.shape)}, {tuple(f.qB.shape)} do not fit codes {tuple(q.shape)}"
+        )

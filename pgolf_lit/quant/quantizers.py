@@ -53,7 +53,8 @@ class TensorRule:
     """Per-row scale: ``quantile`` (baseline int8 clip, RTN only), ``percentile_search`` (five clip percentiles, 1/R
     floor), ``sdclip`` (``clip_sigmas`` row standard deviations), ``row_amax`` (max |w| of the row, PR #1855 gates)."""
     clip_sigmas: float = 12.85
-    """k of the SDClip scale k·std_row/R (PR #1394: 12.85 matrices, 20 embeddings; PR #1855: 13 attn, 11.5 MLP, 14 embed)."""
+    """k of the SDClip scale k·std_row/R (PR #1394: 12.85 matrices, 20 embeddings; PR #1855: 13 attn, 11.5 MLP,
+    14 embed)."""
 
     def validate(self, where: str) -> None:
         try:
@@ -61,7 +62,9 @@ class TensorRule:
         except ConfigError:
             raise ConfigError(f"{where}.bits: must lie in [2, 8], got {self.bits}") from None
         if self.method not in QUANTIZERS:
-            raise ConfigError(f"{where}.method: unknown quantizer {self.method!r}; expected one of {sorted(QUANTIZERS)}")
+            raise ConfigError(
+                f"{where}.method: unknown quantizer {self.method!r}; expected one of {sorted(QUANTIZERS)}"
+            )
         allowed = QUANTIZERS[self.method].scales
         if self.scale not in allowed:
             raise ConfigError(f"{where}.scale: {self.method} takes one of {list(allowed)}, got {self.scale!r}")

@@ -46,12 +46,14 @@ def main(argv) -> None:
         load_upstream_state_dict(model, _load(args.from_upstream), args.from_upstream)
         # A Lightning-style checkpoint of GolfModule weights (load with `pgolf test --ckpt_path` or export --ckpt),
         # written like every checkpoint: atomically, fsynced, with its checksum.
-        save_checkpoint_file({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                              "pgolf_gpt": cfg.to_dict()}, args.out)
+        save_checkpoint_file(
+            {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "pgolf_gpt": cfg.to_dict()},
+            args.out,
+        )
     else:
         ckpt = _load(args.to_upstream)
         sd = ckpt.get("state_dict", ckpt)
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")} or sd
+        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")} or sd
         load_upstream_state_dict(model, sd, args.to_upstream)
         _save(to_upstream_state_dict(model), args.out)
     print(f"wrote {args.out} ({model.num_params()} parameters, {len(model.state_dict())} tensors)")

@@ -17,8 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="a pgolf artifact (pgolf export / GPTQExport)")
     p.add_argument("--data", required=True, help="dataset directory with fineweb_val_*.bin")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: <data>/../../tokenizers/...)")
-    p.add_argument("--method", action="append", choices=list(EVAL_METHODS),
-                   help="pass to run; repeat for several (default: the --config's test_methods, else standard + sliding)")
+    p.add_argument(
+        "--method",
+        action="append",
+        choices=list(EVAL_METHODS),
+        help="pass to run; repeat for several (default: the --config's test_methods, else standard + sliding)",
+    )
     p.add_argument("--config", default=None, help="take evaluation settings from this pgolf YAML config")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--stride", type=int, default=None)
@@ -29,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="auto")
     p.add_argument("--precision", default="32-true", help="bf16-mixed on GPUs, as the records")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--attention-backend", choices=("auto", "fa3", "sdpa", "math"), default="auto",
-                   help="attention kernel (auto: FA3 on CUDA bf16 when installed, else SDPA)")
+    p.add_argument(
+        "--attention-backend",
+        choices=("auto", "fa3", "sdpa", "math"),
+        default="auto",
+        help="attention kernel (auto: FA3 on CUDA bf16 when installed, else SDPA)",
+    )
     p.add_argument("--progress", action="store_true")
     p.add_argument("--results-json", default=None, help="also write the results as JSON")
     return p
@@ -79,10 +87,18 @@ def main(argv) -> None:
         raise ConfigError(f"--val-max-tokens: must be 0 (the whole split) or positive, got {args.val_max_tokens}")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     evaluate_artifact(
-        args.artifact, args.data, methods=methods_from(args), settings=settings_from(args),
-        tokenizer_path=args.tokenizer, accelerator=args.accelerator, devices=devices, strategy=args.strategy,
-        precision=args.precision, compile=args.compile, val_max_tokens=args.val_max_tokens,
-        results_json=args.results_json, model_config=model_config_from(args),
+        args.artifact,
+        args.data,
+        methods=methods_from(args),
+        settings=settings_from(args),
+        tokenizer_path=args.tokenizer,
+        accelerator=args.accelerator,
+        devices=devices,
+        strategy=args.strategy,
+        precision=args.precision,
+        compile=args.compile,
+        val_max_tokens=args.val_max_tokens,
+        results_json=args.results_json,
+        model_config=model_config_from(args),
         attention_backend=args.attention_backend,
     )
-

@@ -22,8 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--upstream", help="an upstream train_gpt.py state dict (final_model.pt)")
     p.add_argument("--config", required=True, help="the pgolf YAML config the weights belong to")
     p.add_argument("--out", required=True, help="artifact path to write (atomically)")
-    p.add_argument("--settings", default="{}",
-                   help='JSON merged over the config\'s GPTQExport export settings, e.g. \'{"codec": "lzma"}\'')
+    p.add_argument(
+        "--settings",
+        default="{}",
+        help='JSON merged over the config\'s GPTQExport export settings, e.g. \'{"codec": "lzma"}\'',
+    )
     p.add_argument("--calibration-batches", type=int, default=None, help="GPTQ calibration micro-batches")
     p.add_argument("--allow-over-budget", action="store_true", help="write even if model + code > the budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,14 +76,18 @@ def main(argv) -> None:
     batches = None
     if exporter.config.uses_gptq:
         if exporter.calibration == "train_continue" and steps_trained is None:
-            print(f"note: {args.ckpt or args.upstream} records no training step; train_continue calibration reads "
-                  "the training stream from its start", file=sys.stderr)
+            print(
+                f"note: {args.ckpt or args.upstream} records no training step; train_continue calibration reads "
+                "the training stream from its start",
+                file=sys.stderr,
+            )
         data_args = dict(config.get("data") or {})
         data_args["vocab_size"] = model.config.vocab_size
         dm = TokenShardDataModule(**data_args)
         batches = exporter.calibration_tokens(model, dm, torch.device(args.device), steps_trained or 0)
     with torch.no_grad():
-        report = export_model(model, exporter.config, args.out, calib_batches=batches, progress=True,
-                              eval_methods=module.test_methods)
+        report = export_model(
+            model, exporter.config, args.out, calib_batches=batches, progress=True, eval_methods=module.test_methods
+        )
     print(report.summary())
     print(f"Serialized model bytes:{report.model_bytes} code bytes:{report.code_bytes} total:{report.total_bytes}")

@@ -65,8 +65,12 @@ def log_result(log: Path, label: str) -> dict[str, Any]:
     """``{label} val_loss:X val_bpb:Y eval_time:Zms ... compliant:yes|no`` (the last such line) as values."""
     pattern = re.compile(rf"^{re.escape(label)} val_loss:(\S+) val_bpb:(\S+) eval_time:(\d+)ms.*? compliant:(yes|no)$")
     m = _last_match(log, pattern, f"'{label} val_loss:... val_bpb:... compliant:...'")
-    return {"val_loss": float(m.group(1)), "val_bpb": float(m.group(2)), "eval_time_ms": int(m.group(3)),
-            "compliant": m.group(4) == "yes"}
+    return {
+        "val_loss": float(m.group(1)),
+        "val_bpb": float(m.group(2)),
+        "eval_time_ms": int(m.group(3)),
+        "compliant": m.group(4) == "yes",
+    }
 
 
 def seed_figures(fit_dir: Path, test_dir: Path, methods: Sequence[str]) -> dict[str, Any]:
@@ -103,9 +107,7 @@ def check_against_results(figures: dict[str, Any], entry: dict[str, Any], logs: 
     for log_key, results_key in pairs.items():
         logged, recorded = figures[log_key], entry[results_key]
         if abs(logged - recorded) > tolerance:
-            raise RecordError(
-                f"seed {entry['seed']}: {log_key} is {logged} in {logs} but {recorded} in {results_path}"
-            )
+            raise RecordError(f"seed {entry['seed']}: {log_key} is {logged} in {logs} but {recorded} in {results_path}")
 
 
 def check_same_config(configs: dict[int, Path]) -> None:
@@ -161,10 +163,18 @@ def submission(
     }
     if test is not None:
         doc["significance"] = {
-            "metric": test.metric, "test": test.kind, "n": test.n, "baseline_mean": test.baseline_mean,
-            "baseline_n": test.baseline_n, "margin_nats": test.margin, "alpha": test.alpha,
-            "t": test.t if math.isfinite(test.t) else str(test.t), "df": test.df, "p": test.p,
-            "holds": test.holds, "verdict": test.verdict(),
+            "metric": test.metric,
+            "test": test.kind,
+            "n": test.n,
+            "baseline_mean": test.baseline_mean,
+            "baseline_n": test.baseline_n,
+            "margin_nats": test.margin,
+            "alpha": test.alpha,
+            "t": test.t if math.isfinite(test.t) else str(test.t),
+            "df": test.df,
+            "p": test.p,
+            "holds": test.holds,
+            "verdict": test.verdict(),
         }
     return doc
 
@@ -172,11 +182,18 @@ def submission(
 def table(results: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     """The README results table: one row per seed, then the mean and std of the scores (not of counts)."""
     methods, score = results["methods"], results["score"]
-    columns = [("Steps", "steps"), ("Train time (ms)", "train_time_ms"),
-               ("Pre-quant val_bpb", "pre_quant_val_bpb"), ("Roundtrip val_bpb", "roundtrip_val_bpb")]
+    columns = [
+        ("Steps", "steps"),
+        ("Train time (ms)", "train_time_ms"),
+        ("Pre-quant val_bpb", "pre_quant_val_bpb"),
+        ("Roundtrip val_bpb", "roundtrip_val_bpb"),
+    ]
     columns += [(f"{m} val_bpb{' (scored)' if m == score else ''}", f"{m}_val_bpb") for m in methods]
-    columns += [(f"{score} val_loss (scored)", "val_loss"), ("Eval time (ms)", "eval_time_ms"),
-                ("Artifact bytes", "artifact_bytes")]
+    columns += [
+        (f"{score} val_loss (scored)", "val_loss"),
+        ("Eval time (ms)", "eval_time_ms"),
+        ("Artifact bytes", "artifact_bytes"),
+    ]
     scores = [key for _, key in columns if key.endswith(("_val_bpb", "val_loss"))]
 
     def cell(key: str, value: Any) -> str:
@@ -198,14 +215,20 @@ def compliance(doc: dict[str, Any]) -> str:
     if doc["scored_pass_compliant"]:
         return "The scored pass is marked `compliant:yes` in every eval log (pgolf's causality rules)."
     seeds = [seed for seed, f in doc["seed_results"].items() if not f["compliant"]]
-    return (f"**Warning: the scored pass is marked `compliant:no` in the eval logs of seeds {', '.join(seeds)}: "
-            "it lets a target shape the prediction that scores it (see `pgolf audit` and pgolf_lit's "
-            "docs/techniques.md §6).**")
+    return (
+        f"**Warning: the scored pass is marked `compliant:no` in the eval logs of seeds {', '.join(seeds)}: "
+        "it lets a target shape the prediction that scores it (see `pgolf audit` and pgolf_lit's "
+        "docs/techniques.md §6).**"
+    )
 
 
 def readme(
-    results: dict[str, Any], doc: dict[str, Any], labels: dict[str, str], test: Optional[ImprovementTest],
-    baseline: str, commands: Sequence[str],
+    results: dict[str, Any],
+    doc: dict[str, Any],
+    labels: dict[str, str],
+    test: Optional[ImprovementTest],
+    baseline: str,
+    commands: Sequence[str],
 ) -> str:
     """README.md: the headline, the generated table and where each number comes from, the significance test,
     the files, and the commands that made the folder."""
@@ -243,8 +266,11 @@ def readme(
         *inputs, verdict = test.lines()
         lines += [f"Baseline: {baseline}.", "", *(f"- {line}" for line in inputs), "", f"**{verdict}**"]
     if (bpb := margin_in_bpb(results)) is not None:
-        lines += ["", f"The challenge's margin of {RECORD_MARGIN_NATS} nats/token is {bpb:.5f} bits/byte on this "
-                      "validation text (scored tokens / bytes of the scored pass)."]
+        lines += [
+            "",
+            f"The challenge's margin of {RECORD_MARGIN_NATS} nats/token is {bpb:.5f} bits/byte on this "
+            "validation text (scored tokens / bytes of the scored pass).",
+        ]
     lines += [
         "",
         "## Files",
@@ -345,8 +371,10 @@ def main(argv: Sequence[str]) -> None:
         "blurb": args.blurb,
     }
     doc = build_record(Path(args.results), out, meta, args.baseline)
-    print(f"wrote {out}/: README.md, submission.json, config.yaml, train_seed*.log and eval_seed*.log "
-          f"for seeds {doc['seeds']}: val_bpb {doc['val_bpb']:.{LOG_DECIMALS}f}")
+    print(
+        f"wrote {out}/: README.md, submission.json, config.yaml, train_seed*.log and eval_seed*.log "
+        f"for seeds {doc['seeds']}: val_bpb {doc['val_bpb']:.{LOG_DECIMALS}f}"
+    )
     if "significance" in doc:
         print(doc["significance"]["verdict"])
     if args.github_id is None:

@@ -71,16 +71,24 @@ def _instantiate(annotation: Any) -> Any:
     return ExportConfig() if "ExportConfig" in str(annotation) else None
 
 
-def section_table(title: str, keys_by_record: dict[str, dict[str, Any]], default: Callable[[str], Any],
-                  attached: Optional[dict[str, set[str]]] = None) -> list[str]:
+def section_table(
+    title: str,
+    keys_by_record: dict[str, dict[str, Any]],
+    default: Callable[[str], Any],
+    attached: Optional[dict[str, set[str]]] = None,
+) -> list[str]:
     records = list(keys_by_record)
     keys: list[str] = []
     for values in keys_by_record.values():
         keys += [k for k in values if k not in keys]
     if not keys:
         return []
-    lines = [f"#### {title}", "", "| key | default | " + " | ".join(f"`{r}`" for r in records) + " |",
-             "|---|---|" + "---|" * len(records)]
+    lines = [
+        f"#### {title}",
+        "",
+        "| key | default | " + " | ".join(f"`{r}`" for r in records) + " |",
+        "|---|---|" + "---|" * len(records),
+    ]
     for key in keys:
         row = []
         for record in records:
@@ -115,8 +123,9 @@ def build_table() -> str:
     for title, key, defaults in sections:
         values = {r: flatten(m.get(key) or {}) for r, m in model.items()}
         out += section_table(title, values, lambda k, d=defaults: dataclass_default(d, k))
-    module_keys = {r: {k: v for k, v in m.items() if k not in ("gpt", "optim", "schedule", "evaluation")}
-                   for r, m in model.items()}
+    module_keys = {
+        r: {k: v for k, v in m.items() if k not in ("gpt", "optim", "schedule", "evaluation")} for r, m in model.items()
+    }
     out += section_table("Module (`model`)", module_keys, lambda k: init_default(GolfModule, k))
 
     cb_values: dict[str, dict[str, Any]] = {}
@@ -130,19 +139,28 @@ def build_table() -> str:
             attached[record].add(name)
             cb_values[record].update(flatten(cb.get("init_args") or {}, f"{name}."))
     out += section_table(
-        "Callbacks (`trainer.callbacks[].init_args`)", cb_values,
-        lambda k: init_default(classes[k.split(".")[0]], k.split(".", 1)[1]), attached,
+        "Callbacks (`trainer.callbacks[].init_args`)",
+        cb_values,
+        lambda k: init_default(classes[k.split(".")[0]], k.split(".", 1)[1]),
+        attached,
     )
     data = {r: flatten(c.get("data") or {}) for r, c in configs.items()}
     out += section_table("Data (`data`)", data, lambda k: init_default(TokenShardDataModule, k))
 
-    trainer = {r: flatten({"trainer": {k: v for k, v in (c.get("trainer") or {}).items() if k != "callbacks"},
-                           "seed_everything": c.get("seed_everything")}) for r, c in configs.items()}
-    common = {k: v for k, v in next(iter(trainer.values())).items()
-              if all(t.get(k) == v for t in trainer.values())}
+    trainer = {
+        r: flatten(
+            {
+                "trainer": {k: v for k, v in (c.get("trainer") or {}).items() if k != "callbacks"},
+                "seed_everything": c.get("seed_everything"),
+            }
+        )
+        for r, c in configs.items()
+    }
+    common = {k: v for k, v in next(iter(trainer.values())).items() if all(t.get(k) == v for t in trainer.values())}
     differing = {r: {k: v for k, v in t.items() if k not in common} for r, t in trainer.items()}
-    out.append("Set identically in every record: " + ", ".join(f"`{k}: {cell(v)[1:-1]}`" for k, v in common.items())
-               + ".")
+    out.append(
+        "Set identically in every record: " + ", ".join(f"`{k}: {cell(v)[1:-1]}`" for k, v in common.items()) + "."
+    )
     out.append("")
     out += section_table("Trainer keys that differ", differing, lambda k: None)
     out.append(END)

@@ -121,7 +121,7 @@ def read_float_weights(path: Path) -> dict[str, torch.Tensor]:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         raise ConfigError(f"{path}: not a loadable checkpoint ({reason})") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
-    return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")} or sd
+    return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")} or sd
 
 
 def find_artifact(run_dir: Path, summary: dict[str, Any]) -> Optional[Path]:
@@ -239,8 +239,15 @@ def _mark_events(ax, events: Sequence[tuple[str, float]]) -> None:
     """Dashed vertical lines at the events, labelled along the top of the axes."""
     for i, (name, x) in enumerate(events):
         ax.axvline(x, color=f"C{3 + i % 6}", linestyle="--", linewidth=1)
-        ax.text(x, 1.0 - 0.07 * (i % 4), f" {name}", transform=ax.get_xaxis_transform(), fontsize=7, va="top",
-                color=f"C{3 + i % 6}")
+        ax.text(
+            x,
+            1.0 - 0.07 * (i % 4),
+            f" {name}",
+            transform=ax.get_xaxis_transform(),
+            fontsize=7,
+            va="top",
+            color=f"C{3 + i % 6}",
+        )
 
 
 def quantization_gap(summary: dict[str, Any]) -> Optional[tuple[float, float]]:
@@ -266,14 +273,26 @@ def plot_curves(timeline: Timeline, path: Path, gap: Optional[tuple[float, float
             axes[1, col].plot(val[:, 0 if col == 0 else 3] * scale, val[:, 2], marker="o", color="C1", label="val_bpb")
             last_x = val[-1, 0 if col == 0 else 3] * scale
             for i, (label, bpb) in enumerate(val_results):
-                axes[1, col].scatter([last_x], [bpb], marker="x^sv"[i % 4], s=70, linewidths=2, color=f"C{5 + i}",
-                                     zorder=3, label=f"{label}: {bpb:.4f}")
+                axes[1, col].scatter(
+                    [last_x],
+                    [bpb],
+                    marker="x^sv"[i % 4],
+                    s=70,
+                    linewidths=2,
+                    color=f"C{5 + i}",
+                    zorder=3,
+                    label=f"{label}: {bpb:.4f}",
+                )
             axes[1, col].legend(fontsize=8, loc="upper right")
             if gap is not None:
                 pre, post = gap
                 axes[1, col].text(
-                    0.02, 0.04, f"quantization gap {post - pre:+.5f} BPB\n(pre {pre:.5f} → roundtrip {post:.5f})",
-                    transform=axes[1, col].transAxes, fontsize=9, va="bottom",
+                    0.02,
+                    0.04,
+                    f"quantization gap {post - pre:+.5f} BPB\n(pre {pre:.5f} → roundtrip {post:.5f})",
+                    transform=axes[1, col].transAxes,
+                    fontsize=9,
+                    va="bottom",
                     bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85},
                 )
         axes[1, col].set_ylabel("val_bpb (bits/byte)")
@@ -334,8 +353,10 @@ def plot_weights(categories: dict[str, Category], path: Path) -> None:
         bottom.set_title(title + (f"\nrel. RMS error {error:.3%}" if error is not None else ""), fontsize=9)
         bottom.legend(fontsize=7)
     only_after = not any(c.floats for c in categories.values())
-    fig.suptitle("Weights by category: stored codes and weight values"
-                 + (" (after quantization only; --ckpt adds before)" if only_after else ""))
+    fig.suptitle(
+        "Weights by category: stored codes and weight values"
+        + (" (after quantization only; --ckpt adds before)" if only_after else "")
+    )
     _save(fig, path)
 
 
@@ -353,8 +374,11 @@ def plot_bytes(categories: dict[str, Category], artifact_bytes: int, path: Path)
     ax.invert_yaxis()
     ax.set_xlabel("bytes")
     fig.legend(fontsize=8, loc="outside lower center", ncol=2)
-    ax.set_title(f"Bytes by category; the compressed artifact is {artifact_bytes:,} bytes in all "
-                 f"(entropy sum {sum(entropy):,.0f})", fontsize=10)
+    ax.set_title(
+        f"Bytes by category; the compressed artifact is {artifact_bytes:,} bytes in all "
+        f"(entropy sum {sum(entropy):,.0f})",
+        fontsize=10,
+    )
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
 
@@ -367,59 +391,109 @@ def plot_bytes(categories: dict[str, Category], artifact_bytes: int, path: Path)
 def _figures_table(summary: dict[str, Any], timeline: Timeline) -> list[str]:
     rows = []
     if train := summary.get("train"):
-        rows += [("steps", f"{train['steps']}"), ("training wallclock", f"{train['train_time_ms'] / 1000:.1f} s"),
-                 ("step average", f"{train['step_avg_ms']:.1f} ms"), ("tokens/s", f"{train['tokens_per_s']:,.0f}")]
+        rows += [
+            ("steps", f"{train['steps']}"),
+            ("training wallclock", f"{train['train_time_ms'] / 1000:.1f} s"),
+            ("step average", f"{train['step_avg_ms']:.1f} ms"),
+            ("tokens/s", f"{train['tokens_per_s']:,.0f}"),
+        ]
     if last := summary.get("last_val"):
-        rows.append(("last validation",
-                     f"val_loss {last['val_loss']:.4f}, val_bpb {last['val_bpb']:.4f} at step {last['step']}"))
+        rows.append(
+            (
+                "last validation",
+                f"val_loss {last['val_loss']:.4f}, val_bpb {last['val_bpb']:.4f} at step {last['step']}",
+            )
+        )
     for label, (loss, bpb) in timeline.results.items():
         rows.append((label, f"val_loss {loss:.8f}, val_bpb {bpb:.8f}"))
     for method, result in (summary.get("test") or {}).items():
         rows.append((f"test: {method}", f"val_loss {result['val_loss']:.8f}, val_bpb {result['val_bpb']:.8f}"))
     if art := summary.get("artifact"):
         verdict = "within" if art["fits"] else "OVER"
-        rows.append(("artifact", f"model {art['model_bytes']:,} + code {art['code_bytes']:,} = {art['total_bytes']:,} "
-                                  f"bytes ({verdict} the {art['budget_bytes']:,} budget)"))
+        rows.append(
+            (
+                "artifact",
+                f"model {art['model_bytes']:,} + code {art['code_bytes']:,} = {art['total_bytes']:,} "
+                f"bytes ({verdict} the {art['budget_bytes']:,} budget)",
+            )
+        )
     return ["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
 
-def summary_markdown(run_dir: Path, summary: dict[str, Any], timeline: Timeline, lr: list, artifact: Optional[Path],
-                     categories: dict[str, Category], ckpt: Optional[Path]) -> str:
+def summary_markdown(
+    run_dir: Path,
+    summary: dict[str, Any],
+    timeline: Timeline,
+    lr: list,
+    artifact: Optional[Path],
+    categories: dict[str, Category],
+    ckpt: Optional[Path],
+) -> str:
     """One page: the run's figures, the plots in reading order with the events and the bytes table, and what
     each plot can and cannot show."""
-    lines = [f"# Run report: `{run_dir}`", "", *_figures_table(summary, timeline), "", "## Training", "",
-             "![training curves](curves.png)", ""]
+    lines = [
+        f"# Run report: `{run_dir}`",
+        "",
+        *_figures_table(summary, timeline),
+        "",
+        "## Training",
+        "",
+        "![training curves](curves.png)",
+        "",
+    ]
     gap = quantization_gap(summary)
     if gap is not None:
-        lines += [f"Quantization gap (written on the val panels): {gap[1] - gap[0]:+.5f} BPB, pre-quantization "
-                  f"{gap[0]:.5f} → roundtrip {gap[1]:.5f}.", ""]
+        lines += [
+            f"Quantization gap (written on the val panels): {gap[1] - gap[0]:+.5f} BPB, pre-quantization "
+            f"{gap[0]:.5f} → roundtrip {gap[1]:.5f}.",
+            "",
+        ]
     if timeline.events:
         lines += ["| event | step | training wallclock (s) |", "|---|---|---|"]
         lines += [f"| {name} | {step} | {time / 1000:.1f} |" for name, step, time in timeline.events]
         lines.append("")
     lines += ["## LR schedule", ""]
-    lines.append("![LR schedule](schedule.png)" if lr else
-                 "No `lr_scale` in metrics.csv (the run used another logger than CSVLogger): no LR plot.")
+    lines.append(
+        "![LR schedule](schedule.png)"
+        if lr
+        else "No `lr_scale` in metrics.csv (the run used another logger than CSVLogger): no LR plot."
+    )
     lines += ["", "## Weights", ""]
     if artifact is None:
         lines.append("No artifact in the run directory: no weight or byte plots.")
         return "\n".join(lines) + "\n"
-    before = (f"Float weights before quantization from `{ckpt}` (a checkpoint of a run with the EMA callback holds "
-              "the EMA weights, the ones the artifact quantizes)." if ckpt else
-              "The run keeps no float checkpoint, so this shows the artifact only: stored codes (mass at ±R is "
-              "clipping) and dequantized weights. `--ckpt` adds the float weights and the quantization error.")
-    lines += [f"Artifact `{artifact}`. {before}", "", "![weights](weights.png)", "", "## Bytes by category", "",
-              "| category | tensors | values | bits | stored bytes | order-0 entropy bytes | rel. RMS error |",
-              "|---|---|---|---|---|---|---|"]
+    before = (
+        f"Float weights before quantization from `{ckpt}` (a checkpoint of a run with the EMA callback holds "
+        "the EMA weights, the ones the artifact quantizes)."
+        if ckpt
+        else "The run keeps no float checkpoint, so this shows the artifact only: stored codes (mass at ±R is "
+        "clipping) and dequantized weights. `--ckpt` adds the float weights and the quantization error."
+    )
+    lines += [
+        f"Artifact `{artifact}`. {before}",
+        "",
+        "![weights](weights.png)",
+        "",
+        "## Bytes by category",
+        "",
+        "| category | tensors | values | bits | stored bytes | order-0 entropy bytes | rel. RMS error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for cat in categories.values():
         bits = "/".join(map(str, sorted(cat.bits))) or "float"
         error = cat.relative_rms_error()
-        lines.append(f"| {cat.name} | {cat.tensors} | {cat.numel:,} | {bits} | {cat.stored_bytes:,} | "
-                     f"{cat.entropy_bytes():,.0f} | {'—' if error is None else f'{error:.3%}'} |")
+        lines.append(
+            f"| {cat.name} | {cat.tensors} | {cat.numel:,} | {bits} | {cat.stored_bytes:,} | "
+            f"{cat.entropy_bytes():,.0f} | {'—' if error is None else f'{error:.3%}'} |"
+        )
     total = sum(c.entropy_bytes() for c in categories.values())
-    lines += ["", f"The artifact file is {artifact.stat().st_size:,} bytes; the entropy estimates sum to {total:,.0f}. "
-              "The compressor codes all tensors in one stream, so the file's bytes do not split by category.", "",
-              "![bytes by category](bytes.png)"]
+    lines += [
+        "",
+        f"The artifact file is {artifact.stat().st_size:,} bytes; the entropy estimates sum to {total:,.0f}. "
+        "The compressor codes all tensors in one stream, so the file's bytes do not split by category.",
+        "",
+        "![bytes by category](bytes.png)",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -54,8 +54,11 @@ def main(argv) -> None:
     model.set_recurrence(True)
     vocab = model.config.vocab_size
     data = config.get("data") or {}
-    tokenizer = args.tokenizer or data.get("tokenizer_path") or default_tokenizer_path(
-        Path(data.get("data_dir", "data/datasets/fineweb10B_sp1024")), vocab)
+    tokenizer = (
+        args.tokenizer
+        or data.get("tokenizer_path")
+        or default_tokenizer_path(Path(data.get("data_dir", "data/datasets/fineweb10B_sp1024")), vocab)
+    )
     sp = load_tokenizer(tokenizer, vocab)
     caseops = is_caseops_tokenizer(sp)
     prompt = encode_caseops(args.prompt) if caseops else args.prompt
@@ -63,8 +66,9 @@ def main(argv) -> None:
     ids = torch.tensor([ids] * args.samples, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     context = int(data.get("train_seq_len", 1024))
-    out = generate(model, ids, args.tokens, temperature=args.temperature, top_k=args.top_k, context=context,
-                   generator=generator)
+    out = generate(
+        model, ids, args.tokens, temperature=args.temperature, top_k=args.top_k, context=context, generator=generator
+    )
     for i, row in enumerate(out.tolist()):
         text = sp.decode([t for t in row if t != sp.bos_id()])
         if caseops:

@@ -183,8 +183,12 @@ def eval_figures(test_dir: Path, methods: Sequence[str]) -> dict[str, Any]:
         figures[f"{method}_compliant"] = result["compliant"]
     scored = passes[methods[-1]]
     figures.update(
-        val_loss=scored["val_loss"], val_bpb=scored["val_bpb"], eval_time_ms=scored["eval_time_ms"],
-        compliant=scored["compliant"], score_tokens=scored["tokens"], score_bytes=scored["bytes"],
+        val_loss=scored["val_loss"],
+        val_bpb=scored["val_bpb"],
+        eval_time_ms=scored["eval_time_ms"],
+        compliant=scored["compliant"],
+        score_tokens=scored["tokens"],
+        score_bytes=scored["bytes"],
     )
     return figures
 
@@ -210,9 +214,12 @@ def pgolf_command() -> list[str]:
 
 def _logger_args(seed_dir: Path, version: str) -> list[str]:
     return [
-        "--trainer.logger.init_args.save_dir", str(seed_dir.parent),
-        "--trainer.logger.init_args.name", seed_dir.name,
-        "--trainer.logger.init_args.version", version,
+        "--trainer.logger.init_args.save_dir",
+        str(seed_dir.parent),
+        "--trainer.logger.init_args.name",
+        seed_dir.name,
+        "--trainer.logger.init_args.version",
+        version,
     ]
 
 
@@ -246,17 +253,35 @@ def _artifact_in(fit_dir: Path, out: Path, path: str) -> str:
     return str(artifact.relative_to(out))
 
 
-def _stage_command(stage: str, out: Path, entry: dict[str, Any], config: Path, fit_args: list[str],
-                   devices: Optional[str]) -> list[str]:
+def _stage_command(
+    stage: str, out: Path, entry: dict[str, Any], config: Path, fit_args: list[str], devices: Optional[str]
+) -> list[str]:
     """``pgolf fit`` of the config with the extra arguments and the seed; ``pgolf test`` of the run's own saved
     config and artifact. Both log into the seed's directory; the seed and directories are set last, so they win."""
     seed, seed_dir = entry["seed"], out / f"seed_{entry['seed']}"
     device_args = ["--trainer.devices", devices] if devices else []
     if stage == "fit":
-        return [*pgolf_command(), "fit", "--config", str(config), *fit_args, *device_args,
-                "--seed_everything", str(seed), *_logger_args(seed_dir, "fit")]
-    return [*pgolf_command(), "test", "--config", str(seed_dir / "fit" / "config.yaml"),
-            "--artifact", str(out / entry["artifact"]), *device_args, *_logger_args(seed_dir, "test")]
+        return [
+            *pgolf_command(),
+            "fit",
+            "--config",
+            str(config),
+            *fit_args,
+            *device_args,
+            "--seed_everything",
+            str(seed),
+            *_logger_args(seed_dir, "fit"),
+        ]
+    return [
+        *pgolf_command(),
+        "test",
+        "--config",
+        str(seed_dir / "fit" / "config.yaml"),
+        "--artifact",
+        str(out / entry["artifact"]),
+        *device_args,
+        *_logger_args(seed_dir, "test"),
+    ]
 
 
 def _collect(stage: str, out: Path, results: dict[str, Any], entry: dict[str, Any]) -> None:
@@ -428,7 +453,8 @@ def main(argv: Sequence[str]) -> None:
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(
-        prog="pgolf seeds", allow_abbrev=False,
+        prog="pgolf seeds",
+        allow_abbrev=False,
         description="pgolf fit + pgolf test for each seed, every figure in DIR/results.json and results.csv "
         "(resumable); arguments not listed here (or after --) go to pgolf fit",
     )
