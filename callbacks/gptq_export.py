@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from pgolf_lit.errors import PgolfError, error_line
+from pgolf_lit.errors import ConfigError, PgolfError, error_line
 from pgolf_lit.eval import format_result_line
 from pgolf_lit.quant import ExportConfig, export_model, model_from_artifact, read_artifact
 from pgolf_lit.quant.calibration import generate_calibration_tokens, token_batches
@@ -37,6 +37,7 @@ class GPTQExport(Callback):
         calibration_batches: int = 64,
         calibration_loader: Optional[str] = None,
         roundtrip_eval: bool = True,
+        fit_end_method: str = "standard",
     ):
         """
         Args:
@@ -50,8 +51,20 @@ class GPTQExport(Callback):
                 their last token, as PR #1019), used for the Hessians.
             calibration_loader: read the calibration batches with this loader instead of the training one (PR
                 #1855 trains on packed documents but calibrates on ``shuffled`` dense sequences).
-            roundtrip_eval: reload the artifact and score it with the standard pass, as the records do.
+            roundtrip_eval: reload the artifact and score it with ``fit_end_method``, as the records do.
+            fit_end_method: the eval pass of the fit-end lines (the float weights before quantization, then the
+                reloaded artifact): ``standard`` (the dense pass of the records up to PR #1394), or the record's own
+                diagnostic, e.g. ``doc_isolated`` for PR #1855 and its descendants (their logged "diagnostic
+                pre-quantization post-ema" and "diagnostic quantized" lines), so the lines compare with the log's.
         """
+        from pgolf_lit.eval.registry import EVAL_METHODS
+
+        if fit_end_method not in EVAL_METHODS:
+            raise ConfigError(
+                f"GPTQExport.fit_end_method: {fit_end_method!r} is no eval method; expected one of "
+                f"{', '.join(EVAL_METHODS)}"
+            )
+        self.fit_end_method = fit_end_method
         self.path = path
         self.config = export if isinstance(export, ExportConfig) else ExportConfig.from_dict(export or {})
         self.calibration = calibration
@@ -105,7 +118,7 @@ class GPTQExport(Callback):
     def _on_fit_end(self, trainer, pl_module) -> None:
         model = pl_module.model
         # The same evaluation `pgolf test` runs (precision, compile, settings): same label, same computation.
-        pre = pl_module.evaluate("standard")
+        pre = pl_module.evaluate(self.fit_end_method)
         pl_module.log_text(format_result_line(pre))
         self.results["pre_quant"] = pre
         out = self.resolve_path(pl_module)
@@ -157,7 +170,7 @@ class GPTQExport(Callback):
         art = read_artifact(out, None if self.config.format == "native" else pl_module.gpt_config)
         reloaded = model_from_artifact(art, str(out), pl_module.device)
         context = dataclasses.replace(pl_module.eval_context(), weights=art.weights)
-        post = pl_module.evaluate("standard", reloaded, context)
+        post = pl_module.evaluate(self.fit_end_method, reloaded, context)
         pl_module.log_text(format_result_line(post))
         self.results["roundtrip"] = post
         pl_module.write_summary(pre_quant=pre, roundtrip=post)

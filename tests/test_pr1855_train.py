@@ -9,6 +9,7 @@ from the case's files; tolerances are the fixture's. Skips cleanly without them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -279,6 +280,15 @@ def test_record_preset_values():
 # ---------------------------------------------------------------------------------------------------------
 
 
+def test_fit_end_method_is_a_registered_pass():
+    from pgolf_lit.callbacks import GPTQExport
+    from pgolf_lit.errors import ConfigError
+
+    assert GPTQExport(fit_end_method="doc_isolated").fit_end_method == "doc_isolated"
+    with pytest.raises(ConfigError, match="GPTQExport.fit_end_method: 'nope' is no eval method; expected one of"):
+        GPTQExport(fit_end_method="nope")
+
+
 @pytest.mark.skipif(
     shutil.which("lrzip") is None, reason="the record's per-group container needs lrzip (apt-get install lrzip)"
 )
@@ -319,7 +329,11 @@ def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     assert (run_dir / "final_model.pgolf").read_bytes()[:4] == b"PGRP" and artifact["codec"] == "lrzip-zpaq + brotli"
     assert "packed" in (run_dir / "config.yaml").read_text()
     log = (run_dir / "train.log").read_text()
-    assert "ema:applying EMA weights decay:0.9" in log and "final_int6_roundtrip val_loss:" in log
+    assert "ema:applying EMA weights decay:0.9" in log
+    # The fit-end lines use the record's own diagnostic pass (GPTQExport.fit_end_method), as its log's do.
+    assert summary["pre_quant"]["method"] == summary["roundtrip"]["method"] == "doc_isolated"
+    assert "diagnostic quantized val_loss:" in log and "final_int6_roundtrip" not in log
+    assert re.search(r"^pre-quantization post-ema \S+ val_loss:", log, re.M), log[-2000:]
     # Nothing written during the timed run (the records never checkpoint), and the clock ledger closes the log.
     assert not (run_dir / "checkpoints").exists()
     assert log.rstrip().splitlines()[-1].startswith("clock: train ")
