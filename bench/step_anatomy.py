@@ -109,8 +109,8 @@ def variants(side: LightningSide, workdir: Path, steps: int, warmup: int) -> lis
     if getattr(module, "fused_kernels", False):
 
         def fused_off():
-            module.set_fused_kernels(False)
-            return lambda: module.set_fused_kernels(True)
+            module.model.set_fused_kernels(False)
+            return lambda: module.model.set_fused_kernels(True)
 
         rows.append(Variant("4 off: fused kernels off (PyTorch ops)", fused_off))
     return rows

@@ -158,6 +158,7 @@ def test_throughput_and_step_anatomy_run_the_packed_record(bench, capsys):
     rows = {label: [_positive_finite(s) for s in seconds] for label, seconds in result["rows"].items()}
     assert list(rows)[0] == "as shipped" and any(label.startswith("1 off: varlen") for label in rows)
     assert any(label.startswith("2 off: Checkpoint") for label in rows)
+    assert any(label.startswith("4 off: fused kernels") for label in rows)  # the record's config turns them on
     for label in rows:
         assert re.search(rf"^{re.escape(label)} +[0-9.]+ +[0-9.]+x$", table, re.M), (label, table)
     assert "3 world" in table and "5 off: fp32 gradient reduction" in table
