@@ -129,4 +129,6 @@ def test_eval_table_audit_section(bench):
         "sliding_exact",
         "causal_slot_per_window",
         "ttt_exact",
+        "doc_isolated",  # PR #1855's diagnostic and its score-first phased TTT audit compliant too
+        "phased_ttt",
     }
