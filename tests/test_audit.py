@@ -23,6 +23,7 @@ EXPECTED = {
     "ttt_exact": (True, True, True, None),
     "doc_isolated": (True, True, True, None),
     "phased_ttt": (True, True, True, None),
+    "phased_ttt_no_qv": (True, True, True, None),
 }
 
 

@@ -131,4 +131,5 @@ def test_eval_table_audit_section(bench):
         "ttt_exact",
         "doc_isolated",  # PR #1855's diagnostic and its score-first phased TTT audit compliant too
         "phased_ttt",
+        "phased_ttt_no_qv",
     }

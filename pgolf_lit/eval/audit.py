@@ -142,8 +142,23 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
 
         return run
 
-    def phased(model, tokens, metric, recorder, batch, rank, world):
-        cfg = PhasedTTTSettings(
+    def phased(**changes):
+        def run(model, tokens, metric, recorder, batch, rank, world):
+            evaluate_phased_ttt(
+                model,
+                tokens,
+                metric,
+                phased_settings(**changes),
+                seq_len=L,
+                rank=rank,
+                world_size=world,
+                recorder=recorder,
+            )
+
+        return run
+
+    def phased_settings(**changes) -> PhasedTTTSettings:
+        return PhasedTTTSettings(
             chunk=setup.phased_chunk,
             context=L,
             batch_docs=setup.phased_batch_docs,
@@ -155,8 +170,8 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
             global_chunk_tokens=2 * L,
             global_batch_seqs=2,
             lora_seed=setup.seed,
+            **changes,
         )
-        evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=L, rank=rank, world_size=world, recorder=recorder)
 
     def doc_isolated(model, tokens, metric, recorder, batch, rank, world):
         evaluate_doc_isolated(
@@ -203,7 +218,14 @@ def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
         AuditMethod(
             "phased_ttt",
             "phased score-first TTT (PR #1855: per-document LoRA + global SGD phases)",
-            phased,
+            phased(),
+            invariance_applies=False,
+            documents=True,
+        ),
+        AuditMethod(
+            "phased_ttt_no_qv",
+            "phased score-first TTT, no Q/V adapters, LoRA lr x0.75 (PR #1953/#2014)",
+            phased(q_lora=False, v_lora=False, local_lr_mult=0.75),
             invariance_applies=False,
             documents=True,
         ),
