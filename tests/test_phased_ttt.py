@@ -367,9 +367,17 @@ def test_schedule_world_moves_the_phases_on_one_process():
     assert [p["scored_before"] for p in summaries[2]["phases"]] == [4, 8]
 
 
-@pytest.mark.parametrize("name", ["pr1855_sp8192_lqer_sparsegate", "pr1855_sp8192_lqer_sparsegate_tiny"])
-def test_record_configs_schedule_the_phases_for_their_record_world(name):
-    merged = load_config(CONFIG_DIR / "records" / f"{name}.yaml")
+PHASED_RECORDS = [
+    p
+    for p in sorted((CONFIG_DIR / "records").glob("*.yaml"))
+    if "phased_ttt" in load_config(p)["model"]["test_methods"]
+]
+
+
+@pytest.mark.parametrize("path", PHASED_RECORDS, ids=lambda p: p.stem)
+def test_record_configs_schedule_the_phases_for_their_record_world(path):
+    """Every config that scores phased TTT pauses where its own record world did (a tiny twin on one process: 1)."""
+    merged = load_config(path)
     settings = EvalSettings.from_dict(merged["model"]["evaluation"])
     assert settings.phased_ttt.schedule_world == merged["record"]["world"]
 
