@@ -112,23 +112,9 @@ PR1855_TINY = str(ROOT / "configs" / "records" / "pr1855_sp8192_lqer_sparsegate_
 def test_throughput_and_step_anatomy_run_the_packed_record(bench, capsys):
     """PR #1855 trains on packed rows (x, y, cu_seqlens): the plain loop takes them, and the step anatomy times the
     record with each switch off in turn, beside the record's own logged ms/step."""
-    bench("throughput").main(
-        [
-            "--config",
-            PR1855_TINY,
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--rounds",
-            "1",
-            "--device",
-            "cpu",
-            "--",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    tiny_run = ["--config", PR1855_TINY, "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu"]
+    tiny_run += ["--", "--trainer.enable_progress_bar", "false"]
+    bench("throughput").main(tiny_run)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(
         rf"throughput lightning_tok_s={NUMBER} plain_tok_s={NUMBER} ratio={NUMBER} device=cpu "
@@ -136,23 +122,7 @@ def test_throughput_and_step_anatomy_run_the_packed_record(bench, capsys):
         last,
     ), last
 
-    result = bench("step_anatomy").main(
-        [
-            "--config",
-            PR1855_TINY,
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--rounds",
-            "1",
-            "--device",
-            "cpu",
-            "--",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    result = bench("step_anatomy").main(tiny_run)
     out = capsys.readouterr().out
     table = out[out.index("\nstep anatomy\n") :]
     rows = {label: [_positive_finite(s) for s in seconds] for label, seconds in result["rows"].items()}

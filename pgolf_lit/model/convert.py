@@ -1,18 +1,5 @@
-"""Interop with upstream ``train_gpt.py`` checkpoints.
-
-Up to PR #1394 our parameter names are the upstream state-dict keys, so converting is checking: every key
-present, no key left over, every shape as the config implies, 0-d scalars kept 0-d. PR #1855 (from PR #1523 on)
-stores the 66 block matrices in four parameter banks; those are mapped to and from our per-block names exactly
-as the script's own ``_unbank_state_dict`` / ``_rebank_state_dict`` do (PR #1855 train_gpt.py):
-
-    qo_bank[i] = blocks.i.attn.c_q.weight      qo_bank[L+i] = blocks.i.attn.proj.weight
-    kv_bank[i] = blocks.i.attn.c_k.weight      kv_bank[L+i] = blocks.i.attn.c_v.weight
-    mlp_up_bank[i] = blocks.i.mlp.fc.weight    mlp_down_bank[i] = blocks.i.mlp.proj.weight
-
-Upstream stores embedding tables in bf16. A GPT is built fp32 (under a bf16 precision the module then applies
-the records' dtype policy, ``GPT.apply_record_dtypes``), so tensors are cast to the model's dtypes on the way in
-and (optionally) to the upstream dtype policy on the way out (each parameter role's ``record_dtype``).
-"""
+"""Interop with upstream ``train_gpt.py`` checkpoints: the record-config lookups of upstream hyperparameters, over
+``state_dicts.py`` (strict loading, PR #1855's parameter banks, record dtypes), whose names it re-exports."""
 
 from __future__ import annotations
 
