@@ -7,12 +7,12 @@ import dataclasses
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_process import run_pgolf
 from pgolf_lit.cli import main
 from pgolf_lit.config import CONFIG_DIR
 from pgolf_lit.summary import read_summary
@@ -21,9 +21,7 @@ ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml")) + sorted((CONFIG_DIR / "records"
 
 
 def pgolf(*args: str, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pgolf_lit.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
+    return run_pgolf(args, cwd=cwd, timeout=timeout)
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: p.stem)

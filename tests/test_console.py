@@ -1,5 +1,6 @@
 """What a user sees: the progress bar and text lines, a quiet first screen, resume in place, honest Trainer flags,
-the wheel, loggers, --version and the argument parser. Every test runs the real CLI in a subprocess."""
+the wheel, loggers, --version and the argument parser. Every test runs the real CLI in a process of its own
+(tests/cli_process.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from pgolf_lit.config import CONFIG_DIR
+from cli_process import run_pgolf
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
@@ -33,15 +35,7 @@ QUIET = [
 
 
 def pgolf(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "pgolf_lit.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environment,
-    )
+    return run_pgolf(args, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

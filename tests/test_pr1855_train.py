@@ -289,6 +289,7 @@ def test_fit_end_method_is_a_registered_pass():
         GPTQExport(fit_end_method="nope")
 
 
+@pytest.mark.slow  # 100-200 s on 2 cores (phased TTT on CPU); its parts are tested alone in the default suite
 @pytest.mark.skipif(
     shutil.which("lrzip") is None, reason="the record's per-group container needs lrzip (apt-get install lrzip)"
 )

@@ -11,12 +11,12 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cli_process import run_pgolf
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.tools import seeds as seeds_tool
 from pgolf_lit.tools.seeds import ResultsError, load_baseline, load_results
@@ -31,9 +31,7 @@ def pgolf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The pgolf command line of this interpreter, as a user runs it. One OpenMP thread per process (inherited by
     the runs pgolf seeds starts): on a small machine shared with other jobs, two spinning threads per process
     made the tiny steps up to 60 times slower."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pgolf_lit.cli", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+    return run_pgolf(args, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def sweep_cwd(tmp_path_factory, embedded_data_root: Path, name: str) -> Path:
