@@ -16,10 +16,24 @@ import pytest
 import torch
 
 from conftest import fixture_root
-from pgolf_lit.quant.gate import GATE_META, is_quant_gate, quantize_gate_rows
+from pgolf_lit.quant.gate import GATE_META, GateSettings, gate_shape_qualifies
 from pgolf_lit.quant.gptq import BLOCK_SIZE, DAMPING, gptq_sdclip
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
+from pgolf_lit.quant.rtn import quantize_row_amax
 from pgolf_lit.quant.pergroup import PASSTHROUGH_META, gptq_meta, lrzip_version
+
+
+def is_quant_gate(name: str, t: torch.Tensor, settings: GateSettings = GateSettings()) -> bool:
+    """The record script's name rule for the int8 gate path (`gptq_mixed_quantize`); the package routes by the
+    declared gate role instead, so this reference lives with the tests that read upstream state dicts."""
+    return name.endswith(settings.name_suffix) and gate_shape_qualifies(t, settings)
+
+
+def quantize_gate_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes and fp16 row scales of a gate, through the exporter's quantizer (row_amax at 8 bits)."""
+    q = quantize_row_amax(w, 8)
+    return q.q, q.scale
+
 
 ENV = "PGOLF_PR1855_FIXTURES"
 # the record's parameter banks: bank name -> the per-layer weights it stacks, in bank order

@@ -366,7 +366,7 @@ def record_unbank(banked: dict, num_layers: int) -> dict:
 
 def record_route(h: dict, name: str, t: torch.Tensor):
     """The record's routing (``gptq_mixed_quantize``): "gate", "passthrough" or (bits, clip sigmas)."""
-    from pgolf_lit.quant.gate import is_quant_gate
+    from pr1855_case import is_quant_gate
 
     if h["gated_attn_quant_gate"] and is_quant_gate(name, t):
         return "gate"
@@ -394,7 +394,8 @@ def test_awq_lite_gptq_matches_the_record(case):
     import brotli
 
     from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
-    from pgolf_lit.quant.gate import GATE_META, quantize_gate_rows
+    from pgolf_lit.quant.gate import GATE_META
+    from pr1855_case import quantize_gate_rows
     from pgolf_lit.quant.gptq import gptq_sdclip, gptq_sdclip_protected
     from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
     from pgolf_lit.quant.pergroup import PASSTHROUGH_META, dequantize_mixed, encode_pergroup, gptq_meta, lrzip_version

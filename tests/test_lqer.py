@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.quant.gate import GateSettings, dequantize_gate_rows, is_quant_gate, quantize_gate_rows
+from pgolf_lit.quant.gate import GateSettings, dequantize_gate_rows
 from pgolf_lit.quant.gptq import gptq_sdclip
 from pgolf_lit.quant.lqer import (
     ASYM,
@@ -27,7 +27,7 @@ from pgolf_lit.quant.lqer import (
     quantization_error,
 )
 from pgolf_lit.quant.pergroup import parse_meta
-from pr1855_case import case, pergroup_cases
+from pr1855_case import case, is_quant_gate, pergroup_cases, quantize_gate_rows
 
 CASES = pergroup_cases()
 

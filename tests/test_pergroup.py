@@ -19,7 +19,7 @@ import torch
 
 from pgolf_lit.errors import ArtifactError, PgolfError
 from pgolf_lit.quant import pergroup as pg
-from pgolf_lit.quant.gate import GATE_META, quantize_gate_rows
+from pgolf_lit.quant.gate import GATE_META
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
 from pgolf_lit.quant.pergroup import (
     GROUP_ORDER,
@@ -38,7 +38,7 @@ from pgolf_lit.quant.pergroup import (
     unpack_streams,
 )
 from pgolf_lit.quant.rtn import quantize_sdclip
-from pr1855_case import Case, add_lqer, case, pergroup_cases, quantize_without_lqer, tie_settings
+from pr1855_case import Case, add_lqer, case, pergroup_cases, quantize_gate_rows, quantize_without_lqer, tie_settings
 from test_quant_fixtures import assert_tie_mismatches
 
 CASES = pergroup_cases()

@@ -41,22 +41,6 @@ def gate_shape_qualifies(t: Tensor, settings: GateSettings = GateSettings()) -> 
     return t.is_floating_point() and t.ndim == 2 and settings.min_numel <= t.numel() <= settings.max_numel
 
 
-def is_quant_gate(name: str, t: Tensor, settings: GateSettings = GateSettings()) -> bool:
-    """Whether ``gptq_mixed_quantize`` routes ``name`` to the int8 gate path (when QuantGate is on): the
-    script's name rule, for reading upstream state dicts that carry no roles."""
-    return name.endswith(settings.name_suffix) and gate_shape_qualifies(t, settings)
-
-
-def quantize_gate_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Int8 codes (w's shape) and fp16 row scales of a 2-D gate (PR #1855 train_gpt.py `_quantize_gate_int8_row`)."""
-    if w.ndim != 2:
-        raise ValueError(f"the int8 gate quantizer takes a 2-D tensor, got shape {tuple(w.shape)}")
-    x = w.float().contiguous()
-    scale = (x.abs().amax(dim=1).clamp_min(GATE_MIN_SCALE) / GATE_CODE_MAX).to(torch.float16)
-    codes = torch.clamp(torch.round(x / scale.float().view(-1, 1)), -GATE_CODE_MAX, GATE_CODE_MAX).to(torch.int8)
-    return codes, scale
-
-
 def dequantize_gate_rows(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``codes · scale`` per row in fp32, cast to ``dtype`` (PR #1855 train_gpt.py `dequantize_mixed`, gate branch)."""
     return (codes.float() * scale.float().view(-1, 1)).to(dtype)
