@@ -102,7 +102,7 @@ def hardware_section(accelerator: str, world_size: int) -> dict[str, Any]:
 
 def _data_manifest_entry(data_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
     """The data root's manifest.json and its entry for this dataset folder (pgolf data build, or upstream's)."""
-    path = data_dir.parent.parent / "manifest.json"
+    path = Path(os.path.abspath(data_dir)).parent.parent / "manifest.json"  # beside datasets/, links kept
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         entry = next(d for d in manifest["datasets"] if isinstance(d, dict) and d.get("name") == data_dir.name)
