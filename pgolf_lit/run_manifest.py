@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from pgolf_lit.errors import PgolfError
 from pgolf_lit.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
@@ -186,7 +187,12 @@ def build_run_manifest(
     seed = os.environ.get("PL_GLOBAL_SEED")  # what seed_everything set (the config's, or the one it drew)
     if seed is None and isinstance(config, dict) and not isinstance(config.get("seed_everything"), bool):
         seed = config.get("seed_everything")
-    dataset = dataset_section(data_dir, tokenizer_path) if data_dir is not None else None
+    dataset = None
+    if data_dir is not None:
+        try:
+            dataset = dataset_section(data_dir, tokenizer_path)
+        except (OSError, PgolfError) as e:  # unreadable shards: the manifest says so instead of failing the run
+            dataset = {"path": str(data_dir), "error": str(e)}
     if dataset is not None and val_tokens_used is not None:
         dataset["val_tokens_used"] = val_tokens_used
     return {
