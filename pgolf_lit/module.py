@@ -400,6 +400,7 @@ class GolfModule(L.LightningModule):
         ledger = self.clock.ledger(cap_s, reserve_s or 0.0)
         self.log_text(ledger_line(ledger))
         self.write_summary(clock=ledger)
+        self.write_run_manifest("fit", clock=ledger)
 
     def on_train_start(self) -> None:
         if self.global_step > 0:  # resumed: the CSV keeps the run's history up to the checkpoint
@@ -626,6 +627,9 @@ class GolfModule(L.LightningModule):
     def on_test_start(self) -> None:
         self.test_results = []
 
+    def on_test_end(self) -> None:
+        self.write_run_manifest("test")
+
     def test_step(self, batch, batch_idx: int) -> None:
         method = self.test_methods[batch_idx]
         result = self.evaluate(method)
@@ -694,6 +698,14 @@ class GolfModule(L.LightningModule):
         """Merge sections into the run's summary.json (rank 0 only)."""
         if self._trainer is not None and self.trainer.is_global_zero:
             update_summary(self.run_dir, **sections)
+
+    def write_run_manifest(self, stage: str, clock: Optional[dict] = None) -> None:
+        """The run's manifest.json (run_manifest.py: versions, hardware, every shard's sha256, config, seed, clock
+        ledger), rank 0 only."""
+        if self._trainer is not None and self.trainer.is_global_zero:
+            from pgolf_lit.run_manifest import manifest_of_trainer, write_run_manifest
+
+            write_run_manifest(self.run_dir, manifest_of_trainer(self.trainer, self.run_dir, stage, clock))
 
     def record_event(self, name: str, line: str, step: Optional[int] = None) -> None:
         """A training event (``recurrence:activated``, ``late_qat:enabled``, ...): its upstream-style line in

@@ -1,5 +1,9 @@
 """The statistics a record claim needs: mean, sample standard deviation, and one-sided t-tests that a set of
-seeds improves on a baseline by at least a margin (the challenge's rule: at least 0.005 nats at p < 0.01).
+seeds improves on a baseline by at least a margin, under either of the challenge's two significance policies:
+
+* ``original`` (the README's rule from the start): an improvement of at least 0.005 nats at p < 0.01, one-sided;
+* ``final`` (the leaderboard's policy at the close, PR #1902): a one-sided Welch t-test at p < 0.25 that the seeds
+  improve on the chronological frontier (the record that was best when the pull request was opened), no margin.
 
 Lower is better (the tested metric is a loss). The null hypothesis is "the true improvement is at most the
 margin"; a small p rejects it. Against a single number the test is a one-sample t-test on the seeds; against
@@ -12,6 +16,7 @@ package needs no SciPy at run time (the tests compare against SciPy when it is i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -122,6 +127,7 @@ class ImprovementTest:
     t: float
     df: float
     p: float
+    policy: Optional[str] = None  # the significance policy whose margin and alpha these are (POLICIES)
 
     @property
     def improvement(self) -> float:
@@ -134,9 +140,10 @@ class ImprovementTest:
     def verdict(self) -> str:
         """One line that says plainly whether the claim holds, with the p-value and the margin."""
         p = format_p(self.p, self.alpha)
+        claim = f"improvement ≥ {self.margin:g} {self.unit}" if self.margin else "an improvement over the baseline"
         if self.holds:
-            return f"claim holds: p = {p} < {self.alpha:g} for improvement ≥ {self.margin:g} {self.unit}"
-        return f"claim does NOT hold: p = {p} ≥ {self.alpha:g} for improvement ≥ {self.margin:g} {self.unit}"
+            return f"claim holds: p = {p} < {self.alpha:g} for {claim}"
+        return f"claim does NOT hold: p = {p} ≥ {self.alpha:g} for {claim}"
 
     def lines(self) -> list[str]:
         """The verdict with its inputs: what was tested, against what, the test and its statistic."""
@@ -150,7 +157,8 @@ class ImprovementTest:
             f"tested metric: {self.metric}; lower is better",
             f"{self.n} seeds: mean {self.mean:.8f} (std {self.std:.8f}) against {against}",
             f"mean improvement {self.improvement:.8f} {self.unit}; "
-            f"required ≥ {self.margin:g} {self.unit} at p < {self.alpha:g}",
+            + (f"required ≥ {self.margin:g} {self.unit}" if self.margin else "required > 0")
+            + f" at p < {self.alpha:g}",
             test,
             self.verdict(),
         ]
@@ -237,3 +245,65 @@ def welch_improvement_test(
         df=df,
         p=student_t_sf(t, df),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The significance policies
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignificancePolicy:
+    """A rule a record claim is judged by: the improvement it requires, at what p, against what baseline."""
+
+    name: str
+    margin: float  # nats per token the improvement must exceed under H1
+    alpha: float
+    welch_only: bool  # the baseline must be a set of seeds (a Welch test), not one number
+    rule: str  # the rule in one line, for --help and the reports
+
+    def test(self, values: Sequence[float], baseline: Sequence[float], metric: str) -> ImprovementTest:
+        """The policy's test of ``values`` (the seeds' val_loss) against ``baseline`` (one value or several
+        seeds): one-sample against one value, Welch against several."""
+        if len(baseline) == 1:
+            if self.welch_only:
+                raise StatsError(
+                    f"the {self.name} policy's Welch test needs the baseline's per-seed val_loss (at least 2 "
+                    f"seeds: a results.json or a submission.json with seed_results), got one value"
+                )
+            test = one_sample_improvement_test(values, baseline[0], metric, self.margin, self.alpha)
+        else:
+            test = welch_improvement_test(values, baseline, metric, self.margin, self.alpha)
+        return dataclasses.replace(test, policy=self.name)
+
+
+ORIGINAL_POLICY = SignificancePolicy(
+    "original",
+    RECORD_MARGIN_NATS,
+    RECORD_ALPHA,
+    welch_only=False,
+    rule=f"improvement ≥ {RECORD_MARGIN_NATS} nats at p < {RECORD_ALPHA}, one-sided (the challenge README's rule)",
+)
+FINAL_POLICY = SignificancePolicy(
+    "final",
+    0.0,
+    0.25,
+    welch_only=True,
+    rule="one-sided Welch t-test at p < 0.25 against the chronological frontier, the record that was best when the "
+    "pull request was opened (the leaderboard's policy at the close, PR #1902)",
+)
+POLICIES = {policy.name: policy for policy in (ORIGINAL_POLICY, FINAL_POLICY)}
+DEFAULT_POLICY = ORIGINAL_POLICY.name
+
+
+def policy_tests(
+    values: Sequence[float], baseline: Sequence[float], metric: str
+) -> dict[str, ImprovementTest | StatsError]:
+    """Each policy's test, or the StatsError that says why it cannot be run (too few seeds on a side)."""
+    out: dict[str, ImprovementTest | StatsError] = {}
+    for name, policy in POLICIES.items():
+        try:
+            out[name] = policy.test(values, baseline, metric)
+        except StatsError as e:
+            out[name] = e
+    return out

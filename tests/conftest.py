@@ -17,6 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """The shards' sha256 cache (data/file_hashes.py) of this session, not the user's (inherited by the pgolf
+    subprocesses the tests start)."""
+    previous = os.environ.get("PGOLF_CACHE_DIR")
+    os.environ["PGOLF_CACHE_DIR"] = str(tmp_path_factory.mktemp("pgolf_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PGOLF_CACHE_DIR", None)
+    else:
+        os.environ["PGOLF_CACHE_DIR"] = previous
+
+
 def fixture_root(env_var: str, sub: str) -> Path | None:
     """The fixture root named by ``env_var``, else ``../shared/fixtures/<sub>``; None when neither exists."""
     p = Path(os.environ[env_var]) if os.environ.get(env_var) else SHARED / "fixtures" / sub

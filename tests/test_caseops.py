@@ -341,15 +341,25 @@ def test_tokenizer_kind_must_match_the_build(held_out_build, tmp_path):
 
 
 @pytest.mark.parametrize("caseops", [False, True])
-def test_a_validation_document_repeated_in_training_stops_the_build(tmp_path, caseops):
+def test_a_validation_document_repeated_in_training_is_dropped_or_counted(tmp_path, caseops):
     texts = embedded_corpus(include_docstrings=False)[:12]
     path = write_docs(tmp_path / "d.jsonl", [*texts, texts[1]])
-    with pytest.raises(
-        DataError, match=f"{path}:13: this training document repeats validation document {path}:2 "
-    ) as info:
-        prepare.build_dataset([path], 300, tmp_path / "out", val_docs=3, progress=False, caseops=caseops)
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "out").exists()
+    manifest = prepare.build_dataset([path], 512, tmp_path / "out", val_docs=3, progress=False, caseops=caseops)
+    (dataset,) = manifest["datasets"]
+    assert dataset["stats"]["docs_train"] == 9 and manifest["num_docs"] == 12  # the 13th document was left out
+    assert dataset["val_disjointness"] == {
+        "checked": "exact document text",
+        "train_copies_of_val_docs": 1,
+        "dropped": 1,
+        "val_docs_in_train": 0,
+        "first_copy": {"train": f"{path}:13", "val": f"{path}:2"},
+    }
+    kept = prepare.build_dataset(
+        [path], 512, tmp_path / "kept", val_docs=3, progress=False, caseops=caseops, keep_val_copies=True
+    )
+    (dataset,) = kept["datasets"]
+    assert dataset["stats"]["docs_train"] == 10
+    assert dataset["val_disjointness"]["val_docs_in_train"] == 1 and dataset["val_disjointness"]["dropped"] == 0
 
 
 def test_val_docs_below_the_declared_validation_set_stops_the_build(tmp_path):

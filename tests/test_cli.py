@@ -115,6 +115,46 @@ def test_fit_counts_the_code_its_artifact_needs(tiny_run):
     assert f"code bytes:{expected} " in (run_dir / "train.log").read_text()
 
 
+def test_fit_leaves_a_run_manifest(tiny_run):
+    """manifest.json names what a reviewer needs to rerun the fit: versions, the hardware, every shard by sha256
+    (hashed here independently), the tokenizer, the disjointness the data build recorded, config, seed, clock."""
+    import lightning
+    import yaml
+
+    from pgolf_lit import __version__
+    from pgolf_lit.data.shards import read_num_tokens
+    from pgolf_lit.data.tokenizer import file_sha256
+
+    cwd, _, run_dir = tiny_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert manifest["stage"] == "fit" and manifest["config"] == config
+    assert manifest["seed"] == config["seed_everything"]
+    assert manifest["clock"] == read_summary(run_dir)["clock"]
+    package, software, hardware = manifest["package"], manifest["software"], manifest["hardware"]
+    assert package["version"] == __version__
+    assert re.fullmatch(r"[0-9a-f]{40}", package["git_commit"]) or package["git_commit"] == "unknown"
+    assert (software["torch"], software["lightning"], software["cuda"]) == (
+        torch.__version__,
+        lightning.__version__,
+        torch.version.cuda,
+    )
+    assert hardware["accelerator"] == "cpu" and hardware["world_size"] == 1
+    assert hardware["gpu_count"] == torch.cuda.device_count()
+    data = manifest["dataset"]
+    data_dir = cwd / config["data"]["data_dir"]
+    for key, pattern in (("train_shards", "fineweb_train_*.bin"), ("val_shards", "fineweb_val_*.bin")):
+        files = sorted(data_dir.glob(pattern))
+        assert data[key]["count"] == len(files) >= 1
+        assert data[key]["sha256"] == {f.name: file_sha256(f) for f in files}
+    assert data["val_tokens"] == sum(read_num_tokens(f) for f in data_dir.glob("fineweb_val_*.bin"))
+    tokenizer = Path(data["tokenizer"]["path"])
+    assert tokenizer.name == f"fineweb_{config['model']['gpt']['vocab_size']}_bpe.model"
+    assert data["tokenizer"]["sha256"] == file_sha256(tokenizer)
+    assert data["val_disjointness"]["checked"] and data["val_disjointness"]["val_docs_in_train"] == 0
+    assert data["matches_data_manifest"] is True
+
+
 @pytest.mark.slow  # ~50 s: three passes twice; the sp1024 records of the test below keep Trainer = Fabric fast
 def test_pgolf_test_and_fabric_eval_agree_on_the_artifact(tiny_run):
     cwd, config, run_dir = tiny_run

@@ -105,6 +105,9 @@ def test_manifest_matches_shards_on_disk(built):
     assert tokenizer["model_path"] == "tokenizers/fineweb_512_bpe.model"
     assert tokenizer["vocab_path"] == "tokenizers/fineweb_512_bpe.vocab"
     assert tokenizer["sha256"] == file_sha256(out / tokenizer["model_path"])
+    shards = sorted(dataset_dir(out).iterdir())
+    assert dataset["sha256"] == {f.name: file_sha256(f) for f in shards}
+    assert dataset["val_disjointness"]["checked"] and dataset["val_disjointness"]["val_docs_in_train"] == 0
     assert (manifest["version"], manifest["shard_size"], manifest["append_eos"]) == ("10B", SHARD_TOKENS, False)
 
 
@@ -186,6 +189,32 @@ def test_txt_file_mode_makes_one_document_per_file(tmp_path):
         [tmp_path / "in"], 384, tmp_path / "out", val_docs=4, txt_mode="file", progress=False
     )
     assert manifest["num_docs"] == 40 and manifest["datasets"][0]["stats"]["docs_val"] == 4
+
+
+def test_a_repeated_validation_document_builds_and_its_training_copy_is_dropped(tmp_path, capsys):
+    """A corpus of short repeated texts (as a multilingual corpus of short texts has): the build goes through, the
+    training copies of validation documents are dropped and counted; copies among training documents, or within
+    the validation split, are not validation text in training and stay."""
+    texts = embedded_corpus(include_docstrings=False)[:20]
+    docs = [texts[0], texts[1], texts[0], *texts[2:10], texts[1], texts[10], texts[1], texts[10], *texts[11:]]
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"text": t}) for t in docs])
+    out = tmp_path / "out"
+    prepare.main(["--input", str(path), "--vocab-size", "384", "--out", str(out), "--val-docs", "3", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert (
+        f"train/val disjoint: dropped 2 training copies of validation documents from the training split (the "
+        f"first: {path}:12 repeats {path}:2)" in printed
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    (dataset,) = manifest["datasets"]
+    assert dataset["val_disjointness"]["train_copies_of_val_docs"] == 2
+    assert dataset["val_disjointness"]["val_docs_in_train"] == 0
+    sp = load_tokenizer(out / "tokenizers/fineweb_384_bpe.model")
+    _, val = split_stream(out, "val", 384)
+    _, train = split_stream(out, "train", 384)
+    assert [sp.decode(d) for d in documents_of(val)] == [normalized(sp, t) for t in docs[:3]]
+    kept = docs[3:11] + [texts[10], texts[10], *texts[11:]]  # both copies of texts[1] left out
+    assert [sp.decode(d) for d in documents_of(train)] == [normalized(sp, t) for t in kept]
 
 
 def test_failed_build_leaves_nothing_behind(inputs, tmp_path, monkeypatch):

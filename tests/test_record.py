@@ -3,6 +3,7 @@ submission.json and the copied logs' final lines with its own parsers and requir
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -72,7 +73,7 @@ def test_readme_submission_and_logs_agree(sweep, tmp_path, tmp_path_factory, emb
     )
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["README.md", "submission.json", "config.yaml"]
+        ["README.md", "submission.json", "config.yaml", "artifact_code.py", "manifest.json"]
         + [f"{kind}_seed{s}.log" for s in SEEDS for kind in ("train", "eval")]
     )
     readme = (out / "README.md").read_text()
@@ -114,7 +115,29 @@ def test_readme_submission_and_logs_agree(sweep, tmp_path, tmp_path_factory, emb
 
     verdict = submission["significance"]["verdict"]
     assert verdict.startswith("claim holds: p = ") and verdict.endswith("< 0.01 for improvement ≥ 0.005 nats")
-    assert f"**{verdict}**" in readme and verdict in run.stdout
+    assert f"**{verdict}**" in readme and f"{verdict} (original policy, the verdict)" in run.stdout
+    # the final policy needs the frontier's seeds: against one number it is reported as not tested
+    assert submission["significance_policies"]["final"]["not_tested"].startswith("the final policy's Welch test")
+    assert "**final policy** (also tested)" in readme and "final policy (also tested): not tested:" in run.stdout
+
+    # What ships, measured from the files: the code file written here plus each seed's artifact, equal to the
+    # totals the logs counted; the manifest holds every seed's run manifests and the sha256 of every file here.
+    manifest = json.loads((out / "manifest.json").read_text())
+    results = load_results(sweep)
+    code_bytes = (out / "artifact_code.py").stat().st_size
+    for entry in results["seeds"]:
+        model = (sweep.parent / entry["artifact"]).stat().st_size
+        assert code_bytes + model == submission["seed_results"][str(entry["seed"])]["artifact_bytes"]
+        shipped = manifest["shipped"]["models"][str(entry["seed"])]
+        assert (shipped["bytes"], shipped["total"]) == (model, code_bytes + model)
+        runs = manifest["seeds"][str(entry["seed"])]
+        assert runs["fit"]["seed"] == entry["seed"] and (runs["fit"]["stage"], runs["test"]["stage"]) == ("fit", "test")
+        assert runs["fit"]["dataset"]["train_shards"]["count"] >= 1
+    largest = max(code_bytes + (sweep.parent / e["artifact"]).stat().st_size for e in results["seeds"])
+    assert manifest["shipped"]["largest_total_bytes"] == largest
+    assert f"= {largest:,} bytes, within the 16,000,000-byte limit" in run.stdout
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert manifest["files"]["README.md"]["sha256"] == hashlib.sha256((out / "README.md").read_bytes()).hexdigest()
     assert "tested metric: val_loss (nats/token) of the 'sliding' pass (final_int6_sliding_window)" in readme
     # the logs are unmodified copies; the config is seed 42's run config
     for seed in SEEDS:
@@ -161,6 +184,30 @@ def test_seeds_of_different_configs_are_refused(sweep, tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     with pytest.raises(RecordError, match=r"seed 2024 ran another config than seed 42 \(differs in \['model'\]\)"):
         build_record(copy / "results.json", tmp_path / "rec", META)
+
+
+def test_the_final_policy_gives_the_verdict_when_asked(sweep, tmp_path):
+    doc = build_record(sweep, tmp_path / "rec", META, baseline_arg=[str(sweep)], policy="final")
+    assert doc["significance"]["policy"] == "final" and doc["significance"]["test"] == "welch"
+    assert doc["significance"]["holds"] is False  # against itself
+    assert doc["significance_policies"]["original"]["holds"] is False
+    with pytest.raises(RecordError, match="--policy final: the final policy's Welch test needs"):
+        build_record(sweep, tmp_path / "rec2", META, baseline_arg="2.0", policy="final")
+
+
+def test_runs_that_trained_on_validation_documents_or_lack_a_manifest_are_refused(sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep.parent, copy)
+    path = copy / "seed_1337" / "fit" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["dataset"]["val_disjointness"].update(dropped=0, val_docs_in_train=3)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(RecordError, match="seed 1337: the data manifest .* shows 3 validation documents in the train"):
+        build_record(copy / "results.json", tmp_path / "rec", META)
+    path.unlink()
+    with pytest.raises(RecordError, match="seed_1337/fit/manifest.json: not found"):
+        build_record(copy / "results.json", tmp_path / "rec", META)
+    assert not (tmp_path / "rec").exists()
 
 
 def test_an_existing_record_folder_is_not_overwritten(sweep, tmp_path):

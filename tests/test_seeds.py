@@ -214,6 +214,55 @@ def test_baselines_from_numbers_results_and_upstream_submissions(tmp_path, sweep
         load_baseline("records/nowhere.json")
 
 
+def fake_sweep(path: Path, config_sha256: str, losses: dict[int, float]) -> Path:
+    """A finished sweep's results.json with given scored val_loss per seed (the other figures filled in)."""
+    entry = dict(status="done", steps=6, pre_quant_val_bpb=1.5, roundtrip_val_bpb=1.5, sliding_val_bpb=1.4)
+    entry.update(bytes_total=9000, score_tokens=100, score_bytes=400)
+    seeds = [dict(seed=s, val_loss=v, **entry) for s, v in losses.items()]
+    results = dict(
+        format=seeds_tool.RESULTS_FORMAT,
+        config=str(CONFIG),
+        config_sha256=config_sha256,
+        fit_args=[],
+        devices=None,
+        methods=["sliding"],
+        score="sliding",
+        score_label="final_int6_sliding_window",
+        seeds=seeds,
+    )
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_stats_help_names_both_significance_policies(capsys):
+    with pytest.raises(SystemExit):
+        seeds_tool.stats_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'original' (improvement >= 0.005 nats at p < 0.01, one-sided)" in text
+    assert "'final' (one-sided Welch t-test at p < 0.25 against the chronological frontier)" in text
+    assert "--policy {final,original}" in text
+
+
+def test_stats_pools_reproduction_seeds_and_prints_both_policies(tmp_path, capsys):
+    a = fake_sweep(tmp_path / "a.json", "cfg", {42: 2.3180, 1337: 2.3190})
+    b = fake_sweep(tmp_path / "b.json", "cfg", {42: 2.3185, 2024: 2.3200})
+    frontier = fake_sweep(tmp_path / "frontier.json", "other", {1: 2.3200, 2: 2.3210, 3: 2.3220})
+    seeds_tool.stats_main([str(a), str(b), "--baseline", str(frontier), "--policy", "final"])
+    out = capsys.readouterr().out
+    assert f"results file 1: {a} (seeds marked @1)" in out and "4 finished seed(s)" in out
+    assert "42@1" in out and "42@2" in out and "2024@2" in out
+    assert "original policy: improvement ≥ 0.005 nats at p < 0.01" in out
+    assert "final policy (the verdict): one-sided Welch t-test at p < 0.25" in out
+    pooled = [2.3180, 2.3190, 2.3185, 2.3200]
+    assert f"4 seeds: mean {statistics.mean(pooled):.8f}" in out
+    assert out.rstrip().splitlines()[-2].startswith("claim holds: p = ")
+    assert out.rstrip().splitlines()[-2].endswith("< 0.25 for an improvement over the baseline (final policy)")
+    with pytest.raises(ResultsError, match=r"c.json: another sweep than .*a.json \(config_sha256 differs\)"):
+        seeds_tool.pool_results([a, fake_sweep(tmp_path / "c.json", "other config", {7: 2.0})])
+    with pytest.raises(ResultsError, match="a number cannot be pooled"):
+        seeds_tool.load_baselines([str(frontier), "2.5"])
+
+
 @pytest.mark.parametrize("seeds", ["42,42", "42,x", ""])
 def test_bad_seed_lists_fail_before_anything_runs(seeds, tmp_path):
     with pytest.raises(ConfigError, match="--seeds"):

@@ -1,5 +1,5 @@
 """pgolf_lit.stats: the Student t distribution against closed forms, t tables and SciPy (when installed), and the
-record test on hand-computed textbook examples."""
+record test on hand-computed textbook examples, under both significance policies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import math
 import pytest
 
 from pgolf_lit.stats import (
+    FINAL_POLICY,
+    ORIGINAL_POLICY,
     StatsError,
+    policy_tests,
     format_p,
     mean,
     one_sample_improvement_test,
@@ -115,3 +118,27 @@ def test_p_is_never_rounded_across_alpha():
     assert format_p(0.0003, 0.01) == "0.0003"
     assert format_p(0.00996, 0.01) == "0.00996"  # two digits would print 0.01 and contradict "< 0.01"
     assert format_p(0.0104, 0.01) == "0.01"  # 0.01 is not < 0.01: consistent with "does NOT hold"
+
+
+def test_the_final_policy_is_welch_without_margin_at_a_quarter():
+    # x = 1..5 (mean 3, s² = 2.5) against y = 4, 6, 8 (mean 6, s² = 4), no margin: t = 3/√(11/6), Welch's df as above.
+    test = FINAL_POLICY.test([1, 2, 3, 4, 5], [4, 6, 8], "toy loss")
+    df = (11 / 6) ** 2 / (0.25 / 4 + (16 / 9) / 2)
+    assert (test.kind, test.policy, test.margin, test.alpha) == ("welch", "final", 0.0, 0.25)
+    assert test.t == pytest.approx(3 / math.sqrt(11 / 6), rel=1e-12) and test.df == pytest.approx(df, rel=1e-12)
+    assert test.p == pytest.approx(student_t_sf(3 / math.sqrt(11 / 6), df), rel=1e-12)
+    assert test.verdict() == f"claim holds: p = {format_p(test.p, 0.25)} < 0.25 for an improvement over the baseline"
+    with pytest.raises(StatsError, match="the final policy's Welch test needs the baseline's per-seed val_loss"):
+        FINAL_POLICY.test([1, 2, 3], [5.0], "toy loss")
+
+
+def test_the_policies_can_disagree_and_each_is_reported():
+    # 0.002 nats better with a spread of 0.001 on each side: clear under the final policy, short of the
+    # original's 0.005-nat margin.
+    seeds, frontier = [2.318, 2.319, 2.320], [2.320, 2.321, 2.322]
+    tests = policy_tests(seeds, frontier, "val_loss")
+    assert tests["final"].holds and not tests["original"].holds
+    assert (tests["original"].margin, tests["original"].alpha) == (ORIGINAL_POLICY.margin, 0.01) == (0.005, 0.01)
+    against_a_number = policy_tests(seeds, [2.33], "val_loss")
+    assert against_a_number["original"].kind == "one-sample"
+    assert isinstance(against_a_number["final"], StatsError)

@@ -20,7 +20,11 @@ tokenizer sees it, the tokenizer reserves the four operators as pieces 4..7, nam
 
 A validation document never lands in training (the PR #1855 record folder's prepare_caseops_data.py trap, where
 ``--val-docs 10000`` against the official 50,000 trained on 40,000 validation documents): a ``--val-docs`` below
-what the input's ``<stem>.source_manifest.json`` declares, or a validation text repeated later, stops the build.
+what the input's ``<stem>.source_manifest.json`` declares stops the build, and a training document whose text
+repeats a validation document is dropped from the training split, with the count in the output and in the
+manifest's ``val_disjointness`` (``--keep-val-copies`` keeps them, for a byte-exact rebuild of an upstream export
+that had them; the manifest then counts them as validation documents in training). The manifest also records
+every shard's sha256 (the run manifests name them).
 
 The build is staged in a hidden folder inside OUT and moved into place (a few renames) only once the tokenizer and
 every shard are written; the manifest is written last, atomically. A build that fails or is interrupted before
@@ -58,6 +62,7 @@ from pgolf_lit.data.caseops import (
     original_byte_counts,
 )
 from pgolf_lit.data.corpus import embedded_corpus, split_paragraphs
+from pgolf_lit.data.file_hashes import sha256_files
 from pgolf_lit.data.shards import MAX_VOCAB, byte_sidecar_name, shard_name
 from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.data.tokenizer import file_sha256, load_tokenizer, pieces_sha256
@@ -167,18 +172,46 @@ class DocumentScan:
 
     num_docs: int = 0
     any_text: bool = False
-    # Content digest -> (index, where) of its first occurrence among the first ``val_cap`` documents, and of its
-    # last occurrence anywhere: a digest whose first copy is a val document and whose last is not is a leak.
+    # Content digest -> (index, where) of its first occurrence among the first ``val_cap`` documents, and the later
+    # occurrences of those digests: a later copy past the validation split is a training copy of a val document.
     first: dict = field(default_factory=dict)
-    last: dict = field(default_factory=dict)
+    copies: dict = field(default_factory=dict)
 
-    def val_train_duplicate(self, val_docs: int) -> tuple[str, str] | None:
-        """``(where in val, where in train)`` of a document in both splits, or None."""
-        for digest, (index, where) in self.first.items():
-            last_index, last_where = self.last[digest]
-            if index < val_docs <= last_index:
-                return where, last_where
-        return None
+    def train_copies_of_val(self, val_docs: int) -> list[tuple[int, str, str]]:
+        """``(index, where, where in val)`` of each training document that repeats a validation document."""
+        found = []
+        for digest, (index, val_where) in self.first.items():
+            if index < val_docs:
+                found += [(i, where, val_where) for i, where in self.copies.get(digest, ()) if i >= val_docs]
+        return sorted(found)
+
+
+def disjointness_entry(copies: Sequence[tuple[int, str, str]], kept: bool) -> dict:
+    """The data manifest's ``val_disjointness``: train/val disjointness checked by exact document text, the training
+    copies of validation documents found, how many were dropped (all, unless kept for a byte-exact rebuild of an
+    upstream export that had them), and so how many validation documents are in training. ``pgolf record`` refuses
+    a run whose data has ``val_docs_in_train`` > 0."""
+    entry = {
+        "checked": "exact document text",
+        "train_copies_of_val_docs": len(copies),
+        "dropped": 0 if kept else len(copies),
+        "val_docs_in_train": len(copies) if kept else 0,
+    }
+    if copies:
+        entry["first_copy"] = {"train": copies[0][1], "val": copies[0][2]}
+    return entry
+
+
+def disjointness_line(entry: dict) -> str:
+    """One line on what the build did with training copies of validation documents."""
+    found = entry["train_copies_of_val_docs"]
+    if not found:
+        return "train/val disjoint: no training document repeats a validation document"
+    copies = f"{found} training cop{'y' if found == 1 else 'ies'} of validation documents"
+    first = f"(the first: {entry['first_copy']['train']} repeats {entry['first_copy']['val']})"
+    if entry["dropped"]:
+        return f"train/val disjoint: dropped {copies} from the training split {first}"
+    return f"WARNING: kept {copies} in the training split (--keep-val-copies) {first}"
 
 
 def _digest(text: str) -> bytes:
@@ -188,8 +221,8 @@ def _digest(text: str) -> bytes:
 def scan_documents(source: DocumentSource, *, val_cap: int, caseops: bool) -> DocumentScan:
     """Count the documents and read (and so validate) every input before any training.
 
-    Also fingerprints the documents, so that a validation document repeated in the training split is found (for the
-    first ``val_cap`` documents, the largest validation split the build can choose), and, in a plain build, refuses
+    Also fingerprints the documents, so that the training copies of a validation document are found (for the first
+    ``val_cap`` documents, the largest validation split the build can choose), and, in a plain build, refuses
     text that holds a CaseOps operator character: that is CaseOps-encoded text, whose operator bytes a plain
     tokenizer would score as text.
     """
@@ -205,10 +238,10 @@ def scan_documents(source: DocumentSource, *, val_cap: int, caseops: bool) -> Do
                 f"would count the operators' bytes as text: build the original text with --caseops"
             )
         digest = _digest(text)
-        if index < val_cap and digest not in scan.first:
-            scan.first[digest] = (index, where)
         if digest in scan.first:
-            scan.last[digest] = (index, where)
+            scan.copies.setdefault(digest, []).append((index, where))
+        elif index < val_cap:
+            scan.first[digest] = (index, where)
     return scan
 
 
@@ -354,17 +387,21 @@ def export_shards(
     num_threads: int,
     progress: bool,
     caseops: bool = False,
+    leave_out: frozenset[int] = frozenset(),
 ) -> dict[str, int]:
     """Encode every document into val then train shards under ``out_dir``; return upstream's ``stats`` dict.
 
-    With ``caseops`` every text is CaseOps-encoded first, and the val split gets its byte sidecar.
+    With ``caseops`` every text is CaseOps-encoded first, and the val split gets its byte sidecar. ``leave_out``:
+    indices of training documents not to write (the training copies of validation documents).
     """
     from tqdm.auto import tqdm
 
     documents = iter(source)
+    train_docs = (text for index, text in enumerate(documents, start=val_docs) if index not in leave_out)
     stats: dict[str, int] = {}
-    with tqdm(total=num_docs, unit="doc", desc=f"tokenizing {out_dir.name}", disable=not progress) as bar:
-        for split, split_docs in (("val", itertools.islice(documents, val_docs)), ("train", documents)):
+    total = num_docs - len(leave_out)
+    with tqdm(total=total, unit="doc", desc=f"tokenizing {out_dir.name}", disable=not progress) as bar:
+        for split, split_docs in (("val", itertools.islice(documents, val_docs)), ("train", train_docs)):
             sidecar = caseops and split == "val"
             writer = ShardWriter(out_dir, split, shard_tokens, byte_sidecar=sidecar)
             doc_count = 0
@@ -388,9 +425,10 @@ def export_shards(
             stats.update({f"docs_{split}": doc_count, f"files_{split}": writer.files, f"tokens_{split}": writer.tokens})
     for key in ("docs", "files", "tokens"):
         stats[f"{key}_total"] = stats[f"{key}_val"] + stats[f"{key}_train"]
-    if stats["docs_total"] != num_docs:
+    if stats["docs_total"] + len(leave_out) != num_docs:
         raise DataError(
             f"the inputs changed while building: counted {num_docs} documents, encoded {stats['docs_total']}"
+            + (f" and left out {len(leave_out)}" if leave_out else "")
         )
     return {k: stats[k] for k in sorted(stats)}
 
@@ -495,12 +533,16 @@ def _build_manifest(
     sp,
     tokenizer_name: str,
     caseops: bool = False,
+    disjointness: dict | None = None,
+    shard_sha256: dict[str, str] | None = None,
 ) -> dict:
     """The upstream manifest (download_hf_docs_and_tokenize.py ``main``); paths relative to the output root, other
     variants kept.
 
     A CaseOps build adds the fields of PR #1855 download_hf_docs_and_tokenize.py: ``text_transform`` and
-    ``reserve_text_transform_controls`` on the tokenizer, ``val_bytes_glob`` on the dataset.
+    ``reserve_text_transform_controls`` on the tokenizer, ``val_bytes_glob`` on the dataset. pgolf adds, per
+    dataset, ``val_disjointness`` (what the build did with training copies of validation documents) and
+    ``sha256`` (of every shard it wrote, by file name).
     """
     spec: dict = {
         "name": tokenizer_name,
@@ -542,6 +584,8 @@ def _build_manifest(
         **({"val_bytes_glob": f"{dataset_path}/fineweb_val_bytes_*.bin"} if caseops else {}),
         **ids,
         "stats": stats,
+        **({"val_disjointness": disjointness} if disjointness is not None else {}),
+        **({"sha256": shard_sha256} if shard_sha256 is not None else {}),
     }
     return {
         "version": "10B",
@@ -665,6 +709,7 @@ def build_dataset(
     num_threads: int | None = None,
     progress: bool = True,
     caseops: bool = False,
+    keep_val_copies: bool = False,
 ) -> dict:
     """Build ``out_dir`` (tokenizer, val/train shards, manifest.json) from text inputs; return the manifest.
 
@@ -678,8 +723,10 @@ def build_dataset(
     tokenization, the tokenizer reserves the operators, names carry ``_lossless_caps_caseops_v1_reserved``, and
     the val split gets its byte sidecar ``fineweb_val_bytes_NNNNNN.bin``.
 
-    A validation document is never also a training document: a smaller ``val_docs`` than the source manifest
-    declares, or a validation text repeated in the training split, stops the build before anything is written.
+    A smaller ``val_docs`` than the source manifest declares stops the build before anything is written. A training
+    document whose text repeats a validation document is left out of the training split (the count is the
+    manifest's ``val_disjointness``), unless ``keep_val_copies`` (a byte-exact rebuild of an upstream export that
+    had such copies: the manifest then says how many validation documents are in training).
     """
     out_dir = Path(out_dir)
     if not 1 <= vocab_size <= MAX_VOCAB:
@@ -711,11 +758,9 @@ def build_dataset(
             f"val_docs {val_docs}: the inputs hold {num_docs} documents; the validation split needs at least 1 and "
             f"must leave at least 1 for training"
         )
-    if (duplicate := scan.val_train_duplicate(val_docs)) is not None:
-        raise DataError(
-            f"{duplicate[1]}: this training document repeats validation document {duplicate[0]} (the first "
-            f"{val_docs} documents are the validation split); remove the copy, or the model trains on validation text"
-        )
+    copies = scan.train_copies_of_val(val_docs)
+    disjointness = disjointness_entry(copies, kept=keep_val_copies)
+    leave_out = frozenset() if keep_val_copies else frozenset(index for index, _, _ in copies)
     threads = num_threads or os.cpu_count() or 1
     names = variant_names(name, vocab_size, caseops)
 
@@ -735,6 +780,8 @@ def build_dataset(
             shard_tokens=shard_tokens,
             progress=progress,
             caseops=caseops,
+            disjointness=disjointness,
+            leave_out=leave_out,
         )
 
 
@@ -752,6 +799,8 @@ def _build_staged(
     shard_tokens,
     progress,
     caseops,
+    disjointness,
+    leave_out,
 ) -> dict:
     """``build_dataset`` after its checks: everything is written into a staging folder, then moved into place."""
     dataset_name, model_name = names.dataset, names.model
@@ -784,7 +833,11 @@ def _build_staged(
             num_threads=threads,
             progress=progress,
             caseops=caseops,
+            leave_out=leave_out,
         )
+        # Hashed here, once: the run manifests name every shard's sha256 (file_hashes caches them by identity,
+        # which the renames below keep).
+        shard_hashes = sha256_files(sorted(staged_dataset.iterdir()))
         vocab_file = model_path.with_suffix(".vocab")
         manifest_path = out_dir / "manifest.json"
         manifest = _build_manifest(
@@ -802,6 +855,8 @@ def _build_staged(
             sp=sp,
             tokenizer_name=names.tokenizer,
             caseops=caseops,
+            disjointness=disjointness,
+            shard_sha256={path.name: digest for path, digest in shard_hashes.items()},
         )
         for artifact in (model_path, vocab_file):  # a reused model without .vocab must not keep a stale one
             final = out_dir / "tokenizers" / artifact.name
@@ -809,7 +864,9 @@ def _build_staged(
                 _move_into_place(artifact, final)
             else:
                 final.unlink(missing_ok=True)
-        _move_into_place(staged_dataset, out_dir / "datasets" / dataset_name)
+        final_dataset = out_dir / "datasets" / dataset_name
+        _move_into_place(staged_dataset, final_dataset)
+        sha256_files(final_dataset / p.name for p in shard_hashes)  # no hashing: the cache learns the new paths
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -881,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Tokenize text into upstream-format token shards: train a SentencePiece BPE tokenizer with the official "
             "export settings, write OUT/tokenizers/fineweb_<V>_bpe.model, OUT/datasets/<name>_sp<V>/fineweb_"
             "{val,train}_NNNNNN.bin and OUT/manifest.json. Each document is [BOS] + its tokens (no EOS); the first "
-            "--val-docs documents are the validation split, and none of them may appear again in training."
+            "--val-docs documents are the validation split, and training copies of them are dropped."
         ),
     )
     parser.add_argument(
@@ -943,6 +1000,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(lossless_caps_caseops_v1) before tokenizing, reserve the operators as pieces 4..7, and "
         "write the val byte sidecar fineweb_val_bytes_NNNNNN.bin (original UTF-8 bytes per token)",
     )
+    parser.add_argument(
+        "--keep-val-copies",
+        action="store_true",
+        help="keep training documents whose text repeats a validation document (default: drop them and say how "
+        "many); only for a byte-exact rebuild of an upstream export that had them: pgolf record refuses runs on "
+        "such data",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
 
@@ -962,6 +1026,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         embedded=args.embedded,
         progress=args.progress,
         caseops=args.caseops,
+        keep_val_copies=args.keep_val_copies,
     )
     name = variant_names(args.name, args.vocab_size, args.caseops).dataset
     dataset = next(d for d in manifest["datasets"] if d["name"] == name)
@@ -971,6 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"shard(s), {s['docs_train']} train docs / {s['tokens_train']} tokens in {s['files_train']} shard(s); "
         f"manifest {Path(args.out) / 'manifest.json'}"
     )
+    print(disjointness_line(dataset["val_disjointness"]))
     return 0
 
 

@@ -11,13 +11,25 @@ Per seed: ``train_seed<N>.log`` (the fit run's train.log: training, pre-quantiza
 and ``eval_seed<N>.log`` (the test run's: one line per evaluation pass), both unmodified copies, and
 ``config.yaml`` (the first seed's merged run config; the seeds' configs must differ only in seed_everything and
 the logger). The folder is written under a temporary name and renamed, so it is complete or absent.
+
+The folder also ships ``artifact_code.py``, the counted code (the self-extracting program that reads the artifact
+and runs its scored passes, quant/code_size.py), and ``manifest.json``: every seed's run manifests (versions,
+hardware, shard sha256s, config, seed, clock ledger), the shipped size measured from the files (the code file as
+written + each seed's artifact file), and the sha256 of every file of the folder. A seed without a run manifest, or
+whose data manifest shows validation documents in the training shards, is refused; so is a shipped size that
+differs from the one the run logged (the code changed since the run) or exceeds the budget.
+
+Significance: both of the challenge's policies are tested against the baseline (stats.py ``POLICIES``), and
+``--policy`` picks the one whose verdict is the record's.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -25,20 +37,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pgolf_lit.config import load_config
+from pgolf_lit.config import callback_init_args, load_config
 from pgolf_lit.errors import PgolfError
-from pgolf_lit.stats import RECORD_MARGIN_NATS, ImprovementTest, mean, sample_std
+from pgolf_lit.run_manifest import package_section, read_run_manifest, val_docs_in_train
+from pgolf_lit.stats import DEFAULT_POLICY, POLICIES, RECORD_MARGIN_NATS, ImprovementTest, StatsError, mean, sample_std
 from pgolf_lit.summary import read_summary
 from pgolf_lit.tools.seeds import (
+    add_significance_arguments,
     finished_seeds,
-    improvement_test,
-    load_baseline,
+    load_baselines,
     load_results,
     margin_in_bpb,
     scored_metric,
+    significance,
 )
 
 LOG_DECIMALS = 8  # the result lines' precision (format_result_line)
+CODE_FILE = "artifact_code.py"
+MANIFEST_FORMAT = "pgolf-record-manifest/1"
 _STEP_LINE = re.compile(r"^step:(\d+)/\d+ .*\btrain_time:(\d+)ms")
 _BYTES_LINE = re.compile(r"^Serialized model bytes:(\d+) code bytes:(\d+) total:(\d+)")
 
@@ -141,11 +157,37 @@ def _std(values: Sequence[float]) -> Optional[float]:
     return _round(sample_std(values)) if len(values) > 1 else None
 
 
+def _test_fields(test: ImprovementTest | StatsError, policy: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {"policy": policy, "rule": POLICIES[policy].rule}
+    if isinstance(test, StatsError):
+        return {**fields, "not_tested": str(test)}
+    return {
+        **fields,
+        "metric": test.metric,
+        "test": test.kind,
+        "n": test.n,
+        "baseline_mean": test.baseline_mean,
+        "baseline_n": test.baseline_n,
+        "margin_nats": test.margin,
+        "alpha": test.alpha,
+        "t": test.t if math.isfinite(test.t) else str(test.t),
+        "df": test.df,
+        "p": test.p,
+        "holds": test.holds,
+        "verdict": test.verdict(),
+    }
+
+
 def submission(
-    results: dict[str, Any], seeds: dict[int, dict[str, Any]], meta: dict[str, Any], test: Optional[ImprovementTest]
+    results: dict[str, Any],
+    seeds: dict[int, dict[str, Any]],
+    meta: dict[str, Any],
+    tests: Optional[dict[str, ImprovementTest | StatsError]],
+    policy: str = DEFAULT_POLICY,
 ) -> dict[str, Any]:
     """submission.json in the upstream records' field names (name, author, github_id, date, val_bpb, val_loss,
-    bytes_total, seeds, seed_results, blurb), with the scored pass and the significance test added."""
+    bytes_total, seeds, seed_results, blurb), with the scored pass and the significance tests added: the verdict
+    of ``policy`` as ``significance``, every policy's under ``significance_policies``."""
     losses = [f["val_loss"] for f in seeds.values()]
     bpbs = [f["val_bpb"] for f in seeds.values()]
     doc = {
@@ -161,21 +203,9 @@ def submission(
         "seeds": list(seeds),
         "seed_results": {str(seed): f for seed, f in seeds.items()},
     }
-    if test is not None:
-        doc["significance"] = {
-            "metric": test.metric,
-            "test": test.kind,
-            "n": test.n,
-            "baseline_mean": test.baseline_mean,
-            "baseline_n": test.baseline_n,
-            "margin_nats": test.margin,
-            "alpha": test.alpha,
-            "t": test.t if math.isfinite(test.t) else str(test.t),
-            "df": test.df,
-            "p": test.p,
-            "holds": test.holds,
-            "verdict": test.verdict(),
-        }
+    if tests is not None:
+        doc["significance"] = _test_fields(tests[policy], policy)
+        doc["significance_policies"] = {name: _test_fields(test, name) for name, test in tests.items()}
     return doc
 
 
@@ -222,11 +252,29 @@ def compliance(doc: dict[str, Any]) -> str:
     )
 
 
+def significance_section(tests: Optional[dict[str, ImprovementTest | StatsError]], policy: str, baseline: str):
+    """The README's significance lines: the chosen policy's test and bold verdict, then the other policies'."""
+    if tests is None:
+        return ["Not tested: no baseline was given (`pgolf record --baseline VAL_LOSS_NATS|submission.json`)."]
+    lines = [f"Baseline: {baseline}."]
+    for name in [policy, *(n for n in tests if n != policy)]:
+        test = tests[name]
+        role = "the verdict" if name == policy else "also tested"
+        lines += ["", f"**{name} policy** ({role}): {POLICIES[name].rule}.", ""]
+        if isinstance(test, StatsError):
+            lines.append(f"Not tested: {test}.")
+            continue
+        *inputs, verdict = test.lines()
+        lines += [*(f"- {line}" for line in inputs), "", f"**{verdict}**" if name == policy else verdict]
+    return lines
+
+
 def readme(
     results: dict[str, Any],
     doc: dict[str, Any],
     labels: dict[str, str],
-    test: Optional[ImprovementTest],
+    tests: Optional[dict[str, ImprovementTest | StatsError]],
+    policy: str,
     baseline: str,
     commands: Sequence[str],
 ) -> str:
@@ -260,11 +308,7 @@ def readme(
         "## Significance",
         "",
     ]
-    if test is None:
-        lines.append("Not tested: no baseline was given (`pgolf record --baseline VAL_LOSS_NATS|submission.json`).")
-    else:
-        *inputs, verdict = test.lines()
-        lines += [f"Baseline: {baseline}.", "", *(f"- {line}" for line in inputs), "", f"**{verdict}**"]
+    lines += significance_section(tests, policy, baseline)
     if (bpb := margin_in_bpb(results)) is not None:
         lines += [
             "",
@@ -279,6 +323,10 @@ def readme(
         f"- `config.yaml`: the merged run config of seed {doc['seeds'][0]} (the seeds differ only in "
         "`seed_everything` and the logger's directory)",
         "- `submission.json`: the numbers above, per seed and aggregated",
+        f"- `{CODE_FILE}`: the counted code, the self-extracting program that reads the artifact and runs its scored "
+        "passes; its length is the code bytes of the artifact's total",
+        "- `manifest.json`: each seed's run manifests (package commit, torch / Lightning / CUDA, GPU, every data "
+        "shard's sha256, config, seed, clock ledger), the shipped size and the sha256 of every file here",
         "",
         "## Reproduce",
         "",
@@ -295,8 +343,94 @@ def readme(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def seed_manifests(dirs: dict[int, tuple[Path, Path]]) -> dict[str, dict[str, Any]]:
+    """Each seed's fit and test run manifests; a seed without a fit manifest, or whose data has validation
+    documents in its training shards, is refused."""
+    manifests = {}
+    for seed, (fit_dir, test_dir) in dirs.items():
+        runs = {}
+        for stage, run_dir in (("fit", fit_dir), ("test", test_dir)):
+            try:
+                runs[stage] = read_run_manifest(run_dir)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RecordError(f"{run_dir / 'manifest.json'}: not readable JSON ({e})") from None
+        if runs["fit"] is None:
+            raise RecordError(
+                f"{fit_dir / 'manifest.json'}: not found: seed {seed}'s run has no run manifest (data hashes, "
+                "versions); rerun it with this pgolf"
+            )
+        if count := val_docs_in_train(runs["fit"]):
+            data = runs["fit"]["dataset"]
+            raise RecordError(
+                f"seed {seed}: the data manifest {data.get('data_manifest')} shows {count} validation documents in "
+                f"the training shards of {data.get('path')} (built with --keep-val-copies); a record cannot train on "
+                "validation text"
+            )
+        manifests[str(seed)] = runs
+    return manifests
+
+
+def shipped_code(config_path: Path) -> str:
+    """The counted code of the run's artifact (its export format, its config's scored passes), as the export
+    measured it: the two-line self-extracting program (quant/code_size.py)."""
+    from pgolf_lit.quant.code_size import package_program, wrap
+    from pgolf_lit.quant.export import ExportConfig
+
+    config = load_config(config_path)
+    export = ExportConfig.from_dict((callback_init_args(config, "GPTQExport") or {}).get("export") or {})
+    methods = (config.get("model") or {}).get("test_methods") or ["standard", "sliding"]
+    program, _, _ = package_program((export.format,), methods)
+    return wrap(program)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shipped_size(
+    folder: Path, seeds: dict[int, dict[str, Any]], artifacts: dict[int, Path], budget: int
+) -> dict[str, Any]:
+    """What each seed ships, measured on disk: the code file written in ``folder`` plus the seed's artifact file.
+    Refused when it differs from the total the run logged (the code changed since the run) or exceeds ``budget``."""
+    code_bytes = os.path.getsize(folder / CODE_FILE)
+    models = {}
+    for seed, artifact in artifacts.items():
+        model_bytes, total = os.path.getsize(artifact), code_bytes + os.path.getsize(artifact)
+        logged = seeds[seed]["artifact_bytes"]
+        if total != logged:
+            raise RecordError(
+                f"seed {seed}: ships {total:,} bytes ({CODE_FILE} {code_bytes:,} + {artifact.name} {model_bytes:,}) "
+                f"but its train.log counted {logged:,} (code {seeds[seed]['bytes_code']:,}): the package's code "
+                "changed since the run; make the record from the run's commit, or rerun"
+            )
+        models[str(seed)] = {"path": str(artifact), "bytes": model_bytes, "sha256": _sha256(artifact), "total": total}
+    largest = max(m["total"] for m in models.values())
+    if largest > budget:
+        raise RecordError(f"the largest artifact ships {largest:,} bytes, over the {budget:,}-byte limit")
+    return {
+        "code_file": CODE_FILE,
+        "code_bytes": code_bytes,
+        "models": models,
+        "largest_total_bytes": largest,
+        "budget_bytes": budget,
+    }
+
+
+def shipped_line(shipped: dict[str, Any]) -> str:
+    largest = max(shipped["models"].items(), key=lambda item: item[1]["total"])
+    return (
+        f"shipped size (measured from the files): {shipped['code_file']} {shipped['code_bytes']:,} bytes + seed "
+        f"{largest[0]}'s {Path(largest[1]['path']).name} {largest[1]['bytes']:,} bytes = "
+        f"{shipped['largest_total_bytes']:,} bytes, within the {shipped['budget_bytes']:,}-byte limit"
+    )
+
+
 def build_record(
-    results_path: Path, out: Path, meta: dict[str, Any], baseline_arg: Optional[str] = None
+    results_path: Path,
+    out: Path,
+    meta: dict[str, Any],
+    baseline_arg: Optional[str | Sequence[str]] = None,
+    policy: str = DEFAULT_POLICY,
 ) -> dict[str, Any]:
     """Check the sweep's logs against its results and write the record folder; return submission.json's content."""
     results = load_results(results_path)
@@ -308,25 +442,34 @@ def build_record(
         raise RecordError(f"{out}: exists and is not empty; choose a new folder or delete it")
     seeds: dict[int, dict[str, Any]] = {}
     dirs: dict[int, tuple[Path, Path]] = {}
+    artifacts: dict[int, Path] = {}
     for entry in done:
         fit_dir, test_dir = base / entry["fit_dir"], base / entry["test_dir"]
         figures = seed_figures(fit_dir, test_dir, results["methods"])
         check_against_results(figures, entry, f"{fit_dir}/train.log and {test_dir}/train.log", results_path)
         seeds[entry["seed"]], dirs[entry["seed"]] = figures, (fit_dir, test_dir)
+        artifacts[entry["seed"]] = base / entry["artifact"]
     check_same_config({seed: fit_dir / "config.yaml" for seed, (fit_dir, _) in dirs.items()})
+    manifests = seed_manifests(dirs)
     first_fit_dir, first_test_dir = next(iter(dirs.values()))
     labels = {m: read_summary(first_test_dir)["test"][m]["label"] for m in results["methods"]}
-    test, baseline = None, ""
-    if baseline_arg is not None:
-        baseline_values, baseline = load_baseline(baseline_arg)
+    tests, baseline = None, ""
+    if baseline_arg:
+        baseline_values, baseline = load_baselines(baseline_arg)
         losses = [f["val_loss"] for f in seeds.values()]
-        test = improvement_test(losses, baseline_values, scored_metric(results))
+        tests, chosen = significance(losses, baseline_values, scored_metric(results), policy)
+        if isinstance(chosen, StatsError):
+            raise RecordError(f"--policy {policy}: {chosen}")
     meta = {**meta, "blurb": meta["blurb"] or f"{len(seeds)} seeds of {Path(results['config']).name} (pgolf seeds)"}
-    doc = submission(results, seeds, meta, test)
+    doc = submission(results, seeds, meta, tests, policy)
     sweep = ["pgolf seeds --config", results["config"], "--seeds", ",".join(map(str, seeds)), "--out", str(base)]
     record = ["pgolf record --results", str(results_path), "--out", str(out)]
-    record += ["--baseline", baseline_arg] if baseline_arg is not None else []
+    baselines = [baseline_arg] if isinstance(baseline_arg, str) else list(baseline_arg or [])
+    record += [item for b in baselines for item in ("--baseline", b)]
+    record += ["--policy", policy] if baselines and policy != DEFAULT_POLICY else []
     commands = [" ".join([*sweep, *results["fit_args"]]), " ".join(record)]
+    budget = read_summary(first_fit_dir)["artifact"]["budget_bytes"]
+    code = shipped_code(first_fit_dir / "config.yaml")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -335,8 +478,18 @@ def build_record(
             shutil.copyfile(fit_dir / "train.log", staging / f"train_seed{seed}.log")
             shutil.copyfile(test_dir / "train.log", staging / f"eval_seed{seed}.log")
         shutil.copyfile(first_fit_dir / "config.yaml", staging / "config.yaml")
+        (staging / CODE_FILE).write_text(code, encoding="utf-8")
         (staging / "submission.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-        (staging / "README.md").write_text(readme(results, doc, labels, test, baseline, commands))
+        (staging / "README.md").write_text(readme(results, doc, labels, tests, policy, baseline, commands))
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "made_by": package_section(),
+            "shipped": shipped_size(staging, seeds, artifacts, budget),
+            "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(staging.iterdir())},
+            "seeds": manifests,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         staging.chmod(0o755)
         staging.replace(out)
     except BaseException:
@@ -359,7 +512,7 @@ def main(argv: Sequence[str]) -> None:
     p.add_argument("--blurb", default=None, help="one paragraph on what the record does")
     p.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
     p.add_argument("--track", default="10min_16mb")
-    p.add_argument("--baseline", default=None, help="val_loss to beat: a number (nats), a results or submission.json")
+    add_significance_arguments(p)
     args = p.parse_args(argv)
     out = Path(args.out)
     meta = {
@@ -370,12 +523,16 @@ def main(argv: Sequence[str]) -> None:
         "track": args.track,
         "blurb": args.blurb,
     }
-    doc = build_record(Path(args.results), out, meta, args.baseline)
+    doc = build_record(Path(args.results), out, meta, args.baseline, args.policy)
     print(
-        f"wrote {out}/: README.md, submission.json, config.yaml, train_seed*.log and eval_seed*.log "
-        f"for seeds {doc['seeds']}: val_bpb {doc['val_bpb']:.{LOG_DECIMALS}f}"
+        f"wrote {out}/: README.md, submission.json, config.yaml, {CODE_FILE}, manifest.json, train_seed*.log and "
+        f"eval_seed*.log for seeds {doc['seeds']}: val_bpb {doc['val_bpb']:.{LOG_DECIMALS}f}"
     )
+    print(shipped_line(json.loads((out / "manifest.json").read_text())["shipped"]))
+    for name, fields in (doc.get("significance_policies") or {}).items():
+        if name != args.policy:
+            print(f"{name} policy (also tested): {fields.get('verdict') or 'not tested: ' + fields['not_tested']}")
     if "significance" in doc:
-        print(doc["significance"]["verdict"])
+        print(f"{doc['significance']['verdict']} ({args.policy} policy, the verdict)")
     if args.github_id is None:
         print("note: --github-id not given: submission.json has github_id null")

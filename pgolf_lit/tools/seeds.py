@@ -13,9 +13,12 @@ the resume state: a finished seed is skipped, a stage that did not finish is del
 seed whose evaluation failed keeps its training). It also pins the config's contents and the fit arguments, so
 a resumed sweep cannot mix seeds of different experiments.
 
-``pgolf stats RESULTS.json --baseline B`` prints the table and the significance test of a finished sweep.
-The tested metric is the val_loss (nats per token) of the scored pass, the last of the config's test_methods;
-the baseline is a number (nats) or a results / submission.json file (Welch's test when it holds several seeds).
+``pgolf stats RESULTS.json [MORE.json ...] --baseline B`` prints the table and the significance tests of a
+finished sweep, or of several sweeps of one config pooled (reproduction seeds). The tested metric is the val_loss
+(nats per token) of the scored pass, the last of the config's test_methods; the baseline is a number (nats) or
+results / submission.json files (pooled when repeated; Welch's test when they hold several seeds). Both of the
+challenge's significance policies are tested and printed (stats.py: ``original``, >= 0.005 nats at p < 0.01;
+``final``, one-sided Welch at p < 0.25 against the chronological frontier); ``--policy`` picks the verdict.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ from pgolf_lit.config import load_config
 from pgolf_lit.errors import ConfigError, PgolfError
 from pgolf_lit.fileio import atomic_write_text
 from pgolf_lit.stats import (
+    DEFAULT_POLICY,
+    POLICIES,
     RECORD_MARGIN_NATS,
     ImprovementTest,
     StatsError,
     mean,
-    one_sample_improvement_test,
+    policy_tests,
     sample_std,
-    welch_improvement_test,
 )
 from pgolf_lit.summary import read_summary
 
@@ -78,6 +82,23 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 def finished_seeds(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [entry for entry in results["seeds"] if entry["status"] == "done"]
+
+
+def pool_results(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """Several sweeps of one config (reproduction seeds on other machines) as one results dict: their finished seeds
+    together, each marked with the 1-based index of its file (``pooled_index``). One file is returned as it is."""
+    if len(paths) == 1:
+        return load_results(paths[0])
+    loaded = [(Path(p), load_results(p)) for p in paths]
+    (first_path, first), *others = loaded
+    for path, results in others:
+        for key in ("config_sha256", "methods", "score"):
+            if results.get(key) != first.get(key):
+                raise ResultsError(
+                    f"{path}: another sweep than {first_path} ({key} differs); only sweeps of one config pool"
+                )
+    seeds = [{**e, "pooled_index": k} for k, (_, r) in enumerate(loaded, start=1) for e in finished_seeds(r)]
+    return {**first, "seeds": seeds, "pooled_from": [str(path) for path, _ in loaded]}
 
 
 def scored_metric(results: dict[str, Any]) -> str:
@@ -374,11 +395,43 @@ def load_baseline(text: str) -> tuple[list[float], str]:
     return [float(v) for v in values], f"{path} ({len(values)} value{'s' if len(values) > 1 else ''})"
 
 
-def improvement_test(values: Sequence[float], baseline: Sequence[float], metric: str) -> ImprovementTest:
-    """The record test of the seeds' val_loss values: one-sample against one baseline value, Welch against several."""
-    if len(baseline) == 1:
-        return one_sample_improvement_test(values, baseline[0], metric)
-    return welch_improvement_test(values, baseline, metric)
+def load_baselines(texts: str | Sequence[str]) -> tuple[list[float], str]:
+    """One baseline (``load_baseline``), or several files' seeds pooled: the frontier's own seeds and
+    reproductions of it. A number is a baseline on its own."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if len(texts) == 1:
+        return load_baseline(texts[0])
+    loaded = [load_baseline(text) for text in texts]
+    for text in texts:
+        if not Path(text).is_file():
+            raise ResultsError(f"--baseline {text}: a number cannot be pooled with other baselines; give files only")
+    values = [v for vs, _ in loaded for v in vs]
+    return values, f"{len(values)} values pooled from " + ", ".join(source for _, source in loaded)
+
+
+def significance(
+    values: Sequence[float], baseline: Sequence[float], metric: str, policy: str
+) -> tuple[dict[str, ImprovementTest | StatsError], ImprovementTest | StatsError]:
+    """Both policies' tests of the seeds' val_loss values (or why each could not run), and the one ``policy``
+    names, whose verdict counts."""
+    if policy not in POLICIES:
+        raise ResultsError(f"--policy {policy}: expected one of {', '.join(POLICIES)}")
+    tests = policy_tests(values, baseline, metric)
+    return tests, tests[policy]
+
+
+def significance_lines(tests: dict[str, ImprovementTest | StatsError], policy: str) -> list[str]:
+    """Each policy's rule and test (or why it was not run), then the chosen policy's verdict as the last line."""
+    lines = []
+    for name, test in tests.items():
+        lines.append(f"{name} policy{' (the verdict)' if name == policy else ''}: {POLICIES[name].rule}")
+        if isinstance(test, StatsError):
+            lines.append(f"  not tested: {test}")
+        else:
+            lines += [f"  {line}" for line in test.lines()]
+    chosen = tests[policy]
+    verdict = f"not tested: {chosen}" if isinstance(chosen, StatsError) else chosen.verdict()
+    return [*lines, f"{verdict} ({policy} policy)"]
 
 
 def margin_in_bpb(results: dict[str, Any]) -> Optional[float]:
@@ -396,7 +449,8 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     columns += [f"{m}_val_bpb" for m in results["methods"] or []] + ["val_loss", "bytes_total"]
     rows = [["seed", *columns]]
     for entry in done:
-        rows.append([str(entry["seed"]), *(_cell(entry[c]) for c in columns)])
+        seed = f"{entry['seed']}@{entry['pooled_index']}" if "pooled_index" in entry else str(entry["seed"])
+        rows.append([seed, *(_cell(entry[c]) for c in columns)])
     for name, statistic in (("mean", mean), ("std", sample_std)):
         if len(done) > 1:
             rows.append([name, *(_cell(statistic([e[c] for e in done]), column=c) for c in columns)])
@@ -411,24 +465,26 @@ def _cell(value: Any, column: str = "") -> str:
     return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
-def print_report(results: dict[str, Any], baseline_arg: Optional[str]) -> None:
-    """The table of finished seeds, the unfinished ones with their error, and the record test if asked."""
+def print_report(
+    results: dict[str, Any], baseline_args: Optional[str | Sequence[str]], policy: str = DEFAULT_POLICY
+) -> None:
+    """The table of finished seeds, the unfinished ones with their error, and both policies' record tests if a
+    baseline is given (``policy``'s verdict last)."""
     done = finished_seeds(results)
     print(f"\n{len(done)} finished seed(s)")
+    for k, source in enumerate(results.get("pooled_from") or [], start=1):
+        print(f"  results file {k}: {source} (seeds marked @{k})")
     if done:
         print(f"scored pass: {results['score']} ({results['score_label']})")
         print("\n".join(table_lines(results)))
     for entry in results["seeds"]:
         if entry["status"] != "done":
             print(f"seed {entry['seed']}: not finished: {entry.get('error') or 'interrupted'}")
-    if baseline_arg is not None:
-        values, source = load_baseline(baseline_arg)
+    if baseline_args:
+        values, source = load_baselines(baseline_args)
         print(f"\nbaseline: {source}")
-        try:
-            test = improvement_test([e["val_loss"] for e in done], values, scored_metric(results))
-            print("\n".join(test.lines()))
-        except StatsError as e:
-            print(f"significance not tested: {e}")
+        tests, _ = significance([e["val_loss"] for e in done], values, scored_metric(results), policy)
+        print("\n".join(significance_lines(tests, policy)))
     if (bpb := margin_in_bpb(results)) is not None:
         print(f"(the {RECORD_MARGIN_NATS} nats/token margin is {bpb:.5f} bits/byte on this validation text)")
 
@@ -462,15 +518,15 @@ def main(argv: Sequence[str]) -> None:
     p.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 42,1337,2024")
     p.add_argument("--devices", default=None, help="trainer.devices for fit and test (default: the config's)")
     p.add_argument("--out", default=None, help="sweep directory (default: runs/seeds/<config name>)")
-    p.add_argument("--baseline", default=None, help="val_loss to beat: a number (nats), a results or submission.json")
+    add_significance_arguments(p)
     args, unknown = p.parse_known_args(argv)
     fit_args = unknown + passthrough
     config = Path(args.config)
     if not config.is_file():
         raise ConfigError(f"{config}: config file not found")
     seeds = parse_seeds(args.seeds)
-    if args.baseline is not None:
-        load_baseline(args.baseline)  # a bad baseline fails now, not after hours of training
+    if args.baseline:
+        load_baselines(args.baseline)  # a bad baseline fails now, not after hours of training
     out = Path(args.out or Path("runs") / "seeds" / config.stem).resolve()
     fresh = _new_results(config, hashlib.sha256(config.read_bytes()).hexdigest(), fit_args, args.devices)
     results = fresh
@@ -481,16 +537,41 @@ def main(argv: Sequence[str]) -> None:
     for seed in seeds:
         run_seed(out, results, seed, config, fit_args, args.devices)
     print(f"\nresults: {out / RESULTS_JSON} and {RESULTS_CSV}")
-    print_report(results, args.baseline)
+    print_report(results, args.baseline, args.policy)
     if any(e["status"] != "done" for e in results["seeds"] if e["seed"] in seeds):
         sys.exit(1)
 
 
+POLICY_HELP = (
+    "the significance policy whose verdict counts (both are tested and printed): "
+    + "; ".join(f"'{name}': {policy.rule}" for name, policy in POLICIES.items())
+    + f" (default: {DEFAULT_POLICY})"
+)
+
+
+def add_significance_arguments(p: argparse.ArgumentParser) -> None:
+    """``--baseline`` (repeatable: pooled) and ``--policy``, as pgolf seeds, stats and record take them."""
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=None,
+        help="val_loss to beat: a number (nats), or a results.json or submission.json (the chronological frontier's "
+        "seeds, for the final policy); repeat to pool files (the frontier's seeds and reproductions of them)",
+    )
+    p.add_argument("--policy", choices=sorted(POLICIES), default=DEFAULT_POLICY, help=POLICY_HELP)
+
+
 def stats_main(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(
-        allow_abbrev=False, prog="pgolf stats", description="the table and record test of a pgolf seeds sweep"
+        allow_abbrev=False,
+        prog="pgolf stats",
+        description="the table and the record tests of pgolf seeds sweeps, under both significance policies of the "
+        "challenge: 'original' (improvement >= 0.005 nats at p < 0.01, one-sided) and 'final' (one-sided Welch "
+        "t-test at p < 0.25 against the chronological frontier)",
     )
-    p.add_argument("results", help=f"a sweep's {RESULTS_JSON}")
-    p.add_argument("--baseline", default=None, help="val_loss to beat: a number (nats), a results or submission.json")
+    p.add_argument(
+        "results", nargs="+", help=f"a sweep's {RESULTS_JSON}; several sweeps of one config pool their seeds"
+    )
+    add_significance_arguments(p)
     args = p.parse_args(argv)
-    print_report(load_results(args.results), args.baseline)
+    print_report(pool_results(args.results), args.baseline, args.policy)
