@@ -444,3 +444,22 @@ def test_asym_logit_adds_two_untrained_caps_used_on_the_eval_paths_only():
     assert asym.softcap_pos.grad is None and asym.softcap_neg.grad is None
     quant, meta = quantize_state_dict(asym.state_dict(), ExportConfig(keep_float_max_numel=0), roles=asym.roles)
     assert meta["softcap_pos"]["kind"] == "float" and quant["softcap_pos"].dtype == torch.float16
+
+
+def test_proj_init_scale_shrinks_exactly_the_output_projections():
+    """PR #1263's ×1/√(2L) applies to the orthogonal output projections (bigram and value-embedding ``proj``, whose
+    widths differ from the model's), never to the other orthogonal matrices."""
+    base = gpt_config_from_yaml(record_config_path("pr1263_slot16_tiny")).replace(
+        init="orthogonal", bigram_dim=64, ve_dim=64, model_dim=128
+    )
+    torch.manual_seed(0)
+    model = GPT(base.replace(proj_init_scale=True))
+    factor = 1 / (2 * base.num_layers) ** 0.5
+    scaled, plain = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and min(module.weight.shape) >= 64 and not module.zero_init:
+            singular = torch.linalg.svdvals(module.weight.detach().double())
+            (scaled if module.output_proj else plain).append(name)
+            want = factor if module.output_proj else 1.0
+            assert torch.allclose(singular, torch.full_like(singular, want), atol=1e-5), name
+    assert scaled and plain, (scaled, plain)

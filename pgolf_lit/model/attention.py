@@ -247,7 +247,7 @@ class CausalSelfAttention(nn.Module):
         self.c_q = CastedLinear(dim, dim, role=matrix("attn", "attention"))
         self.c_k = CastedLinear(dim, kv_dim, role=matrix("attn", "attention"))
         self.c_v = CastedLinear(dim, kv_dim, role=matrix("attn", "attention"))
-        self.proj = CastedLinear(dim, dim, role=matrix("attn", "attention"), zero_init=True)
+        self.proj = CastedLinear(dim, dim, role=matrix("attn", "attention"), zero_init=True, output_proj=True)
         # SparseAttnGate (PR #1787/#1855): per-head output gate from the first `window` input channels.
         self.sparse_gate_scale = sparse_gate_scale
         self.attn_gate_w: Optional[nn.Parameter] = None

@@ -136,7 +136,8 @@ class GPTConfig:
     init: Literal["baseline", "orthogonal"] = "baseline"
     """Weight init: PyTorch's Linear default (baseline) or orthogonal matrices (every record)."""
     proj_init_scale: bool = False
-    """PR #1263 family: ×1/sqrt(2L) on the orthogonally initialised ".proj" weights."""
+    """PR #1263 family: ×1/sqrt(2L) on the orthogonally initialised output projections (``CastedLinear.output_proj``,
+    the script's ".proj" layers)."""
     mtp_num_heads: int = 0
     """Multi-token prediction heads (a training loss only; never exported)."""
     mtp_loss_weight: float = 0.2

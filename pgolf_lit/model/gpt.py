@@ -269,14 +269,14 @@ class GPT(nn.Module):
         cfg = self.config
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
-        for name, module in self.named_modules():
+        for module in self.modules():
             if not isinstance(module, nn.Linear):
                 continue
             if getattr(module, "zero_init", False):
                 nn.init.zeros_(module.weight)
             elif cfg.init == "orthogonal" and min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight, gain=1.0)
-                if cfg.proj_init_scale and (name.endswith(".proj") or ".proj." in name):
+                if cfg.proj_init_scale and getattr(module, "output_proj", False):
                     with torch.no_grad():
                         module.weight.mul_(1.0 / math.sqrt(2 * cfg.num_layers))
 

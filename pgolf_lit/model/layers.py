@@ -42,12 +42,19 @@ class CastedLinear(nn.Linear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, *, role: Optional[ParamRole] = None, zero_init: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        role: Optional[ParamRole] = None,
+        zero_init: bool = False,
+        output_proj: bool = False,
     ):
         super().__init__(in_features, out_features, bias=False)
         if role is not None:
             declare_roles(self, weight=role)
         self.zero_init = zero_init
+        self.output_proj = output_proj  # a block's output projection (GPTConfig.proj_init_scale scales its init)
         self.qat_bits = 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,7 +75,7 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str = "relu2", slope: float = 0.5):
         super().__init__()
         self.fc = CastedLinear(dim, hidden, role=matrix("mlp", "mlp"))
-        self.proj = CastedLinear(hidden, dim, role=matrix("mlp", "mlp"), zero_init=True)
+        self.proj = CastedLinear(hidden, dim, role=matrix("mlp", "mlp"), zero_init=True, output_proj=True)
         self.activation = activation
         self.slope = slope
         self.fused: Optional[Callable[..., Tensor]] = None
@@ -149,7 +156,9 @@ class BigramHash(nn.Module):
         declare_roles(self.embed, weight=embedding("other", "bigram"))
         nn.init.zeros_(self.embed.weight)
         # The records' export puts every ".proj." weight under the attention rule, this one included.
-        self.proj = CastedLinear(dim, model_dim, role=matrix("attn", "bigram")) if dim != model_dim else None
+        self.proj = (
+            CastedLinear(dim, model_dim, role=matrix("attn", "bigram"), output_proj=True) if dim != model_dim else None
+        )
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
         self.scale = nn.Parameter(torch.tensor(0.05))
@@ -173,7 +182,11 @@ class ValueEmbedding(nn.Module):
         declare_roles(self.embed, weight=embedding("other", "value_embedding"))
         nn.init.normal_(self.embed.weight, std=0.01)
         # Under the attention rule at export, like every ".proj." weight in the records.
-        self.proj = CastedLinear(dim, kv_dim, role=matrix("attn", "value_embedding")) if dim != kv_dim else None
+        self.proj = (
+            CastedLinear(dim, kv_dim, role=matrix("attn", "value_embedding"), output_proj=True)
+            if dim != kv_dim
+            else None
+        )
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
         self.scale = nn.Parameter(torch.tensor(0.1))
