@@ -109,6 +109,7 @@ class TokenShardDataModule(L.LightningDataModule):
         val_seq_len: Optional[int] = None,
         val_batch_tokens: int = 524_288,
         val_max_tokens: int = 0,
+        val_include_tail: bool = False,
         build_embedded: bool = False,
     ):
         """
@@ -127,6 +128,8 @@ class TokenShardDataModule(L.LightningDataModule):
                 ``pgolf`` it is linked to ``model.evaluation.seq_len``, the evaluation window length.
             val_batch_tokens: global validation tokens per step (upstream VAL_BATCH_SIZE / VAL_BATCH_TOKENS).
             val_max_tokens: score only the first N val tokens (0 = the whole split); for quick CPU runs only.
+            val_include_tail: keep the whole val split instead of trimming it to a multiple of val_seq_len (plus
+                one); under ``pgolf`` linked to ``model.evaluation.include_tail`` (upstream EVAL_INCLUDE_TAIL).
             build_embedded: if the data directory does not exist, build it from the embedded stdlib corpus
                 (the CPU demo's first run).
         """
@@ -141,6 +144,7 @@ class TokenShardDataModule(L.LightningDataModule):
         self.val_seq_len = val_seq_len or train_seq_len
         self.val_batch_tokens = val_batch_tokens
         self.val_max_tokens = val_max_tokens
+        self.val_include_tail = val_include_tail
         self.build_embedded = build_embedded
         self.luts = None  # the tokenizer's byte LUTs (byte_counts.luts)
         self.byte_counts = None  # ByteCounts: the LUTs, and the val byte sidecar where the split has one
@@ -205,7 +209,8 @@ class TokenShardDataModule(L.LightningDataModule):
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         self._check_sizes(self.world_size)
         if self.val_tokens is None:
-            tokens = load_validation_tokens(self.data_dir, self.val_seq_len, self.vocab_size)
+            trim = 1 if self.val_include_tail else self.val_seq_len  # a multiple of 1 (+ 1): every token
+            tokens = load_validation_tokens(self.data_dir, trim, self.vocab_size)
             if self.val_max_tokens:
                 keep = max(self.val_max_tokens // self.val_seq_len, 1) * self.val_seq_len
                 tokens = tokens[: min(keep, tokens.numel() - 1) + 1]
