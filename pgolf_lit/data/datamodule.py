@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pgolf_lit.data.loaders import make_loader
+from pgolf_lit.data.seq_schedule import SeqSchedule
 from pgolf_lit.data.shards import list_shards, load_validation_tokens
 from pgolf_lit.data.tokenizer import (
     check_tokenizer_matches_dataset,
@@ -35,30 +36,59 @@ class TrainSteps(IterableDataset):
     packing loader (x, y, cu_seqlens, max_seqlen) with x, y [grad_accum, 1, N] and cu_seqlens int32 [grad_accum, K],
     each micro-batch's boundaries padded with N to the longest of the step (empty segments), so compiled graphs see
     only the loader's few bucket sizes, and ``max_seqlen`` the loader's ``seqlen_bound`` (a Python int: the longest
-    segment any row can hold, which varlen attention takes as its launch bound)."""
+    segment any row can hold, which varlen attention takes as its launch bound).
 
-    def __init__(self, loader, grad_accum: int):
+    ``deferred`` (progressive context growth): the stream yields ``PendingStep`` items instead, whose batch is read
+    when the step runs (``PendingStep.take``), at the cut length of that step. ``skipped_before``: calls the loader
+    skipped at length changes before a resume (added to ``skipped_calls``)."""
+
+    def __init__(self, loader, grad_accum: int, deferred: bool = False, skipped_before: int = 0):
         self.loader = loader
         self.grad_accum = grad_accum
+        self.deferred = deferred
+        self.skipped_before = skipped_before
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    @property
+    def skipped_calls(self) -> int:
+        """Loader calls skipped at cut-length changes so far (a resume fast-forwards past them too)."""
+        return self.skipped_before + len(getattr(self.loader, "discarded", ()))
+
+    def take(self, cut_len: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+        """The next step's batch; with ``cut_len`` the packing loader cuts documents at that length from now on."""
+        if cut_len is not None:
+            self.loader.set_max_doc_len(cut_len)
+        batches = [self.loader.next_batch() for _ in range(self.grad_accum)]
+        if len(batches[0]) == 2:
+            xs, ys = zip(*batches)
+            return torch.stack(xs), torch.stack(ys)
+        n = batches[0].inputs.size(-1)
+        width = max(b.cu_seqlens.numel() for b in batches)
+        cu = torch.full((len(batches), width), n, dtype=torch.int32)
+        for i, b in enumerate(batches):
+            cu[i, : b.cu_seqlens.numel()] = b.cu_seqlens
+        return (
+            torch.stack([b.inputs for b in batches]),
+            torch.stack([b.targets for b in batches]),
+            cu,
+            self.loader.seqlen_bound,
+        )
+
+    def __iter__(self) -> Iterator:
         while True:
-            batches = [self.loader.next_batch() for _ in range(self.grad_accum)]
-            if len(batches[0]) == 2:
-                xs, ys = zip(*batches)
-                yield torch.stack(xs), torch.stack(ys)
-                continue
-            n = batches[0].inputs.size(-1)
-            width = max(b.cu_seqlens.numel() for b in batches)
-            cu = torch.full((len(batches), width), n, dtype=torch.int32)
-            for i, b in enumerate(batches):
-                cu[i, : b.cu_seqlens.numel()] = b.cu_seqlens
-            yield (
-                torch.stack([b.inputs for b in batches]),
-                torch.stack([b.targets for b in batches]),
-                cu,
-                self.loader.seqlen_bound,
-            )
+            yield PendingStep(self) if self.deferred else self.take()
+
+
+class PendingStep:
+    """A training step whose batch is read when the step runs, not when Lightning fetches it (one step ahead): its
+    cut length follows the training clock at the step (``GolfModule.on_before_batch_transfer`` takes it)."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, steps: TrainSteps):
+        self.steps = steps
+
+    def take(self, cut_len: int) -> tuple[torch.Tensor, ...]:
+        return self.steps.take(cut_len)
 
 
 class PassIndices(IterableDataset):
@@ -111,6 +141,7 @@ class TokenShardDataModule(L.LightningDataModule):
         val_max_tokens: int = 0,
         val_include_tail: bool = False,
         build_embedded: bool = False,
+        seq_schedule: str = "",
     ):
         """
         Args:
@@ -132,6 +163,10 @@ class TokenShardDataModule(L.LightningDataModule):
                 one); under ``pgolf`` linked to ``model.evaluation.include_tail`` (upstream EVAL_INCLUDE_TAIL).
             build_embedded: if the data directory does not exist, build it from the embedded stdlib corpus
                 (the CPU demo's first run).
+            seq_schedule: progressive context growth (PR #2014 TRAIN_SEQ_SCHEDULE, ``data/seq_schedule.py``):
+                ``LENGTH@FRACTION,...`` such as ``1024@0.1,2048@0.7,3072@1.0``, the packed documents' cut length
+                by training fraction (the packed row stays the micro-batch; each length must divide it and none
+                exceed train_seq_len); empty: train_seq_len throughout. Needs ``loader: packed``.
         """
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -146,6 +181,10 @@ class TokenShardDataModule(L.LightningDataModule):
         self.val_max_tokens = val_max_tokens
         self.val_include_tail = val_include_tail
         self.build_embedded = build_embedded
+        self.seq_schedule = seq_schedule
+        self.seq_plan = SeqSchedule.parse(seq_schedule, train_seq_len) if str(seq_schedule).strip() else None
+        if self.seq_plan is not None and loader != "packed":
+            raise ConfigError(f"data.seq_schedule: needs loader 'packed' (it cuts packed documents), got {loader!r}")
         self.luts = None  # the tokenizer's byte LUTs (byte_counts.luts)
         self.byte_counts = None  # ByteCounts: the LUTs, and the val byte sidecar where the split has one
         self.val_tokens: Optional[torch.Tensor] = None
@@ -178,6 +217,8 @@ class TokenShardDataModule(L.LightningDataModule):
                 f"data.train_batch_tokens: {self.train_batch_tokens} must split into {self.grad_accum_base} "
                 f"micro-batches of whole sequences of train_seq_len {self.train_seq_len}"
             )
+        if self.seq_plan is not None:
+            self.seq_plan.check_micro_batch(micro)
         if self.val_batch_tokens // self.grad_accum_base < self.val_seq_len:
             raise ConfigError(
                 f"data.val_batch_tokens: {self.val_batch_tokens} / {self.grad_accum_base} is less than one "
@@ -244,7 +285,12 @@ class TokenShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # On resume the trainer has restored global_step before building dataloaders: continue the stream there.
         skip = self.trainer.global_step if self.trainer is not None else 0
-        steps = TrainSteps(self.make_train_loader(skip), self.grad_accum)
+        loader = self.make_train_loader(skip)
+        skipped = 0
+        if self.seq_plan is not None and skip:  # and past the calls skipped at the length changes before it
+            skipped = int(getattr(self.trainer.lightning_module, "train_calls_skipped", 0))
+            loader.skip(skipped)
+        steps = TrainSteps(loader, self.grad_accum, deferred=self.seq_plan is not None, skipped_before=skipped)
         return DataLoader(steps, batch_size=None, pin_memory=torch.cuda.is_available())
 
     def _val_loader(self) -> DataLoader:

@@ -1,0 +1,227 @@
+"""Progressive context growth (PR #2014 ``TRAIN_SEQ_SCHEDULE``; ``pgolf_lit/data/seq_schedule.py``) against the
+record's own functions and run: the frontier fixture ``train/pr2014_progressive_seq``.
+
+- ``schedule.json``: parsing (and what it refuses), the stage at every listed wallclock / step progress, the
+  micro-batch compatibility, the record's batch layout per stage;
+- ``run.json``: the record's ``train_model`` as rank 0 of 8 on a fake clock (16 s per step): every step's length, LR
+  scale (warmdown × re-warmup), Muon momentum, looping, batch position and ``cu_seqlens``, the two prefetched calls
+  skipped at each change, the stop step; replayed on our schedule + loader (fast), and through ``pgolf fit`` itself
+  (the real Trainer loop, slow);
+- compile priming: every (length, looping) shape compiles before the clock starts, none while it runs.
+
+Fixtures: $PGOLF_FRONTIER_FIXTURES (default ../shared/fixtures/frontier); every value is read from the case's files (a
+held-out twin with other seeds and shapes exists), and everything skips cleanly without them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_root
+from pgolf_lit.callbacks import RecurrenceActivation
+from pgolf_lit.config import CONFIG_DIR, load_config
+from pgolf_lit.data.datamodule import PendingStep, TrainSteps
+from pgolf_lit.data.loaders import DocumentPackingLoader
+from pgolf_lit.data.seq_schedule import SeqSchedule, SeqStage
+from pgolf_lit.errors import ConfigError
+from pgolf_lit.optim import effective_cap_ms, record_optim_config, record_schedule_config
+
+ENV = "PGOLF_FRONTIER_FIXTURES"
+ROOT = fixture_root(ENV, "frontier")
+RECORD = "pr2014_progressive_shortdoc"
+
+
+def _cases() -> list:
+    folder = ROOT / "train" if ROOT is not None else None
+    if folder is None or not folder.is_dir():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no frontier train fixtures: set {ENV}"))]
+    cases = [p for p in sorted(folder.iterdir()) if (p / "schedule.json").is_file()]
+    return [pytest.param(p, id=p.name) for p in cases] or [pytest.param(None, marks=pytest.mark.skip(reason="none"))]
+
+
+CASES = _cases()
+
+
+def _json(case: Path, name: str) -> dict:
+    return json.loads((case / name).read_text())
+
+
+def _unquote(key: str) -> str:
+    """The fixture's keys are Python reprs of the schedule text (``'1024@0.1'``)."""
+    assert key[0] == key[-1] == "'", key
+    return key[1:-1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schedule.json: the record's schedule functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parse_matches_the_record(case):
+    ref = _json(case, "schedule.json")
+    assert ref["parse_train_seq_schedule"]
+    for key, want in ref["parse_train_seq_schedule"].items():
+        plan = SeqSchedule.parse(_unquote(key), want["default_seq_len"])
+        assert [list(stage) for stage in plan.stages] == want["plan"], key
+        assert max(want["default_seq_len"], plan.max_seq_len) == want["max_train_seq_len"], key
+    assert ref["parse_errors"]
+    for key in ref["parse_errors"]:
+        with pytest.raises(ConfigError, match=r"^data\.seq_schedule: "):
+            SeqSchedule.parse(_unquote(key), 4096)
+    with pytest.raises(ConfigError, match="exceeds data.train_seq_len 1024"):
+        SeqSchedule.parse("512@0.5,2048@1.0", 1024)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stage_at_each_progress_matches_the_record(case):
+    """The stage follows the training fraction the LR schedule reads: wallclock over the cap after the reserve, or
+    steps over the budget without a cap (the record's step mode)."""
+    ref = _json(case, "schedule.json")
+    wall = ref["wallclock_mode"]
+    plan = SeqSchedule(tuple(tuple(s) for s in wall["plan"]))
+    h = _json(case, "hparams.json")["record_env"]
+    cap = effective_cap_ms(float(h["MAX_WALLCLOCK_SECONDS"]), float(h["GPTQ_RESERVE_SECONDS"]))
+    assert cap == wall["max_wallclock_ms"]
+    schedule = record_schedule_config(RECORD)
+    for point in wall["points"]:
+        frac = schedule.training_fraction(0, point["elapsed_ms"], cap, 20000)
+        assert min(frac, 1.0) == pytest.approx(point["progress"], abs=1e-12), point
+        assert plan.seq_len_at(frac) == point["seq_len"], point
+    steps = ref["step_mode"]
+    for point in steps["points"]:
+        frac = schedule.training_fraction(point["step"], 0.0, None, steps["iterations"])
+        assert plan.seq_len_at(frac) == point["seq_len"], point
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_micro_batch_compatibility_and_layout(case):
+    ref = _json(case, "schedule.json")
+    plan = SeqSchedule(tuple(tuple(s) for s in ref["wallclock_mode"]["plan"]))
+    for key, local in ref["validate_train_seq_plan_compatibility"].items():
+        if "(error)" in key:
+            bad = SeqSchedule.parse(key.split(" ")[0], plan.max_seq_len)
+            with pytest.raises(ConfigError, match=r"do not divide the micro-batch of \d+ tokens"):
+                bad.check_micro_batch(int(local.split("local_tokens=")[1].split(",")[0]))
+            continue
+        parts = dict(p.split("=") for p in key.split(","))
+        tokens = int(parts["global"]) // (int(parts["world"]) * int(parts["accum"]))
+        assert tokens == local
+        plan.check_micro_batch(tokens)
+    for row in ref["record_batch_layout"]:
+        assert plan.seq_len_at(row["stage_end_progress"]) == row["seq_len"] == row["max_seqlen_passed_to_model"]
+        assert row["local_tokens_per_rank_per_step"] // row["seq_len"] == row["full_windows_per_row"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_record_config_states_the_records_schedule(case):
+    """Our record config against the record's own env: the schedule, its training length, the re-warmup."""
+    from pgolf_lit.data.datamodule import TokenShardDataModule
+
+    env = _json(case, "hparams.json")["record_env"]
+    data = TokenShardDataModule(**load_config(CONFIG_DIR / "records" / f"{RECORD}.yaml")["data"])  # checks sizes
+    assert data.train_seq_len == int(env["TRAIN_SEQ_LEN"])
+    assert data.seq_plan == SeqSchedule.parse(env["TRAIN_SEQ_SCHEDULE"], int(env["TRAIN_SEQ_LEN"]))
+    assert env["TRAIN_SEQ_SCHEDULE_MODE"] == "wallclock"  # our stages follow the LR schedule's fraction
+    assert record_schedule_config(RECORD).seq_change_warmup_steps == int(env["SEQ_CHANGE_WARMUP_STEPS"])
+    ref = _json(case, "schedule.json")["record_batch_layout"]
+    assert {row["local_tokens_per_rank_per_step"] for row in ref} == {data.micro_batch_tokens}
+
+
+def test_compile_shapes_follow_the_loop_switch():
+    plan = SeqSchedule.parse("1024@0.1,2048@0.7,3072@1.0", 3072)
+    shapes = [(1024, False), (2048, False), (2048, True), (3072, True)]  # the record's log: compile_shape_warmup:start
+    assert plan.compile_shapes(0.35, loops=True) == shapes
+    assert plan.compile_shapes(float("inf"), loops=True) == [(1024, False), (2048, False), (3072, False)]
+    assert plan.compile_shapes(None, loops=True) == [(n, m) for n in (1024, 2048, 3072) for m in (False, True)]
+    assert plan.compile_shapes(0.35, loops=False) == [(1024, False), (2048, False), (3072, False)]
+
+
+def test_rewarmup_restarts_at_each_change_after_step_zero():
+    stage = SeqStage(SeqSchedule.parse("32@0.5,64@1.0", 64), rewarmup_steps=4)
+    assert not stage.advance(0, 0.0) and stage.lr_factor(0) == 1.0
+    assert stage.advance(7, 0.6) and stage.seq_len == 64
+    assert [stage.lr_factor(s) for s in range(7, 12)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    late = SeqStage(SeqSchedule.parse("32@0.5,64@1.0", 64), rewarmup_steps=4)
+    assert late.advance(0, 0.9) and late.lr_factor(0) == 1.0  # a change at step 0 does not re-warm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run.json: the record's training run, step by step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _case_setup(case: Path) -> dict:
+    hp = _json(case, "hparams.json")
+    h = hp["hyperparameters"]
+    data = case / hp["env_paths"]["DATA_PATH"].split(" ")[0]
+    world = int(hp["env"]["WORLD_SIZE"])
+    return {
+        "h": h,
+        "data": data,
+        "world": world,
+        "tokens_per_rank": h["train_batch_tokens"] // (world * h["grad_accum_steps"]),
+        "plan": SeqSchedule.parse(h["train_seq_schedule"], h["train_seq_len"]),
+        "cap": effective_cap_ms(h["max_wallclock_seconds"], h["gptq_reserve_seconds"]),
+    }
+
+
+def _check_batch(shard: np.ndarray, batch: tuple, want: dict, label: str) -> None:
+    """Our packed step against the record's: the rank's span position (by its tokens), the boundaries (padded to
+    the record's bucket), the bound passed to attention and the longest segment."""
+    x, y, cu, bound = batch
+    start, n = want["local_start"], want["n_tokens"]
+    assert torch.equal(x[0, 0], torch.from_numpy(shard[start : start + n].astype(np.int64))), label
+    assert torch.equal(y[0, 0], torch.from_numpy(shard[start + 1 : start + n + 1].astype(np.int64))), label
+    boundaries = want["cu_seqlens"]
+    assert cu.shape[-1] == want["cu_padded_len"], label
+    assert cu[0, : len(boundaries)].tolist() == boundaries and set(cu[0, len(boundaries) :].tolist()) <= {n}, label
+    assert bound == want["max_seq_len_arg"], label
+    assert max(b - a for a, b in zip(boundaries, boundaries[1:])) == want["builder_max_seqlen"], label
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_record_run_replayed_on_the_schedule_and_loader(case):
+    """Our schedule (stage, warmdown × re-warmup, momentum, loop switch) and packing loader, fed the record's clock:
+    every step of run.json, the skipped prefetches and the stop step, exactly."""
+    run, s = _json(case, "run.json"), _case_setup(case)
+    h, plan, cap = s["h"], s["plan"], s["cap"]
+    schedule = record_schedule_config(RECORD, h)
+    optim = record_optim_config(RECORD, h)
+    switch = RecurrenceActivation(at_fraction=h["enable_looping_at"])
+    loader = DocumentPackingLoader(s["data"], 0, s["world"], h["train_seq_len"], s["tokens_per_rank"], h["vocab_size"])
+    steps = TrainSteps(loader, h["grad_accum_steps"], deferred=True)
+    pending = next(iter(steps))
+    assert isinstance(pending, PendingStep) and loader.calls == 0  # nothing read until the step takes it
+    shard = np.fromfile(next(s["data"].glob("fineweb_train_*.bin")), dtype="<u2", offset=1024)
+    stage = SeqStage(plan, schedule.seq_change_warmup_steps)
+    step_ms = float(run["clock"].split("advances ")[1].split(" s")[0]) * 1000
+    step, looping = 0, False
+    for want in run["steps"]:
+        elapsed = step * step_ms
+        assert elapsed == want["elapsed_ms"]
+        frac = schedule.training_fraction(step, elapsed, cap, h["iterations"])
+        stage.advance(step, frac)
+        lr_scale = schedule.lr_multiplier(step, elapsed, cap, h["iterations"]) * stage.lr_factor(step)
+        looping = looping or switch.due(step, frac)
+        label = f"step {step}"
+        assert (stage.seq_len, looping) == (want["seq_len"], want["looping_active"]), label
+        # 1e-15: the record's fake clock adds 16.0 to a float base, so its elapsed time is 1 ulp off s * 16000 at a
+        # few steps (its lr_scale at steps 23/26/29 is 1 ulp from lr_mul of its own listed frac)
+        assert lr_scale == pytest.approx(want["lr_scale"], rel=1e-15, abs=0), label
+        assert want["lr_scale_all_groups"] == pytest.approx([lr_scale] * 3, rel=1e-12)  # group lr / base lr
+        assert optim.muon_momentum_at(step) == want["muon_momentum"], label
+        _check_batch(shard, pending.take(stage.seq_len), want["batch"], label)
+        step += 1
+        if step * step_ms >= cap:  # the wallclock check after each step (WallclockBudget)
+            break
+    assert step == run["n_steps"] == len(run["steps"])
+    n = s["tokens_per_rank"]
+    skipped = [{"local_start": a, "max_seq_len_arg": cut, "n_tokens": n} for a, cut in loader.discarded]
+    assert skipped == run["prefetched_batches_discarded"]
+    assert steps.skipped_calls == len(skipped)
