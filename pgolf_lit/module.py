@@ -23,7 +23,6 @@ from torch import Tensor
 
 from pgolf_lit.clock import TrainClock, ledger_line
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.data.datamodule import PendingStep
 from pgolf_lit.data.seq_schedule import SeqStage
 from pgolf_lit.errors import CheckpointError, ConfigError, PgolfError
 from pgolf_lit.eval import (
@@ -221,10 +220,8 @@ class GolfModule(L.LightningModule):
         # broadcasts them at start nor before every forward (upstream: broadcast_buffers=False).
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         self._schedule_cache: Optional[StepSchedule] = None
-        # Progressive context growth (data.seq_schedule): the stage and its LR re-warmup, set up in setup("fit"); and
-        # the loader calls skipped at its length changes (a resume fast-forwards past them too).
+        # Progressive context growth (data.seq_schedule): the stage and its LR re-warmup, set up in setup("fit").
         self.seq_stage: Optional[SeqStage] = None
-        self.train_calls_skipped = 0
         self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
         self._forward = self.model  # replaced by the compiled model in setup()
         self.last_train_loss: Optional[Tensor] = None
@@ -392,14 +389,6 @@ class GolfModule(L.LightningModule):
         if stage.rewarm_from == step:
             steps = stage.rewarmup_steps
             self.log_text(f"growth_stage_rewarmup:start step:{step} steps:{steps} seq_len:{stage.seq_len}")
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """A deferred training step (progressive context growth) is read now, at the cut length of this step's
-        stage: Lightning fetched it a step ahead, before the clock could say which stage the step is in."""
-        if isinstance(batch, PendingStep):
-            pending, batch = batch, batch.take(self.step_schedule().seq_len)
-            self.train_calls_skipped = pending.steps.skipped_calls
-        return batch
 
     # --------------------------------------------------------------------------------------------------
     # Training
@@ -707,8 +696,7 @@ class GolfModule(L.LightningModule):
             "weights_note": checkpoint.get("pgolf", {}).get("weights_note", self.weights.note),
         }
         if self.seq_stage is not None:
-            stage = {**self.seq_stage.state_dict(), "calls_skipped": self.train_calls_skipped}
-            checkpoint["pgolf"]["seq_stage"] = stage
+            checkpoint["pgolf"]["seq_stage"] = self.seq_stage.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit" and "loops" not in checkpoint:
@@ -730,7 +718,6 @@ class GolfModule(L.LightningModule):
             self.weights = Weights.float_weights(state.get("weights_note", ""))
             if self.seq_stage is not None and state.get("seq_stage"):
                 self.seq_stage.load_state_dict(state["seq_stage"])
-                self.train_calls_skipped = int(state["seq_stage"]["calls_skipped"])
 
     # --------------------------------------------------------------------------------------------------
     @property

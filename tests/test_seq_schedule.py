@@ -15,6 +15,7 @@ held-out twin with other seeds and shapes exists), and everything skips cleanly 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 from conftest import fixture_root
 from pgolf_lit.callbacks import RecurrenceActivation
-from pgolf_lit.config import CONFIG_DIR, load_config
+from pgolf_lit.config import CONFIG_DIR, GPTConfig, load_config
 from pgolf_lit.data.datamodule import PendingStep, TrainSteps
 from pgolf_lit.data.loaders import DocumentPackingLoader
 from pgolf_lit.data.seq_schedule import SeqSchedule, SeqStage
@@ -225,3 +226,110 @@ def test_record_run_replayed_on_the_schedule_and_loader(case):
     skipped = [{"local_start": a, "max_seq_len_arg": cut, "n_tokens": n} for a, cut in loader.discarded]
     assert skipped == run["prefetched_batches_discarded"]
     assert steps.skipped_calls == len(skipped)
+
+
+# Upstream names the case changes from the record, and where our config holds each (the rest: world_size is the
+# datamodule's rank/world below, warmup_steps the priming's step counts, the seed is moot with the case's weights).
+CASE_OVERRIDES = {
+    "train_batch_tokens": "data.train_batch_tokens",
+    "train_seq_len": "data.train_seq_len",
+    "train_seq_schedule": "data.seq_schedule",
+    "val_batch_tokens": "data.val_batch_tokens",
+    "eval_seq_len": "model.evaluation.seq_len",
+    "seq_change_warmup_steps": "model.schedule.seq_change_warmup_steps",
+    "fused_ce_enabled": "model.fused_kernels",
+}
+MOOT = {"seed", "warmup_steps", "rope_train_seq_len"}  # rope_train_seq_len: YaRN off, no effect (spec §4.1)
+
+
+class Observer:
+    """Every training step as the module ran it: its schedule, looping state, batch and loss."""
+
+    def __init__(self):
+        from lightning.pytorch.callbacks import Callback
+
+        self.steps: list[dict] = []
+        observer = self
+
+        class _Hook(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                observer.steps.append(
+                    {
+                        "schedule": pl_module.step_schedule(),
+                        "looping": pl_module.model.recurrence_active,
+                        "batch": tuple(t.cpu() if torch.is_tensor(t) else t for t in batch),
+                    }
+                )
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                observer.steps[-1]["loss"] = float(pl_module.last_train_loss)
+
+        self.callback = _Hook()
+
+
+@pytest.mark.slow  # ~40 steps of the 11-layer record model at d=32 through the Trainer
+@pytest.mark.parametrize("case", CASES)
+def test_record_run_through_pgolf_fit(case, tmp_path, monkeypatch):
+    """The record config under the case's sizes, through the real Trainer loop (priming, wallclock budget, loop
+    switch, deferred packed steps), on the record's clock (16 s per optimizer step) as rank 0 of its 8: every step's
+    length, LR scale, momentum, looping and batch, the stop step, and the losses (rtol of the case)."""
+    from pgolf_lit.callbacks import CompilePriming, GPTQExport
+    from pgolf_lit.cli import make_cli
+    from pgolf_lit.clock import TrainClock
+    from pgolf_lit.model.convert import load_upstream_state_dict
+
+    run, s, hp = _json(case, "run.json"), _case_setup(case), _json(case, "hparams.json")
+    h = s["h"]
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIG_DIR / "records" / f"{RECORD}.yaml")]
+    gpt_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    for name, change in hp["changed_from_record"].items():
+        key = CASE_OVERRIDES.get(name, f"model.gpt.{name}" if name in gpt_fields else None)
+        assert key or name in MOOT, f"the case changes {name}, which this test does not map"
+        if key:
+            args += [
+                f"--{key}",
+                str(change["fixture"]).lower() if isinstance(change["fixture"], bool) else str(change["fixture"]),
+            ]
+    tokenizer = ROOT / "data" / "tokenizers" / hp["env_paths"]["TOKENIZER_PATH"].split(" ")[0]
+    args += ["--data.data_dir", str(s["data"]), "--data.tokenizer_path", str(tokenizer)]
+    args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+    args += ["--trainer.enable_progress_bar", "false", "--model.compile", "false", "--record.world", "1"]
+    cli = make_cli(args, run=False)
+    module, dm = cli.model, cli.datamodule
+    assert (dm.train_seq_len, dm.seq_plan, module.schedule_config.seq_change_warmup_steps) == (
+        h["train_seq_len"],
+        s["plan"],
+        h["seq_change_warmup_steps"],
+    )
+    setup = dm.setup
+
+    def as_rank_zero_of_the_record(stage=None):  # the case ran as rank 0 of WORLD_SIZE, grad_accum 1
+        setup(stage)
+        dm.rank, dm.world_size = 0, s["world"]
+        assert dm.grad_accum == h["grad_accum_steps"] and dm.micro_batch_tokens == s["tokens_per_rank"]
+
+    monkeypatch.setattr(dm, "setup", as_rank_zero_of_the_record)
+    load_upstream_state_dict(module.model, torch.load(case / "init_state_dict.pt", weights_only=True))
+    step_s = float(run["clock"].split("advances ")[1].split(" s")[0])
+    module.clock = TrainClock(now=lambda: step_s * module.global_step)
+    observer = Observer()
+    for cb in cli.trainer.callbacks:
+        if isinstance(cb, CompilePriming):
+            cb.steps = cb.recurrent_steps = h["warmup_steps"]
+    cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, GPTQExport)]
+    cli.trainer.callbacks.append(observer.callback)
+    torch.set_num_threads(1)
+    cli.trainer.fit(module, datamodule=dm)
+
+    shard = np.fromfile(next(s["data"].glob("fineweb_train_*.bin")), dtype="<u2", offset=1024)
+    assert len(observer.steps) == run["n_steps"] == len(run["steps"])
+    tol = float(hp["what_to_reproduce"][2].split("rtol ")[1].split(" ")[0])
+    for ours, want in zip(observer.steps, run["steps"]):
+        sched, label = ours["schedule"], f"step {want['step']}"
+        assert (sched.step, sched.seq_len, ours["looping"]) == (want["step"], want["seq_len"], want["looping_active"])
+        assert sched.lr_scale == pytest.approx(want["lr_scale"], rel=1e-15, abs=0), label
+        assert sched.momentum == want["muon_momentum"], label
+        _check_batch(shard, ours["batch"], want["batch"], label)
+        assert ours["loss"] == pytest.approx(want["train_loss"], rel=tol), label
+    assert dm.train_calls_skipped == len(run["prefetched_batches_discarded"])

@@ -188,6 +188,7 @@ class TokenShardDataModule(L.LightningDataModule):
         self.luts = None  # the tokenizer's byte LUTs (byte_counts.luts)
         self.byte_counts = None  # ByteCounts: the LUTs, and the val byte sidecar where the split has one
         self.val_tokens: Optional[torch.Tensor] = None
+        self.train_calls_skipped = 0  # loader calls skipped at length changes (seq_schedule); saved in checkpoints
         self.rank, self.world_size = 0, 1
         self._check_values()
         self._check_sizes()
@@ -286,12 +287,24 @@ class TokenShardDataModule(L.LightningDataModule):
         # On resume the trainer has restored global_step before building dataloaders: continue the stream there.
         skip = self.trainer.global_step if self.trainer is not None else 0
         loader = self.make_train_loader(skip)
-        skipped = 0
-        if self.seq_plan is not None and skip:  # and past the calls skipped at the length changes before it
-            skipped = int(getattr(self.trainer.lightning_module, "train_calls_skipped", 0))
-            loader.skip(skipped)
+        skipped = self.train_calls_skipped if skip else 0  # and past the calls skipped at length changes before it
+        loader.skip(skipped)
         steps = TrainSteps(loader, self.grad_accum, deferred=self.seq_plan is not None, skipped_before=skipped)
         return DataLoader(steps, batch_size=None, pin_memory=torch.cuda.is_available())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A deferred training step (``seq_schedule``) is read now, at the cut length the module's schedule gives
+        this step: Lightning fetched it a step ahead, before the training clock could tell the step's stage."""
+        if isinstance(batch, PendingStep):
+            pending, batch = batch, batch.take(self.trainer.lightning_module.step_schedule().seq_len)
+            self.train_calls_skipped = pending.steps.skipped_calls
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"train_calls_skipped": self.train_calls_skipped} if self.seq_plan is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_calls_skipped = int(state_dict.get("train_calls_skipped", 0))
 
     def _val_loader(self) -> DataLoader:
         seqs = max(self.val_batch_tokens // self.grad_accum_base // self.val_seq_len, 1)
