@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from conftest import fixture_root
 from pgolf_lit.callbacks import RecurrenceActivation
@@ -333,3 +335,133 @@ def test_record_run_through_pgolf_fit(case, tmp_path, monkeypatch):
         _check_batch(shard, ours["batch"], want["batch"], label)
         assert ours["loss"] == pytest.approx(want["train_loss"], rel=tol), label
     assert dm.train_calls_skipped == len(run["prefetched_batches_discarded"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile priming: every stage shape compiles before the clock starts, none while it runs
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = CONFIG_DIR / "records" / f"{RECORD}_tiny.yaml"
+
+
+def _varlen_stand_in_op():
+    """FA3's varlen kernel as an opaque op (per-segment SDPA inside), so the packed model traces fullgraph on CPU as
+    it does with FA3 on CUDA: max_seqlen is a Python int the graph specializes on, as there."""
+
+    def reference(q, k, v, cu):
+        groups = q.size(-2) // k.size(-2)
+        k, v = k.repeat_interleave(groups, dim=-2), v.repeat_interleave(groups, dim=-2)
+        bounds = cu.tolist()
+        pieces = [
+            F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True
+            ).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])
+            if b > a
+        ]
+        return torch.cat(pieces, dim=0)
+
+    name = "pgolf_test::varlen_attention"
+    if not hasattr(torch.ops.pgolf_test, "varlen_attention"):
+
+        @torch.library.custom_op(name, mutates_args=())
+        def varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int) -> Tensor:
+            return reference(q, k, v, cu)
+
+        @varlen.register_fake
+        def _(q, k, v, cu, max_seqlen):
+            return torch.empty_like(q)
+
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs[:4])
+
+        def backward(ctx, grad):
+            q, k, v, cu = ctx.saved_tensors
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                grads = torch.autograd.grad(reference(*leaves, cu), leaves, grad)
+            return (*grads, None, None)
+
+        varlen.register_autograd(backward, setup_context=setup_context)
+
+    def stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True):
+        return torch.ops.pgolf_test.varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q)
+
+    return stand_in
+
+
+@pytest.mark.slow  # dynamo traces the 17-layer twin once per shape (~15 graphs)
+def test_every_stage_shape_compiles_before_the_clock(tmp_path, monkeypatch, embedded_data_root):
+    """The tiny twin compiled (fullgraph, static shapes; an eager backend that counts dynamo's compiles) through all
+    three stages: every (max_seqlen, looping, cu_seqlens width) a training step runs was compiled once during the
+    priming, and nothing compiles while the training clock runs."""
+    import functools
+
+    from lightning.pytorch.callbacks import Callback
+
+    from pgolf_lit.callbacks import GPTQExport
+    from pgolf_lit.cli import make_cli
+    from pgolf_lit.model import attention
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(attention, "FLASH_ATTN_VARLEN", _varlen_stand_in_op())
+    monkeypatch.setattr(
+        attention,
+        "FLASH_ATTN",
+        lambda q, k, v, causal=True: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        ).transpose(1, 2),
+    )
+    compiles: list[dict] = []
+    calls: list[dict] = []
+    current: dict = {}
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(dict(current))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+
+    class Track(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            compiled = pl_module._forward
+
+            def forward(*args, **kwargs):
+                cu = kwargs.get("cu_seqlens")
+                current.update(
+                    max_seqlen=kwargs.get("max_seqlen"),
+                    looping=pl_module.model.recurrence_active,
+                    cu_width=None if cu is None else cu.numel(),
+                    clock=pl_module.clock.running,
+                    grad=torch.is_grad_enabled(),
+                )
+                calls.append(dict(current))
+                return compiled(*args, **kwargs)
+
+            object.__setattr__(pl_module, "_forward", forward)
+
+    torch._dynamo.reset()
+    steps = 7  # stages at steps 1 (1/7 > 0.1) and 5 (5/7 > 0.7), the loop switch at step 3 (3/7 >= 0.35)
+    args = ["--config", str(TINY), "--model.compile", "true", "--model.attention_backend", "fa3"]
+    args += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
+    args += ["--trainer.enable_progress_bar", "false"]
+    cli = make_cli(args, run=False)
+    cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, GPTQExport)] + [Track()]
+    torch.set_num_threads(1)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        torch._dynamo.reset()
+
+    def shape(c):
+        return (c["max_seqlen"], c["looping"], c["cu_width"])
+
+    trained = [c for c in calls if c["clock"] and c["grad"]]
+    primed = [shape(c) for c in compiles if not c["clock"] and c["grad"]]
+    assert {c["max_seqlen"] for c in trained} == {32, 64, 96}, "the run did not train every stage"
+    assert {(c["max_seqlen"], c["looping"]) for c in trained} == {(32, False), (64, False), (64, True), (96, True)}
+    assert [c for c in compiles if c["clock"]] == [], "a graph compiled on the training clock"
+    assert {shape(c) for c in trained} <= set(primed)
+    assert len(primed) == len(set(primed)), "a shape compiled twice"
