@@ -465,3 +465,67 @@ def test_every_stage_shape_compiles_before_the_clock(tmp_path, monkeypatch, embe
     assert [c for c in compiles if c["clock"]] == [], "a graph compiled on the training clock"
     assert {shape(c) for c in trained} <= set(primed)
     assert len(primed) == len(set(primed)), "a shape compiled twice"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The datamodule: bad schedules are one line; a resumed run continues past the skipped calls
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_bad_schedule_is_one_line_naming_the_field():
+    from pgolf_lit.data.datamodule import TokenShardDataModule
+
+    sizes = dict(train_batch_tokens=3072, train_seq_len=96, grad_accum_base=1, val_batch_tokens=4096)
+    with pytest.raises(ConfigError, match=r"^data\.seq_schedule: needs loader 'packed'"):
+        TokenShardDataModule(**sizes, loader="sequential", seq_schedule="32@0.5,96@1.0")
+    with pytest.raises(ConfigError, match=r"^data\.seq_schedule: length\(s\) \[80\] do not divide the micro-batch"):
+        TokenShardDataModule(**sizes, loader="packed", seq_schedule="80@0.5,96@1.0")
+    with pytest.raises(ConfigError, match=r"^data\.seq_schedule: length 128 exceeds data\.train_seq_len 96"):
+        TokenShardDataModule(**sizes, loader="packed", seq_schedule="32@0.5,128@1.0")
+    assert TokenShardDataModule(**sizes, loader="packed", seq_schedule="").seq_plan is None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_resumed_datamodule_continues_after_the_skipped_calls(case):
+    """A checkpoint after stage changes: the datamodule's state brings the skipped calls, so the resumed stream gives
+    the batch the uninterrupted one gives next."""
+    from types import SimpleNamespace
+
+    from pgolf_lit.data.datamodule import TokenShardDataModule
+
+    s = _case_setup(case)
+    h = s["h"]
+
+    def datamodule(step: int) -> TokenShardDataModule:
+        dm = TokenShardDataModule(
+            data_dir=str(s["data"]),
+            vocab_size=h["vocab_size"],
+            train_batch_tokens=h["train_batch_tokens"],
+            train_seq_len=h["train_seq_len"],
+            loader="packed",
+            seq_schedule=h["train_seq_schedule"],
+        )
+        dm.rank, dm.world_size = 0, s["world"]
+        module = SimpleNamespace(step_schedule=lambda: SimpleNamespace(seq_len=plan[dm.trainer.global_step]))
+        dm.trainer = SimpleNamespace(global_step=step, lightning_module=module)
+        return dm
+
+    lengths = s["plan"].lengths
+    plan = [lengths[0]] * 3 + [lengths[1]] * 4 + [lengths[2]] * 3  # two changes after step 0
+    first = datamodule(0)
+    stream = iter(first.train_dataloader())
+    batches = []
+    for step in range(len(plan)):
+        first.trainer.global_step = step
+        batches.append(first.on_before_batch_transfer(next(stream), 0))  # the step reads its batch
+        if step == 5:
+            state = first.state_dict()  # a checkpoint after step 5
+    assert state == {"train_calls_skipped": 2} and first.train_calls_skipped == 4  # two calls per change
+    resumed = datamodule(6)
+    resumed.load_state_dict(state)
+    stream = iter(resumed.train_dataloader())
+    for step in range(6, len(plan)):
+        resumed.trainer.global_step = step
+        got, want = resumed.on_before_batch_transfer(next(stream), 0), batches[step]
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3])) and got[3] == want[3] == plan[step]
+    assert resumed.train_calls_skipped == 4
