@@ -11,6 +11,11 @@ its looped graph this way, PR #1278 runs recurrent from the start). ``qat_steps`
 ``cu_buckets`` (packed documents, PR #1855 ``_run_cu_bucket_warmup``): before the real steps, for recurrence off
 and on, three forward/backward passes without a step for each listed ``cu_seqlens`` width, with synthetic
 boundaries every ``train_seq_len`` tokens, so every bucket's graph is compiled off the clock.
+
+With a training-length schedule (``data.seq_schedule``, progressive context growth) the buckets are primed for every
+(length, recurrence) shape the schedule will train (``SeqSchedule.compile_shapes``: recurrence off for the stages
+that start before the loop switch's fraction, on for those that end after it; PR #2014's COMPILE_SHAPE_WARMUP=1),
+so no length change compiles on the clock, and the real steps run at the first stage's length.
 """
 
 from __future__ import annotations
@@ -67,7 +72,9 @@ class CompilePriming(Callback):
         opt_state = copy.deepcopy(chain.state_dict())
         was_recurrent = model.recurrence_active
         dm = trainer.datamodule
-        batches = iter(TrainSteps(dm.make_train_loader(), dm.grad_accum))
+        stage = pl_module.seq_stage  # a training-length schedule: the steps run at its first length
+        steps = TrainSteps(dm.make_train_loader(), dm.grad_accum)
+        first_len = stage.schedule.stages[0][1] if stage is not None else None
         phases = [
             (self.steps, False, False),
             (self.recurrent_steps, True, False),
@@ -76,14 +83,16 @@ class CompilePriming(Callback):
         index = itertools.count()
         with trainer.precision_plugin.train_step_context():
             if self.cu_buckets and pl_module.compile:  # only the compiled graphs care about bucket widths
-                self._prime_cu_buckets(pl_module, next(iter(TrainSteps(dm.make_train_loader(), 1))))
+                batch = TrainSteps(dm.make_train_loader(), 1).take()
+                self._prime_cu_buckets(pl_module, batch, self._shapes(trainer, pl_module, batch))
             for n, recurrent, qat in phases:
                 model.set_recurrence(recurrent)
                 set_qat_bits(model, self.qat_bits if qat else 0)
                 for _ in range(n):
                     i = next(index)
                     batch = tuple(
-                        t.to(pl_module.device, non_blocking=True) if torch.is_tensor(t) else t for t in next(batches)
+                        t.to(pl_module.device, non_blocking=True) if torch.is_tensor(t) else t
+                        for t in steps.take(first_len)
                     )
                     if self.mode == "construction":
                         sched = StepSchedule(i, 0.0, 0.0, 1.0, pl_module.optim_config.muon_momentum)
@@ -106,14 +115,30 @@ class CompilePriming(Callback):
             "warmup:done", f"warmup:done steps:{next(index)} weights and optimizer state restored time:{seconds:.1f}s"
         )
 
-    def _prime_cu_buckets(self, pl_module, batch) -> None:
+    @staticmethod
+    def _shapes(trainer, pl_module, batch) -> Optional[list[tuple[int, bool]]]:
+        """The (max_seqlen, recurrence) pairs of the length schedule's stages (None without a schedule): a stage
+        loops if it ends after the loop switch's fraction (both ways for a step-based switch; never without one)."""
+        stage = pl_module.seq_stage
+        if stage is None:
+            return None
+        from .recurrence import RecurrenceActivation
+
+        switches = [cb for cb in trainer.callbacks if isinstance(cb, RecurrenceActivation)]
+        loop_at = switches[0].at_fraction if switches else float("inf")
+        return stage.schedule.compile_shapes(loop_at, pl_module.model.config.recurrence != "none")
+
+    def _prime_cu_buckets(self, pl_module, batch, shapes: Optional[list[tuple[int, bool]]] = None) -> None:
+        """``shapes``: (max_seqlen, recurrence) pairs; default the batch's bound (the one the training steps pass)
+        with recurrence off and on."""
         if len(batch) < 4:
             return  # dense rows: no document boundaries to compile for
         x, y = (t[0].to(pl_module.device) for t in batch[:2])
-        n, bound = x.size(-1), int(batch[3])  # the same max_seqlen the training steps pass
-        starts = torch.arange(0, n, bound, dtype=torch.int32)
-        for recurrent in (False, True):
+        n = x.size(-1)
+        shapes = shapes or [(int(batch[3]), False), (int(batch[3]), True)]
+        for bound, recurrent in shapes:
             pl_module.model.set_recurrence(recurrent)
+            starts = torch.arange(0, n, bound, dtype=torch.int32)
             for width in self.cu_buckets:
                 if width < starts.numel() + 1:
                     continue  # too narrow to hold this row's boundaries
@@ -123,4 +148,5 @@ class CompilePriming(Callback):
                 for _ in range(3):
                     pl_module.model.zero_grad(set_to_none=True)
                     pl_module._forward(x, y, cu_seqlens=cu, max_seqlen=bound).backward()
-        pl_module.log_text(f"warmup_cu_buckets:{self.cu_buckets} recurrent:both")
+        described = ",".join(f"{bound}x{'loop' if recurrent else 'plain'}" for bound, recurrent in shapes)
+        pl_module.log_text(f"warmup_cu_buckets:{self.cu_buckets} shapes:{described}")

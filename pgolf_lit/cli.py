@@ -406,6 +406,7 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
             parser.link_arguments("model.gpt.vocab_size", "data.vocab_size")
             # The evaluation window length also trims the val split (upstream: EVAL_SEQ_LEN, or TRAIN_SEQ_LEN).
             parser.link_arguments("model.evaluation.seq_len", "data.val_seq_len")
+            parser.link_arguments("model.evaluation.include_tail", "data.val_include_tail")
             parser.add_argument(
                 "--artifact", type=Optional[str], default=None, help="test/validate the weights of a pgolf artifact"
             )

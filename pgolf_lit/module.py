@@ -23,6 +23,7 @@ from torch import Tensor
 
 from pgolf_lit.clock import TrainClock, ledger_line
 from pgolf_lit.config import GPTConfig
+from pgolf_lit.data.seq_schedule import SeqStage
 from pgolf_lit.errors import CheckpointError, ConfigError, PgolfError
 from pgolf_lit.eval import (
     EVAL_METHODS,
@@ -53,6 +54,7 @@ class StepSchedule:
     frac: float  # training fraction (wallclock over the budget, or steps over max_steps)
     lr_scale: float
     momentum: float
+    seq_len: Optional[int] = None  # the training length of a length schedule's stage (data.seq_schedule), else None
 
 
 @dataclass
@@ -218,6 +220,8 @@ class GolfModule(L.LightningModule):
         # broadcasts them at start nor before every forward (upstream: broadcast_buffers=False).
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         self._schedule_cache: Optional[StepSchedule] = None
+        # Progressive context growth (data.seq_schedule): the stage and its LR re-warmup, set up in setup("fit").
+        self.seq_stage: Optional[SeqStage] = None
         self.last_schedule: Optional[StepSchedule] = None  # the schedule of the most recent optimizer step
         self._forward = self.model  # replaced by the compiled model in setup()
         self.last_train_loss: Optional[Tensor] = None
@@ -274,6 +278,9 @@ class GolfModule(L.LightningModule):
                 self.log_text(line)
             if self.record_run is not None:
                 self.write_summary(record_run=self.record_run)
+        plan = getattr(datamodule, "seq_plan", None) if datamodule is not None else None
+        if stage == "fit" and plan is not None:
+            self.seq_stage = SeqStage(plan, self.schedule_config.seq_change_warmup_steps)
         if stage == "fit" and self.optim_config.grad_clip_scope == "local":
             grad_compression_dtype(self.trainer.strategy)  # a hook the manual reduction cannot follow stops here
         self.compile_settings.apply(self.device, self.compile)
@@ -355,14 +362,33 @@ class GolfModule(L.LightningModule):
             cap_ms = budget.effective_cap_ms if budget is not None else None
             cfg = self.schedule_config
             frac = cfg.training_fraction(step, elapsed, cap_ms, self.max_steps)
+            lr_scale = cfg.lr_multiplier(step, elapsed, cap_ms, self.max_steps)
+            seq_len = None
+            if self.seq_stage is not None:  # progressive context growth: the stage of this fraction, its re-warmup
+                if self.seq_stage.advance(step, frac):
+                    self._log_stage_change(step, frac)
+                lr_scale *= self.seq_stage.lr_factor(step)
+                seq_len = self.seq_stage.seq_len
             self._schedule_cache = StepSchedule(
                 step=step,
                 elapsed_ms=elapsed,
                 frac=frac,
-                lr_scale=cfg.lr_multiplier(step, elapsed, cap_ms, self.max_steps),
+                lr_scale=lr_scale,
                 momentum=self.optim_config.muon_momentum_at(step),
+                seq_len=seq_len,
             )
         return self._schedule_cache
+
+    def _log_stage_change(self, step: int, frac: float) -> None:
+        stage = self.seq_stage
+        self.record_event(
+            f"growth_stage:{stage.seq_len}",
+            f"growth_stage:seq_len:{stage.seq_len} progress:{frac:.3f} step:{step}",
+            step,
+        )
+        if stage.rewarm_from == step:
+            steps = stage.rewarmup_steps
+            self.log_text(f"growth_stage_rewarmup:start step:{step} steps:{steps} seq_len:{stage.seq_len}")
 
     # --------------------------------------------------------------------------------------------------
     # Training
@@ -408,6 +434,11 @@ class GolfModule(L.LightningModule):
                 keep = getattr(logger.experiment, "keep_steps_before", None) if self.trainer.is_global_zero else None
                 if keep is not None:
                     keep(self.global_step)
+        if self.seq_stage is not None and self.global_step == 0:
+            self.log_text(
+                f"train_seq_schedule:{self.seq_stage.schedule.describe()} growth_stage:seq_len:{self.seq_stage.seq_len}"
+                f" progress:0.000"
+            )
         # Priming callbacks ran before this hook; the wallclock starts now.
         self.clock.start(self.device)
         self.log_text(f"train:start steps:{self.max_steps} params:{self.model.num_params()}")
@@ -668,6 +699,8 @@ class GolfModule(L.LightningModule):
             "recurrence_active": self.model.recurrence_active,
             "weights_note": checkpoint.get("pgolf", {}).get("weights_note", self.weights.note),
         }
+        if self.seq_stage is not None:
+            checkpoint["pgolf"]["seq_stage"] = self.seq_stage.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit" and "loops" not in checkpoint:
@@ -687,6 +720,8 @@ class GolfModule(L.LightningModule):
             self.clock.load_state_dict(state["clock"])
             self.model.set_recurrence(state["recurrence_active"])
             self.weights = Weights.float_weights(state.get("weights_note", ""))
+            if self.seq_stage is not None and state.get("seq_stage"):
+                self.seq_stage.load_state_dict(state["seq_stage"])
 
     # --------------------------------------------------------------------------------------------------
     @property

@@ -253,6 +253,7 @@ EVAL_SCALE_ARGS = {
     "batch_seqs",
     # phased TTT's sizes: chunk and context lengths, documents per batch, adapter rank, phase sizes
     "chunk",
+    "short_doc_chunks",  # PR #2014's [max_doc_len, chunk] pairs: lengths
     "context",
     "batch_docs",
     "lora_rank",

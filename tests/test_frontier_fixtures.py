@@ -8,9 +8,10 @@ held-out twin with other seeds and shapes exists), and everything skips cleanly 
 - ``quant/<case>``: PR #1945's serialize (AWQ-lite selection and the protected group inside GPTQ, the int8 gate,
   LQER after AWQ): codes, scales, ``.awqg_*``, factors and meta exact, dequantized tensors bit-exact (sha256), the
   PGRP artifact byte-exact with the fixture's lrzip/brotli/torch builds.
-- ``eval/<case>``: PR #1953's ``eval_val_ttt_phased`` (no-Q/V adapters, LoRA lr ×0.75, its context) on a tiny model:
-  val_loss/val_bpb, per-document and per-chunk loss sums, the adapters' creations (A drawn from the record's seed),
-  the global phases' token counts; the case's variants (each delta undone) by val_loss/val_bpb.
+- ``eval/<case>``: PR #1953's and PR #2014's ``eval_val_ttt_phased`` (no-Q/V adapters, LoRA lr ×0.75, their context;
+  #2014: short-document chunks chosen per batch, one phase, the val tail kept) on a tiny model: val_loss/val_bpb,
+  per-document and per-chunk loss sums, the adapters' creations (A drawn from the record's seed), the global phases'
+  token counts; the case's variants (each delta undone) by val_loss/val_bpb.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from pgolf_lit.optim.groups import OptimConfig, route_parameters
 
 ENV = "PGOLF_FRONTIER_FIXTURES"
 ROOT = fixture_root(ENV, "frontier")
-# The fixtures' record names whose model a config here builds. PR #2014 changes training and TTT only: its model is
-# PR #1953's (the model case says so: "= the model of #1945/#1953/#2014").
-MODEL_OF = {"pr1945": "pr1945", "pr1953": "pr1953", "pr2014": "pr1953"}
+# The fixtures' record names whose model a config here builds (PR #2014 changes training and TTT only: its model is
+# PR #1953's, as the model case says: "= the model of #1945/#1953/#2014"; its config builds it).
+MODEL_OF = {"pr1945": "pr1945", "pr1953": "pr1953", "pr2014": "pr2014"}
 
 
 def _cases(kind: str) -> list:
@@ -156,9 +157,8 @@ def test_record_parameter_counts_of_the_case(case):
 # ---------------------------------------------------------------------------------------------------------
 
 VARIANTS_KEY = "variants_(same_weights_and_seeds)"
-# The records whose evaluation procedure is ported (PR #2014's short-document chunks and PR #2135's n-gram tilt are
-# not).
-EVAL_PORTED = {"pr1945", "pr1953"}
+# The records whose evaluation procedure is ported (PR #2135's n-gram tilt is not).
+EVAL_PORTED = {"pr1945", "pr1953", "pr2014"}
 
 
 def _eval_params() -> list:
@@ -184,11 +184,27 @@ def _coerce(value: str, like):
     return type(like)(value) if isinstance(like, (int, float)) else value
 
 
+def short_doc_chunks(h: dict) -> list[list[int]]:
+    """PR #2014's TTT_SHORT_SCORE_FIRST_STEPS ("48:4,160:8") as our [[max_doc_len, chunk], ...]; without steps its
+    single TTT_SHORT_DOC_LEN / TTT_SHORT_CHUNK_SIZE pair; nothing when the switch is off (or before #2014)."""
+    if not h.get("ttt_short_score_first_enabled"):
+        return []
+    items = [item for item in h["ttt_short_score_first_steps"].split(",") if item.strip()]
+    if items:
+        return [[int(x) for x in item.replace("=", ":").split(":")] for item in items]
+    return [[h["ttt_short_doc_len"], h["ttt_short_chunk_size"]]] if h["ttt_short_chunk_size"] > 0 else []
+
+
 def phased_settings(h: dict) -> PhasedTTTSettings:
     """The case's resolved upstream hyperparameters as our settings (the record's names in each field's doc)."""
     assert h["ttt_optimizer"] == "adam" and h["val_doc_fraction"] == 1.0
+    # PR #2014's switches that its record leaves off (a separate short-document LoRA, an EMA template of LoRA means,
+    # length filters on the trained documents) are not ported: a case must leave them off too
+    assert not h.get("ttt_short_lora_enabled") and not h.get("ttt_warm_start_mean_enabled")
+    assert not h.get("ttt_train_min_doc_len") and not h.get("ttt_train_max_doc_len")
     return PhasedTTTSettings(
         chunk=h["ttt_chunk_size"],
+        short_doc_chunks=short_doc_chunks(h),
         context=h["ttt_eval_seq_len"],
         batch_docs=h["ttt_batch_size"],
         lora_rank=h["ttt_lora_rank"],
@@ -255,7 +271,7 @@ def test_phased_ttt_matches_the_record(case, variant):
     model.eval()
     seq_len = hyper["eval_seq_len"]
     data = case / json.loads((case / "stream.json").read_text())["dir"]
-    tokens = load_validation_tokens(data, seq_len)
+    tokens = load_validation_tokens(data, 1 if hyper.get("eval_include_tail") else seq_len)  # 1: the whole split
     sidecar = load_validation_byte_sidecar(data, tokens.numel(), bos_id=model.config.bos_id)
 
     # the adapters' A as the record draws them: one generator seeded as its torch.manual_seed, in creation order
@@ -304,12 +320,13 @@ def test_phased_ttt_matches_the_record(case, variant):
     assert tokens.numel() == expected["val_tokens"]
     targets, nll = torch.cat(recorder.targets), torch.cat(recorder.nll)
     assert torch.equal(torch.sort(targets).values, torch.arange(1, tokens.numel()))
+    longest_in_batch = {d: max(entry["doc_lens"]) for entry in expected["queue"] for d in entry["docs"]}
     for doc in expected["docs"]:
         mine = (targets > doc["start"]) & (targets < doc["start"] + doc["len"])
         assert int(mine.sum()) == doc["token_count"]
         assert float(sidecar[targets[mine]].sum()) == doc["byte_sum"]
         assert float(nll[mine].sum()) == pytest.approx(doc["loss_sum"], rel=1e-4), doc["doc_index"]
-        chunk_of = (targets[mine] - doc["start"] - 1) // cfg.chunk
+        chunk_of = (targets[mine] - doc["start"] - 1) // cfg.chunk_for(longest_in_batch[doc["doc_index"]])
         for ci, (loss_sum, count, byte_sum) in enumerate(doc["chunks"]):
             in_chunk = chunk_of == ci
             assert int(in_chunk.sum()) == count and float(sidecar[targets[mine][in_chunk]].sum()) == byte_sum

@@ -30,6 +30,7 @@ RECORD_PARAMS = {
     "pr1855_sp8192_lqer_sparsegate": 35_945_671,
     "pr1945_awq_asymlogit": 35_945_673,  # + softcap_pos, softcap_neg (spec/frontier.md §0)
     "pr1953_longctx_noqv": 35_945_673,
+    "pr2014_progressive_shortdoc": 35_945_673,  # PR #1953's model (spec/frontier.md §0: all four logs)
 }
 
 

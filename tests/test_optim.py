@@ -292,9 +292,13 @@ SPEC_GROUP_SIZES = {
     # PR #1855's groups; softcap_pos/neg (AsymLogit) are in no optimizer (spec frontier.md §2.3)
     "pr1945_awq_asymlogit": (66, 31_719_424, 61, 31_943, 4_194_304, 1, 35_945_673),
     "pr1953_longctx_noqv": (66, 31_719_424, 61, 31_943, 4_194_304, 1, 35_945_673),
+    "pr2014_progressive_shortdoc": (66, 31_719_424, 61, 31_943, 4_194_304, 1, 35_945_673),
 }
 # Parameters the records create but no optimizer takes (role ``constant``), by record.
-UNTRAINED = {record: ["softcap_pos", "softcap_neg"] for record in ("pr1945_awq_asymlogit", "pr1953_longctx_noqv")}
+UNTRAINED = {
+    record: ["softcap_pos", "softcap_neg"]
+    for record in ("pr1945_awq_asymlogit", "pr1953_longctx_noqv", "pr2014_progressive_shortdoc")
+}
 
 
 def test_spec_table_covers_record_configs():

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pgolf_lit.data.loaders import make_loader
+from pgolf_lit.data.seq_schedule import SeqSchedule
 from pgolf_lit.data.shards import list_shards, load_validation_tokens
 from pgolf_lit.data.tokenizer import (
     check_tokenizer_matches_dataset,
@@ -35,30 +36,59 @@ class TrainSteps(IterableDataset):
     packing loader (x, y, cu_seqlens, max_seqlen) with x, y [grad_accum, 1, N] and cu_seqlens int32 [grad_accum, K],
     each micro-batch's boundaries padded with N to the longest of the step (empty segments), so compiled graphs see
     only the loader's few bucket sizes, and ``max_seqlen`` the loader's ``seqlen_bound`` (a Python int: the longest
-    segment any row can hold, which varlen attention takes as its launch bound)."""
+    segment any row can hold, which varlen attention takes as its launch bound).
 
-    def __init__(self, loader, grad_accum: int):
+    ``deferred`` (progressive context growth): the stream yields ``PendingStep`` items instead, whose batch is read
+    when the step runs (``PendingStep.take``), at the cut length of that step. ``skipped_before``: calls the loader
+    skipped at length changes before a resume (added to ``skipped_calls``)."""
+
+    def __init__(self, loader, grad_accum: int, deferred: bool = False, skipped_before: int = 0):
         self.loader = loader
         self.grad_accum = grad_accum
+        self.deferred = deferred
+        self.skipped_before = skipped_before
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    @property
+    def skipped_calls(self) -> int:
+        """Loader calls skipped at cut-length changes so far (a resume fast-forwards past them too)."""
+        return self.skipped_before + len(getattr(self.loader, "discarded", ()))
+
+    def take(self, cut_len: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+        """The next step's batch; with ``cut_len`` the packing loader cuts documents at that length from now on."""
+        if cut_len is not None:
+            self.loader.set_max_doc_len(cut_len)
+        batches = [self.loader.next_batch() for _ in range(self.grad_accum)]
+        if len(batches[0]) == 2:
+            xs, ys = zip(*batches)
+            return torch.stack(xs), torch.stack(ys)
+        n = batches[0].inputs.size(-1)
+        width = max(b.cu_seqlens.numel() for b in batches)
+        cu = torch.full((len(batches), width), n, dtype=torch.int32)
+        for i, b in enumerate(batches):
+            cu[i, : b.cu_seqlens.numel()] = b.cu_seqlens
+        return (
+            torch.stack([b.inputs for b in batches]),
+            torch.stack([b.targets for b in batches]),
+            cu,
+            self.loader.seqlen_bound,
+        )
+
+    def __iter__(self) -> Iterator:
         while True:
-            batches = [self.loader.next_batch() for _ in range(self.grad_accum)]
-            if len(batches[0]) == 2:
-                xs, ys = zip(*batches)
-                yield torch.stack(xs), torch.stack(ys)
-                continue
-            n = batches[0].inputs.size(-1)
-            width = max(b.cu_seqlens.numel() for b in batches)
-            cu = torch.full((len(batches), width), n, dtype=torch.int32)
-            for i, b in enumerate(batches):
-                cu[i, : b.cu_seqlens.numel()] = b.cu_seqlens
-            yield (
-                torch.stack([b.inputs for b in batches]),
-                torch.stack([b.targets for b in batches]),
-                cu,
-                self.loader.seqlen_bound,
-            )
+            yield PendingStep(self) if self.deferred else self.take()
+
+
+class PendingStep:
+    """A training step whose batch is read when the step runs, not when Lightning fetches it (one step ahead): its
+    cut length follows the training clock at the step (``GolfModule.on_before_batch_transfer`` takes it)."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, steps: TrainSteps):
+        self.steps = steps
+
+    def take(self, cut_len: int) -> tuple[torch.Tensor, ...]:
+        return self.steps.take(cut_len)
 
 
 class PassIndices(IterableDataset):
@@ -109,7 +139,9 @@ class TokenShardDataModule(L.LightningDataModule):
         val_seq_len: Optional[int] = None,
         val_batch_tokens: int = 524_288,
         val_max_tokens: int = 0,
+        val_include_tail: bool = False,
         build_embedded: bool = False,
+        seq_schedule: str = "",
     ):
         """
         Args:
@@ -127,8 +159,14 @@ class TokenShardDataModule(L.LightningDataModule):
                 ``pgolf`` it is linked to ``model.evaluation.seq_len``, the evaluation window length.
             val_batch_tokens: global validation tokens per step (upstream VAL_BATCH_SIZE / VAL_BATCH_TOKENS).
             val_max_tokens: score only the first N val tokens (0 = the whole split); for quick CPU runs only.
+            val_include_tail: keep the whole val split instead of trimming it to a multiple of val_seq_len (plus
+                one); under ``pgolf`` linked to ``model.evaluation.include_tail`` (upstream EVAL_INCLUDE_TAIL).
             build_embedded: if the data directory does not exist, build it from the embedded stdlib corpus
                 (the CPU demo's first run).
+            seq_schedule: progressive context growth (PR #2014 TRAIN_SEQ_SCHEDULE, ``data/seq_schedule.py``):
+                ``LENGTH@FRACTION,...`` such as ``1024@0.1,2048@0.7,3072@1.0``, the packed documents' cut length
+                by training fraction (the packed row stays the micro-batch; each length must divide it and none
+                exceed train_seq_len); empty: train_seq_len throughout. Needs ``loader: packed``.
         """
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -141,10 +179,16 @@ class TokenShardDataModule(L.LightningDataModule):
         self.val_seq_len = val_seq_len or train_seq_len
         self.val_batch_tokens = val_batch_tokens
         self.val_max_tokens = val_max_tokens
+        self.val_include_tail = val_include_tail
         self.build_embedded = build_embedded
+        self.seq_schedule = seq_schedule
+        self.seq_plan = SeqSchedule.parse(seq_schedule, train_seq_len) if str(seq_schedule).strip() else None
+        if self.seq_plan is not None and loader != "packed":
+            raise ConfigError(f"data.seq_schedule: needs loader 'packed' (it cuts packed documents), got {loader!r}")
         self.luts = None  # the tokenizer's byte LUTs (byte_counts.luts)
         self.byte_counts = None  # ByteCounts: the LUTs, and the val byte sidecar where the split has one
         self.val_tokens: Optional[torch.Tensor] = None
+        self.train_calls_skipped = 0  # loader calls skipped at length changes (seq_schedule); saved in checkpoints
         self.rank, self.world_size = 0, 1
         self._check_values()
         self._check_sizes()
@@ -174,6 +218,8 @@ class TokenShardDataModule(L.LightningDataModule):
                 f"data.train_batch_tokens: {self.train_batch_tokens} must split into {self.grad_accum_base} "
                 f"micro-batches of whole sequences of train_seq_len {self.train_seq_len}"
             )
+        if self.seq_plan is not None:
+            self.seq_plan.check_micro_batch(micro)
         if self.val_batch_tokens // self.grad_accum_base < self.val_seq_len:
             raise ConfigError(
                 f"data.val_batch_tokens: {self.val_batch_tokens} / {self.grad_accum_base} is less than one "
@@ -205,7 +251,8 @@ class TokenShardDataModule(L.LightningDataModule):
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         self._check_sizes(self.world_size)
         if self.val_tokens is None:
-            tokens = load_validation_tokens(self.data_dir, self.val_seq_len, self.vocab_size)
+            trim = 1 if self.val_include_tail else self.val_seq_len  # a multiple of 1 (+ 1): every token
+            tokens = load_validation_tokens(self.data_dir, trim, self.vocab_size)
             if self.val_max_tokens:
                 keep = max(self.val_max_tokens // self.val_seq_len, 1) * self.val_seq_len
                 tokens = tokens[: min(keep, tokens.numel() - 1) + 1]
@@ -239,8 +286,25 @@ class TokenShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # On resume the trainer has restored global_step before building dataloaders: continue the stream there.
         skip = self.trainer.global_step if self.trainer is not None else 0
-        steps = TrainSteps(self.make_train_loader(skip), self.grad_accum)
+        loader = self.make_train_loader(skip)
+        skipped = self.train_calls_skipped if skip else 0  # and past the calls skipped at length changes before it
+        loader.skip(skipped)
+        steps = TrainSteps(loader, self.grad_accum, deferred=self.seq_plan is not None, skipped_before=skipped)
         return DataLoader(steps, batch_size=None, pin_memory=torch.cuda.is_available())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A deferred training step (``seq_schedule``) is read now, at the cut length the module's schedule gives
+        this step: Lightning fetched it a step ahead, before the training clock could tell the step's stage."""
+        if isinstance(batch, PendingStep):
+            pending, batch = batch, batch.take(self.trainer.lightning_module.step_schedule().seq_len)
+            self.train_calls_skipped = pending.steps.skipped_calls
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"train_calls_skipped": self.train_calls_skipped} if self.seq_plan is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_calls_skipped = int(state_dict.get("train_calls_skipped", 0))
 
     def _val_loader(self) -> DataLoader:
         seqs = max(self.val_batch_tokens // self.grad_accum_base // self.val_seq_len, 1)

@@ -538,11 +538,16 @@ class DocumentPackingLoader(TokenLoader):
 
     Every shard must hold a BOS (the #1855 version dropped #1787's fallback for shards without one). The position is
     ``(shard, cursor)``, the same on every rank, so any rank's saved state resumes every rank; the background
-    prefetch thread of upstream is left out (memory-mapped shards make a call a copy of one span).
+    prefetch thread of upstream is left out (memory-mapped shards make a call a copy of one span), but not its one
+    visible effect: when the cut length changes (``set_max_doc_len``, progressive context growth), the calls it had
+    prepared are skipped.
     """
 
     kind = "packed"
     rank_independent_position = True
+    # Calls the record's loader keeps prepared ahead of the one it hands out (its prefetch queue). At a change of the
+    # cut length it discards them, so their tokens are skipped (PR #2014; spec/frontier.md §4.1).
+    PREFETCHED_CALLS = 2
 
     def __init__(
         self,
@@ -562,6 +567,7 @@ class DocumentPackingLoader(TokenLoader):
         self.span = tokens_per_rank + 1
         self.max_doc_len = seq_len if max_doc_len is None else max_doc_len
         self.bos_id, self.cu_bucket = bos_id, cu_bucket
+        self.discarded: list[tuple[int, int]] = []  # (rank's span start, its cut) of every call skipped at a change
         if int(self.shards.num_tokens.max()) < world_size * self.span:
             raise DataError(
                 f"{self.data_dir}: no train shard holds one call: the longest has {int(self.shards.num_tokens.max())} "
@@ -588,6 +594,18 @@ class DocumentPackingLoader(TokenLoader):
 
     def _restart(self) -> None:
         self._enter_shard(0)
+        self.handed_out = False  # the record's prefetch queue fills at its first call
+
+    def set_max_doc_len(self, max_doc_len: int) -> None:
+        """Cut documents every ``max_doc_len`` tokens from the next call on. A change after this loader handed out a
+        call skips the ``PREFETCHED_CALLS`` calls the record's loader had prepared at the old length."""
+        if max_doc_len == self.max_doc_len:
+            return
+        if self.handed_out:
+            for _ in range(self.PREFETCHED_CALLS):
+                self.discarded.append((self._plan()[1], self.max_doc_len))
+                self.calls += 1
+        self.max_doc_len = max_doc_len
 
     def _plan(self) -> tuple[int, int]:
         call_tokens = self.world_size * self.span
@@ -611,6 +629,7 @@ class DocumentPackingLoader(TokenLoader):
         shard, start = self._plan()
         span = torch.from_numpy(self._read((shard, start)))
         self.calls += 1
+        self.handed_out = True
         inputs = span[:-1]
         # The current shard's BOS list serves: a span never starts in a shard the cursor has left.
         bos = self.bos[np.searchsorted(self.bos, start) : np.searchsorted(self.bos, start + self.tokens_per_rank)]

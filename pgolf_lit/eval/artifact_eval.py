@@ -49,7 +49,7 @@ def evaluate_artifact_file(
     model.set_attention_backend(attention_backend)
     vocab = model.config.vocab_size
     # The data folder first: a missing one is named as such, not as its missing tokenizer.
-    tokens = load_validation_tokens(data_dir, settings.seq_len, vocab)
+    tokens = load_validation_tokens(data_dir, 1 if settings.include_tail else settings.seq_len, vocab)  # 1: no trim
     tokenizer_path = tokenizer_path or default_tokenizer_path(data_dir, vocab)
     sp = load_tokenizer(tokenizer_path, vocab)
     check_tokenizer_matches_dataset(sp, tokenizer_path, data_dir)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -74,6 +74,10 @@ class PhasedTTTSettings:
 
     chunk: int = 48
     """Positions scored per step of a document (TTT_CHUNK_SIZE); its adapter trains on each chunk after scoring it."""
+    short_doc_chunks: list[list[int]] = field(default_factory=list)
+    """Short-document score-first chunks (PR #2014 TTT_SHORT_SCORE_FIRST_STEPS=256:8,2000:24 as [[256, 8], [2000,
+    24]]): a batch whose longest document (BOS to the next BOS inclusive) has at most N tokens uses the chunk of the
+    first such [N, chunk] by N, all its documents alike; longer ones use ``chunk``. Empty: ``chunk`` always."""
     context: int = 2048
     """Longest window of a document: a chunk sees up to this many tokens of its own document (TTT_EVAL_SEQ_LEN)."""
     batch_docs: int = 64
@@ -158,6 +162,9 @@ class PhasedTTTSettings:
                 raise bad(name, f"must be positive, got {getattr(self, name)}")
         if self.chunk > self.context:
             raise bad("chunk", f"must be at most context={self.context}, got {self.chunk}")
+        for n, c in self.short_doc_chunks:
+            if min(n, c) <= 0 or c > self.context:
+                raise bad("short_doc_chunks", f"[{n}, {c}]: expected [max_doc_len, chunk], 0 < chunk <= context")
         for name in ("grad_steps", "prefix_docs", "global_epochs", "global_warmup_chunks"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
@@ -177,6 +184,10 @@ class PhasedTTTSettings:
                 raise bad(name, f"must lie in [0, 1), got {getattr(self, name)}")
         if self.schedule_world is not None and (isinstance(self.schedule_world, bool) or self.schedule_world < 1):
             raise bad("schedule_world", f"must be a positive rank count or null, got {self.schedule_world!r}")
+
+    def chunk_for(self, longest_doc: int) -> int:
+        """The chunk of a batch whose longest document has ``longest_doc`` tokens (``short_doc_chunks``)."""
+        return next((c for n, c in sorted(self.short_doc_chunks) if longest_doc <= n), self.chunk)
 
     def phase_boundaries(self, n_docs: int) -> list[int]:
         """Scored-document counts after which each global phase runs (the record's boundaries)."""
@@ -278,8 +289,9 @@ def phase_cuts(batch_sizes: list[int], boundaries: list[int], world_size: int = 
 
 def batch_cost(docs: list[tuple[int, int]], batch: list[int], cfg: PhasedTTTSettings) -> int:
     """Token cells the batch's forwards compute: every chunk runs all its rows at the chunk's window width."""
-    chunks = max(-(-(docs[i][1] - 1) // cfg.chunk) for i in batch)
-    return len(batch) * sum(min((ci + 1) * cfg.chunk, cfg.context) for ci in range(chunks))
+    chunk = cfg.chunk_for(max(docs[i][1] for i in batch))
+    chunks = max(-(-(docs[i][1] - 1) // chunk) for i in batch)
+    return len(batch) * sum(min((ci + 1) * chunk, cfg.context) for ci in range(chunks))
 
 
 def deal(
@@ -401,7 +413,7 @@ class _PhasedLearner:
         )
         opt = self.optimizer(lora)
         generator = torch.Generator(self.device).manual_seed(0)
-        for length in (cfg.chunk, cfg.context):
+        for length in (*(c for _, c in cfg.short_doc_chunks), cfg.chunk, cfg.context):
             x, y = (
                 torch.randint(0, vocab_size, (cfg.batch_docs, length), device=self.device, generator=generator)
                 for _ in range(2)
@@ -432,21 +444,22 @@ def _score_and_train_batch(
     deliberately leaking variant, only for the audit's negative control)."""
     cfg, device, model = learner.cfg, learner.device, learner.model
     bsz = len(docs)
+    chunk = cfg.chunk_for(max(n for _, n in docs))
     lora, slot_reads = learner.adapters_for(bsz)
     optimizer = learner.optimizer(lora)
     starts = torch.tensor([s for s, _ in docs], dtype=torch.int64)
     pred_lens = torch.tensor([n - 1 for _, n in docs], dtype=torch.int64)
-    num_chunks = (pred_lens + cfg.chunk - 1) // cfg.chunk
+    num_chunks = (pred_lens + chunk - 1) // chunk
     last = tokens.numel() - 1
     for ci in range(int(num_chunks.max())):
         active = ci < num_chunks
         trains = (num_chunks - 1 > ci) & active
-        chunk_start = ci * cfg.chunk
-        chunk_end = torch.where(num_chunks - 1 == ci, pred_lens, torch.full_like(pred_lens, (ci + 1) * cfg.chunk))
+        chunk_start = ci * chunk
+        chunk_end = torch.where(num_chunks - 1 == ci, pred_lens, torch.full_like(pred_lens, (ci + 1) * chunk))
         win_start = (chunk_end - cfg.context).clamp_min(0)
         win_len = torch.where(active, chunk_end - win_start, 0)
         # the common window of a full chunk: every training row has it (its chunk is not its document's last)
-        full_end = (ci + 1) * cfg.chunk
+        full_end = (ci + 1) * chunk
         width = min(full_end, cfg.context)
         train_offset = chunk_start - max(0, full_end - cfg.context)
         cols = torch.arange(width)
@@ -479,7 +492,7 @@ def _score_and_train_batch(
             for step in range(cfg.grad_steps):
                 if per_token is None or step > 0:
                     per_token = forward()[0]
-                per_doc = per_token[:, train_offset : train_offset + cfg.chunk].mean(dim=-1)
+                per_doc = per_token[:, train_offset : train_offset + chunk].mean(dim=-1)
                 optimizer.zero_grad(set_to_none=True)
                 (per_doc * mask.to(per_doc.dtype)).sum().backward()
                 optimizer.step()
@@ -709,7 +722,7 @@ def evaluate_doc_isolated(
     groups = batched(sequences, batch_seqs)
     with eval_mode(model), torch.inference_mode(), progress_bar(len(groups), "doc-isolated eval", progress) as bar:
         for group in groups:
-            length = len(group) * seq_len
+            length = sum(w.wl for w in group)
             batch = WindowBatch.gather(tokens, [Window(group[0].ws, 0, length)], length, device)
             bos_at = (batch.inputs[0] == bos).nonzero(as_tuple=True)[0]
             cu, max_len = build_cu_seqlens(bos_at, length, seq_len)

@@ -33,6 +33,9 @@ class EvalBase:
 
     seq_len: int = 2048
     """Window length of every pass (upstream EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); also trims the val split."""
+    include_tail: bool = False
+    """Score the whole val split, not only its first ``k·seq_len + 1`` tokens: each pass then also scores the last,
+    shorter window (upstream EVAL_INCLUDE_TAIL=1, PR #2014: 47,853,343 targets instead of 47,851,520)."""
     stride: int = 64
     """Positions between sliding windows (sliding, SLOT and TTT passes)."""
     labels: dict[str, str] = field(default_factory=dict)

@@ -77,8 +77,9 @@ def sliding_windows(total: int, seq_len: int, stride: int, rule: WindowRule) -> 
 
 
 def sequence_windows(total: int, seq_len: int) -> list[Window]:
-    """Standard eval's non-overlapping sequences, every position scored; a tail shorter than seq_len is dropped."""
-    return [Window(i * seq_len, 0, seq_len) for i in range(total // seq_len)]
+    """Standard eval's non-overlapping sequences over ``total`` targets, every position scored; the last one is
+    shorter when ``total`` is no multiple of ``seq_len`` (a val split kept whole: ``include_tail``)."""
+    return [Window(i, 0, min(seq_len, total - i)) for i in range(0, total, seq_len)]
 
 
 def rank_share(items: Sequence[Item], rank: int, world_size: int, split: RankSplit = "contiguous") -> Sequence[Item]:

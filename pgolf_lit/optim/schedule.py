@@ -77,6 +77,10 @@ class ScheduleConfig:
     """frac mode: the final fraction of training that ramps down (upstream WARMDOWN_FRAC; PR #1855: 0.85)."""
     min_lr: float = 0.0
     """frac mode: floor of the LR multiplier, not an absolute lr (upstream MIN_LR; PR #1855: 0.1)."""
+    seq_change_warmup_steps: int = 0
+    """With a training-length schedule (``data.seq_schedule``): after each length change past step 0 the multiplier
+    ramps up again, times ``min((step - change + 1) / N, 1)`` for N steps (upstream SEQ_CHANGE_WARMUP_STEPS; PR
+    #2014: 32; ``pgolf_lit/data/seq_schedule.py``); 0 = no ramp."""
 
     def __post_init__(self) -> None:
         if self.warmdown not in ("iters", "frac"):
@@ -85,6 +89,8 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.warmdown_frac: must lie in [0, 1], got {self.warmdown_frac}")
         if not 0 <= self.min_lr <= 1:
             raise ConfigError(f"schedule.min_lr: a multiplier floor in [0, 1], got {self.min_lr}")
+        if self.seq_change_warmup_steps < 0:
+            raise ConfigError(f"schedule.seq_change_warmup_steps: must be >= 0, got {self.seq_change_warmup_steps}")
         if self.min_lr and self.warmdown != "frac":
             raise ConfigError("schedule.min_lr: only the 'frac' warmdown has a floor (Family A ramps to 0)")
 
