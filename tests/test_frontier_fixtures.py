@@ -24,7 +24,7 @@ import torch
 
 from conftest import fixture_root
 from pgolf_lit.config import load_config, record_config_path
-from pgolf_lit.eval.phased_ttt import PhasedTTTSettings
+from pgolf_lit.eval.phased_ttt import PhasedTTTSettings, _ttt_logits
 from pgolf_lit.model.convert import RECORD_ALIASES, config_from_upstream, load_upstream_state_dict, record_gpt_config
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.model.lora import BatchedTTTLoRA
@@ -34,7 +34,7 @@ ENV = "PGOLF_FRONTIER_FIXTURES"
 ROOT = fixture_root(ENV, "frontier")
 # The fixtures' record names whose model a config here builds. PR #2014 changes training and TTT only: its model is
 # PR #1953's (the model case says so: "= the model of #1945/#1953/#2014").
-MODEL_OF = {"pr1945": "pr1945", "pr1953": "pr1953", "pr2014": "pr1953"}
+MODEL_OF = {"pr1945": "pr1945", "pr1953": "pr1953", "pr2014": "pr1953", "pr2135": "pr2135"}
 
 
 def _cases(kind: str) -> list:
@@ -107,6 +107,20 @@ def test_model_outputs_match_the_record(case):
         close(model(packed_ids, packed_targets, cu, max_seqlen), ref["loss_varlen"], "loss_varlen")
         lora = fixture_lora(case, hp, model)
         close(model.forward_ttt(ids, targets, lora), ref["ttt_per_token_loss"], "ttt_per_token_loss")
+        if "ttt_log_q_hint" in ref:  # PR #2135's forward_ttt(..., hint_ids): the same loss and log p(hint)
+            close(model.forward_ttt(ids, targets, lora), ref["ttt_per_token_loss_hint_path"], "loss (hint path)")
+            log_probs = _ttt_logits(model, ids, lora).float().log_softmax(-1)
+            log_q = log_probs.gather(-1, ref["hint_ids"][..., None]).squeeze(-1)
+            close(log_q, ref["ttt_log_q_hint"], "ttt_log_q_hint")
+
+
+def scored_phased_ttt(record: str) -> PhasedTTTSettings:
+    """The settings of the phased TTT a record config scores with: its last phased pass (``phased_ttt``, or
+    ``ngram_tilt``, phased TTT with the n-gram tilt)."""
+    from pgolf_lit.records import record_eval_settings, record_test_methods
+
+    method = [m for m in record_test_methods(record) if m in ("phased_ttt", "ngram_tilt")][-1]
+    return getattr(record_eval_settings(record), method)
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
@@ -114,9 +128,7 @@ def test_ttt_mask_of_the_case_is_the_record_configs(case):
     """The adapters the case's LoRA holds are the ones the record config's phased TTT builds."""
     hp, model = build_model(case)
     saved = _load(case / hp["ttt_lora"]["file"])
-    record = RECORD_ALIASES[MODEL_OF[hp["record"]]]
-    section = (load_config(record_config_path(record))["model"].get("evaluation") or {}).get("phased_ttt") or {}
-    settings = PhasedTTTSettings(**section)
+    settings = scored_phased_ttt(RECORD_ALIASES[MODEL_OF[hp["record"]]])
     for kind in ("q", "k", "v", "o", "mlp"):
         assert any(k.startswith(f"{kind}_loras.") for k in saved) == getattr(settings, f"{kind}_lora"), kind
 

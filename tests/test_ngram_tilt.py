@@ -136,10 +136,10 @@ def test_tilt_is_the_normalized_exponential_tilt():
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"ngram_tilt.{field}"):
         NgramTiltSettings(**{field: value})
-    with pytest.raises(ConfigError, match="ngram_tilt.phased_ttt: unknown field"):
-        EvalSettings.from_dict({"ngram_tilt": {"phased_ttt": {"chunks": 8}}})
-    nested = EvalSettings.from_dict({"ngram_tilt": {"order": 4, "phased_ttt": {"chunk": 8}}}).ngram_tilt
-    assert nested.phased_ttt.chunk == 8 and nested.order == 4
+    with pytest.raises(ConfigError, match="ngram_tilt.chunk"):  # phased TTT's own checks name this section
+        NgramTiltSettings(chunk=0)
+    section = EvalSettings.from_dict({"ngram_tilt": {"order": 4, "chunk": 8}}).ngram_tilt
+    assert isinstance(section, PhasedTTTSettings) and section.chunk == 8 and section.order == 4
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_tilted_losses_match_the_records_closed_form():
 # ---------------------------------------------------------------------------------------------------------
 
 VOCAB, BOS = 48, 1
-PHASED = PhasedTTTSettings(
+PHASED = dict(
     chunk=8,
     context=32,
     batch_docs=2,
@@ -281,9 +281,11 @@ def byte_luts():
 def test_tilt_reshapes_the_scores_and_never_the_adaptation():
     torch.set_num_threads(1)
     model, tokens = tiny_model(), doc_stream()
-    cfg = NgramTiltSettings(order=4, phased_ttt=PHASED)
+    cfg = NgramTiltSettings(order=4, **PHASED)
     plain, tilted = Recorder(), Recorder()
-    evaluate_phased_ttt(model, tokens, BitsPerByte(byte_luts()), PHASED, seq_len=32, recorder=plain)
+    evaluate_phased_ttt(
+        model, tokens, BitsPerByte(byte_luts()), PhasedTTTSettings(**PHASED), seq_len=32, recorder=plain
+    )
     metric = BitsPerByte(byte_luts())
     hints, _ = evaluate_ngram_tilt(model, tokens, metric, cfg, seq_len=32, recorder=tilted)
     assert hints.gated >= 20
@@ -305,7 +307,7 @@ def test_tilt_reshapes_the_scores_and_never_the_adaptation():
     zero = BitsPerByte(byte_luts())
     evaluate_ngram_tilt(model, tokens, zero, replace(cfg, boost=0.0), seq_len=32)
     plain_metric = BitsPerByte(byte_luts())
-    evaluate_phased_ttt(model, tokens, plain_metric, PHASED, seq_len=32)
+    evaluate_phased_ttt(model, tokens, plain_metric, PhasedTTTSettings(**PHASED), seq_len=32)
     assert float(zero.loss_sum) == float(plain_metric.loss_sum)
 
 
@@ -314,7 +316,7 @@ def test_registered_pass_reports_the_hints_and_the_precompute():
     model, tokens = tiny_model(), doc_stream()
     assert "ngram_tilt" in EVAL_METHODS
     settings = EvalSettings(
-        seq_len=32, stride=32, phased_ttt=PHASED, ngram_tilt=NgramTiltSettings(order=4, phased_ttt=PHASED)
+        seq_len=32, stride=32, phased_ttt=PhasedTTTSettings(**PHASED), ngram_tilt=NgramTiltSettings(order=4, **PHASED)
     )
     context = evaluation_context(
         settings, precision="32-true", device=torch.device("cpu"), compile=False, weights=Weights.float_weights()

@@ -38,8 +38,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -64,8 +64,9 @@ MAX_ORDER = len(ROLLING_COEFFS) + 1
 
 
 @dataclass
-class NgramTiltSettings:
-    """The token-only n-gram tilt over phased TTT. Defaults: PR #2135's record values (its env)."""
+class NgramTiltSettings(PhasedTTTSettings):
+    """Phased TTT's settings (the pass it tilts; PR #1855's defaults) plus the tilt's own. Defaults of the three:
+    PR #2135's record values (its env)."""
 
     order: int = 16
     """Tokens of a context plus the predicted one: the hint reads the order - 1 previous targets (TOKEN_ORDER)."""
@@ -73,21 +74,15 @@ class NgramTiltSettings:
     """A hint is used where its continuation's frequency in its context is at least this (TOKEN_THRESHOLD)."""
     boost: float = 2.625
     """β: the hint's probability is multiplied by e^β, then the distribution renormalized (TOKEN_BOOST)."""
-    phased_ttt: PhasedTTTSettings = field(default_factory=PhasedTTTSettings)
-    """The phased TTT whose scored distributions are tilted (its TTT_* / PHASED_TTT_* settings)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
             return ConfigError(f"evaluation.ngram_tilt.{name}: {msg}")
 
-        if isinstance(self.phased_ttt, Mapping):
-            known = set(PhasedTTTSettings.__dataclass_fields__)
-            unknown = sorted(set(self.phased_ttt) - known)
-            if unknown:
-                raise bad("phased_ttt", f"unknown field(s) {unknown}; expected some of {sorted(known)}")
-            self.phased_ttt = PhasedTTTSettings(**self.phased_ttt)
-        if not isinstance(self.phased_ttt, PhasedTTTSettings):
-            raise bad("phased_ttt", f"expected a mapping of phased TTT settings, got {self.phased_ttt!r}")
+        try:
+            super().__post_init__()
+        except ConfigError as e:  # the inherited checks name this section
+            raise ConfigError(str(e).replace("evaluation.phased_ttt.", "evaluation.ngram_tilt.", 1)) from None
         if isinstance(self.order, bool) or not 2 <= self.order <= MAX_ORDER:
             raise bad("order", f"must lie in [2, {MAX_ORDER}] (the record's coefficient table), got {self.order!r}")
         if not 0 < self.threshold <= 1:
@@ -379,7 +374,7 @@ def evaluate_ngram_tilt(
         model,
         tokens,
         metric,
-        cfg.phased_ttt,
+        cfg,
         seq_len=seq_len,
         rank=rank,
         world_size=world_size,

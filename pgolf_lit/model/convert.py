@@ -29,6 +29,7 @@ RECORD_ALIASES = {
     "pr1855": "pr1855_sp8192_lqer_sparsegate",
     "pr1945": "pr1945_awq_asymlogit",
     "pr1953": "pr1953_longctx_noqv",
+    "pr2135": "pr2135_calib32_ngram_tilt",
 }
 
 # Variants that exist only to load checkpoints of a script version that is not a record preset.
