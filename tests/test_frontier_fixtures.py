@@ -1,16 +1,18 @@
-"""The records above PR #1855 (PR #1945, #1953) against their own scripts: the frontier fixtures.
+"""The records above PR #1855 (PR #1945, #1953, #2135) against their own scripts: the frontier fixtures.
 
 Fixtures: $PGOLF_FRONTIER_FIXTURES (default ../shared/fixtures/frontier); every value is read from a case's files (a
 held-out twin with other seeds and shapes exists), and everything skips cleanly without them.
 
-- ``model/<case>``: the model of #1945/#1953/#2014 (AsymLogit with distinct caps on the evaluation logits, the
-  symmetric softcap in the loss, packed varlen rows, the no-Q/V TTT LoRA), atol from the case.
+- ``model/<case>``: the model of #1945/#1953/#2014 and of #2135 (AsymLogit with distinct caps on the evaluation
+  logits, the symmetric softcap in the loss, packed varlen rows, the TTT LoRA of the record's mask; #2135: SmearGate
+  without its BOS mask, log p(hint)), atol from the case.
 - ``quant/<case>``: PR #1945's serialize (AWQ-lite selection and the protected group inside GPTQ, the int8 gate,
   LQER after AWQ): codes, scales, ``.awqg_*``, factors and meta exact, dequantized tensors bit-exact (sha256), the
   PGRP artifact byte-exact with the fixture's lrzip/brotli/torch builds.
-- ``eval/<case>``: PR #1953's ``eval_val_ttt_phased`` (no-Q/V adapters, LoRA lr ×0.75, its context) on a tiny model:
-  val_loss/val_bpb, per-document and per-chunk loss sums, the adapters' creations (A drawn from the record's seed),
-  the global phases' token counts; the case's variants (each delta undone) by val_loss/val_bpb.
+- ``eval/<case>``: PR #1953's and PR #2135's ``eval_val_ttt_phased`` on a tiny model (#1953: no-Q/V adapters, LoRA
+  lr ×0.75, its context; #2135: K off, one phase, the scored distributions tilted by the n-gram hints, which must
+  equal the case's): val_loss/val_bpb, per-document and per-chunk loss sums, the adapters' creations (A drawn from
+  the record's seed), the global phases' token counts; the case's variants (each delta undone) by val_loss/val_bpb.
 """
 
 from __future__ import annotations
@@ -168,25 +170,30 @@ def test_record_parameter_counts_of_the_case(case):
 # ---------------------------------------------------------------------------------------------------------
 
 VARIANTS_KEY = "variants_(same_weights_and_seeds)"
-# The records whose evaluation procedure is ported (PR #2014's short-document chunks and PR #2135's n-gram tilt are
-# not).
-EVAL_PORTED = {"pr1945", "pr1953"}
+# The records whose evaluation procedure is ported (PR #2014's short-document chunks are not).
+EVAL_PORTED = {"pr1945", "pr1953", "pr2135"}
+SLOW_VARIANTS_OF = {"pr2135"}
 
 
 def _eval_params() -> list:
     params = []
     for p in _cases("eval"):
         case = p.values[0]
+        if case is not None and not p.marks and not (case / "stream.json").is_file():
+            continue  # not a phased TTT run (PR #2135's n-gram state case: tests/test_ngram_tilt.py)
         if case is None or p.marks or not (case / "expected.json").is_file():
             params.append(pytest.param(case, "primary", id=p.id, marks=p.marks))
             continue
-        if json.loads((case / "hparams.json").read_text())["record"] not in EVAL_PORTED:
+        record = json.loads((case / "hparams.json").read_text())["record"]
+        if record not in EVAL_PORTED:
             skip = pytest.mark.skip(reason="this record's evaluation procedure is not ported here")
             params.append(pytest.param(case, "primary", id=p.id, marks=[skip]))
             continue
         expected = json.loads((case / "expected.json").read_text())
         for variant in ["primary", *expected.get(VARIANTS_KEY, {})]:
-            params.append(pytest.param(case, variant, id=f"{case.name}-{variant[:24]}"))
+            # PR #2135's variants (the tilt off, the BOS mask on) take ~20 s each and run paths the primary covers
+            marks = [pytest.mark.slow] if record in SLOW_VARIANTS_OF and variant != "primary" else []
+            params.append(pytest.param(case, variant, id=f"{case.name}-{variant[:24]}", marks=marks))
     return params
 
 
@@ -204,13 +211,13 @@ def phased_settings(h: dict) -> PhasedTTTSettings:
         context=h["ttt_eval_seq_len"],
         batch_docs=h["ttt_batch_size"],
         lora_rank=h["ttt_lora_rank"],
-        q_lora=h["ttt_q_lora"],
+        q_lora=h.get("ttt_q_lora", True),  # PR #2135's script always has Q and V adapters
         k_lora=h["ttt_k_lora"],
-        v_lora=h["ttt_v_lora"],
+        v_lora=h.get("ttt_v_lora", True),
         o_lora=h["ttt_o_lora"],
         mlp_lora=h["ttt_mlp_lora"],
         lora_lr=h["ttt_lora_lr"],
-        local_lr_mult=h["ttt_local_lr_mult"],
+        local_lr_mult=h.get("ttt_local_lr_mult", 1.0),
         beta1=h["ttt_beta1"],
         beta2=h["ttt_beta2"],
         eps=h.get("ttt_adam_eps", 1e-10),
@@ -260,7 +267,8 @@ def test_phased_ttt_matches_the_record(case, variant):
             hyper[name.lower()] = _coerce(value, hyper[name.lower()])
     cfg = phased_settings(hyper)
     record = MODEL_OF[hp["record"]]
-    model = GPT(config_from_upstream(record, hp["hyperparameters"]))
+    # the env of a variant may change the model too (PR #2135's SMEAR_GATE_BOS_FIX, read from the environment)
+    model = GPT(config_from_upstream(record, {**hp["hyperparameters"], **(want.get("env") or {})}))
     load_upstream_state_dict(model, _load(case / "state_dict.pt"), str(case / "state_dict.pt"))
     assert model.num_params() == hp["weights"]["param_count"]
     model.set_recurrence(looping_active(hp["ttt_model"]))
@@ -304,7 +312,24 @@ def test_phased_ttt_matches_the_record(case, variant):
     )
     metric = BitsPerByte(ByteCounts(no_luts, sidecar))
     recorder = ChunkRecorder(tokens)
-    summary = evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=factory)
+    if hyper.get("ngram_tilt_enabled"):  # PR #2135: the scored distributions tilted by the n-gram hints
+        from pgolf_lit.eval.ngram_tilt import NgramTiltSettings, evaluate_ngram_tilt
+
+        tilt = NgramTiltSettings(
+            **vars(cfg), order=hyper["token_order"], threshold=hyper["token_threshold"], boost=hyper["token_boost"]
+        )
+        assert hyper["within_tau"] > 1 and hyper["word_tau"] > 1 and hyper["agree_add_boost"] == 0  # token-only
+        hints, summary = evaluate_ngram_tilt(
+            model, tokens, metric, tilt, seq_len=seq_len, recorder=recorder, lora_factory=factory
+        )
+        if variant == "primary":
+            ref = _load(case / expected["ngram_hints"]["file"])
+            assert torch.equal(hints.hint, ref["hint_ids"]) and torch.equal(hints.gate, ref["gate_mask"])
+            assert torch.equal(hints.boost_at(torch.arange(1, tokens.numel())), ref["boost"])
+    else:
+        summary = evaluate_phased_ttt(
+            model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=factory
+        )
     values = metric.compute()
     tol = hp["tolerance"]
     assert abs(float(values["loss"]) - want["val_loss"]) <= tol["val_loss"]
