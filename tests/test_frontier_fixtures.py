@@ -366,7 +366,7 @@ BANK_PARTS = {
     "mlp_up_bank": ("mlp.fc.weight",),
     "mlp_down_bank": ("mlp.proj.weight",),
 }
-QUANT_PORTED = {"pr1945"}
+QUANT_PORTED = {"pr1945", "pr2135"}
 
 
 def _quant_params() -> list:
@@ -419,6 +419,105 @@ def record_route(h: dict, name: str, t: torch.Tensor):
         else h["matrix_clip_sigmas"]
     )
     return h["matrix_bits"], sigmas
+
+
+def _plain_quant_params() -> list:
+    """Quant cases without AWQ (PR #2135's: GPTQ, LQER, no gate, the PGRP v2 container)."""
+    params = []
+    for p in _cases("quant"):
+        case = p.values[0]
+        if case is None or p.marks:
+            params.append(p)
+        elif not (case / "act_stats.pt").is_file():
+            params.append(pytest.param(case, id=p.id))
+    return params or [pytest.param(None, marks=pytest.mark.skip(reason="no quant case without AWQ"))]
+
+
+PLAIN_QUANT_CASES = _plain_quant_params()
+
+
+def _sha256_of(t: torch.Tensor) -> str:
+    import hashlib
+
+    t = t.contiguous() if t.dim() else t.reshape(1)
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", PLAIN_QUANT_CASES)
+def test_record_export_and_pergroup_v2_match_the_record(case):
+    """PR #2135's serialize through the record config's export (GPTQ on the case's Hessians, LQER asym group 32, the
+    attention gate kept fp16): codes, scales, factors and meta exact, the dequantized tensors bit-exact; its PGRP
+    v2 container: the case's artifact decodes to the case's dict, and that dict encodes to the artifact's bytes."""
+    import hashlib
+
+    import brotli
+
+    from pgolf_lit.quant import read_artifact
+    from pgolf_lit.quant.export import quantize_state_dict
+    from pgolf_lit.quant.pergroup import dequantize_mixed, lrzip_version, pergroup_from_quantized
+    from pgolf_lit.quant.pergroup_v2 import decode_pergroup_v2, encode_pergroup_v2, record_v2_order
+
+    torch.set_num_threads(1)
+    hp = json.loads((case / "hparams.json").read_text())
+    h = hp["hyperparameters"]
+    cfg = record_export_settings(hp)
+    assert cfg.format == "pergroup_v2" and cfg.gate is None and not h["gated_attn_quant_gate"]
+    assert (cfg.lqer.rank, cfg.lqer.top_k, cfg.lqer.asym_group) == (
+        h["lqer_rank"],
+        h["lqer_top_k"],
+        h["lqer_asym_group"],
+    )
+    _, roles = fixture_quant_model(case, hp)
+    weights = {k: v.float() for k, v in record_unbank(_load(case / "state_dict.pt"), h["num_layers"]).items()}
+    quant, meta = quantize_state_dict(weights, cfg, _load(case / "hessians.pt"), roles=roles)
+    ours, strings = record_v2_order(*pergroup_from_quantized(quant, meta, "test"))
+    expected, meta_ref = _load(case / "expected_quant.pt"), json.loads((case / "quant_meta.json").read_text())
+    assert sorted(ours) == sorted(expected)
+    for key, ref in expected.items():
+        assert ours[key].dtype == ref.dtype and torch.equal(ours[key], ref), key
+    assert list(strings.items()) == list(meta_ref.items())
+    dequant_ref = json.loads((case / "expected_dequant.json").read_text())
+    flat = dequantize_mixed(expected, meta_ref, {n: getattr(torch, e["dtype"]) for n, e in dequant_ref.items()})
+    for name, entry in dequant_ref.items():
+        assert _sha256_of(flat[name]) == entry["sha256"], name
+
+    artifact = (case / "artifact.ptz").read_bytes()
+    decoded, decoded_meta = decode_pergroup_v2(artifact, "artifact.ptz")
+    assert list(decoded_meta.items()) == list(meta_ref.items()) and sorted(decoded) == sorted(expected)
+    assert all(decoded[k].dtype == t.dtype and torch.equal(decoded[k], t) for k, t in expected.items())
+    cfg_model = config_from_upstream(MODEL_OF[hp["record"]], {**h, "parallel_start_layer": 0})
+    assert read_artifact(case / "artifact.ptz", cfg_model).format == "pergroup_v2"  # told apart from PGRP v1
+    here = {"torch": torch.__version__, "brotli": brotli.__version__, "lrzip": lrzip_version()}
+    if any(here[k] != hp["versions"][k] for k in here):
+        pytest.skip("artifact bytes: library builds differ from the fixture's")
+    art = json.loads((case / "artifact.json").read_text())
+    blob = encode_pergroup_v2(expected, meta_ref)  # the record's dict, in its order
+    assert len(blob) == art["bytes"] and hashlib.sha256(blob).hexdigest() == art["sha256"]
+
+
+@pytest.mark.parametrize("case", PLAIN_QUANT_CASES)
+def test_hessians_from_calibration_tokens(case):
+    """Our calibration pass over the case's 32 batches gives its Hessians (sum over batches / 32)."""
+    from pgolf_lit.quant.hessians import collect_hessians
+
+    torch.set_num_threads(1)
+    hp = json.loads((case / "hparams.json").read_text())
+    cal = hp["calibration"]
+    assert cal["num_batches"] == hp["hyperparameters"]["gptq_calibration_batches"]
+    tokens, per = _load(case / cal["file"]), cal["seqs_per_batch"]
+    cfg = record_export_settings(hp)
+    hessians, _ = collect_hessians(
+        fixture_quant_model(case, hp)[0],
+        [tokens[i * per : (i + 1) * per] for i in range(cal["num_batches"])],
+        modules=cfg.gptq.hessian_modules,
+        head=cfg.head_uses_gptq,
+        min_numel=cfg.keep_float_max_numel,
+        progress=False,
+    )
+    ref = _load(case / hp["hessians"]["file"])
+    assert set(hessians) <= set(ref) and set(hessians)
+    for name in hessians:
+        torch.testing.assert_close(hessians[name], ref[name], atol=1e-4 * ref[name].abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("case", QUANT_CASES)

@@ -39,6 +39,7 @@ from pgolf_lit.quant.gptq import GPTQSettings, gptq_sdclip_protected
 from pgolf_lit.quant.gate import gate_shape_qualifies
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
 from pgolf_lit.quant.pergroup import PergroupSettings, encode_pergroup, pergroup_from_quantized
+from pgolf_lit.quant.pergroup_v2 import encode_pergroup_v2, record_v2_order
 from pgolf_lit.quant.hessians import HessianReport, collect_hessians
 from pgolf_lit.quant.prune import PruneReport, selective_prune
 from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, tensor_keys
@@ -79,9 +80,11 @@ class ExportConfig:
     """Every export knob: routing, per-group rules, GPTQ, container, budget. A record's YAML lists each value that
     differs from these defaults (pgolf's scheme)."""
 
-    format: Literal["native", "upstream", "pergroup"] = "native"
+    format: Literal["native", "upstream", "pergroup", "pergroup_v2"] = "native"
     """``native``: pgolf's container (config inside, no pickle); ``upstream``: the record script's own file;
-    ``pergroup``: PR #1855's PGRP container (7 lrzip-ZPAQ code groups + brotli; needs the ``lrzip`` program)."""
+    ``pergroup``: PR #1855's PGRP container (7 lrzip-ZPAQ code groups + brotli; needs the ``lrzip`` program);
+    ``pergroup_v2``: PR #2130/#2135's PGRP v2 (every codes tensor row-sorted in one lrzip stream; COMPRESSOR=pergroup
+    in those scripts)."""
     upstream_style: str = "pr1394"
     """With ``format: upstream``, whose container to write: baseline, pr1263, pr1333 or pr1394."""
     keep_float_max_numel: int = KEEP_FLOAT_MAX_NUMEL
@@ -153,8 +156,8 @@ class ExportConfig:
     def validate(self) -> None:
         if self.codec not in CODECS:
             raise ConfigError(f"export.codec: unknown codec {self.codec!r}; expected one of {sorted(CODECS)}")
-        if self.format not in ("native", "upstream", "pergroup"):
-            raise ConfigError(f"export.format: expected native, upstream or pergroup, got {self.format!r}")
+        if self.format not in ("native", "upstream", "pergroup", "pergroup_v2"):
+            raise ConfigError(f"export.format: expected native, upstream, pergroup or pergroup_v2, got {self.format!r}")
         if self.lqer is not None and not any(
             getattr(self, g) is not None and QUANTIZERS[getattr(self, g).method].needs_hessian for g in RULE_GROUPS
         ):
@@ -493,7 +496,7 @@ def export_model(
     report = ExportReport(
         path=str(out_path),
         format=cfg.format,
-        codec="lrzip-zpaq + brotli" if cfg.format == "pergroup" else cfg.codec,
+        codec="lrzip-zpaq + brotli" if cfg.format.startswith("pergroup") else cfg.codec,
         model_bytes=len(blob),
         code=code,
         budget_bytes=cfg.budget_bytes,
@@ -521,7 +524,7 @@ def export_model(
 def _export_state_dict(model: nn.Module, cfg: ExportConfig, roles: Mapping[str, ParamRole]) -> dict[str, Tensor]:
     """CPU weights to quantize: as the model holds them (native), or in the record's live dtypes (upstream).
     Training-only tensors (multi-token-prediction heads) are dropped, as upstream drops them from final_model.pt."""
-    if cfg.format in ("upstream", "pergroup"):
+    if cfg.format in ("upstream", "pergroup", "pergroup_v2"):
         sd = to_upstream_state_dict(model, banked=False)
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -531,6 +534,8 @@ def _export_state_dict(model: nn.Module, cfg: ExportConfig, roles: Mapping[str, 
 def _serialize(quant: Mapping[str, Tensor], meta: Meta, model: nn.Module, cfg: ExportConfig) -> bytes:
     if cfg.format == "pergroup":
         return encode_pergroup(*pergroup_from_quantized(quant, meta, "export"), cfg.pergroup)
+    if cfg.format == "pergroup_v2":
+        return encode_pergroup_v2(*record_v2_order(*pergroup_from_quantized(quant, meta, "export")), cfg.pergroup)
     if cfg.format == "upstream":
         return encode_upstream(quant, meta, cfg.upstream_style, cfg.codec, cfg.shuffle_stride)
     model_cfg = getattr(model, "config", None)
