@@ -32,6 +32,7 @@ from pgolf_lit.fileio import atomic_write_bytes
 from pgolf_lit.model.convert import to_upstream_state_dict
 from pgolf_lit.model.roles import ParamRole, parameter_roles
 from pgolf_lit.quant.artifact import UPSTREAM_STYLES, encode_native, encode_upstream
+from pgolf_lit.quant import code_lzma  # noqa: F401  (registers the lzma code wrapper)
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size
 from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
@@ -123,6 +124,9 @@ class ExportConfig:
     """lrzip and brotli settings of the ``pergroup`` container."""
     codec: str = "brotli"
     """Byte compressor of the container: brotli, lzma, lzma9, zstd or zlib."""
+    code_wrapper: str = "brotli"
+    """How the counted code is wrapped (``code_size.py``): brotli (PR #1855: its pyminify flags, brotli 11,
+    base85) or lzma (PR #2130/#2135's _compressed_code_size: pyminify with three flags, lzma preset 6, base85)."""
     shuffle_stride: int = 2
     """Byte shuffle before compression (2 groups the two bytes of fp16 values); 0 = off."""
     budget_bytes: int = 16_000_000
@@ -154,6 +158,12 @@ class ExportConfig:
         self.validate()
 
     def validate(self) -> None:
+        from pgolf_lit.quant.code_size import CODE_WRAPPERS
+
+        if self.code_wrapper not in CODE_WRAPPERS:
+            raise ConfigError(
+                f"export.code_wrapper: unknown wrapper {self.code_wrapper!r}; expected one of {sorted(CODE_WRAPPERS)}"
+            )
         if self.codec not in CODECS:
             raise ConfigError(f"export.codec: unknown codec {self.codec!r}; expected one of {sorted(CODECS)}")
         if self.format not in ("native", "upstream", "pergroup", "pergroup_v2"):
@@ -475,7 +485,7 @@ def export_model(
     )
     seconds["quantize"] = time.perf_counter() - mark
 
-    code = code if code is not None else measure_code_size((cfg.format,), eval_methods)
+    code = code if code is not None else measure_code_size((cfg.format,), eval_methods, wrapper=cfg.code_wrapper)
     blobs: dict[int, tuple[Mapping[str, Tensor], bytes]] = {}
 
     def total_bytes(candidate: Mapping[str, Tensor]) -> int:
