@@ -33,6 +33,7 @@ from pgolf_lit.quant.reader import CONTAINERS
 from pgolf_lit.records import record_config, record_export_config, record_test_methods
 
 PR1855_TWIN = "pr1855_sp8192_lqer_sparsegate_tiny"
+PR2135_TWIN = "pr2135_calib32_ngram_tilt_tiny"
 # What reading and scoring an artifact never needs: the export (quantizers, GPTQ solver, Hessians, calibration,
 # pruning search, encoders, the code counter), training, data building, the YAML configs, the fused kernels.
 EXPORT_AND_TRAINING = {
@@ -228,35 +229,79 @@ CLEAN_RUN = textwrap.dedent("""
 """)
 
 
+def test_lzma_wrapper_is_pr2135s():
+    """PR #2130/#2135's _compressed_code_size: pyminify with three flags (asserts kept), lzma preset 6, base85."""
+    import lzma
+
+    from pgolf_lit.quant.code_lzma import MINIFY_OPTIONS, wrap_lzma
+    from pgolf_lit.quant.code_size import CODE_WRAPPERS
+
+    assert MINIFY_OPTIONS == dict(rename_locals=False, hoist_literals=False, remove_literal_statements=True)
+    text = '"""doc"""\ndef f(value):\n    """doc"""\n    assert value\n    return value + 1\n'
+    assert minify(text, MINIFY_OPTIONS) == "def f(value):assert value;return value+1"  # PR #1855's drops the assert
+    program, _, _ = package_program(["pergroup_v2"], ["ngram_tilt"], minify_options=MINIFY_OPTIONS)
+    wrapped = wrap_lzma(program)
+    head, tail = wrapped.split("\n", 1)
+    assert head == "import lzma as L,base64 as B" and tail.startswith('exec(L.decompress(B.b85decode("')
+    payload = tail[len('exec(L.decompress(B.b85decode("') : -len('")))\n')]
+    assert lzma.decompress(base64.b85decode(payload)).decode() == program
+    size = measure_code_size(["pergroup_v2"], ["ngram_tilt"], wrapper="lzma")
+    assert (
+        size.counted_bytes == len(wrapped.encode())
+        and size.wrapper == "lzma"
+        and CODE_WRAPPERS["lzma"].wrap is wrap_lzma
+    )
+    files = set(size.files)
+    assert {"pgolf_lit/eval/ngram_tilt.py", "pgolf_lit/quant/pergroup_v2_read.py"} <= files
+    assert not files & (EXPORT_AND_TRAINING | {"pgolf_lit/quant/pergroup_v2.py", "pgolf_lit/quant/code_lzma.py"})
+    with pytest.raises(Exception, match="code_wrapper"):
+        dataclasses.replace(record_export_config(PR2135_TWIN), code_wrapper="zip")
+
+
+def _runtime_paths() -> list[str]:
+    """Where the runtime packages are: site-packages, and numba's folder when it lives elsewhere."""
+    import importlib.util
+
+    paths = list(site.getsitepackages())
+    spec = importlib.util.find_spec("numba")
+    if spec is not None and spec.origin:
+        paths.append(str(Path(spec.origin).parent.parent))
+    return paths
+
+
 @pytest.mark.skipif(shutil.which("lrzip") is None, reason="lrzip is not installed (apt-get install lrzip)")
-def test_wrapper_alone_scores_a_pr1855_twin_artifact_as_the_package(tmp_path, embedded_data_root):
+@pytest.mark.parametrize("twin", [PR1855_TWIN, pytest.param(PR2135_TWIN, marks=pytest.mark.slow)])
+def test_wrapper_alone_scores_a_twin_artifact_as_the_package(tmp_path, embedded_data_root, twin):
+    """PR #1855's twin (PGRP, brotli wrapper) and PR #2135's (PGRP v2, lzma wrapper, the n-gram tilt)."""
     from pgolf_lit.config import gpt_config_from_yaml
     from pgolf_lit.eval.artifact_eval import evaluate_artifact_file
     from pgolf_lit.eval.runner import EvalSettings
     from pgolf_lit.model.gpt import GPT
+    from pgolf_lit.quant.code_size import CODE_WRAPPERS
     from pgolf_lit.quant.export import export_model
     from pgolf_lit.records import record_config_path
 
-    gpt = gpt_config_from_yaml(record_config_path(PR1855_TWIN))
+    gpt = gpt_config_from_yaml(record_config_path(twin))
     torch.manual_seed(0)
     model = GPT(gpt).eval()
     with torch.no_grad():  # give the zero-initialised weights (projections, gates) some content
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    methods = record_test_methods(PR1855_TWIN)
+    methods = record_test_methods(twin)
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, gpt.vocab_size, (2, 64), generator=g) for _ in range(2)]
-    export = dataclasses.replace(record_export_config(PR1855_TWIN), allow_over_budget=True)
+    export = dataclasses.replace(record_export_config(twin), allow_over_budget=True)
     report = export_model(model, export, tmp_path / "m.ptz", calib_batches=calib, progress=False, eval_methods=methods)
-    program, _, _ = package_program(["pergroup"], methods)
-    (tmp_path / "code.py").write_text(wrap(program))
+    wrapper = CODE_WRAPPERS[export.code_wrapper]
+    program, _, _ = package_program([export.format], methods, minify_options=wrapper.minify_options)
+    (tmp_path / "code.py").write_text(wrapper.wrap(program))
     # what the export counted is this file's length
     assert report.code_bytes == (tmp_path / "code.py").stat().st_size == report.code.counted_bytes
 
-    evaluation = record_config(PR1855_TWIN)["model"]["evaluation"]
+    evaluation = record_config(twin)["model"]["evaluation"]
     data = embedded_data_root / "datasets" / "fineweb10B_sp1024"
     args = {
-        "site": site.getsitepackages(),
+        "site": _runtime_paths(),
         "code": str(tmp_path / "code.py"),
         "artifact": str(tmp_path / "m.ptz"),
         "data": str(data),

@@ -1,17 +1,19 @@
-"""The records above PR #1855 (PR #1945, #1953) against their own scripts: the frontier fixtures.
+"""The records above PR #1855 (PR #1945, #1953, #2135) against their own scripts: the frontier fixtures.
 
 Fixtures: $PGOLF_FRONTIER_FIXTURES (default ../shared/fixtures/frontier); every value is read from a case's files (a
 held-out twin with other seeds and shapes exists), and everything skips cleanly without them.
 
-- ``model/<case>``: the model of #1945/#1953/#2014 (AsymLogit with distinct caps on the evaluation logits, the
-  symmetric softcap in the loss, packed varlen rows, the no-Q/V TTT LoRA), atol from the case.
+- ``model/<case>``: the model of #1945/#1953/#2014 and of #2135 (AsymLogit with distinct caps on the evaluation
+  logits, the symmetric softcap in the loss, packed varlen rows, the TTT LoRA of the record's mask; #2135: SmearGate
+  without its BOS mask, log p(hint)), atol from the case.
 - ``quant/<case>``: PR #1945's serialize (AWQ-lite selection and the protected group inside GPTQ, the int8 gate,
   LQER after AWQ): codes, scales, ``.awqg_*``, factors and meta exact, dequantized tensors bit-exact (sha256), the
   PGRP artifact byte-exact with the fixture's lrzip/brotli/torch builds.
-- ``eval/<case>``: PR #1953's and PR #2014's ``eval_val_ttt_phased`` (no-Q/V adapters, LoRA lr ×0.75, their context;
-  #2014: short-document chunks chosen per batch, one phase, the val tail kept) on a tiny model: val_loss/val_bpb,
-  per-document and per-chunk loss sums, the adapters' creations (A drawn from the record's seed), the global phases'
-  token counts; the case's variants (each delta undone) by val_loss/val_bpb.
+- ``eval/<case>``: PR #1953's, PR #2014's and PR #2135's ``eval_val_ttt_phased`` on a tiny model (#1953: no-Q/V
+  adapters, LoRA lr ×0.75, its context; #2014: short-document chunks chosen per batch, one phase, the val tail kept;
+  #2135: K off, one phase, the scored distributions tilted by the n-gram hints, which must equal the case's):
+  val_loss/val_bpb, per-document and per-chunk loss sums, the adapters' creations (A drawn from the record's seed),
+  the global phases' token counts; the case's variants (each delta undone) by val_loss/val_bpb.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from conftest import fixture_root
 from pgolf_lit.config import load_config, record_config_path
-from pgolf_lit.eval.phased_ttt import PhasedTTTSettings
+from pgolf_lit.eval.phased_ttt import PhasedTTTSettings, _ttt_logits
 from pgolf_lit.model.convert import RECORD_ALIASES, config_from_upstream, load_upstream_state_dict, record_gpt_config
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.model.lora import BatchedTTTLoRA
@@ -35,7 +37,7 @@ ENV = "PGOLF_FRONTIER_FIXTURES"
 ROOT = fixture_root(ENV, "frontier")
 # The fixtures' record names whose model a config here builds (PR #2014 changes training and TTT only: its model is
 # PR #1953's, as the model case says: "= the model of #1945/#1953/#2014"; its config builds it).
-MODEL_OF = {"pr1945": "pr1945", "pr1953": "pr1953", "pr2014": "pr2014"}
+MODEL_OF = {"pr1945": "pr1945", "pr1953": "pr1953", "pr2014": "pr2014", "pr2135": "pr2135"}
 
 
 def _cases(kind: str) -> list:
@@ -108,6 +110,20 @@ def test_model_outputs_match_the_record(case):
         close(model(packed_ids, packed_targets, cu, max_seqlen), ref["loss_varlen"], "loss_varlen")
         lora = fixture_lora(case, hp, model)
         close(model.forward_ttt(ids, targets, lora), ref["ttt_per_token_loss"], "ttt_per_token_loss")
+        if "ttt_log_q_hint" in ref:  # PR #2135's forward_ttt(..., hint_ids): the same loss and log p(hint)
+            close(model.forward_ttt(ids, targets, lora), ref["ttt_per_token_loss_hint_path"], "loss (hint path)")
+            log_probs = _ttt_logits(model, ids, lora).float().log_softmax(-1)
+            log_q = log_probs.gather(-1, ref["hint_ids"][..., None]).squeeze(-1)
+            close(log_q, ref["ttt_log_q_hint"], "ttt_log_q_hint")
+
+
+def scored_phased_ttt(record: str) -> PhasedTTTSettings:
+    """The settings of the phased TTT a record config scores with: its last phased pass (``phased_ttt``, or
+    ``ngram_tilt``, phased TTT with the n-gram tilt)."""
+    from pgolf_lit.records import record_eval_settings, record_test_methods
+
+    method = [m for m in record_test_methods(record) if m in ("phased_ttt", "ngram_tilt")][-1]
+    return getattr(record_eval_settings(record), method)
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
@@ -115,9 +131,7 @@ def test_ttt_mask_of_the_case_is_the_record_configs(case):
     """The adapters the case's LoRA holds are the ones the record config's phased TTT builds."""
     hp, model = build_model(case)
     saved = _load(case / hp["ttt_lora"]["file"])
-    record = RECORD_ALIASES[MODEL_OF[hp["record"]]]
-    section = (load_config(record_config_path(record))["model"].get("evaluation") or {}).get("phased_ttt") or {}
-    settings = PhasedTTTSettings(**section)
+    settings = scored_phased_ttt(RECORD_ALIASES[MODEL_OF[hp["record"]]])
     for kind in ("q", "k", "v", "o", "mlp"):
         assert any(k.startswith(f"{kind}_loras.") for k in saved) == getattr(settings, f"{kind}_lora"), kind
 
@@ -157,24 +171,30 @@ def test_record_parameter_counts_of_the_case(case):
 # ---------------------------------------------------------------------------------------------------------
 
 VARIANTS_KEY = "variants_(same_weights_and_seeds)"
-# The records whose evaluation procedure is ported (PR #2135's n-gram tilt is not).
-EVAL_PORTED = {"pr1945", "pr1953", "pr2014"}
+# The records whose evaluation procedure is ported.
+EVAL_PORTED = {"pr1945", "pr1953", "pr2014", "pr2135"}
+SLOW_VARIANTS_OF = {"pr2135"}
 
 
 def _eval_params() -> list:
     params = []
     for p in _cases("eval"):
         case = p.values[0]
+        if case is not None and not p.marks and not (case / "stream.json").is_file():
+            continue  # not a phased TTT run (PR #2135's n-gram state case: tests/test_ngram_tilt.py)
         if case is None or p.marks or not (case / "expected.json").is_file():
             params.append(pytest.param(case, "primary", id=p.id, marks=p.marks))
             continue
-        if json.loads((case / "hparams.json").read_text())["record"] not in EVAL_PORTED:
+        record = json.loads((case / "hparams.json").read_text())["record"]
+        if record not in EVAL_PORTED:
             skip = pytest.mark.skip(reason="this record's evaluation procedure is not ported here")
             params.append(pytest.param(case, "primary", id=p.id, marks=[skip]))
             continue
         expected = json.loads((case / "expected.json").read_text())
         for variant in ["primary", *expected.get(VARIANTS_KEY, {})]:
-            params.append(pytest.param(case, variant, id=f"{case.name}-{variant[:24]}"))
+            # PR #2135's variants (the tilt off, the BOS mask on) take ~20 s each and run paths the primary covers
+            marks = [pytest.mark.slow] if record in SLOW_VARIANTS_OF and variant != "primary" else []
+            params.append(pytest.param(case, variant, id=f"{case.name}-{variant[:24]}", marks=marks))
     return params
 
 
@@ -208,13 +228,13 @@ def phased_settings(h: dict) -> PhasedTTTSettings:
         context=h["ttt_eval_seq_len"],
         batch_docs=h["ttt_batch_size"],
         lora_rank=h["ttt_lora_rank"],
-        q_lora=h["ttt_q_lora"],
+        q_lora=h.get("ttt_q_lora", True),  # PR #2135's script always has Q and V adapters
         k_lora=h["ttt_k_lora"],
-        v_lora=h["ttt_v_lora"],
+        v_lora=h.get("ttt_v_lora", True),
         o_lora=h["ttt_o_lora"],
         mlp_lora=h["ttt_mlp_lora"],
         lora_lr=h["ttt_lora_lr"],
-        local_lr_mult=h["ttt_local_lr_mult"],
+        local_lr_mult=h.get("ttt_local_lr_mult", 1.0),
         beta1=h["ttt_beta1"],
         beta2=h["ttt_beta2"],
         eps=h.get("ttt_adam_eps", 1e-10),
@@ -264,7 +284,8 @@ def test_phased_ttt_matches_the_record(case, variant):
             hyper[name.lower()] = _coerce(value, hyper[name.lower()])
     cfg = phased_settings(hyper)
     record = MODEL_OF[hp["record"]]
-    model = GPT(config_from_upstream(record, hp["hyperparameters"]))
+    # the env of a variant may change the model too (PR #2135's SMEAR_GATE_BOS_FIX, read from the environment)
+    model = GPT(config_from_upstream(record, {**hp["hyperparameters"], **(want.get("env") or {})}))
     load_upstream_state_dict(model, _load(case / "state_dict.pt"), str(case / "state_dict.pt"))
     assert model.num_params() == hp["weights"]["param_count"]
     model.set_recurrence(looping_active(hp["ttt_model"]))
@@ -308,7 +329,24 @@ def test_phased_ttt_matches_the_record(case, variant):
     )
     metric = BitsPerByte(ByteCounts(no_luts, sidecar))
     recorder = ChunkRecorder(tokens)
-    summary = evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=factory)
+    if hyper.get("ngram_tilt_enabled"):  # PR #2135: the scored distributions tilted by the n-gram hints
+        from pgolf_lit.eval.ngram_tilt import NgramTiltSettings, evaluate_ngram_tilt
+
+        tilt = NgramTiltSettings(
+            **vars(cfg), order=hyper["token_order"], threshold=hyper["token_threshold"], boost=hyper["token_boost"]
+        )
+        assert hyper["within_tau"] > 1 and hyper["word_tau"] > 1 and hyper["agree_add_boost"] == 0  # token-only
+        hints, summary = evaluate_ngram_tilt(
+            model, tokens, metric, tilt, seq_len=seq_len, recorder=recorder, lora_factory=factory
+        )
+        if variant == "primary":
+            ref = _load(case / expected["ngram_hints"]["file"])
+            assert torch.equal(hints.hint, ref["hint_ids"]) and torch.equal(hints.gate, ref["gate_mask"])
+            assert torch.equal(hints.boost_at(torch.arange(1, tokens.numel())), ref["boost"])
+    else:
+        summary = evaluate_phased_ttt(
+            model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=factory
+        )
     values = metric.compute()
     tol = hp["tolerance"]
     assert abs(float(values["loss"]) - want["val_loss"]) <= tol["val_loss"]
@@ -346,7 +384,7 @@ BANK_PARTS = {
     "mlp_up_bank": ("mlp.fc.weight",),
     "mlp_down_bank": ("mlp.proj.weight",),
 }
-QUANT_PORTED = {"pr1945"}
+QUANT_PORTED = {"pr1945", "pr2135"}
 
 
 def _quant_params() -> list:
@@ -399,6 +437,105 @@ def record_route(h: dict, name: str, t: torch.Tensor):
         else h["matrix_clip_sigmas"]
     )
     return h["matrix_bits"], sigmas
+
+
+def _plain_quant_params() -> list:
+    """Quant cases without AWQ (PR #2135's: GPTQ, LQER, no gate, the PGRP v2 container)."""
+    params = []
+    for p in _cases("quant"):
+        case = p.values[0]
+        if case is None or p.marks:
+            params.append(p)
+        elif not (case / "act_stats.pt").is_file():
+            params.append(pytest.param(case, id=p.id))
+    return params or [pytest.param(None, marks=pytest.mark.skip(reason="no quant case without AWQ"))]
+
+
+PLAIN_QUANT_CASES = _plain_quant_params()
+
+
+def _sha256_of(t: torch.Tensor) -> str:
+    import hashlib
+
+    t = t.contiguous() if t.dim() else t.reshape(1)
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", PLAIN_QUANT_CASES)
+def test_record_export_and_pergroup_v2_match_the_record(case):
+    """PR #2135's serialize through the record config's export (GPTQ on the case's Hessians, LQER asym group 32, the
+    attention gate kept fp16): codes, scales, factors and meta exact, the dequantized tensors bit-exact; its PGRP
+    v2 container: the case's artifact decodes to the case's dict, and that dict encodes to the artifact's bytes."""
+    import hashlib
+
+    import brotli
+
+    from pgolf_lit.quant import read_artifact
+    from pgolf_lit.quant.export import quantize_state_dict
+    from pgolf_lit.quant.pergroup import dequantize_mixed, lrzip_version, pergroup_from_quantized
+    from pgolf_lit.quant.pergroup_v2 import decode_pergroup_v2, encode_pergroup_v2, record_v2_order
+
+    torch.set_num_threads(1)
+    hp = json.loads((case / "hparams.json").read_text())
+    h = hp["hyperparameters"]
+    cfg = record_export_settings(hp)
+    assert cfg.format == "pergroup_v2" and cfg.gate is None and not h["gated_attn_quant_gate"]
+    assert (cfg.lqer.rank, cfg.lqer.top_k, cfg.lqer.asym_group) == (
+        h["lqer_rank"],
+        h["lqer_top_k"],
+        h["lqer_asym_group"],
+    )
+    _, roles = fixture_quant_model(case, hp)
+    weights = {k: v.float() for k, v in record_unbank(_load(case / "state_dict.pt"), h["num_layers"]).items()}
+    quant, meta = quantize_state_dict(weights, cfg, _load(case / "hessians.pt"), roles=roles)
+    ours, strings = record_v2_order(*pergroup_from_quantized(quant, meta, "test"))
+    expected, meta_ref = _load(case / "expected_quant.pt"), json.loads((case / "quant_meta.json").read_text())
+    assert sorted(ours) == sorted(expected)
+    for key, ref in expected.items():
+        assert ours[key].dtype == ref.dtype and torch.equal(ours[key], ref), key
+    assert list(strings.items()) == list(meta_ref.items())
+    dequant_ref = json.loads((case / "expected_dequant.json").read_text())
+    flat = dequantize_mixed(expected, meta_ref, {n: getattr(torch, e["dtype"]) for n, e in dequant_ref.items()})
+    for name, entry in dequant_ref.items():
+        assert _sha256_of(flat[name]) == entry["sha256"], name
+
+    artifact = (case / "artifact.ptz").read_bytes()
+    decoded, decoded_meta = decode_pergroup_v2(artifact, "artifact.ptz")
+    assert list(decoded_meta.items()) == list(meta_ref.items()) and sorted(decoded) == sorted(expected)
+    assert all(decoded[k].dtype == t.dtype and torch.equal(decoded[k], t) for k, t in expected.items())
+    cfg_model = config_from_upstream(MODEL_OF[hp["record"]], {**h, "parallel_start_layer": 0})
+    assert read_artifact(case / "artifact.ptz", cfg_model).format == "pergroup_v2"  # told apart from PGRP v1
+    here = {"torch": torch.__version__, "brotli": brotli.__version__, "lrzip": lrzip_version()}
+    if any(here[k] != hp["versions"][k] for k in here):
+        pytest.skip("artifact bytes: library builds differ from the fixture's")
+    art = json.loads((case / "artifact.json").read_text())
+    blob = encode_pergroup_v2(expected, meta_ref)  # the record's dict, in its order
+    assert len(blob) == art["bytes"] and hashlib.sha256(blob).hexdigest() == art["sha256"]
+
+
+@pytest.mark.parametrize("case", PLAIN_QUANT_CASES)
+def test_hessians_from_calibration_tokens(case):
+    """Our calibration pass over the case's 32 batches gives its Hessians (sum over batches / 32)."""
+    from pgolf_lit.quant.hessians import collect_hessians
+
+    torch.set_num_threads(1)
+    hp = json.loads((case / "hparams.json").read_text())
+    cal = hp["calibration"]
+    assert cal["num_batches"] == hp["hyperparameters"]["gptq_calibration_batches"]
+    tokens, per = _load(case / cal["file"]), cal["seqs_per_batch"]
+    cfg = record_export_settings(hp)
+    hessians, _ = collect_hessians(
+        fixture_quant_model(case, hp)[0],
+        [tokens[i * per : (i + 1) * per] for i in range(cal["num_batches"])],
+        modules=cfg.gptq.hessian_modules,
+        head=cfg.head_uses_gptq,
+        min_numel=cfg.keep_float_max_numel,
+        progress=False,
+    )
+    ref = _load(case / hp["hessians"]["file"])
+    assert set(hessians) <= set(ref) and set(hessians)
+    for name in hessians:
+        torch.testing.assert_close(hessians[name], ref[name], atol=1e-4 * ref[name].abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("case", QUANT_CASES)

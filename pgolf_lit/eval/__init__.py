@@ -1,4 +1,5 @@
-"""Evaluation in plain PyTorch: standard, sliding-window, document-isolated, SLOT, score-first and phased TTT passes,
+"""Evaluation in plain PyTorch: standard, sliding-window, document-isolated, SLOT, score-first and phased TTT passes
+(and phased TTT with the n-gram tilt),
 registered by name (``registry.py``), run with one evaluation context (``context.py``), their result lines, and the
 empirical causality audit. No Lightning here: the LightningModule, the Fabric evaluator and the export callback call
 these."""
@@ -29,6 +30,7 @@ from pgolf_lit.eval.phased_ttt import (
     evaluate_phased_ttt,
 )
 from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
+from pgolf_lit.eval.ngram_tilt import NgramTiltSettings, evaluate_ngram_tilt
 
 # After every method module: EvalSettings gets one section per method registered when runner is imported.
 from pgolf_lit.eval.runner import EvalResult, EvalSettings, format_result_line, run_method, scored_counts
@@ -42,6 +44,7 @@ __all__ = [
     "EvalResult",
     "EvalSettings",
     "ForwardOptions",
+    "NgramTiltSettings",
     "PassOutcome",
     "PassSetup",
     "PhasedTTTSettings",
@@ -54,6 +57,7 @@ __all__ = [
     "Window",
     "WindowBatch",
     "evaluate_doc_isolated",
+    "evaluate_ngram_tilt",
     "evaluate_phased_ttt",
     "evaluate_sliding",
     "evaluate_slot",

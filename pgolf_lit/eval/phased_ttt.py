@@ -438,6 +438,7 @@ def _score_and_train_batch(
     recorder: Optional[ScoreRecorder],
     global_reads: int,
     train_first: bool = False,
+    tilt: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> None:
     """One batch of documents, chunk by chunk in lockstep: score the chunk of every document, then one AdamW
     step per ``grad_steps`` on the documents whose chunk is not their last. ``train_first`` swaps the two (a
@@ -479,7 +480,7 @@ def _score_and_train_batch(
 
         def forward() -> tuple[Tensor, Optional[Tensor]]:
             with learner.options.autocast():
-                if recorder is None:
+                if recorder is None and tilt is None:
                     return learner.forward(inputs, targets, lora), None
                 logits = _ttt_logits(model, inputs, lora)
             nll = F.cross_entropy(
@@ -513,7 +514,7 @@ def _score_and_train_batch(
                 mask = batch.scored
                 metric.update(per_token.detach()[mask], inputs[mask], targets[mask], batch.positions[mask] + 1)
             else:
-                score_batch(batch, logits.detach(), metric, recorder, reads)
+                score_batch(batch, logits.detach(), metric, recorder, reads, tilt)
         if needs_train and not train_first:
             train(per_token)
 
@@ -605,12 +606,14 @@ def evaluate_phased_ttt(
     recorder: Optional[ScoreRecorder] = None,
     lora_factory: Optional[LoraFactory] = None,
     train_first: bool = False,
+    tilt: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> dict:
     """Phased score-first TTT over the stream; this rank's scores go into ``metric``.
 
     ``seq_len``: the evaluation length, the sequence length of the global phases. ``lora_factory(model, bsz)`` replaces
     the adapter construction (tests set the A matrices of a reference run). ``train_first`` is the audit's leaking
-    negative control. With ``world_size > 1`` a process group must be initialised. Returns a summary: documents,
+    negative control. ``tilt`` reshapes every scored distribution (``score_batch``); the adapters still train on the
+    untilted loss. With ``world_size > 1`` a process group must be initialised. Returns a summary: documents,
     batches, the world the phases were scheduled for, and per global phase the documents scored before it, the
     documents it trained on and its step losses.
     """
@@ -640,7 +643,7 @@ def evaluate_phased_ttt(
             for item in deal(queue[first:segment_end], docs, cfg, rank, world_size, first):
                 _, batch = queue[item]
                 _score_and_train_batch(
-                    learner, tokens, [docs[i] for i in batch], metric, recorder, global_reads, train_first
+                    learner, tokens, [docs[i] for i in batch], metric, recorder, global_reads, train_first, tilt
                 )
             bar.update(segment_end - first)
             first = segment_end

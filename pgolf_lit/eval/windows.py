@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal, NamedTuple, Optional, Sequence, TypeVar
+from typing import Callable, Iterator, Literal, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -193,15 +193,19 @@ def score_batch(
     metric: BitsPerByte,
     recorder: Optional[ScoreRecorder] = None,
     state_reads_upto: Optional[Tensor] = None,
+    tilt: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> None:
     """Charge the scored positions of a batch to the metric: per-token nll from at-least-fp32 logits, summed in
     float64 by the metric, with the bytes of each target given its real previous token.
 
     logits: [B, L, V]. state_reads_upto: int64 [B] per window (or None = no adaptive state), passed on to the
-    recorder only.
+    recorder only. ``tilt(logits [N, V], target index [N])`` reshapes the scored distributions before they are
+    scored and recorded (``ngram_tilt.py``).
     """
     mask = batch.scored
     scored_logits = at_least_fp32(logits[mask])
+    if tilt is not None:
+        scored_logits = tilt(scored_logits, batch.positions[mask] + 1)
     targets = batch.targets[mask]
     nll = F.cross_entropy(scored_logits, targets, reduction="none")
     metric.update(nll, batch.inputs[mask], targets, batch.positions[mask] + 1)

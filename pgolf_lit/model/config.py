@@ -105,6 +105,9 @@ class GPTConfig:
     bos_id: int = 1
     """Token id that starts a document: the token SmearGate does not smear into it (PR #1851/#1855's fix; the
     upstream module global BOS_ID); -1 = no mask (PR #1797, which leaks the previous document into each BOS)."""
+    smear_gate_bos_fix: bool = True
+    """The token SmearGate's BOS mask at bos_id (upstream SMEAR_GATE_BOS_FIX, PR #2130/#2135; hard-coded on in
+    PR #1855). PR #2135's run sets 0: no mask, while bos_id still delimits the documents of phased TTT."""
     bigram_vocab_size: int = 0
     """Buckets of the hashed token-pair table added to the embedding (BigramHash); 0 = off."""
     bigram_dim: int = 128

@@ -30,6 +30,7 @@ RECORD_ALIASES = {
     "pr1945": "pr1945_awq_asymlogit",
     "pr1953": "pr1953_longctx_noqv",
     "pr2014": "pr2014_progressive_shortdoc",
+    "pr2135": "pr2135_calib32_ngram_tilt",
 }
 
 # Variants that exist only to load checkpoints of a script version that is not a record preset.

@@ -323,7 +323,9 @@ class GPT(nn.Module):
         segments = PackedSegments.build(cu_seqlens, max_seqlen, ids) if cu_seqlens is not None else None
         x = self.tok_emb(ids)
         if self.smear_gate is not None:
-            x = smear_previous_token(x, ids, self.smear_gate.weight, self.smear_lambda, cfg.bos_id)
+            x = smear_previous_token(
+                x, ids, self.smear_gate.weight, self.smear_lambda, cfg.bos_id if cfg.smear_gate_bos_fix else -1
+            )
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = rms_norm(x)

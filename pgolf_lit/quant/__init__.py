@@ -4,11 +4,11 @@ quantizers.py (the registry: a quantizer by name, ``TensorRule``), rtn.py (per-r
 hessians.py and calibration.py (GPTQ inputs), prune.py
 (selective ±1 pruning), compress.py (byte shuffle + codecs), quantized.py (the quantized state dict),
 artifact.py (writing the native and upstream containers), reader.py (reading any artifact back: each container
-registers its reader, native_read.py, upstream_read.py, pergroup_read.py), code_size.py (honest code bytes),
-export.py (the whole export). Importing this package registers every container.
+registers its reader, native_read.py, upstream_read.py, pergroup_read.py, pergroup_v2_read.py), code_size.py
+(honest code bytes), export.py (the whole export). Importing this package registers every container.
 """
 
-from pgolf_lit.quant import native_read, pergroup_read, upstream_read  # noqa: F401  (registers every container)
+from pgolf_lit.quant import native_read, pergroup_read, pergroup_v2_read, upstream_read  # noqa: F401  (registers all)
 
 from pgolf_lit.quant.upstream_read import read_upstream_artifact
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size

@@ -26,6 +26,9 @@ modules (the config's passes, the container) and the entry. The program is wrapp
     import brotli as B,base64 as b
     exec(B.decompress(b.b85decode("<brotli quality 11 of the program, base85>")))
 
+A record may wrap its code another way (``CODE_WRAPPERS``; PR #2130/#2135's lzma wrapper registers in
+``code_lzma.py``): the wrapper decides the minify flags and the compressor, the program is the same.
+
 The wrapper really works: exec it in an interpreter without pgolf_lit installed, then
 ``from pgolf_lit.eval.artifact_eval import evaluate_artifact_file``. Its length is the counted size.
 python-minifier is needed to measure (export side); the wrapped program needs only the runtime packages.
@@ -38,7 +41,7 @@ import base64
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import brotli
 
@@ -84,6 +87,7 @@ class CodeSize:
     wrapped_bytes: int  # the two-line wrapper: the counted size
     formats: tuple[str, ...] = ()  # the containers whose readers are counted
     methods: tuple[str, ...] = ()  # the eval passes whose code is counted
+    wrapper: str = "brotli"  # how the program is wrapped (CODE_WRAPPERS)
 
     @property
     def counted_bytes(self) -> int:
@@ -207,18 +211,19 @@ def code_files(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def minify(source: str) -> str:
-    """``source`` as PR #1855's pyminify call minifies it (python-minifier, ``PYMINIFY_OPTIONS``)."""
+def minify(source: str, options: Optional[Mapping[str, bool]] = None) -> str:
+    """``source`` as PR #1855's pyminify call minifies it (python-minifier, ``PYMINIFY_OPTIONS``), or with another
+    wrapper's ``options``."""
     import python_minifier  # the export side's dependency; the wrapped program never needs it
 
-    return python_minifier.minify(source, **PYMINIFY_OPTIONS)
+    return python_minifier.minify(source, **(PYMINIFY_OPTIONS if options is None else options))
 
 
 @functools.lru_cache(maxsize=256)
-def _read_minified(path: str, mtime_ns: int, size: int) -> tuple[str, str]:
+def _read_minified(path: str, mtime_ns: int, size: int, options: tuple = ()) -> tuple[str, str]:
     """A file's text and its minified form, cached while the file is unchanged (every export measures its code)."""
     text = Path(path).read_text(encoding="utf-8")
-    return text, minify(text)
+    return text, minify(text, dict(options) if options else None)
 
 
 def package_program(
@@ -226,15 +231,17 @@ def package_program(
     methods: Optional[Iterable[str]] = None,
     root: Path = PACKAGE_ROOT,
     entries: Optional[Sequence[str]] = None,
+    minify_options: Optional[Mapping[str, bool]] = None,
 ) -> tuple[str, int, list[str]]:
     """The self-installing program, the raw source bytes it was made from, and the file list."""
     entries = list(entries) if entries is not None else entry_modules(formats, methods)
     files = code_files(root=root, entries=entries)
     sources = {}
     raw = 0
+    options = tuple(sorted(minify_options.items())) if minify_options is not None else ()
     for rel in files:
         stat = (root / rel).stat()
-        text, sources[rel] = _read_minified(str(root / rel), stat.st_mtime_ns, stat.st_size)
+        text, sources[rel] = _read_minified(str(root / rel), stat.st_mtime_ns, stat.st_size, options)
         raw += len(text.encode("utf-8"))
     table = ",".join(f"{rel!r}:{_literal(src)}" for rel, src in sources.items())
     program = f"S={{{table}}}\n{_BOOTSTRAP}import {','.join(entries)}\n"
@@ -257,16 +264,44 @@ def wrap(program: str) -> str:
     return f"{WRAPPER_HEAD}{payload}{WRAPPER_TAIL}"
 
 
+@dataclass(frozen=True)
+class CodeWrapper:
+    """How a record wraps its counted code: the pyminify flags, then ``wrap(program) -> the wrapper's text``."""
+
+    name: str
+    minify_options: Mapping[str, bool]
+    wrap: Callable[[str], str]
+
+
+CODE_WRAPPERS: dict[str, CodeWrapper] = {}
+
+
+def register_code_wrapper(wrapper: CodeWrapper) -> CodeWrapper:
+    if wrapper.name in CODE_WRAPPERS:
+        raise ValueError(f"code wrapper {wrapper.name!r} is registered twice")
+    CODE_WRAPPERS[wrapper.name] = wrapper
+    return wrapper
+
+
+BROTLI_WRAPPER = register_code_wrapper(CodeWrapper("brotli", PYMINIFY_OPTIONS, wrap))
+
+
 def measure_code_size(
     formats: Optional[Iterable[str]] = None,
     methods: Optional[Iterable[str]] = None,
     root: Optional[Path] = None,
+    wrapper: str = "brotli",
 ) -> CodeSize:
     """The counted code of an artifact in ``formats`` scored by ``methods`` (None: every registered one, the
-    whole evaluation side: an upper bound)."""
+    whole evaluation side: an upper bound), wrapped by the registered ``wrapper``."""
+    import pgolf_lit.quant.code_lzma  # noqa: F401  (registers the lzma wrapper)
+
+    if wrapper not in CODE_WRAPPERS:
+        raise ConfigError(f"code size: unknown code wrapper {wrapper!r}; expected one of {sorted(CODE_WRAPPERS)}")
+    how = CODE_WRAPPERS[wrapper]
     containers, eval_methods = _registries()
     formats = tuple(containers) if formats is None else tuple(formats)
     methods = tuple(eval_methods) if methods is None else tuple(methods)
-    program, raw, files = package_program(formats, methods, root or PACKAGE_ROOT)
-    wrapped = len(wrap(program).encode("utf-8"))
-    return CodeSize(tuple(files), raw, len(program.encode("utf-8")), wrapped, formats, methods)
+    program, raw, files = package_program(formats, methods, root or PACKAGE_ROOT, minify_options=how.minify_options)
+    wrapped = len(how.wrap(program).encode("utf-8"))
+    return CodeSize(tuple(files), raw, len(program.encode("utf-8")), wrapped, formats, methods, wrapper)

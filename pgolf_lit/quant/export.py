@@ -32,6 +32,7 @@ from pgolf_lit.fileio import atomic_write_bytes
 from pgolf_lit.model.convert import to_upstream_state_dict
 from pgolf_lit.model.roles import ParamRole, parameter_roles
 from pgolf_lit.quant.artifact import UPSTREAM_STYLES, encode_native, encode_upstream
+from pgolf_lit.quant import code_lzma  # noqa: F401  (registers the lzma code wrapper)
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size
 from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
@@ -39,6 +40,7 @@ from pgolf_lit.quant.gptq import GPTQSettings, gptq_sdclip_protected
 from pgolf_lit.quant.gate import gate_shape_qualifies
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
 from pgolf_lit.quant.pergroup import PergroupSettings, encode_pergroup, pergroup_from_quantized
+from pgolf_lit.quant.pergroup_v2 import encode_pergroup_v2, record_v2_order
 from pgolf_lit.quant.hessians import HessianReport, collect_hessians
 from pgolf_lit.quant.prune import PruneReport, selective_prune
 from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, tensor_keys
@@ -79,9 +81,11 @@ class ExportConfig:
     """Every export knob: routing, per-group rules, GPTQ, container, budget. A record's YAML lists each value that
     differs from these defaults (pgolf's scheme)."""
 
-    format: Literal["native", "upstream", "pergroup"] = "native"
+    format: Literal["native", "upstream", "pergroup", "pergroup_v2"] = "native"
     """``native``: pgolf's container (config inside, no pickle); ``upstream``: the record script's own file;
-    ``pergroup``: PR #1855's PGRP container (7 lrzip-ZPAQ code groups + brotli; needs the ``lrzip`` program)."""
+    ``pergroup``: PR #1855's PGRP container (7 lrzip-ZPAQ code groups + brotli; needs the ``lrzip`` program);
+    ``pergroup_v2``: PR #2130/#2135's PGRP v2 (every codes tensor row-sorted in one lrzip stream; COMPRESSOR=pergroup
+    in those scripts)."""
     upstream_style: str = "pr1394"
     """With ``format: upstream``, whose container to write: baseline, pr1263, pr1333 or pr1394."""
     keep_float_max_numel: int = KEEP_FLOAT_MAX_NUMEL
@@ -120,6 +124,9 @@ class ExportConfig:
     """lrzip and brotli settings of the ``pergroup`` container."""
     codec: str = "brotli"
     """Byte compressor of the container: brotli, lzma, lzma9, zstd or zlib."""
+    code_wrapper: str = "brotli"
+    """How the counted code is wrapped (``code_size.py``): brotli (PR #1855: its pyminify flags, brotli 11,
+    base85) or lzma (PR #2130/#2135's _compressed_code_size: pyminify with three flags, lzma preset 6, base85)."""
     shuffle_stride: int = 2
     """Byte shuffle before compression (2 groups the two bytes of fp16 values); 0 = off."""
     budget_bytes: int = 16_000_000
@@ -151,10 +158,16 @@ class ExportConfig:
         self.validate()
 
     def validate(self) -> None:
+        from pgolf_lit.quant.code_size import CODE_WRAPPERS
+
+        if self.code_wrapper not in CODE_WRAPPERS:
+            raise ConfigError(
+                f"export.code_wrapper: unknown wrapper {self.code_wrapper!r}; expected one of {sorted(CODE_WRAPPERS)}"
+            )
         if self.codec not in CODECS:
             raise ConfigError(f"export.codec: unknown codec {self.codec!r}; expected one of {sorted(CODECS)}")
-        if self.format not in ("native", "upstream", "pergroup"):
-            raise ConfigError(f"export.format: expected native, upstream or pergroup, got {self.format!r}")
+        if self.format not in ("native", "upstream", "pergroup", "pergroup_v2"):
+            raise ConfigError(f"export.format: expected native, upstream, pergroup or pergroup_v2, got {self.format!r}")
         if self.lqer is not None and not any(
             getattr(self, g) is not None and QUANTIZERS[getattr(self, g).method].needs_hessian for g in RULE_GROUPS
         ):
@@ -472,7 +485,7 @@ def export_model(
     )
     seconds["quantize"] = time.perf_counter() - mark
 
-    code = code if code is not None else measure_code_size((cfg.format,), eval_methods)
+    code = code if code is not None else measure_code_size((cfg.format,), eval_methods, wrapper=cfg.code_wrapper)
     blobs: dict[int, tuple[Mapping[str, Tensor], bytes]] = {}
 
     def total_bytes(candidate: Mapping[str, Tensor]) -> int:
@@ -493,7 +506,7 @@ def export_model(
     report = ExportReport(
         path=str(out_path),
         format=cfg.format,
-        codec="lrzip-zpaq + brotli" if cfg.format == "pergroup" else cfg.codec,
+        codec="lrzip-zpaq + brotli" if cfg.format.startswith("pergroup") else cfg.codec,
         model_bytes=len(blob),
         code=code,
         budget_bytes=cfg.budget_bytes,
@@ -521,7 +534,7 @@ def export_model(
 def _export_state_dict(model: nn.Module, cfg: ExportConfig, roles: Mapping[str, ParamRole]) -> dict[str, Tensor]:
     """CPU weights to quantize: as the model holds them (native), or in the record's live dtypes (upstream).
     Training-only tensors (multi-token-prediction heads) are dropped, as upstream drops them from final_model.pt."""
-    if cfg.format in ("upstream", "pergroup"):
+    if cfg.format in ("upstream", "pergroup", "pergroup_v2"):
         sd = to_upstream_state_dict(model, banked=False)
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -531,6 +544,8 @@ def _export_state_dict(model: nn.Module, cfg: ExportConfig, roles: Mapping[str, 
 def _serialize(quant: Mapping[str, Tensor], meta: Meta, model: nn.Module, cfg: ExportConfig) -> bytes:
     if cfg.format == "pergroup":
         return encode_pergroup(*pergroup_from_quantized(quant, meta, "export"), cfg.pergroup)
+    if cfg.format == "pergroup_v2":
+        return encode_pergroup_v2(*record_v2_order(*pergroup_from_quantized(quant, meta, "export")), cfg.pergroup)
     if cfg.format == "upstream":
         return encode_upstream(quant, meta, cfg.upstream_style, cfg.codec, cfg.shuffle_stride)
     model_cfg = getattr(model, "config", None)

@@ -334,7 +334,7 @@ def group_tensor_names(group: str, count: int) -> list[str]:
 
 
 def is_pergroup(data: bytes) -> bool:
-    return data[:4] == PACK_MAGIC
+    return data[:4] == PACK_MAGIC and data[4:8] != b"\2\0\0\0"  # version 2 there: PGRP v2 (pergroup_v2_read.py)
 
 
 def decode_pergroup(
