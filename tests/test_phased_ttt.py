@@ -492,3 +492,38 @@ def test_audit_passes_phased_ttt_and_fails_training_before_scoring():
     assert not bad.score_before_update and bad.update_violations > 0
     assert not bad.prefix_invariant and bad.violations_self > 0  # a chunk's own tokens moved its scores
     assert bad.exactly_once and not bad.compliant
+
+
+def test_short_document_chunks_follow_the_longest_document_of_a_batch():
+    """PR #2014's TTT_SHORT_SCORE_FIRST_STEPS: the first pair (by max length) that holds the batch's longest document
+    gives the chunk, whatever order the pairs are listed in; longer batches keep ``chunk``."""
+    cfg = replace(TINY, chunk=16, short_doc_chunks=[[60, 8], [20, 4]])
+    assert [cfg.chunk_for(n) for n in (5, 20, 21, 60, 61)] == [4, 4, 8, 8, 16]
+    assert TINY.chunk_for(10_000) == TINY.chunk
+    with pytest.raises(ConfigError, match=r"phased_ttt\.short_doc_chunks: \[60, 64\]: expected \[max_doc_len, chunk\]"):
+        replace(TINY, short_doc_chunks=[[60, 64]])  # a chunk longer than the context
+    # a batch of short documents takes its own chunk: more adapter steps, another score than the plain chunk
+    model, tokens = random_model(), stream([0, 18, 40, 55, 70, 90, 130, 170], 200)
+    short, plain = run(model, tokens, replace(TINY, short_doc_chunks=[[30, 4]]), 32), run(model, tokens, TINY, 32)
+    assert float(short.token_count) == float(plain.token_count) == 200
+    assert float(short.loss_sum) != float(plain.loss_sum)
+
+
+def test_a_kept_tail_is_scored_by_every_pass():
+    """EVAL_INCLUDE_TAIL (PR #2014): a stream that is no multiple of seq_len plus one is scored whole; the standard
+    and document-isolated passes score a last, shorter sequence; the full sequences score as before."""
+    seq_len, total = 32, 330
+    model, tokens = random_model(), stream([0, 30, 95, 120, 180, 200, 251, 300], total)
+    settings = EvalSettings(seq_len=seq_len, stride=seq_len, phased_ttt=TINY, include_tail=True)
+    context = evaluation_context(
+        settings, precision="32-true", device=torch.device("cpu"), compile=False, weights=Weights.float_weights()
+    )
+    trimmed = tokens[: total // seq_len * seq_len + 1]
+    for method in ("standard", "doc_isolated", "phased_ttt"):
+        whole, cut = (
+            run_method(method, model, tokens, luts(), context),
+            run_method(method, model, trimmed, luts(), context),
+        )
+        assert (whole.tokens, cut.tokens) == (total, total // seq_len * seq_len), method
+        if method != "phased_ttt":  # the same full sequences, plus the tail's
+            assert whole.val_loss * whole.tokens > cut.val_loss * cut.tokens, method

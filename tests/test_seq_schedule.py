@@ -529,3 +529,57 @@ def test_a_resumed_datamodule_continues_after_the_skipped_calls(case):
         got, want = resumed.on_before_batch_transfer(next(stream), 0), batches[step]
         assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3])) and got[3] == want[3] == plan[step]
     assert resumed.train_calls_skipped == 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny twin end to end: pgolf fit (stages, re-warmup, export) then pgolf test of its artifact
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~80 s of fit and export, ~40 s of the four passes (one thread)
+@pytest.mark.skipif(__import__("shutil").which("lrzip") is None, reason="the record's per-group container needs lrzip")
+def test_tiny_twin_fits_and_tests_end_to_end(run_cwd, monkeypatch):
+    """``pgolf fit`` of the tiny twin: the stages change where the schedule says (step-counted fraction), every
+    varlen attention call of a training step gets its stage's length as ``max_seqlen``, the LR ramps again after each
+    change, the artifact exports and round-trips; ``pgolf test`` of the artifact runs the record's four passes (phased
+    TTT with the short-document chunks), each scoring every target."""
+    from pgolf_lit.cli import main, make_cli
+    from pgolf_lit.model.attention import PackedSegments
+    from pgolf_lit.summary import read_summary
+
+    torch.set_num_threads(1)
+    seen: list[tuple[int, int]] = []
+    build = PackedSegments.build.__func__
+
+    def spy(cls, cu_seqlens, max_seqlen, ids):
+        if cli.model.clock.running:  # a training step (priming and evaluation run off the clock)
+            seen.append((cli.model.global_step, int(max_seqlen)))
+        return build(cls, cu_seqlens, max_seqlen, ids)
+
+    monkeypatch.setattr(PackedSegments, "build", classmethod(spy))
+    cli = make_cli(["--config", str(TINY), "--trainer.enable_progress_bar", "false"], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    steps, plan = cli.trainer.max_steps, cli.datamodule.seq_plan
+    stage_of = {s: plan.seq_len_at(s / steps) for s in range(steps)}  # no cap: the fraction counts steps
+    assert seen and {step for step, _ in seen} == set(range(steps))
+    assert all(bound == stage_of[step] for step, bound in seen), sorted(set(seen))
+    run_dir = Path(cli.trainer.log_dir)
+    summary = read_summary(run_dir)
+    changes = [s for s in range(1, steps) if stage_of[s] != stage_of[s - 1]]
+    assert len(changes) == len(plan.stages) - 1
+    assert [summary["events"][f"growth_stage:{stage_of[s]}"]["step"] for s in changes] == changes
+    log = (run_dir / "train.log").read_text()
+    ramp = cli.model.schedule_config.seq_change_warmup_steps
+    assert all(f"growth_stage_rewarmup:start step:{s} steps:{ramp}" in log for s in changes)
+    assert summary["artifact"]["fits"] and abs(summary["roundtrip"]["val_bpb"] - summary["pre_quant"]["val_bpb"]) < 0.05
+
+    main(
+        ["test", "--config", str(TINY), "--artifact", str(run_dir / "final_model.pgolf")]
+        + ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.version", "t"]
+    )
+    tested = read_summary(run_cwd / "runs" / TINY.stem / "t")["test"]
+    assert set(tested) == set(cli.model.test_methods)
+    targets = cli.datamodule.val_tokens.numel() - 1  # val_max_tokens keeps whole sequences: no tail in the twin
+    assert {tested[m]["tokens"] for m in ("phased_ttt", "doc_isolated", "standard")} == {targets}
+    assert "quantized_ttt_phased val_loss:" in (run_cwd / "runs" / TINY.stem / "t" / "train.log").read_text()

@@ -80,7 +80,7 @@ class TrainSteps(IterableDataset):
 
 class PendingStep:
     """A training step whose batch is read when the step runs, not when Lightning fetches it (one step ahead): its
-    cut length follows the training clock at the step (``GolfModule.on_before_batch_transfer`` takes it)."""
+    cut length follows the training clock at the step (``TokenShardDataModule.on_before_batch_transfer`` takes it)."""
 
     __slots__ = ("steps",)
 

@@ -14,6 +14,10 @@ the micro-batch, so every length must divide it. At a change after step 0:
 
 Every (length, looping) shape the run will train is compiled before the clock starts (``compile_shapes``, which
 ``CompilePriming`` primes), as the record's COMPILE_SHAPE_WARMUP=1 does.
+
+Where it acts: ``data.seq_schedule`` (``TokenShardDataModule``) parses and checks it and reads each step's batch at
+its stage; ``GolfModule.step_schedule`` advances the ``SeqStage`` once per step. Each rank decides from its own
+training clock, as the record's ranks (and the LR schedule and loop switch here) do.
 """
 
 from __future__ import annotations
