@@ -198,7 +198,7 @@ def train_or_load(config: Path, work: Path, fit_args: Sequence[str] = ()) -> Pre
             log(f"[{config.name}] training (cache: {cache}) ...")
             started = time.perf_counter()
             cli.trainer.fit(module, datamodule=dm)
-            from pgolf_lit.summary import read_summary
+            from pgolf_lit.run_summary import read_summary
 
             # the training clock as on_train_end saw it (the module's clock keeps running through the export)
             train = read_summary(module.run_dir).get("train", {})

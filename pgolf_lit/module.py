@@ -37,7 +37,7 @@ from pgolf_lit.eval import (
 )
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.gpt import GPT
-from pgolf_lit.summary import update_summary
+from pgolf_lit.run_summary import update_summary
 from pgolf_lit.optim.groups import OptimConfig, build_optimizers
 from pgolf_lit.optim.chain import OptimizerChain, all_reduce_gradients, clip_grad_norm
 from pgolf_lit.optim.muon import Muon

@@ -56,7 +56,7 @@ def shared_tokenizer(name: str) -> Path:
 def embedded_data_root(tmp_path_factory) -> Path:
     """A data root holding the embedded-corpus dataset at sp1024 (built once per test session, ~10 s):
     ``<root>/datasets/fineweb10B_sp1024`` and ``<root>/tokenizers/fineweb_1024_bpe.model``."""
-    from pgolf_lit.data.prepare import build_embedded_dataset
+    from pgolf_lit.data.build import build_embedded_dataset
 
     root = tmp_path_factory.mktemp("embedded")
     build_embedded_dataset(root / "datasets" / "fineweb10B_sp1024", 1024, progress=False)

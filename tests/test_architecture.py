@@ -166,7 +166,7 @@ def test_quantizers_are_a_registry():
 def test_test_passes_run_on_every_rank_whatever_the_sampler_flag(run_cwd):
     """Under DDP with Lightning's distributed sampler on, every rank still runs every pass (a sampler that split
     the passes would deadlock their collectives or drop passes)."""
-    from pgolf_lit.summary import read_summary
+    from pgolf_lit.run_summary import read_summary
 
     config = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
     cmd = [

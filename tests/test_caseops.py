@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import fixture_root, shared_tokenizer
-from pgolf_lit.data import prepare
+from pgolf_lit.data import build
 from pgolf_lit.data.caseops import (
     OPERATORS,
     CaseOpsError,
@@ -209,7 +209,7 @@ def held_out_build(tmp_path_factory):
     inputs = write_docs(root / "docs.jsonl", HELD_OUT + filler)
     out = root / "out"
     assert (
-        prepare.main(
+        data_cmd.build_main(
             [
                 "--caseops",
                 "--input",
@@ -322,7 +322,7 @@ def test_sidecar_shorter_than_the_tokens_asked_for(small_caseops_dataset):
 def test_operator_characters_in_a_plain_build(tmp_path):
     path = write_docs(tmp_path / "d.jsonl", ["fine text", "more text", "\ue001already \ue002encoded text"])
     with pytest.raises(DataError, match=f"{path}:3: character 0 is U\\+E001, a CaseOps operator.*--caseops") as info:
-        prepare.build_dataset([path], 300, tmp_path / "out", val_docs=1, progress=False)
+        build.build_dataset([path], 300, tmp_path / "out", val_docs=1, progress=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -332,10 +332,10 @@ def test_tokenizer_kind_must_match_the_build(held_out_build, tmp_path):
     caseops_model = out / "tokenizers" / "fineweb_512_bpe_lossless_caps_caseops_v1_reserved.model"
     path = write_docs(tmp_path / "d.jsonl", ["one document", "another document"])
     with pytest.raises(DataError, match=f"{caseops_model}: a CaseOps tokenizer .*pass --caseops"):
-        prepare.build_dataset([path], 512, tmp_path / "out", val_docs=1, tokenizer_path=caseops_model, progress=False)
+        build.build_dataset([path], 512, tmp_path / "out", val_docs=1, tokenizer_path=caseops_model, progress=False)
     plain_model = shared_tokenizer("fineweb_1024_bpe.model")
     with pytest.raises(DataError, match=f"{plain_model}: not a CaseOps tokenizer: pieces 4..7 are"):
-        prepare.build_dataset(
+        build.build_dataset(
             [path], 1024, tmp_path / "out", val_docs=1, tokenizer_path=plain_model, progress=False, caseops=True
         )
 
@@ -344,7 +344,7 @@ def test_tokenizer_kind_must_match_the_build(held_out_build, tmp_path):
 def test_a_validation_document_repeated_in_training_is_dropped_or_counted(tmp_path, caseops):
     texts = embedded_corpus(include_docstrings=False)[:12]
     path = write_docs(tmp_path / "d.jsonl", [*texts, texts[1]])
-    manifest = prepare.build_dataset([path], 512, tmp_path / "out", val_docs=3, progress=False, caseops=caseops)
+    manifest = build.build_dataset([path], 512, tmp_path / "out", val_docs=3, progress=False, caseops=caseops)
     (dataset,) = manifest["datasets"]
     assert dataset["stats"]["docs_train"] == 9 and manifest["num_docs"] == 12  # the 13th document was left out
     assert dataset["val_disjointness"] == {
@@ -354,7 +354,7 @@ def test_a_validation_document_repeated_in_training_is_dropped_or_counted(tmp_pa
         "val_docs_in_train": 0,
         "first_copy": {"train": f"{path}:13", "val": f"{path}:2"},
     }
-    kept = prepare.build_dataset(
+    kept = build.build_dataset(
         [path], 512, tmp_path / "kept", val_docs=3, progress=False, caseops=caseops, keep_val_copies=True
     )
     (dataset,) = kept["datasets"]
@@ -372,8 +372,8 @@ def test_val_docs_below_the_declared_validation_set_stops_the_build(tmp_path):
         match="val_docs 2: .*docs_selected.source_manifest.json declares the first 5 "
         "documents the validation set, so 3 validation documents would land",
     ):
-        prepare.build_dataset([path], 400, tmp_path / "out", val_docs=2, progress=False, caseops=True)
-    manifest = prepare.build_dataset([path], 400, tmp_path / "out", progress=False, caseops=True)
+        build.build_dataset([path], 400, tmp_path / "out", val_docs=2, progress=False, caseops=True)
+    manifest = build.build_dataset([path], 400, tmp_path / "out", progress=False, caseops=True)
     assert manifest["num_val_docs"] == 5  # the declared split is the default, as upstream
 
 
@@ -382,7 +382,7 @@ def test_val_docs_below_the_declared_validation_set_stops_the_build(tmp_path):
 
 def test_embedded_corpus_builds_as_caseops(tmp_path):
     folder = tmp_path / "datasets" / "demo_sp512_lossless_caps_caseops_v1_reserved"
-    manifest = prepare.build_embedded_dataset(folder, 512, progress=False)
+    manifest = build.build_embedded_dataset(folder, 512, progress=False)
     (dataset,) = manifest["datasets"]
     assert dataset["name"] == folder.name and "val_bytes_glob" in dataset
     model = tmp_path / "tokenizers" / "fineweb_512_bpe_lossless_caps_caseops_v1_reserved.model"
@@ -398,4 +398,4 @@ def test_embedded_corpus_builds_as_caseops(tmp_path):
     assert int(sidecar.sum()) <= int(full.sum())
     assert len(list(folder.glob("fineweb_train_*.bin"))) >= 2
     with pytest.raises(DataError, match="expected a dataset folder named <root>/datasets/<name>_sp512_lossless"):
-        prepare.build_embedded_dataset(tmp_path / "datasets" / "demo_sp512", 512, progress=False, caseops=True)
+        build.build_embedded_dataset(tmp_path / "datasets" / "demo_sp512", 512, progress=False, caseops=True)

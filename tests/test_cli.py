@@ -15,7 +15,7 @@ import torch
 from cli_process import run_pgolf
 from pgolf_lit.cli import main
 from pgolf_lit.config import CONFIG_DIR
-from pgolf_lit.summary import read_summary
+from pgolf_lit.run_summary import read_summary
 
 ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml")) + sorted((CONFIG_DIR / "records").glob("*.yaml"))
 

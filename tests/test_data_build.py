@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pgolf_lit.data import prepare
+from pgolf_lit.data import build, shard_export
+from pgolf_lit.tools import data_cmd
 from pgolf_lit.data.corpus import embedded_corpus, pack_paragraphs, split_paragraphs
 from pgolf_lit.data.shards import load_shard, read_num_tokens
 from pgolf_lit.data.tokenizer import SPACE, file_sha256, load_tokenizer
@@ -38,7 +39,7 @@ def inputs(tmp_path_factory):
 def built(inputs, tmp_path_factory):
     root, docs = inputs
     out = tmp_path_factory.mktemp("built")
-    manifest = prepare.build_dataset(
+    manifest = build.build_dataset(
         [root / "a.jsonl", root / "b.txt"], VOCAB, out, val_docs=VAL_DOCS, shard_tokens=SHARD_TOKENS, progress=False
     )
     return out, manifest, docs
@@ -134,7 +135,7 @@ def test_reusing_the_tokenizer_gives_identical_shards(built, inputs, tmp_path):
     model.parent.mkdir()
     shutil.copyfile(out / "tokenizers/fineweb_512_bpe.model", model)  # no .vocab beside it
     again = tmp_path / "again"
-    reused = prepare.main(
+    reused = data_cmd.build_main(
         [
             "--input",
             str(root),
@@ -166,14 +167,14 @@ def test_reused_tokenizer_with_another_vocab_size_is_named(built, inputs, tmp_pa
     root, _ = inputs
     model = out / "tokenizers/fineweb_512_bpe.model"
     with pytest.raises(DataError, match=f"{model}.*vocab_size 512.*1024"):
-        prepare.build_dataset([root], 1024, tmp_path / "o", val_docs=2, tokenizer_path=model, progress=False)
+        build.build_dataset([root], 1024, tmp_path / "o", val_docs=2, tokenizer_path=model, progress=False)
 
 
 def test_second_vocab_joins_the_manifest(built, inputs, tmp_path):
     out, _, _ = built
     root, _ = inputs
     shutil.copytree(out, tmp_path / "both")
-    prepare.build_dataset([root / "a.jsonl"], 384, tmp_path / "both", val_docs=5, progress=False)
+    build.build_dataset([root / "a.jsonl"], 384, tmp_path / "both", val_docs=5, progress=False)
     manifest = json.loads((tmp_path / "both/manifest.json").read_text())
     assert [d["name"] for d in manifest["datasets"]] == ["fineweb10B_sp512", "fineweb10B_sp384"]
     assert [t["name"] for t in manifest["tokenizers"]] == ["sp_bpe_512", "sp_bpe_384"]
@@ -185,7 +186,7 @@ def test_txt_file_mode_makes_one_document_per_file(tmp_path):
     for i, text in enumerate(texts):
         (tmp_path / "in" / f"{i:02d}.txt").parent.mkdir(exist_ok=True)
         (tmp_path / "in" / f"{i:02d}.txt").write_text(text, encoding="utf-8")
-    manifest = prepare.build_dataset(
+    manifest = build.build_dataset(
         [tmp_path / "in"], 384, tmp_path / "out", val_docs=4, txt_mode="file", progress=False
     )
     assert manifest["num_docs"] == 40 and manifest["datasets"][0]["stats"]["docs_val"] == 4
@@ -199,7 +200,9 @@ def test_a_repeated_validation_document_builds_and_its_training_copy_is_dropped(
     docs = [texts[0], texts[1], texts[0], *texts[2:10], texts[1], texts[10], texts[1], texts[10], *texts[11:]]
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"text": t}) for t in docs])
     out = tmp_path / "out"
-    prepare.main(["--input", str(path), "--vocab-size", "384", "--out", str(out), "--val-docs", "3", "--no-progress"])
+    data_cmd.build_main(
+        ["--input", str(path), "--vocab-size", "384", "--out", str(out), "--val-docs", "3", "--no-progress"]
+    )
     printed = capsys.readouterr().out
     assert (
         f"train/val disjoint: dropped 2 training copies of validation documents from the training split (the "
@@ -227,11 +230,11 @@ def test_failed_build_leaves_nothing_behind(inputs, tmp_path, monkeypatch):
             raise OSError("disk full (injected)")
         return real_write(path, tokens)
 
-    real_write = prepare.write_shard
-    monkeypatch.setattr(prepare, "write_shard", write_then_fail)
+    real_write = shard_export.write_shard
+    monkeypatch.setattr(shard_export, "write_shard", write_then_fail)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="injected"):
-        prepare.build_dataset([root], VOCAB, out, val_docs=VAL_DOCS, shard_tokens=SHARD_TOKENS, progress=False)
+        build.build_dataset([root], VOCAB, out, val_docs=VAL_DOCS, shard_tokens=SHARD_TOKENS, progress=False)
     assert len(calls) == 2
     assert list(out.rglob("*")) == []
 
@@ -246,9 +249,9 @@ def test_failed_rebuild_keeps_the_previous_build(built, inputs, tmp_path, monkey
     def fail(*args, **kwargs):
         raise KeyboardInterrupt  # the user stops a long export
 
-    monkeypatch.setattr(prepare, "write_shard", fail)
+    monkeypatch.setattr(shard_export, "write_shard", fail)
     with pytest.raises(KeyboardInterrupt):
-        prepare.build_dataset([root], VOCAB, copy, val_docs=3, shard_tokens=SHARD_TOKENS, progress=False)
+        build.build_dataset([root], VOCAB, copy, val_docs=3, shard_tokens=SHARD_TOKENS, progress=False)
     assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
@@ -272,46 +275,46 @@ def write_jsonl(path, lines):
 def test_bad_jsonl_line_names_file_and_line(tmp_path, line, expected):
     path = write_jsonl(tmp_path / "docs.jsonl", ['{"text": "fine"}', "", line])
     with pytest.raises(DataError, match=f"{path}:3: {expected}"):
-        prepare.build_dataset([path], 300, tmp_path / "out", val_docs=1, progress=False)
+        build.build_dataset([path], 300, tmp_path / "out", val_docs=1, progress=False)
     assert not (tmp_path / "out").exists()  # inputs are read and checked before anything is written
 
 
 def test_no_input_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=f"no input files.*{tmp_path / 'empty'}"):
-        prepare.build_dataset([tmp_path / "empty"], 300, tmp_path / "out", progress=False)
+        build.build_dataset([tmp_path / "empty"], 300, tmp_path / "out", progress=False)
     with pytest.raises(DataError, match="missing.txt: input not found"):
-        prepare.build_dataset([tmp_path / "missing.txt"], 300, tmp_path / "out", progress=False)
+        build.build_dataset([tmp_path / "missing.txt"], 300, tmp_path / "out", progress=False)
     (tmp_path / "notes.md").write_text("text")
     with pytest.raises(DataError, match="notes.md: unsupported input file type"):
-        prepare.build_dataset([tmp_path / "notes.md"], 300, tmp_path / "out", progress=False)
+        build.build_dataset([tmp_path / "notes.md"], 300, tmp_path / "out", progress=False)
 
 
 def test_empty_text_set(tmp_path):
     path = write_jsonl(tmp_path / "blank.jsonl", ['{"text": ""}', '{"text": "  \\n "}'])
     with pytest.raises(DataError, match=f"empty text set.*{path}"):
-        prepare.build_dataset([path], 300, tmp_path / "out", val_docs=1, progress=False)
+        build.build_dataset([path], 300, tmp_path / "out", val_docs=1, progress=False)
 
 
 def test_val_docs_must_leave_training_documents(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ['{"text": "one"}', '{"text": "two"}', '{"text": "three"}'])
     with pytest.raises(DataError, match="val_docs 3: the inputs hold 3 documents"):
-        prepare.build_dataset([path], 300, tmp_path / "out", val_docs=3, progress=False)
+        build.build_dataset([path], 300, tmp_path / "out", val_docs=3, progress=False)
     with pytest.raises(DataError, match="val_docs 0"):
-        prepare.build_dataset([path], 300, tmp_path / "out", val_docs=0, progress=False)
+        build.build_dataset([path], 300, tmp_path / "out", val_docs=0, progress=False)
 
 
 def test_vocab_too_large_for_uint16(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ['{"text": "one"}', '{"text": "two"}'])
     with pytest.raises(DataError, match="vocab_size 70000: shard tokens are uint16"):
-        prepare.main(["--input", str(path), "--vocab-size", "70000", "--out", str(tmp_path / "out")])
+        data_cmd.build_main(["--input", str(path), "--vocab-size", "70000", "--out", str(tmp_path / "out")])
 
 
 def test_vocab_larger_than_the_text_supports(tmp_path):
     texts = embedded_corpus(include_docstrings=False)[:5]
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"text": t}) for t in texts])
     with pytest.raises(DataError, match="only supports .* pieces, fewer than --vocab-size 8192"):
-        prepare.build_dataset([path], 8192, tmp_path / "out", val_docs=1, progress=False)
+        build.build_dataset([path], 8192, tmp_path / "out", val_docs=1, progress=False)
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
 
 
@@ -332,7 +335,7 @@ def test_embedded_corpus_is_deterministic_and_big_enough(tmp_path):
     docs = embedded_corpus()
     assert docs == embedded_corpus() and len(set(docs)) == len(docs)
     assert len(docs) > 800 and sum(map(len, docs)) > 1_000_000
-    manifest = prepare.build_embedded_dataset(tmp_path / "datasets/fineweb10B_sp1024", 1024, progress=False)
+    manifest = build.build_embedded_dataset(tmp_path / "datasets/fineweb10B_sp1024", 1024, progress=False)
     assert (tmp_path / "datasets/fineweb10B_sp1024/fineweb_train_000000.bin").is_file()
     assert (tmp_path / "tokenizers/fineweb_1024_bpe.model").is_file()
     stats = manifest["datasets"][0]["stats"]
@@ -344,4 +347,4 @@ def test_embedded_corpus_is_deterministic_and_big_enough(tmp_path):
 
 def test_embedded_dataset_folder_must_follow_the_layout(tmp_path):
     with pytest.raises(DataError, match="expected a dataset folder named <root>/datasets/<name>_sp1024"):
-        prepare.build_embedded_dataset(tmp_path / "datasets/fineweb10B_sp4096", 1024, progress=False)
+        build.build_embedded_dataset(tmp_path / "datasets/fineweb10B_sp4096", 1024, progress=False)

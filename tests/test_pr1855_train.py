@@ -296,7 +296,7 @@ def test_fit_end_method_is_a_registered_pass():
 def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     """Packed-document training (cu_seqlens through the step), the loop switch, the record's whole export (QuantGate,
     LQER, the PGRP lrzip container) inside pgolf fit, and the roundtrip score from the reloaded container."""
-    from pgolf_lit.summary import read_summary
+    from pgolf_lit.run_summary import read_summary
 
     config = CONFIG_DIR / "records" / f"{RECORD}_tiny.yaml"
     start = time.monotonic()

@@ -12,7 +12,7 @@ import pytest
 from pgolf_lit import run_manifest
 from pgolf_lit.data import file_hashes
 from pgolf_lit.data.corpus import embedded_corpus
-from pgolf_lit.data.prepare import build_dataset
+from pgolf_lit.data.build import build_dataset
 
 
 @pytest.fixture

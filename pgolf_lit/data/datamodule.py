@@ -242,7 +242,7 @@ class TokenShardDataModule(L.LightningDataModule):
     # --- Lightning hooks -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.build_embedded and not self.data_dir.exists():
-            from pgolf_lit.data.prepare import build_embedded_dataset
+            from pgolf_lit.data.build import build_embedded_dataset
 
             build_embedded_dataset(self.data_dir, self.vocab_size)
 

@@ -1,14 +1,19 @@
-"""Training SentencePiece tokenizers with the upstream export settings, and encoding with each piece's surface:
-the data build's side of ``tokenizer.py`` (which loads tokenizers and builds the byte LUTs evaluation needs).
+"""Training SentencePiece tokenizers with the upstream export settings (or taking a given one), and encoding with
+each piece's surface: the data build's side of ``tokenizer.py`` (which loads tokenizers and builds the byte LUTs
+evaluation needs).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pgolf_lit.data.caseops import OPERATORS, encode_caseops, is_caseops_tokenizer
+from pgolf_lit.data.tokenizer import load_tokenizer
 from pgolf_lit.errors import DataError
 
 # The upstream export's trainer settings (data/download_hf_docs_and_tokenize.py ``build_sentencepiece_tokenizer``);
@@ -121,3 +126,59 @@ def train_tokenizer(
         for ext in (".vocab", ".model"):
             os.replace(f"{tmp_prefix}{ext}", f"{model_prefix}{ext}")
     return Path(f"{model_prefix}.model")
+
+
+def prepare_tokenizer(
+    source: Iterable[str],
+    vocab_size: int,
+    model_prefix: Path,
+    *,
+    reuse_path: Path | None,
+    train_docs: int | None,
+    num_threads: int,
+    caseops: bool = False,
+) -> Path:
+    """Copy a given model (and its .vocab) to ``model_prefix``, or train one there; check its vocabulary size.
+
+    With ``caseops`` the tokenizer is trained on CaseOps-encoded text with the four operators reserved as
+    user-defined pieces 4..7 (PR #1855 download_hf_docs_and_tokenize.py, ``reserve_text_transform_controls``),
+    and a given model must be such a tokenizer; a plain build refuses one.
+    """
+    model_path = model_prefix.with_suffix(".model")
+    if reuse_path is not None:
+        given = load_tokenizer(reuse_path, vocab_size)  # a clear error for a missing file or a vocab-size mismatch
+        if caseops and not is_caseops_tokenizer(given):
+            pieces = [given.id_to_piece(i) for i in range(4, min(8, given.vocab_size()))]
+            raise DataError(
+                f"{reuse_path}: not a CaseOps tokenizer: pieces 4..7 are {pieces}, a --caseops build needs the "
+                f"operators U+E001..U+E004 there (train one with --caseops, without --tokenizer)"
+            )
+        if not caseops and is_caseops_tokenizer(given):
+            raise DataError(
+                f"{reuse_path}: a CaseOps tokenizer (pieces 4..7 are the operators U+E001..U+E004): pass --caseops, "
+                f"or its documents would not be CaseOps-encoded"
+            )
+        model_prefix.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(reuse_path, model_path)
+        if reuse_path.with_suffix(".vocab").is_file():
+            shutil.copyfile(reuse_path.with_suffix(".vocab"), model_prefix.with_suffix(".vocab"))
+        return model_path
+    texts = itertools.islice(source, train_docs) if train_docs is not None else iter(source)
+    overrides = {}
+    if caseops:
+        texts = map(encode_caseops, texts)
+        overrides["user_defined_symbols"] = list(OPERATORS)
+    try:
+        # minloglevel=1 keeps SentencePiece's warnings (e.g. skipped over-long documents) but not its info flood.
+        train_tokenizer(texts, vocab_size, model_prefix, num_threads=num_threads, minloglevel=1, **overrides)
+    except RuntimeError as e:  # SentencePiece reports bad settings for this text as a one-line RuntimeError
+        raise DataError(f"SentencePiece training failed for vocab_size {vocab_size}: {e}") from None
+    learned = load_tokenizer(model_path).vocab_size()
+    if learned != vocab_size:
+        raise DataError(
+            f"the input text only supports {learned} SentencePiece pieces, fewer than --vocab-size {vocab_size}: "
+            f"give more text or a smaller vocabulary"
+        )
+    if caseops and not is_caseops_tokenizer(load_tokenizer(model_path)):
+        raise DataError(f"{model_path}: SentencePiece did not put the CaseOps operators at ids 4..7")
+    return model_path

@@ -41,7 +41,7 @@ from pgolf_lit.config import callback_init_args, load_config
 from pgolf_lit.errors import PgolfError
 from pgolf_lit.run_manifest import package_section, read_run_manifest, val_docs_in_train
 from pgolf_lit.stats import DEFAULT_POLICY, POLICIES, RECORD_MARGIN_NATS, ImprovementTest, StatsError, mean, sample_std
-from pgolf_lit.summary import read_summary
+from pgolf_lit.run_summary import read_summary
 from pgolf_lit.tools.seeds import (
     add_significance_arguments,
     finished_seeds,

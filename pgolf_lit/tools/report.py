@@ -34,7 +34,7 @@ from pgolf_lit.model.gpt import roles_of
 from pgolf_lit.model.roles import ParamRole
 from pgolf_lit.quant.artifact import decode_native, decode_upstream, is_native, read_bytes
 from pgolf_lit.quant.quantized import Meta, tensor_keys
-from pgolf_lit.summary import read_summary
+from pgolf_lit.run_summary import read_summary
 
 _TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:(\d+)ms")
 _VAL = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+) train_time:(\d+)ms")

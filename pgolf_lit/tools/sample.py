@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv) -> None:
-    from pgolf_lit.cli import named_config
-    from pgolf_lit.config import load_config
+    from pgolf_lit.config import load_config, resolve_config_path
     from pgolf_lit.data.caseops import decode_caseops, encode_caseops, is_caseops_tokenizer
     from pgolf_lit.data.tokenizer import default_tokenizer_path, load_tokenizer
     from pgolf_lit.model.generate import generate
@@ -43,7 +42,7 @@ def main(argv) -> None:
     args = build_parser().parse_args(argv)
     if args.tokens < 1 or args.samples < 1 or args.temperature <= 0:
         raise ConfigError("pgolf sample: --tokens and --samples must be >= 1 and --temperature > 0")
-    config_path = named_config(args.config)
+    config_path = resolve_config_path(args.config)
     config = load_config(config_path)
     module = GolfModule.from_config(config)
     if args.artifact:

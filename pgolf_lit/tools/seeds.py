@@ -50,7 +50,7 @@ from pgolf_lit.stats import (
     policy_tests,
     sample_std,
 )
-from pgolf_lit.summary import read_summary
+from pgolf_lit.run_summary import read_summary
 
 RESULTS_FORMAT = "pgolf-seeds/1"
 RESULTS_JSON = "results.json"

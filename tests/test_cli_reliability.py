@@ -1,7 +1,8 @@
-"""Reliability, second pass (issue 20; docs/reliability.md): checkpoints that are atomic and verified, NaN that never
-reaches a checkpoint, explicit settings that win over ``--ckpt_path``, bounded loading of untrusted artifacts, and
-one ``error:`` line with exit status 2 for every bad input, OS error and DDP failure, each through the real CLI
-(``pgolf_lit.cli.main``, or a subprocess where a process must be killed or several ranks run)."""
+"""Reliability through the real ``pgolf`` command (issue 20; docs/reliability.md, the rows marked ²): checkpoints
+that are atomic and verified, NaN that never reaches a checkpoint, explicit settings that win over ``--ckpt_path``,
+bounded loading of untrusted artifacts, and one ``error:`` line with exit status 2 for every bad input, OS error and
+DDP failure, each through the real CLI (``pgolf_lit.cli.main``, or a subprocess where a process must be killed or
+several ranks run). The same guarantees at the library level: test_reliability.py."""
 
 from __future__ import annotations
 
@@ -258,7 +259,10 @@ def test_nan_never_reaches_a_checkpoint_and_the_newest_finite_one_is_named(
         embedded_data_root,
         tmp_path / "c.yaml",
         check_finite_every=50,
-        callbacks=[{"class_path": "test_reliability2.PoisonAfterStep", "init_args": {"step": 3}}, checkpoints(ckpts)],
+        callbacks=[
+            {"class_path": "test_cli_reliability.PoisonAfterStep", "init_args": {"step": 3}},
+            checkpoints(ckpts),
+        ],
     )
     assert_one_line(
         ["fit", "--config", config, "--trainer.max_steps", "6"],
@@ -596,7 +600,7 @@ def test_an_error_on_one_ddp_rank_ends_every_rank_with_its_line(tmp_path, embedd
     config = tiny_config(
         embedded_data_root,
         tmp_path / "ddp.yaml",
-        callbacks=[{"class_path": "test_reliability2.RaiseOnRank", "init_args": {"rank": 1, "step": 2}}],
+        callbacks=[{"class_path": "test_cli_reliability.RaiseOnRank", "init_args": {"rank": 1, "step": 2}}],
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
