@@ -545,7 +545,7 @@ def test_tiny_twin_fits_and_tests_end_to_end(run_cwd, monkeypatch):
     TTT with the short-document chunks), each scoring every target."""
     from pgolf_lit.cli import main, make_cli
     from pgolf_lit.model.attention import PackedSegments
-    from pgolf_lit.summary import read_summary
+    from pgolf_lit.run_summary import read_summary
 
     torch.set_num_threads(1)
     seen: list[tuple[int, int]] = []
