@@ -13,6 +13,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -140,3 +141,26 @@ def test_throughput_and_step_anatomy_run_the_packed_record(bench, capsys):
         out,
         re.M,
     )
+
+
+def test_ngram_tilt_bench_times_the_hints(monkeypatch, capsys):
+    """bench/ngram_tilt.py at a small size: its line carries the measured time and the hints of that stream."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    module = importlib.import_module("ngram_tilt")
+    threads = torch.get_num_threads()
+    try:
+        result = module.main(["--tokens", "50000", "--vocab", "512"])  # one core, as the bench states its budget
+    finally:
+        torch.set_num_threads(threads)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(
+        rf"ngram_tilt tokens:50000 vocab:512 order:16 threads:1 compile_s:{NUMBER} hints_s:{NUMBER} "
+        rf"hints_per_s:([0-9,]+) gated:(\d+) \({NUMBER} %\)",
+        line,
+    )
+    assert m, line
+    assert float(m.group(2)) == pytest.approx(result["hints_s"], abs=0.01) and result["hints_s"] > 0
+    from pgolf_lit.eval.ngram_tilt import NgramTiltSettings, build_hints
+
+    stream = module.synthetic_stream(50000, 512)
+    assert int(m.group(4)) == result["gated"] == build_hints(stream, NgramTiltSettings()).gated > 0

@@ -7,6 +7,9 @@ composed with phased TTT (the adapters learn from the untilted loss)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -327,3 +330,54 @@ def test_registered_pass_reports_the_hints_and_the_precompute():
     assert result.extra["ngram_gated"] == build_hints(tokens, settings.ngram_tilt).gated > 0
     assert result.extra["ngram_state"] == "stream_order" and not result.compliant
     assert result.val_loss != plain.val_loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PR #2135's tiny twin end to end
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("lrzip") is None, reason="the PGRP v2 container needs lrzip (apt-get install lrzip)")
+def test_pr2135_tiny_twin_fits_exports_and_scores_the_tilted_pass(run_cwd):
+    """pgolf fit of the twin (SmearGate without its BOS mask, LQER group 32, fp16 gate, PGRP v2, lzma code), then
+    pgolf test of its artifact with the n-gram-tilted phased TTT, on a short stream."""
+    from pgolf_lit.config import CONFIG_DIR, load_config
+    from pgolf_lit.quant.code_size import measure_code_size
+    from pgolf_lit.quant.pergroup_v2 import is_pergroup_v2
+    from pgolf_lit.summary import read_summary
+
+    record = "pr2135_calib32_ngram_tilt_tiny"
+    config = CONFIG_DIR / "records" / f"{record}.yaml"
+    base = [sys.executable, "-m", "pgolf_lit.cli"]
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.version"]
+    fit = subprocess.run(
+        [*base, "fit", "--config", str(config), *quiet, "fit"], cwd=run_cwd, capture_output=True, text=True
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = run_cwd / "runs" / record / "fit"
+    summary = read_summary(run_dir)
+    artifact = run_dir / "final_model.pgolf"
+    assert is_pergroup_v2(artifact.read_bytes()) and summary["artifact"]["fits"]
+    assert (
+        summary["artifact"]["code_bytes"] > 0
+        and abs(summary["roundtrip"]["val_bpb"] - summary["pre_quant"]["val_bpb"]) < 0.05
+    )
+    test = subprocess.run(
+        [*base, "test", "--config", str(config), "--artifact", str(artifact), "--data.val_max_tokens", "1024"]
+        + ["--model.test_methods", "[ngram_tilt]", *quiet, "t"],
+        cwd=run_cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert test.returncode == 0, test.stderr[-3000:]
+    tilted = read_summary(run_cwd / "runs" / record / "t")["test"]["ngram_tilt"]
+    assert tilted["label"] == "quantized_ttt_phased" and tilted["eval_time_includes"] == ["precompute"]
+    assert tilted["extra"]["ngram_order"] == load_config(config)["model"]["evaluation"].get("ngram_tilt", {}).get(
+        "order", NgramTiltSettings().order
+    )
+    seq_len = load_config(config)["model"]["evaluation"]["seq_len"]
+    assert tilted["tokens"] == 1024 // seq_len * seq_len and not tilted["compliant"]
+    methods = load_config(config)["model"]["test_methods"]
+    lzma_code = measure_code_size(["pergroup_v2"], methods, wrapper="lzma").counted_bytes
+    assert summary["artifact"]["code_bytes"] == lzma_code != measure_code_size(["pergroup_v2"], methods).counted_bytes
