@@ -111,50 +111,6 @@ def test_dtg_in_parallel_lanes_is_refused():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_a_registered_eval_method_gets_a_settings_section_and_runs(monkeypatch):
-    """One file plus one registration: the registry entry is all run_method and EvalSettings need. (The composite
-    settings class is built at import, so this registers into a copy of the registry and rebuilds it.)"""
-    from pgolf_lit.eval import EVAL_METHODS, EvalMethod, PassOutcome, Weights, evaluation_context, run_method
-    from pgolf_lit.eval import registry, runner
-
-    @dataclasses.dataclass
-    class HalfSettings:
-        every: int = 2
-        """Score every n-th sequence."""
-
-    def run_half(model, tokens, metric, cfg, setup):
-        from pgolf_lit.eval.windows import evaluate_windows, sequence_windows
-
-        windows = sequence_windows(tokens.numel() - 1, setup.seq_len)[:: cfg.every]
-        evaluate_windows(model, tokens, metric, windows, seq_len=setup.seq_len, batch_windows=4)
-        return PassOutcome(compliant=True, extra={"every": cfg.every})
-
-    methods = dict(EVAL_METHODS)
-    monkeypatch.setattr(registry, "EVAL_METHODS", methods)
-    monkeypatch.setattr(runner, "EVAL_METHODS", methods)
-    registry.register_eval_method(EvalMethod("half", HalfSettings, run_half, "final_{q}_half", "half"))
-    Settings = dataclasses.make_dataclass(
-        "EvalSettings",
-        [(n, m.settings, dataclasses.field(default_factory=m.settings)) for n, m in methods.items()],
-        bases=(runner.EvalBase,),
-    )
-    settings = Settings.from_dict({"seq_len": 16, "stride": 8, "half": {"every": 3}})
-    assert settings.half == HalfSettings(every=3)
-    model = GPT(GPTConfig(**TINY))
-    tokens = torch.randint(0, 64, (16 * 9 + 1,))
-    luts = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.ones(64, dtype=torch.bool))
-    ctx = evaluation_context(
-        settings,
-        precision="32-true",
-        device=torch.device("cpu"),
-        compile=False,
-        weights=Weights(quantized=True, tag="int6"),
-    )
-    result = run_method("half", model, tokens, luts, ctx)
-    assert result.label == "final_int6_half" and result.tokens == 3 * 16
-    assert result.extra == {"every": 3, "bytes": "lut"}
-
-
 def test_quantizers_are_a_registry():
     from pgolf_lit.quant.quantizers import QUANTIZERS, TensorRule
 

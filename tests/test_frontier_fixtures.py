@@ -236,6 +236,7 @@ class ChunkRecorder:
 def test_phased_ttt_matches_the_record(case, variant):
     from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_tokens
     from pgolf_lit.eval.phased_ttt import evaluate_phased_ttt
+    from pgolf_lit.eval.registry import PassSetup
     from pgolf_lit.metrics import BitsPerByte, ByteCounts
 
     torch.set_num_threads(1)  # the fixture was made on one thread; tiny tensors run fastest so
@@ -292,7 +293,8 @@ def test_phased_ttt_matches_the_record(case, variant):
     )
     metric = BitsPerByte(ByteCounts(no_luts, sidecar))
     recorder = ChunkRecorder(tokens)
-    summary = evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=factory)
+    setup = PassSetup(seq_len, seq_len, recorder=recorder)
+    summary = evaluate_phased_ttt(model, tokens, metric, cfg, setup, lora_factory=factory).details
     values = metric.compute()
     tol = hp["tolerance"]
     assert abs(float(values["loss"]) - want["val_loss"]) <= tol["val_loss"]

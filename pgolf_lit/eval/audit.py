@@ -32,10 +32,7 @@ from torch import Tensor, nn
 
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.tokenizer import count_bytes
-from pgolf_lit.eval.phased_ttt import PhasedTTTSettings, evaluate_doc_isolated, evaluate_phased_ttt
-from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
-from pgolf_lit.eval.ttt import TTTConfig, evaluate_ttt
-from pgolf_lit.eval.windows import evaluate_sliding, evaluate_standard
+from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassSetup, eval_methods
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.gpt import GPT
 
@@ -45,7 +42,8 @@ Procedure = Callable[[nn.Module, Tensor, BitsPerByte, "Recording", int, int, int
 
 @dataclass(frozen=True)
 class AuditSetup:
-    """The audit's model, stream and test set (defaults: T = 12·L, p every 23rd index from 40)."""
+    """The audit's model, stream and test set (defaults: T = 12·L, p every 23rd index from 40). Each method's
+    settings at this scale come from its ``AuditCase`` (``registry.py``)."""
 
     vocab_size: int = 40
     model_dim: int = 16
@@ -58,15 +56,10 @@ class AuditSetup:
     perturb_every: int = 23
     tol: float = 1e-12
     seed: int = 0
-    slot_steps: int = 8
-    ttt_chunk_tokens: int = 64
     # The document methods' stream: BOS at these positions, so the documents get shorter along the stream and
     # phased TTT's longest-first queue scores them in stream order (then "no later token" is the same as "no
-    # token scored later"); seq_len is their context, chunks of 8, 2 documents per batch, 2 global phases.
+    # token scored later").
     document_starts: tuple[int, ...] = (0, 70, 132, 187, 235, 275, 309, 337, 359, 374)
-    phased_chunk: int = 8
-    phased_batch_docs: int = 2
-    phased_prefix_docs: int = 6
 
     @property
     def total_targets(self) -> int:
@@ -76,9 +69,16 @@ class AuditSetup:
     def perturbed_indices(self) -> range:
         return range(self.perturb_first, self.total_targets, self.perturb_every)
 
+    def record(self, record: str, method: str):
+        """The settings a record config states for one of its methods (``model.evaluation.<method>``), for an
+        ``AuditCase``: the audit audits what the record runs."""
+        return record_slot(record, method)
+
 
 @dataclass(frozen=True)
 class AuditMethod:
+    """One row of the audit: a procedure and what it claims (``AuditCase``, ``registry.py``)."""
+
     name: str
     description: str
     run: Procedure
@@ -88,149 +88,46 @@ class AuditMethod:
     # the stream has BOS at setup.document_starts; perturbations keep every BOS where it is (documents are
     # delimited by them, and the scoring structure must not change with a token value)
     documents: bool = False
+    isolated: bool = False
+    spans_documents: bool = False
 
 
-def record_slot(record: str, section: str) -> SlotConfig:
-    """The SLOT procedure a record config states (``model.evaluation.<section>``): the audit audits what runs."""
+def record_slot(record: str, section: str):
+    """The settings a record config states in ``model.evaluation.<section>`` (e.g. its SLOT procedure)."""
     from pgolf_lit.records import record_eval_settings
 
     return getattr(record_eval_settings(record), section)
 
 
+def audit_method(method: EvalMethod, case: AuditCase, setup: AuditSetup) -> AuditMethod:
+    """The audit row of one ``AuditCase`` of a registered method: its pass, run with the case's settings (the
+    batch field set to the audit's batch where the case names it) and the audit's window geometry."""
+    settings = case.settings(setup)
+
+    def run(model, tokens, metric, recorder, batch, rank, world):
+        cfg = replace(settings, **{case.batch: batch}) if case.batch else settings
+        method.run(model, tokens, metric, cfg, PassSetup(setup.seq_len, setup.stride, rank, world, recorder=recorder))
+
+    return AuditMethod(
+        case.name,
+        f"eval method {method.name!r}: {case.name}",
+        run,
+        invariance_applies=bool(case.batch),
+        documents=case.documents,
+        isolated=case.isolated,
+        spans_documents=case.spans_documents,
+    )
+
+
 def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
-    """The seed procedures (as their record configs state them) and pgolf_lit's compliant variants, at the
-    audit's scale."""
-    L, st = setup.seq_len, setup.stride
-
-    def sliding(rule):
-        def run(model, tokens, metric, recorder, batch, rank, world):
-            evaluate_sliding(
-                model,
-                tokens,
-                metric,
-                seq_len=L,
-                stride=st,
-                batch_windows=batch,
-                rule=rule,
-                rank=rank,
-                world_size=world,
-                recorder=recorder,
-            )
-
-        return run
-
-    def standard(model, tokens, metric, recorder, batch, rank, world):
-        evaluate_standard(
-            model, tokens, metric, seq_len=L, batch_seqs=batch, rank=rank, world_size=world, recorder=recorder
-        )
-
-    def slot(procedure: SlotConfig, **changes):
-        def run(model, tokens, metric, recorder, batch, rank, world):
-            cfg = replace(procedure, steps=setup.slot_steps, batch_windows=batch, **changes)
-            evaluate_slot(
-                model, tokens, metric, cfg, seq_len=L, stride=st, rank=rank, world_size=world, recorder=recorder
-            )
-
-        return run
-
-    def ttt(rule):
-        def run(model, tokens, metric, recorder, batch, rank, world):
-            cfg = TTTConfig(window_rule=rule, chunk_tokens=setup.ttt_chunk_tokens, epochs=1, batch_seqs=batch)
-            evaluate_ttt(
-                model, tokens, metric, cfg, seq_len=L, stride=st, rank=rank, world_size=world, recorder=recorder
-            )
-
-        return run
-
-    def phased(**changes):
-        def run(model, tokens, metric, recorder, batch, rank, world):
-            evaluate_phased_ttt(
-                model,
-                tokens,
-                metric,
-                phased_settings(**changes),
-                seq_len=L,
-                rank=rank,
-                world_size=world,
-                recorder=recorder,
-            )
-
-        return run
-
-    def phased_settings(**changes) -> PhasedTTTSettings:
-        return PhasedTTTSettings(
-            chunk=setup.phased_chunk,
-            context=L,
-            batch_docs=setup.phased_batch_docs,
-            lora_rank=2,
-            lora_lr=0.01,
-            prefix_docs=setup.phased_prefix_docs,
-            num_phases=2,
-            global_lr=0.01,
-            global_chunk_tokens=2 * L,
-            global_batch_seqs=2,
-            lora_seed=setup.seed,
-            **changes,
-        )
-
-    def doc_isolated(model, tokens, metric, recorder, batch, rank, world):
-        evaluate_doc_isolated(
-            model, tokens, metric, seq_len=L, batch_seqs=batch, rank=rank, world_size=world, recorder=recorder
-        )
-
-    methods = [
-        AuditMethod("standard", "standard eval (non-overlapping sequences)", standard),
-        AuditMethod("sliding_exact", "sliding window, exact rule", sliding("exact")),
-        AuditMethod("sliding_legacy", "sliding window, legacy rule", sliding("legacy")),
-        # PR #1321's optimiser and loss; its interleaved rank split only reorders sums, contiguous keeps D simple.
-        AuditMethod(
-            "slot_standard",
-            "standard SLOT (PR #1321 structure, legacy windows)",
-            slot(record_slot("pr1321", "slot"), rank_split="contiguous"),
-        ),
-        AuditMethod(
-            "causal_slot_batch_shared",
-            "causal SLOT, batch-shared delta (PR #1333)",
-            slot(record_slot("pr1333", "slot")),
-        ),
-        AuditMethod(
-            "causal_slot_per_window_legacy",
-            "causal SLOT, per-window delta, legacy windows",
-            slot(SlotConfig(), window_rule="legacy"),
-        ),
-        AuditMethod("causal_slot_per_window", "causal SLOT, per-window delta, exact windows", slot(SlotConfig())),
-        AuditMethod(
-            "ttt_score_first",
-            "score-first TTT (PR #1334 structure, TTT window rule)",
-            ttt("ttt"),
-            invariance_applies=False,
-        ),
-        AuditMethod("ttt_exact", "score-first TTT, exact windows", ttt("exact"), invariance_applies=False),
-        # D n/a: the batch is the packed row, and a document crossing a sequence boundary inside a row keeps its
-        # context there (the record's definition), so rows of another size score differently by design
-        AuditMethod(
-            "doc_isolated",
-            "document-isolated packed sequences (PR #1855 eval_val)",
-            doc_isolated,
-            invariance_applies=False,
-            documents=True,
-        ),
-        AuditMethod(
-            "phased_ttt",
-            "phased score-first TTT (PR #1855: per-document LoRA + global SGD phases)",
-            phased(),
-            invariance_applies=False,
-            documents=True,
-        ),
-        AuditMethod(
-            "phased_ttt_no_qv",
-            "phased score-first TTT, no Q/V adapters, LoRA lr x0.75 (PR #1953/#2014)",
-            phased(q_lora=False, v_lora=False, local_lr_mult=0.75),
-            invariance_applies=False,
-            documents=True,
-        ),
-    ]
-    return {m.name: m for m in methods}
+    """Every registered method's audit rows (``EvalMethod.audit``), in registry order."""
+    rows: dict[str, AuditMethod] = {}
+    for method in eval_methods().values():
+        for case in method.audit:
+            if case.name in rows:
+                raise ValueError(f"audit case {case.name!r} is declared twice ({method.name})")
+            rows[case.name] = audit_method(method, case, setup)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
