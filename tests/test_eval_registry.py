@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import importlib
-import sys
 import textwrap
-from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 
+from conftest import pgolf_lit_listing
 from pgolf_lit.config import CONFIG_DIR
 from pgolf_lit.eval.registry import METHOD_MODULES, eval_methods
 
@@ -49,27 +47,8 @@ METHODS = (
 '''
 
 
-def _ours(name: str) -> bool:
-    return name == "pgolf_lit" or name.startswith("pgolf_lit.")
-
-
-@contextmanager
-def package_with_method(module: str) -> Iterator[None]:
-    """pgolf_lit imported afresh, in this process, with ``module`` appended to ``METHOD_MODULES`` before anything
-    reads the registry: what a new interpreter sees once the module is listed. Modules that register
-    process-wide state when imported (the fused kernels' torch.library ops, marked ``TRAINING_ONLY``) stay."""
-    saved = {n: m for n, m in sys.modules.items() if _ours(n)}
-    for name, mod in saved.items():
-        if not hasattr(mod, "TRAINING_ONLY"):
-            del sys.modules[name]
-    try:
-        registry = importlib.import_module("pgolf_lit.eval.registry")
-        registry.METHOD_MODULES = (*registry.METHOD_MODULES, module)
-        yield
-    finally:
-        for name in [n for n in sys.modules if _ours(n)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
+def package_with_method(module: str):
+    return pgolf_lit_listing("pgolf_lit.eval.registry", "METHOD_MODULES", module)
 
 
 def test_a_method_in_one_file_appears_in_help_audit_and_test(tmp_path, monkeypatch, run_cwd, capsys):
