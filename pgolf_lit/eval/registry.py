@@ -27,10 +27,13 @@ configs: ``audit_setup.record("pr1321", "slot")``), and states what the method c
 Every case gets A–F. During the pass the method reports to ``setup.recorder`` (``recording.py``) every
 distribution it scores with (the full, normalized log-probabilities the metric is charged with, and the last
 stream index any state behind them has read) and every state update it applies; the audit itself perturbs tokens,
-watches every backward pass, and runs the method's compiled code paths eagerly.
+watches every backward pass, and runs the method's compiled code paths eagerly. The audit's stream is 385 random
+tokens of 40 ids in ten documents of 11-71 tokens, so a case's settings must make its state move there (a table of
+order 16 would never fire on it: use a low order and threshold).
 
 Example: PR #2135's online n-gram tilt (a hashed order-16 table updated in stream order, tilting the distribution
-phased TTT scores, which scores documents longest first) declares itself so::
+phased TTT scores, which scores documents longest first; the spec: ``shared/spec/frontier.md`` §5.2, §6 note B)
+declares itself so::
 
     METHODS = (
         EvalMethod("ngram_tilt", NgramTiltSettings, evaluate_ngram_tilt, "quantized_ttt_phased", "ttt_phased",
