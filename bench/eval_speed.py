@@ -31,13 +31,13 @@ from typing import Optional, Sequence
 import torch
 
 from pgolf_lit.cli import make_cli
-from pgolf_lit.eval import EVAL_METHODS, evaluation_context, run_method
+from pgolf_lit.eval import eval_methods, evaluation_context, run_method
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a pgolf YAML config")
-    p.add_argument("--methods", nargs="+", choices=list(EVAL_METHODS), default=["sliding", "slot"])
+    p.add_argument("--methods", nargs="+", choices=list(eval_methods()), default=["sliding", "slot"])
     p.add_argument("--val-tokens", type=int, default=65536, help="score the first N val tokens (0: the whole split)")
     p.add_argument("--repeats", type=int, default=2, help="passes per method; the first includes compilation")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

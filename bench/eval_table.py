@@ -278,6 +278,9 @@ def audit_section() -> str:
     def d(x: Optional[float]) -> str:
         return "—" if x is None else f"{x:.2g}"
 
+    def n(x: Optional[int]) -> str:
+        return "—" if x is None else str(x)
+
     rows = [
         [
             r.method,
@@ -293,6 +296,14 @@ def audit_section() -> str:
             d(r.batch_delta),
             d(r.world_delta),
             v(r.batch_world_invariant),
+            f"{r.norm_max_delta:.2g}",
+            v(r.normalized),
+            f"{r.early_updates}/{r.early_gradients}",
+            v(r.read_after_scoring),
+            n(r.isolation_violations),
+            v(r.documents_isolated),
+            n(r.order_violations),
+            v(r.state_order_agrees),
             "yes" if r.compliant else "no",
         ]
         for r in reports
@@ -311,6 +322,14 @@ def audit_section() -> str:
         "D batch Δ",
         "D world Δ",
         "D",
+        "E max|log Σp|",
+        "E",
+        "F early updates/gradients",
+        "F",
+        "G violations",
+        "G",
+        "H violations",
+        "H",
         "compliant",
     ]
     return (
@@ -318,7 +337,10 @@ def audit_section() -> str:
         f"`format_audit_table` prints), float64 tiny causal model (vocab {s.vocab_size}, d {s.model_dim}), "
         f"L {s.seq_len}, stride {s.stride}, batch {s.batch_windows}, world {s.world_size}, tol {s.tol:g}; "
         f"{secs:.1f} s. A = prefix invariance, B = every target scored exactly once, C = score before update, "
-        f"D = batch/world invariance (diagnostic). Expected verdicts: docs/techniques.md §6 (Compliance verdicts)."
+        f"D = batch/world invariance (diagnostic), E = normalized distributions (over the whole vocabulary, and what "
+        f"was charged), F = nothing read before it is scored (reported updates / observed backward passes), "
+        f"G = document isolation (where claimed), H = state order agrees with scoring order (state across "
+        f"documents). Expected verdicts: docs/techniques.md §6 (Compliance verdicts)."
         "\n\n" + md_table(headers, rows)
     )
 

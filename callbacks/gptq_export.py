@@ -57,12 +57,12 @@ class GPTQExport(Callback):
                 diagnostic, e.g. ``doc_isolated`` for PR #1855 and its descendants (their logged "diagnostic
                 pre-quantization post-ema" and "diagnostic quantized" lines), so the lines compare with the log's.
         """
-        from pgolf_lit.eval.registry import EVAL_METHODS
+        from pgolf_lit.eval.registry import eval_methods
 
-        if fit_end_method not in EVAL_METHODS:
+        if fit_end_method not in eval_methods():
             raise ConfigError(
                 f"GPTQExport.fit_end_method: {fit_end_method!r} is no eval method; expected one of "
-                f"{', '.join(EVAL_METHODS)}"
+                f"{', '.join(eval_methods())}"
             )
         self.fit_end_method = fit_end_method
         self.path = path

@@ -26,11 +26,11 @@ from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.seq_schedule import SeqStage
 from pgolf_lit.errors import CheckpointError, ConfigError, PgolfError
 from pgolf_lit.eval import (
-    EVAL_METHODS,
     EvalContext,
     EvalResult,
     EvalSettings,
     Weights,
+    eval_methods,
     evaluation_context,
     format_result_line,
     run_method,
@@ -152,7 +152,8 @@ class GolfModule(L.LightningModule):
             schedule: LR warmdown (defaults: the upstream baseline's; Muon momentum warmup is in ``optim``).
             evaluation: settings of the evaluation passes ``pgolf test`` runs (window length, stride, SLOT, TTT).
             test_methods: the passes ``pgolf test`` runs, in order (registered methods: standard, sliding, slot,
-                causal_slot, ttt); the last one is the record's scored pass.
+                causal_slot, ttt, doc_isolated, phased_ttt; ``pgolf_lit.eval.registry``); the last one is the
+                record's scored pass.
             compile: torch.compile the model (fullgraph, static shapes); on by default on CUDA in record configs.
             compile_settings: TF32 and the dynamo settings the records use with torch.compile and DDP.
             record_dtypes: under a bf16 precision, keep the tensors the records keep in bf16 (token tables) in bf16,
@@ -172,9 +173,10 @@ class GolfModule(L.LightningModule):
         self.optim_config = _as(OptimConfig, optim)
         self.schedule_config = _as(ScheduleConfig, schedule)
         self.evaluation = _as(EvalSettings, evaluation)
-        unknown = [m for m in test_methods if m not in EVAL_METHODS]
+        unknown = [m for m in test_methods if m not in eval_methods()]
         if unknown:
-            raise ConfigError(f"model.test_methods: unknown method(s) {unknown}; expected some of {list(EVAL_METHODS)}")
+            known = list(eval_methods())
+            raise ConfigError(f"model.test_methods: unknown method(s) {unknown}; expected some of {known}")
         self.test_methods = list(test_methods)
         self.test_results: list[EvalResult] = []
         # Which weights the model holds, for the labels of its result lines: float (fresh, a checkpoint, or an

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -71,3 +75,28 @@ def run_cwd(tmp_path, monkeypatch, embedded_data_root) -> Path:
     (tmp_path / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _ours(name: str) -> bool:
+    return name == "pgolf_lit" or name.startswith("pgolf_lit.")
+
+
+@contextmanager
+def pgolf_lit_listing(registry: str, attribute: str, module: str) -> Iterator[None]:
+    """pgolf_lit imported afresh, in this process, with ``module`` appended to the module list ``attribute`` of
+    ``registry`` (the eval methods' ``METHOD_MODULES``, the quantizers' ``QUANTIZER_MODULES``) before anything reads
+    it: what a new interpreter sees once the module is listed there, without starting one. Modules that register
+    process-wide state when imported (the fused kernels' torch.library ops, marked ``TRAINING_ONLY``) stay; every
+    pgolf_lit module is put back afterwards."""
+    saved = {n: m for n, m in sys.modules.items() if _ours(n)}
+    for name, mod in saved.items():
+        if not hasattr(mod, "TRAINING_ONLY"):
+            del sys.modules[name]
+    try:
+        listing = importlib.import_module(registry)
+        setattr(listing, attribute, (*getattr(listing, attribute), module))
+        yield
+    finally:
+        for name in [n for n in sys.modules if _ours(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)

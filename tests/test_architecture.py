@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import pgolf_lit_listing
 from pgolf_lit.config import CONFIG_DIR, GPTConfig, callback_init_args, load_config, load_yaml, merge_configs
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.model import attention as attention_module
@@ -111,56 +112,61 @@ def test_dtg_in_parallel_lanes_is_refused():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_a_registered_eval_method_gets_a_settings_section_and_runs(monkeypatch):
-    """One file plus one registration: the registry entry is all run_method and EvalSettings need. (The composite
-    settings class is built at import, so this registers into a copy of the registry and rebuilds it.)"""
-    from pgolf_lit.eval import EVAL_METHODS, EvalMethod, PassOutcome, Weights, evaluation_context, run_method
-    from pgolf_lit.eval import registry, runner
-
-    @dataclasses.dataclass
-    class HalfSettings:
-        every: int = 2
-        """Score every n-th sequence."""
-
-    def run_half(model, tokens, metric, cfg, setup):
-        from pgolf_lit.eval.windows import evaluate_windows, sequence_windows
-
-        windows = sequence_windows(tokens.numel() - 1, setup.seq_len)[:: cfg.every]
-        evaluate_windows(model, tokens, metric, windows, seq_len=setup.seq_len, batch_windows=4)
-        return PassOutcome(compliant=True, extra={"every": cfg.every})
-
-    methods = dict(EVAL_METHODS)
-    monkeypatch.setattr(registry, "EVAL_METHODS", methods)
-    monkeypatch.setattr(runner, "EVAL_METHODS", methods)
-    registry.register_eval_method(EvalMethod("half", HalfSettings, run_half, "final_{q}_half", "half"))
-    Settings = dataclasses.make_dataclass(
-        "EvalSettings",
-        [(n, m.settings, dataclasses.field(default_factory=m.settings)) for n, m in methods.items()],
-        bases=(runner.EvalBase,),
-    )
-    settings = Settings.from_dict({"seq_len": 16, "stride": 8, "half": {"every": 3}})
-    assert settings.half == HalfSettings(every=3)
-    model = GPT(GPTConfig(**TINY))
-    tokens = torch.randint(0, 64, (16 * 9 + 1,))
-    luts = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.ones(64, dtype=torch.bool))
-    ctx = evaluation_context(
-        settings,
-        precision="32-true",
-        device=torch.device("cpu"),
-        compile=False,
-        weights=Weights(quantized=True, tag="int6"),
-    )
-    result = run_method("half", model, tokens, luts, ctx)
-    assert result.label == "final_int6_half" and result.tokens == 3 * 16
-    assert result.extra == {"every": 3, "bytes": "lut"}
-
-
 def test_quantizers_are_a_registry():
-    from pgolf_lit.quant.quantizers import QUANTIZERS, TensorRule
+    from pgolf_lit.quant.gptq import GPTQSettings
+    from pgolf_lit.quant.quantizers import TensorRule, quantizers
 
-    assert {"rtn", "gptq"} <= set(QUANTIZERS) and QUANTIZERS["gptq"].needs_hessian
+    assert {"rtn", "gptq"} <= set(quantizers()) and quantizers()["gptq"].needs_hessian
+    assert quantizers()["gptq"].settings is GPTQSettings and quantizers()["rtn"].settings is None
     with pytest.raises(ConfigError, match="gptq takes one of"):
         TensorRule(bits=6, method="gptq", scale="quantile").validate("export.mlp")
+    with pytest.raises(ConfigError, match=r"export.gptq: unknown field\(s\) \['fallbak'\]"):
+        ExportConfig.from_dict({"gptq": {"fallbak": "error"}})
+
+
+# A whole new quantizer, as its author writes it: its settings, its function, its declaration (quantizers.py).
+SIGN = '''
+"""Every weight to plus or minus its row's scale."""
+
+from dataclasses import dataclass
+
+import torch
+
+from pgolf_lit.quant.quantizers import Quantized, Quantizer
+
+
+@dataclass
+class SignSettings:
+    shrink: float = 1.0
+    """The row's scale is its mean |w| times this."""
+
+
+def quantize_sign(name, t, rule, bits, hessian, settings):
+    scale = (t.abs().mean(dim=-1) * settings.shrink).to(torch.float16)
+    return Quantized(torch.where(t >= 0, 1, -1).to(torch.int8), scale), {"method": "sign", "shrink": settings.shrink}
+
+
+QUANTIZERS = (Quantizer("sign", quantize_sign, scales=("row_amax",), settings=SignSettings),)
+'''
+
+
+def test_a_quantizer_in_one_file_gets_its_export_section(tmp_path, monkeypatch):
+    """Listed once in QUANTIZER_MODULES, a quantizer's settings dataclass is the ``export.<name>`` section, and the
+    export hands that section to it."""
+    (tmp_path / "sign_quantizer.py").write_text(SIGN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pgolf_lit_listing("pgolf_lit.quant.quantizers", "QUANTIZER_MODULES", "sign_quantizer"):
+        from pgolf_lit.model.config import GPTConfig as FreshGPTConfig
+        from pgolf_lit.model.gpt import GPT as FreshGPT
+        from pgolf_lit.quant.export import ExportConfig as FreshExportConfig, quantize_state_dict as fresh_quantize
+
+        sign = {"method": "sign", "bits": 2, "scale": "row_amax"}
+        cfg = FreshExportConfig.from_dict({"sign": {"shrink": 0.5}, "mlp": sign, "keep_float_max_numel": 0})
+        assert cfg.sign.shrink == 0.5 and cfg.gptq.fallback == "rtn"  # beside the quantizers that were there
+        model = FreshGPT(FreshGPTConfig(**TINY))
+        _, meta = fresh_quantize(model.state_dict(), cfg, roles=model.roles)
+        mlp = [entry for name, entry in meta.items() if model.roles[name].quant == "mlp"]
+        assert mlp and all(entry["method"] == "sign" and entry["shrink"] == 0.5 for entry in mlp)
 
 
 def test_test_passes_run_on_every_rank_whatever_the_sampler_flag(run_cwd):

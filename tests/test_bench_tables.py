@@ -120,7 +120,7 @@ def test_eval_table_quick(bench, work, capsys):
 
 @pytest.mark.slow
 def test_eval_table_audit_section(bench):
-    """The audit table (~20-40 s on a shared 2-core machine): parses, and the compliant set is the expected one."""
+    """The audit table (~40-70 s on a shared 2-core machine): parses, and the compliant set is the expected one."""
     text = bench("eval_table").audit_section()
     (t,) = tables(text)
     verdict = {r[0]: r[-1] for r in t["rows"]}

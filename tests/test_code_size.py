@@ -17,7 +17,7 @@ import brotli
 import pytest
 import torch
 
-from pgolf_lit.eval.registry import EVAL_METHODS
+from pgolf_lit.eval.registry import eval_methods
 from pgolf_lit.quant import code_size
 from pgolf_lit.quant.code_size import (
     EVAL_ENTRY,
@@ -121,7 +121,7 @@ def test_entries_come_from_where_each_method_and_container_registers():
         "pgolf_lit.quant.pergroup_read",
         EVAL_ENTRY,
     ]
-    assert EVAL_METHODS["causal_slot"].modules == ("pgolf_lit.eval.slot",)
+    assert eval_methods()["causal_slot"].modules == ("pgolf_lit.eval.slot",)
     assert CONTAINERS["native"].modules == ("pgolf_lit.quant.native_read",)
     with pytest.raises(Exception, match="unknown eval method"):
         entry_modules(["native"], ["sliding", "slot64"])
@@ -131,12 +131,11 @@ def test_entries_come_from_where_each_method_and_container_registers():
 
 def test_a_module_added_to_a_methods_needs_is_counted(monkeypatch):
     before = code_files(["native"], ["sliding"])
-    assert "pgolf_lit/eval/audit.py" not in before and "pgolf_lit/eval/slot.py" not in before
-    sliding = EVAL_METHODS["sliding"]
-    monkeypatch.setitem(EVAL_METHODS, "sliding", dataclasses.replace(sliding, needs=("pgolf_lit.eval.audit",)))
+    assert "pgolf_lit/eval/ttt.py" not in before
+    sliding = eval_methods()["sliding"]
+    monkeypatch.setitem(eval_methods(), "sliding", dataclasses.replace(sliding, needs=("pgolf_lit.eval.ttt",)))
     after = code_files(["native"], ["sliding"])
-    # the needed module and what it imports (the audit runs every method's evaluator)
-    assert {"pgolf_lit/eval/audit.py", "pgolf_lit/eval/slot.py", "pgolf_lit/eval/ttt.py"} <= set(after)
+    assert "pgolf_lit/eval/ttt.py" in after  # the needed module (and what it imports)
     assert set(before) < set(after)
     native = CONTAINERS["native"]
     monkeypatch.setitem(CONTAINERS, "native", dataclasses.replace(native, needs=("pgolf_lit.quant.upstream_read",)))
@@ -203,7 +202,11 @@ def test_minified_and_wrapped_as_the_records():
     size = measure_code_size(["native"], ["standard"])
     assert size.counted_bytes == size.wrapped_bytes == len(wrapped.encode()) < size.program_bytes < size.source_bytes
     assert list(size.files) == files and size.source_bytes == raw
-    assert program.rstrip().endswith(f"import pgolf_lit.eval.windows,pgolf_lit.quant.native_read,{EVAL_ENTRY}")
+    # the program lists its one method module in the eval registry, then imports the container's reader and the entry
+    assert program.rstrip().endswith(
+        "import pgolf_lit.eval.registry as R\nR.METHOD_MODULES=('pgolf_lit.eval.windows',)\n"
+        f"import pgolf_lit.quant.native_read,{EVAL_ENTRY}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pgolf_lit.eval import (
     EvalResult,
     EvalSettings,
     ForwardOptions,
+    PassSetup,
     SlidingSettings,
     StandardSettings,
     TTTConfig,
@@ -76,9 +77,10 @@ def artifact_context(settings, forward=None) -> EvalContext:
     return replace(ctx, forward=forward) if forward is not None else ctx
 
 
-def measure(run, model, tokens, luts, **kwargs) -> tuple[float, int, int]:
+def measure(run, model, tokens, luts, cfg, setup=PassSetup(L, STRIDE)) -> tuple[float, int, int]:
+    """(val_loss, scored tokens, bytes) of one pass ``run(model, tokens, metric, cfg, setup)``."""
     metric = BitsPerByte(luts)
-    run(model, tokens, metric, **kwargs)
+    run(model, tokens, metric, cfg, setup)
     return float(metric.compute()["loss"]), int(metric.token_count), int(metric.byte_count)
 
 
@@ -130,10 +132,10 @@ def test_legacy_rule_rescores_the_tail():
 
 def test_sliding_with_stride_seq_len_equals_standard(tiny):
     model, tokens, luts = tiny
-    standard = measure(evaluate_standard, model, tokens, luts, seq_len=L, batch_seqs=3)
+    standard = measure(evaluate_standard, model, tokens, luts, StandardSettings(batch_seqs=3))
     assert standard[1] == SETUP.total_targets and standard[2] == count_bytes(tokens, luts)
     for rule in ("exact", "legacy", "ttt"):
-        sliding = measure(evaluate_sliding, model, tokens, luts, seq_len=L, stride=L, batch_windows=5, rule=rule)
+        sliding = measure(evaluate_sliding, model, tokens, luts, SlidingSettings(rule, 5), PassSetup(L, L))
         assert_same(sliding, standard)
 
 
@@ -141,8 +143,8 @@ def test_sliding_with_stride_seq_len_equals_standard(tiny):
 def test_slot_with_zero_steps_equals_sliding(tiny, preset):
     model, tokens, luts = tiny
     cfg = slot_procedure(preset, steps=0, batch_windows=4)
-    sliding = measure(evaluate_sliding, model, tokens, luts, seq_len=L, stride=STRIDE, rule=cfg.window_rule)
-    assert_same(measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=cfg), sliding)
+    sliding = measure(evaluate_sliding, model, tokens, luts, SlidingSettings(cfg.window_rule))
+    assert_same(measure(evaluate_slot, model, tokens, luts, cfg), sliding)
 
 
 @pytest.mark.parametrize("rule", ["exact", "ttt"])
@@ -150,8 +152,8 @@ def test_slot_with_zero_steps_equals_sliding(tiny, preset):
 def test_ttt_without_updates_equals_sliding(tiny, rule, no_update):
     model, tokens, luts = tiny
     cfg = TTTConfig(window_rule=rule, chunk_tokens=64, batch_seqs=3, **no_update)
-    sliding = measure(evaluate_sliding, model, tokens, luts, seq_len=L, stride=STRIDE, rule=rule)
-    assert_same(measure(evaluate_ttt, model, tokens, luts, cfg=cfg, seq_len=L, stride=STRIDE), sliding)
+    sliding = measure(evaluate_sliding, model, tokens, luts, SlidingSettings(rule))
+    assert_same(measure(evaluate_ttt, model, tokens, luts, cfg), sliding)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_ttt_trains_only_on_scored_tokens(tiny, rule):
     log = EventLog()
     cfg = TTTConfig(window_rule=rule, chunk_tokens=80, lr=0.05, epochs=2, batch_seqs=2)
     metric = BitsPerByte(luts)
-    evaluate_ttt(model, tokens, metric, cfg, seq_len=L, stride=STRIDE, recorder=log)
+    evaluate_ttt(model, tokens, metric, cfg, PassSetup(L, STRIDE, recorder=log))
 
     scored: set[int] = set()
     updates = 0
@@ -202,7 +204,7 @@ def test_ttt_trains_only_on_scored_tokens(tiny, rule):
             updates += 1
     assert updates > 0 and log.events[-1][0] == "score"
     assert_untouched(model, before)
-    sliding = measure(evaluate_sliding, model, tokens, luts, seq_len=L, stride=STRIDE, rule=rule)
+    sliding = measure(evaluate_sliding, model, tokens, luts, SlidingSettings(rule))
     assert abs(float(metric.compute()["loss"]) - sliding[0]) > 1e-6, "the updates should change later scores"
 
 
@@ -219,17 +221,17 @@ def test_slot_leaves_the_model_untouched(tiny, preset):
     model, tokens, luts = tiny
     before = snapshot(model)
     cfg = slot_procedure(preset, steps=3, batch_windows=4)
-    slot = measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=cfg)
+    slot = measure(evaluate_slot, model, tokens, luts, cfg)
     assert_untouched(model, before)
-    sliding = measure(evaluate_sliding, model, tokens, luts, seq_len=L, stride=STRIDE, rule=cfg.window_rule)
+    sliding = measure(evaluate_sliding, model, tokens, luts, SlidingSettings(cfg.window_rule))
     assert slot[0] < sliding[0]
 
 
 def test_slot_warm_start(tiny):
     model, tokens, luts = tiny
     cfg = slot_procedure("pr1278", steps=3, batch_windows=4)
-    cold = measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=cfg)
-    warm = measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=replace(cfg, warm_start=0.85))
+    cold = measure(evaluate_slot, model, tokens, luts, cfg)
+    warm = measure(evaluate_slot, model, tokens, luts, replace(cfg, warm_start=0.85))
     assert warm[1:] == cold[1:] and warm[0] != cold[0]
     with pytest.raises(ConfigError, match="warm_start"):
         slot_procedure("causal_per_window", warm_start=0.5)
@@ -238,10 +240,7 @@ def test_slot_warm_start(tiny):
 def test_per_window_causal_slot_is_independent_of_the_batch(tiny):
     model, tokens, luts = tiny
     cfg = slot_procedure("causal_per_window", steps=4)
-    results = [
-        measure(evaluate_slot, model, tokens, luts, seq_len=L, stride=STRIDE, cfg=replace(cfg, batch_windows=b))
-        for b in (1, 4, 64)
-    ]
+    results = [measure(evaluate_slot, model, tokens, luts, replace(cfg, batch_windows=b)) for b in (1, 4, 64)]
     for other in results[1:]:
         assert_same(other, results[0])
 

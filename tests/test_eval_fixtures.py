@@ -17,7 +17,17 @@ import torch
 from conftest import fixture_root, shared_tokenizer
 from pgolf_lit.data.shards import load_validation_tokens
 from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
-from pgolf_lit.eval import SlotConfig, TTTConfig, evaluate_sliding, evaluate_slot, evaluate_standard, evaluate_ttt
+from pgolf_lit.eval import (
+    PassSetup,
+    SlidingSettings,
+    SlotConfig,
+    StandardSettings,
+    TTTConfig,
+    evaluate_sliding,
+    evaluate_slot,
+    evaluate_standard,
+    evaluate_ttt,
+)
 from pgolf_lit.eval.audit import record_slot
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.convert import config_from_upstream, load_upstream_state_dict
@@ -126,19 +136,13 @@ def _run_method(code: str, window_rule, s: Setup, metric: BitsPerByte) -> None:
         per_rank = (h.get("val_batch_size") or h["val_batch_tokens"]) // (
             s.settings["world_size"] * s.settings["grad_accum_steps"]
         )
-        evaluate_standard(s.model, s.tokens, metric, seq_len=s.seq_len, batch_seqs=per_rank // s.seq_len)
+        cfg = StandardSettings(per_rank // s.seq_len)
+        evaluate_standard(s.model, s.tokens, metric, cfg, PassSetup(s.seq_len, s.seq_len))
     elif code.startswith("sliding"):
         # Rows are independent, so the windows per batch cannot change the result; any fixture batch size will do.
         batch = s.settings["windows_per_batch"] or s.settings["local_batch_sequences"]
-        evaluate_sliding(
-            s.model,
-            s.tokens,
-            metric,
-            seq_len=s.seq_len,
-            stride=h["eval_stride"],
-            batch_windows=batch,
-            rule=window_rule,
-        )
+        cfg = SlidingSettings(window_rule, batch)
+        evaluate_sliding(s.model, s.tokens, metric, cfg, PassSetup(s.seq_len, h["eval_stride"]))
     elif code in SLOT_PRESET_OF_METHOD:
         # the record config's own SLOT procedure, with the case's settings
         cfg = replace(
@@ -150,7 +154,7 @@ def _run_method(code: str, window_rule, s: Setup, metric: BitsPerByte) -> None:
         )
         if cfg.lr_min is not None:
             cfg = replace(cfg, lr_min=h["slot_lr_min"])
-        evaluate_slot(s.model, s.tokens, metric, cfg, seq_len=s.seq_len, stride=h["eval_stride"])
+        evaluate_slot(s.model, s.tokens, metric, cfg, PassSetup(s.seq_len, h["eval_stride"]))
     elif code.startswith("ttt"):
         cfg = TTTConfig(
             window_rule=window_rule,
@@ -162,7 +166,7 @@ def _run_method(code: str, window_rule, s: Setup, metric: BitsPerByte) -> None:
             freeze_blocks=h["ttt_freeze_blocks"],
             grad_clip=h["ttt_grad_clip"],
         )
-        evaluate_ttt(s.model, s.tokens, metric, cfg, seq_len=s.seq_len, stride=h["eval_stride"])
+        evaluate_ttt(s.model, s.tokens, metric, cfg, PassSetup(s.seq_len, h["eval_stride"]))
     else:
         raise AssertionError(f"unknown upstream method code {code!r}")
 
@@ -204,5 +208,5 @@ def test_per_window_causal_slot_matches_independent_reference(case: Path, rule):
         lr=s.h["slot_lr"],
     )
     metric = BitsPerByte(s.luts)
-    evaluate_slot(s.model, s.tokens, metric, cfg, seq_len=s.seq_len, stride=s.h["eval_stride"])
+    evaluate_slot(s.model, s.tokens, metric, cfg, PassSetup(s.seq_len, s.h["eval_stride"]))
     _assert_matches(metric, primary[PER_WINDOW_REFERENCE][f"{rule}_windows"], primary["tolerance"])

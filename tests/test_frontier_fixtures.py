@@ -272,6 +272,7 @@ class ChunkRecorder:
 def test_phased_ttt_matches_the_record(case, variant):
     from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_tokens
     from pgolf_lit.eval.phased_ttt import evaluate_phased_ttt
+    from pgolf_lit.eval.registry import PassSetup
     from pgolf_lit.metrics import BitsPerByte, ByteCounts
 
     torch.set_num_threads(1)  # the fixture was made on one thread; tiny tensors run fastest so
@@ -329,6 +330,7 @@ def test_phased_ttt_matches_the_record(case, variant):
     )
     metric = BitsPerByte(ByteCounts(no_luts, sidecar))
     recorder = ChunkRecorder(tokens)
+    setup = PassSetup(seq_len, seq_len, recorder=recorder)
     if hyper.get("ngram_tilt_enabled"):  # PR #2135: the scored distributions tilted by the n-gram hints
         from pgolf_lit.eval.ngram_tilt import NgramTiltSettings, evaluate_ngram_tilt
 
@@ -336,17 +338,13 @@ def test_phased_ttt_matches_the_record(case, variant):
             **vars(cfg), order=hyper["token_order"], threshold=hyper["token_threshold"], boost=hyper["token_boost"]
         )
         assert hyper["within_tau"] > 1 and hyper["word_tau"] > 1 and hyper["agree_add_boost"] == 0  # token-only
-        hints, summary = evaluate_ngram_tilt(
-            model, tokens, metric, tilt, seq_len=seq_len, recorder=recorder, lora_factory=factory
-        )
+        hints, summary = evaluate_ngram_tilt(model, tokens, metric, tilt, setup, lora_factory=factory).details
         if variant == "primary":
             ref = _load(case / expected["ngram_hints"]["file"])
             assert torch.equal(hints.hint, ref["hint_ids"]) and torch.equal(hints.gate, ref["gate_mask"])
             assert torch.equal(hints.boost_at(torch.arange(1, tokens.numel())), ref["boost"])
     else:
-        summary = evaluate_phased_ttt(
-            model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=factory
-        )
+        summary = evaluate_phased_ttt(model, tokens, metric, cfg, setup, lora_factory=factory).details
     values = metric.compute()
     tol = hp["tolerance"]
     assert abs(float(values["loss"]) - want["val_loss"]) <= tol["val_loss"]

@@ -19,7 +19,8 @@ import torch
 from conftest import fixture_root
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval import EVAL_METHODS, EvalSettings, Weights, evaluation_context, run_method
+from pgolf_lit.eval import EvalSettings, Weights, eval_methods, evaluation_context, run_method
+from pgolf_lit.eval.registry import PassSetup
 from pgolf_lit.eval.ngram_tilt import (
     PAIR_MIX,
     ROLLING_COEFFS,
@@ -287,10 +288,10 @@ def test_tilt_reshapes_the_scores_and_never_the_adaptation():
     cfg = NgramTiltSettings(order=4, **PHASED)
     plain, tilted = Recorder(), Recorder()
     evaluate_phased_ttt(
-        model, tokens, BitsPerByte(byte_luts()), PhasedTTTSettings(**PHASED), seq_len=32, recorder=plain
+        model, tokens, BitsPerByte(byte_luts()), PhasedTTTSettings(**PHASED), PassSetup(32, 32, recorder=plain)
     )
     metric = BitsPerByte(byte_luts())
-    hints, _ = evaluate_ngram_tilt(model, tokens, metric, cfg, seq_len=32, recorder=tilted)
+    hints, _ = evaluate_ngram_tilt(model, tokens, metric, cfg, PassSetup(32, 32, recorder=tilted)).details
     assert hints.gated >= 20
     index, base, _ = plain.by_target()
     index2, tilted_lp, reads = tilted.by_target()
@@ -308,16 +309,16 @@ def test_tilt_reshapes_the_scores_and_never_the_adaptation():
     torch.testing.assert_close(metric.loss_sum, nll.double().sum(), rtol=1e-6, atol=0)
     # β = 0 is phased TTT itself
     zero = BitsPerByte(byte_luts())
-    evaluate_ngram_tilt(model, tokens, zero, replace(cfg, boost=0.0), seq_len=32)
+    evaluate_ngram_tilt(model, tokens, zero, replace(cfg, boost=0.0), PassSetup(32, 32))
     plain_metric = BitsPerByte(byte_luts())
-    evaluate_phased_ttt(model, tokens, plain_metric, PhasedTTTSettings(**PHASED), seq_len=32)
+    evaluate_phased_ttt(model, tokens, plain_metric, PhasedTTTSettings(**PHASED), PassSetup(32, 32))
     assert float(zero.loss_sum) == float(plain_metric.loss_sum)
 
 
 def test_registered_pass_reports_the_hints_and_the_precompute():
     torch.set_num_threads(1)
     model, tokens = tiny_model(), doc_stream()
-    assert "ngram_tilt" in EVAL_METHODS
+    assert "ngram_tilt" in eval_methods()
     settings = EvalSettings(
         seq_len=32, stride=32, phased_ttt=PhasedTTTSettings(**PHASED), ngram_tilt=NgramTiltSettings(order=4, **PHASED)
     )

@@ -19,9 +19,10 @@ from conftest import fixture_root
 from pgolf_lit.config import CONFIG_DIR, GPTConfig, load_config
 from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_tokens
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval import EvalSettings, Weights, evaluation_context, run_method
+from pgolf_lit.eval import EvalSettings, PassSetup, Weights, eval_methods, evaluation_context, run_method
 from pgolf_lit.eval.audit import AuditSetup, audit, audit_methods
 from pgolf_lit.eval.phased_ttt import (
+    DocIsolatedSettings,
     PhasedTTTSettings,
     deal,
     document_queue,
@@ -159,8 +160,8 @@ def test_phased_ttt_matches_the_record(case: Path, variant: str):
     metric = BitsPerByte(ByteCounts(no_luts, sidecar))
     recorder = NllRecorder(tokens)
     summary = evaluate_phased_ttt(
-        model, tokens, metric, cfg, seq_len=seq_len, recorder=recorder, lora_factory=from_fixture
-    )
+        model, tokens, metric, cfg, PassSetup(seq_len, seq_len, recorder=recorder), lora_factory=from_fixture
+    ).details
     values = metric.compute()
     assert len(made) == len(inits)
     assert int(metric.token_count) == want["token_count"] and float(metric.byte_count) == want["byte_count"]
@@ -212,9 +213,9 @@ def luts() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.where(ids < 2, 0, 1 + ids % 3).to(torch.int16), (ids >= 2) & (ids % 2 == 0), ids < 2
 
 
-def run(model, tokens, cfg, seq_len, **kw) -> BitsPerByte:
+def run(model, tokens, cfg, seq_len, recorder=None) -> BitsPerByte:
     metric = BitsPerByte(luts())
-    evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=seq_len, **kw)
+    evaluate_phased_ttt(model, tokens, metric, cfg, PassSetup(seq_len, seq_len, recorder=recorder))
     return metric
 
 
@@ -355,7 +356,8 @@ def test_schedule_world_moves_the_phases_on_one_process():
     summaries = {}
     for world in (None, 2):
         metric = BitsPerByte(luts())
-        summaries[world] = evaluate_phased_ttt(model, tokens, metric, replace(cfg, schedule_world=world), seq_len=32)
+        outcome = evaluate_phased_ttt(model, tokens, metric, replace(cfg, schedule_world=world), PassSetup(32, 32))
+        summaries[world] = outcome.details
         assert int(metric.token_count) == 295  # every target once, on any schedule
     for world, ranks in ((None, 1), (2, 2)):
         summary = summaries[world]
@@ -389,7 +391,7 @@ def test_zero_updates_equal_the_document_isolated_eval():
     seq_len, n = 32, 8
     model, tokens = random_model(), stream(list(range(0, n * 32 + 1, 32)), n * 32)
     isolated = BitsPerByte(luts())
-    evaluate_doc_isolated(model, tokens, isolated, seq_len=seq_len, batch_seqs=1)
+    evaluate_doc_isolated(model, tokens, isolated, DocIsolatedSettings(batch_seqs=1), PassSetup(seq_len, seq_len))
     frozen = replace(TINY, chunk=seq_len, context=seq_len, grad_steps=0, prefix_docs=0)
     one_window = run(model, tokens, frozen, seq_len)
     for name in ("token_count", "byte_count"):
@@ -471,19 +473,13 @@ def test_bad_settings_name_the_field(field, value):
 def test_audit_passes_phased_ttt_and_fails_training_before_scoring():
     setup = AuditSetup()
     real = audit_methods(setup)["phased_ttt"]
+    (case, _) = eval_methods()["phased_ttt"].audit
+    # the audit's phased TTT with each chunk trained on before it is scored
+    cfg = replace(case.settings(setup), prefix_docs=0)
 
     def leaky(model, tokens, metric, recorder, batch, rank, world):
-        # the audit's phased TTT with each chunk trained on before it is scored
-        cfg = PhasedTTTSettings(
-            chunk=setup.phased_chunk,
-            context=setup.seq_len,
-            batch_docs=setup.phased_batch_docs,
-            lora_rank=2,
-            lora_lr=0.01,
-            prefix_docs=0,
-            lora_seed=setup.seed,
-        )
-        evaluate_phased_ttt(model, tokens, metric, cfg, seq_len=setup.seq_len, recorder=recorder, train_first=True)
+        pass_setup = PassSetup(setup.seq_len, setup.stride, recorder=recorder)
+        evaluate_phased_ttt(model, tokens, metric, cfg, pass_setup, train_first=True)
 
     good = audit(real, setup)
     bad = audit(replace(real, name="phased_ttt_train_first", run=leaky), setup)

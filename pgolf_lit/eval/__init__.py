@@ -1,77 +1,61 @@
-"""Evaluation in plain PyTorch: standard, sliding-window, document-isolated, SLOT, score-first and phased TTT passes
-(and phased TTT with the n-gram tilt),
-registered by name (``registry.py``), run with one evaluation context (``context.py``), their result lines, and the
-empirical causality audit. No Lightning here: the LightningModule, the Fabric evaluator and the export callback call
-these."""
+"""Evaluation in plain PyTorch: standard, sliding-window, SLOT, score-first TTT, document-isolated and phased TTT passes
+(and phased TTT with the n-gram tilt), each one file registered by name (``registry.py``), run with one evaluation
+context (``context.py``), their result lines (``runner.py``), and the empirical causality audit (``audit.py``). No
+Lightning here: the LightningModule, the Fabric evaluator and the export callback call these.
 
-from pgolf_lit.eval.context import EvalContext, ForwardOptions, Weights, evaluation_context, forward_options
-from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
-from pgolf_lit.eval.registry import EVAL_METHODS, EvalMethod, PassOutcome, PassSetup, register_eval_method
+The names below load on first use (PEP 562), so importing one submodule imports no other: the registry imports
+the method modules itself (``registry.METHOD_MODULES``), before ``runner.py`` builds ``EvalSettings`` from it.
+"""
 
-# The methods' modules register them, in this order (EVAL_METHODS' order).
-from pgolf_lit.eval.windows import (
-    SlidingSettings,
-    StandardSettings,
-    Window,
-    WindowBatch,
-    evaluate_sliding,
-    evaluate_standard,
-    evaluate_windows,
-    rank_share,
-    score_batch,
-    sequence_windows,
-    sliding_windows,
-)
-from pgolf_lit.eval.ttt import TTTConfig, evaluate_ttt
-from pgolf_lit.eval.phased_ttt import (
-    DocIsolatedSettings,
-    PhasedTTTSettings,
-    evaluate_doc_isolated,
-    evaluate_phased_ttt,
-)
-from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
-from pgolf_lit.eval.ngram_tilt import NgramTiltSettings, evaluate_ngram_tilt
+import importlib
 
-# After every method module: EvalSettings gets one section per method registered when runner is imported.
-from pgolf_lit.eval.runner import EvalResult, EvalSettings, format_result_line, run_method, scored_counts
+_EXPORTS = {
+    "AuditCase": "registry",
+    "DocIsolatedSettings": "phased_ttt",
+    "EvalContext": "context",
+    "EvalMethod": "registry",
+    "EvalResult": "runner",
+    "EvalSettings": "runner",
+    "ForwardOptions": "context",
+    "NgramTiltSettings": "ngram_tilt",
+    "NO_STATE": "recording",
+    "PassOutcome": "registry",
+    "PassSetup": "registry",
+    "PhasedTTTSettings": "phased_ttt",
+    "ScoreRecorder": "recording",
+    "SlidingSettings": "windows",
+    "SlotConfig": "slot",
+    "StandardSettings": "windows",
+    "TTTConfig": "ttt",
+    "Weights": "context",
+    "Window": "windows",
+    "WindowBatch": "windows",
+    "eval_methods": "registry",
+    "evaluate_doc_isolated": "phased_ttt",
+    "evaluate_ngram_tilt": "ngram_tilt",
+    "evaluate_phased_ttt": "phased_ttt",
+    "evaluate_sliding": "windows",
+    "evaluate_slot": "slot",
+    "evaluate_standard": "windows",
+    "evaluate_ttt": "ttt",
+    "evaluate_windows": "windows",
+    "evaluation_context": "context",
+    "format_result_line": "runner",
+    "forward_options": "context",
+    "rank_share": "windows",
+    "run_method": "runner",
+    "score_batch": "windows",
+    "scored_counts": "runner",
+    "sequence_windows": "windows",
+    "sliding_windows": "windows",
+}
 
-__all__ = [
-    "EVAL_METHODS",
-    "NO_STATE",
-    "DocIsolatedSettings",
-    "EvalContext",
-    "EvalMethod",
-    "EvalResult",
-    "EvalSettings",
-    "ForwardOptions",
-    "NgramTiltSettings",
-    "PassOutcome",
-    "PassSetup",
-    "PhasedTTTSettings",
-    "ScoreRecorder",
-    "SlidingSettings",
-    "SlotConfig",
-    "StandardSettings",
-    "TTTConfig",
-    "Weights",
-    "Window",
-    "WindowBatch",
-    "evaluate_doc_isolated",
-    "evaluate_ngram_tilt",
-    "evaluate_phased_ttt",
-    "evaluate_sliding",
-    "evaluate_slot",
-    "evaluate_standard",
-    "evaluate_ttt",
-    "evaluate_windows",
-    "evaluation_context",
-    "format_result_line",
-    "forward_options",
-    "rank_share",
-    "register_eval_method",
-    "run_method",
-    "score_batch",
-    "scored_counts",
-    "sequence_windows",
-    "sliding_windows",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

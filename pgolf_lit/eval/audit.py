@@ -1,41 +1,61 @@
-"""Empirical causality audit of an evaluation procedure (the four conditions of upstream issue #1017, ``pgolf audit``).
+"""Empirical causality audit of every registered evaluation method (``pgolf audit``): the four conditions of
+upstream issue #1017, and the checks the challenge's reviews turned on.
 
-The procedure under test runs unchanged (window lists, batching, rank split, SLOT/TTT state) on a tiny
-deterministic float64 causal model, with a ``ScoreRecorder`` capturing every distribution it scores with and
-every state update it applies. Four checks:
+Each method declares how the audit exercises it (``EvalMethod.audit``, one ``AuditCase`` per row; see
+``registry.py``): its settings at the audit's scale and what it claims. The method's own pass then runs unchanged
+(window lists, batching, rank split, SLOT/TTT state) on a tiny deterministic float64 causal model, with a
+``ScoreRecorder`` capturing every distribution it scores with and every state update it applies, while the audit
+watches every backward pass (its loss values: ``_watch_gradients``) and runs the method's compiled code paths
+eagerly (``AUDIT_FORWARD``: warmups run too). The checks:
 
 A  prefix invariance (issue #1017 conditions 1 and 3): perturb token ``x_p``; every distribution that scores a
    target ``j <= p`` must stay the same (``j < p``: no dependence on later tokens; ``j = p``: none on the
    scored token itself). Changes at ``j > p`` are allowed.
 B  exactly once (condition 4 / accounting): every target in ``[1, T]`` is scored once, ``token_count = T`` and
    ``byte_count`` equals the byte count of the stream computed directly from the LUTs.
-C  score before update: no state a distribution depends on has read the token it scores (or a later one).
+C  score before update: no state a distribution depends on has read the token it scores (or a later one), as the
+   method reports it.
 D  batch / world invariance (diagnostic): the same distributions with one window per batch and with the work
    split over ranks (simulated in one process). A failure is no violation by itself but exposes coupling
    between windows, such as PR #1333's batch-shared delta.
+E  normalization (condition 2): every distribution the method scores with covers the full vocabulary and sums to
+   1, and the metric was charged exactly ``-log p(target)`` of those distributions (a hashed n-gram cache whose
+   "distribution" sums to 277 fails, as does scoring with one distribution and reporting another).
+F  nothing read before it is scored: run sequentially (one rank; one window per forward where the batch only
+   changes speed), no backward pass and no reported state update reads a token before that token is scored.
+   Observed, not trusted: a backward pass before ``x_p`` is first scored must not change when ``x_p`` does (a
+   compile warmup or priming on validation tokens fails, even when its result is thrown away).
+G  document isolation (methods that claim it): perturbing ``x_p`` changes no distribution of a target in another
+   document (a target belongs to the document of the position that predicts it).
+H  state order (methods whose state spans documents): on a stream whose documents are not in length order,
+   perturbing ``x_p`` changes no distribution scored before ``x_p`` is. The order a state is updated in must
+   agree with the order tokens are scored in: phased TTT updates its state in the order it scores (longest
+   document first) and passes; a state built in stream order beside it (PR #2135's online n-gram table) fails.
+
+A method is compliant when A, B, C, E and F pass and G and H pass where they apply.
 
 float64 and deterministic kernels make any dependence visible at ``tol = 1e-12``; a GPU bf16 run would not.
 The verdicts expected from the seed procedures: standard eval, exact sliding, per-window causal SLOT and
-score-first TTT, the document-isolated eval and phased TTT pass A and C; standard SLOT and batch-shared causal
-SLOT fail A; the legacy and TTT window rules fail B. The document methods run on a stream with BOS at
-``document_starts`` and perturbations that keep every BOS in place.
+score-first TTT, the document-isolated eval and phased TTT pass every check; standard SLOT and batch-shared causal
+SLOT fail A; standard SLOT fails F (it fits on the very tokens it then scores); the legacy and TTT window rules
+fail B. The document methods run on a stream with BOS at ``document_starts`` (documents shorter along the
+stream, so phased TTT's longest-first order is the stream order there) and perturbations that keep every BOS
+in place; H runs them on ``order_document_starts`` (the same documents, shuffled).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.tokenizer import count_bytes
-from pgolf_lit.eval.phased_ttt import PhasedTTTSettings, evaluate_doc_isolated, evaluate_phased_ttt
-from pgolf_lit.eval.slot import SlotConfig, evaluate_slot
-from pgolf_lit.eval.ttt import TTTConfig, evaluate_ttt
-from pgolf_lit.eval.windows import evaluate_sliding, evaluate_standard
+from pgolf_lit.eval.context import ForwardOptions
+from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassSetup, eval_methods
 from pgolf_lit.metrics import BitsPerByte
 from pgolf_lit.model.gpt import GPT
 
@@ -45,7 +65,8 @@ Procedure = Callable[[nn.Module, Tensor, BitsPerByte, "Recording", int, int, int
 
 @dataclass(frozen=True)
 class AuditSetup:
-    """The audit's model, stream and test set (defaults: T = 12·L, p every 23rd index from 40)."""
+    """The audit's model, stream and test set (defaults: T = 12·L, p every 23rd index from 40). Each method's
+    settings at this scale come from its ``AuditCase`` (``registry.py``)."""
 
     vocab_size: int = 40
     model_dim: int = 16
@@ -57,16 +78,17 @@ class AuditSetup:
     perturb_first: int = 40
     perturb_every: int = 23
     tol: float = 1e-12
+    # E: |log Σ p| and |charged - recorded| per distribution. A method may normalize in float32 (~1e-7); what E
+    # catches is of order 0.01-6 nats (an unrenormalized tilt, a cache summing to 277).
+    norm_tol: float = 1e-6
     seed: int = 0
-    slot_steps: int = 8
-    ttt_chunk_tokens: int = 64
     # The document methods' stream: BOS at these positions, so the documents get shorter along the stream and
     # phased TTT's longest-first queue scores them in stream order (then "no later token" is the same as "no
-    # token scored later"); seq_len is their context, chunks of 8, 2 documents per batch, 2 global phases.
+    # token scored later").
     document_starts: tuple[int, ...] = (0, 70, 132, 187, 235, 275, 309, 337, 359, 374)
-    phased_chunk: int = 8
-    phased_batch_docs: int = 2
-    phased_prefix_docs: int = 6
+    # H's stream: the same ten document lengths (70, 62, ..., 11) shuffled, so that no length order is the stream
+    # order: a state that follows the stream then disagrees with a scoring order that follows length.
+    order_document_starts: tuple[int, ...] = (0, 28, 90, 101, 149, 219, 234, 274, 329, 351)
 
     @property
     def total_targets(self) -> int:
@@ -76,161 +98,80 @@ class AuditSetup:
     def perturbed_indices(self) -> range:
         return range(self.perturb_first, self.total_targets, self.perturb_every)
 
+    def record(self, record: str, method: str):
+        """The settings a record config states for one of its methods (``model.evaluation.<method>``), for an
+        ``AuditCase``: the audit audits what the record runs."""
+        return record_slot(record, method)
+
 
 @dataclass(frozen=True)
 class AuditMethod:
+    """One row of the audit: a procedure and what it claims (``AuditCase``, ``registry.py``)."""
+
     name: str
     description: str
     run: Procedure
-    # D applies: False where the batch size is part of the method's definition (TTT's training batches) or
-    # where ranks communicate (TTT all-reduces gradients, which one process cannot simulate).
+    # D applies (and F runs one window per forward): False where the batch size is part of the method's definition
+    # (TTT's training batches) or where ranks communicate (TTT all-reduces gradients, which one process cannot
+    # simulate).
     invariance_applies: bool = True
     # the stream has BOS at setup.document_starts; perturbations keep every BOS where it is (documents are
     # delimited by them, and the scoring structure must not change with a token value)
     documents: bool = False
+    isolated: bool = False  # G applies
+    spans_documents: bool = False  # H applies
 
 
-def record_slot(record: str, section: str) -> SlotConfig:
-    """The SLOT procedure a record config states (``model.evaluation.<section>``): the audit audits what runs."""
+@dataclass(frozen=True)
+class _CompiledEagerly(ForwardOptions):
+    """``compile`` on, compiling nothing: a method takes its compiled path, warmups included, in eager mode."""
+
+    compile: bool = True
+
+    def compiled(self, fn: Callable, dynamic: bool = False) -> Callable:
+        return fn
+
+
+AUDIT_FORWARD = _CompiledEagerly()
+
+
+def record_slot(record: str, section: str):
+    """The settings a record config states in ``model.evaluation.<section>`` (e.g. its SLOT procedure)."""
     from pgolf_lit.records import record_eval_settings
 
     return getattr(record_eval_settings(record), section)
 
 
+def audit_method(method: EvalMethod, case: AuditCase, setup: AuditSetup) -> AuditMethod:
+    """The audit row of one ``AuditCase`` of a method: its pass, run with the case's settings (the batch field set
+    to the audit's batch where the case names it), the audit's window geometry and ``AUDIT_FORWARD``."""
+    settings = case.settings(setup)
+
+    def run(model, tokens, metric, recorder, batch, rank, world):
+        cfg = replace(settings, **{case.batch: batch}) if case.batch else settings
+        pass_setup = PassSetup(setup.seq_len, setup.stride, rank, world, AUDIT_FORWARD, recorder=recorder)
+        method.run(model, tokens, metric, cfg, pass_setup)
+
+    return AuditMethod(
+        case.name,
+        f"eval method {method.name!r}: {case.name}",
+        run,
+        invariance_applies=bool(case.batch),
+        documents=case.documents,
+        isolated=case.isolated,
+        spans_documents=case.spans_documents,
+    )
+
+
 def audit_methods(setup: AuditSetup) -> dict[str, AuditMethod]:
-    """The seed procedures (as their record configs state them) and pgolf_lit's compliant variants, at the
-    audit's scale."""
-    L, st = setup.seq_len, setup.stride
-
-    def sliding(rule):
-        def run(model, tokens, metric, recorder, batch, rank, world):
-            evaluate_sliding(
-                model,
-                tokens,
-                metric,
-                seq_len=L,
-                stride=st,
-                batch_windows=batch,
-                rule=rule,
-                rank=rank,
-                world_size=world,
-                recorder=recorder,
-            )
-
-        return run
-
-    def standard(model, tokens, metric, recorder, batch, rank, world):
-        evaluate_standard(
-            model, tokens, metric, seq_len=L, batch_seqs=batch, rank=rank, world_size=world, recorder=recorder
-        )
-
-    def slot(procedure: SlotConfig, **changes):
-        def run(model, tokens, metric, recorder, batch, rank, world):
-            cfg = replace(procedure, steps=setup.slot_steps, batch_windows=batch, **changes)
-            evaluate_slot(
-                model, tokens, metric, cfg, seq_len=L, stride=st, rank=rank, world_size=world, recorder=recorder
-            )
-
-        return run
-
-    def ttt(rule):
-        def run(model, tokens, metric, recorder, batch, rank, world):
-            cfg = TTTConfig(window_rule=rule, chunk_tokens=setup.ttt_chunk_tokens, epochs=1, batch_seqs=batch)
-            evaluate_ttt(
-                model, tokens, metric, cfg, seq_len=L, stride=st, rank=rank, world_size=world, recorder=recorder
-            )
-
-        return run
-
-    def phased(**changes):
-        def run(model, tokens, metric, recorder, batch, rank, world):
-            evaluate_phased_ttt(
-                model,
-                tokens,
-                metric,
-                phased_settings(**changes),
-                seq_len=L,
-                rank=rank,
-                world_size=world,
-                recorder=recorder,
-            )
-
-        return run
-
-    def phased_settings(**changes) -> PhasedTTTSettings:
-        return PhasedTTTSettings(
-            chunk=setup.phased_chunk,
-            context=L,
-            batch_docs=setup.phased_batch_docs,
-            lora_rank=2,
-            lora_lr=0.01,
-            prefix_docs=setup.phased_prefix_docs,
-            num_phases=2,
-            global_lr=0.01,
-            global_chunk_tokens=2 * L,
-            global_batch_seqs=2,
-            lora_seed=setup.seed,
-            **changes,
-        )
-
-    def doc_isolated(model, tokens, metric, recorder, batch, rank, world):
-        evaluate_doc_isolated(
-            model, tokens, metric, seq_len=L, batch_seqs=batch, rank=rank, world_size=world, recorder=recorder
-        )
-
-    methods = [
-        AuditMethod("standard", "standard eval (non-overlapping sequences)", standard),
-        AuditMethod("sliding_exact", "sliding window, exact rule", sliding("exact")),
-        AuditMethod("sliding_legacy", "sliding window, legacy rule", sliding("legacy")),
-        # PR #1321's optimiser and loss; its interleaved rank split only reorders sums, contiguous keeps D simple.
-        AuditMethod(
-            "slot_standard",
-            "standard SLOT (PR #1321 structure, legacy windows)",
-            slot(record_slot("pr1321", "slot"), rank_split="contiguous"),
-        ),
-        AuditMethod(
-            "causal_slot_batch_shared",
-            "causal SLOT, batch-shared delta (PR #1333)",
-            slot(record_slot("pr1333", "slot")),
-        ),
-        AuditMethod(
-            "causal_slot_per_window_legacy",
-            "causal SLOT, per-window delta, legacy windows",
-            slot(SlotConfig(), window_rule="legacy"),
-        ),
-        AuditMethod("causal_slot_per_window", "causal SLOT, per-window delta, exact windows", slot(SlotConfig())),
-        AuditMethod(
-            "ttt_score_first",
-            "score-first TTT (PR #1334 structure, TTT window rule)",
-            ttt("ttt"),
-            invariance_applies=False,
-        ),
-        AuditMethod("ttt_exact", "score-first TTT, exact windows", ttt("exact"), invariance_applies=False),
-        # D n/a: the batch is the packed row, and a document crossing a sequence boundary inside a row keeps its
-        # context there (the record's definition), so rows of another size score differently by design
-        AuditMethod(
-            "doc_isolated",
-            "document-isolated packed sequences (PR #1855 eval_val)",
-            doc_isolated,
-            invariance_applies=False,
-            documents=True,
-        ),
-        AuditMethod(
-            "phased_ttt",
-            "phased score-first TTT (PR #1855: per-document LoRA + global SGD phases)",
-            phased(),
-            invariance_applies=False,
-            documents=True,
-        ),
-        AuditMethod(
-            "phased_ttt_no_qv",
-            "phased score-first TTT, no Q/V adapters, LoRA lr x0.75 (PR #1953/#2014)",
-            phased(q_lora=False, v_lora=False, local_lr_mult=0.75),
-            invariance_applies=False,
-            documents=True,
-        ),
-    ]
-    return {m.name: m for m in methods}
+    """Every registered method's audit rows (``EvalMethod.audit``), in registry order."""
+    rows: dict[str, AuditMethod] = {}
+    for method in eval_methods().values():
+        for case in method.audit:
+            if case.name in rows:
+                raise ValueError(f"audit case {case.name!r} is declared twice ({method.name})")
+            rows[case.name] = audit_method(method, case, setup)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,20 +195,23 @@ def audit_model(setup: AuditSetup) -> GPT:
 AUDIT_BOS = 1
 
 
-def audit_tokens(setup: AuditSetup, documents: bool = False) -> Tensor:
-    """A BOS-led random stream of ``T + 1`` tokens (BOS = 1); ``documents``: BOS at every ``document_starts``."""
+def audit_tokens(setup: AuditSetup, documents: bool = False, starts: Optional[Sequence[int]] = None) -> Tensor:
+    """A BOS-led random stream of ``T + 1`` tokens (BOS = 1); ``documents``: BOS at every ``document_starts`` (or
+    at ``starts``)."""
     generator = torch.Generator().manual_seed(setup.seed + 2)
     tokens = torch.randint(2, setup.vocab_size, (setup.total_targets + 1,), generator=generator)
     tokens[0] = AUDIT_BOS
     if documents:
-        tokens[list(setup.document_starts)] = AUDIT_BOS
+        tokens[list(setup.document_starts if starts is None else starts)] = AUDIT_BOS
     return tokens
 
 
-def perturbed_indices(setup: AuditSetup, method: "AuditMethod") -> list[int]:
-    """The positions A perturbs: ``setup.perturbed_indices``, minus the BOS of a document method's stream."""
-    bos = set(setup.document_starts) if method.documents else set()
-    return [p for p in setup.perturbed_indices if p not in bos]
+def perturbed_indices(setup: AuditSetup, method: "AuditMethod", starts: Optional[Sequence[int]] = None) -> list[int]:
+    """The positions A perturbs: ``setup.perturbed_indices``, minus the BOS of a document method's stream (or of
+    the stream with documents at ``starts``)."""
+    if starts is None and method.documents:
+        starts = setup.document_starts
+    return [p for p in setup.perturbed_indices if p not in set(starts or ())]
 
 
 def _perturb(value: int, p: int, vocab_size: int, keep_bos: bool) -> int:
@@ -275,6 +219,12 @@ def _perturb(value: int, p: int, vocab_size: int, keep_bos: bool) -> int:
     while keep_bos and new in (AUDIT_BOS, value):  # a new BOS would split a document
         new = (new + 1) % vocab_size
     return new
+
+
+def _perturbed(tokens: Tensor, p: int, setup: AuditSetup, keep_bos: bool) -> Tensor:
+    changed = tokens.clone()
+    changed[p] = _perturb(int(tokens[p]), p, setup.vocab_size, keep_bos)
+    return changed
 
 
 def audit_luts(vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -286,29 +236,50 @@ def audit_luts(vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
     return base_bytes, has_leading_space, is_boundary
 
 
+def _document_of(length: int, starts: Sequence[int]) -> Tensor:
+    """int64 [length]: the index of the document holding each stream position."""
+    return torch.bucketize(torch.arange(length), torch.tensor(sorted(starts)), right=True) - 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Recording and comparing runs
 # ---------------------------------------------------------------------------------------------------------
 
 
-class Recording:
-    """A ScoreRecorder keeping every scored distribution and update, plus the run's metric totals."""
+class _Scored(Exception):
+    """Raised by a Recording once its ``stop_at`` target is scored: F and H look no further."""
 
-    def __init__(self) -> None:
+
+class Recording:
+    """A ScoreRecorder keeping every scored distribution and update, every backward pass's loss (``on_gradient``,
+    from ``_watch_gradients``), the order they came in (``events``), and the run's metric totals."""
+
+    def __init__(self, stop_at: Optional[int] = None) -> None:
         self._targets: list[Tensor] = []
         self._log_probs: list[Tensor] = []
         self._reads: list[Tensor] = []
         self.updates: list[tuple[int, int]] = []
+        # in time order: ("scores", index into the scored chunks) | ("update", first, last) | ("gradient", losses)
+        self.events: list[tuple] = []
         self.token_count = 0
         self.byte_count = 0
+        self.charged = 0.0  # nats the metric was charged
+        self.stop_at = stop_at
 
     def on_scores(self, target_index: Tensor, log_probs: Tensor, state_reads_upto: Tensor) -> None:
         self._targets.append(target_index.detach().cpu().clone())
         self._log_probs.append(log_probs.detach().cpu().clone())
         self._reads.append(state_reads_upto.detach().cpu().clone())
+        self.events.append(("scores", len(self._targets) - 1))
+        if self.stop_at is not None and bool((self._targets[-1] == self.stop_at).any()):
+            raise _Scored
 
     def on_update(self, first_token: int, last_token: int) -> None:
         self.updates.append((first_token, last_token))
+        self.events.append(("update", first_token, last_token))
+
+    def on_gradient(self, losses: Tensor) -> None:
+        self.events.append(("gradient", losses))
 
     def by_target(self) -> tuple[Tensor, Tensor, Tensor]:
         """(targets [N], log_probs [N, V], reads [N]) ordered by target, repeats of a target in scoring order.
@@ -317,17 +288,63 @@ class Recording:
         order = torch.sort(targets, stable=True).indices
         return targets[order], torch.cat(self._log_probs)[order], torch.cat(self._reads)[order]
 
+    def chunk(self, index: int) -> tuple[Tensor, Tensor]:
+        """(targets, log_probs) of the ``index``-th scoring, in scoring order."""
+        return self._targets[index], self._log_probs[index]
+
+    def first_scored(self, target: int) -> int:
+        """The index in ``events`` of the scoring that first scores ``target`` (len(events) if none does)."""
+        for i, event in enumerate(self.events):
+            if event[0] == "scores" and bool((self._targets[event[1]] == target).any()):
+                return i
+        return len(self.events)
+
+
+@contextmanager
+def _watch_gradients(recording: Recording) -> Iterator[None]:
+    """Every backward pass a procedure takes goes to the recording with its loss values, in the order it happens:
+    ``torch.autograd.backward`` (which ``Tensor.backward`` calls) and ``torch.autograd.grad`` are wrapped for the
+    duration. (A ``TorchFunctionMode`` would see them too, also under a name imported early, but costs a Python
+    call per tensor operation: 2-3x on phased TTT's runs.)"""
+    originals = torch.autograd.backward, torch.autograd.grad
+
+    def watched(original):
+        def run(tensors, *args, **kwargs):
+            losses = tensors if isinstance(tensors, (tuple, list)) else [tensors]
+            recording.on_gradient(torch.cat([t.detach().reshape(-1).double().cpu() for t in losses]))
+            return original(tensors, *args, **kwargs)
+
+        return run
+
+    torch.autograd.backward, torch.autograd.grad = (watched(f) for f in originals)
+    try:
+        yield
+    finally:
+        torch.autograd.backward, torch.autograd.grad = originals
+
 
 def _record(
-    method: AuditMethod, model: nn.Module, tokens: Tensor, luts, batch_windows: int, world_size: int
+    method: AuditMethod,
+    model: nn.Module,
+    tokens: Tensor,
+    luts,
+    batch_windows: int,
+    world_size: int,
+    stop_at: Optional[int] = None,
 ) -> Recording:
-    """Run every rank's share in turn in this process (the procedures without collectives allow that)."""
-    recording = Recording()
-    for rank in range(world_size):
-        metric = BitsPerByte(luts)
-        method.run(model, tokens, metric, recording, batch_windows, rank, world_size)
-        recording.token_count += int(metric.token_count)
-        recording.byte_count += int(metric.byte_count)
+    """Run every rank's share in turn in this process (the procedures without collectives allow that); with
+    ``stop_at``, only until that target is scored."""
+    recording = Recording(stop_at)
+    try:
+        with _watch_gradients(recording):
+            for rank in range(world_size):
+                metric = BitsPerByte(luts)
+                method.run(model, tokens, metric, recording, batch_windows, rank, world_size)
+                recording.token_count += int(metric.token_count)
+                recording.byte_count += int(metric.byte_count)
+                recording.charged += float(metric.loss_sum)
+    except _Scored:
+        pass
     return recording
 
 
@@ -337,6 +354,54 @@ def _max_difference(a: Recording, b: Recording) -> float:
     if not torch.equal(targets_a, targets_b):
         return float("inf")
     return float((log_probs_a - log_probs_b).abs().max())
+
+
+def _differs(a: Tensor, b: Tensor, tol: float) -> bool:
+    if a.shape != b.shape:
+        return True
+    return a.numel() > 0 and bool((a - b).abs().max() > tol)
+
+
+def _gradients_changed_before(base: Recording, run: Recording, until: int, tol: float) -> bool:
+    """Whether a backward pass among ``base.events[:until]`` differs in ``run`` (or the event order does)."""
+    for i in range(until):
+        event = base.events[i]
+        other = run.events[i] if i < len(run.events) else None
+        if other is None or other[0] != event[0]:
+            return True
+        if event[0] == "gradient" and _differs(event[1], other[1], tol):
+            return True
+    return False
+
+
+def _scored_changed_before(base: Recording, run: Recording, until: int, tol: float) -> float:
+    """The largest |Δ log p| over the distributions scored in ``base.events[:until]`` (inf if the runs differ in
+    what they scored)."""
+    worst = 0.0
+    for event in base.events[:until]:
+        if event[0] != "scores":
+            continue
+        if event[1] >= len(run._targets):
+            return float("inf")
+        (targets, log_probs), (run_targets, run_log_probs) = base.chunk(event[1]), run.chunk(event[1])
+        if not torch.equal(targets, run_targets):
+            return float("inf")
+        if log_probs.numel():
+            worst = max(worst, float((log_probs - run_log_probs).abs().max()))
+    return worst
+
+
+def _updates_before_scoring(recording: Recording, known: Sequence[int] = ()) -> int:
+    """Reported updates that read a target not yet scored. ``known``: positions whose token is structure, the same
+    in every run (a document stream's BOS: perturbations keep them); index 0 is no target, only ever context."""
+    scored: set[int] = set(known)
+    early = 0
+    for event in recording.events:
+        if event[0] == "scores":
+            scored.update(recording._targets[event[1]].tolist())
+        elif event[0] == "update":
+            early += any(j not in scored for j in range(max(event[1], 1), event[2] + 1))
+    return early
 
 
 @contextmanager
@@ -377,6 +442,17 @@ class AuditReport:
     update_violations: int  # C: scored distributions depending on a state that read the scored token or later
     batch_delta: Optional[float]  # D: max |Δ log p|, one window per batch vs the default batch
     world_delta: Optional[float]  # D: max |Δ log p|, ranks simulated vs one rank
+    norm_tol: float = 0.0
+    vocab_entries: int = 0  # E: entries of each scored distribution (the vocabulary size when whole)
+    vocab_size: int = 0
+    norm_max_delta: float = 0.0  # E: largest |log Σ_a p(a)| over the scored distributions
+    charged_delta: float = 0.0  # E: |nats charged - Σ -log p(target)| per scored distribution
+    gradient_steps: int = 0  # F: backward passes in the sequential run
+    early_updates: int = 0  # F: reported updates that read a token before it was scored
+    early_gradients: int = 0  # F: perturbed x_p that changed a backward pass taken before x_p was scored
+    isolation_violations: Optional[int] = None  # G: (p, j) with j in another document whose distribution changed
+    order_violations: Optional[int] = None  # H: perturbed x_p that changed a distribution scored before x_p
+    order_max_delta: Optional[float] = None  # H: largest such |Δ log p|
 
     @property
     def prefix_invariant(self) -> bool:
@@ -401,14 +477,42 @@ class AuditReport:
         return all(d <= self.tol for d in deltas) if deltas else None
 
     @property
+    def normalized(self) -> bool:
+        return (
+            self.vocab_entries == self.vocab_size
+            and self.norm_max_delta <= self.norm_tol
+            and self.charged_delta <= self.norm_tol
+        )
+
+    @property
+    def read_after_scoring(self) -> bool:
+        return self.early_updates == 0 and self.early_gradients == 0
+
+    @property
+    def documents_isolated(self) -> Optional[bool]:
+        return None if self.isolation_violations is None else self.isolation_violations == 0
+
+    @property
+    def state_order_agrees(self) -> Optional[bool]:
+        return None if self.order_violations is None else self.order_violations == 0
+
+    @property
     def compliant(self) -> bool:
-        return self.prefix_invariant and self.exactly_once and self.score_before_update
+        return (
+            self.prefix_invariant
+            and self.exactly_once
+            and self.score_before_update
+            and self.normalized
+            and self.read_after_scoring
+            and self.documents_isolated is not False
+            and self.state_order_agrees is not False
+        )
 
 
 def audit(
     method: Union[str, AuditMethod], setup: AuditSetup = AuditSetup(), model: Optional[nn.Module] = None
 ) -> AuditReport:
-    """Run checks A-D on one procedure (a name from ``audit_methods`` or an ``AuditMethod``).
+    """Run checks A-H on one procedure (a row name of ``audit_methods`` or an ``AuditMethod``).
 
     ``model`` defaults to ``audit_model(setup)``; another model must be causal, deterministic and have
     ``setup.vocab_size`` tokens (float64 recommended).
@@ -422,17 +526,18 @@ def audit(
     tokens = audit_tokens(setup, method.documents)
     luts = audit_luts(setup.vocab_size)
     T, tol = setup.total_targets, setup.tol
+    document_of = _document_of(T + 1, setup.document_starts) if method.isolated else None
 
     with _deterministic():
         base = _record(method, model, tokens, luts, setup.batch_windows, 1)
         targets, log_probs, reads = base.by_target()
 
-        checks = violations_before = violations_self = 0
+        checks = violations_before = violations_self = crossings = 0
         max_delta = 0.0
+        runs: dict[int, Recording] = {}  # F reads them where the batch is the method's own
         for p in perturbed_indices(setup, method):
-            perturbed = tokens.clone()
-            perturbed[p] = _perturb(int(tokens[p]), p, setup.vocab_size, method.documents)
-            run = _record(method, model, perturbed, luts, setup.batch_windows, 1)
+            perturbed = _perturbed(tokens, p, setup, method.documents)
+            runs[p] = run = _record(method, model, perturbed, luts, setup.batch_windows, 1)
             run_targets, run_log_probs, _ = run.by_target()
             if not torch.equal(run_targets, targets):
                 raise RuntimeError(f"{method.name}: the scoring structure changed with a token value")
@@ -443,14 +548,39 @@ def audit(
             violations_before += int((changed < p).sum())
             violations_self += int((changed == p).sum())
             max_delta = max(max_delta, float(delta[in_prefix].max()))
+            if document_of is not None:  # G: targets of other documents (by the position predicting them)
+                crossing = (delta > tol) & (document_of[targets - 1] != document_of[p])
+                crossings += len(torch.unique(targets[crossing]))
 
         counts = torch.bincount(targets, minlength=T + 1)[1 : T + 1]
         batch_delta = world_delta = None
+        sequential = base  # F's run: one rank, one window per forward where the batch only changes speed
         if method.invariance_applies:
-            batch_delta = _max_difference(base, _record(method, model, tokens, luts, 1, 1))
-            world_delta = _max_difference(
-                base, _record(method, model, tokens, luts, setup.batch_windows, setup.world_size)
-            )
+            sequential = _record(method, model, tokens, luts, 1, 1)
+            batch_delta = _max_difference(base, sequential)
+            world_run = _record(method, model, tokens, luts, setup.batch_windows, setup.world_size)
+            world_delta = _max_difference(base, world_run)
+
+        # E: the distributions scored with, and what the metric was charged
+        recorded_nats = float(-log_probs.gather(1, tokens[targets][:, None]).sum())
+        norm_max = float(torch.logsumexp(log_probs, dim=-1).abs().max()) if len(targets) else 0.0
+
+        # F: reported updates, then every backward pass up to the first scoring of each perturbed token
+        gradient_steps = sum(event[0] == "gradient" for event in sequential.events)
+        early_gradients = 0
+        if gradient_steps:
+            for p in perturbed_indices(setup, method):
+                until = sequential.first_scored(p)
+                if method.invariance_applies:
+                    perturbed = _perturbed(tokens, p, setup, method.documents)
+                    run = _record(method, model, perturbed, luts, 1, 1, stop_at=p)
+                else:
+                    run = runs[p]
+                early_gradients += _gradients_changed_before(sequential, run, until, tol)
+
+        order_violations = order_max = None
+        if method.spans_documents:
+            order_violations, order_max = _state_order(method, model, luts, setup)
 
     return AuditReport(
         method=method.name,
@@ -470,7 +600,34 @@ def audit(
         update_violations=int((reads >= targets).sum()),
         batch_delta=batch_delta,
         world_delta=world_delta,
+        norm_tol=setup.norm_tol,
+        vocab_entries=int(log_probs.size(-1)),
+        vocab_size=setup.vocab_size,
+        norm_max_delta=norm_max,
+        charged_delta=abs(base.charged - recorded_nats) / max(len(targets), 1),
+        gradient_steps=gradient_steps,
+        early_updates=_updates_before_scoring(sequential, setup.document_starts if method.documents else ()),
+        early_gradients=early_gradients,
+        isolation_violations=crossings if method.isolated else None,
+        order_violations=order_violations,
+        order_max_delta=order_max,
     )
+
+
+def _state_order(method: AuditMethod, model: nn.Module, luts, setup: AuditSetup) -> tuple[int, float]:
+    """H on ``order_document_starts``: the perturbed tokens that change a distribution scored before they are,
+    and the largest such change."""
+    starts = setup.order_document_starts
+    tokens = audit_tokens(setup, True, starts)
+    base = _record(method, model, tokens, luts, setup.batch_windows, 1)
+    violations, worst = 0, 0.0
+    for p in perturbed_indices(setup, method, starts):
+        perturbed = _perturbed(tokens, p, setup, True)
+        run = _record(method, model, perturbed, luts, setup.batch_windows, 1, stop_at=p)
+        delta = _scored_changed_before(base, run, base.first_scored(p), setup.tol)
+        violations += delta > setup.tol
+        worst = max(worst, delta)
+    return violations, worst
 
 
 def audit_all(setup: AuditSetup = AuditSetup()) -> list[AuditReport]:
@@ -486,6 +643,9 @@ def format_audit_table(reports: list[AuditReport]) -> str:
     def delta(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.2g}"
 
+    def count(value: Optional[int]) -> str:
+        return "-" if value is None else str(value)
+
     header = [
         "method",
         "A j<p",
@@ -500,6 +660,14 @@ def format_audit_table(reports: list[AuditReport]) -> str:
         "D batch",
         "D world",
         "D",
+        "E |logΣp|",
+        "E",
+        "F early",
+        "F",
+        "G viol.",
+        "G",
+        "H viol.",
+        "H",
         "compliant",
     ]
     rows = [header]
@@ -519,6 +687,14 @@ def format_audit_table(reports: list[AuditReport]) -> str:
                 delta(r.batch_delta),
                 delta(r.world_delta),
                 verdict(r.batch_world_invariant),
+                f"{r.norm_max_delta:.2g}",
+                verdict(r.normalized),
+                f"{r.early_updates}/{r.early_gradients}",
+                verdict(r.read_after_scoring),
+                count(r.isolation_violations),
+                verdict(r.documents_isolated),
+                count(r.order_violations),
+                verdict(r.state_order_agrees),
                 "yes" if r.compliant else "no",
             ]
         )

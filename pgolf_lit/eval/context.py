@@ -30,8 +30,8 @@ class ForwardOptions:
     def bf16(cls, device_type: str = "cuda", compile: bool = True) -> "ForwardOptions":
         return cls(autocast=partial(torch.autocast, device_type=device_type, dtype=torch.bfloat16), compile=compile)
 
-    def compiled(self, fn: Callable) -> Callable:
-        return torch.compile(fn, dynamic=False) if self.compile else fn
+    def compiled(self, fn: Callable, dynamic: bool = False) -> Callable:
+        return torch.compile(fn, dynamic=dynamic) if self.compile else fn
 
 
 def forward_options(precision: str, device: torch.device, compile: bool) -> ForwardOptions:

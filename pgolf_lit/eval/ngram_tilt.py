@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import numpy as np
@@ -46,10 +46,10 @@ import torch
 from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval.context import ForwardOptions
 from pgolf_lit.eval.phased_ttt import PhasedTTTSettings, evaluate_phased_ttt
+from pgolf_lit.eval.phased_ttt import audit_scale as phased_audit_scale
 from pgolf_lit.eval.recording import ScoreRecorder
-from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
+from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome, PassSetup
 from pgolf_lit.metrics import BitsPerByte
 
 # online_ngram_state.c: ROLLING_COEFFS (ring weights, and the pair key's token weight), PAIR_MIX
@@ -356,52 +356,17 @@ def evaluate_ngram_tilt(
     tokens: Tensor,
     metric: BitsPerByte,
     cfg: NgramTiltSettings,
-    *,
-    seq_len: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-    options: ForwardOptions = ForwardOptions(),
-    recorder: Optional[ScoreRecorder] = None,
+    setup: PassSetup,
     hints: Optional[NgramHints] = None,
     **phased,
-) -> tuple[NgramHints, dict]:
-    """Build the hints (every rank builds the same, as the record's ranks do), then phased TTT with each scored
-    distribution tilted. ``phased``: further arguments of ``evaluate_phased_ttt`` (tests' ``lora_factory``).
-    Returns the hints and phased TTT's summary."""
-    hints = hints if hints is not None else build_hints(tokens, cfg)
-    summary = evaluate_phased_ttt(
-        model,
-        tokens,
-        metric,
-        cfg,
-        seq_len=seq_len,
-        rank=rank,
-        world_size=world_size,
-        progress=progress,
-        options=options,
-        recorder=_ReadsRecorder(recorder, hints) if recorder is not None else None,
-        tilt=hints.tilt,
-        **phased,
-    )
-    return hints, summary
-
-
-def _run_ngram_tilt(
-    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: NgramTiltSettings, setup: PassSetup
 ) -> PassOutcome:
-    hints, summary = evaluate_ngram_tilt(
-        model,
-        tokens,
-        metric,
-        cfg,
-        seq_len=setup.seq_len,
-        rank=setup.rank,
-        world_size=setup.world_size,
-        progress=setup.progress,
-        options=setup.options,
-        recorder=setup.recorder,
-    )
+    """Build the hints (every rank builds the same, as the record's ranks do), then phased TTT with each scored
+    distribution tilted. ``phased``: further arguments of ``evaluate_phased_ttt`` (tests' ``lora_factory``). The
+    outcome's ``details``: the hints and phased TTT's summary."""
+    hints = hints if hints is not None else build_hints(tokens, cfg)
+    if setup.recorder is not None:
+        setup = replace(setup, recorder=_ReadsRecorder(setup.recorder, hints))
+    summary = evaluate_phased_ttt(model, tokens, metric, cfg, setup, tilt=hints.tilt, **phased).details
     extra = {
         "ngram_order": cfg.order,
         "ngram_gated": hints.gated,
@@ -410,16 +375,21 @@ def _run_ngram_tilt(
         "phases": len(summary["phases"]),
         "ngram_state": "stream_order",  # phased TTT scores longest documents first (spec §6 note B)
     }
-    return PassOutcome(False, extra, precompute=True)
+    return PassOutcome(False, extra, precompute=True, details=(hints, summary))
 
 
-register_eval_method(
+def audit_scale(a) -> NgramTiltSettings:
+    """At the audit's scale (385 tokens of 40 ids): phased TTT's audit settings and a table of order 3 that fires."""
+    return NgramTiltSettings(**vars(phased_audit_scale(a)), order=3, threshold=0.5)
+
+
+METHODS = (
     EvalMethod(
         "ngram_tilt",
         NgramTiltSettings,
-        _run_ngram_tilt,
+        evaluate_ngram_tilt,
         "quantized_ttt_phased",
         "ttt_phased",
-        "phased score-first TTT with the token-only online n-gram tilt of the scored distributions (PR #2135)",
-    )
+        audit=(AuditCase("ngram_tilt", audit_scale, documents=True, spans_documents=True),),
+    ),
 )

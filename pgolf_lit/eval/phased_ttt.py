@@ -43,7 +43,7 @@ from pgolf_lit.data.packing import build_cu_seqlens
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval.context import ForwardOptions
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
-from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
+from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome, PassSetup
 from pgolf_lit.eval.windows import (
     Window,
     WindowBatch,
@@ -336,37 +336,36 @@ class _PhasedLearner:
         generator = None
         if cfg.lora_seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(cfg.lora_seed)
-
-        # adapters in fp32 as the record's (under bf16 autocast), fp64 for an fp64 model (the audit)
-        lora_dtype = torch.promote_types(self.model.tok_emb.weight.dtype, torch.float32)
-
-        def default_factory(bsz: int) -> BatchedTTTLoRA:
-            lora = BatchedTTTLoRA(
-                self.model,
-                bsz,
-                cfg.lora_rank,
-                cfg.lora_alpha,
-                q=cfg.q_lora,
-                k=cfg.k_lora,
-                v=cfg.v_lora,
-                o=cfg.o_lora,
-                mlp=cfg.mlp_lora,
-                generator=generator,
-            )
-            return lora.to(lora_dtype)
-
-        self.new_lora = default_factory if lora_factory is None else (lambda bsz: lora_factory(self.model, bsz))
-        self.forward = self._compiled_loss() if options.compile else self.model.forward_ttt
+        if lora_factory is None:
+            self.new_lora = lambda bsz: self.adapters(bsz, generator)
+        else:
+            self.new_lora = lambda bsz: lora_factory(self.model, bsz)
+        # dynamic shapes: every chunk index gives another window length (the record compiles forward_ttt so too)
+        self.forward = options.compiled(self.model.forward_ttt, dynamic=True)
         self.reusable = self.new_lora(cfg.batch_docs)
         self.reusable_reads = torch.full((cfg.batch_docs,), NO_STATE, dtype=torch.int64)
+
+    def adapters(self, bsz: int, generator: Optional[torch.Generator]) -> BatchedTTTLoRA:
+        """``bsz`` adapters as the settings shape them: fp32 as the record's (under bf16 autocast), fp64 for an fp64
+        model (the audit)."""
+        cfg = self.cfg
+        lora = BatchedTTTLoRA(
+            self.model,
+            bsz,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            q=cfg.q_lora,
+            k=cfg.k_lora,
+            v=cfg.v_lora,
+            o=cfg.o_lora,
+            mlp=cfg.mlp_lora,
+            generator=generator,
+        )
+        return lora.to(torch.promote_types(self.model.tok_emb.weight.dtype, torch.float32))
 
     def _freeze(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
-
-    def _compiled_loss(self):
-        # dynamic shapes: every chunk index gives another window length (the record compiles forward_ttt so too)
-        return torch.compile(self.model.forward_ttt, dynamic=True)
 
     def optimizer(self, lora: BatchedTTTLoRA) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -399,18 +398,7 @@ class _PhasedLearner:
         """Compile the TTT forward and backward at the shortest and longest window on random tokens with a
         throw-away adapter (the record's warmup; no validation token is read). Draws no adapter randomness."""
         cfg = self.cfg
-        lora = BatchedTTTLoRA(
-            self.model,
-            cfg.batch_docs,
-            cfg.lora_rank,
-            cfg.lora_alpha,
-            q=cfg.q_lora,
-            k=cfg.k_lora,
-            v=cfg.v_lora,
-            o=cfg.o_lora,
-            mlp=cfg.mlp_lora,
-            generator=torch.Generator(self.device).manual_seed(0),
-        )
+        lora = self.adapters(cfg.batch_docs, torch.Generator(self.device).manual_seed(0))
         opt = self.optimizer(lora)
         generator = torch.Generator(self.device).manual_seed(0)
         for length in (*(c for _, c in cfg.short_doc_chunks), cfg.chunk, cfg.context):
@@ -597,26 +585,22 @@ def evaluate_phased_ttt(
     tokens: Tensor,
     metric: BitsPerByte,
     cfg: PhasedTTTSettings,
-    *,
-    seq_len: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-    options: ForwardOptions = ForwardOptions(),
-    recorder: Optional[ScoreRecorder] = None,
+    setup: PassSetup,
     lora_factory: Optional[LoraFactory] = None,
     train_first: bool = False,
     tilt: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-) -> dict:
+) -> PassOutcome:
     """Phased score-first TTT over the stream; this rank's scores go into ``metric``.
 
-    ``seq_len``: the evaluation length, the sequence length of the global phases. ``lora_factory(model, bsz)`` replaces
-    the adapter construction (tests set the A matrices of a reference run). ``train_first`` is the audit's leaking
-    negative control. ``tilt`` reshapes every scored distribution (``score_batch``); the adapters still train on the
-    untilted loss. With ``world_size > 1`` a process group must be initialised. Returns a summary: documents,
-    batches, the world the phases were scheduled for, and per global phase the documents scored before it, the
-    documents it trained on and its step losses.
+    ``setup.seq_len``: the evaluation length, the sequence length of the global phases. ``lora_factory(model, bsz)``
+    replaces the adapter construction (tests set the A matrices of a reference run). ``train_first`` is the audit's
+    leaking negative control. ``tilt`` reshapes every scored distribution (``score_batch``); the adapters still train
+    on the untilted loss. With ``world_size > 1`` a process group must be initialised. The outcome's ``details``:
+    documents, batches, the world the phases were scheduled for, and per global phase the documents scored before
+    it, the documents it trained on and its step losses.
     """
+    seq_len, rank, world_size = setup.seq_len, setup.rank, setup.world_size
+    options, recorder = setup.options, setup.recorder
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("phased TTT with world_size > 1 needs an initialised torch.distributed process group")
     tokens = tokens.cpu()  # windows are gathered on the host and moved per chunk, as the record does
@@ -637,7 +621,7 @@ def evaluate_phased_ttt(
         "phases": [],
     }
     cuts = phase_cuts([len(batch) for _, batch in queue], boundaries, schedule_world)
-    with progress_bar(len(queue), "phased TTT", progress) as bar:
+    with progress_bar(len(queue), "phased TTT", setup.progress) as bar:
         first = 0
         for segment_end, phase_after in [*((k, p) for p, k in enumerate(cuts)), (len(queue), None)]:
             for item in deal(queue[first:segment_end], docs, cfg, rank, world_size, first):
@@ -666,24 +650,6 @@ def evaluate_phased_ttt(
                     "losses": losses,
                 }
             )
-    return summary
-
-
-def _run_phased_ttt(
-    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: PhasedTTTSettings, setup: PassSetup
-) -> PassOutcome:
-    summary = evaluate_phased_ttt(
-        model,
-        tokens,
-        metric,
-        cfg,
-        seq_len=setup.seq_len,
-        rank=setup.rank,
-        world_size=setup.world_size,
-        progress=setup.progress,
-        options=setup.options,
-        recorder=setup.recorder,
-    )
     extra = {
         "docs": summary["documents"],
         "chunk": cfg.chunk,
@@ -693,7 +659,7 @@ def _run_phased_ttt(
         "prefix_docs": summary["boundaries"][-1],
         "schedule_world": summary["schedule_world"],
     }
-    return PassOutcome(True, extra)
+    return PassOutcome(True, extra, details=summary)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -702,28 +668,22 @@ def _run_phased_ttt(
 
 
 def evaluate_doc_isolated(
-    model: nn.Module,
-    tokens: Tensor,
-    metric: BitsPerByte,
-    *,
-    seq_len: int,
-    batch_seqs: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-    options: ForwardOptions = ForwardOptions(),
-    recorder: Optional[ScoreRecorder] = None,
-) -> None:
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: DocIsolatedSettings, setup: PassSetup
+) -> PassOutcome:
     """The record's ``eval_val``: the ``T // seq_len`` non-overlapping sequences, contiguous rank split,
     ``batch_seqs`` of them as one packed row whose segments start at every BOS and at most every ``seq_len``
     tokens; every position scored. The record truncates each rank's share to a multiple of ``batch_seqs``
     (``# TODO: Don't truncate this``); here every sequence is scored, so every target counts once."""
-    device = model_device(model)
+    device, seq_len, options = model_device(model), setup.seq_len, setup.options
     forward = options.compiled(model.forward_logits)
     bos = model.config.bos_id
-    sequences = rank_share(sequence_windows(tokens.numel() - 1, seq_len), rank, world_size)
-    groups = batched(sequences, batch_seqs)
-    with eval_mode(model), torch.inference_mode(), progress_bar(len(groups), "doc-isolated eval", progress) as bar:
+    sequences = rank_share(sequence_windows(tokens.numel() - 1, seq_len), setup.rank, setup.world_size)
+    groups = batched(sequences, cfg.batch_seqs)
+    with (
+        eval_mode(model),
+        torch.inference_mode(),
+        progress_bar(len(groups), "doc-isolated eval", setup.progress) as bar,
+    ):
         for group in groups:
             length = sum(w.wl for w in group)
             batch = WindowBatch.gather(tokens, [Window(group[0].ws, 0, length)], length, device)
@@ -731,45 +691,59 @@ def evaluate_doc_isolated(
             cu, max_len = build_cu_seqlens(bos_at, length, seq_len)
             with options.autocast():
                 logits = forward(batch.inputs, cu.to(device), max_len)
-            score_batch(batch, logits, metric, recorder)
+            score_batch(batch, logits, metric, setup.recorder)
             bar.update()
-
-
-def _run_doc_isolated(
-    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: DocIsolatedSettings, setup: PassSetup
-) -> PassOutcome:
-    evaluate_doc_isolated(
-        model,
-        tokens,
-        metric,
-        seq_len=setup.seq_len,
-        batch_seqs=cfg.batch_seqs,
-        rank=setup.rank,
-        world_size=setup.world_size,
-        progress=setup.progress,
-        options=setup.options,
-        recorder=setup.recorder,
-    )
     return PassOutcome(True)
 
 
-register_eval_method(
-    EvalMethod(
-        "phased_ttt",
-        PhasedTTTSettings,
-        _run_phased_ttt,
-        "quantized_ttt_phased",
-        "ttt_phased",
-        "phased score-first TTT: per-document LoRA chunk by chunk plus global SGD phases (PR #1855)",
+def audit_scale(a, **changes) -> PhasedTTTSettings:
+    """Phased TTT at the audit's scale: its 10 documents of 11-70 tokens, chunks of 8, 2 documents per batch, rank-2
+    adapters, 2 global phases over the first 6 documents scored."""
+    return PhasedTTTSettings(
+        chunk=8,
+        context=a.seq_len,
+        batch_docs=2,
+        lora_rank=2,
+        lora_lr=0.01,
+        prefix_docs=6,
+        num_phases=2,
+        global_lr=0.01,
+        global_chunk_tokens=2 * a.seq_len,
+        global_batch_seqs=2,
+        lora_seed=a.seed,
+        **changes,
     )
-)
-register_eval_method(
+
+
+# doc_isolated: PR #1855's eval_val, non-overlapping sequences as packed rows, documents attending within
+# themselves; phased_ttt: PR #1855's scored pass, per-document LoRA chunk by chunk plus global SGD phases. D does not
+# apply to either: the batch is the packed row (a document crossing a sequence boundary inside a row keeps its
+# context there, the record's definition), or the documents adapted together.
+METHODS = (
     EvalMethod(
         "doc_isolated",
         DocIsolatedSettings,
-        _run_doc_isolated,
+        evaluate_doc_isolated,
         "diagnostic quantized",
         "doc_isolated",
-        "non-overlapping sequences as packed rows, documents attending within themselves (PR #1855 eval_val)",
-    )
+        audit=(
+            AuditCase("doc_isolated", lambda a: DocIsolatedSettings(a.batch_windows), documents=True, isolated=True),
+        ),
+    ),
+    EvalMethod(
+        "phased_ttt",
+        PhasedTTTSettings,
+        evaluate_phased_ttt,
+        "quantized_ttt_phased",
+        "ttt_phased",
+        audit=(
+            AuditCase("phased_ttt", audit_scale, documents=True, spans_documents=True),
+            AuditCase(
+                "phased_ttt_no_qv",  # PR #1953/#2014: no Q/V adapters, LoRA lr x0.75
+                lambda a: audit_scale(a, q_lora=False, v_lora=False, local_lr_mult=0.75),
+                documents=True,
+                spans_documents=True,
+            ),
+        ),
+    ),
 )

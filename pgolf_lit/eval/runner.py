@@ -1,9 +1,9 @@
 """One evaluation pass by name, timed and labelled, and its result line (upstream ``eval_val*`` log lines).
 
 ``EvalSettings`` holds the window geometry every pass shares (``seq_len``, ``stride``) and one settings section
-per registered method (``registry.py``), built from the registry when this module is imported, so a new method
-needs no edit here: ``pgolf_lit.eval`` imports every method's module first (this module imports none of them, so
-the wrapped evaluation program of ``code_size.py`` carries only its config's methods).
+per registered method, built from the registry (``registry.eval_methods()``, which imports every module of
+``METHOD_MODULES`` first) when this module is imported, so a new method needs no edit here. This module imports no
+method by name, so the wrapped evaluation program of ``code_size.py`` carries only its config's methods.
 ``run_method`` is what ``pgolf test``, ``pgolf eval`` and ``GPTQExport`` call per pass, with an ``EvalContext``
 (``context.py``) saying how the forwards run and which weights are scored. The line format keeps the upstream
 labels and 8-decimal fields so existing log parsers keep working, and appends pgolf_lit's extra fields (stride,
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval.context import EvalContext, evaluation_context
-from pgolf_lit.eval.registry import EVAL_METHODS, PassSetup
+from pgolf_lit.eval.registry import PassSetup, eval_methods
 from pgolf_lit.metrics import BitsPerByte, ByteCounts, as_byte_counts
 
 
@@ -52,9 +52,11 @@ class EvalBase:
             raise ConfigError(f"evaluation.seq_len: must be positive, got {self.seq_len}")
         if not 0 < self.stride <= self.seq_len:
             raise ConfigError(f"evaluation.stride: must lie in [1, seq_len={self.seq_len}], got {self.stride}")
-        unknown = sorted(set(self.labels) - set(EVAL_METHODS))
+        unknown = sorted(set(self.labels) - set(eval_methods()))
         if unknown:
-            raise ConfigError(f"evaluation.labels: unknown method(s) {unknown}; expected some of {list(EVAL_METHODS)}")
+            raise ConfigError(
+                f"evaluation.labels: unknown method(s) {unknown}; expected some of {list(eval_methods())}"
+            )
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any]):
@@ -62,8 +64,8 @@ class EvalBase:
         only what differs). Unknown keys name the field."""
         changes: dict[str, Any] = {}
         for key, value in (section or {}).items():
-            if key in EVAL_METHODS:
-                settings_cls = EVAL_METHODS[key].settings
+            if key in eval_methods():
+                settings_cls = eval_methods()[key].settings
                 known = {f.name for f in dataclasses.fields(settings_cls)}
                 if not isinstance(value, Mapping) or set(value) - known:
                     bad = sorted(set(value) - known) if isinstance(value, Mapping) else value
@@ -82,13 +84,13 @@ class EvalBase:
 
 EvalSettings = dataclasses.make_dataclass(
     "EvalSettings",
-    [(name, m.settings, field(default_factory=m.settings)) for name, m in EVAL_METHODS.items()],
+    [(name, m.settings, field(default_factory=m.settings)) for name, m in eval_methods().items()],
     bases=(EvalBase,),
 )
 EvalSettings.__module__ = __name__
 EvalSettings.__doc__ = (
     "Settings of every evaluation pass: the shared window geometry, then one section per registered method "
-    f"({', '.join(EVAL_METHODS)})."
+    f"({', '.join(eval_methods())})."
 )
 
 
@@ -145,9 +147,9 @@ def run_method(
     Collective: with a process group every rank must call it with the same method and context. The clock covers
     the whole pass, compilation included, and stops after the ranks' sums are reduced.
     """
-    if method not in EVAL_METHODS:
-        raise ConfigError(f"unknown eval method '{method}': expected one of {list(EVAL_METHODS)}")
-    entry = EVAL_METHODS[method]
+    if method not in eval_methods():
+        raise ConfigError(f"unknown eval method '{method}': expected one of {list(eval_methods())}")
+    entry = eval_methods()[method]
     settings = context.settings
     if hasattr(model, "set_recurrence"):
         model.set_recurrence(True)

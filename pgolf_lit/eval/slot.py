@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Literal, Optional
 
 import torch
@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
-from pgolf_lit.eval.context import ForwardOptions
-from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
+from pgolf_lit.eval.recording import NO_STATE
+from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome, PassSetup
 from pgolf_lit.eval.windows import (
     WINDOW_RULES,
     RankSplit,
@@ -179,36 +178,28 @@ def _fit(head: _SlotHead, features: Tensor, batch: WindowBatch, mask: Tensor, pa
 
 
 def evaluate_slot(
-    model: nn.Module,
-    tokens: Tensor,
-    metric: BitsPerByte,
-    cfg: SlotConfig,
-    *,
-    seq_len: int,
-    stride: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-    options: ForwardOptions = ForwardOptions(),
-    recorder: Optional[ScoreRecorder] = None,
-) -> None:
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlotConfig, setup: PassSetup
+) -> PassOutcome:
     """Score this rank's windows with per-batch fitted SLOT parameters (see the module docstring for the modes).
 
     Per batch: features of the frozen model (no grad, the caller's autocast, optionally compiled), zero
     parameters (or the warm start), ``cfg.steps`` AdamW steps on the fitting loss, then scoring of the slices
     ``[s, wl)`` with the fitted parameters. Work happens in fp32 (fp64 for an fp64 model).
     """
-    device = model_device(model)
-    windows = rank_share(
-        sliding_windows(tokens.numel() - 1, seq_len, stride, cfg.window_rule), rank, world_size, cfg.rank_split
-    )
+    device, options, recorder, seq_len = model_device(model), setup.options, setup.recorder, setup.seq_len
+    windows = sliding_windows(tokens.numel() - 1, seq_len, setup.stride, cfg.window_rule)
+    windows = rank_share(windows, setup.rank, setup.world_size, cfg.rank_split)
     head = _SlotHead(model, cfg.delta_position == "pre_norm", options.autocast if cfg.head_autocast else nullcontext)
     features_fn = options.compiled(head.features)
     shared = cfg.mode == "causal_batch_shared"
     carried: list[Tensor] = []  # warm start: the previous batch's fitted parameters
     carried_reads = NO_STATE
     batches = batched(windows, cfg.batch_windows)
-    with eval_mode(model), frozen_weights(model), progress_bar(len(batches), f"SLOT ({cfg.mode})", progress) as bar:
+    with (
+        eval_mode(model),
+        frozen_weights(model),
+        progress_bar(len(batches), f"SLOT ({cfg.mode})", setup.progress) as bar,
+    ):
         for group in batches:
             batch = WindowBatch.gather(tokens, group, seq_len, device)
             with torch.no_grad(), options.autocast():
@@ -242,45 +233,38 @@ def evaluate_slot(
                 logits = head.logits(features, params[0], params[1] if len(params) > 1 else None)
             score_batch(batch, logits, metric, recorder, reads)
             bar.update()
-
-
-def _run_slot(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlotConfig, setup: PassSetup) -> PassOutcome:
-    evaluate_slot(
-        model,
-        tokens,
-        metric,
-        cfg,
-        seq_len=setup.seq_len,
-        stride=setup.stride,
-        rank=setup.rank,
-        world_size=setup.world_size,
-        progress=setup.progress,
-        options=setup.options,
-        recorder=setup.recorder,
-    )
     extra = {"slot": cfg.mode, "steps": cfg.steps, "lr": cfg.lr, "stride": setup.stride, "window_rule": cfg.window_rule}
     return PassOutcome(cfg.compliant, extra)
 
 
+def _audit_slot(name: str, settings) -> AuditCase:
+    # 8 AdamW steps per batch at the audit's scale; the batch only changes speed (where SLOT is causal)
+    return AuditCase(name, lambda a: replace(settings(a), steps=8), "batch_windows")
+
+
 # Two passes of one technique: ``slot`` (labelled as the standard-SLOT records label theirs) and ``causal_slot``
-# (PR #1333's label); each has its own settings section, so a config can run both.
-register_eval_method(
+# (PR #1333's label); each has its own settings section, so a config can run both. The audit runs the procedures
+# the record configs state (PR #1321's interleaved rank split only reorders sums; contiguous keeps D simple) and
+# pgolf_lit's per-window variants.
+METHODS = (
     EvalMethod(
         "slot",
         SlotConfig,
-        _run_slot,
+        evaluate_slot,
         "final_slot",
         "slot",
-        "SLOT (mode from its settings)",
-    )
-)
-register_eval_method(
+        audit=(_audit_slot("slot_standard", lambda a: replace(a.record("pr1321", "slot"), rank_split="contiguous")),),
+    ),
     EvalMethod(
         "causal_slot",
         SlotConfig,
-        _run_slot,
+        evaluate_slot,
         "final_causal_slot",
         "causal_slot",
-        "SLOT labelled as PR #1333's causal pass",
-    )
+        audit=(
+            _audit_slot("causal_slot_batch_shared", lambda a: a.record("pr1333", "slot")),
+            _audit_slot("causal_slot_per_window_legacy", lambda a: SlotConfig(window_rule="legacy")),
+            _audit_slot("causal_slot_per_window", lambda a: SlotConfig()),
+        ),
+    ),
 )

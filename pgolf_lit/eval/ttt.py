@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
-from pgolf_lit.eval.context import ForwardOptions
-from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
+from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome, PassSetup
 from pgolf_lit.eval.windows import (
     WINDOW_RULES,
     Window,
@@ -119,15 +118,14 @@ def trainable_parameters(model: nn.Module, freeze_blocks: int) -> list[nn.Parame
 class _ScoreFirstLearner:
     """The adapted copy of the model with its optimizer, scoring and training one chunk at a time."""
 
-    def __init__(
-        self, model: nn.Module, cfg: TTTConfig, seq_len: int, rank: int, world_size: int, options: ForwardOptions
-    ):
-        self.cfg, self.seq_len, self.rank, self.world_size, self.options = cfg, seq_len, rank, world_size, options
+    def __init__(self, model: nn.Module, cfg: TTTConfig, setup: PassSetup):
+        self.cfg, self.options = cfg, setup.options
+        self.seq_len, self.rank, self.world_size = setup.seq_len, setup.rank, setup.world_size
         self.device = model_device(model)
         self.model = copy.deepcopy(model)
         self.params = trainable_parameters(self.model, cfg.freeze_blocks)
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)  # momentum carries over
-        self.forward = options.compiled(self.model.forward_logits)
+        self.forward = self.options.compiled(self.model.forward_logits)
         self.reads_upto = NO_STATE  # the last stream index any update so far has read
 
     def score(
@@ -176,31 +174,21 @@ class _ScoreFirstLearner:
 
 
 def evaluate_ttt(
-    model: nn.Module,
-    tokens: Tensor,
-    metric: BitsPerByte,
-    cfg: TTTConfig,
-    *,
-    seq_len: int,
-    stride: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-    options: ForwardOptions = ForwardOptions(),
-    recorder: Optional[ScoreRecorder] = None,
-) -> None:
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: TTTConfig, setup: PassSetup
+) -> PassOutcome:
     """Score-first TTT over the stream; this rank's scores go into ``metric``.
 
     With ``world_size > 1`` a process group must be initialised (gradients are all-reduced every step).
     ``recorder`` sees each optimizer step as an update reading the stream tokens of its global batch, and
     each score with the last token any update so far has read.
     """
-    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+    if setup.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("TTT with world_size > 1 needs an initialised torch.distributed process group")
+    seq_len, recorder = setup.seq_len, setup.recorder
     total = tokens.numel() - 1
-    chunks = chunk_windows(sliding_windows(total, seq_len, stride, cfg.window_rule), cfg.chunk_tokens, total)
-    learner = _ScoreFirstLearner(model, cfg, seq_len, rank, world_size, options)
-    with progress_bar(len(chunks), "score-first TTT", progress) as bar:
+    chunks = chunk_windows(sliding_windows(total, seq_len, setup.stride, cfg.window_rule), cfg.chunk_tokens, total)
+    learner = _ScoreFirstLearner(model, cfg, setup)
+    with progress_bar(len(chunks), "score-first TTT", setup.progress) as bar:
         for index, windows in enumerate(chunks):
             bar.update()
             if not windows:  # as upstream: a chunk without windows is neither scored nor trained on
@@ -210,22 +198,6 @@ def evaluate_ttt(
             n_seqs = (min(chunk_start + cfg.chunk_tokens, total) - chunk_start) // seq_len
             if index < len(chunks) - 1 and cfg.epochs > 0 and n_seqs > 0:
                 learner.train(tokens, chunk_start, n_seqs, cfg.lr_for_chunk(index, len(chunks)), recorder)
-
-
-def _run_ttt(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: TTTConfig, setup: PassSetup) -> PassOutcome:
-    evaluate_ttt(
-        model,
-        tokens,
-        metric,
-        cfg,
-        seq_len=setup.seq_len,
-        stride=setup.stride,
-        rank=setup.rank,
-        world_size=setup.world_size,
-        progress=setup.progress,
-        options=setup.options,
-        recorder=setup.recorder,
-    )
     extra = {
         "stride": setup.stride,
         "window_rule": cfg.window_rule,
@@ -236,13 +208,23 @@ def _run_ttt(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: TTTConf
     return PassOutcome(cfg.compliant, extra)
 
 
-register_eval_method(
+def _audit_ttt(rule: WindowRule) -> AuditCase:
+    # chunks of 64 positions, one epoch; the batch is part of TTT (its training batches)
+    return AuditCase(
+        f"ttt_{'score_first' if rule == 'ttt' else rule}",
+        lambda a: TTTConfig(rule, 64, epochs=1, batch_seqs=a.batch_windows),
+        spans_documents=True,
+    )
+
+
+# Score-first test-time training (PR #1334/#1421).
+METHODS = (
     EvalMethod(
         "ttt",
         TTTConfig,
-        _run_ttt,
+        evaluate_ttt,
         "final_{q}_ttt",
         "ttt",
-        "score-first test-time training (PR #1334/#1421)",
-    )
+        audit=(_audit_ttt("ttt"), _audit_ttt("exact")),
+    ),
 )

@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval.context import ForwardOptions
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
-from pgolf_lit.eval.registry import EvalMethod, PassOutcome, PassSetup, register_eval_method
+from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome, PassSetup
 from pgolf_lit.metrics import BitsPerByte
 
 WindowRule = Literal["exact", "legacy", "ttt"]
@@ -227,94 +226,21 @@ def evaluate_windows(
     tokens: Tensor,
     metric: BitsPerByte,
     windows: Sequence[Window],
-    *,
-    seq_len: int,
     batch_windows: int,
-    progress: bool = False,
-    options: ForwardOptions = ForwardOptions(),
-    recorder: Optional[ScoreRecorder] = None,
+    setup: PassSetup,
     desc: str = "eval",
 ) -> None:
     """Score the given windows (this rank's share) with the frozen model, ``batch_windows`` at a time."""
     device = model_device(model)
-    forward = options.compiled(model.forward_logits)
+    forward = setup.options.compiled(model.forward_logits)
     batches = batched(windows, batch_windows)
-    with eval_mode(model), torch.inference_mode(), progress_bar(len(batches), desc, progress) as bar:
+    with eval_mode(model), torch.inference_mode(), progress_bar(len(batches), desc, setup.progress) as bar:
         for group in batches:
-            batch = WindowBatch.gather(tokens, group, seq_len, device)
-            with options.autocast():
+            batch = WindowBatch.gather(tokens, group, setup.seq_len, device)
+            with setup.options.autocast():
                 logits = forward(batch.inputs)
-            score_batch(batch, logits, metric, recorder)
+            score_batch(batch, logits, metric, setup.recorder)
             bar.update()
-
-
-def evaluate_standard(
-    model: nn.Module,
-    tokens: Tensor,
-    metric: BitsPerByte,
-    *,
-    seq_len: int,
-    batch_seqs: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-    options: ForwardOptions = ForwardOptions(),
-    recorder: Optional[ScoreRecorder] = None,
-) -> None:
-    """Non-overlapping sequences of ``seq_len``, every position scored (upstream ``eval_val``); contiguous rank split
-    of the ``T // seq_len`` sequences, ``batch_seqs`` per forward. Per-token nll is summed in float64, where the
-    upstream ``eval_val`` adds float32 batch means (a ≤ 2e-7 difference in val_loss)."""
-    windows = rank_share(sequence_windows(tokens.numel() - 1, seq_len), rank, world_size)
-    evaluate_windows(
-        model,
-        tokens,
-        metric,
-        windows,
-        seq_len=seq_len,
-        batch_windows=batch_seqs,
-        progress=progress,
-        options=options,
-        recorder=recorder,
-        desc="standard eval",
-    )
-
-
-def evaluate_sliding(
-    model: nn.Module,
-    tokens: Tensor,
-    metric: BitsPerByte,
-    *,
-    seq_len: int,
-    stride: int,
-    batch_windows: int = 32,
-    rule: WindowRule = "exact",
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-    options: ForwardOptions = ForwardOptions(),
-    recorder: Optional[ScoreRecorder] = None,
-) -> None:
-    """Sliding-window eval (the records' ``eval_val_sliding``): every window scores only its slice ``[s, wl)``;
-    contiguous rank split. ``rule="exact"`` scores each target once; ``"legacy"`` reproduces the PR #1263/#1278/#1321
-    over-count."""
-    all_windows = sliding_windows(tokens.numel() - 1, seq_len, stride, rule)
-    evaluate_windows(
-        model,
-        tokens,
-        metric,
-        rank_share(all_windows, rank, world_size),
-        seq_len=seq_len,
-        batch_windows=batch_windows,
-        progress=progress,
-        options=options,
-        recorder=recorder,
-        desc=f"sliding eval (stride {stride}, {rule})",
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Registration
-# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -348,57 +274,56 @@ class SlidingSettings:
             raise ConfigError(f"evaluation.sliding.batch_windows: must be positive, got {self.batch_windows}")
 
 
-def _run_standard(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: StandardSettings, setup: PassSetup):
-    evaluate_standard(
-        model,
-        tokens,
-        metric,
-        seq_len=setup.seq_len,
-        batch_seqs=cfg.batch_seqs,
-        rank=setup.rank,
-        world_size=setup.world_size,
-        progress=setup.progress,
-        options=setup.options,
-        recorder=setup.recorder,
+def evaluate_standard(
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: StandardSettings, setup: PassSetup
+) -> PassOutcome:
+    """Non-overlapping sequences of ``seq_len``, every position scored (upstream ``eval_val``); contiguous rank split
+    of the ``T // seq_len`` sequences, ``batch_seqs`` per forward. Per-token nll is summed in float64, where the
+    upstream ``eval_val`` adds float32 batch means (a ≤ 2e-7 difference in val_loss)."""
+    windows = rank_share(sequence_windows(tokens.numel() - 1, setup.seq_len), setup.rank, setup.world_size)
+    evaluate_windows(model, tokens, metric, windows, cfg.batch_seqs, setup, "standard eval")
+    return PassOutcome(True)
+
+
+def evaluate_sliding(
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlidingSettings, setup: PassSetup
+) -> PassOutcome:
+    """Sliding-window eval (the records' ``eval_val_sliding``): every window scores only its slice ``[s, wl)``;
+    contiguous rank split. ``exact`` windows score each target once; ``legacy`` reproduces the PR
+    #1263/#1278/#1321 over-count."""
+    rule = cfg.window_rule
+    windows = sliding_windows(tokens.numel() - 1, setup.seq_len, setup.stride, rule)
+    desc = f"sliding eval (stride {setup.stride}, {rule})"
+    evaluate_windows(
+        model, tokens, metric, rank_share(windows, setup.rank, setup.world_size), cfg.batch_windows, setup, desc
     )
-    return PassOutcome(compliant=True)
+    return PassOutcome(rule == "exact", {"stride": setup.stride, "window_rule": rule})
 
 
-def _run_sliding(model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlidingSettings, setup: PassSetup):
-    evaluate_sliding(
-        model,
-        tokens,
-        metric,
-        seq_len=setup.seq_len,
-        stride=setup.stride,
-        batch_windows=cfg.batch_windows,
-        rule=cfg.window_rule,
-        rank=setup.rank,
-        world_size=setup.world_size,
-        progress=setup.progress,
-        options=setup.options,
-        recorder=setup.recorder,
-    )
-    return PassOutcome(cfg.window_rule == "exact", {"stride": setup.stride, "window_rule": cfg.window_rule})
+# ---------------------------------------------------------------------------------------------------------
+# Registration (registry.py)
+# ---------------------------------------------------------------------------------------------------------
 
-
-register_eval_method(
+# standard: non-overlapping sequences (the roundtrip score); sliding: windows every stride positions, each scoring
+# its last stride positions.
+METHODS = (
     EvalMethod(
         "standard",
         StandardSettings,
-        _run_standard,
+        evaluate_standard,
         "final_{q}_roundtrip",
         "",
-        "non-overlapping sequences (the roundtrip score)",
-    )
-)
-register_eval_method(
+        audit=(AuditCase("standard", lambda a: StandardSettings(), "batch_seqs"),),
+    ),
     EvalMethod(
         "sliding",
         SlidingSettings,
-        _run_sliding,
+        evaluate_sliding,
         "final_{q}_sliding_window",
         "sliding_window",
-        "sliding windows, each scoring its last stride positions",
-    )
+        audit=(
+            AuditCase("sliding_exact", lambda a: SlidingSettings(), "batch_windows"),
+            AuditCase("sliding_legacy", lambda a: SlidingSettings("legacy"), "batch_windows"),
+        ),
+    ),
 )

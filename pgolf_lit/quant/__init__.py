@@ -4,41 +4,41 @@ quantizers.py (the registry: a quantizer by name, ``TensorRule``), rtn.py (per-r
 hessians.py and calibration.py (GPTQ inputs), prune.py
 (selective ±1 pruning), compress.py (byte shuffle + codecs), quantized.py (the quantized state dict),
 artifact.py (writing the native and upstream containers), reader.py (reading any artifact back: each container
-registers its reader, native_read.py, upstream_read.py, pergroup_read.py, pergroup_v2_read.py), code_size.py
-(honest code bytes), export.py (the whole export). Importing this package registers every container.
+registers its reader, native_read.py, upstream_read.py, pergroup_read.py, pergroup_v2_read.py), code_size.py (honest
+code bytes),
+export.py (the whole export). Importing this package registers every container.
+
+The names below load on first use (PEP 562), so importing one submodule does not import the export: the quantizer
+registry (``quantizers.QUANTIZER_MODULES``) is complete before ``export.py`` builds ``ExportConfig`` from it.
 """
+
+import importlib
 
 from pgolf_lit.quant import native_read, pergroup_read, pergroup_v2_read, upstream_read  # noqa: F401  (registers all)
 
-from pgolf_lit.quant.upstream_read import read_upstream_artifact
-from pgolf_lit.quant.code_size import CodeSize, measure_code_size
-from pgolf_lit.quant.export import (
-    ExportConfig,
-    ExportReport,
-    TensorRule,
-    build_model_from_artifact,
-    dequantize,
-    export_model,
-    load_artifact,
-    model_from_artifact,
-    quantize_state_dict,
-    read_artifact,
-)
-from pgolf_lit.quant.hessians import collect_hessians
+_EXPORTS = {
+    "CodeSize": "code_size",
+    "ExportConfig": "export",
+    "ExportReport": "export",
+    "TensorRule": "export",
+    "build_model_from_artifact": "export",
+    "collect_hessians": "hessians",
+    "dequantize": "export",
+    "export_model": "export",
+    "load_artifact": "export",
+    "measure_code_size": "code_size",
+    "model_from_artifact": "export",
+    "quantize_state_dict": "export",
+    "read_artifact": "export",
+    "read_upstream_artifact": "upstream_read",
+}
 
-__all__ = [
-    "CodeSize",
-    "ExportConfig",
-    "ExportReport",
-    "TensorRule",
-    "build_model_from_artifact",
-    "collect_hessians",
-    "dequantize",
-    "export_model",
-    "load_artifact",
-    "measure_code_size",
-    "model_from_artifact",
-    "quantize_state_dict",
-    "read_artifact",
-    "read_upstream_artifact",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -8,8 +8,8 @@ reading its artifact and running its config's scored passes imports (``code_file
   counts, run the passes by name;
 * the reader of the artifact's container (``export.format``): each container registers its reader where it is
   defined (``reader.py``'s ``CONTAINERS``; ``Container.modules``), the decoder side only;
-* each scored pass of the config (``model.test_methods``): each method registers where it is defined, with what
-  else it needs (``eval/registry.py``; ``EvalMethod.modules``);
+* each scored pass of the config (``model.test_methods``): the module that declares it (``eval/registry.py``'s
+  ``METHOD_MODULES``), with what else it needs (``EvalMethod.modules``);
 
 and adding every pgolf_lit module these import, at module level or inside a function, so a new dependency is
 counted the day it is added. The one exception is declared by the imported module itself: a module that assigns a
@@ -19,8 +19,9 @@ only when a counted module imports a name from it (``from pgolf_lit.eval import 
 program creates the package empty, so importing ``pgolf_lit.eval.runner`` does not import every method.
 
 The sources are minified with python-minifier using PR #1855's ``pyminify`` flags (``PYMINIFY_OPTIONS``) and put in
-one program, which serves them as an importable ``pgolf_lit`` package (``_BOOTSTRAP``), then imports the registering
-modules (the config's passes, the container) and the entry. The program is wrapped as PR #1855 measures its code
+one program, which serves them as an importable ``pgolf_lit`` package (``_BOOTSTRAP``), sets the eval registry's
+``METHOD_MODULES`` to the modules of the config's passes (the program carries no other method), then imports the
+container's reader and the entry. The program is wrapped as PR #1855 measures its code
 (``_compressed_code_size``)::
 
     import brotli as B,base64 as b
@@ -39,6 +40,7 @@ from __future__ import annotations
 import ast
 import base64
 import functools
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -100,18 +102,26 @@ class CodeSize:
 
 
 def _registries():
-    """Every registered container and eval method (importing the packages registers them all)."""
-    import pgolf_lit.eval
+    """Every registered container and eval method (importing the quant package registers every container)."""
     import pgolf_lit.quant  # noqa: F401
-    from pgolf_lit.eval.registry import EVAL_METHODS
+    from pgolf_lit.eval.registry import eval_methods
     from pgolf_lit.quant.reader import CONTAINERS
 
-    return CONTAINERS, EVAL_METHODS
+    return CONTAINERS, eval_methods()
+
+
+def method_modules(methods: Iterable[str]) -> list[str]:
+    """The modules of ``eval/registry.py``'s ``METHOD_MODULES`` that declare any of ``methods``, in that order."""
+    from pgolf_lit.eval.registry import METHOD_MODULES
+
+    wanted = set(methods)
+    return [m for m in METHOD_MODULES if wanted & {x.name for x in importlib.import_module(m).METHODS}]
 
 
 def entry_modules(formats: Optional[Iterable[str]] = None, methods: Optional[Iterable[str]] = None) -> list[str]:
-    """The modules the program registers (each format's reader, each method's modules, in that order), then
-    ``EVAL_ENTRY``. ``None`` means every registered format / method (the whole evaluation side)."""
+    """The modules the program needs by name: the modules declaring each method and what each method needs, each
+    format's reader, in that order, then ``EVAL_ENTRY``. ``None`` means every registered format / method (the whole
+    evaluation side)."""
     containers, eval_methods = _registries()
     formats = list(containers) if formats is None else list(formats)
     methods = list(eval_methods) if methods is None else list(methods)
@@ -121,7 +131,7 @@ def entry_modules(formats: Optional[Iterable[str]] = None, methods: Optional[Ite
     unknown = [m for m in methods if m not in eval_methods]
     if unknown:
         raise ConfigError(f"code size: unknown eval method(s) {unknown}; expected some of {list(eval_methods)}")
-    modules = [m for name in methods for m in eval_methods[name].modules]
+    modules = method_modules(methods) + [m for name in methods for m in eval_methods[name].modules]
     modules += [m for name in formats for m in containers[name].modules]
     return list(dict.fromkeys([*modules, EVAL_ENTRY]))
 
@@ -233,8 +243,19 @@ def package_program(
     entries: Optional[Sequence[str]] = None,
     minify_options: Optional[Mapping[str, bool]] = None,
 ) -> tuple[str, int, list[str]]:
-    """The self-installing program, the raw source bytes it was made from, and the file list."""
-    entries = list(entries) if entries is not None else entry_modules(formats, methods)
+    """The self-installing program, the raw source bytes it was made from, and the file list. Given ``formats`` and
+    ``methods``, the program lists the modules of those methods in the eval registry and imports the containers'
+    readers and ``EVAL_ENTRY``; given ``entries``, it imports those."""
+    if entries is None:
+        containers, eval_methods = _registries()
+        formats = list(containers) if formats is None else list(formats)
+        methods = list(eval_methods) if methods is None else list(methods)
+        entries = entry_modules(formats, methods)
+        readers = [m for name in formats for m in containers[name].modules]
+        head = f"import pgolf_lit.eval.registry as R\nR.METHOD_MODULES={tuple(method_modules(methods))!r}\n"
+        imports = list(dict.fromkeys([*readers, EVAL_ENTRY]))
+    else:
+        head, imports = "", list(entries)
     files = code_files(root=root, entries=entries)
     sources = {}
     raw = 0
@@ -244,7 +265,7 @@ def package_program(
         text, sources[rel] = _read_minified(str(root / rel), stat.st_mtime_ns, stat.st_size, options)
         raw += len(text.encode("utf-8"))
     table = ",".join(f"{rel!r}:{_literal(src)}" for rel, src in sources.items())
-    program = f"S={{{table}}}\n{_BOOTSTRAP}import {','.join(entries)}\n"
+    program = f"S={{{table}}}\n{_BOOTSTRAP}{head}import {','.join(imports)}\n"
     return program, raw, files
 
 

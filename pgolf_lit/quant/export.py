@@ -36,7 +36,7 @@ from pgolf_lit.quant import code_lzma  # noqa: F401  (registers the lzma code wr
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size
 from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
-from pgolf_lit.quant.gptq import GPTQSettings, gptq_sdclip_protected
+from pgolf_lit.quant.gptq import gptq_sdclip_protected
 from pgolf_lit.quant.gate import gate_shape_qualifies
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
 from pgolf_lit.quant.pergroup import PergroupSettings, encode_pergroup, pergroup_from_quantized
@@ -44,7 +44,7 @@ from pgolf_lit.quant.pergroup_v2 import encode_pergroup_v2, record_v2_order
 from pgolf_lit.quant.hessians import HessianReport, collect_hessians
 from pgolf_lit.quant.prune import PruneReport, selective_prune
 from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, tensor_keys
-from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL, QUANTIZERS, Quantized, TensorRule, clip_range
+from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL, Quantized, TensorRule, clip_range, quantizers
 from pgolf_lit.quant.reader import (  # the reading side, re-exported (reading never imports this module)
     LoadedArtifact,
     build_model_from_artifact,
@@ -77,9 +77,9 @@ RULE_GROUPS = ("mlp", "attn", "embed", "other")
 
 
 @dataclass
-class ExportConfig:
-    """Every export knob: routing, per-group rules, GPTQ, container, budget. A record's YAML lists each value that
-    differs from these defaults (pgolf's scheme)."""
+class ExportBase:
+    """Every export knob but the quantizers' own settings: routing, per-group rules, container, budget.
+    ``ExportConfig`` adds one section per quantizer with settings (``quantizers.py``: ``gptq``)."""
 
     format: Literal["native", "upstream", "pergroup", "pergroup_v2"] = "native"
     """``native``: pgolf's container (config inside, no pickle); ``upstream``: the record script's own file;
@@ -112,8 +112,6 @@ class ExportConfig:
     """Mixed int5/int6: rank the GPTQ mlp/attn matrices by trace(H); all but the top N get ``trace_rank_low_bits``."""
     trace_rank_low_bits: int = 5
     """Bits of the matrices outside the trace-ranked top N."""
-    gptq: GPTQSettings = field(default_factory=GPTQSettings)
-    """Hessian collection and GPTQ sweep settings."""
     lqer: Optional[LqerSettings] = None
     """LQER (PR #1855): a low-rank correction of the top-k GPTQ tensors by quantization error; null = off."""
     awq: Optional[AwqSettings] = None
@@ -147,8 +145,15 @@ class ExportConfig:
             rule = TensorRule(**rule) if isinstance(rule, Mapping) else dataclasses.replace(rule)
             rule.validate(f"export.{name}")
             setattr(self, name, rule)
-        gptq = self.gptq
-        self.gptq = GPTQSettings(**gptq) if isinstance(gptq, Mapping) else dataclasses.replace(gptq)
+        for name, settings_cls in quantizer_sections().items():  # a private copy each, as the rules
+            section = getattr(self, name)
+            if isinstance(section, Mapping):
+                known = {f.name for f in dataclasses.fields(settings_cls)}
+                unknown = sorted(set(section) - known)
+                if unknown:
+                    raise ConfigError(f"export.{name}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+                section = settings_cls(**section)
+            setattr(self, name, dataclasses.replace(section))
         if isinstance(self.lqer, Mapping):
             self.lqer = LqerSettings(**self.lqer)
         if isinstance(self.awq, Mapping):
@@ -169,7 +174,7 @@ class ExportConfig:
         if self.format not in ("native", "upstream", "pergroup", "pergroup_v2"):
             raise ConfigError(f"export.format: expected native, upstream, pergroup or pergroup_v2, got {self.format!r}")
         if self.lqer is not None and not any(
-            getattr(self, g) is not None and QUANTIZERS[getattr(self, g).method].needs_hessian for g in RULE_GROUPS
+            getattr(self, g) is not None and quantizers()[getattr(self, g).method].needs_hessian for g in RULE_GROUPS
         ):
             raise ConfigError("export.lqer: corrects GPTQ tensors, but no quant group uses gptq")
         if self.awq is not None and not any(
@@ -201,7 +206,10 @@ class ExportConfig:
             raise ConfigError(
                 f"export.trace_rank_low_bits: must lie in [2, 8], got {self.trace_rank_low_bits}"
             ) from None
-        self.gptq.validate()
+        for name in quantizer_sections():
+            section = getattr(self, name)
+            if hasattr(section, "validate"):
+                section.validate()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ExportConfig":
@@ -223,14 +231,36 @@ class ExportConfig:
     @property
     def uses_gptq(self) -> bool:
         rules = [getattr(self, g) for g in (*RULE_GROUPS, "gate")]
-        return any(r is not None and QUANTIZERS[r.method].needs_hessian for r in rules)
+        return any(r is not None and quantizers()[r.method].needs_hessian for r in rules)
 
     @property
     def head_uses_gptq(self) -> bool:
-        return QUANTIZERS[self.embed.method].needs_hessian
+        return quantizers()[self.embed.method].needs_hessian
+
+    def quantizer_settings(self, method: str) -> Any:
+        """The settings section of quantizer ``method`` (None when it has none)."""
+        return getattr(self, method) if method in quantizer_sections() else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def quantizer_sections() -> dict[str, type]:
+    """The quantizers with settings, by name: the sections ``ExportConfig`` adds to ``ExportBase``."""
+    return {name: q.settings for name, q in quantizers().items() if q.settings is not None}
+
+
+ExportConfig = dataclasses.make_dataclass(
+    "ExportConfig",
+    [(name, cls, field(default_factory=cls)) for name, cls in quantizer_sections().items()],
+    bases=(ExportBase,),
+)
+ExportConfig.__module__ = __name__
+ExportConfig.__doc__ = (
+    "Every export knob: routing, per-group rules, container, budget, then one section per quantizer with settings "
+    f"({', '.join(quantizer_sections())}). A record's YAML lists each value that differs from these defaults "
+    "(pgolf's scheme)."
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +311,8 @@ def quantize_state_dict(
             quant.update(groups.tensors(name))
             how = {"method": "gptq", "clip_sigmas": rule.clip_sigmas, "awq": cfg.awq.bits}
         else:
-            q, how = QUANTIZERS[rule.method].quantize(name, t, rule, bits, hessians.get(name), cfg.gptq)
+            settings = cfg.quantizer_settings(rule.method)
+            q, how = quantizers()[rule.method].quantize(name, t, rule, bits, hessians.get(name), settings)
         quant[f"{name}.q"], quant[f"{name}.scale"] = q.q, q.scale
         meta[name] = {"kind": "int", "bits": bits, "dtype": dtype_name(t.dtype), **how}
     if cfg.lqer is not None:
@@ -386,7 +417,7 @@ def _trace_ranked_low_bits(
             and roles[name].quant in ("mlp", "attn")
             and t.ndim == 2
             and rule is not None
-            and QUANTIZERS[rule.method].needs_hessian
+            and quantizers()[rule.method].needs_hessian
         ):
             ranked.append(name)
     ranked.sort(key=lambda name: -float(torch.trace(hessians[name].float())))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.errors import ArtifactError, ConfigError
-from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range, register_quantizer
+from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range
 from pgolf_lit.quant.rtn import PERCENTILE_CANDIDATES, floored_scale, percentile_row_clip, quantize_rtn, sdclip_scale
 
 BLOCK_SIZE = 128
@@ -254,4 +254,6 @@ def quantize_gptq(
         return q, {**how, "method": "gptq", "fallback": "rtn"}  # the records label this tensor GPTQ
 
 
-GPTQ = register_quantizer(Quantizer("gptq", quantize_gptq, scales=("percentile_search", "sdclip"), needs_hessian=True))
+QUANTIZERS = (
+    Quantizer("gptq", quantize_gptq, scales=("percentile_search", "sdclip"), needs_hessian=True, settings=GPTQSettings),
+)

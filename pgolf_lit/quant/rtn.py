@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.quant.quantized import dequantize_codes  # noqa: F401  (re-exported: the reading side)
-from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range, register_quantizer
+from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range
 
 INT8_CLIP_QUANTILE = 99.99984 / 100.0
 PERCENTILE_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)
@@ -163,4 +163,4 @@ def quantize_rtn(
     return q, {"method": "rtn", "percentile": q.percentile}
 
 
-RTN = register_quantizer(Quantizer("rtn", quantize_rtn, scales=("quantile", "percentile_search", "sdclip", "row_amax")))
+QUANTIZERS = (Quantizer("rtn", quantize_rtn, scales=("quantile", "percentile_search", "sdclip", "row_amax")),)

@@ -1,6 +1,8 @@
-"""``pgolf audit [--method NAME ...]``: the empirical causality audit (issue #1017's conditions) of each
-evaluation procedure on a tiny deterministic float64 model: A prefix invariance, B every target scored exactly
-once, C score before update, D batch/world invariance. Exits 0; the table says which procedures fail."""
+"""``pgolf audit [--method NAME ...]``: the empirical causality audit (issue #1017's conditions and more) of each
+registered evaluation method's audit rows on a tiny deterministic float64 model: A prefix invariance, B every
+target scored exactly once, C score before update, D batch/world invariance, E normalized distributions, F nothing
+read before it is scored, G document isolation, H state order (``pgolf_lit/eval/audit.py``). Exits 0; the table
+says which procedures fail."""
 
 from __future__ import annotations
 

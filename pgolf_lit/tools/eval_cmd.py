@@ -9,7 +9,7 @@ import dataclasses
 
 from pgolf_lit.config import load_config
 from pgolf_lit.errors import ConfigError
-from pgolf_lit.eval import EVAL_METHODS, EvalSettings
+from pgolf_lit.eval import EvalSettings, eval_methods
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         action="append",
-        choices=list(EVAL_METHODS),
+        choices=list(eval_methods()),
         help="pass to run; repeat for several (default: the --config's test_methods, else standard + sliding)",
     )
     p.add_argument("--config", default=None, help="take evaluation settings from this pgolf YAML config")
