@@ -346,7 +346,7 @@ def test_pr2135_tiny_twin_fits_exports_and_scores_the_tilted_pass(run_cwd):
     from pgolf_lit.config import CONFIG_DIR, load_config
     from pgolf_lit.quant.code_size import measure_code_size
     from pgolf_lit.quant.pergroup_v2 import is_pergroup_v2
-    from pgolf_lit.summary import read_summary
+    from pgolf_lit.run_summary import read_summary
 
     record = "pr2135_calib32_ngram_tilt_tiny"
     config = CONFIG_DIR / "records" / f"{record}.yaml"

@@ -379,8 +379,9 @@ def evaluate_ngram_tilt(
 
 
 def audit_scale(a) -> NgramTiltSettings:
-    """At the audit's scale (385 tokens of 40 ids): phased TTT's audit settings and a table of order 3 that fires."""
-    return NgramTiltSettings(**vars(phased_audit_scale(a)), order=3, threshold=0.5)
+    """At the audit's scale (385 tokens of 40 ids): phased TTT's audit settings and a table that fires there (order 2,
+    threshold 0.3; order 3 at 0.5 gates no hint, so H would see no state to order)."""
+    return NgramTiltSettings(**vars(phased_audit_scale(a)), order=2, threshold=0.3)
 
 
 METHODS = (
