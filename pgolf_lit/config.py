@@ -25,6 +25,7 @@ __all__ = [
     "merge_configs",
     "record_config_path",
     "resolve_config_path",
+    "without_published_record",
 ]
 
 
@@ -34,9 +35,16 @@ __all__ = [
 
 
 def _config_dir() -> Path:
-    """Where the packaged configs are: the repository's configs/ (editable install) or the wheel's copy."""
+    """Where the packaged configs are: the configs/ of the source checkout this package is imported from, else the
+    installed ``pgolf_lit.configs`` (the wheel's copy, or the editable install's folder).
+
+    The checkout comes first: an editable install maps ``pgolf_lit.configs`` to the folder of the checkout it was
+    installed from, which is another checkout's when this one is imported through PYTHONPATH (a git worktree)."""
     import importlib.util
 
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "setup.cfg").is_file() and (checkout / "configs" / "records").is_dir():
+        return checkout / "configs"
     spec = importlib.util.find_spec("pgolf_lit.configs")
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
@@ -46,13 +54,19 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 
+# Where packaged configs are looked up by name: the record configs, the leaderboard's rows, the rest.
+CONFIG_FOLDERS = ("records", "leaderboard", ".")
+
+
 def record_config_path(name: str) -> Path:
-    """``configs/records/<name>.yaml`` (or ``configs/<name>.yaml``); unknown names list what exists."""
-    for p in (CONFIG_DIR / "records" / f"{name}.yaml", CONFIG_DIR / f"{name}.yaml"):
+    """``configs/records/<name>.yaml``, ``configs/leaderboard/<name>.yaml`` or ``configs/<name>.yaml``; unknown names
+    list the record configs that exist."""
+    for folder in CONFIG_FOLDERS:
+        p = CONFIG_DIR / folder / f"{name}.yaml"
         if p.is_file():
             return p
     known = sorted(p.stem for p in (CONFIG_DIR / "records").glob("*.yaml"))
-    raise ConfigError(f"unknown record '{name}': expected one of {known}")
+    raise ConfigError(f"unknown record '{name}': expected one of {known} (or a row of configs/leaderboard/)")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -136,7 +150,18 @@ def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     base_path = (path.parent / base_name).resolve()
     if base_path in _seen:
         raise ConfigError(f"{path}: '{EXTENDS_KEY}' chain loops back to {base_path}")
-    return merge_configs(load_config(base_path, (*_seen, path.resolve())), data)
+    return merge_configs(without_published_record(load_config(base_path, (*_seen, path.resolve()))), data)
+
+
+def without_published_record(config: dict[str, Any]) -> dict[str, Any]:
+    """The base of an overlay without the facts of its published record (PR, score, parameter count, ...): they
+    describe the file that states them, not a config that extends it (``pgolf_lit.records.PUBLISHED_FIELDS``)."""
+    from pgolf_lit.records import PUBLISHED_FIELDS
+
+    record = config.get("record")
+    if not isinstance(record, dict):
+        return config
+    return {**config, "record": {k: v for k, v in record.items() if k not in PUBLISHED_FIELDS}}
 
 
 def gpt_config_from_yaml(path: str | Path) -> GPTConfig:

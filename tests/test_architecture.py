@@ -324,6 +324,11 @@ def test_a_config_that_extends_another_logs_under_its_own_name(tmp_path):
     assert logger_name(str(named)) == "chosen"
     assert logger_name(str(child), "--trainer.logger.init_args.name", "cli") == "cli"
     assert logger_name(str(parent)) == "pr1394_sp8192_loop45_tiny"
+    # a config that extends nothing and names no run logs under its stem too (the record configs name none)
+    standalone = tmp_path / "standalone.yaml"
+    standalone.write_text((CONFIG_DIR / "baseline_sp1024.yaml").read_text())
+    assert "name:" not in standalone.read_text()
+    assert logger_name(str(standalone)) == "standalone"
 
 
 def test_merge_configs_matches_callbacks_by_class():
