@@ -3,7 +3,7 @@
 ``pgolf fit|validate|test --config X.yaml`` is a LightningCLI over GolfModule + TokenShardDataModule (every
 Trainer flag works: ``--trainer.devices 8 --trainer.strategy ddp``; ``--print_config`` prints the merged
 config). The other subcommands are tools around a run: ``data build|download``, ``summary``, ``convert``,
-``export``, ``eval``, ``audit``, ``demo``, ``seeds``, ``record``, ``report``.
+``export``, ``eval``, ``audit``, ``demo``, ``seeds``, ``record``, ``report``, ``leaderboard``, ``lineage``.
 
 Bad input ends in one line ``error: ...`` naming the file or field, and exit status 2: a ``PgolfError`` (also when
 Lightning or jsonargparse wrapped it), an OS error (permission denied, disk full: the line names the path), and,
@@ -657,6 +657,8 @@ TOOLS = {
     "record": ("record", "main"),
     "report": ("report", "main"),
     "sample": ("sample", "main"),
+    "leaderboard": ("leaderboard", "main"),
+    "lineage": ("lineage", "main"),
 }
 
 USAGE = """usage: pgolf COMMAND ...
@@ -680,6 +682,9 @@ from runs to a record:
   report RUN_DIR [--ckpt C]              PNG plots (curves, LR and events, weights, bytes) + summary.md
 text:
   sample --config X (--artifact A | --ckpt C) --prompt "..."   generate text from a trained model
+the leaderboard as configs:
+  leaderboard [--no-audit]  every row of the final leaderboard: its config, parameter check, audit, what it lacks
+  lineage CONFIG            the chain of configs CONFIG extends, with what each step changes
 demo:
   demo                      the CPU demo: embedded corpus -> 60 s of training -> export -> roundtrip val_bpb
   --version                 the installed version

@@ -90,11 +90,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 EXTENDS_KEY = "extends"
+REMOVE_KEY = "remove"  # in an overlay's callback entry: drop the base's callback of that class
 
 
 def merge_configs(base: Any, overlay: Any) -> Any:
     """``overlay`` on top of ``base``: mappings merge key by key; lists of ``class_path`` entries (callbacks) merge
-    entry by entry, matched by class in order, new classes appended; anything else is replaced.
+    entry by entry, matched by class in order; anything else is replaced. A class the base lacks is inserted where
+    the overlay puts it: before the next entry of the overlay that the base has, else at the end (so a record that
+    adds EMA before its parent's export callback keeps the export last). An entry ``{class_path: X, remove: true}``
+    drops the base's X (a record that leaves out its parent's SWA).
 
     jsonargparse's own config stacking replaces lists whole, so a ``*_tiny.yaml`` would have to repeat every
     callback of its record: this merge is what lets it change only their arguments.
@@ -105,18 +109,35 @@ def merge_configs(base: Any, overlay: Any) -> Any:
             merged[key] = merge_configs(base[key], value) if key in base else value
         return merged
     if _is_class_list(base) and _is_class_list(overlay):
-        merged = list(base)
+        slots: list[Any] = list(base)  # base entries, merged in place; new entries wait for the next match
+        matched: dict[int, int] = {}  # overlay index -> base index
         used: set[int] = set()
-        for entry in overlay:
+        for j, entry in enumerate(overlay):
             match = next(
-                (i for i, b in enumerate(merged) if i not in used and b["class_path"] == entry["class_path"]), None
+                (i for i, b in enumerate(base) if i not in used and b["class_path"] == entry["class_path"]), None
             )
-            if match is None:
-                merged.append(entry)
-                used.add(len(merged) - 1)
-            else:
-                merged[match] = merge_configs(merged[match], entry)
+            if match is not None:
                 used.add(match)
+                matched[j] = match
+                slots[match] = merge_configs(base[match], entry)
+        inserted: dict[int, list[Any]] = {}  # base index -> new entries placed before it (len(base): at the end)
+        for j, entry in enumerate(overlay):
+            if j not in matched:
+                before = next((matched[k] for k in range(j + 1, len(overlay)) if k in matched), len(base))
+                inserted.setdefault(before, []).append(entry)
+        removed = {matched[j] for j, entry in enumerate(overlay) if entry.get(REMOVE_KEY) is True and j in matched}
+        for j, entry in enumerate(overlay):
+            if REMOVE_KEY in entry and (entry[REMOVE_KEY] is not True or j not in matched):
+                raise ConfigError(
+                    f"callbacks: '{REMOVE_KEY}: true' drops a callback the base config attaches; "
+                    f"{entry['class_path']} has {REMOVE_KEY}: {entry[REMOVE_KEY]!r}"
+                    + ("" if j in matched else " and the base attaches none")
+                )
+        merged = []
+        for i in range(len(base) + 1):
+            merged.extend(inserted.get(i, []))
+            if i < len(base) and i not in removed:
+                merged.append(slots[i])
         return merged
     return overlay
 

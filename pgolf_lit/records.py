@@ -83,7 +83,8 @@ class RecordRun:
     folder: Optional[str] = None
     """Its folder under the upstream repository's records/track_10min_16mb/."""
     score: Optional[float] = None
-    """Its published score: the mean val_bpb over its seeds (3 unless the config says otherwise)."""
+    """Its published score as the leaderboard lists it: the mean val_bpb over its seeds (3 unless the config says
+    otherwise; the early records list one run)."""
     params: Optional[int] = None
     """The parameter count its logs print (``model_params``); the tests build this config's model and compare."""
     param_groups: Optional[dict[str, list[int]]] = None
