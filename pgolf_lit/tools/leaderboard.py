@@ -127,7 +127,7 @@ def format_table(rows: list[Row], verdicts: Optional[dict[str, str]]) -> str:
         else:
             audit = f"{row.scored_method}: {verdicts[procedure]}"
         pr = f"#{record.pr}" if record.pr else "-"
-        table.append([str(rank), f"{record.score:.4f}", row.date, pr, row.path.stem, params, audit, row.lacks])
+        table.append([str(rank), _four_places(record.score), row.date, pr, row.path.stem, params, audit, row.lacks])
     widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in [*widths, len(header[-1])]))
@@ -139,6 +139,13 @@ def format_table(rows: list[Row], verdicts: Optional[dict[str, str]]) -> str:
         f"{len(rows) - complete - approx} missing a technique or not yet expressed"
     )
     return "\n".join(lines)
+
+
+def _four_places(score: float) -> str:
+    """The score as the leaderboard prints it: 4 decimals, halves rounded up (1.09785 -> 1.0979)."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return str(Decimal(str(score)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP))
 
 
 def main(argv: Sequence[str]) -> None:
