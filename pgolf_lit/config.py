@@ -8,6 +8,7 @@ has no YAML reading in it).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,14 +71,23 @@ def record_config_path(name: str) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """One YAML file as a mapping (no ``extends`` resolution; see ``load_config``)."""
-    import yaml
+    """One YAML file as a mapping (no ``extends`` resolution; see ``load_config``). Parsed once per file version:
+    a leaderboard row's chain reads its ancestors' files again and again."""
+    import copy
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    stat = path.stat()
+    return copy.deepcopy(_parsed_yaml(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed_yaml(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    import yaml
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

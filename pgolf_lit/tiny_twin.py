@@ -57,6 +57,8 @@ def tiny_twin_overlay(config: dict[str, Any]) -> dict[str, Any]:
         tiny_gpt.update(bigram_vocab_size=128, bigram_dim=16)
     if gpt.get("ve_enabled"):
         tiny_gpt["ve_dim"] = 16
+    if gpt.get("gate_window", 12) >= gpt.get("model_dim", 512):  # a gate over every channel (PR #1736's dense one)
+        tiny_gpt["gate_window"] = GPT["model_dim"]
 
     evaluation = model.get("evaluation") or {}
     eval_seq_len = scaled(int(evaluation.get("seq_len") or train_seq_len))

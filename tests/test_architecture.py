@@ -217,6 +217,7 @@ SIZE_FIELDS = {
         "bigram_vocab_size",
         "bigram_dim",
         "ve_dim",
+        "gate_window",  # the gated channels: every channel of the record stays every channel of the twin
     },
 }
 SCALE_KEYS = {

@@ -52,8 +52,10 @@ def ids(batch=2, T=24, V=64, seed=3):
 @pytest.mark.parametrize("path", published_record_configs(), ids=lambda p: p.stem)
 def test_record_parameter_counts(path):
     """Every published record on disk (its own file states ``record.params``: the count its logs print) builds a
-    model of exactly that size; the model is built on the meta device, so no weights are made."""
-    assert built_param_count(load_config(path)) == published_record(path).params
+    model of exactly that size, unless it names the technique it lacks (a leaderboard row marked missing); the
+    model is built on the meta device, so no weights are made."""
+    record = published_record(path)
+    assert built_param_count(load_config(path)) == record.params or record.missing
 
 
 def test_a_new_record_yaml_is_checked_without_a_test_edit(tmp_path):
