@@ -450,7 +450,8 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
 
         def _apply_record_run(self) -> None:
             """Compare this run's world with the record's (``record.world``): the differences go to train.log as
-            one line, and step-matched mode scales the wallclock budget (``RecordRun``)."""
+            one line, and step-matched mode scales the wallclock budget (``RecordRun``); a config that lacks or
+            approximates its record's techniques says so there too."""
             from pgolf_lit.callbacks import GPTQExport, WallclockBudget
 
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -460,7 +461,7 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
             capped = budget is not None and budget.effective_cap_ms is not None
             export = next((cb for cb in trainer.callbacks if isinstance(cb, GPTQExport)), None)
             calibrates = export is not None and export.config.uses_gptq and export.calibration != "generated"
-            notes = record.world_notes(
+            notes = record.fidelity_notes() + record.world_notes(
                 trainer.world_size,
                 getattr(self.datamodule, "grad_accum_base", 8),
                 getattr(module.optim_config, "grad_clip_scope", "global") == "local",

@@ -100,7 +100,7 @@ def _parsed_yaml(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 EXTENDS_KEY = "extends"
-REMOVE_KEY = "remove"  # in an overlay's callback entry: drop the base's callback of that class
+REMOVE_KEY = "remove"  # in an overlay: drop the base's callback of that class, or the base's key
 
 
 def merge_configs(base: Any, overlay: Any) -> Any:
@@ -108,7 +108,8 @@ def merge_configs(base: Any, overlay: Any) -> Any:
     entry by entry, matched by class in order; anything else is replaced. A class the base lacks is inserted where
     the overlay puts it: before the next entry of the overlay that the base has, else at the end (so a record that
     adds EMA before its parent's export callback keeps the export last). An entry ``{class_path: X, remove: true}``
-    drops the base's X (a record that leaves out its parent's SWA).
+    drops the base's X (a record that leaves out its parent's SWA), and ``key: {remove: true}`` drops the base's
+    key (a record that leaves out its parent's TTT settings).
 
     jsonargparse's own config stacking replaces lists whole, so a ``*_tiny.yaml`` would have to repeat every
     callback of its record: this merge is what lets it change only their arguments.
@@ -116,7 +117,12 @@ def merge_configs(base: Any, overlay: Any) -> Any:
     if isinstance(base, dict) and isinstance(overlay, dict):
         merged = dict(base)
         for key, value in overlay.items():
-            merged[key] = merge_configs(base[key], value) if key in base else value
+            if value == {REMOVE_KEY: True}:
+                if key not in base:
+                    raise ConfigError(f"{key}: '{REMOVE_KEY}: true' drops a key the base config has; it has none")
+                del merged[key]
+            else:
+                merged[key] = merge_configs(base[key], value) if key in base else value
         return merged
     if _is_class_list(base) and _is_class_list(overlay):
         slots: list[Any] = list(base)  # base entries, merged in place; new entries wait for the next match

@@ -134,6 +134,16 @@ class RecordRun:
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
 
+    def fidelity_notes(self) -> list[str]:
+        """The lines ``pgolf fit`` prints for a config that is not its record: what it lacks, what differs."""
+        name = f"PR #{self.pr}" if self.pr else "its record"
+        lines = []
+        if self.missing:
+            lines.append(f"record: this config lacks techniques of {name}: " + "; ".join(self.missing))
+        if self.approx:
+            lines.append(f"record: this config approximates {name}: {self.approx}")
+        return lines
+
     def world_notes(
         self, world: int, grad_accum_base: int, local_clip: bool, calibrates: bool, budget_s: Optional[float]
     ) -> list[str]:

@@ -347,7 +347,7 @@ def test_a_config_that_extends_another_logs_under_its_own_name(tmp_path):
     assert logger_name(str(parent)) == "pr1394_sp8192_loop45_tiny"
     # a config that extends nothing and names no run logs under its stem too (the record configs name none)
     standalone = tmp_path / "standalone.yaml"
-    standalone.write_text((CONFIG_DIR / "baseline_sp1024.yaml").read_text())
+    standalone.write_text((CONFIG_DIR / "leaderboard" / "2026-03-18_baseline.yaml").read_text())
     assert "name:" not in standalone.read_text()
     assert logger_name(str(standalone)) == "standalone"
 
@@ -382,6 +382,10 @@ def test_merge_configs_matches_callbacks_by_class():
     assert dropped["trainer"]["callbacks"] == [{"class_path": "B", "init_args": {"z": 3}}]
     with pytest.raises(ConfigError, match="the base attaches none"):
         merge_configs(base, {"trainer": {"callbacks": [{"class_path": "Z", "remove": True}]}})
+    # key: {remove: true} drops the base's key (a record without its parent's TTT settings)
+    assert merge_configs(base, {"model": {"gpt": {"remove": True}}})["model"] == {}
+    with pytest.raises(ConfigError, match="ttt: 'remove: true' drops a key the base config has"):
+        merge_configs(base, {"model": {"ttt": {"remove": True}}})
 
 
 def test_extends_loops_and_bad_values_are_one_line_errors(tmp_path):

@@ -324,3 +324,13 @@ def test_a_twin_keeps_its_rows_switches_and_is_not_the_record():
     assert {k for k in twin["record"] if k in PUBLISHED_FIELDS} == set()
     assert dataclasses.asdict(GPTConfig.from_dict(twin["model"]["gpt"]))["model_dim"] == 64
     assert built_param_count(twin) < built_param_count(config) // 20
+
+
+def test_a_row_that_is_not_its_record_says_so_when_it_runs():
+    """``pgolf fit`` prints what a row lacks or approximates (RecordRun.fidelity_notes go to train.log)."""
+    missing = published_record(LEADERBOARD / "2026-04-19_pr1729.yaml")
+    (line,) = missing.fidelity_notes()
+    assert line.startswith("record: this config lacks techniques of PR #1729: ") and "taper" in line
+    approx = published_record(LEADERBOARD / "2026-03-20_pr287.yaml")
+    assert approx.fidelity_notes() == [f"record: this config approximates PR #287: {approx.approx}"]
+    assert published_record(LEADERBOARD / "2026-04-27_pr1855.yaml").fidelity_notes() == []
