@@ -3,7 +3,7 @@ changes — the readable answer to "what did this record change?".
 
 Each step prints its file, the published record it states (``record:``: PR, score, what it lacks), and every key
 whose value differs from its parent's after overlays are resolved (``model.gpt.qk_gain_init: 4.0 -> 5.0``; a key
-the parent lacks shows ``+``, one the step drops shows ``-``). Callbacks are keyed by class
+the parent lacks shows its value alone, one the step drops ends in ``-> -``). Callbacks are keyed by class
 (``trainer.callbacks.EMA.decay``), so a step that adds a callback shows its arguments.
 """
 
