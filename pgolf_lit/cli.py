@@ -178,7 +178,8 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
 
         def _apply_record_run(self) -> None:
             """Compare this run's world with the record's (``record.world``): the differences go to train.log as
-            one line, and step-matched mode scales the wallclock budget (``RecordRun``)."""
+            one line, and step-matched mode scales the wallclock budget (``RecordRun``); a config that lacks or
+            approximates its record's techniques says so there too."""
             from pgolf_lit.callbacks import GPTQExport, WallclockBudget
 
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -188,7 +189,7 @@ def make_cli(args: Optional[Sequence[str]] = None, run: bool = True):
             capped = budget is not None and budget.effective_cap_ms is not None
             export = next((cb for cb in trainer.callbacks if isinstance(cb, GPTQExport)), None)
             calibrates = export is not None and export.config.uses_gptq and export.calibration != "generated"
-            notes = record.world_notes(
+            notes = record.fidelity_notes() + record.world_notes(
                 trainer.world_size,
                 getattr(self.datamodule, "grad_accum_base", 8),
                 getattr(module.optim_config, "grad_clip_scope", "global") == "local",
@@ -278,6 +279,8 @@ TOOLS = {
     "record": ("record", "main"),
     "report": ("report", "main"),
     "sample": ("sample", "main"),
+    "leaderboard": ("leaderboard", "main"),
+    "lineage": ("lineage", "main"),
 }
 
 USAGE = """usage: pgolf COMMAND ...
@@ -301,6 +304,9 @@ from runs to a record:
   report RUN_DIR [--ckpt C]              PNG plots (curves, LR and events, weights, bytes) + summary.md
 text:
   sample --config X (--artifact A | --ckpt C) --prompt "..."   generate text from a trained model
+the leaderboard as configs:
+  leaderboard [--no-audit]  every row of the final leaderboard: its config, parameter check, audit, what it lacks
+  lineage CONFIG            the chain of configs CONFIG extends, with what each step changes
 demo:
   demo                      the CPU demo: embedded corpus -> 60 s of training -> export -> roundtrip val_bpb
   --version                 the installed version

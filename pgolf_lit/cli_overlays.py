@@ -7,7 +7,7 @@ checkpoint's stored hyperparameters, which fill in the rest (``merge_checkpoint_
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from pgolf_lit.errors import ConfigError
 
@@ -24,7 +24,14 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
     """
     from pathlib import Path
 
-    from pgolf_lit.config import EXTENDS_KEY, load_config, load_yaml, merge_configs, resolve_config_path
+    from pgolf_lit.config import (
+        EXTENDS_KEY,
+        load_config,
+        load_yaml,
+        merge_configs,
+        resolve_config_path,
+        without_published_record,
+    )
 
     positions, files = [], []
     out = list(args)
@@ -43,14 +50,18 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
             i += width
             continue
         i += 1
-    if not files or (len(files) == 1 and EXTENDS_KEY not in load_yaml(files[0])):
+    if not files:
+        return out
+    own = load_yaml(files[-1])
+    if len(files) == 1 and EXTENDS_KEY not in own and (_names_its_run(own) or _logger_of(own) is None):
         return out
     import yaml
 
     merged: dict = {}
-    for path in files:
-        merged = merge_configs(merged, load_config(path))
-    _default_logger_name(merged, files[-1], load_yaml(files[-1]))
+    for path in files:  # each file overlays the ones before it, as if it extended them
+        merged = merge_configs(without_published_record(merged), load_config(path))
+    if not _names_its_run(own) and _logger_of(merged) is not None:
+        _logger_of(merged).setdefault("init_args", {})["name"] = Path(files[-1]).stem
     for i, width in reversed(positions[1:]):
         del out[i : i + width]
     first, width = positions[0]
@@ -58,18 +69,18 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
     return out
 
 
-def _default_logger_name(merged: dict, path: str, own: dict) -> None:
-    """A config that extends another logs under its own file's stem (``runs/<stem>/version_N``) unless it names its
-    logger itself: inheriting the parent's name put a child's runs in the parent's folder, where ``--ckpt_path last``
-    then resumed the parent's run."""
-    from pathlib import Path
+def _logger_of(config: dict) -> Optional[dict]:
+    """A config's logger in ``class_path`` form, or None (no logger section, or ``logger: false``)."""
+    logger = (config.get("trainer") or {}).get("logger")
+    return logger if isinstance(logger, dict) else None
 
-    own_logger = ((own.get("trainer") or {}).get("logger") if isinstance(own, dict) else None) or {}
-    if isinstance(own_logger, dict) and "name" in (own_logger.get("init_args") or {}):
-        return
-    logger = (merged.get("trainer") or {}).get("logger")
-    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
-        logger["init_args"]["name"] = Path(path).stem
+
+def _names_its_run(own: dict) -> bool:
+    """The file itself names its logger's run (or turns the logger off). Otherwise the config logs under the file's
+    stem (``runs/<stem>/version_N``): inheriting a parent's name put a child's runs in the parent's folder, where
+    ``--ckpt_path last`` then resumed the parent's run."""
+    logger = (own.get("trainer") or {}).get("logger")
+    return logger is not None and not isinstance(logger, dict) or "name" in ((logger or {}).get("init_args") or {})
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -21,6 +21,8 @@ from pgolf_lit.model.gpt import GPT
 from pgolf_lit.model.roles import control, declare_roles, parameter_roles
 from pgolf_lit.optim.groups import OptimConfig, route_parameters
 from pgolf_lit.quant.export import ExportConfig, quantize_state_dict
+from pgolf_lit.records import published_record_configs
+from pgolf_lit.tiny_twin import tiny_twin, tiny_twin_overlay
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
@@ -221,6 +223,7 @@ SIZE_FIELDS = {
         "bigram_vocab_size",
         "bigram_dim",
         "ve_dim",
+        "gate_window",  # the gated channels: every channel of the record stays every channel of the twin
     },
 }
 SCALE_KEYS = {
@@ -271,11 +274,9 @@ EVAL_SCALE_ARGS = {
 }
 
 
-@pytest.mark.parametrize("tiny", TINY_TWINS, ids=lambda p: p.stem)
-def test_every_tiny_twin_is_an_overlay_that_keeps_its_records_switches(tiny):
-    record = tiny.with_name(tiny.name.replace("_tiny", ""))
-    overlay = load_yaml(tiny)
-    assert overlay["extends"] == record.name
+def assert_sizes_only(overlay: dict, base: dict) -> None:
+    """``overlay`` on ``base`` (a record config, overlays resolved) changes only sizes: every switch, callback,
+    optimizer setting and evaluation procedure of the record stays."""
     for section, keys in SCALE_KEYS.items():
         assert set(overlay.get(section) or {}) <= keys, (section, set(overlay[section]) - keys)
     for cb in overlay["trainer"].get("callbacks") or []:
@@ -286,7 +287,7 @@ def test_every_tiny_twin_is_an_overlay_that_keeps_its_records_switches(tiny):
         if isinstance(section, dict):
             assert set(section) <= EVAL_SCALE_ARGS, (name, section)
 
-    merged, base = load_config(tiny), load_config(record)
+    merged = merge_configs(base, overlay)
     classes = [[c["class_path"] for c in cfg["trainer"]["callbacks"]] for cfg in (merged, base)]
     assert classes[0] == classes[1]
     assert merged["model"]["test_methods"] == base["model"]["test_methods"]
@@ -298,6 +299,26 @@ def test_every_tiny_twin_is_an_overlay_that_keeps_its_records_switches(tiny):
     base_export = ExportConfig.from_dict(callback_init_args(base, "GPTQExport")["export"])
     unscaled = [dataclasses.replace(e, keep_float_max_numel=0) for e in (tiny_export, base_export)]
     assert unscaled[0] == unscaled[1]
+
+
+@pytest.mark.parametrize("tiny", TINY_TWINS, ids=lambda p: p.stem)
+def test_every_tiny_twin_is_an_overlay_that_keeps_its_records_switches(tiny):
+    record = tiny.with_name(tiny.name.replace("_tiny", ""))
+    overlay = load_yaml(tiny)
+    assert overlay["extends"] == record.name
+    assert_sizes_only(overlay, load_config(record))
+
+
+@pytest.mark.parametrize("record", published_record_configs(), ids=lambda p: p.stem)
+def test_every_derived_tiny_twin_changes_sizes_only(record):
+    """The twin every published record gets without a file follows the rule of the hand-written ones."""
+    base = load_config(record)
+    overlay = tiny_twin_overlay(base)
+    assert_sizes_only(overlay, base)
+    twin = tiny_twin(base)
+    assert (twin["trainer"]["devices"], twin["trainer"]["accelerator"], twin["record"]["world"]) == (1, "cpu", 1)
+    assert GPTConfig.from_dict(twin["model"]["gpt"]).model_dim == 64
+    assert "params" not in twin["record"]  # the twin is not the record
 
 
 @pytest.mark.parametrize("tiny", TINY_TWINS[:2], ids=lambda p: p.stem)
@@ -331,6 +352,11 @@ def test_a_config_that_extends_another_logs_under_its_own_name(tmp_path):
     assert logger_name(str(named)) == "chosen"
     assert logger_name(str(child), "--trainer.logger.init_args.name", "cli") == "cli"
     assert logger_name(str(parent)) == "pr1394_sp8192_loop45_tiny"
+    # a config that extends nothing and names no run logs under its stem too (the record configs name none)
+    standalone = tmp_path / "standalone.yaml"
+    standalone.write_text((CONFIG_DIR / "leaderboard" / "2026-03-18_baseline.yaml").read_text())
+    assert "name:" not in standalone.read_text()
+    assert logger_name(str(standalone)) == "standalone"
 
 
 def test_merge_configs_matches_callbacks_by_class():
@@ -354,6 +380,19 @@ def test_merge_configs_matches_callbacks_by_class():
         {"class_path": "C"},
     ]
     assert merged["model"]["gpt"] == {"a": 1, "b": 2}
+    # a class the base lacks goes where the overlay puts it: before the next class both have, else at the end
+    over = {"trainer": {"callbacks": [{"class_path": "D"}, {"class_path": "B"}, {"class_path": "E"}]}}
+    classes = [c["class_path"] for c in merge_configs(base, over)["trainer"]["callbacks"]]
+    assert classes == ["A", "D", "B", "E"]
+    # remove: true drops the base's callback of that class; a class the base lacks cannot be removed
+    dropped = merge_configs(base, {"trainer": {"callbacks": [{"class_path": "A", "remove": True}]}})
+    assert dropped["trainer"]["callbacks"] == [{"class_path": "B", "init_args": {"z": 3}}]
+    with pytest.raises(ConfigError, match="the base attaches none"):
+        merge_configs(base, {"trainer": {"callbacks": [{"class_path": "Z", "remove": True}]}})
+    # key: {remove: true} drops the base's key (a record without its parent's TTT settings)
+    assert merge_configs(base, {"model": {"gpt": {"remove": True}}})["model"] == {}
+    with pytest.raises(ConfigError, match="ttt: 'remove: true' drops a key the base config has"):
+        merge_configs(base, {"model": {"ttt": {"remove": True}}})
 
 
 def test_extends_loops_and_bad_values_are_one_line_errors(tmp_path):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from pgolf_lit.config import CONFIG_DIR, GPTConfig, gpt_config_from_yaml, record_config_path
+from pgolf_lit.config import CONFIG_DIR, GPTConfig, gpt_config_from_yaml, load_config, load_yaml, record_config_path
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.model.attention import Rotary, _round_to_bf16
 from pgolf_lit.model.convert import (
@@ -17,21 +17,14 @@ from pgolf_lit.model.convert import (
     to_upstream_state_dict,
 )
 from pgolf_lit.model.gpt import GPT, layer_schedule, skip_plan
+from pgolf_lit.records import built_param_count, published_record, published_record_configs
 
-# The reference parameter counts (spec/model.md §4, the records' logs), by record config.
-RECORD_PARAMS = {
-    "baseline_sp1024": 17_059_912,
-    "pr1263_slot16": 26_993_756,
-    "pr1278_slot32_recur": 26_865_254,
-    "pr1321_slot48": 26_862_694,
-    "pr1421_recur_ema9965": 34_401_372,
-    "pr1333_sp4096_causal_slot": 34_401_372,
-    "pr1394_sp8192_loop45": 35_943_512,
-    "pr1855_sp8192_lqer_sparsegate": 35_945_671,
-    "pr1945_awq_asymlogit": 35_945_673,  # + softcap_pos, softcap_neg (spec/frontier.md §0)
-    "pr1953_longctx_noqv": 35_945_673,
-    "pr2014_progressive_shortdoc": 35_945_673,  # PR #1953's model (spec/frontier.md §0: all four logs)
-}
+# The record configs the package ships (configs/records/*.yaml and the baseline, without the tiny twins).
+RECORD_CONFIGS = sorted(
+    p.stem
+    for p in [*(CONFIG_DIR / "records").glob("*.yaml"), CONFIG_DIR / "baseline_sp1024.yaml"]
+    if not p.stem.endswith("_tiny")
+)
 
 
 def small(**changes) -> GPTConfig:
@@ -56,16 +49,38 @@ def ids(batch=2, T=24, V=64, seed=3):
     return torch.randint(0, V, (batch, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("record,count", sorted(RECORD_PARAMS.items()))
-def test_record_parameter_counts(record, count):
-    cfg = gpt_config_from_yaml(record_config_path(record))
-    assert GPT(cfg).num_params() == count
+@pytest.mark.parametrize("path", published_record_configs(), ids=lambda p: p.stem)
+def test_record_parameter_counts(path):
+    """Every published record on disk (its own file states ``record.params``: the count its logs print) builds a
+    model of exactly that size, unless it names the technique it lacks (a leaderboard row marked missing); the
+    model is built on the meta device, so no weights are made."""
+    record = published_record(path)
+    assert built_param_count(load_config(path)) == record.params or record.missing
 
 
-def test_every_record_config_has_a_reference_count_and_a_tiny_variant():
+def test_a_new_record_yaml_is_checked_without_a_test_edit(tmp_path):
+    """A record YAML added to configs/ is found and checked by the test above: its count is read from the file."""
+    parent = record_config_path("pr1394_sp8192_loop45")
+    (tmp_path / "records").mkdir()
+    new = tmp_path / "records" / "my_record.yaml"
+    new.write_text(f"extends: {parent}\nmodel: {{gpt: {{num_layers: 12}}}}\nrecord: {{params: 38_830_176}}\n")
+    variant = tmp_path / "records" / "my_variant.yaml"  # states no count of its own: not a published record
+    variant.write_text(f"extends: {new}\nmodel: {{gpt: {{qk_gain_init: 5.0}}}}\n")
+    assert published_record_configs(tmp_path) == [new]
+    # PR #1394's 35,943,512 + one block (2,885,640) + one skip row of weights and gates (1,024)
+    assert built_param_count(load_config(new)) == published_record(new).params
+    assert published_record(variant).params is None and published_record(variant).world == 8
+
+
+def test_every_record_config_is_a_published_record_and_has_a_tiny_variant():
     records = {p.stem for p in (CONFIG_DIR / "records").glob("*.yaml")}
     full = {r for r in records if not r.endswith("_tiny")}
-    assert full | {"baseline_sp1024"} == set(RECORD_PARAMS)
+    published = {p.resolve() for p in published_record_configs()}
+    for name in full:  # the record's file, or the leaderboard row it is a thin alias of, states its facts
+        chain = [record_config_path(name).resolve()]
+        while "extends" in load_yaml(chain[-1]) and chain[-1] not in published:
+            chain.append((chain[-1].parent / load_yaml(chain[-1])["extends"]).resolve())
+        assert chain[-1] in published, name
     assert {f"{r}_tiny" for r in full} == records - full
 
 
@@ -96,7 +111,7 @@ def test_pr1394_encoder_decoder_split_and_skip_rows():
     assert skip_plan(cfg, layer_schedule(cfg, False)) == [0, 1, 2, 3, 4, None]
 
 
-@pytest.mark.parametrize("record", sorted(RECORD_PARAMS))
+@pytest.mark.parametrize("record", RECORD_CONFIGS)
 @pytest.mark.parametrize("recurrent", [False, True])
 def test_causality_of_every_record_architecture(record, recurrent):
     """Changing token t never changes the logits at positions < t (and does change later ones)."""
@@ -212,7 +227,7 @@ def test_bigram_hash_matches_spec_vectors():
     assert bigram_hash(t, 1024).tolist() == [1023, 856, 26, 0, 84, 334, 40]
 
 
-@pytest.mark.parametrize("record", sorted(RECORD_PARAMS))
+@pytest.mark.parametrize("record", RECORD_CONFIGS)
 def test_upstream_state_dict_round_trip_is_identity(record):
     cfg = record_gpt_config(record).replace(
         vocab_size=64,

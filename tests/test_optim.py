@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pgolf_lit.config import CONFIG_DIR, gpt_config_from_yaml
+from pgolf_lit.config import CONFIG_DIR, gpt_config_from_yaml, load_config
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.model.convert import config_from_upstream
 from pgolf_lit.model.gpt import GPT
@@ -28,6 +28,7 @@ from pgolf_lit.optim import (
     route_parameters,
 )
 from pgolf_lit.optim.muon import balanced_owners, newton_schulz_cost
+from pgolf_lit.records import published_record, published_record_configs
 
 # ---------------------------------------------------------------------------------------------------------
 # Rank-sharded Muon
@@ -272,60 +273,41 @@ def test_chain_state_dict_round_trip_resumes_identically():
 # Routing of every record config
 # ---------------------------------------------------------------------------------------------------------
 
-# The full-size record configs (the *_tiny variants shrink the dims, so the spec's sizes do not apply).
-RECORD_YAMLS = sorted(
-    [CONFIG_DIR / "baseline_sp1024.yaml"]
-    + [p for p in (CONFIG_DIR / "records").glob("*.yaml") if not p.stem.endswith("_tiny")]
-)
-
-# spec/training.md §2.1 "Group sizes with record settings": Muon tensors / numel, scalar tensors / numel,
-# token numel (tables), total parameters.
-SPEC_GROUP_SIZES = {
-    "baseline_sp1024": (54, 16_515_072, 37, 20_552, 524_288, 1, 17_059_912),
-    "pr1263_slot16": (68, 26_050_560, 50, 25_692, 917_504, 3, 26_993_756),
-    "pr1321_slot48": (68, 26_050_560, 60, 25_702, 786_432, 3, 26_862_694),
-    "pr1278_slot32_recur": (68, 26_050_560, 62, 28_262, 786_432, 3, 26_865_254),
-    "pr1333_sp4096_causal_slot": (67, 31_752_192, 50, 27_740, 2_621_440, 2, 34_401_372),
-    "pr1421_recur_ema9965": (67, 31_752_192, 50, 27_740, 2_621_440, 2, 34_401_372),
-    "pr1394_sp8192_loop45": (66, 31_719_424, 46, 29_784, 4_194_304, 1, 35_943_512),
-    "pr1855_sp8192_lqer_sparsegate": (66, 31_719_424, 61, 31_943, 4_194_304, 1, 35_945_671),
-    # PR #1855's groups; softcap_pos/neg (AsymLogit) are in no optimizer (spec frontier.md §2.3)
-    "pr1945_awq_asymlogit": (66, 31_719_424, 61, 31_943, 4_194_304, 1, 35_945_673),
-    "pr1953_longctx_noqv": (66, 31_719_424, 61, 31_943, 4_194_304, 1, 35_945_673),
-    "pr2014_progressive_shortdoc": (66, 31_719_424, 61, 31_943, 4_194_304, 1, 35_945_673),
-}
-# Parameters the records create but no optimizer takes (role ``constant``), by record.
-UNTRAINED = {
-    record: ["softcap_pos", "softcap_neg"]
-    for record in ("pr1945_awq_asymlogit", "pr1953_longctx_noqv", "pr2014_progressive_shortdoc")
-}
+# The published records whose YAML states their optimizer groups (``record.param_groups``: [tensors, elements] per
+# group, spec/training.md §2.1 "Group sizes with record settings").
+GROUPED_RECORDS = [p for p in published_record_configs() if published_record(p).param_groups]
 
 
-def test_spec_table_covers_record_configs():
-    assert sorted(SPEC_GROUP_SIZES) == sorted(p.stem for p in RECORD_YAMLS)
+def test_the_shipped_records_state_their_groups():
+    """The spec's table covers the baseline and every shipped record (where their facts live: a record's own config
+    or the leaderboard row its old name extends)."""
+    stated = {published_record(p).pr for p in GROUPED_RECORDS}
+    assert stated >= {0, 1263, 1278, 1321, 1333, 1421, 1394, 1855, 1945, 1953}
 
 
-@pytest.mark.parametrize("path", RECORD_YAMLS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", GROUPED_RECORDS, ids=lambda p: p.stem)
 def test_record_routing(path, monkeypatch):
     # Routing depends on names and shapes only; the orthogonal init of ~30M weights would dominate the run time.
     monkeypatch.setattr(nn.init, "orthogonal_", lambda tensor, gain=1.0: tensor)
     model = GPT(gpt_config_from_yaml(path))
-    cfg = record_optim_config(path.stem)
+    cfg = OptimConfig.from_dict((load_config(path).get("model") or {}).get("optim") or {})
     routing = route_parameters(model, cfg)
     optimizers = build_optimizers(model, cfg)
 
     names = {p: n for n, p in model.named_parameters()}
     routed = [names[p] for o in optimizers for g in o.param_groups for p in g["params"]]
-    untrained = UNTRAINED.get(path.stem, [])
+    untrained = [n for n, _ in routing.no_optimizer]
     assert len(routed) == len(set(routed)) and set(routed) == set(names.values()) - set(untrained)
-    assert [n for n, _ in routing.no_optimizer] == untrained and not routing.head
+    assert not routing.head
 
     def size(named):
-        return len(named), sum(p.numel() for _, p in named)
+        return [len(named), sum(p.numel() for _, p in named)]
 
-    muon, scalar, token = size(routing.muon), size(routing.scalar), size(routing.token)
-    got = (*muon, *scalar, token[1], token[0], model.num_params())
-    assert got == SPEC_GROUP_SIZES[path.stem]
+    got = {"muon": size(routing.muon), "scalar": size(routing.scalar), "token": size(routing.token)}
+    got["untrained"] = size(routing.no_optimizer)
+    expected = {"untrained": [0, 0], **published_record(path).param_groups}
+    assert got == expected
+    assert model.num_params() == published_record(path).params
     assert [n for n, _ in routing.muon] == [names[p] for p in optimizers[1].param_groups[0]["params"]]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pgolf_lit.config import GPTConfig, gpt_config_from_yaml, record_config_path
+from pgolf_lit.config import GPTConfig, gpt_config_from_yaml, load_config, record_config_path
 from pgolf_lit.model.state_dicts import (  # noqa: F401  (re-exported: reading an artifact imports state_dicts alone)
     BANK_NAMES,
     BANKS,
@@ -39,9 +39,6 @@ RECORD_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "pr1278_folder_copy": ("pr1278_slot32_recur", {"skip_rows": "physical", "skip_wiring": "folder_copy"}),
 }
 
-# Records whose script sizes the RoPE rescale threshold from TRAIN_SEQ_LEN (Family A hard-codes 1024).
-_ROPE_FOLLOWS_TRAIN_SEQ_LEN = {"pr1421_recur_ema9965", "pr1333_sp4096_causal_slot", "pr1394_sp8192_loop45"}
-
 # Upstream hyperparameter names whose value maps onto a GPTConfig field of another name.
 _UPSTREAM_FIELD_NAMES = {
     "skip_gates_enabled": "skip_gates", "vrl_enabled": "vrl", "dtg_enabled": "dtg",
@@ -71,6 +68,12 @@ def record_gpt_config(record: str) -> GPTConfig:
     return gpt_config_from_yaml(record_config_path(record))
 
 
+def _rope_follows_train_seq_len(record: str) -> bool:
+    """The record config's ``record.rope_follows_train_seq_len``: its script sizes the RoPE rescale threshold from
+    TRAIN_SEQ_LEN (the baseline's family hard-codes 1024)."""
+    return bool((load_config(record_config_path(record)).get("record") or {}).get("rope_follows_train_seq_len"))
+
+
 def config_from_upstream(record: str, changes: Mapping[str, Any], harness_cast: bool = False) -> GPTConfig:
     """A record preset with upstream hyperparameter overrides (lower-case env names) applied.
 
@@ -95,7 +98,7 @@ def config_from_upstream(record: str, changes: Mapping[str, Any], harness_cast: 
         if name in ("ve_layers", "recur_layers") and isinstance(value, str):
             value = [int(x) for x in value.split(",") if x.strip()]
         update[name] = _coerce_like(value, current[name])
-    if "train_seq_len" in changes and base in _ROPE_FOLLOWS_TRAIN_SEQ_LEN:
+    if "train_seq_len" in changes and _rope_follows_train_seq_len(base):
         update.setdefault("rope_train_seq_len", int(changes["train_seq_len"]))
     rope_yarn = {k.lower(): v for k, v in changes.items()}.get("rope_yarn")
     if rope_yarn is not None and not _coerce_like(rope_yarn, True):
