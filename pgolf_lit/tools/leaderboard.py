@@ -92,18 +92,30 @@ def audit_procedure(config: dict[str, Any], method: str) -> Optional[str]:
     if method == "phased_ttt":
         phased = settings.phased_ttt
         return "phased_ttt" if phased.q_lora and phased.v_lora else "phased_ttt_no_qv"
-    return None
+    from pgolf_lit.eval.registry import eval_methods
+
+    # any other method: the first audit case it declares (registry.AuditCase)
+    declared = eval_methods().get(method)
+    return declared.audit[0].name if declared is not None and declared.audit else None
 
 
 def audit_verdicts(names: set[str]) -> dict[str, str]:
-    """Run each audit procedure once: ``yes``, or ``no`` with the conditions it fails (A, B, C)."""
+    """Run each audit procedure once: ``yes``, or ``no`` with the conditions it fails (A-C, E-H; D is speed only)."""
     from pgolf_lit.eval.audit import audit
 
     verdicts = {}
     for name in sorted(names):
         report = audit(name)
-        failed = [c for c, ok in (("A", report.prefix_invariant), ("B", report.exactly_once),
-                                  ("C", report.score_before_update)) if not ok]  # fmt: skip
+        checks = (
+            ("A", report.prefix_invariant),
+            ("B", report.exactly_once),
+            ("C", report.score_before_update),
+            ("E", report.normalized),
+            ("F", report.read_after_scoring),
+            ("G", report.documents_isolated),
+            ("H", report.state_order_agrees),
+        )
+        failed = [c for c, ok in checks if ok is False]
         verdicts[name] = "yes" if not failed else "no: fails " + "+".join(failed)
     return verdicts
 
