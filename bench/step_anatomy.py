@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import LightningSide, fit_args, make_fit_cli, resolve_device  # noqa: E402
 
 from pgolf_lit.callbacks import Checkpoint  # noqa: E402
+from pgolf_lit.model.fused_kernels import use_fused_kernels  # noqa: E402
 
 # The records' own logs (upstream records/track_10min_16mb/<record>/train_seed*.log, line
 # "stopping_early: wallclock_cap train_time: <ms> step: <steps>"): (train_time_ms, steps) per seed, 8×H100.
@@ -109,8 +110,8 @@ def variants(side: LightningSide, workdir: Path, steps: int, warmup: int) -> lis
     if getattr(module, "fused_kernels", False):
 
         def fused_off():
-            module.model.set_fused_kernels(False)
-            return lambda: module.model.set_fused_kernels(True)
+            use_fused_kernels(module.model, False)
+            return lambda: use_fused_kernels(module.model, True)
 
         rows.append(Variant("4 off: fused kernels off (PyTorch ops)", fused_off))
     return rows

@@ -43,6 +43,7 @@ from pgolf_lit.optim.chain import OptimizerChain, all_reduce_gradients, clip_gra
 from pgolf_lit.optim.muon import Muon
 from pgolf_lit.optim.schedule import ScheduleConfig, apply_schedule
 from pgolf_lit.textlog import TextLog
+from pgolf_lit.model.fused_kernels import use_fused_kernels
 
 
 @dataclass
@@ -162,7 +163,7 @@ class GolfModule(L.LightningModule):
                 else SDPA), ``fa3``, ``sdpa``, or ``math`` (the reference kernel); the same function on each.
             fused_kernels: the records' Triton kernels on CUDA: the fused LeakyReLU² MLP (PR #1530 on) and the
                 fused softcapped CE (PR #1787 on); needs triton (the ``kernels`` extra); ignored off CUDA (today's
-                PyTorch path). The same functions as the eager path (``GPT.set_fused_kernels``).
+                PyTorch path). The same functions as the eager path (``fused_kernels.use_fused_kernels``).
             train_log_every: plain-text train lines at steps 1-10 and every N steps.
             check_finite_every: every N steps (and before each validation) stop with a clear error naming the
                 first step whose training loss was NaN/inf and the last checkpoint; each check is one host read,
@@ -210,7 +211,7 @@ class GolfModule(L.LightningModule):
         self.attention_backend = attention_backend
         self.model.set_attention_backend(attention_backend)
         self.fused_kernels = fused_kernels
-        self.model.set_fused_kernels(fused_kernels)
+        use_fused_kernels(self.model, fused_kernels)
         self.train_log_every = train_log_every
         self.check_finite_every = check_finite_every
         self.clock = TrainClock()
@@ -643,7 +644,7 @@ class GolfModule(L.LightningModule):
         dm = self.trainer.datamodule
         if model is not None and hasattr(model, "set_attention_backend"):
             model.set_attention_backend(self.attention_backend)
-            model.set_fused_kernels(self.fused_kernels)  # PR #1855's global-SGD TTT trains through GPT.forward
+            use_fused_kernels(model, self.fused_kernels)  # PR #1855's global-SGD TTT trains through GPT.forward
         # SLOT and TTT optimize: leave any inference mode and the Trainer's autocast; each pass sets its own
         # precision through the context, as the record scripts do.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self.device.type, enabled=False):

@@ -22,6 +22,7 @@ from pgolf_lit.model import fused_mlp, fused_softcap_ce  # noqa: E402
 from pgolf_lit.model.fused_mlp import fused_leaky_relu2_mlp  # noqa: E402
 from pgolf_lit.model.fused_softcap_ce import softcapped_cross_entropy  # noqa: E402
 from pgolf_lit.model.gpt import GPT  # noqa: E402
+from pgolf_lit.model.fused_kernels import use_fused_kernels  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 C = 30.0  # the records' logit softcap
@@ -242,7 +243,7 @@ def test_fused_kernels_in_the_gpt_give_the_eager_loss_and_gradients(launches):
     model, ids, targets = tiny_gpt()
     loss_off, grads_off = gpt_loss_and_grads(model, ids, targets)
     assert launches == {"mlp": 0, "ce": 0}
-    model.set_fused_kernels(True, force=True)
+    use_fused_kernels(model, True, force=True)
     loss_on, grads_on = gpt_loss_and_grads(model, ids, targets)
     assert launches == {"mlp": 2 * 2, "ce": 1}
     torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=1e-5)
@@ -269,11 +270,11 @@ def test_fused_switch_is_a_noop_off_cuda_unless_forced(launches):
         pytest.skip("a GPU runs the kernels: the no-op is for CPU tensors")
     model, ids, targets = tiny_gpt()
     loss_off, grads_off = gpt_loss_and_grads(model, ids, targets)
-    model.set_fused_kernels(True)
+    use_fused_kernels(model, True)
     loss_on, grads_on = gpt_loss_and_grads(model, ids, targets)
     assert launches == {"mlp": 0, "ce": 0}
     assert torch.equal(loss_on, loss_off) and all(torch.equal(grads_on[n], grads_off[n]) for n in grads_off)
-    model.set_fused_kernels(False)
+    use_fused_kernels(model, False)
     assert model.fused_ce is None and all(b.mlp.fused is None for b in model.blocks)
 
 

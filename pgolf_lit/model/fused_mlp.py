@@ -27,9 +27,9 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = tl = None
 
 __all__ = ["fused_leaky_relu2_mlp", "triton_available"]
-# Speed only, switched on by GPT.set_fused_kernels (training; `pgolf test`'s TTT steps on CUDA). Evaluating an artifact
-# (eval/artifact_eval.py) runs the eager path, the same function, so its counted code (quant/code_size.py) does not
-# follow set_fused_kernels' import of this module.
+# Speed only, switched on by use_fused_kernels (model/fused_kernels.py; training; `pgolf test`'s TTT steps on CUDA).
+# Evaluating an artifact (eval/artifact_eval.py) runs the eager path, the same function, so its counted code
+# (quant/code_size.py) does not follow use_fused_kernels' import of this module.
 TRAINING_ONLY = "a fused Triton kernel: the eager path computes the same function"
 
 

@@ -259,7 +259,7 @@ class GPT(nn.Module):
             active: (s, skip_plan(cfg, s)) for active in (False, True) for s in [layer_schedule(cfg, active)]
         }
         self.recurrence_active = False
-        self.fused_ce = None  # set_fused_kernels: the fused softcapped CE of forward's loss
+        self.fused_ce = None  # fused_kernels.use_fused_kernels: the fused softcapped CE of forward's loss
         self.fused_force = False
         self._init_weights()
         # Every parameter's role, declared above and in the blocks; a missing declaration fails here.
@@ -287,19 +287,6 @@ class GPT(nn.Module):
             raise ConfigError(f"attention_backend: expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
         for block in self.blocks:
             block.attn.backend = backend
-
-    def set_fused_kernels(self, enabled: bool, force: bool = False) -> None:
-        """The records' Triton kernels (PR #1530's fused LeakyReLU² MLP, PR #1787's fused softcapped CE; needs
-        triton) for CUDA tensors: the MLP in training mode (``MLP.fused``), the CE in ``forward``'s main loss only
-        (not ``forward_ttt``, not the MTP heads). Off CUDA the eager path runs unless ``force`` (the tests run the
-        kernels on CPU tensors under ``TRITON_INTERPRET=1``). Each computes the same function as its eager path."""
-        mlp = ce = None
-        if enabled:  # imported here: triton is optional and loads only when the kernels are asked for
-            from pgolf_lit.model.fused_mlp import fused_leaky_relu2_mlp as mlp
-            from pgolf_lit.model.fused_softcap_ce import softcapped_cross_entropy as ce
-        for block in self.blocks:
-            block.mlp.fused, block.mlp.fused_force = mlp, bool(force)
-        self.fused_ce, self.fused_force = ce, bool(force)
 
     def set_recurrence(self, active: bool) -> None:
         """Switch depth recurrence on or off (a no-op for configs without recurrence)."""

@@ -67,7 +67,7 @@ class CastedLinear(nn.Linear):
 class MLP(nn.Module):
     """proj(act(fc(x))²) with act = relu (baseline) or leaky_relu(slope) (every record).
 
-    ``fused`` (set by ``GPT.set_fused_kernels``): the records' fused Triton LeakyReLU² MLP (``fused_mlp``), taken in
+    ``fused`` (set by ``use_fused_kernels``): the records' fused Triton LeakyReLU² MLP (``fused_mlp``), taken in
     training mode with ``leaky_relu2`` and no QAT fake-quant, on CUDA tensors (any device with ``fused_force``, for
     the tests under the Triton interpreter); the same function as the eager path below, which runs otherwise.
     """
