@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import lightning as L
 
+from pgolf_lit.eval.registry import DEFAULT_TEST_METHODS
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.eval import EvalResult, EvalSettings
 from pgolf_lit.eval.artifact_eval import evaluate_artifact_file
@@ -54,7 +55,7 @@ def evaluate_on_rank(
 def evaluate_artifact(
     artifact: str,
     data_dir: str,
-    methods: Sequence[str] = ("standard", "sliding"),
+    methods: Sequence[str] = DEFAULT_TEST_METHODS,
     settings: Optional[EvalSettings] = None,
     tokenizer_path: Optional[str] = None,
     accelerator: str = "auto",

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pgolf_lit.eval.registry import DEFAULT_TEST_METHODS
 from pgolf_lit.clock import TrainClock, ledger_line
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.data.seq_schedule import SeqStage
@@ -137,7 +138,7 @@ class GolfModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         schedule: ScheduleConfig = ScheduleConfig(),
         evaluation: EvalSettings = EvalSettings(),
-        test_methods: list[str] = ["standard", "sliding"],
+        test_methods: list[str] = list(DEFAULT_TEST_METHODS),
         compile: bool = False,
         compile_settings: CompileSettings = CompileSettings(),
         record_dtypes: bool = True,

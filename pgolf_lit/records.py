@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from pgolf_lit.eval.registry import DEFAULT_TEST_METHODS
 from pgolf_lit.config import CONFIG_DIR, CONFIG_FOLDERS, callback_init_args, load_config, load_yaml, record_config_path
 from pgolf_lit.errors import ConfigError, check_field_types
 from pgolf_lit.model.convert import RECORD_ALIASES, record_gpt_config
@@ -56,7 +57,7 @@ def record_eval_settings(record: str):
 
 
 def record_test_methods(record: str) -> list[str]:
-    return list((record_config(record).get("model") or {}).get("test_methods") or ["standard", "sliding"])
+    return list((record_config(record).get("model") or {}).get("test_methods") or DEFAULT_TEST_METHODS)
 
 
 # The ``record:`` keys that describe the published record itself. They belong to the file that states them: a

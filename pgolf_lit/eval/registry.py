@@ -56,6 +56,9 @@ from typing import Any, Callable
 from pgolf_lit.eval.context import ForwardOptions
 
 # Every module that defines eval methods: the one place a method is listed (see the module docstring).
+# The passes a config scores when it names none (``model.test_methods``): every record scores at least these.
+DEFAULT_TEST_METHODS: tuple[str, ...] = ("standard", "sliding")
+
 METHOD_MODULES: tuple[str, ...] = (
     "pgolf_lit.eval.windows",
     "pgolf_lit.eval.slot",

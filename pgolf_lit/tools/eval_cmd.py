@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from pgolf_lit.eval.registry import DEFAULT_TEST_METHODS
 from pgolf_lit.config import load_config
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval import EvalSettings, eval_methods
@@ -53,7 +54,7 @@ def methods_from(args) -> list[str]:
         methods = (load_config(args.config).get("model") or {}).get("test_methods")
         if methods:
             return list(methods)
-    return ["standard", "sliding"]
+    return list(DEFAULT_TEST_METHODS)
 
 
 def settings_from(args) -> EvalSettings:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pgolf_lit.eval.registry import DEFAULT_TEST_METHODS
 from pgolf_lit.config import CONFIG_DIR, load_config
 from pgolf_lit.errors import ConfigError, PgolfError
 from pgolf_lit.records import RecordRun, built_param_count, published_record
@@ -41,7 +42,7 @@ class Row:
 
     @property
     def scored_method(self) -> str:
-        methods = (self.config.get("model") or {}).get("test_methods") or ["standard", "sliding"]
+        methods = (self.config.get("model") or {}).get("test_methods") or list(DEFAULT_TEST_METHODS)
         return methods[-1]
 
 

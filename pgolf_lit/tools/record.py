@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pgolf_lit.eval.registry import DEFAULT_TEST_METHODS
 from pgolf_lit.config import callback_init_args, load_config
 from pgolf_lit.errors import PgolfError
 from pgolf_lit.run_manifest import package_section, read_run_manifest, val_docs_in_train
@@ -378,7 +379,7 @@ def shipped_code(config_path: Path) -> str:
 
     config = load_config(config_path)
     export = ExportConfig.from_dict((callback_init_args(config, "GPTQExport") or {}).get("export") or {})
-    methods = (config.get("model") or {}).get("test_methods") or ["standard", "sliding"]
+    methods = (config.get("model") or {}).get("test_methods") or list(DEFAULT_TEST_METHODS)
     program, _, _ = package_program((export.format,), methods)
     return wrap(program)
 
