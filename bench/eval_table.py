@@ -14,7 +14,7 @@ passes optionally on the first ``--slow-val-tokens`` only; their reference slidi
 same tokens). Window length L = the config's ``model.evaluation.seq_len`` and stride S = its
 ``model.evaluation.stride`` for every pass: the records' 2048-token windows scaled to the model's eval length.
 SLOT passes take everything else from the record presets (``slot_preset``: steps, lr schedule, betas, logit bias,
-delta position, window rule); TTT takes ``TTTConfig``'s PR #1334 defaults with chunks of 4 windows' worth of
+delta position, window rule); TTT takes ``TTTSettings``'s PR #1334 defaults with chunks of 4 windows' worth of
 tokens (16 in the records, 32,768 / 2,048, over a split ~4,000 times longer) and runs on all ``--val-tokens``.
 
 Nothing printed is a constant except the quoted upstream figures, each cited to the record log or README it is
@@ -80,7 +80,7 @@ class Pass:
 
 
 def passes(seq_len: int, stride: int, quick: bool) -> list[Pass]:
-    from pgolf_lit.eval import EvalSettings, SlidingSettings, SlotConfig, TTTConfig
+    from pgolf_lit.eval import EvalSettings, SlidingSettings, SlotSettings, TTTSettings
     from pgolf_lit.eval.audit import record_slot
 
     base = EvalSettings(seq_len=seq_len, stride=stride)
@@ -90,7 +90,7 @@ def passes(seq_len: int, stride: int, quick: bool) -> list[Pass]:
 
     # Chunks of 4 windows' worth of tokens (the records use 16 × 2,048 over 62 M tokens, ~1,900 chunks): with
     # 16 the few thousand tokens scored here would make one or two chunks, and the last chunk is never trained on.
-    ttt = TTTConfig(window_rule="exact", chunk_tokens=TTT_CHUNK_WINDOWS * seq_len)
+    ttt = TTTSettings(window_rule="exact", chunk_tokens=TTT_CHUNK_WINDOWS * seq_len)
     out = [
         Pass("standard", "standard (non-overlapping)", "standard", base),
         Pass("sliding_exact", "sliding, exact windows", "sliding", base),
@@ -104,7 +104,7 @@ def passes(seq_len: int, stride: int, quick: bool) -> list[Pass]:
             "causal_per_window",
             "causal SLOT-16, per window (pgolf)",
             "causal_slot",
-            with_(causal_slot=SlotConfig()),
+            with_(causal_slot=SlotSettings()),
             slow=True,
         ),
         Pass(

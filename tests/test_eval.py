@@ -23,7 +23,7 @@ from pgolf_lit.eval import (
     PassSetup,
     SlidingSettings,
     StandardSettings,
-    TTTConfig,
+    TTTSettings,
     evaluate_sliding,
     evaluate_slot,
     evaluate_standard,
@@ -31,7 +31,7 @@ from pgolf_lit.eval import (
     format_result_line,
     rank_share,
     run_method,
-    SlotConfig,
+    SlotSettings,
     Weights,
     evaluation_context,
     sliding_windows,
@@ -59,10 +59,10 @@ def tiny():
     return audit_model(SETUP), audit_tokens(SETUP), audit_luts(SETUP.vocab_size)
 
 
-def slot_procedure(name: str, **changes) -> SlotConfig:
+def slot_procedure(name: str, **changes) -> SlotSettings:
     """A record config's SLOT procedure (``pr1263``, ``pr1278``, ``pr1321``; ``pr1333``: its batch-shared
     reproduction), or pgolf's compliant default (``causal_per_window``), with changes."""
-    return replace(SlotConfig() if name == "causal_per_window" else record_slot(name, "slot"), **changes)
+    return replace(SlotSettings() if name == "causal_per_window" else record_slot(name, "slot"), **changes)
 
 
 def artifact_context(settings, forward=None) -> EvalContext:
@@ -151,7 +151,7 @@ def test_slot_with_zero_steps_equals_sliding(tiny, preset):
 @pytest.mark.parametrize("no_update", [{"lr": 0.0}, {"epochs": 0}])
 def test_ttt_without_updates_equals_sliding(tiny, rule, no_update):
     model, tokens, luts = tiny
-    cfg = TTTConfig(window_rule=rule, chunk_tokens=64, batch_seqs=3, **no_update)
+    cfg = TTTSettings(window_rule=rule, chunk_tokens=64, batch_seqs=3, **no_update)
     sliding = measure(evaluate_sliding, model, tokens, luts, SlidingSettings(rule))
     assert_same(measure(evaluate_ttt, model, tokens, luts, cfg), sliding)
 
@@ -189,7 +189,7 @@ def test_ttt_trains_only_on_scored_tokens(tiny, rule):
     model, tokens, luts = tiny
     before = snapshot(model)
     log = EventLog()
-    cfg = TTTConfig(window_rule=rule, chunk_tokens=80, lr=0.05, epochs=2, batch_seqs=2)
+    cfg = TTTSettings(window_rule=rule, chunk_tokens=80, lr=0.05, epochs=2, batch_seqs=2)
     metric = BitsPerByte(luts)
     evaluate_ttt(model, tokens, metric, cfg, PassSetup(L, STRIDE, recorder=log))
 
@@ -255,7 +255,7 @@ DISTRIBUTED_SETTINGS = dict(
     seq_len=L,
     stride=STRIDE,
     causal_slot=slot_procedure("causal_per_window", steps=4, batch_windows=4),
-    ttt=TTTConfig(chunk_tokens=3 * L, lr=0.05, epochs=2, batch_seqs=2),
+    ttt=TTTSettings(chunk_tokens=3 * L, lr=0.05, epochs=2, batch_seqs=2),
 )
 DISTRIBUTED_METHODS = ("sliding", "causal_slot", "ttt")
 
@@ -328,7 +328,7 @@ def test_run_method_labels_and_compliance(tiny):
         standard=StandardSettings(batch_seqs=4),
         slot=slot_procedure("pr1263", steps=1),
         causal_slot=slot_procedure("causal_per_window", steps=1),
-        ttt=TTTConfig(chunk_tokens=64, epochs=1),
+        ttt=TTTSettings(chunk_tokens=64, epochs=1),
         labels={"standard": "quantized"},
     )
     expected = {

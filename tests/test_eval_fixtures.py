@@ -20,9 +20,9 @@ from pgolf_lit.data.tokenizer import build_byte_luts, load_tokenizer
 from pgolf_lit.eval import (
     PassSetup,
     SlidingSettings,
-    SlotConfig,
+    SlotSettings,
     StandardSettings,
-    TTTConfig,
+    TTTSettings,
     evaluate_sliding,
     evaluate_slot,
     evaluate_standard,
@@ -156,7 +156,7 @@ def _run_method(code: str, window_rule, s: Setup, metric: BitsPerByte) -> None:
             cfg = replace(cfg, lr_min=h["slot_lr_min"])
         evaluate_slot(s.model, s.tokens, metric, cfg, PassSetup(s.seq_len, h["eval_stride"]))
     elif code.startswith("ttt"):
-        cfg = TTTConfig(
+        cfg = TTTSettings(
             window_rule=window_rule,
             chunk_tokens=h["ttt_chunk_tokens"],
             lr=h["ttt_lr"],
@@ -201,7 +201,7 @@ def test_per_window_causal_slot_matches_independent_reference(case: Path, rule):
     (an independent port, not an upstream figure): same optimiser as the case's causal SLOT, one delta per window."""
     primary = _expected(case)
     s = _setup(case, {})
-    cfg = SlotConfig(
+    cfg = SlotSettings(
         window_rule=rule,
         batch_windows=s.settings["windows_per_batch"],
         steps=s.h["slot_steps"],

@@ -54,7 +54,7 @@ SLOT_MODES = ("standard", "causal_per_window", "causal_batch_shared")
 
 
 @dataclass(frozen=True)
-class SlotConfig:
+class SlotSettings:
     """One SLOT procedure on the evaluation's windows (``seq_len``/``stride`` are the evaluation's). The defaults
     are pgolf_lit's compliant per-window causal SLOT with PR #1333's optimiser; each record's YAML states its own
     procedure (PR #1263/#1278/#1321: ``mode: standard`` with their optimiser values)."""
@@ -162,7 +162,7 @@ class _SlotHead:
         return logits.to(features.dtype)
 
 
-def _fit(head: _SlotHead, features: Tensor, batch: WindowBatch, mask: Tensor, params: list[Tensor], cfg: SlotConfig):
+def _fit(head: _SlotHead, features: Tensor, batch: WindowBatch, mask: Tensor, params: list[Tensor], cfg: SlotSettings):
     """``cfg.steps`` AdamW steps on the fitting loss over ``mask``; a fresh optimiser state for every batch."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     weights = mask.to(features.dtype)
@@ -178,7 +178,7 @@ def _fit(head: _SlotHead, features: Tensor, batch: WindowBatch, mask: Tensor, pa
 
 
 def evaluate_slot(
-    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlotConfig, setup: PassSetup
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: SlotSettings, setup: PassSetup
 ) -> PassOutcome:
     """Score this rank's windows with per-batch fitted SLOT parameters (see the module docstring for the modes).
 
@@ -249,7 +249,7 @@ def _audit_slot(name: str, settings) -> AuditCase:
 METHODS = (
     EvalMethod(
         "slot",
-        SlotConfig,
+        SlotSettings,
         evaluate_slot,
         "final_slot",
         "slot",
@@ -257,14 +257,14 @@ METHODS = (
     ),
     EvalMethod(
         "causal_slot",
-        SlotConfig,
+        SlotSettings,
         evaluate_slot,
         "final_causal_slot",
         "causal_slot",
         audit=(
             _audit_slot("causal_slot_batch_shared", lambda a: a.record("pr1333", "slot")),
-            _audit_slot("causal_slot_per_window_legacy", lambda a: SlotConfig(window_rule="legacy")),
-            _audit_slot("causal_slot_per_window", lambda a: SlotConfig()),
+            _audit_slot("causal_slot_per_window_legacy", lambda a: SlotSettings(window_rule="legacy")),
+            _audit_slot("causal_slot_per_window", lambda a: SlotSettings()),
         ),
     ),
 )

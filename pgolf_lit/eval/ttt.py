@@ -47,7 +47,7 @@ from pgolf_lit.model.roles import parameter_roles
 
 
 @dataclass(frozen=True)
-class TTTConfig:
+class TTTSettings:
     """Score-first TTT on the evaluation's windows. Defaults: the PR #1334 settings on pgolf_lit's exact windows
     (``window_rule: ttt`` reproduces PR #1334)."""
 
@@ -118,7 +118,7 @@ def trainable_parameters(model: nn.Module, freeze_blocks: int) -> list[nn.Parame
 class _ScoreFirstLearner:
     """The adapted copy of the model with its optimizer, scoring and training one chunk at a time."""
 
-    def __init__(self, model: nn.Module, cfg: TTTConfig, setup: PassSetup):
+    def __init__(self, model: nn.Module, cfg: TTTSettings, setup: PassSetup):
         self.cfg, self.options = cfg, setup.options
         self.seq_len, self.rank, self.world_size = setup.seq_len, setup.rank, setup.world_size
         self.device = model_device(model)
@@ -174,7 +174,7 @@ class _ScoreFirstLearner:
 
 
 def evaluate_ttt(
-    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: TTTConfig, setup: PassSetup
+    model: nn.Module, tokens: Tensor, metric: BitsPerByte, cfg: TTTSettings, setup: PassSetup
 ) -> PassOutcome:
     """Score-first TTT over the stream; this rank's scores go into ``metric``.
 
@@ -212,7 +212,7 @@ def _audit_ttt(rule: WindowRule) -> AuditCase:
     # chunks of 64 positions, one epoch; the batch is part of TTT (its training batches)
     return AuditCase(
         f"ttt_{'score_first' if rule == 'ttt' else rule}",
-        lambda a: TTTConfig(rule, 64, epochs=1, batch_seqs=a.batch_windows),
+        lambda a: TTTSettings(rule, 64, epochs=1, batch_seqs=a.batch_windows),
         spans_documents=True,
     )
 
@@ -221,7 +221,7 @@ def _audit_ttt(rule: WindowRule) -> AuditCase:
 METHODS = (
     EvalMethod(
         "ttt",
-        TTTConfig,
+        TTTSettings,
         evaluate_ttt,
         "final_{q}_ttt",
         "ttt",
