@@ -92,7 +92,7 @@ from pgolf_lit.quant.pergroup_read import (  # noqa: F401  (the reader's names, 
     parse_meta,
     quantized_from_pergroup,
     read_pergroup,
-    tensor_keys,
+    meta_entry_keys,
     unpack_streams,
     validate_quant,
 )

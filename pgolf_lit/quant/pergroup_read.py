@@ -142,8 +142,8 @@ def parse_meta(info: Any) -> MetaEntry:
     return MetaEntry("gptq", int(m.group(1)), lqer, int(m.group(2)) if m.group(2) else None)
 
 
-def tensor_keys(name: str, entry: MetaEntry) -> tuple[str, ...]:
-    """The quantized-dict keys one meta entry owns."""
+def meta_entry_keys(name: str, entry: MetaEntry) -> tuple[str, ...]:
+    """The quantized-dict keys one PGRP meta entry owns (quantized.tensor_keys: the same for the native meta)."""
     if entry.kind == "passthrough":
         return (name,)
     if entry.kind == "gate":
@@ -161,7 +161,7 @@ def validate_quant(quant: Mapping[str, Tensor], meta: Mapping[str, str]) -> None
         if not isinstance(name, str):
             raise ValueError(f"meta key {name!r} is not a string")
         entry = parse_meta(info)
-        keys = tensor_keys(name, entry)
+        keys = meta_entry_keys(name, entry)
         missing = [k for k in keys if not isinstance(quant.get(k), Tensor)]
         if missing:
             raise ValueError(f"tensor(s) {missing} of {name!r} ({info}) are missing")
@@ -436,7 +436,7 @@ def _check_names(remainder: Mapping[str, Tensor], meta: Mapping[str, str], manif
     clash = sorted(set(grouped) & set(remainder))
     if clash:
         raise ValueError(f"{clash[:3]} are both in a group and in the remainder")
-    expected = {k for name, info in meta.items() for k in tensor_keys(name, parse_meta(info))}
+    expected = {k for name, info in meta.items() for k in meta_entry_keys(name, parse_meta(info))}
     present = set(remainder) | set(grouped)
     if expected != present:
         missing, extra = sorted(expected - present), sorted(present - expected)
@@ -523,7 +523,7 @@ def quantized_from_pergroup(
             out[name + ".q"], out[name + ".scale"] = quant[name + CODES_SUFFIX], quant[name + SCALE_SUFFIX]
             entries[name] = {"kind": "int", "bits": 8, "dtype": dtype, "method": "rtn", "scale": "row_amax"}
         else:
-            for key in tensor_keys(name, entry):
+            for key in meta_entry_keys(name, entry):
                 out[key] = quant[key]
             entries[name] = {"kind": "int", "bits": entry.bits, "dtype": dtype, "method": "gptq"}
             if entry.lqer:
