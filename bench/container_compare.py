@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pgolf_lit.quant.compress import compress, decompress  # noqa: E402
+from pgolf_lit.quant.lrzip import lrzip_version  # noqa: E402
 from pgolf_lit.quant.pergroup import (  # noqa: E402
     PergroupSettings,
     decode_pergroup,
     encode_pergroup,
-    lrzip_version,
     pack_streams,
     pergroup_payloads,
 )

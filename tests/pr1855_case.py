@@ -20,7 +20,8 @@ from pgolf_lit.quant.gate import GATE_META, GateSettings, gate_shape_qualifies
 from pgolf_lit.quant.gptq import BLOCK_SIZE, DAMPING, gptq_sdclip
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
 from pgolf_lit.quant.rtn import quantize_row_amax
-from pgolf_lit.quant.pergroup import PASSTHROUGH_META, gptq_meta, lrzip_version
+from pgolf_lit.quant.lrzip import lrzip_version
+from pgolf_lit.quant.pergroup import PASSTHROUGH_META, gptq_meta
 
 
 def is_quant_gate(name: str, t: torch.Tensor, settings: GateSettings = GateSettings()) -> bool:

@@ -66,6 +66,7 @@ EXPORT_AND_TRAINING = {
     "pgolf_lit/model/convert.py",
     "pgolf_lit/model/fused_mlp.py",
     "pgolf_lit/model/fused_kernels.py",
+    "pgolf_lit/quant/lrzip.py",
     "pgolf_lit/model/fused_softcap_ce.py",
     "pgolf_lit/fileio.py",
 }

@@ -470,7 +470,8 @@ def test_record_export_and_pergroup_v2_match_the_record(case):
 
     from pgolf_lit.quant import read_artifact
     from pgolf_lit.quant.export import quantize_state_dict
-    from pgolf_lit.quant.pergroup import dequantize_mixed, lrzip_version, pergroup_from_quantized
+    from pgolf_lit.quant.lrzip import lrzip_version
+    from pgolf_lit.quant.pergroup import dequantize_mixed, pergroup_from_quantized
     from pgolf_lit.quant.pergroup_v2 import decode_pergroup_v2, encode_pergroup_v2, record_v2_order
 
     torch.set_num_threads(1)
@@ -550,7 +551,8 @@ def test_awq_lite_gptq_matches_the_record(case):
     from pr1855_case import quantize_gate_rows
     from pgolf_lit.quant.gptq import gptq_sdclip, gptq_sdclip_protected
     from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
-    from pgolf_lit.quant.pergroup import PASSTHROUGH_META, dequantize_mixed, encode_pergroup, gptq_meta, lrzip_version
+    from pgolf_lit.quant.lrzip import lrzip_version
+    from pgolf_lit.quant.pergroup import PASSTHROUGH_META, dequantize_mixed, encode_pergroup, gptq_meta
 
     torch.set_num_threads(1)
     hp = json.loads((case / "hparams.json").read_text())
@@ -709,7 +711,8 @@ def test_record_export_setting_gives_the_records_artifact(case):
     import brotli
 
     from pgolf_lit.quant.export import quantize_state_dict
-    from pgolf_lit.quant.pergroup import encode_pergroup, lrzip_version, pergroup_from_quantized
+    from pgolf_lit.quant.lrzip import lrzip_version
+    from pgolf_lit.quant.pergroup import encode_pergroup, pergroup_from_quantized
 
     torch.set_num_threads(1)
     hp = json.loads((case / "hparams.json").read_text())

@@ -38,6 +38,7 @@ from pgolf_lit.quant.pergroup import (
     unpack_streams,
 )
 from pgolf_lit.quant.rtn import quantize_sdclip
+from pgolf_lit.quant.lrzip import lrzip_compress
 from pr1855_case import Case, add_lqer, case, pergroup_cases, quantize_gate_rows, quantize_without_lqer, tie_settings
 from test_quant_fixtures import assert_tie_mismatches
 
@@ -293,7 +294,7 @@ def test_oversized_claims_are_refused_before_or_while_decompressing(tmp_path):
     assert "declares" in one_line_error(replace_stream(blob, 1, bytes(bigger)))
     # a stream whose data is larger than its (patched) header says: lrzip is stopped at the declared size
     expected = pg.lrzip_expanded_size(streams[1])
-    lying = bytearray(pg.lrzip_compress(bytes(4 * expected)))
+    lying = bytearray(lrzip_compress(bytes(4 * expected)))
     lying[6:14] = expected.to_bytes(8, "little")
     assert "exceeded the declared size" in one_line_error(replace_stream(blob, 1, bytes(lying)))
     # a remainder that decompresses past the cap (a brotli bomb): stopped at the cap

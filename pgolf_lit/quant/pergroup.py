@@ -32,7 +32,8 @@ from the shape manifest and must match lrzip's header), lrzip runs on private te
 address-space limit, and anything malformed raises ``PergroupError`` (an ``ArtifactError``) naming the source.
 Corruption cannot pass silently where it would change a tensor: lrzip checks its MD5, the remainder's zip
 records are checked against their CRC-32 (brotli has none, and ``torch.load`` does not check them), the row
-orders must be permutations. lrzip always runs with ``LRZIP=NOCONFIG``: no lrzip.conf changes its output.
+orders must be permutations. lrzip always runs with ``LRZIP=NOCONFIG``: no lrzip.conf changes its output (its
+sandbox: ``lrzip.py`` compresses, ``pergroup_read.py`` decompresses).
 
 Why the executable: PyPI's ``lrzip`` is an unrelated 2017 binding and PyPI ``zpaq`` writes another format, so
 neither reads or writes the record's streams; the record itself shells out to ``lrzip``.
@@ -41,11 +42,7 @@ neither reads or writes the record's streams; the record itself shells out to ``
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -80,8 +77,6 @@ from pgolf_lit.quant.pergroup_read import (  # noqa: F401  (the reader's names, 
     MetaEntry,
     PergroupError,
     PergroupSettings,
-    _last_line,
-    _lrzip_env,
     _map,
     decode_pergroup,
     group_tensor_names,
@@ -96,6 +91,7 @@ from pgolf_lit.quant.pergroup_read import (  # noqa: F401  (the reader's names, 
     unpack_streams,
     validate_quant,
 )
+from pgolf_lit.quant.lrzip import lrzip_compress
 from pgolf_lit.quant.quantized import float_dtype
 
 
@@ -189,38 +185,6 @@ def pack_streams(streams: Sequence[bytes]) -> bytes:
     """``b"PGRP"`` + u32 count + u32 lengths + the streams (PR #1855 train_gpt.py `_pack_streams`)."""
     lengths = np.array([len(s) for s in streams], dtype=_U32)
     return PACK_MAGIC + np.array([len(streams)], dtype=_U32).tobytes() + lengths.tobytes() + b"".join(streams)
-
-
-def lrzip_version(settings: "PergroupSettings" = PergroupSettings()) -> Optional[str]:
-    """``lrzip -V``'s line (e.g. ``"lrzip version 0.651"``), None without the executable."""
-    exe = shutil.which(settings.lrzip)
-    if exe is None:
-        return None
-    run = subprocess.run([exe, "-V"], capture_output=True, text=True, timeout=60, env=_lrzip_env(None))
-    return (run.stdout.strip() or run.stderr.strip()).splitlines()[0] if (run.stdout or run.stderr) else None
-
-
-def lrzip_compress(
-    data: bytes, settings: PergroupSettings = PergroupSettings(), workdir: Optional[str] = None
-) -> bytes:
-    """``lrzip -z -L <level> -o out in`` on temp files in a private directory, without reading any lrzip.conf
-    (PR #1855 train_gpt.py `_lrzip_compress`)."""
-    exe = lrzip_executable(settings)
-    with tempfile.TemporaryDirectory(prefix="pgrp_", dir=workdir) as tmp:
-        src, dst = os.path.join(tmp, "group.bin"), os.path.join(tmp, "group.bin.lrz")
-        with open(src, "wb") as f:
-            f.write(data)
-        threads = ["-p", str(settings.lrzip_threads)] if settings.lrzip_threads else []
-        cmd = [exe, "-z", "-L", str(settings.lrzip_level), *threads, "-o", dst, src]
-        try:
-            run = subprocess.run(cmd, capture_output=True, timeout=settings.timeout_s, env=_lrzip_env(tmp))
-        except subprocess.TimeoutExpired:
-            raise PergroupError(f"lrzip: compressing {len(data)} bytes took over {settings.timeout_s} s") from None
-        if run.returncode != 0 or not os.path.isfile(dst):
-            why = _last_line(run)
-            raise PergroupError(f"lrzip: compressing {len(data)} bytes failed (exit {run.returncode}): {why}")
-        with open(dst, "rb") as f:
-            return f.read()
 
 
 # ---------------------------------------------------------------------------------------------------------

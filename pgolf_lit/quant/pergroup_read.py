@@ -259,7 +259,7 @@ def lrzip_executable(settings: "PergroupSettings" = PergroupSettings()) -> str:
     return exe
 
 
-def _lrzip_env(workdir: Optional[str]) -> dict[str, str]:
+def lrzip_env(workdir: Optional[str]) -> dict[str, str]:
     env = dict(os.environ, LRZIP="NOCONFIG", MALLOC_ARENA_MAX="2")  # no user lrzip.conf changes the output
     if workdir is not None:
         env.update(TMPDIR=workdir, TMP=workdir)
@@ -307,13 +307,13 @@ def lrzip_decompress(
                 [exe, "-d", "-f", "-o", dst, src],
                 capture_output=True,
                 timeout=settings.timeout_s,
-                env=_lrzip_env(tmp),
+                env=lrzip_env(tmp),
                 preexec_fn=set_limits,
             )
         except subprocess.TimeoutExpired:
             raise ValueError(f"{what}: lrzip took longer than {settings.timeout_s} s") from None
         if run.returncode != 0:
-            why = "its output exceeded the declared size" if run.returncode == -25 else _last_line(run)
+            why = "its output exceeded the declared size" if run.returncode == -25 else last_line(run)
             raise ValueError(f"{what}: lrzip failed (exit {run.returncode}): {why}")
         size = os.path.getsize(dst) if os.path.isfile(dst) else -1
         if size != expected_size:
@@ -322,7 +322,7 @@ def lrzip_decompress(
             return f.read()
 
 
-def _last_line(run: subprocess.CompletedProcess) -> str:
+def last_line(run: subprocess.CompletedProcess) -> str:
     text = (run.stderr or b"").decode("utf-8", "replace").strip() or (run.stdout or b"").decode("utf-8", "replace")
     lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
     return lines[-1] if lines else "no message"

@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.quant.lqer import KEY_SUFFIXES as LQER_KEY_SUFFIXES
+from pgolf_lit.quant.lrzip import lrzip_compress
 from pgolf_lit.quant.pergroup import (
     GATE_META,
     PASSTHROUGH_META,
     PergroupError,
     PergroupSettings,
     _fresh,
-    lrzip_compress,
     lrzip_executable,
     similarity_sort_l1,
     validate_quant,
