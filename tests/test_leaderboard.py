@@ -112,7 +112,7 @@ def _resolve(config: dict) -> None:
     import importlib
 
     from pgolf_lit.data.datamodule import TokenShardDataModule
-    from pgolf_lit.eval import EVAL_METHODS, EvalSettings
+    from pgolf_lit.eval import EvalSettings, eval_methods
     from pgolf_lit.optim.groups import OptimConfig
     from pgolf_lit.optim.schedule import ScheduleConfig
 
@@ -121,7 +121,7 @@ def _resolve(config: dict) -> None:
     OptimConfig.from_dict(model.get("optim") or {})
     ScheduleConfig(**(model.get("schedule") or {}))
     EvalSettings.from_dict(model.get("evaluation") or {})
-    assert set(model.get("test_methods") or []) <= set(EVAL_METHODS)
+    assert set(model.get("test_methods") or []) <= set(eval_methods())
     RecordRun.of(config)
     for callback in config["trainer"].get("callbacks") or []:
         module, _, name = callback["class_path"].rpartition(".")
