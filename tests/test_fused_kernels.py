@@ -340,4 +340,5 @@ def test_fused_kernels_switch_reaches_the_model_from_the_pr1855_config():
     assert all(block.mlp.fused is fused_leaky_relu2_mlp for block in module.model.blocks)
     for path in sorted((CONFIG_DIR / "records").glob("*.yaml")) + [CONFIG_DIR / "baseline_sp1024.yaml"]:
         on = load_config(path)["model"].get("fused_kernels", False)
-        assert on == path.stem.startswith(("pr1855", "pr1945", "pr1953", "pr2014")), path.name  # they extend #1855
+        extends_pr1855 = path.stem.startswith(("pr1855", "pr1945", "pr1953", "pr2014", "pr2135"))
+        assert on == extends_pr1855, path.name
