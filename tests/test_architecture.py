@@ -171,6 +171,7 @@ def test_a_quantizer_in_one_file_gets_its_export_section(tmp_path, monkeypatch):
         assert mlp and all(entry["method"] == "sign" and entry["shrink"] == 0.5 for entry in mlp)
 
 
+@pytest.mark.slow  # ~15 s: a 2-process DDP test run
 def test_test_passes_run_on_every_rank_whatever_the_sampler_flag(run_cwd):
     """Under DDP with Lightning's distributed sampler on, every rank still runs every pass (a sampler that split
     the passes would deadlock their collectives or drop passes)."""

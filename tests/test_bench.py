@@ -88,6 +88,7 @@ def test_host_syncs_lists_sites_per_step(bench, capsys):
     assert all(count > 0 and site for site, count in sites.items())
 
 
+@pytest.mark.slow  # ~7 s: re-encodes the record artifact in every container
 def test_container_compare_reencodes_the_record_artifact_and_prints_a_ratio(bench, capsys):
     import shutil
 

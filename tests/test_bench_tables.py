@@ -75,6 +75,7 @@ def finite_cells(table: dict) -> None:
             assert v is None or math.isfinite(v), cell
 
 
+@pytest.mark.slow  # ~9 s: trains and exports a model for the quant table
 def test_quant_table_quick(bench, work, capsys):
     out = work / "quant.md"
     text = bench("quant_table").main(["--work", str(work), "--quick", "--configs", DEMO, "--out", str(out)])

@@ -279,7 +279,8 @@ def _runtime_paths() -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("lrzip") is None, reason="lrzip is not installed (apt-get install lrzip)")
-@pytest.mark.parametrize("twin", [PR1855_TWIN, pytest.param(PR2135_TWIN, marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~16 s per twin: an export, then a clean interpreter scores the artifact
+@pytest.mark.parametrize("twin", [PR1855_TWIN, PR2135_TWIN])
 def test_wrapper_alone_scores_a_twin_artifact_as_the_package(tmp_path, embedded_data_root, twin):
     """PR #1855's twin (PGRP, brotli wrapper) and PR #2135's (PGRP v2, lzma wrapper, the n-gram tilt)."""
     from pgolf_lit.config import gpt_config_from_yaml

@@ -80,6 +80,7 @@ def test_the_bar_counts_steps_or_budget_and_text_lines_stand_alone(fitted):
     assert re.search(r"Validation DataLoader 0: +\d+%\|.*\| \d+/\d+", screen), "validation bars need a length"
 
 
+@pytest.mark.slow  # ~13 s of wallclock budget by design; the step bar is tested in the default suite
 def test_budget_bar_counts_seconds(tmp_path, embedded_data_root):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "demo").symlink_to(embedded_data_root, target_is_directory=True)

@@ -233,6 +233,7 @@ def test_truncated_artifacts_fail_with_one_line():
     assert "trailing bytes" in one_line_error(blob + b"\0")
 
 
+@pytest.mark.slow  # ~7 s: hundreds of decodes of flipped artifacts
 @needs_lrzip
 def test_bit_flips_fail_with_one_line_or_change_nothing():
     """A flipped bit is an error, never a different model: lrzip's MD5 guards the groups, the zip records' CRC-32
