@@ -10,6 +10,7 @@ CaseOps data), 128-token training sequences, 20 steps without a wallclock cap, a
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Any
 
@@ -78,6 +79,15 @@ def tiny_twin_overlay(config: dict[str, Any]) -> dict[str, Any]:
     if callbacks:
         trainer["callbacks"] = callbacks
     tiny_data = dict(DATA)
+    if data.get("seq_schedule"):  # progressive context (PR #2014): each stage in proportion, a multiple of 32
+        stages = [stage.split("@") for stage in str(data["seq_schedule"]).split(",")]
+        lengths = [max(32, 32 * round(scaled(int(length)) / 32)) for length, _ in stages]
+        tiny_data["seq_schedule"] = ",".join(f"{n}@{fraction}" for n, (_, fraction) in zip(lengths, stages))
+        tiny_data["train_seq_len"] = max(lengths)
+        row = math.lcm(*lengths)  # every stage cuts the packed row into whole pieces
+        tiny_data["train_batch_tokens"] = row * -(-DATA["train_batch_tokens"] // row)
+        if (model.get("schedule") or {}).get("seq_change_warmup_steps"):
+            tiny_model.setdefault("schedule", {})["seq_change_warmup_steps"] = 3
     if data.get("data_dir"):
         tiny_data["data_dir"] = _DATASET.sub("data/demo/datasets/fineweb10B_sp1024", str(data["data_dir"]))
     return {"trainer": trainer, "model": tiny_model, "data": tiny_data, "record": {"world": 1}}
