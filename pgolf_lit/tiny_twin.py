@@ -80,9 +80,11 @@ def tiny_twin_overlay(config: dict[str, Any]) -> dict[str, Any]:
         trainer["callbacks"] = callbacks
     tiny_data = dict(DATA)
     if data.get("seq_schedule"):  # progressive context (PR #2014): each stage in proportion, a multiple of 32
-        stages = [stage.split("@") for stage in str(data["seq_schedule"]).split(",")]
-        lengths = [max(32, 32 * round(scaled(int(length)) / 32)) for length, _ in stages]
-        tiny_data["seq_schedule"] = ",".join(f"{n}@{fraction}" for n, (_, fraction) in zip(lengths, stages))
+        from pgolf_lit.data.seq_schedule import SeqSchedule
+
+        stages = SeqSchedule.parse(str(data["seq_schedule"]), train_seq_len).stages
+        lengths = [max(32, 32 * round(scaled(length) / 32)) for _, length in stages]
+        tiny_data["seq_schedule"] = SeqSchedule(tuple((t, n) for (t, _), n in zip(stages, lengths))).describe()
         tiny_data["train_seq_len"] = max(lengths)
         row = math.lcm(*lengths)  # every stage cuts the packed row into whole pieces
         tiny_data["train_batch_tokens"] = row * -(-DATA["train_batch_tokens"] // row)
