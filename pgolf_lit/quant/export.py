@@ -38,6 +38,7 @@ from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
 from pgolf_lit.quant.gptq import gptq_sdclip_protected
 from pgolf_lit.quant.gate import gate_shape_qualifies
+from pgolf_lit.quant.keep_float import check_patterns, keeps_float, validate_patterns
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
 from pgolf_lit.quant.pergroup import PergroupSettings, encode_pergroup, pergroup_from_quantized
 from pgolf_lit.quant.pergroup_v2 import encode_pergroup_v2, record_v2_order
@@ -92,6 +93,10 @@ class ExportBase:
     """Float tensors with at most this many elements are kept as floats (fp16; see ``small_controls_fp32``)."""
     small_controls_fp32: bool = False
     """Keep small control tensors in fp32 instead of fp16 (the baseline's INT8_KEEP_FLOAT_FP32 rule)."""
+    keep_float: list[str] = field(default_factory=list)
+    """Float keep of named tensors (``keep_float.py``): a tensor whose state-dict name contains one of these is
+    stored fp16 instead of quantized, at any size (upstream FP16_KEEP_NAME_PATTERNS, PR #162/#180;
+    FP16_PASSTHROUGH_PATTERNS, PR #63/#65; PR #42's and FP16_EMBED_EXPORT's tok_emb.weight)."""
     mlp: TensorRule = field(
         default_factory=lambda: TensorRule(bits=6, method="gptq", scale="sdclip", clip_sigmas=12.85)
     )
@@ -196,6 +201,7 @@ class ExportBase:
             raise ConfigError(f"export.shuffle_stride: must lie in [0, 255], got {self.shuffle_stride}")
         if self.budget_bytes <= 0:
             raise ConfigError(f"export.budget_bytes: must be positive, got {self.budget_bytes}")
+        validate_patterns(self.keep_float)
         if self.keep_float_max_numel < 0:
             raise ConfigError(f"export.keep_float_max_numel: must be >= 0, got {self.keep_float_max_numel}")
         if self.trace_rank_keep is not None and self.trace_rank_keep < 0:
@@ -289,6 +295,7 @@ def quantize_state_dict(
         raise ConfigError(
             f"export: no declared role for state-dict entries {missing[:3]} (is this the model's state dict?)"
         )
+    check_patterns(cfg.keep_float, state_dict)
     low_bits = _trace_ranked_low_bits(state_dict, cfg, hessians, roles)
     protected = _awq_selection(state_dict, cfg, roles, act_rms, low_bits) if cfg.awq is not None else {}
     quant: dict[str, Tensor] = {}
@@ -393,6 +400,8 @@ def _rule_for(name: str, t: Tensor, role: ParamRole, cfg: ExportConfig) -> Optio
     """The rule that quantizes this tensor, or None to keep it as a float (the records' routing, by role)."""
     if role.quant == "gate":
         return cfg.gate if cfg.gate is not None and gate_shape_qualifies(t) else None
+    if keeps_float(name, cfg.keep_float):
+        return None
     if t.numel() <= cfg.keep_float_max_numel or role.is_control or role.quant is None:
         return None
     return cfg.rule(role)
