@@ -24,7 +24,8 @@ class SWA(Callback):
         """
         Args:
             every: add the weights to the sum every N optimizer steps once collecting (the records: 50).
-            lr_scale_below: start collecting when the step's LR multiplier falls below this (the records: 0.2).
+            lr_scale_below: start collecting when the step's LR multiplier falls below this (the records: 0.2;
+                upstream SWA_START_FRAC in PR #162/#180, 0.5/0.4, compared with the multiplier despite its name).
             apply: replace the weights by the average at the end of training (the records never do).
         """
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:

@@ -34,8 +34,9 @@ def tiny_model(seed: int = 0, **changes) -> GPT:
 def int8_export(**changes) -> ExportConfig:
     """The baseline's int8 + zlib export (configs/leaderboard/2026-03-18_baseline.yaml) in the native container."""
     rule = dict(method="rtn", bits=8, scale="quantile")
-    groups = {g: TensorRule(**rule) for g in ("mlp", "attn", "embed", "other")}
-    return ExportConfig(**groups, small_controls_fp32=True, codec="zlib", shuffle_stride=0, prune="none", **changes)
+    settings = {g: TensorRule(**rule) for g in ("mlp", "attn", "embed", "other")}
+    settings.update(small_controls_fp32=True, codec="zlib", shuffle_stride=0, prune="none")
+    return ExportConfig(**{**settings, **changes})
 
 
 def record_int8_roundtrip(sd: dict, keep: tuple[str, ...], small: int = SMALL) -> dict:
@@ -89,3 +90,106 @@ def test_a_keep_pattern_that_names_no_tensor_is_an_error(tmp_path):
         export_model(tiny_model(), int8_export(keep_float=["tok_embed"]), tmp_path / "m", code=NoCode(), progress=False)
     with pytest.raises(ConfigError, match="export.keep_float: expected non-empty"):
         int8_export(keep_float=[""])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PR #162/#180's export: int6 (int5 MLP) per row at max|w|, 8,192-element keep threshold, fp16 keep, 3 % pruning
+# ---------------------------------------------------------------------------------------------------------
+
+
+def record_prune(sd: dict, fraction: float = 0.03, min_numel: int = 65536) -> dict:
+    """PR #180: ``param.masked_fill_(param.abs() < quantile(|param|, 0.03), 0)`` on 2-D tensors above 65,536."""
+    out = dict(sd)
+    for name, p in sd.items():
+        if p.ndim == 2 and p.numel() > min_numel:
+            threshold = torch.quantile(p.abs().float().flatten(), fraction)
+            out[name] = p.masked_fill(p.abs() < threshold, 0.0)
+    return out
+
+
+def record_mixed_int6_roundtrip(sd: dict, keep: tuple[str, ...], small: int, mlp_clip: int) -> dict:
+    """PR #162/#180 ``mixed_quantize_int6`` then ``dequantize_mixed_int6``: small tensors fp16, kept names fp16,
+    mlp/attn/bigram rows at scale fp16(max|w|/clip), codes in [-(clip+1), clip]; other matrices the baseline int8."""
+    out = {}
+    for name, t in sd.items():
+        if t.numel() <= small or any(p in name for p in keep):
+            out[name] = t.to(torch.float16).to(t.dtype)
+            continue
+        if ".mlp." in name or "bigram" in name or ".attn." in name:
+            clip = mlp_clip if ".mlp." in name else 31
+            t32 = t.float()
+            scale = (t32.abs().amax(dim=1) / clip).clamp_min(1e-12).to(torch.float16)
+            scale = scale.clamp_min(torch.finfo(torch.float16).tiny)
+            q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -(clip + 1), clip)
+            out[name] = (q * scale.float()[:, None]).to(t.dtype)
+        else:
+            out[name] = record_int8_roundtrip({name: t}, (), small=-1)[name]
+    return out
+
+
+def pr180_export(small: int, **changes) -> ExportConfig:
+    """configs/leaderboard/2026-03-20_pr180.yaml's export at a tiny keep threshold."""
+    int6 = dict(method="rtn", bits=6, scale="row_amax")
+    return int8_export(
+        mlp=TensorRule(method="rtn", bits=5, scale="row_amax"),
+        attn=TensorRule(**int6),
+        other=TensorRule(**int6),
+        small_controls_fp32=False,
+        keep_float_max_numel=small,
+        **changes,
+    )
+
+
+def test_pr180_export_is_the_records_pruned_mixed_int5_int6_roundtrip(tmp_path):
+    model = tiny_model(bigram_vocab_size=64, bigram_dim=16)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    keep = ("tok_emb", "blocks.1.attn.c_k")
+    prune = {"fraction": 0.03, "min_numel": 600}  # prunes the 1024+ element matrices, leaves c_k / bigram.proj
+    cfg = pr180_export(SMALL, keep_float=list(keep), magnitude_prune=prune)
+    export_model(model, cfg, tmp_path / "m.pgolf", code=NoCode(), progress=False)
+    _, state = load_artifact(tmp_path / "m.pgolf")
+    expected = record_mixed_int6_roundtrip(record_prune(sd, min_numel=600), keep, SMALL, mlp_clip=15)
+    for name in expected:
+        assert torch.equal(state[name], expected[name]), name
+    # the pruning acted: about 3 % zeros in the kept embedding, none in the unpruned layer-1 c_k
+    zeros = (state["tok_emb.weight"] == 0).float().mean().item()
+    assert 0.02 < zeros < 0.04 and (state["blocks.1.attn.c_k.weight"] != 0).all()
+
+
+def test_magnitude_prune_quantile_above_torch_quantiles_limit(monkeypatch):
+    from pgolf_lit.quant import magnitude_prune as mp
+
+    x = torch.randn(37, 53, generator=torch.Generator().manual_seed(3))
+    direct = mp.flat_quantile(x.abs(), 0.03)
+    monkeypatch.setattr(mp, "_QUANTILE_MAX_NUMEL", 100)  # force the order-statistics path
+    assert torch.allclose(mp.flat_quantile(x.abs(), 0.03), direct, rtol=1e-6, atol=0)
+    with pytest.raises(ConfigError, match="export.magnitude_prune.fraction"):
+        int8_export(magnitude_prune={"fraction": 1.5})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PR #162/#180's SWA: SWA_START_FRAC is compared with the LR multiplier, not the training fraction
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~10 s: a real 10-step Lightning run on CPU
+def test_swa_start_frac_is_the_records_lr_multiplier_rule(embedded_data_root, tmp_path):
+    """The record's loop: after ``step += 1``, ``if scale < swa_start_frac and step % swa_every == 0`` add the
+    weights (``scale = lr_mul(step, elapsed_ms)``, the multiplier of the step just taken); the average is loaded at
+    the end. pgolf_lit's SWA(lr_scale_below=SWA_START_FRAC) is that rule."""
+    import lightning as L
+
+    from pgolf_lit.callbacks import SWA
+    from trainer_utils import Recorder, fit, tiny_datamodule, tiny_module, tiny_trainer, weights
+
+    L.seed_everything(0)
+    seen = Recorder(lambda t, m: (t.global_step, m.last_schedule.lr_scale, weights(t, m)))
+    # PR #162: SWA_START_FRAC=0.5 (PR #180: 0.4), SWA_EVERY=50; here 0.7 and 2 on a 10-step warmdown (1 … 0.2)
+    swa = SWA(every=2, lr_scale_below=0.7, apply=True)
+    trainer = fit(tiny_module(), tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 10, [seen, swa]))
+    taken = [(step, w) for step, scale, w in seen.values if scale < 0.7 and step % 2 == 0]
+    assert 2 <= len(taken) < len(seen.values) // 2  # the warmdown's late half only
+    assert swa.start_step == taken[0][0] and swa.count == len(taken)
+    final = trainer.lightning_module.model.state_dict()
+    for k in final:
+        torch.testing.assert_close(final[k], sum(w[k] for _, w in taken) / len(taken), atol=1e-6, rtol=0)

@@ -40,6 +40,7 @@ from pgolf_lit.quant.gptq import gptq_sdclip_protected
 from pgolf_lit.quant.gate import gate_shape_qualifies
 from pgolf_lit.quant.keep_float import check_patterns, keeps_float, validate_patterns
 from pgolf_lit.quant.lqer import LqerSettings, lqer_apply
+from pgolf_lit.quant.magnitude_prune import MagnitudePruneSettings, magnitude_prune
 from pgolf_lit.quant.pergroup import PergroupSettings, encode_pergroup, pergroup_from_quantized
 from pgolf_lit.quant.pergroup_v2 import encode_pergroup_v2, record_v2_order
 from pgolf_lit.quant.hessians import HessianReport, collect_hessians
@@ -123,6 +124,9 @@ class ExportBase:
     """AWQ-lite (PR #1945, upstream AWQ_LITE_ENABLED): the top-k groups of input columns of the whole model, by
     activation RMS × mean |W|, quantized at ``awq.bits`` inside the GPTQ sweep (candidates: the sdclip-GPTQ
     tensors with fewer bits; the activation statistics come with the Hessians); LQER runs after it. null = off."""
+    magnitude_prune: Optional[MagnitudePruneSettings] = None
+    """Magnitude pruning before quantization (``magnitude_prune.py``; PR #180's hard-coded 3 %, no env var): the
+    ``fraction`` smallest |w| of each 2-D tensor above ``min_numel`` elements become zero. null = off."""
     pergroup: PergroupSettings = field(default_factory=PergroupSettings)
     """lrzip and brotli settings of the ``pergroup`` container."""
     codec: str = "brotli"
@@ -165,6 +169,8 @@ class ExportBase:
             self.awq = AwqSettings(**self.awq)
         if isinstance(self.pergroup, Mapping):
             self.pergroup = PergroupSettings(**self.pergroup)
+        if isinstance(self.magnitude_prune, Mapping):
+            self.magnitude_prune = MagnitudePruneSettings(**self.magnitude_prune)
         self.validate()
 
     def validate(self) -> None:
@@ -202,6 +208,8 @@ class ExportBase:
         if self.budget_bytes <= 0:
             raise ConfigError(f"export.budget_bytes: must be positive, got {self.budget_bytes}")
         validate_patterns(self.keep_float)
+        if self.magnitude_prune is not None:
+            self.magnitude_prune.validate()
         if self.keep_float_max_numel < 0:
             raise ConfigError(f"export.keep_float_max_numel: must be >= 0, got {self.keep_float_max_numel}")
         if self.trace_rank_keep is not None and self.trace_rank_keep < 0:
@@ -520,9 +528,10 @@ def export_model(
 
     mark = time.perf_counter()
     roles = parameter_roles(model)
-    quant, meta = quantize_state_dict(
-        _export_state_dict(model, cfg, roles), cfg, hessians, roles=roles, progress=progress, act_rms=act_rms
-    )
+    weights = _export_state_dict(model, cfg, roles)
+    if cfg.magnitude_prune is not None:
+        weights = magnitude_prune(weights, cfg.magnitude_prune)
+    quant, meta = quantize_state_dict(weights, cfg, hessians, roles=roles, progress=progress, act_rms=act_rms)
     seconds["quantize"] = time.perf_counter() - mark
 
     code = code if code is not None else measure_code_size((cfg.format,), eval_methods, wrapper=cfg.code_wrapper)
