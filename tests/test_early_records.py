@@ -9,7 +9,7 @@ import torch
 from pgolf_lit.config import GPTConfig
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.model.gpt import GPT
-from pgolf_lit.quant.export import ExportConfig, TensorRule, export_model, load_artifact
+from pgolf_lit.quant.export import ExportConfig, TensorRule, export_model, load_artifact, quantize_state_dict
 
 SMALL = 256  # keep-float threshold for the tiny models here, so that all their matrices get quantized
 INT8_CLIP_Q = 99.99984 / 100.0
@@ -39,10 +39,13 @@ def int8_export(**changes) -> ExportConfig:
     return ExportConfig(**{**settings, **changes})
 
 
-def record_int8_roundtrip(sd: dict, keep: tuple[str, ...], small: int = SMALL) -> dict:
+def record_int8_roundtrip(
+    sd: dict, keep: tuple[str, ...], small: int = SMALL, int4_layers: tuple[int, ...] = (), int4_step: int = 16
+) -> dict:
     """PR #42/#63 ``quantize_state_dict_int8`` then ``dequantize_state_dict_int8``: small tensors and those whose
     name contains a keep pattern pass through (controls fp32, the rest fp16, cast back), every other matrix is
-    int8 per row at the 99.99984 % quantile, scale max(clip/127, 1/127), stored fp16."""
+    int8 per row at the 99.99984 % quantile, scale max(clip/127, 1/127), stored fp16. PR #39 then rounds the codes
+    of blocks ``int4_layers`` to multiples of ``int4_step``, clamped to [-127, 127]."""
     out = {}
     for name, t in sd.items():
         if t.numel() <= small or any(p in name for p in keep):
@@ -52,8 +55,11 @@ def record_int8_roundtrip(sd: dict, keep: tuple[str, ...], small: int = SMALL) -
         clip_abs = torch.quantile(t32.abs(), INT8_CLIP_Q, dim=1)
         clipped = torch.maximum(torch.minimum(t32, clip_abs[:, None]), -clip_abs[:, None])
         scale = (clip_abs / 127.0).clamp_min(1.0 / 127.0)
-        q = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127)
-        out[name] = (q * scale.to(torch.float16).float()[:, None]).to(t.dtype)
+        q = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8)
+        layer_num = int(name.split("blocks.")[1].split(".")[0]) if "blocks." in name else -1
+        if layer_num in int4_layers:
+            q = ((q.float() / int4_step).round() * int4_step).clamp(-127, 127).to(torch.int8)
+        out[name] = (q.float() * scale.to(torch.float16).float()[:, None]).to(t.dtype)
     return out
 
 
@@ -193,3 +199,29 @@ def test_swa_start_frac_is_the_records_lr_multiplier_rule(embedded_data_root, tm
     final = trainer.lightning_module.model.state_dict()
     for k in final:
         torch.testing.assert_close(final[k], sum(w[k] for _, w in taken) / len(taken), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PR #39's per-layer code step (INT4_LAYERS=3,4,5,6 INT4_STEP=4)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_code_step_is_the_records_int8_codes_rounded_on_the_listed_layers(tmp_path):
+    model = tiny_model(num_layers=4)
+    with torch.no_grad():  # rows past |w| = 1, so the quantile scale leaves its 1/127 floor and codes reach ±127
+        for block in model.blocks:
+            block.mlp.fc.weight.mul_(30.0)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = int8_export(keep_float_max_numel=SMALL, code_step={"layers": [1, 2], "step": 4})
+    export_model(model, cfg, tmp_path / "m.pgolf", code=NoCode(), progress=False)
+    _, state = load_artifact(tmp_path / "m.pgolf")
+    expected = record_int8_roundtrip(sd, (), int4_layers=(1, 2), int4_step=4)
+    for name in expected:
+        assert torch.equal(state[name], expected[name]), name
+    # the listed layers really are coarser: multiples of 4 but for the clamped ±127 ends; the others are not
+    quant, meta = quantize_state_dict(sd, cfg, roles=model.roles)
+    stepped, plain = quant["blocks.1.mlp.fc.weight.q"], quant["blocks.0.mlp.fc.weight.q"]
+    assert (stepped.abs() == 127).any() and ((stepped % 4 == 0) | (stepped.abs() == 127)).all()
+    assert (plain % 4 != 0).any() and meta["blocks.1.mlp.fc.weight"]["code_step"] == 4
+    with pytest.raises(ConfigError, match=r"export.code_step.layers: the model has no block \[7\]"):
+        export_model(model, int8_export(code_step={"layers": [7], "step": 4}), tmp_path / "x", code=NoCode())

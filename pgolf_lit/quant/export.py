@@ -34,6 +34,7 @@ from pgolf_lit.model.roles import ParamRole, parameter_roles
 from pgolf_lit.quant.artifact import UPSTREAM_STYLES, encode_native, encode_upstream
 from pgolf_lit.quant import code_lzma  # noqa: F401  (registers the lzma code wrapper)
 from pgolf_lit.quant.code_size import CodeSize, measure_code_size
+from pgolf_lit.quant.code_step import CodeStepSettings, step_codes
 from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
 from pgolf_lit.quant.gptq import gptq_sdclip_protected
@@ -124,6 +125,9 @@ class ExportBase:
     """AWQ-lite (PR #1945, upstream AWQ_LITE_ENABLED): the top-k groups of input columns of the whole model, by
     activation RMS × mean |W|, quantized at ``awq.bits`` inside the GPTQ sweep (candidates: the sdclip-GPTQ
     tensors with fewer bits; the activation statistics come with the Hessians); LQER runs after it. null = off."""
+    code_step: Optional[CodeStepSettings] = None
+    """Per-layer code step (``code_step.py``; PR #39's INT4_LAYERS / INT4_STEP): the codes of the quantized tensors
+    of blocks ``layers`` rounded to multiples of ``step`` after quantization. null = off."""
     magnitude_prune: Optional[MagnitudePruneSettings] = None
     """Magnitude pruning before quantization (``magnitude_prune.py``; PR #180's hard-coded 3 %, no env var): the
     ``fraction`` smallest |w| of each 2-D tensor above ``min_numel`` elements become zero. null = off."""
@@ -169,6 +173,8 @@ class ExportBase:
             self.awq = AwqSettings(**self.awq)
         if isinstance(self.pergroup, Mapping):
             self.pergroup = PergroupSettings(**self.pergroup)
+        if isinstance(self.code_step, Mapping):
+            self.code_step = CodeStepSettings(**self.code_step)
         if isinstance(self.magnitude_prune, Mapping):
             self.magnitude_prune = MagnitudePruneSettings(**self.magnitude_prune)
         self.validate()
@@ -210,6 +216,8 @@ class ExportBase:
         validate_patterns(self.keep_float)
         if self.magnitude_prune is not None:
             self.magnitude_prune.validate()
+        if self.code_step is not None:
+            self.code_step.validate()
         if self.keep_float_max_numel < 0:
             raise ConfigError(f"export.keep_float_max_numel: must be >= 0, got {self.keep_float_max_numel}")
         if self.trace_rank_keep is not None and self.trace_rank_keep < 0:
@@ -304,6 +312,10 @@ def quantize_state_dict(
             f"export: no declared role for state-dict entries {missing[:3]} (is this the model's state dict?)"
         )
     check_patterns(cfg.keep_float, state_dict)
+    stepped = set(cfg.code_step.layers) if cfg.code_step is not None else set()
+    absent = sorted(stepped - {roles[name].layer for name in state_dict})
+    if absent:
+        raise ConfigError(f"export.code_step.layers: the model has no block {absent}")
     low_bits = _trace_ranked_low_bits(state_dict, cfg, hessians, roles)
     protected = _awq_selection(state_dict, cfg, roles, act_rms, low_bits) if cfg.awq is not None else {}
     quant: dict[str, Tensor] = {}
@@ -328,6 +340,8 @@ def quantize_state_dict(
         else:
             settings = cfg.quantizer_settings(rule.method)
             q, how = quantizers()[rule.method].quantize(name, t, rule, bits, hessians.get(name), settings)
+        if role.layer in stepped:
+            q, how = Quantized(step_codes(q.q, cfg.code_step.step), q.scale), {**how, "code_step": cfg.code_step.step}
         quant[f"{name}.q"], quant[f"{name}.scale"] = q.q, q.scale
         meta[name] = {"kind": "int", "bits": bits, "dtype": dtype_name(t.dtype), **how}
     if cfg.lqer is not None:
