@@ -225,3 +225,42 @@ def test_code_step_is_the_records_int8_codes_rounded_on_the_listed_layers(tmp_pa
     assert (plain % 4 != 0).any() and meta["blocks.1.mlp.fc.weight"]["code_step"] == 4
     with pytest.raises(ConfigError, match=r"export.code_step.layers: the model has no block \[7\]"):
         export_model(model, int8_export(code_step={"layers": [7], "step": 4}), tmp_path / "x", code=NoCode())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PR #65's embedding front: sum-hash BigramHash without a scale, SmearGate from σ(3) before the norm
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_pr65_embedding_front_is_the_records_bigram_and_smear():
+    model = tiny_model(
+        vocab_size=1024,
+        bigram_vocab_size=96,
+        bigram_dim=16,
+        bigram_sum_hash=True,
+        smear_gate=True,
+        smear_gate_form="prenorm",
+    )
+    ids = torch.randint(0, 1024, (2, 21), generator=torch.Generator().manual_seed(5))
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(x0=args[1]))
+    with torch.no_grad():
+        model.forward_hidden(ids)
+        # the record's GPT.forward: x = tok_emb + bigram_hash; x = smeargate(x); x = rms_norm(x)
+        prev_ids = torch.cat([torch.zeros(2, 1, dtype=ids.dtype), ids[:, :-1]], dim=1)
+        h = ((prev_ids.long() * 92821 + ids.long()) % 96).long()
+        x = model.tok_emb.weight[ids] + model.bigram.embed.weight[h] @ model.bigram.proj.weight.T
+        g = torch.sigmoid(model.smear_prenorm.gate)
+        x = g * x + (1.0 - g) * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        x = torch.nn.functional.rms_norm(x, (x.size(-1),))
+    torch.testing.assert_close(seen["x0"], x, atol=1e-6, rtol=1e-5)
+    # fresh: the record's inits (gate 3, N(0, 0.01) table, zero projection) and no output scale
+    fresh = GPT(model.config)
+    assert torch.equal(fresh.smear_prenorm.gate, torch.full((32,), 3.0)) and fresh.smear is None
+    assert not fresh.bigram.proj.weight.any() and 0.005 < fresh.bigram.embed.weight.std() < 0.015
+    assert not hasattr(fresh.bigram, "scale")
+    xor = GPT(GPTConfig(**{**model.config.to_dict(), "bigram_sum_hash": False, "smear_gate_form": "channel"}))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(xor) - count(fresh) == 1  # the scale is the one parameter fewer
+    with pytest.raises(ConfigError, match="bigram_trigram"):
+        GPT(GPTConfig(**{**model.config.to_dict(), "bigram_trigram": True}))

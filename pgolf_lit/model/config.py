@@ -98,8 +98,10 @@ class GPTConfig:
     # --- embeddings ------------------------------------------------------------------------------------
     smear_gate: bool = False
     """Smear each position with the previous one; smear_gate_form says how (upstream SMEAR_GATE_ENABLED)."""
-    smear_gate_form: Literal["channel", "token"] = "channel"
+    smear_gate_form: Literal["channel", "token", "prenorm"] = "channel"
     """channel (PR #1263 family): a per-channel sigmoid mix with the previous position after the embedding norm.
+    prenorm (PR #65's USE_SMEARGATE, model/smear_prenorm.py): that mix before the norm, on tok_emb + BigramHash,
+    keeping σ(gate) of the token, gate from 3.
     token (PR #1667/#1855): e_t += smear_lambda · σ(smear_gate · e_t[:gate_window]) · e_{t-1} on the raw token
     embedding, before its norm, except where token t is bos_id (no smear across documents)."""
     bos_id: int = 1
@@ -112,6 +114,10 @@ class GPTConfig:
     """Buckets of the hashed token-pair table added to the embedding (BigramHash); 0 = off."""
     bigram_dim: int = 128
     """Width of the BigramHash table (projected to model_dim)."""
+    bigram_sum_hash: bool = False
+    """PR #65's BigramHash form (model/bigram_sum_hash.py): (prev·92821 + cur) mod n, N(0, 0.01) table, no output
+    scale; off: the PR #162 family's XOR hash, last bucket for position 0, zero table, learned scale 0.05. No env
+    var: the form of PR #65's train_gpt_v5.py (BIGRAM_HASH_BUCKETS / BIGRAM_HASH_DIM)."""
     bigram_trigram: bool = False
     """Also hash (t, t-1, t-2) into the same table (not used by any record)."""
     ve_enabled: bool = False
@@ -239,7 +245,7 @@ class GPTConfig:
         if self.mtp_num_heads < 0:
             raise bad("mtp_num_heads", f"must be >= 0, got {self.mtp_num_heads}")
         choices = {
-            "smear_gate_form": ("channel", "token"),
+            "smear_gate_form": ("channel", "token", "prenorm"),
             "parallel_residual": ("lane_merge", "lambdas"),
             "parallel_final_lane": ("mean", "attn", "mlp"),
             "state_dict_layout": ("per_block", "banks"),

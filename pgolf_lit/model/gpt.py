@@ -187,11 +187,19 @@ class GPT(nn.Module):
         projection = ParamRole("projection", "other", "embed_projection")
         self.embed_proj = CastedLinear(e, d, role=projection) if e != d else None
         self.head_proj = CastedLinear(d, e, role=projection) if e != d else None
+        hashed = BigramHash
+        if cfg.bigram_sum_hash:
+            from pgolf_lit.model.bigram_sum_hash import SumBigramHash as hashed
         self.bigram = (
-            BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bigram_trigram) if cfg.bigram_vocab_size else None
+            hashed(cfg.bigram_vocab_size, cfg.bigram_dim, d, cfg.bigram_trigram) if cfg.bigram_vocab_size else None
         )
         token_smear = cfg.smear_gate and cfg.smear_gate_form == "token"
-        self.smear = SmearGate(d) if cfg.smear_gate and not token_smear else None
+        self.smear = SmearGate(d) if cfg.smear_gate and cfg.smear_gate_form == "channel" else None
+        self.smear_prenorm = None
+        if cfg.smear_gate and cfg.smear_gate_form == "prenorm":
+            from pgolf_lit.model.smear_prenorm import PrenormSmearGate
+
+            self.smear_prenorm = PrenormSmearGate(d)
         # PR #1855's token SmearGate, on the raw embedding; the upstream names smear_gate / smear_lambda.
         self.smear_gate = (
             CastedLinear(cfg.gate_window, 1, role=control("smear"), zero_init=True) if token_smear else None
@@ -311,6 +319,8 @@ class GPT(nn.Module):
             )
         if self.bigram is not None:
             x = x + self.bigram(ids)
+        if self.smear_prenorm is not None:
+            x = self.smear_prenorm(x)
         x = rms_norm(x)
         if self.embed_proj is not None:
             x = self.embed_proj(x)
