@@ -264,3 +264,43 @@ def test_pr65_embedding_front_is_the_records_bigram_and_smear():
     assert count(xor) - count(fresh) == 1  # the scale is the one parameter fewer
     with pytest.raises(ConfigError, match="bigram_trigram"):
         GPT(GPTConfig(**{**model.config.to_dict(), "bigram_trigram": True}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PR #60's initialisations: Overtone spectral embedding, phase-transition resid_mix (training-side callbacks)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_pr60_inits_are_the_records_init_weights():
+    from types import SimpleNamespace
+
+    from pgolf_lit.callbacks import OvertoneInit, PhaseResidMixInit
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2))
+    w = model.tok_emb.weight.detach().clone()
+    # the record's GPT._init_weights after nn.init.normal_(tok_emb)
+    U, S, V = torch.linalg.svd(w, full_matrices=False)
+    target_S = S[0] * (1.0 / torch.arange(1, S.shape[0] + 1, dtype=S.dtype)) ** 0.5
+    expected_emb = (U * target_S[None, :]) @ V
+    expected_mix = []
+    for i in range(5):
+        phase = torch.sigmoid(torch.tensor(3.0 * (i / max(5 - 1, 1) - 0.5)))
+        expected_mix.append(torch.stack([phase * torch.ones(32), (1 - phase) * torch.ones(32)]))
+
+    module = SimpleNamespace(model=model)
+    callbacks = (OvertoneInit(), PhaseResidMixInit())
+    for callback in callbacks:
+        callback.setup(None, module, "validate")  # only fitting initialises
+    assert torch.equal(model.tok_emb.weight, w) and torch.equal(model.blocks[0].resid_mix[0], torch.ones(32))
+    for callback in callbacks:
+        callback.setup(None, module, "fit")
+    assert torch.equal(model.tok_emb.weight, expected_emb)
+    singular = torch.linalg.svdvals(model.tok_emb.weight)
+    torch.testing.assert_close(singular / singular[0], torch.arange(1, 33).float() ** -0.5, rtol=1e-4, atol=1e-5)
+    for block, mix in zip(model.blocks, expected_mix):
+        assert torch.equal(block.resid_mix, mix)
+    assert model.blocks[0].resid_mix[0, 0] < 0.2 < 0.8 < model.blocks[4].resid_mix[0, 0]
+    untied = SimpleNamespace(model=GPT(GPTConfig(vocab_size=64, num_layers=1, model_dim=32, tie_embeddings=False)))
+    with pytest.raises(ConfigError, match="OvertoneInit: shapes the tied embedding"):
+        OvertoneInit().setup(None, untied, "fit")
