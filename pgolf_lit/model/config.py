@@ -7,16 +7,17 @@ describes every switch and names its upstream origin.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-from pgolf_lit.errors import ConfigError, check_field_types
+from pgolf_lit.errors import CheckedConfig, ConfigError
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(CheckedConfig):
     """Every architecture switch, under its upstream name; the defaults are the upstream baseline's."""
+
+    SECTION = "gpt"
 
     # --- shape -----------------------------------------------------------------------------------------
     vocab_size: int = 1024
@@ -261,18 +262,3 @@ class GPTConfig:
             raise bad(
                 "bos_id", f"must be a token id below vocab_size {self.vocab_size} or -1 (no mask), got {self.bos_id}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"gpt: unknown field(s) {unknown}; known fields are listed in pgolf_lit/model/config.py")
-        check_field_types(cls, d, "gpt")  # YAML, checkpoints and artifacts reach validate() with these types
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> "GPTConfig":
-        return GPTConfig.from_dict({**self.to_dict(), **changes})

@@ -13,21 +13,20 @@ Optimizers, in the scripts' step order: token Adam(W), head Adam (untied models 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
-from pgolf_lit.errors import ConfigError
+from pgolf_lit.errors import CheckedConfig, ConfigError
 from pgolf_lit.model.roles import ParamRole, parameter_roles
 from pgolf_lit.optim.muon import Muon
 from pgolf_lit.optim.schedule import momentum_warmup
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(CheckedConfig):
     """Optimizer knobs under their upstream names. Defaults are the upstream baseline's.
 
     ``adam_class`` is the torch class of the token and scalar optimizers (the baseline uses Adam without
@@ -38,6 +37,8 @@ class OptimConfig:
     True (default) trains them with Muon like every other projection, False reproduces the scripts.
     ``muon_compile_cuda`` runs Newton–Schulz through torch.compile on CUDA, as the records do.
     """
+
+    SECTION = "optim"
 
     tied_embed_lr: float = 0.05
     """lr of the tied token table (upstream TIED_EMBED_LR)."""
@@ -143,22 +144,6 @@ class OptimConfig:
         return momentum_warmup(
             step, self.muon_momentum_warmup_start, self.muon_momentum, self.muon_momentum_warmup_steps
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OptimConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(
-                f"optim: unknown field(s) {unknown}; known fields are listed in pgolf_lit/optim/groups.py"
-            )
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> "OptimConfig":
-        return OptimConfig.from_dict({**self.to_dict(), **changes})
 
 
 Named = list[tuple[str, nn.Parameter]]

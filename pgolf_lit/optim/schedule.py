@@ -17,13 +17,12 @@ Without a cap both families count iterations instead.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 
-from pgolf_lit.errors import ConfigError
+from pgolf_lit.errors import CheckedConfig, ConfigError
 from pgolf_lit.optim.muon import Muon
 
 
@@ -62,12 +61,14 @@ def apply_schedule(optimizers: Iterable[torch.optim.Optimizer], lr_multiplier: f
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(CheckedConfig):
     """LR multiplier settings. Defaults are the upstream baseline (Family A, 1200 warmdown iterations).
 
     ``warmdown_iters`` is read in ``iters`` mode, ``warmdown_frac`` and ``min_lr`` in ``frac`` mode; a
     warmdown length of 0 (either mode) means no warmdown, as upstream.
     """
+
+    SECTION = "schedule"
 
     warmdown: Literal["iters", "frac"] = "iters"
     """iters: Family A's ramp over the last warmdown_iters steps; frac: Family B's ramp over a training fraction."""
@@ -128,14 +129,3 @@ class ScheduleConfig:
         warmdown_ms = w * (elapsed_ms / max(step, 1))
         remaining_ms = max(cap_ms - elapsed_ms, 0.0)
         return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"schedule: unknown field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
