@@ -295,15 +295,19 @@ def test_sigkill_and_resume_gives_the_uninterrupted_weights(tmp_path, embedded_d
     assert b["pgolf"]["clock"]["elapsed_ms"] > resumed_from > 0
 
 
+GPT, OPTIM = "pgolf_lit.model.config:GPTConfig", "pgolf_lit.optim.groups:OptimConfig"
+SCHEDULE, EXPORT = "pgolf_lit.optim.schedule:ScheduleConfig", "pgolf_lit.quant.export:ExportConfig"
+
+
 @pytest.mark.parametrize(
     "cls_path, section, values, message",
     [
-        ("pgolf_lit.model.config:GPTConfig", "gpt", {"num_layerz": 3}, "gpt: unknown field(s) ['num_layerz']"),
-        ("pgolf_lit.model.config:GPTConfig", "gpt", {"num_layers": "3"}, "gpt.num_layers: expected an integer, got '3'"),
-        ("pgolf_lit.optim.groups:OptimConfig", "optim", {"matrix_lr": "fast"}, "optim.matrix_lr: expected a number"),
-        ("pgolf_lit.optim.schedule:ScheduleConfig", "schedule", {"warmdown_iterz": 1}, "schedule: unknown field(s)"),
-        ("pgolf_lit.quant.export:ExportConfig", "export", {"budget_bytes": 1.5}, "export.budget_bytes: expected an integer"),
-        ("pgolf_lit.quant.export:ExportConfig", "export", {"gptq": {"nope": 1}}, "export.gptq: unknown field(s) ['nope']"),
+        (GPT, "gpt", {"num_layerz": 3}, "gpt: unknown field(s) ['num_layerz']"),
+        (GPT, "gpt", {"num_layers": "3"}, "gpt.num_layers: expected an integer, got '3'"),
+        (OPTIM, "optim", {"matrix_lr": "fast"}, "optim.matrix_lr: expected a number"),
+        (SCHEDULE, "schedule", {"warmdown_iterz": 1}, "schedule: unknown field(s)"),
+        (EXPORT, "export", {"budget_bytes": 1.5}, "export.budget_bytes: expected an integer"),
+        (EXPORT, "export", {"gptq": {"nope": 1}}, "export.gptq: unknown field(s) ['nope']"),
     ],
 )
 def test_every_file_config_names_its_bad_field_in_one_line(cls_path, section, values, message):
