@@ -74,6 +74,9 @@ class GPTConfig(CheckedConfig):
     """Multiplier of the sparse gate's logit (upstream SPARSE_ATTN_GATE_SCALE; PR #1855: 0.5)."""
     sparse_attn_gate_init_std: float = 0.0
     """Init std of attn_gate_w; 0 = zeros, so every gate starts at 0.5 (upstream SPARSE_ATTN_GATE_INIT_STD)."""
+    sparse_attn_gate_gain: float = 1.0
+    """Multiplier of the sparse gate's output: 2.0 is PR #1667's attention-output gate, 2·σ(W·x[:12]) per head from
+    zero init, so 1 at the start (upstream GATE_ATTN_OUT=1 with GATE_ATTN_SRC=proj, GATE_WIDTH=12)."""
     gate_window: int = 12
     """Leading residual channels the sparse attention gate and the token SmearGate read (upstream GATE_WINDOW)."""
     # --- residual stream -------------------------------------------------------------------------------

@@ -116,6 +116,7 @@ class Block(nn.Module):
             sparse_gate_window=cfg.gate_window if cfg.sparse_attn_gate else 0,
             sparse_gate_scale=cfg.sparse_attn_gate_scale,
             sparse_gate_init_std=cfg.sparse_attn_gate_init_std,
+            sparse_gate_gain=cfg.sparse_attn_gate_gain,
         )
         self.mlp = MLP(d, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
         self.ln_scale_factor = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0

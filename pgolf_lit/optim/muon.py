@@ -186,7 +186,8 @@ class Muon(torch.optim.Optimizer):
 
     Param-group options: ``lr``, ``momentum``, ``backend_steps``, ``nesterov``, ``weight_decay``,
     ``row_normalize``, ``coefficients``, ``momentum_dtype``, ``skip_without_grad``, and ``base_lr`` (the
-    unscheduled lr; defaults to the group's ``lr``) which the schedule multiplies every step. ``compile_cuda``
+    unscheduled lr; defaults to the group's ``lr``) which the schedule multiplies every step, and
+    ``base_weight_decay`` (likewise, for the WD taper). ``compile_cuda``
     runs the iteration through ``torch.compile`` for CUDA tensors, as the records do; CPU tensors always take
     the eager path.
     """
@@ -237,6 +238,7 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise ValueError(f"Muon: parameters must be 2-D matrices or 3-D banks of matrices, got shapes {bad}")
         group.setdefault("base_lr", group["lr"])
+        group.setdefault("base_weight_decay", group["weight_decay"])  # the unscheduled decay (WD taper)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:

@@ -24,6 +24,7 @@ import torch
 
 from pgolf_lit.errors import CheckedConfig, ConfigError
 from pgolf_lit.optim.muon import Muon
+from pgolf_lit.optim.wd_taper import wd_taper_multiplier
 
 
 def effective_cap_ms(max_wallclock_seconds: float, reserve_seconds: float = 0.0) -> Optional[float]:
@@ -47,8 +48,11 @@ def momentum_warmup(step: int, start: float, end: float, warmup_steps: int) -> f
     return (1 - f) * start + f * end
 
 
-def apply_schedule(optimizers: Iterable[torch.optim.Optimizer], lr_multiplier: float, muon_momentum: float) -> None:
-    """Before a step: every Muon group's momentum := ``muon_momentum``; every group's lr := base_lr · multiplier.
+def apply_schedule(
+    optimizers: Iterable[torch.optim.Optimizer], lr_multiplier: float, muon_momentum: float, muon_wd_scale: float = 1.0
+) -> None:
+    """Before a step: every Muon group's momentum := ``muon_momentum`` and its weight_decay := base_weight_decay ·
+    ``muon_wd_scale`` (the WD taper, ``optim/wd_taper.py``); every group's lr := base_lr · multiplier.
 
     ``optimizers``: the list from ``build_optimizers`` or an ``OptimizerChain`` (iterating it yields its members).
     """
@@ -57,6 +61,9 @@ def apply_schedule(optimizers: Iterable[torch.optim.Optimizer], lr_multiplier: f
         for group in opt.param_groups:
             if is_muon:
                 group["momentum"] = muon_momentum
+                # groups restored from a checkpoint written before the taper existed lack the base: never tapered
+                base_wd = group.setdefault("base_weight_decay", group["weight_decay"])
+                group["weight_decay"] = base_wd * muon_wd_scale
             group["lr"] = group["base_lr"] * lr_multiplier
 
 
@@ -83,6 +90,13 @@ class ScheduleConfig(CheckedConfig):
     ramps up again, times ``min((step - change + 1) / N, 1)`` for N steps (upstream SEQ_CHANGE_WARMUP_STEPS; PR
     #2014: 32; ``pgolf_lit/data/seq_schedule.py``); 0 = no ramp."""
 
+    wd_taper_start_frac: float = 1.0
+    """Muon WD taper: the training fraction from which the Muon weight decay falls linearly to
+    ``wd_taper_final_mult`` × its value at the end (upstream WD_TAPER_START_FRAC; PR #1729: 0.70; 1 = no taper;
+    ``pgolf_lit/optim/wd_taper.py``)."""
+    wd_taper_final_mult: float = 1.0
+    """Muon WD taper: the decay's factor at the end of training (upstream WD_TAPER_FINAL_MULT; PR #1729: 0.5)."""
+
     def __post_init__(self) -> None:
         if self.warmdown not in ("iters", "frac"):
             raise ConfigError(f"schedule.warmdown: expected 'iters' or 'frac', got {self.warmdown!r}")
@@ -92,6 +106,10 @@ class ScheduleConfig(CheckedConfig):
             raise ConfigError(f"schedule.min_lr: a multiplier floor in [0, 1], got {self.min_lr}")
         if self.seq_change_warmup_steps < 0:
             raise ConfigError(f"schedule.seq_change_warmup_steps: must be >= 0, got {self.seq_change_warmup_steps}")
+        if not 0 <= self.wd_taper_start_frac <= 1:
+            raise ConfigError(f"schedule.wd_taper_start_frac: must lie in [0, 1], got {self.wd_taper_start_frac}")
+        if self.wd_taper_final_mult < 0:
+            raise ConfigError(f"schedule.wd_taper_final_mult: must be >= 0, got {self.wd_taper_final_mult}")
         if self.min_lr and self.warmdown != "frac":
             raise ConfigError("schedule.min_lr: only the 'frac' warmdown has a floor (Family A ramps to 0)")
 
@@ -109,6 +127,10 @@ class ScheduleConfig(CheckedConfig):
         if frac >= 1.0 - self.warmdown_frac:
             return max((1.0 - frac) / self.warmdown_frac, self.min_lr)
         return 1.0
+
+    def muon_wd_multiplier(self, frac: float) -> float:
+        """The Muon WD taper's factor at training fraction ``frac`` (1 without a taper)."""
+        return wd_taper_multiplier(frac, self.wd_taper_start_frac, self.wd_taper_final_mult)
 
     def lr_multiplier(self, step: int, elapsed_ms: float, cap_ms: Optional[float], iterations: int) -> float:
         """The factor applied to every group's ``base_lr`` before the step with index ``step``.
