@@ -231,6 +231,7 @@ def route_parameters(model: nn.Module, cfg: OptimConfig) -> ParamRouting:
         "head": routing.head,
         "control": routing.scalar,
         "constant": routing.no_optimizer,
+        "unused": routing.no_optimizer,
     }
     for name in script_order(roles):
         p = params[name]
