@@ -108,17 +108,22 @@ def ref_backbone(model: GPT, ids: torch.Tensor, recurrent: bool) -> torch.Tensor
         wq, wk, wv, wo, up, down = weights(i)
         s = 1 / math.sqrt(i + 1)
         ve = ve_base * model.ve_layer_scales[cfg.ve_layers.index(i)] if i in cfg.ve_layers else None
-        mixed = lambda h: mix[0] * h + mix[1] * x0  # noqa: E731
-        attn = lambda h: attn_scale * ref_attention(  # noqa: E731
-            F.rms_norm(h, (h.size(-1),)) * s, wq, wk, wv, wo, q_gain, rope, i >= n_virtual - cfg.xsa_last_n, ve,
-            cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims,
-        )  # fmt: skip
-        mlp = lambda h: (
-            mlp_scale
-            * F.linear(  # noqa: E731
-                F.leaky_relu(F.linear(F.rms_norm(h, (h.size(-1),)) * s, up), 0.5).square(), down
-            )
-        )
+
+        def mixed(h):
+            return mix[0] * h + mix[1] * x0
+
+        def attn(h):
+            xsa = i >= n_virtual - cfg.xsa_last_n
+            y = ref_attention(
+                F.rms_norm(h, (h.size(-1),)) * s, wq, wk, wv, wo, q_gain, rope, xsa, ve,
+                cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims,
+            )  # fmt: skip
+            return attn_scale * y
+
+        def mlp(h):
+            hidden = F.leaky_relu(F.linear(F.rms_norm(h, (h.size(-1),)) * s, up), 0.5)
+            return mlp_scale * F.linear(hidden.square(), down)
+
         return mixed, (None if i == 0 else attn), mlp
 
     def skip_into(h, skip, j):
@@ -220,8 +225,9 @@ def test_sublayer_step_writes_both_lanes_in_turn():
 @pytest.mark.parametrize(
     "changes, field",
     [
-        (dict(block_controls="physical"), "parallel_residual"),
-        (dict(parallel_start_layer=0, block_controls="physical", repeat_untie_mlp="none"), "disable_layer0_attn"),
+        (dict(block_controls="physical"), "block_controls"),
+        (dict(parallel_start_layer=0, block_controls="physical", repeat_untie_mlp="none"), "block_controls"),
+        (dict(parallel_residual="lambdas"), "parallel_residual"),
         (dict(recur_layers=[0, 1]), "recur_layers"),
         (dict(repeat_untie_mlp_layers=[3]), "repeat_untie_mlp_layers"),
         (dict(vrl=True), "block_controls"),

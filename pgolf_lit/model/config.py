@@ -266,23 +266,10 @@ class GPTConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"expected one of {list(allowed)}, got {getattr(self, name)!r}")
-        position = self.block_controls == "position"
-        if self.parallel_start_layer and self.parallel_residual == "sublayer" and not position:
-            raise bad("parallel_residual", "the sublayer form needs block_controls position (its layer loop)")
-        if self.disable_layer0_attn and not position:
-            raise bad("disable_layer0_attn", "needs block_controls position (the switch is schedule position 0's)")
-        if self.repeat_untie_mlp != "none":
-            if not position or self.recurrence != "group":
-                raise bad("repeat_untie_mlp", "needs block_controls position and recurrence group (PR #1204's form)")
-            if not set(self.repeat_untie_mlp_layers) <= set(self.recur_layers):
-                raise bad("repeat_untie_mlp_layers", f"must be a subset of recur_layers {self.recur_layers}")
-        other_lanes = self.parallel_start_layer and self.parallel_residual != "sublayer"
-        if position and (self.vrl or self.iter_conditioning or self.sparse_attn_gate or self.dtg or other_lanes):
-            raise bad(
-                "block_controls",
-                "position runs PR #1204's layer loop, which has no value residual, iteration embedding, sparse "
-                "attention gate, token gate or other lane form",
-            )
+        if self.block_controls != "position" and (
+            self.parallel_residual == "sublayer" or self.disable_layer0_attn or self.repeat_untie_mlp != "none"
+        ):  # the rest of PR #1204's checks: position_controls.attach
+            raise bad("block_controls", "PR #1204's sublayer lanes, layer-0 switch and repeat MLPs need 'position'")
         token_smear = self.smear_gate and self.smear_gate_form == "token"
         if token_smear or self.sparse_attn_gate:
             width = self.emb_dim if token_smear else self.model_dim

@@ -38,12 +38,35 @@ class PositionControl(nn.Module):
         declare_roles(self, attn_scale=role, mlp_scale=role, resid_mix=role, q_gain=role)
 
 
+def check(cfg) -> None:
+    """What PR #1204's layer loop cannot run, as one-line errors naming the field (kept out of GPTConfig.validate,
+    whose code every record counts)."""
+
+    def bad(name: str, msg: str) -> ConfigError:
+        return ConfigError(f"gpt.{name}: {msg}")
+
+    if cfg.repeat_untie_mlp != "none":
+        if cfg.recurrence != "group":
+            raise bad("repeat_untie_mlp", "needs recurrence group (PR #1204's form)")
+        if not set(cfg.repeat_untie_mlp_layers) <= set(cfg.recur_layers):
+            raise bad("repeat_untie_mlp_layers", f"must be a subset of recur_layers {cfg.recur_layers}")
+    if cfg.parallel_start_layer and cfg.parallel_residual != "sublayer":
+        raise bad("parallel_residual", "position control runs the sublayer lanes only (PR #1204)")
+    if cfg.vrl or cfg.iter_conditioning or cfg.sparse_attn_gate or cfg.dtg:
+        raise bad(
+            "block_controls",
+            "position runs PR #1204's layer loop, which has no value residual, iteration embedding, sparse "
+            "attention gate or token gate",
+        )
+
+
 def attach(model: nn.Module) -> None:
     """Add what position control needs to a GPT being built: the control sets past the physical depth, the repeated
     passes' MLPs, the sublayer lanes' lambdas; mark layer 0's attention matrices unused when it is off."""
     from pgolf_lit.model.gpt import layer_schedule
 
     cfg = model.config
+    check(cfg)
     recurrent = layer_schedule(cfg, True)
     extra = len(recurrent) - cfg.num_layers
     model.position_controls = nn.ModuleList(
