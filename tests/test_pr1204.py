@@ -6,6 +6,7 @@ torch on our model's tensors, read as the script lays them out (controls by virt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -256,3 +257,45 @@ def test_the_recurrence_switch_copies_the_layer_mlps_into_the_repeated_passes():
         same = [torch.equal(model.repeat_mlp[k].fc.weight, model.blocks[int(k)].mlp.fc.weight) for k in "12"]
         assert model.recurrence_active == (model.steps == 3) and all(same) == (model.steps == 3)
     assert len(events) == 1
+
+
+def test_split_lr_scales_the_bank_gradients_as_the_record_and_muon_normalises_it_away():
+    """PR #1179/#1204 train_gpt.py, after the clip: ``bank.grad[:5].mul_(es); bank.grad[5:n].mul_(ls)`` (rows i and
+    n+i of qo/kv are layer i), then the bf16 Muon step. Our block matrices below bank_split form a Muon group with
+    grad_scale es; the repeat MLPs are not in a bank and stay unscaled."""
+    from pgolf_lit.optim.groups import OptimConfig, build_optimizers
+
+    cfg = tiny_cfg(num_layers=5)
+    split = OptimConfig(matrix_lr=0.03, matrix_lr_early=0.025, matrix_lr_late=0.03, bank_split=2)
+    model = randomized(cfg)
+    muon = next(o for o in build_optimizers(model, split) if type(o).__name__ == "Muon")
+    ids = {id(p): n for n, p in model.named_parameters()}
+    scaled = {ids[id(p)] for g in muon.param_groups if g.get("grad_scale", 1.0) != 1.0 for p in g["params"]}
+    assert muon.param_groups[0]["grad_scale"] == pytest.approx(0.025 / 0.03)
+    assert scaled == {
+        f"blocks.{i}.{m}.weight" for i in (1,) for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj")
+    } | {f"blocks.{i}.mlp.{m}.weight" for i in (0, 1) for m in ("fc", "proj")}  # layer 0's attention: unused
+    # the step equals the record's: scale the gradient rows in place, then the unsplit step
+    plain = OptimConfig(matrix_lr=0.03, muon_momentum_dtype="bf16")
+    split = dataclasses.replace(split, muon_momentum_dtype="bf16")
+    results = []
+    for optim_cfg, prescale in ((split, False), (plain, True), (plain, False)):
+        model = randomized(cfg)
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+        model(ids, torch.zeros_like(ids)).backward()
+        if prescale:  # the record's in-place scaling of the bank rows
+            for name in scaled:
+                model.get_parameter(name).grad.mul_(0.025 / 0.03)
+        opt = next(o for o in build_optimizers(model, optim_cfg) if type(o).__name__ == "Muon")
+        opt.step()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    ours, record, unsplit = results
+    for name in ours:
+        torch.testing.assert_close(ours[name], record[name], rtol=0, atol=0)
+    # Newton-Schulz normalises each matrix's update: the split does not shrink the step as an lr of 0.025 would
+    # (norm ratio 0.833); what it changes is the bf16 rounding of the gradient, which the iteration amplifies along
+    # the gradient's weakest directions (here ~16 % of the update: a 24-token batch gives near rank-deficient grads)
+    start = {n: p.detach() for n, p in randomized(cfg).named_parameters()}
+    for name in scaled:
+        step, base = ours[name] - start[name], unsplit[name] - start[name]
+        assert abs(float(step.norm() / base.norm()) - 1) < 0.02, name

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pgolf_lit.model.layers import MLP
+from pgolf_lit.model.roles import declare_roles, matrix
 
 COUNTED_WHEN = "repeat_untie_mlp=full"
 
@@ -26,6 +27,10 @@ def build_repeat_mlps(cfg) -> nn.ModuleDict:
         mlp = MLP(cfg.model_dim, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
         mlp.layer_idx = layer
         mlp.proj.zero_init = mlp.proj.output_proj = False  # upstream: orthogonal, unscaled
+        # not a bank matrix: the split LR leaves it alone, as upstream (optim/groups.py BANK_COMPONENTS)
+        role = matrix("mlp", "repeat_mlp")
+        declare_roles(mlp.fc, weight=role)
+        declare_roles(mlp.proj, weight=role)
         mlps[str(layer)] = mlp
     return mlps
 
