@@ -90,13 +90,24 @@ class GPTConfig(CheckedConfig):
     """folder_copy: the skip consumption of PR #1278's record-folder script (to load its checkpoints)."""
     parallel_start_layer: int = 0
     """>0: attention and MLP run in two lanes from this physical decoder layer on (PR #1333/#1421, PR #1529/#1855)."""
-    parallel_residual: Literal["lane_merge", "lambdas"] = "lane_merge"
+    parallel_residual: Literal["lane_merge", "lambdas", "sublayer"] = "lane_merge"
     """Form of the two lanes. lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one
     learned scalar. lambdas (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and
-    decays them by parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane."""
+    decays them by parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane.
+    sublayer (PR #1204, upstream PARALLEL_RESIDUAL=1): attention, then the MLP, each decays both lanes by its own
+    resid lambda (init √1.1) and writes both; the MLP reads the lane attention just wrote; skips go to both
+    lanes; the end is the lanes' mean (``sublayer_lanes.py``; needs block_controls position)."""
     parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"
     """lambdas form: the hidden state after the last block: the lanes' mean, the attention lane or the MLP lane
     (upstream PARALLEL_FINAL_LANE)."""
+    block_controls: Literal["physical", "position"] = "physical"
+    """Whose are a block's controls (attn_scale, mlp_scale, resid_mix, q_gain), its ln scale, XSA, value embedding
+    and the layer-0 attention switch: the physical block's (every record but one), or the layer schedule position's
+    (PR #1204, whose Block list is built per virtual layer: a repeated layer gets its own controls, and the later
+    positions' controls move to the next physical layers when recurrence switches on; ``position_controls.py``)."""
+    disable_layer0_attn: bool = False
+    """The block at schedule position 0 runs no attention (upstream DISABLE_LAYER0_ATTN, PR #1204); its attention
+    matrices stay in the model, untrained, and are left out of the artifact. Needs block_controls position."""
     dtg: bool = False
     """Dynamic token gate per block (present in the PR #1263 family's scripts, off in every record)."""
     # --- embeddings ------------------------------------------------------------------------------------
@@ -133,6 +144,11 @@ class GPTConfig(CheckedConfig):
     """The repeated layers of group / inplace recurrence."""
     iter_conditioning: bool = False
     """PR #1278's iter_embed / iter_gate added before each repeated pass."""
+    repeat_untie_mlp: Literal["none", "full"] = "none"
+    """full: the repeated pass of each group-recurrent layer in repeat_untie_mlp_layers runs its own MLP, a copy of
+    the layer's MLP taken when recurrence switches on (upstream REPEAT_UNTIE_MLP, PR #1204; ``repeat_mlp.py``)."""
+    repeat_untie_mlp_layers: list[int] = field(default_factory=list)
+    """The recur layers whose repeated pass has its own MLP; empty = all of them (upstream REPEAT_UNTIE_MLP_LAYERS)."""
     num_loops: int = 0
     """loop: the segment [loop_start, loop_end] runs num_loops + 1 times."""
     loop_start: int = 0
@@ -158,6 +174,7 @@ class GPTConfig(CheckedConfig):
     def __post_init__(self) -> None:
         self.ve_layers = [int(i) for i in self.ve_layers]
         self.recur_layers = [int(i) for i in self.recur_layers]
+        self.repeat_untie_mlp_layers = [int(i) for i in self.repeat_untie_mlp_layers]
         self.validate()
 
     # --- derived ---------------------------------------------------------------------------------------
@@ -244,13 +261,19 @@ class GPTConfig(CheckedConfig):
             raise bad("mtp_num_heads", f"must be >= 0, got {self.mtp_num_heads}")
         choices = {
             "smear_gate_form": ("channel", "token"),
-            "parallel_residual": ("lane_merge", "lambdas"),
+            "parallel_residual": ("lane_merge", "lambdas", "sublayer"),
+            "block_controls": ("physical", "position"),
+            "repeat_untie_mlp": ("none", "full"),
             "parallel_final_lane": ("mean", "attn", "mlp"),
             "state_dict_layout": ("per_block", "banks"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"expected one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.block_controls != "position" and (
+            self.parallel_residual == "sublayer" or self.disable_layer0_attn or self.repeat_untie_mlp != "none"
+        ):  # the rest of PR #1204's checks: position_controls.attach
+            raise bad("block_controls", "PR #1204's sublayer lanes, layer-0 switch and repeat MLPs need 'position'")
         token_smear = self.smear_gate and self.smear_gate_form == "token"
         if token_smear or self.sparse_attn_gate:
             width = self.emb_dim if token_smear else self.model_dim

@@ -258,6 +258,10 @@ class GPT(nn.Module):
         self.recurrence_active = False
         self.fused_ce = None  # fused_kernels.use_fused_kernels: the fused softcapped CE of forward's loss
         self.fused_force = False
+        if cfg.block_controls == "position":  # PR #1204 (position_controls.py)
+            from pgolf_lit.model.position_controls import attach
+
+            attach(self)
         self._init_weights()
         # Every parameter's role, declared above and in the blocks; a missing declaration fails here.
         self.roles: dict[str, ParamRole] = parameter_roles(self)
@@ -320,6 +324,10 @@ class GPT(nn.Module):
         x0 = x
         rope = self.rotary(ids.size(1))
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
+        if cfg.block_controls == "position":
+            from pgolf_lit.model.position_controls import run_positions
+
+            return run_positions(self, x, x0, rope, ve_base, segments, lora)
         schedule, plan = self._plans[self.recurrence_active]
         n_enc = len(schedule) // 2
         if lora is not None and lora.num_slots != len(schedule):
