@@ -45,6 +45,10 @@ class RecurrenceActivation(Callback):
         sched = pl_module.step_schedule()
         if self.due(sched.step, sched.frac):
             model.set_recurrence(True)
+            if getattr(model, "repeat_mlp", None) is not None:  # PR #1204: the repeated passes start from their layer
+                from pgolf_lit.model.repeat_mlp import copy_base_mlps
+
+                copy_base_mlps(model)
             pl_module.record_event(
                 "recurrence:activated",
                 f"recurrence:activated step:{sched.step} frac:{sched.frac:.3f} lr_scale:{sched.lr_scale:.4f} "

@@ -1,11 +1,13 @@
-"""One error type for bad input: the CLI prints its message as one line and exits non-zero; and the type checks that
-turn a mistyped value read from a file into such a line (``check_field_types``)."""
+"""One error type for bad input: the CLI prints its message as one line and exits non-zero; the type checks that
+turn a mistyped value read from a file into such a line (``check_field_types``); and ``CheckedConfig``, the base of
+the dataclass configs read from files (their one ``from_dict``/``to_dict``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional
 
 
 class PgolfError(Exception):
@@ -94,3 +96,31 @@ def _describe_type(hint: Any) -> str:
         plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
         return f"a list of {plural.get(args[0], _describe_type(args[0]))}" if args else "a list"
     return str(hint)
+
+
+@dataclasses.dataclass
+class CheckedConfig:
+    """Base of a dataclass config section read from YAML, a checkpoint or an artifact: ``from_dict`` names an unknown
+    or mistyped field as ``<SECTION>.<field>`` in one line; ``to_dict`` is its inverse; ``replace`` goes through
+    both. A dataclass without fields itself, so that jsonargparse reads its subclasses as plain dataclasses."""
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            where = cls.__module__.replace(".", "/")
+            raise ConfigError(f"{cls.SECTION}: unknown field(s) {unknown}; known fields are listed in {where}.py")
+        check_field_types(cls, dict(d), cls.SECTION)
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"{cls.SECTION}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any):
+        return type(self).from_dict({**self.to_dict(), **changes})

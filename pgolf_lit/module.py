@@ -57,6 +57,7 @@ class StepSchedule:
     lr_scale: float
     momentum: float
     seq_len: Optional[int] = None  # the training length of a length schedule's stage (data.seq_schedule), else None
+    muon_wd_scale: float = 1.0  # the Muon WD taper's factor (optim/wd_taper.py)
 
 
 @dataclass
@@ -380,6 +381,7 @@ class GolfModule(L.LightningModule):
                 lr_scale=lr_scale,
                 momentum=self.optim_config.muon_momentum_at(step),
                 seq_len=seq_len,
+                muon_wd_scale=cfg.muon_wd_multiplier(frac),
             )
         return self._schedule_cache
 
@@ -494,7 +496,7 @@ class GolfModule(L.LightningModule):
                 self.manual_backward(loss / accum)
             total += loss.detach()
         chain = getattr(optimizer, "optimizer", optimizer)
-        apply_schedule(chain, sched.lr_scale, sched.momentum)
+        apply_schedule(chain, sched.lr_scale, sched.momentum, sched.muon_wd_scale)
         max_norm = self.optim_config.grad_clip_norm
         if max_norm > 0 and clip is not False:
             clip_grad_norm(self.model.parameters(), max_norm)

@@ -156,6 +156,46 @@ def test_ttt_without_updates_equals_sliding(tiny, rule, no_update):
     assert_same(measure(evaluate_ttt, model, tokens, luts, cfg), sliding)
 
 
+def test_ttt_hash_embedding_follows_pr1529(tiny):
+    """PR #1529 ``forward_logits_with_hash``: x0 = rms_norm(tok_emb(ids)) + table[(prev·2039 + ids) mod size],
+    prev the window's previous token (0 first); zero at the start, trained with the weights."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from pgolf_lit.config import GPTConfig
+    from pgolf_lit.eval.ttt_hash_embed import TTTHashEmbedding
+    from pgolf_lit.model.gpt import GPT
+
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=64, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2))
+    ids = torch.randint(0, 64, (2, 12))
+    prev = torch.zeros_like(ids)
+    prev[:, 1:] = ids[:, :-1]
+    gpt = copy.deepcopy(plain)
+    hashed = TTTHashEmbedding(gpt, 40)
+    with torch.no_grad():
+        hashed.table.normal_()
+    entering = []
+    gpt.blocks[0].register_forward_pre_hook(lambda module, args: entering.append(args[1]))
+    with torch.no_grad():
+        logits = hashed.wrap(gpt.forward_logits)(ids)
+        want = F.rms_norm(plain.tok_emb(ids), (16,)) + hashed.table[(prev * 2039 + ids) % 40]
+        torch.testing.assert_close(entering[0], want, atol=1e-6, rtol=0)
+        assert not torch.allclose(logits, plain.forward_logits(ids))
+    assert [n for n, _ in gpt.named_parameters()] == [n for n, _ in plain.named_parameters()]  # not in the model
+
+    model, tokens, luts = tiny
+    sliding = measure(evaluate_sliding, model, tokens, luts, SlidingSettings("exact"))
+    off = TTTSettings(chunk_tokens=64, batch_seqs=3, lr=0.0, hash_embed_size=16384)
+    assert_same(measure(evaluate_ttt, model, tokens, luts, off), sliding)  # zeros: no effect until trained
+    trained = TTTSettings(chunk_tokens=64, batch_seqs=3, lr=0.05, epochs=1)
+    with_hash = measure(evaluate_ttt, model, tokens, luts, replace(trained, hash_embed_size=128))
+    assert with_hash[0] != measure(evaluate_ttt, model, tokens, luts, trained)[0]
+    with pytest.raises(ConfigError, match="hash_embed_size"):
+        TTTSettings(hash_embed_size=-1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # State: score before update, caller's model untouched
 # ---------------------------------------------------------------------------------------------------------

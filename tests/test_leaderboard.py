@@ -328,9 +328,9 @@ def test_a_twin_keeps_its_rows_switches_and_is_not_the_record():
 
 def test_a_row_that_is_not_its_record_says_so_when_it_runs():
     """``pgolf fit`` prints what a row lacks or approximates (RecordRun.fidelity_notes go to train.log)."""
-    missing = published_record(LEADERBOARD / "2026-04-19_pr1729.yaml")
+    missing = published_record(LEADERBOARD / "2026-03-24_pr640.yaml")
     (line,) = missing.fidelity_notes()
-    assert line.startswith("record: this config lacks techniques of PR #1729: ") and "taper" in line
+    assert line.startswith("record: this config lacks techniques of PR #640: ") and "ternary" in line
     approx = published_record(LEADERBOARD / "2026-03-20_pr287.yaml")
     assert approx.fidelity_notes() == [f"record: this config approximates PR #287: {approx.approx}"]
     assert published_record(LEADERBOARD / "2026-04-27_pr1855.yaml").fidelity_notes() == []

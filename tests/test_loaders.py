@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf_lit.data.loaders import CoprimeStrideLoader, SequentialLoader, ShuffledSequenceLoader, make_loader
+from pgolf_lit.data.loaders import (
+    CoprimeStrideLoader,
+    SequentialLoader,
+    ShardHoldLoader,
+    ShuffledSequenceLoader,
+    choose_coprime_stride,
+    make_loader,
+)
 from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.errors import ConfigError, DataError
 
@@ -260,6 +267,69 @@ def test_coprime_seed_is_the_fnv_hash_of_the_path_strings():
 # ------------------------------------------------------------------------------------------------ all loaders
 
 
+def reference_shard_hold(shard_tokens, rank, world, rows, calls, seed, hold, per_batch):
+    """PR #1120 train_gpt.py ``choose_coprime_stride`` + ``CoprimeDistributedTokenLoader``, transcribed."""
+
+    def stride_for(modulus, salt):
+        if modulus <= 1:
+            return 1
+        c = abs(salt) % modulus
+        c = 1 if c == 0 else c
+        while math.gcd(c, modulus) != 1:
+            c += 1
+            if c >= modulus:
+                c = 1
+        return c
+
+    shards = []
+    for k, tokens in enumerate(shard_tokens):
+        nb = (len(tokens) - 1) // T
+        if nb > 0:
+            shards.append((tokens, nb, (seed * 131 + k * 17) % nb, stride_for(nb, seed * 29 + k * 7 + 1)))
+    n = len(shards)
+    per_batch = max(1, min(per_batch, n))
+    batch_stride = stride_for(n, seed * 41 + 3)
+    visits = [0] * n
+    out = []
+    for batch_idx in range(calls):
+        active = min(per_batch, n, rows)
+        per, rem = rows // active, rows % active
+        start = ((batch_idx // hold) * world + rank) * batch_stride
+        chunks = []
+        for slot in range(active):
+            count = per + (1 if slot < rem else 0)
+            idx = (start + slot * batch_stride) % n
+            tokens, nb, offset, stride = shards[idx]
+            ids = (offset + (visits[idx] + torch.arange(count)) * stride) % nb
+            visits[idx] += count
+            chunks.append(torch.as_tensor(tokens)[(ids * T)[:, None] + torch.arange(T + 1)[None]])
+        local = torch.cat(chunks).to(torch.int64)
+        out.append((local[:, :-1], local[:, 1:]))
+    return out
+
+
+@pytest.mark.parametrize("rank, world, seed, hold, per_batch", [(0, 1, 42, 3, 1), (1, 2, 300, 2, 2), (2, 3, 444, 5, 3)])
+def test_shard_hold_matches_pr1120(tmp_path, rank, world, seed, hold, per_batch):
+    lengths = [900, 1300, 10, 700, 1100, 1000]  # the third shard holds no block: left out, indices keep counting it
+    folder = write_position_shards(tmp_path / "ds", lengths)
+    tokens = [np.arange(s, s + n) for s, n in zip(starts_of(lengths), lengths)]
+    loader = make_loader(
+        "shard_hold", folder, rank, world, T, L, seed=seed, hold_steps=hold, shards_per_batch=per_batch
+    )
+    assert isinstance(loader, ShardHoldLoader)
+    want = reference_shard_hold(tokens, rank, world, L // T, 40, seed, hold, per_batch)
+    got = batches(loader, 40)
+    assert_same(got, want)
+    if per_batch == 1:  # one shard per call, the same one for `hold` calls, then another
+        shards = [{o[0] for o in window_origins(b, lengths)} for b in got]
+        assert all(len(s) == 1 for s in shards) and shards[0] == shards[hold - 1] != shards[hold]
+
+
+def test_shard_hold_batch_strides_of_the_record_seeds():
+    """The record's 80 train shards: seeds 42 and 444 walk them with stride 47, seed 300 with 63 (its README)."""
+    assert [choose_coprime_stride(80, seed * 41 + 3) for seed in (42, 300, 444)] == [47, 63, 47]
+
+
 def roundtrip(state):
     """Through torch.save / torch.load(weights_only=True), as a Lightning checkpoint would."""
     buffer = io.BytesIO()
@@ -268,7 +338,7 @@ def roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("kind", ["sequential", "shuffled", "coprime"])
+@pytest.mark.parametrize("kind", ["sequential", "shuffled", "coprime", "shard_hold"])
 def test_deterministic_resume_skip_and_cross_rank_restore(data_dir, kind):
     world, done, more = 2, 70, 30
     uninterrupted = [batches(make_loader(kind, data_dir, r, world, T, L, 65536), done + more) for r in range(world)]

@@ -365,3 +365,46 @@ def test_chain_param_groups_stay_the_members_after_a_state_load():
     apply_schedule(chain, 0.5, 0.9)
     assert [g["lr"] for g in chain.param_groups] == [0.05, 0.1]
     assert all(any(g is h for o in chain.optimizers for h in o.param_groups) for g in chain.param_groups)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Muon weight-decay taper (PR #1729)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pr1729_wd_mul(frac: float, start_frac: float, final_mult: float) -> float:
+    """PR #1729 train_gpt.py ``wd_mul``, transcribed."""
+    start = min(max(start_frac, 0.0), 1.0)
+    final = max(final_mult, 0.0)
+    if frac <= start or start >= 1.0:
+        return 1.0
+    progress = min(max((frac - start) / max(1.0 - start, 1e-9), 0.0), 1.0)
+    return 1.0 + (final - 1.0) * progress
+
+
+def test_wd_taper_follows_pr1729_and_scales_only_muon_decay():
+    from pgolf_lit.optim.schedule import ScheduleConfig
+
+    cfg = ScheduleConfig(warmdown="frac", wd_taper_start_frac=0.7, wd_taper_final_mult=0.5)
+    fracs = [0.0, 0.3, 0.7, 0.70001, 0.75, 0.85, 0.99, 1.0, 1.2]
+    assert [cfg.muon_wd_multiplier(f) for f in fracs] == [_pr1729_wd_mul(f, 0.7, 0.5) for f in fracs]
+    assert cfg.muon_wd_multiplier(0.85) == pytest.approx(0.75) and cfg.muon_wd_multiplier(1.0) == 0.5
+    assert {ScheduleConfig().muon_wd_multiplier(f) for f in fracs} == {1.0}  # default: no taper
+    with pytest.raises(ConfigError, match="wd_taper_start_frac"):
+        ScheduleConfig(wd_taper_start_frac=1.5)
+
+    # applied to a real optimizer chain: the Muon decay is base x factor, the Adam decays stay
+    model = _tiny_model()
+    ocfg = record_optim_config("pr1263", {})
+    optimizers = build_optimizers(model, ocfg)
+    chain = OptimizerChain(optimizers)
+    muon = next(o for o in optimizers if isinstance(o, Muon))
+    adam_wds = [g["weight_decay"] for o in optimizers if o is not muon for g in o.param_groups]
+    base = muon.param_groups[0]["weight_decay"]
+    assert base > 0
+    factor = cfg.muon_wd_multiplier(0.9)
+    apply_schedule(chain, 1.0, 0.95, factor)
+    assert [g["weight_decay"] for g in muon.param_groups] == [base * factor] * len(muon.param_groups)
+    assert [g["weight_decay"] for o in optimizers if o is not muon for g in o.param_groups] == adam_wds
+    apply_schedule(chain, 1.0, 0.95)
+    assert muon.param_groups[0]["weight_decay"] == base  # the base is kept, not compounded

@@ -358,6 +358,34 @@ def test_sparse_gate_multiplies_each_head_after_xsa():
     assert gated.param_roles["attn_gate_w"].quant == "gate" and gated.param_roles["attn_gate_w"].is_control
 
 
+def _pr1667_gated(y, x, w):
+    """PR #1667 train_gpt.py ``CausalSelfAttention.forward`` (GATE_ATTN_SRC=proj): y * 2·σ(W · x[..., :12])."""
+    g = 2.0 * torch.sigmoid(F.linear(x[..., : w.size(1)].contiguous(), w.to(x.dtype)))
+    return y * g[..., None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_output_gate_of_pr1667_is_the_sparse_gate_with_gain_2(dtype):
+    """The 2σ gate: identical to the record's formula (bit for bit, in bf16 too) and transparent at zero init."""
+    torch.manual_seed(0)
+    gated = CausalSelfAttention(32, 4, 2, rope_dims=8, qk_gain_init=5.25, sparse_gate_window=12, sparse_gate_gain=2.0)
+    plain = CausalSelfAttention(32, 4, 2, rope_dims=8, qk_gain_init=5.25)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "attn_gate_w"})
+    with torch.no_grad():
+        for layer in (gated, plain):
+            layer.proj.weight.copy_(torch.eye(32))
+    x = torch.randn(2, 10, 32).to(dtype)
+    rope = Rotary(8)(10)
+    gated, plain = gated.to(dtype), plain.to(dtype)
+    with torch.no_grad():
+        ungated = plain(x, rope)[0].reshape(2, 10, 4, 8)
+        assert torch.equal(gated(x, rope)[0].reshape(2, 10, 4, 8), ungated)  # 2·σ(0) = 1
+        gated.attn_gate_w.normal_()
+        want = _pr1667_gated(ungated, x, gated.attn_gate_w)
+        assert torch.equal(gated(x, rope)[0].reshape(2, 10, 4, 8), want)
+        assert not torch.equal(want, ungated)
+
+
 def test_two_lane_block_formula():
     cfg = GPTConfig(
         vocab_size=32,

@@ -293,3 +293,33 @@ def test_sigkill_and_resume_gives_the_uninterrupted_weights(tmp_path, embedded_d
     # the training clock continued from the checkpoint instead of restarting at zero
     resumed_from = torch.load(last_ok, weights_only=True)["pgolf"]["clock"]["elapsed_ms"]
     assert b["pgolf"]["clock"]["elapsed_ms"] > resumed_from > 0
+
+
+GPT, OPTIM = "pgolf_lit.model.config:GPTConfig", "pgolf_lit.optim.groups:OptimConfig"
+SCHEDULE, EXPORT = "pgolf_lit.optim.schedule:ScheduleConfig", "pgolf_lit.quant.export:ExportConfig"
+
+
+@pytest.mark.parametrize(
+    "cls_path, section, values, message",
+    [
+        (GPT, "gpt", {"num_layerz": 3}, "gpt: unknown field(s) ['num_layerz']"),
+        (GPT, "gpt", {"num_layers": "3"}, "gpt.num_layers: expected an integer, got '3'"),
+        (OPTIM, "optim", {"matrix_lr": "fast"}, "optim.matrix_lr: expected a number"),
+        (SCHEDULE, "schedule", {"warmdown_iterz": 1}, "schedule: unknown field(s)"),
+        (EXPORT, "export", {"budget_bytes": 1.5}, "export.budget_bytes: expected an integer"),
+        (EXPORT, "export", {"gptq": {"nope": 1}}, "export.gptq: unknown field(s) ['nope']"),
+    ],
+)
+def test_every_file_config_names_its_bad_field_in_one_line(cls_path, section, values, message):
+    """GPTConfig, OptimConfig, ScheduleConfig and ExportConfig share CheckedConfig: an unknown or mistyped field is
+    one ConfigError line naming <section>.<field>; to_dict/from_dict round-trip."""
+    import importlib
+
+    module, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    assert cls.SECTION == section
+    with pytest.raises(ConfigError) as err:
+        cls.from_dict(values)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    default = cls()
+    assert cls.from_dict(default.to_dict()) == default

@@ -12,6 +12,7 @@ datasets here are rank-aware iterables).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -142,6 +143,9 @@ class TokenShardDataModule(L.LightningDataModule):
         val_include_tail: bool = False,
         build_embedded: bool = False,
         seq_schedule: str = "",
+        shard_hold_steps: int = 64,
+        shards_per_batch: int = 1,
+        loader_seed: Optional[int] = None,
     ):
         """
         Args:
@@ -167,6 +171,11 @@ class TokenShardDataModule(L.LightningDataModule):
                 ``LENGTH@FRACTION,...`` such as ``1024@0.1,2048@0.7,3072@1.0``, the packed documents' cut length
                 by training fraction (the packed row stays the micro-batch; each length must divide it and none
                 exceed train_seq_len); empty: train_seq_len throughout. Needs ``loader: packed``.
+            shard_hold_steps: ``loader: shard_hold`` (PR #1120): calls each rank stays on its shard (upstream
+                COPRIME_SHARD_HOLD_STEPS).
+            shards_per_batch: ``loader: shard_hold``: shards one call reads (upstream COPRIME_SHARDS_PER_BATCH).
+            loader_seed: ``loader: shard_hold``: the seed of its walks (upstream SEED); None = the run's seed (what
+                ``seed_everything`` set, read when the loader is built).
         """
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -182,6 +191,7 @@ class TokenShardDataModule(L.LightningDataModule):
         self.val_include_tail = val_include_tail
         self.build_embedded = build_embedded
         self.seq_schedule = seq_schedule
+        self.shard_hold_steps, self.shards_per_batch, self.loader_seed = shard_hold_steps, shards_per_batch, loader_seed
         self.seq_plan = SeqSchedule.parse(seq_schedule, train_seq_len) if str(seq_schedule).strip() else None
         if self.seq_plan is not None and loader != "packed":
             raise ConfigError(f"data.seq_schedule: needs loader 'packed' (it cuts packed documents), got {loader!r}")
@@ -270,18 +280,26 @@ class TokenShardDataModule(L.LightningDataModule):
     def make_train_loader(self, skip_steps: int = 0, kind: Optional[str] = None):
         """A fresh training loader for this rank (``kind``: another loader than the training one, e.g. the
         shuffled sequences PR #1855 calibrates GPTQ on), fast-forwarded past ``skip_steps`` optimizer steps."""
+        kind = kind or self.loader_kind
         loader = make_loader(
-            kind or self.loader_kind,
+            kind,
             self.data_dir,
             rank=self.rank,
             world_size=self.world_size,
             seq_len=self.train_seq_len,
             tokens_per_rank=self.micro_batch_tokens,
             vocab_size=self.vocab_size,
+            **(self._shard_hold_options() if kind == "shard_hold" else {}),
         )
         if skip_steps:
             loader.skip(skip_steps * self.grad_accum)
         return loader
+
+    def _shard_hold_options(self) -> dict:
+        seed = self.loader_seed
+        if seed is None:  # the run's seed (seed_everything leaves it in PL_GLOBAL_SEED), else upstream's 1337
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 1337))
+        return {"seed": seed, "hold_steps": self.shard_hold_steps, "shards_per_batch": self.shards_per_batch}
 
     def train_dataloader(self) -> DataLoader:
         # On resume the trainer has restored global_step before building dataloaders: continue the stream there.

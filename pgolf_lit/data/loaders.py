@@ -11,6 +11,8 @@ optimizer step makes G of them (upstream train_gpt.py ``DistributedTokenLoader.n
   proportion to its remaining windows).
 - ``CoprimeStrideLoader``: PR #1334/#1333/#1421 and the 2026-03-29 record (per-shard coprime-stride cursors, a
   shard mix that widens as training progresses).
+- ``ShardHoldLoader``: PR #1120 (Rascal; each rank holds one shard for ``hold_steps`` calls, the shard and the
+  blocks inside it walked with strides coprime to their counts, derived from the run's seed).
 - ``DocumentPackingLoader``: PR #1855 (and the records from 2026-04-10_VarLenAttn on): each call gives one packed
   row ``(1, tokens_per_rank)`` per rank plus its document boundaries ``cu_seqlens`` for variable-length attention
   (a ``PackedBatch``, not an ``(x, y)`` pair).
@@ -516,6 +518,107 @@ class CoprimeStrideLoader(TokenLoader):
             setattr(self, f"cursor_{name}", torch.as_tensor(values).numpy().astype(dtype))
 
 
+def choose_coprime_stride(modulus: int, salt: int) -> int:
+    """PR #1120's deterministic stride: ``salt mod modulus`` (1 instead of 0), raised until coprime with ``modulus``
+    (wrapping to 1)."""
+    if modulus <= 1:
+        return 1
+    candidate = abs(salt) % modulus or 1
+    while math.gcd(candidate, modulus) != 1:
+        candidate += 1
+        if candidate >= modulus:
+            candidate = 1
+    return candidate
+
+
+class ShardHoldLoader(TokenLoader):
+    """PR #1120's ``CoprimeDistributedTokenLoader`` (upstream LOADER_MODE=coprime in that script): no randomness,
+    every walk a function of the seed.
+
+    Shard k (index in the sorted file list; shards without one full block are left out) is cut into
+    ``(tokens - 1) // seq_len`` blocks and walked ``offset_k + visits · stride_k (mod blocks)`` with
+    ``offset_k = (131·seed + 17·k) mod blocks`` and ``stride_k = choose_coprime_stride(blocks, 29·seed + 7·k + 1)``;
+    ``visits`` counts the blocks this rank already took from it. Call c of rank r reads ``shards_per_batch`` shards,
+    slot j the usable shard ``((c // hold_steps · world_size + r) · S + j · S) mod n`` with the batch stride
+    ``S = choose_coprime_stride(n, 41·seed + 3)``, so a rank stays on one shard for ``hold_steps`` calls (64: four
+    seconds of an 8-GPU run) and the ranks hold different shards. Rows are split evenly over the slots (the first
+    ones take the remainder). Windows are ``seq_len + 1`` tokens from a block start; they never cross shards.
+    """
+
+    kind = "shard_hold"
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        rank: int,
+        world_size: int,
+        seq_len: int,
+        tokens_per_rank: int,
+        vocab_size: int | None = None,
+        *,
+        seed: int = 1337,
+        hold_steps: int = 64,
+        shards_per_batch: int = 1,
+    ):
+        super().__init__(data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
+        if hold_steps < 1 or shards_per_batch < 1:
+            raise ConfigError(
+                f"shard_hold loader: hold_steps and shards_per_batch must be >= 1, got {hold_steps} and "
+                f"{shards_per_batch}"
+            )
+        usable = [k for k, n in enumerate(self.train_tokens) if (n - 1) // seq_len > 0]
+        if not usable:
+            raise DataError(
+                f"{self.data_dir}: every train shard is too short for one sequence: the longest has "
+                f"{max(self.train_tokens)} tokens, a sequence needs seq_len + 1 = {seq_len + 1}"
+            )
+        self.shards = ShardSet(
+            [self.train_files[k] for k in usable], [self.train_tokens[k] for k in usable], vocab_size
+        )
+        self.blocks = [(self.train_tokens[k] - 1) // seq_len for k in usable]
+        self.offsets = [(seed * 131 + k * 17) % b for k, b in zip(usable, self.blocks)]
+        self.strides = [choose_coprime_stride(b, seed * 29 + k * 7 + 1) for k, b in zip(usable, self.blocks)]
+        self.seed, self.hold_steps = seed, hold_steps
+        self.shards_per_batch = min(shards_per_batch, len(usable))
+        self.batch_stride = choose_coprime_stride(len(usable), seed * 41 + 3)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.visits = np.zeros(len(self.blocks), dtype=np.int64)
+
+    def _plan(self) -> list[tuple[int, int]]:
+        n = len(self.blocks)
+        active = min(self.shards_per_batch, self.rows)
+        per_slot, extra = divmod(self.rows, active)
+        first = (self.calls // self.hold_steps * self.world_size + self.rank) * self.batch_stride
+        plan = []
+        for slot in range(active):
+            count = per_slot + (1 if slot < extra else 0)
+            shard = (first + slot * self.batch_stride) % n
+            visits = int(self.visits[shard]) + np.arange(count, dtype=np.int64)
+            blocks = (self.offsets[shard] + visits * self.strides[shard]) % self.blocks[shard]
+            self.visits[shard] += count
+            plan += [(shard, int(b) * self.seq_len) for b in blocks]
+        return plan
+
+    def _read(self, plan: list[tuple[int, int]]) -> np.ndarray:
+        return np.stack([self.shards.window(shard, start, self.seq_len + 1) for shard, start in plan])
+
+    def _resume_key(self) -> dict:
+        return {
+            **super()._resume_key(),
+            "seed": self.seed,
+            "hold_steps": self.hold_steps,
+            "shards_per_batch": self.shards_per_batch,
+        }
+
+    def _position_state(self) -> dict:
+        return {"visits": torch.from_numpy(self.visits.copy())}
+
+    def _load_position(self, state: dict) -> None:
+        self.visits = torch.as_tensor(state["visits"], dtype=torch.int64).numpy().copy()
+
+
 class PackedBatch(NamedTuple):
     """One ``DocumentPackingLoader`` call for one rank."""
 
@@ -648,7 +751,8 @@ class DocumentPackingLoader(TokenLoader):
 
 
 LOADERS = {
-    cls.kind: cls for cls in (SequentialLoader, ShuffledSequenceLoader, CoprimeStrideLoader, DocumentPackingLoader)
+    cls.kind: cls
+    for cls in (SequentialLoader, ShuffledSequenceLoader, CoprimeStrideLoader, ShardHoldLoader, DocumentPackingLoader)
 }
 
 
@@ -660,13 +764,15 @@ def make_loader(
     seq_len: int,
     tokens_per_rank: int,
     vocab_size: int | None = None,
+    **options,
 ) -> TokenLoader:
-    """Build a loader by name (``sequential``, ``shuffled``, ``coprime``, ``packed``) over ``data_dir``'s
-    fineweb_train_*.bin (``packed`` yields ``PackedBatch`` items rather than ``(x, y)``).
+    """Build a loader by name (``sequential``, ``shuffled``, ``coprime``, ``shard_hold``, ``packed``) over
+    ``data_dir``'s fineweb_train_*.bin (``packed`` yields ``PackedBatch`` items rather than ``(x, y)``).
 
     ``data_dir`` is the dataset folder (e.g. ``data/datasets/fineweb10B_sp1024``); ``tokens_per_rank`` is
-    ``train_batch_tokens // (world_size * grad_accum_steps)``; ``vocab_size`` checks every token id.
+    ``train_batch_tokens // (world_size * grad_accum_steps)``; ``vocab_size`` checks every token id; ``options``:
+    the loader's own keyword settings (``shard_hold``: seed, hold_steps, shards_per_batch).
     """
     if kind not in LOADERS:
         raise ConfigError(f"loader {kind!r}: expected one of {', '.join(LOADERS)}")
-    return LOADERS[kind](data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size)
+    return LOADERS[kind](data_dir, rank, world_size, seq_len, tokens_per_rank, vocab_size, **options)

@@ -21,15 +21,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pgolf_lit.errors import ConfigError
+from pgolf_lit.errors import CheckedConfig, ConfigError
 from pgolf_lit.eval.context import EvalContext, evaluation_context
 from pgolf_lit.eval.registry import PassSetup, eval_methods
 from pgolf_lit.metrics import BitsPerByte, ByteCounts, as_byte_counts
 
 
 @dataclass
-class EvalBase:
-    """Settings shared by every pass."""
+class EvalBase(CheckedConfig):
+    """Settings shared by every pass (``from_dict`` reads the method sections too)."""
+
+    SECTION = "model.evaluation"
 
     seq_len: int = 2048
     """Window length of every pass (upstream EVAL_SEQ_LEN, else TRAIN_SEQ_LEN); also trims the val split."""
@@ -77,9 +79,6 @@ class EvalBase:
                 raise ConfigError(f"model.evaluation: unknown field '{key}'")
             changes[key] = value
         return cls(**changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 EvalSettings = dataclasses.make_dataclass(

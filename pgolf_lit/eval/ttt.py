@@ -67,6 +67,9 @@ class TTTSettings:
     """The first n transformer blocks are not trained."""
     grad_clip: float = 1.0
     """Global-norm clip over the trained parameters; 0 = off."""
+    hash_embed_size: int = 0
+    """Rows of PR #1529's TTT-time hash embedding (``eval/ttt_hash_embed.py``; upstream HASH_EMBED_ENABLED=1 with
+    HASH_EMBED_SIZE=16384): created at zero and trained with the weights; 0 = none."""
 
     def __post_init__(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -77,6 +80,8 @@ class TTTSettings:
         for name in ("chunk_tokens", "batch_seqs"):
             if getattr(self, name) <= 0:
                 raise bad(name, f"must be positive, got {getattr(self, name)}")
+        if self.hash_embed_size < 0:
+            raise bad("hash_embed_size", f"must be >= 0 (0 = no hash embedding), got {self.hash_embed_size}")
         if self.epochs < 0 or self.freeze_blocks < 0:
             raise bad("epochs", f"epochs and freeze_blocks must be >= 0, got {self.epochs} / {self.freeze_blocks}")
 
@@ -124,8 +129,15 @@ class _ScoreFirstLearner:
         self.device = model_device(model)
         self.model = copy.deepcopy(model)
         self.params = trainable_parameters(self.model, cfg.freeze_blocks)
+        forward = self.model.forward_logits
+        if cfg.hash_embed_size:
+            from pgolf_lit.eval.ttt_hash_embed import TTTHashEmbedding
+
+            hash_embed = TTTHashEmbedding(self.model, cfg.hash_embed_size)
+            self.params.append(hash_embed.table)
+            forward = hash_embed.wrap(forward)
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)  # momentum carries over
-        self.forward = self.options.compiled(self.model.forward_logits)
+        self.forward = self.options.compiled(forward)
         self.reads_upto = NO_STATE  # the last stream index any update so far has read
 
     def score(

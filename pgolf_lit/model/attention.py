@@ -231,6 +231,7 @@ class CausalSelfAttention(nn.Module):
         sparse_gate_window: int = 0,
         sparse_gate_scale: float = 1.0,
         sparse_gate_init_std: float = 0.0,
+        sparse_gate_gain: float = 1.0,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -248,8 +249,10 @@ class CausalSelfAttention(nn.Module):
         self.c_k = CastedLinear(dim, kv_dim, role=matrix("attn", "attention"))
         self.c_v = CastedLinear(dim, kv_dim, role=matrix("attn", "attention"))
         self.proj = CastedLinear(dim, dim, role=matrix("attn", "attention"), zero_init=True, output_proj=True)
-        # SparseAttnGate (PR #1787/#1855): per-head output gate from the first `window` input channels.
+        # SparseAttnGate (PR #1787/#1855): per-head output gate from the first `window` input channels; gain 2 is
+        # PR #1667's attention-output gate 2·σ(W·x[:12]), transparent at its zero init.
         self.sparse_gate_scale = sparse_gate_scale
+        self.sparse_gate_gain = sparse_gate_gain
         self.attn_gate_w: Optional[nn.Parameter] = None
         if sparse_gate_window:
             self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, sparse_gate_window))
@@ -305,7 +308,7 @@ class CausalSelfAttention(nn.Module):
         if self.attn_gate_w is not None:
             window = self.attn_gate_w.size(-1)
             logit = F.linear(x[..., :window].contiguous(), self.attn_gate_w.to(x.dtype))
-            y = y * torch.sigmoid(self.sparse_gate_scale * logit)[..., None]
+            y = y * (self.sparse_gate_gain * torch.sigmoid(self.sparse_gate_scale * logit))[..., None]
         out = self.proj(y.reshape(B, T, D))
         if adapter is not None and adapter.o is not None:
             out = out + adapter.o(x)

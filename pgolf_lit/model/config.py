@@ -7,16 +7,17 @@ describes every switch and names its upstream origin.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-from pgolf_lit.errors import ConfigError, check_field_types
+from pgolf_lit.errors import CheckedConfig, ConfigError
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(CheckedConfig):
     """Every architecture switch, under its upstream name; the defaults are the upstream baseline's."""
+
+    SECTION = "gpt"
 
     # --- shape -----------------------------------------------------------------------------------------
     vocab_size: int = 1024
@@ -73,6 +74,9 @@ class GPTConfig:
     """Multiplier of the sparse gate's logit (upstream SPARSE_ATTN_GATE_SCALE; PR #1855: 0.5)."""
     sparse_attn_gate_init_std: float = 0.0
     """Init std of attn_gate_w; 0 = zeros, so every gate starts at 0.5 (upstream SPARSE_ATTN_GATE_INIT_STD)."""
+    sparse_attn_gate_gain: float = 1.0
+    """Multiplier of the sparse gate's output: 2.0 is PR #1667's attention-output gate, 2·σ(W·x[:12]) per head from
+    zero init, so 1 at the start (upstream GATE_ATTN_OUT=1 with GATE_ATTN_SRC=proj, GATE_WIDTH=12)."""
     gate_window: int = 12
     """Leading residual channels the sparse attention gate and the token SmearGate read (upstream GATE_WINDOW)."""
     # --- residual stream -------------------------------------------------------------------------------
@@ -86,13 +90,24 @@ class GPTConfig:
     """folder_copy: the skip consumption of PR #1278's record-folder script (to load its checkpoints)."""
     parallel_start_layer: int = 0
     """>0: attention and MLP run in two lanes from this physical decoder layer on (PR #1333/#1421, PR #1529/#1855)."""
-    parallel_residual: Literal["lane_merge", "lambdas"] = "lane_merge"
+    parallel_residual: Literal["lane_merge", "lambdas", "sublayer"] = "lane_merge"
     """Form of the two lanes. lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one
     learned scalar. lambdas (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and
-    decays them by parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane."""
+    decays them by parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane.
+    sublayer (PR #1204, upstream PARALLEL_RESIDUAL=1): attention, then the MLP, each decays both lanes by its own
+    resid lambda (init √1.1) and writes both; the MLP reads the lane attention just wrote; skips go to both
+    lanes; the end is the lanes' mean (``sublayer_lanes.py``; needs block_controls position)."""
     parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"
     """lambdas form: the hidden state after the last block: the lanes' mean, the attention lane or the MLP lane
     (upstream PARALLEL_FINAL_LANE)."""
+    block_controls: Literal["physical", "position"] = "physical"
+    """Whose are a block's controls (attn_scale, mlp_scale, resid_mix, q_gain), its ln scale, XSA, value embedding
+    and the layer-0 attention switch: the physical block's (every record but one), or the layer schedule position's
+    (PR #1204, whose Block list is built per virtual layer: a repeated layer gets its own controls, and the later
+    positions' controls move to the next physical layers when recurrence switches on; ``position_controls.py``)."""
+    disable_layer0_attn: bool = False
+    """The block at schedule position 0 runs no attention (upstream DISABLE_LAYER0_ATTN, PR #1204); its attention
+    matrices stay in the model, untrained, and are left out of the artifact. Needs block_controls position."""
     dtg: bool = False
     """Dynamic token gate per block (present in the PR #1263 family's scripts, off in every record)."""
     # --- embeddings ------------------------------------------------------------------------------------
@@ -135,6 +150,11 @@ class GPTConfig:
     """The repeated layers of group / inplace recurrence."""
     iter_conditioning: bool = False
     """PR #1278's iter_embed / iter_gate added before each repeated pass."""
+    repeat_untie_mlp: Literal["none", "full"] = "none"
+    """full: the repeated pass of each group-recurrent layer in repeat_untie_mlp_layers runs its own MLP, a copy of
+    the layer's MLP taken when recurrence switches on (upstream REPEAT_UNTIE_MLP, PR #1204; ``repeat_mlp.py``)."""
+    repeat_untie_mlp_layers: list[int] = field(default_factory=list)
+    """The recur layers whose repeated pass has its own MLP; empty = all of them (upstream REPEAT_UNTIE_MLP_LAYERS)."""
     num_loops: int = 0
     """loop: the segment [loop_start, loop_end] runs num_loops + 1 times."""
     loop_start: int = 0
@@ -160,6 +180,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         self.ve_layers = [int(i) for i in self.ve_layers]
         self.recur_layers = [int(i) for i in self.recur_layers]
+        self.repeat_untie_mlp_layers = [int(i) for i in self.repeat_untie_mlp_layers]
         self.validate()
 
     # --- derived ---------------------------------------------------------------------------------------
@@ -246,13 +267,19 @@ class GPTConfig:
             raise bad("mtp_num_heads", f"must be >= 0, got {self.mtp_num_heads}")
         choices = {
             "smear_gate_form": ("channel", "token", "prenorm"),
-            "parallel_residual": ("lane_merge", "lambdas"),
+            "parallel_residual": ("lane_merge", "lambdas", "sublayer"),
+            "block_controls": ("physical", "position"),
+            "repeat_untie_mlp": ("none", "full"),
             "parallel_final_lane": ("mean", "attn", "mlp"),
             "state_dict_layout": ("per_block", "banks"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"expected one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.block_controls != "position" and (
+            self.parallel_residual == "sublayer" or self.disable_layer0_attn or self.repeat_untie_mlp != "none"
+        ):  # the rest of PR #1204's checks: position_controls.attach
+            raise bad("block_controls", "PR #1204's sublayer lanes, layer-0 switch and repeat MLPs need 'position'")
         token_smear = self.smear_gate and self.smear_gate_form == "token"
         if token_smear or self.sparse_attn_gate:
             width = self.emb_dim if token_smear else self.model_dim
@@ -267,18 +294,3 @@ class GPTConfig:
             raise bad(
                 "bos_id", f"must be a token id below vocab_size {self.vocab_size} or -1 (no mask), got {self.bos_id}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"gpt: unknown field(s) {unknown}; known fields are listed in pgolf_lit/model/config.py")
-        check_field_types(cls, d, "gpt")  # YAML, checkpoints and artifacts reach validate() with these types
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> "GPTConfig":
-        return GPTConfig.from_dict({**self.to_dict(), **changes})

@@ -116,6 +116,7 @@ class Block(nn.Module):
             sparse_gate_window=cfg.gate_window if cfg.sparse_attn_gate else 0,
             sparse_gate_scale=cfg.sparse_attn_gate_scale,
             sparse_gate_init_std=cfg.sparse_attn_gate_init_std,
+            sparse_gate_gain=cfg.sparse_attn_gate_gain,
         )
         self.mlp = MLP(d, cfg.mlp_hidden, cfg.mlp_activation, cfg.leaky_relu_slope)
         self.ln_scale_factor = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
@@ -265,6 +266,10 @@ class GPT(nn.Module):
         self.recurrence_active = False
         self.fused_ce = None  # fused_kernels.use_fused_kernels: the fused softcapped CE of forward's loss
         self.fused_force = False
+        if cfg.block_controls == "position":  # PR #1204 (position_controls.py)
+            from pgolf_lit.model.position_controls import attach
+
+            attach(self)
         self._init_weights()
         # Every parameter's role, declared above and in the blocks; a missing declaration fails here.
         self.roles: dict[str, ParamRole] = parameter_roles(self)
@@ -329,6 +334,10 @@ class GPT(nn.Module):
         x0 = x
         rope = self.rotary(ids.size(1))
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
+        if cfg.block_controls == "position":
+            from pgolf_lit.model.position_controls import run_positions
+
+            return run_positions(self, x, x0, rope, ve_base, segments, lora)
         schedule, plan = self._plans[self.recurrence_active]
         n_enc = len(schedule) // 2
         if lora is not None and lora.num_slots != len(schedule):

@@ -21,11 +21,11 @@ from torch import nn
 
 from pgolf_lit.errors import ConfigError
 
-Kind = Literal["matrix", "embedding", "head", "projection", "control", "aux_head", "constant"]
+Kind = Literal["matrix", "embedding", "head", "projection", "control", "aux_head", "constant", "unused"]
 QuantGroup = Literal["attn", "mlp", "embed", "other", "gate"]
 RecordDtype = Literal["fp32", "bf16"]
 
-KINDS: tuple[str, ...] = ("matrix", "embedding", "head", "projection", "control", "aux_head", "constant")
+KINDS: tuple[str, ...] = ("matrix", "embedding", "head", "projection", "control", "aux_head", "constant", "unused")
 QUANT_GROUPS: tuple[str, ...] = ("attn", "mlp", "embed", "other", "gate")
 
 
@@ -37,7 +37,8 @@ class ParamRole:
     head (an untied output head) → the head Adam; projection (embed_proj/head_proj) → Muon unless the record
     leaves them untrained; control (gains, mixes, gates, skip weights, small scales) → the scalar Adam(W);
     aux_head (multi-token-prediction heads) → Muon, training only, never exported; constant (PR #1945's
-    softcap_pos/neg) → no optimizer: a parameter the records create but never train, exported as a float.
+    softcap_pos/neg) → no optimizer: a parameter the records create but never train, exported as a float; unused
+    (PR #1204's layer-0 attention with DISABLE_LAYER0_ATTN) → no optimizer, never read, never exported.
 
     ``quant`` is the export rule that quantizes the tensor when it is too large to keep as a float (the records'
     category: attention, MLP, embedding tables, other); ``gate`` tensors may be int8-quantized per row (PR #1855's
@@ -72,7 +73,7 @@ class ParamRole:
     @property
     def exported(self) -> bool:
         """Training-only tensors (MTP heads) are left out of artifacts, as upstream leaves them out."""
-        return self.kind != "aux_head"
+        return self.kind not in ("aux_head", "unused")
 
 
 def matrix(quant: QuantGroup, component: str) -> ParamRole:

@@ -13,21 +13,20 @@ Optimizers, in the scripts' step order: token Adam(W), head Adam (untied models 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
-from pgolf_lit.errors import ConfigError
+from pgolf_lit.errors import CheckedConfig, ConfigError
 from pgolf_lit.model.roles import ParamRole, parameter_roles
 from pgolf_lit.optim.muon import Muon
 from pgolf_lit.optim.schedule import momentum_warmup
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(CheckedConfig):
     """Optimizer knobs under their upstream names. Defaults are the upstream baseline's.
 
     ``adam_class`` is the torch class of the token and scalar optimizers (the baseline uses Adam without
@@ -38,6 +37,8 @@ class OptimConfig:
     True (default) trains them with Muon like every other projection, False reproduces the scripts.
     ``muon_compile_cuda`` runs Newton–Schulz through torch.compile on CUDA, as the records do.
     """
+
+    SECTION = "optim"
 
     tied_embed_lr: float = 0.05
     """lr of the tied token table (upstream TIED_EMBED_LR)."""
@@ -62,6 +63,15 @@ class OptimConfig:
     """Nesterov momentum in Muon."""
     muon_row_normalize: bool = False
     """MuonEq-R: normalise every row of the update before the iteration (upstream MUON_ROW_NORMALIZE)."""
+    matrix_lr_early: Optional[float] = None
+    """PR #1179/#1204's split LR (upstream MATRIX_LR_EARLY, 0.025): the block matrices of layers below bank_split
+    get their gradients scaled by matrix_lr_early / matrix_lr before Muon; null = matrix_lr (no split). Muon's
+    Newton–Schulz normalises each update, so the scale does not shrink the step; it changes the bf16 rounding of the
+    gradient, which the iteration amplifies along the gradient's weakest directions."""
+    matrix_lr_late: Optional[float] = None
+    """The same for the layers from bank_split on (upstream MATRIX_LR_LATE, 0.03 = MATRIX_LR in PR #1204)."""
+    bank_split: int = 5
+    """First layer of the late half of the split LR (upstream BANK_SPLIT)."""
     muon_wd: float = 0.0
     """Decoupled Muon weight decay, scaled by the scheduled lr (upstream MUON_WD; PR #1855: 0.095)."""
     muon_compile_cuda: bool = True
@@ -105,6 +115,9 @@ class OptimConfig:
         for name in ("tied_embed_lr", "embed_lr", "head_lr", "matrix_lr", "scalar_lr", "muon_wd", "adam_wd"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("matrix_lr_early", "matrix_lr_late"):
+            if getattr(self, name) is not None and (getattr(self, name) < 0 or self.matrix_lr <= 0):
+                raise ConfigError(f"optim.{name}: must be >= 0 or null, with matrix_lr > 0; got {getattr(self, name)}")
         if self.embed_wd is not None and self.embed_wd < 0:
             raise ConfigError(f"optim.embed_wd: must be >= 0 or null, got {self.embed_wd}")
         for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
@@ -143,22 +156,6 @@ class OptimConfig:
         return momentum_warmup(
             step, self.muon_momentum_warmup_start, self.muon_momentum, self.muon_momentum_warmup_steps
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OptimConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(
-                f"optim: unknown field(s) {unknown}; known fields are listed in pgolf_lit/optim/groups.py"
-            )
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> "OptimConfig":
-        return OptimConfig.from_dict({**self.to_dict(), **changes})
 
 
 Named = list[tuple[str, nn.Parameter]]
@@ -231,12 +228,38 @@ def route_parameters(model: nn.Module, cfg: OptimConfig) -> ParamRouting:
         "head": routing.head,
         "control": routing.scalar,
         "constant": routing.no_optimizer,
+        "unused": routing.no_optimizer,
     }
     for name in script_order(roles):
         p = params[name]
         dest = routing.no_optimizer if p.numel() == 0 else destination[roles[name].kind]
         dest.append((name, p))
     return routing
+
+
+# The matrices PR #549's parameter banks hold (qo, kv, mlp_up, mlp_down): what PR #1179/#1204's split LR scales.
+BANK_COMPONENTS = ("attention", "mlp")
+
+
+def split_lr_groups(muon: Named, roles: dict[str, ParamRole], cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Muon's param groups. Without a split, one. With PR #1179/#1204's split LR (train_gpt.py, after the clip:
+    ``bank.grad[:BANK_SPLIT].mul_(MATRIX_LR_EARLY / MATRIX_LR)``, the rest by MATRIX_LR_LATE / MATRIX_LR): the bank
+    matrices of the layers below ``bank_split``, those from it on, and the other Muon matrices (unscaled)."""
+    early, late = cfg.matrix_lr_early, cfg.matrix_lr_late
+    if early is None and late is None:
+        return [{"params": [p for _, p in muon]}]
+    scales = {True: (early if early is not None else cfg.matrix_lr) / cfg.matrix_lr}
+    scales[False] = (late if late is not None else cfg.matrix_lr) / cfg.matrix_lr
+    groups = {True: [], False: [], None: []}
+    for name, p in muon:
+        role = roles[name]
+        in_bank = role.layer is not None and role.component in BANK_COMPONENTS
+        groups[role.layer < cfg.bank_split if in_bank else None].append(p)
+    return [
+        {"params": ps, "grad_scale": scales[key]} if key is not None else {"params": ps}
+        for key, ps in groups.items()
+        if ps
+    ]
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
@@ -261,7 +284,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
         optimizers.append(torch.optim.Adam(groups(routing.head, cfg.head_lr), **common))
     optimizers.append(
         Muon(
-            [p for _, p in routing.muon],
+            split_lr_groups(routing.muon, parameter_roles(model), cfg),
             lr=cfg.matrix_lr,
             momentum=cfg.muon_momentum,
             backend_steps=cfg.muon_backend_steps,

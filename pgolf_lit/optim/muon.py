@@ -184,9 +184,14 @@ class Muon(torch.optim.Optimizer):
     is two foreach kernels per step, and it makes each rank's ``state_dict()`` complete: a checkpoint
     written by rank 0 resumes every rank exactly. The updates are the same either way.
 
-    Param-group options: ``lr``, ``momentum``, ``backend_steps``, ``nesterov``, ``weight_decay``,
+    ``grad_scale`` (a param-group option, default 1): the group's gradients are multiplied by it before the step
+    (PR #1179/#1204's "split LR": ``bank.grad[:5].mul_(MATRIX_LR_EARLY / MATRIX_LR)`` after clipping; see
+    ``groups.build_optimizers``).
+
+    Param-group options: ``lr``, ``momentum``, ``backend_steps``, ``nesterov``, ``weight_decay``, ``grad_scale``,
     ``row_normalize``, ``coefficients``, ``momentum_dtype``, ``skip_without_grad``, and ``base_lr`` (the
-    unscheduled lr; defaults to the group's ``lr``) which the schedule multiplies every step. ``compile_cuda``
+    unscheduled lr; defaults to the group's ``lr``) which the schedule multiplies every step, and
+    ``base_weight_decay`` (likewise, for the WD taper). ``compile_cuda``
     runs the iteration through ``torch.compile`` for CUDA tensors, as the records do; CPU tensors always take
     the eager path.
     """
@@ -237,6 +242,7 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise ValueError(f"Muon: parameters must be 2-D matrices or 3-D banks of matrices, got shapes {bad}")
         group.setdefault("base_lr", group["lr"])
+        group.setdefault("base_weight_decay", group["weight_decay"])  # the unscheduled decay (WD taper)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
@@ -252,7 +258,8 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             bf16_step = group.get("momentum_dtype", "fp32") == "bf16"
-            grads = {p: self._step_grad(p, bf16_step) for p in params if p.grad is not None}
+            scale = group.get("grad_scale", 1.0)
+            grads = {p: self._step_grad(p, bf16_step, scale) for p in params if p.grad is not None}
             self._update_momentum(grads, group["momentum"])
             flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.bfloat16, device=params[0].device)
             offset = 0
@@ -294,9 +301,11 @@ class Muon(torch.optim.Optimizer):
         return owned
 
     @staticmethod
-    def _step_grad(p: Tensor, bf16_step: bool) -> Tensor:
-        """The gradient the step works with: bf16 in PR #1855's step (``g = p.grad.bfloat16()``), else as is."""
-        return p.grad.bfloat16() if bf16_step else p.grad
+    def _step_grad(p: Tensor, bf16_step: bool, scale: float = 1.0) -> Tensor:
+        """The gradient the step works with: bf16 in PR #1855's step (``g = p.grad.bfloat16()``), else as is; times
+        the group's ``grad_scale`` first, in the gradient's dtype (PR #1204 scales the fp32 bank gradient in place)."""
+        g = p.grad if scale == 1.0 else p.grad * scale
+        return g.bfloat16() if bf16_step else g
 
     def _update_momentum(self, grads: dict[Tensor, Tensor], momentum: float) -> None:
         """B ← μ·B + G for every parameter that has a gradient (buffers start at zero, in G's dtype)."""

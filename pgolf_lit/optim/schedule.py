@@ -17,14 +17,14 @@ Without a cap both families count iterations instead.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 
-from pgolf_lit.errors import ConfigError
+from pgolf_lit.errors import CheckedConfig, ConfigError
 from pgolf_lit.optim.muon import Muon
+from pgolf_lit.optim.wd_taper import wd_taper_multiplier
 
 
 def effective_cap_ms(max_wallclock_seconds: float, reserve_seconds: float = 0.0) -> Optional[float]:
@@ -48,8 +48,11 @@ def momentum_warmup(step: int, start: float, end: float, warmup_steps: int) -> f
     return (1 - f) * start + f * end
 
 
-def apply_schedule(optimizers: Iterable[torch.optim.Optimizer], lr_multiplier: float, muon_momentum: float) -> None:
-    """Before a step: every Muon group's momentum := ``muon_momentum``; every group's lr := base_lr · multiplier.
+def apply_schedule(
+    optimizers: Iterable[torch.optim.Optimizer], lr_multiplier: float, muon_momentum: float, muon_wd_scale: float = 1.0
+) -> None:
+    """Before a step: every Muon group's momentum := ``muon_momentum`` and its weight_decay := base_weight_decay ·
+    ``muon_wd_scale`` (the WD taper, ``optim/wd_taper.py``); every group's lr := base_lr · multiplier.
 
     ``optimizers``: the list from ``build_optimizers`` or an ``OptimizerChain`` (iterating it yields its members).
     """
@@ -58,16 +61,21 @@ def apply_schedule(optimizers: Iterable[torch.optim.Optimizer], lr_multiplier: f
         for group in opt.param_groups:
             if is_muon:
                 group["momentum"] = muon_momentum
+                # groups restored from a checkpoint written before the taper existed lack the base: never tapered
+                base_wd = group.setdefault("base_weight_decay", group["weight_decay"])
+                group["weight_decay"] = base_wd * muon_wd_scale
             group["lr"] = group["base_lr"] * lr_multiplier
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(CheckedConfig):
     """LR multiplier settings. Defaults are the upstream baseline (Family A, 1200 warmdown iterations).
 
     ``warmdown_iters`` is read in ``iters`` mode, ``warmdown_frac`` and ``min_lr`` in ``frac`` mode; a
     warmdown length of 0 (either mode) means no warmdown, as upstream.
     """
+
+    SECTION = "schedule"
 
     warmdown: Literal["iters", "frac"] = "iters"
     """iters: Family A's ramp over the last warmdown_iters steps; frac: Family B's ramp over a training fraction."""
@@ -82,6 +90,13 @@ class ScheduleConfig:
     ramps up again, times ``min((step - change + 1) / N, 1)`` for N steps (upstream SEQ_CHANGE_WARMUP_STEPS; PR
     #2014: 32; ``pgolf_lit/data/seq_schedule.py``); 0 = no ramp."""
 
+    wd_taper_start_frac: float = 1.0
+    """Muon WD taper: the training fraction from which the Muon weight decay falls linearly to
+    ``wd_taper_final_mult`` × its value at the end (upstream WD_TAPER_START_FRAC; PR #1729: 0.70; 1 = no taper;
+    ``pgolf_lit/optim/wd_taper.py``)."""
+    wd_taper_final_mult: float = 1.0
+    """Muon WD taper: the decay's factor at the end of training (upstream WD_TAPER_FINAL_MULT; PR #1729: 0.5)."""
+
     def __post_init__(self) -> None:
         if self.warmdown not in ("iters", "frac"):
             raise ConfigError(f"schedule.warmdown: expected 'iters' or 'frac', got {self.warmdown!r}")
@@ -91,6 +106,10 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.min_lr: a multiplier floor in [0, 1], got {self.min_lr}")
         if self.seq_change_warmup_steps < 0:
             raise ConfigError(f"schedule.seq_change_warmup_steps: must be >= 0, got {self.seq_change_warmup_steps}")
+        if not 0 <= self.wd_taper_start_frac <= 1:
+            raise ConfigError(f"schedule.wd_taper_start_frac: must lie in [0, 1], got {self.wd_taper_start_frac}")
+        if self.wd_taper_final_mult < 0:
+            raise ConfigError(f"schedule.wd_taper_final_mult: must be >= 0, got {self.wd_taper_final_mult}")
         if self.min_lr and self.warmdown != "frac":
             raise ConfigError("schedule.min_lr: only the 'frac' warmdown has a floor (Family A ramps to 0)")
 
@@ -108,6 +127,10 @@ class ScheduleConfig:
         if frac >= 1.0 - self.warmdown_frac:
             return max((1.0 - frac) / self.warmdown_frac, self.min_lr)
         return 1.0
+
+    def muon_wd_multiplier(self, frac: float) -> float:
+        """The Muon WD taper's factor at training fraction ``frac`` (1 without a taper)."""
+        return wd_taper_multiplier(frac, self.wd_taper_start_frac, self.wd_taper_final_mult)
 
     def lr_multiplier(self, step: int, elapsed_ms: float, cap_ms: Optional[float], iterations: int) -> float:
         """The factor applied to every group's ``base_lr`` before the step with index ``step``.
@@ -128,14 +151,3 @@ class ScheduleConfig:
         warmdown_ms = w * (elapsed_ms / max(step, 1))
         remaining_ms = max(cap_ms - elapsed_ms, 0.0)
         return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"schedule: unknown field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pgolf_lit.config import GPTConfig
-from pgolf_lit.errors import ArtifactError, ConfigError
+from pgolf_lit.errors import ArtifactError, CheckedConfig, ConfigError
 from pgolf_lit.fileio import atomic_write_bytes
 from pgolf_lit.model.convert import to_upstream_state_dict
 from pgolf_lit.model.roles import ParamRole, parameter_roles
@@ -80,9 +80,11 @@ RULE_GROUPS = ("mlp", "attn", "embed", "other")
 
 
 @dataclass
-class ExportBase:
+class ExportBase(CheckedConfig):
     """Every export knob but the quantizers' own settings: routing, per-group rules, container, budget.
     ``ExportConfig`` adds one section per quantizer with settings (``quantizers.py``: ``gptq``)."""
+
+    SECTION = "export"
 
     format: Literal["native", "upstream", "pergroup", "pergroup_v2"] = "native"
     """``native``: pgolf's container (config inside, no pickle); ``upstream``: the record script's own file;
@@ -233,19 +235,6 @@ class ExportBase:
             if hasattr(section, "validate"):
                 section.validate()
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ExportConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(
-                f"export: unknown field(s) {unknown}; known fields are listed in pgolf_lit/quant/export.py"
-            )
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ConfigError(f"export: {e}") from None
-
     def rule(self, role: ParamRole) -> Optional[TensorRule]:
         """The rule of a tensor's quant group (None: kept float)."""
         return getattr(self, role.quant) if role.quant is not None else None
@@ -262,9 +251,6 @@ class ExportBase:
     def quantizer_settings(self, method: str) -> Any:
         """The settings section of quantizer ``method`` (None when it has none)."""
         return getattr(self, method) if method in quantizer_sections() else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def quantizer_sections() -> dict[str, type]:
