@@ -85,11 +85,15 @@ class GPTConfig:
     skip_wiring: Literal["standard", "folder_copy"] = "standard"
     """folder_copy: the skip consumption of PR #1278's record-folder script (to load its checkpoints)."""
     parallel_start_layer: int = 0
-    """>0: attention and MLP run in two lanes from this physical decoder layer on (PR #1333/#1421, PR #1529/#1855)."""
-    parallel_residual: Literal["lane_merge", "lambdas"] = "lane_merge"
-    """Form of the two lanes. lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one
-    learned scalar. lambdas (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and
-    decays them by parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane."""
+    """>0: attention and MLP run in parallel from this physical layer on, in the form parallel_residual names
+    (upstream PARALLEL_START_LAYER in PR #1333/#1421/#1477, PARALLEL_RESIDUAL_START in PR #1412/#1493/#1514)."""
+    parallel_residual: Literal["lane_merge", "lambdas", "gptj"] = "lane_merge"
+    """Form of the parallel blocks. Two lanes from the first decoder position at or past parallel_start_layer:
+    lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one learned scalar. lambdas
+    (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and decays them by
+    parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane. One stream: gptj
+    (GPT-J, PR #1412/#1493/#1514, model/gptj_residual.py): every physical block >= parallel_start_layer adds
+    attention and MLP of the same normed input to x; no parameter is added."""
     parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"
     """lambdas form: the hidden state after the last block: the lanes' mean, the attention lane or the MLP lane
     (upstream PARALLEL_FINAL_LANE)."""
@@ -240,7 +244,7 @@ class GPTConfig:
             raise bad("mtp_num_heads", f"must be >= 0, got {self.mtp_num_heads}")
         choices = {
             "smear_gate_form": ("channel", "token"),
-            "parallel_residual": ("lane_merge", "lambdas"),
+            "parallel_residual": ("lane_merge", "lambdas", "gptj"),
             "parallel_final_lane": ("mean", "attn", "mlp"),
             "state_dict_layout": ("per_block", "banks"),
         }

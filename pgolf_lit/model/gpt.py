@@ -218,7 +218,11 @@ class GPT(nn.Module):
         # 2-D and outside the records' control patterns: the scripts keep these two in bf16.
         iteration = control("iteration", record_dtype="bf16")
         declare_roles(self, iter_embed=iteration, iter_gate=iteration)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        lanes = cfg.parallel_residual if cfg.parallel_start_layer else None
+        block = Block
+        if lanes == "gptj":  # one stream from parallel_start_layer on (PR #1412/#1493)
+            from pgolf_lit.model.gptj_residual import gptj_block as block
+        self.blocks = nn.ModuleList(block(cfg, i) for i in range(cfg.num_layers))
         self.ve_shared = ValueEmbedding(v, cfg.ve_dim, cfg.kv_dim) if cfg.ve_enabled else None
         self.ve_layer_scales = nn.ParameterList(
             [nn.Parameter(torch.ones(1)) for _ in (cfg.ve_layers if cfg.ve_enabled else [])]
@@ -227,7 +231,6 @@ class GPT(nn.Module):
             self.ve_layer_scales, **{str(j): control("value_embedding") for j in range(len(self.ve_layer_scales))}
         )
         self._ve_index = {layer: j for j, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
-        lanes = cfg.parallel_residual if cfg.parallel_start_layer else None
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if lanes == "lane_merge" else None
         # PR #1529/#1855: sized for every physical layer, as upstream, though only rows >= parallel_start_layer act.
         n = cfg.num_layers
