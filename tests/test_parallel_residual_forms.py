@@ -112,3 +112,50 @@ def test_gptj_matches_the_pr1493_forward(looping):
 def test_gptj_adds_no_parameter():
     cfg = tiny_config(parallel_residual="gptj")
     assert GPT(cfg).num_params() == GPT(cfg.replace(parallel_start_layer=0)).num_params()
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_skip_after_fork_matches_the_pr1477_forward(looping):
+    cfg = tiny_config(parallel_residual="lane_merge", skip_after_fork=True)
+    model = perturbed(cfg)
+    model.set_recurrence(looping)
+    start = cfg.parallel_start_layer
+
+    def block_fn(block, x, x0, rope, i):
+        return upstream_block(block, x, x0, rope, parallel=False)
+
+    def forward_attn(block, x, x0, rope):
+        x_in = block.resid_mix[0] * x + block.resid_mix[1] * x0
+        return x_in + block.attn_scale * block.attn(rms_norm(x_in) * block.ln_scale_factor, rope)[0]
+
+    def forward_mlp(block, x):
+        return x + block.mlp_scale * block.mlp(rms_norm(x) * block.ln_scale_factor)
+
+    def decoder(x, x0, skips, indices, rope):
+        """PR #1477's decoder loop: the skip, then the fork (both lanes carry it); later skips go to lane0."""
+        rows = model.skip_weights.size(0)
+        lane0 = lane1 = None
+        for skip_idx, i in enumerate(indices):
+            block = model.blocks[i]
+            if lane0 is None:
+                if skip_idx < rows and skips:
+                    x = upstream_skip(model, x, skips.pop(), skip_idx)
+                if i >= start:
+                    lane0, lane1 = forward_attn(block, x, x0, rope), forward_mlp(block, x.clone())
+                else:
+                    x = block_fn(block, x, x0, rope, i)
+            else:
+                if skip_idx < rows and skips:
+                    lane0 = upstream_skip(model, lane0, skips.pop(), skip_idx)
+                lane0, lane1 = forward_attn(block, lane0, x0, rope), forward_mlp(block, lane1)
+        return model.lane_merge * lane0 + (1 - model.lane_merge) * lane1
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = upstream_logits(model, ids, block_fn, decoder)
+        torch.testing.assert_close(model.forward_logits(ids), expected, atol=1e-5, rtol=0)
+        # without the option the skips after the fork are dropped (PR #1333/#1421): a different function
+        dropped = GPT(cfg.replace(skip_after_fork=False))
+        dropped.load_state_dict(model.state_dict())
+        dropped.set_recurrence(looping)
+        assert not torch.allclose(dropped.forward_logits(ids), expected, atol=1e-3)

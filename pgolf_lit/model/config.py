@@ -94,6 +94,9 @@ class GPTConfig:
     parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane. One stream: gptj
     (GPT-J, PR #1412/#1493/#1514, model/gptj_residual.py): every physical block >= parallel_start_layer adds
     attention and MLP of the same normed input to x; no parameter is added."""
+    skip_after_fork: bool = False
+    """lane_merge form: the U-Net skips scheduled after the fork keep coming, added to the attention lane, instead
+    of being dropped (PR #1477, hard-coded there: no env var). The lambdas form always does this; gptj has no fork."""
     parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"
     """lambdas form: the hidden state after the last block: the lanes' mean, the attention lane or the MLP lane
     (upstream PARALLEL_FINAL_LANE)."""

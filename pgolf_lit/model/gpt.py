@@ -341,10 +341,11 @@ class GPT(nn.Module):
         repeat_idx = 0
         lanes: Optional[tuple[Tensor, Tensor]] = None
         for pos, layer in enumerate(schedule):
-            if pos >= n_enc and lambdas:
-                # PR #1855: the lanes start at the first decoder block >= parallel_start_layer; skips keep coming,
-                # into lane0 only.
-                if lanes is None and layer >= cfg.parallel_start_layer:
+            # The lanes fork at the first decoder block >= parallel_start_layer: PR #1855 (lambdas) before its skip,
+            # PR #1333/#1477 (lane_merge) after it. Later skips go to lane0 (lambdas, skip_after_fork) or are dropped.
+            if pos >= n_enc and (lanes is None or lambdas or cfg.skip_after_fork):
+                fork = lanes is None and layer >= cfg.parallel_start_layer and (lambdas or self.lane_merge is not None)
+                if fork and lambdas:
                     lanes = (x, x)
                 row = plan[pos - n_enc]
                 if row is not None:
@@ -354,13 +355,7 @@ class GPT(nn.Module):
                             x = self._add_skip(x, skip, row)
                         else:
                             lanes = (self._add_skip(lanes[0], skip, row), lanes[1])
-            elif pos >= n_enc and lanes is None:
-                row = plan[pos - n_enc]
-                if row is not None:
-                    skip = stack.pop()
-                    if row >= 0:
-                        x = self._add_skip(x, skip, row)
-                if self.lane_merge is not None and layer >= cfg.parallel_start_layer:
+                if fork and lanes is None:
                     lanes = (x, x)
             if layer in seen and self.iter_embed is not None:
                 gate = torch.sigmoid(self.iter_gate[repeat_idx].to(x.dtype))
