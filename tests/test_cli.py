@@ -106,11 +106,14 @@ def test_fit_logs_every_event_of_the_record(tiny_run):
 def test_fit_counts_the_code_its_artifact_needs(tiny_run):
     """The printed ``code bytes:N`` and summary.json's code_bytes are the length of the wrapper that reads this
     artifact's container and runs its config's passes (native; standard, sliding, causal_slot)."""
+    from pgolf_lit.config import load_config
+    from pgolf_lit.model.config import GPTConfig
     from pgolf_lit.quant.code_size import measure_code_size
 
     _, _, run_dir = tiny_run
     artifact = read_summary(run_dir)["artifact"]
-    expected = measure_code_size(("native",), ["standard", "sliding", "causal_slot"]).counted_bytes
+    model = GPTConfig.from_dict(load_config(run_dir / "config.yaml")["model"]["gpt"])
+    expected = measure_code_size(("native",), ["standard", "sliding", "causal_slot"], model=model).counted_bytes
     assert artifact["code_bytes"] == expected and artifact["total_bytes"] == artifact["model_bytes"] + expected
     assert f"code bytes:{expected} " in (run_dir / "train.log").read_text()
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pgolf_lit.eval.registry import eval_methods
+from pgolf_lit.model.config import GPTConfig
 from pgolf_lit.quant import code_size
 from pgolf_lit.quant.code_size import (
     EVAL_ENTRY,
@@ -77,10 +78,14 @@ def config_code(record: str):
     return (record_export_config(record).format,), record_test_methods(record)
 
 
+def record_model_config(record: str) -> GPTConfig:
+    return GPTConfig.from_dict(record_config(record)["model"]["gpt"])
+
+
 def test_pr1855_twin_counts_at_most_40000_bytes():
     formats, methods = config_code(PR1855_TWIN)
     assert formats == ("pergroup",) and methods == ["standard", "sliding", "doc_isolated", "phased_ttt"]
-    size = measure_code_size(formats, methods)
+    size = measure_code_size(formats, methods, model=record_model_config(PR1855_TWIN))
     print(
         f"\n{PR1855_TWIN}: code bytes:{size.counted_bytes} ({len(size.files)} files, {size.source_bytes:,} source "
         f"bytes, {size.program_bytes:,} minified)"
@@ -179,6 +184,53 @@ def test_closure_rules_on_a_toy_package(tmp_path):
     ]
     with pytest.raises(Exception, match="no source"):
         code_files(root=tmp_path, entries=["pgolf_lit.missing"])
+
+
+def test_a_gated_technique_counts_only_for_configs_that_switch_it_on(tmp_path):
+    """COUNTED_WHEN: a technique module imported inside a function counts when the measured config switches its
+    field on ("field": truthy; "field=value": that value), always without a config; a module-level import always."""
+    pkg = tmp_path / "pgolf_lit"
+    files = {
+        "model.py": "def build(c):\n    if c.dtg:\n        from pgolf_lit import gate\n"
+        "    if c.recurrence == 'loop':\n        from pgolf_lit import looped\n",
+        "gate.py": "COUNTED_WHEN = 'dtg'\nfrom pgolf_lit import gate_helper\n",
+        "gate_helper.py": "x = 1\n",
+        "looped.py": "COUNTED_WHEN = 'recurrence=loop'\n",
+        "eager.py": "import pgolf_lit.gate\n",
+        "typo.py": "def f():\n    from pgolf_lit import bad\n",
+        "bad.py": "COUNTED_WHEN = 'no_such_field'\n",
+    }
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+
+    def counted(model, entry="pgolf_lit.model"):
+        return code_files(root=tmp_path, entries=[entry], model=model)
+
+    every = ["pgolf_lit/gate.py", "pgolf_lit/gate_helper.py", "pgolf_lit/looped.py", "pgolf_lit/model.py"]
+    assert counted(None) == every
+    assert counted(GPTConfig()) == ["pgolf_lit/model.py"]
+    assert counted(GPTConfig(dtg=True)) == ["pgolf_lit/gate.py", "pgolf_lit/gate_helper.py", "pgolf_lit/model.py"]
+    assert counted(GPTConfig(recurrence="loop", loop_start=1, loop_end=2, num_loops=1)) == [
+        "pgolf_lit/looped.py",
+        "pgolf_lit/model.py",
+    ]
+    assert "pgolf_lit/gate.py" in counted(GPTConfig(), "pgolf_lit.eager")  # module level: always
+    with pytest.raises(Exception, match="bad: COUNTED_WHEN names 'no_such_field'"):
+        counted(GPTConfig(), "pgolf_lit.typo")
+
+
+def test_the_pr1855_config_counts_no_technique_it_leaves_off():
+    """Every COUNTED_WHEN module of the package is left out of PR #1855's count unless its config switches it on,
+    and the record's count with its config is at most the upper bound without one."""
+    model = record_model_config(PR1855_TWIN)
+    formats, methods = config_code(PR1855_TWIN)
+    with_config = set(code_files(formats, methods, model=model))
+    upper_bound = set(code_files(formats, methods))
+    assert with_config <= upper_bound
+    for rel in sorted(upper_bound - with_config):
+        marks = code_size._module_marks(code_size.PACKAGE_ROOT, rel[:-3].replace("/", "."))
+        assert "COUNTED_WHEN" in marks and not code_size.config_switches_on(marks["COUNTED_WHEN"], model), rel
 
 
 def test_minified_and_wrapped_as_the_records():

@@ -479,3 +479,26 @@ def test_proj_init_scale_shrinks_exactly_the_output_projections():
             want = factor if module.output_proj else 1.0
             assert torch.allclose(singular, torch.full_like(singular, want), atol=1e-5), name
     assert scaled and plain, (scaled, plain)
+
+
+def test_multi_token_prediction_adds_the_shifted_heads_loss_in_training_only():
+    """MTP (PR #1263 family): head k is scored against the targets k + 1 positions on; its softcapped CE enters the
+    training loss with mtp_loss_weight, the evaluation loss never."""
+    import torch.nn.functional as F
+
+    cfg = small(mtp_num_heads=2, mtp_loss_weight=0.3)
+    model = perturbed(cfg)
+    for head in model.mtp_heads:
+        torch.nn.init.normal_(head.weight, std=0.1)
+    x, y = ids(), ids(seed=4)
+    model.eval()
+    plain = model(x, y)
+    model.train()
+    z = model.normalize_hidden(model.forward_hidden(x))
+    c = cfg.logit_softcap
+    heads = []
+    for k, head in enumerate(model.mtp_heads):
+        logits = c * torch.tanh(head(z[:, : z.size(1) - k - 1]) / c)
+        heads.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y[:, k + 1 :].reshape(-1)))
+    expected = plain + 0.3 * torch.stack(heads).mean()
+    assert torch.allclose(model(x, y), expected, rtol=1e-6, atol=1e-6) and not torch.allclose(expected, plain)

@@ -351,6 +351,11 @@ def test_tiny_twin_fits_exports_and_round_trips(run_cwd):
     # The export counts the code that reads a PGRP file and runs the config's four passes (quant/code_size.py).
     from pgolf_lit.quant.code_size import measure_code_size
 
-    code = measure_code_size(("pergroup",), ["standard", "sliding", "doc_isolated", "phased_ttt"]).counted_bytes
+    from pgolf_lit.config import load_config
+    from pgolf_lit.model.config import GPTConfig
+
+    model = GPTConfig.from_dict(load_config(config)["model"]["gpt"])
+    code = measure_code_size(("pergroup",), ["standard", "sliding", "doc_isolated", "phased_ttt"], model=model)
+    code = code.counted_bytes
     assert artifact["code_bytes"] == code <= 40_000 and f"code bytes:{code} " in log
     print(f"tiny twin pgolf fit: {seconds:.1f} s, code bytes:{code}")

@@ -30,15 +30,7 @@ from torch import Tensor, nn
 from pgolf_lit.model.config import GPTConfig
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.model.attention import ATTENTION_BACKENDS, CausalSelfAttention, PackedSegments, Rotary
-from pgolf_lit.model.layers import (
-    MLP,
-    BigramHash,
-    CastedLinear,
-    SmearGate,
-    ValueEmbedding,
-    rms_norm,
-    smear_previous_token,
-)
+from pgolf_lit.model.layers import MLP, BigramHash, CastedLinear, SmearGate, rms_norm, smear_previous_token
 from pgolf_lit.model.roles import ParamRole, constant, control, declare_roles, embedding, parameter_roles
 
 
@@ -223,7 +215,11 @@ class GPT(nn.Module):
         if lanes == "gptj":  # one stream from parallel_start_layer on (PR #1412/#1493)
             from pgolf_lit.model.gptj_residual import gptj_block as block
         self.blocks = nn.ModuleList(block(cfg, i) for i in range(cfg.num_layers))
-        self.ve_shared = ValueEmbedding(v, cfg.ve_dim, cfg.kv_dim) if cfg.ve_enabled else None
+        self.ve_shared = None
+        if cfg.ve_enabled:
+            from pgolf_lit.model.value_embedding import ValueEmbedding
+
+            self.ve_shared = ValueEmbedding(v, cfg.ve_dim, cfg.kv_dim)
         self.ve_layer_scales = nn.ParameterList(
             [nn.Parameter(torch.ones(1)) for _ in (cfg.ve_layers if cfg.ve_enabled else [])]
         )
@@ -461,7 +457,9 @@ class GPT(nn.Module):
             logits = self.logits_from_normed(z, symmetric=True)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
         if self.training and len(self.mtp_heads) and self.config.mtp_loss_weight > 0:
-            loss = loss + self.config.mtp_loss_weight * self._mtp_loss(z, targets)
+            from pgolf_lit.model.mtp import mtp_loss
+
+            loss = loss + self.config.mtp_loss_weight * mtp_loss(self.mtp_heads, z, targets, self.config.logit_softcap)
         return loss
 
     def forward_ttt(self, ids: Tensor, targets: Tensor, lora) -> Tensor:
@@ -472,18 +470,6 @@ class GPT(nn.Module):
         logits = self.logits_from_normed(z, lora=lora)
         B, T, V = logits.shape
         return F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), reduction="none").reshape(B, T)
-
-    def _mtp_loss(self, z: Tensor, targets: Tensor) -> Tensor:
-        """Head k predicts the token k+1 positions after the main target (training only)."""
-        c = self.config.logit_softcap
-        losses = []
-        for k, head in enumerate(self.mtp_heads):
-            valid = z.size(1) - (k + 1)
-            if valid <= 0:
-                continue
-            logits = c * torch.tanh(head(z[:, :valid]) / c)
-            losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets[:, k + 1 :].reshape(-1)))
-        return torch.stack(losses).mean() if losses else z.new_zeros(())
 
     def apply_record_dtypes(self) -> list[str]:
         """The records' dtype policy (``GPT(h).bfloat16()``, then fp32 restored for CastedLinear weights and control

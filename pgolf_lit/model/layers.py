@@ -1,7 +1,7 @@
 """Building blocks of the GPT: weightless RMSNorm, CastedLinear (with a fake-quant hook), MLP, the two SmearGates
-(PR #1263's per-channel one, PR #1855's token-gated one), BigramHash, ValueEmbedding. Plain PyTorch
-(upstream train_gpt.py ``RMSNorm``, ``CastedLinear``, ``MLP``; PR #1263 ``SmearGate``, ``BigramHashEmbedding``,
-``ValueEmbedding``)."""
+(PR #1263's per-channel one, PR #1855's token-gated one), BigramHash. Plain PyTorch (upstream train_gpt.py
+``RMSNorm``, ``CastedLinear``, ``MLP``; PR #1263 ``SmearGate``, ``BigramHashEmbedding``). The value embedding and
+the multi-token-prediction loss live in their own modules (value_embedding.py, mtp.py)."""
 
 from __future__ import annotations
 
@@ -168,32 +168,6 @@ class BigramHash(nn.Module):
         h = self.embed(bigram_hash(ids, self.table_size))
         if self.trigram:
             h = h + self.embed(trigram_hash(ids, self.table_size))
-        if self.proj is not None:
-            h = self.proj(h)
-        return h * self.scale.to(h.dtype)
-
-
-class ValueEmbedding(nn.Module):
-    """A token table projected to the KV width, added to the value projection of selected layers."""
-
-    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, dim)
-        declare_roles(self.embed, weight=embedding("other", "value_embedding"))
-        nn.init.normal_(self.embed.weight, std=0.01)
-        # Under the attention rule at export, like every ".proj." weight in the records.
-        self.proj = (
-            CastedLinear(dim, kv_dim, role=matrix("attn", "value_embedding"), output_proj=True)
-            if dim != kv_dim
-            else None
-        )
-        if self.proj is not None:
-            nn.init.zeros_(self.proj.weight)
-        self.scale = nn.Parameter(torch.tensor(0.1))
-        declare_roles(self, scale=control("value_embedding"))
-
-    def forward(self, ids: Tensor) -> Tensor:
-        h = self.embed(ids)
         if self.proj is not None:
             h = self.proj(h)
         return h * self.scale.to(h.dtype)

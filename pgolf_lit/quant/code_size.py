@@ -12,11 +12,18 @@ reading its artifact and running its config's scored passes imports (``code_file
   ``METHOD_MODULES``), with what else it needs (``EvalMethod.modules``);
 
 and adding every pgolf_lit module these import, at module level or inside a function, so a new dependency is
-counted the day it is added. The one exception is declared by the imported module itself: a module that assigns a
-string to ``TRAINING_ONLY`` (the fused Triton kernels: training speed, the same function as the eager path) is not
-followed from an import inside a function; a module-level import of it is. A package's ``__init__.py`` is counted
-only when a counted module imports a name from it (``from pgolf_lit.eval import EvalSettings``); otherwise the
-program creates the package empty, so importing ``pgolf_lit.eval.runner`` does not import every method.
+counted the day it is added. Two exceptions are declared by the imported module itself, and both apply only to an
+import inside a function (a module-level import is always followed):
+
+* a module that assigns a string to ``TRAINING_ONLY`` (the fused Triton kernels: training speed, the same function
+  as the eager path) is never followed;
+* a module that assigns ``COUNTED_WHEN = "<GPTConfig field>"`` or ``"<field>=<value>"`` (a model technique only some
+  configs use, imported by the model only where that field is on) is followed when the measured config switches it
+  on (``model=``), and always when no config is given (an upper bound, as ``methods=None``).
+
+A package's ``__init__.py`` is counted only when a counted module imports a name from it (``from pgolf_lit.eval
+import EvalSettings``); otherwise the program creates the package empty, so importing ``pgolf_lit.eval.runner``
+does not import every method.
 
 The sources are minified with python-minifier using PR #1855's ``pyminify`` flags (``PYMINIFY_OPTIONS``) and put in
 one program, which serves them as an importable ``pgolf_lit`` package (``_BOOTSTRAP``), sets the eval registry's
@@ -64,6 +71,7 @@ BROTLI_QUALITY = 11
 WRAPPER_HEAD = 'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("'
 WRAPPER_TAIL = '")))\n'
 OPTIONAL_MARK = "TRAINING_ONLY"
+GATE_MARK = "COUNTED_WHEN"
 
 # Serves the sources in S (path -> source) as modules ahead of the normal import system; a folder of S without an
 # __init__.py is an empty package.
@@ -144,21 +152,42 @@ def _module_file(root: Path, module: str) -> Optional[str]:
     return None
 
 
-def _is_optional(root: Path, module: str) -> bool:
+def _module_marks(root: Path, module: str) -> dict[str, object]:
+    """The module-level string assignments to ``TRAINING_ONLY`` / ``COUNTED_WHEN`` of a module's source."""
     rel = _module_file(root, module)
     if rel is None:
-        return False
+        return {}
+    marks = {}
     for node in ast.parse((root / rel).read_text(encoding="utf-8")).body:
-        targets = node.targets if isinstance(node, ast.Assign) else []
-        if any(isinstance(t, ast.Name) and t.id == OPTIONAL_MARK for t in targets):
-            return True
-    return False
+        for target in node.targets if isinstance(node, ast.Assign) else []:
+            if isinstance(target, ast.Name) and target.id in (OPTIONAL_MARK, GATE_MARK):
+                marks[target.id] = node.value.value if isinstance(node.value, ast.Constant) else None
+    return marks
 
 
-def _imported_modules(root: Path, source: str, module: str, is_package: bool) -> set[str]:
+def config_switches_on(gate: object, model, module: str = "") -> bool:
+    """Whether ``model`` (a GPTConfig) switches on a ``COUNTED_WHEN`` gate: ``"field"`` (truthy) or
+    ``"field=value"`` (``str(getattr(model, field)) == value``)."""
+    if not isinstance(gate, str) or not gate:
+        raise ArtifactError(f"{module}: {GATE_MARK} must be a string 'field' or 'field=value', got {gate!r}")
+    field, _, value = gate.partition("=")
+    if not hasattr(model, field):
+        raise ArtifactError(f"{module}: {GATE_MARK} names {field!r}, which the model config does not have")
+    return str(getattr(model, field)) == value if value else bool(getattr(model, field))
+
+
+def _lazily_counted(root: Path, module: str, model) -> bool:
+    """Whether an import of ``module`` inside a function is counted (see the module docstring)."""
+    marks = _module_marks(root, module)
+    if OPTIONAL_MARK in marks:
+        return False
+    return GATE_MARK not in marks or model is None or config_switches_on(marks[GATE_MARK], model, module)
+
+
+def _imported_modules(root: Path, source: str, module: str, is_package: bool, model=None) -> set[str]:
     """The pgolf_lit modules a source needs: ``import a.b`` needs ``a.b``; ``from a import n`` needs module ``a.n``
     when that is a module, else ``a`` itself (its ``__init__`` when a package). Imports inside functions count
-    too, except of modules that declare ``TRAINING_ONLY``."""
+    too, except of modules that declare ``TRAINING_ONLY`` or a ``COUNTED_WHEN`` that ``model`` leaves off."""
     package = module if is_package else module.rpartition(".")[0]
     found: set[str] = set()
 
@@ -178,7 +207,7 @@ def _imported_modules(root: Path, source: str, module: str, is_package: bool) ->
                 visit(child, inner)
                 continue
             for name in names:
-                if name.split(".")[0] == "pgolf_lit" and not (lazy and _is_optional(root, name)):
+                if name.split(".")[0] == "pgolf_lit" and not (lazy and not _lazily_counted(root, name, model)):
                     found.add(name)
 
     visit(ast.parse(source), False)
@@ -190,10 +219,11 @@ def code_files(
     methods: Optional[Iterable[str]] = None,
     root: Path = PACKAGE_ROOT,
     entries: Optional[Sequence[str]] = None,
+    model=None,
 ) -> list[str]:
     """The .py files counted for an artifact of ``formats`` scored by ``methods`` (``entry_modules``), or for
-    explicit ``entries``: those modules and every pgolf_lit module they need, sorted. An entry without source is
-    an error."""
+    explicit ``entries``: those modules and every pgolf_lit module they need (for the model config ``model``;
+    None: every model technique), sorted. An entry without source is an error."""
     entries = list(entries) if entries is not None else entry_modules(formats, methods)
     for module in entries:
         if _module_file(root, module) is None:
@@ -212,7 +242,7 @@ def code_files(
             continue
         files.add(rel)
         source = (root / rel).read_text(encoding="utf-8")
-        todo.extend(_imported_modules(root, source, module, rel.endswith("__init__.py")))
+        todo.extend(_imported_modules(root, source, module, rel.endswith("__init__.py"), model))
     return sorted(files)
 
 
@@ -242,6 +272,7 @@ def package_program(
     root: Path = PACKAGE_ROOT,
     entries: Optional[Sequence[str]] = None,
     minify_options: Optional[Mapping[str, bool]] = None,
+    model=None,
 ) -> tuple[str, int, list[str]]:
     """The self-installing program, the raw source bytes it was made from, and the file list. Given ``formats`` and
     ``methods``, the program lists the modules of those methods in the eval registry and imports the containers'
@@ -256,7 +287,7 @@ def package_program(
         imports = list(dict.fromkeys([*readers, EVAL_ENTRY]))
     else:
         head, imports = "", list(entries)
-    files = code_files(root=root, entries=entries)
+    files = code_files(root=root, entries=entries, model=model)
     sources = {}
     raw = 0
     options = tuple(sorted(minify_options.items())) if minify_options is not None else ()
@@ -312,9 +343,11 @@ def measure_code_size(
     methods: Optional[Iterable[str]] = None,
     root: Optional[Path] = None,
     wrapper: str = "brotli",
+    model=None,
 ) -> CodeSize:
     """The counted code of an artifact in ``formats`` scored by ``methods`` (None: every registered one, the
-    whole evaluation side: an upper bound), wrapped by the registered ``wrapper``."""
+    whole evaluation side: an upper bound) of a model built from the GPTConfig ``model`` (None: with every model
+    technique, an upper bound), wrapped by the registered ``wrapper``."""
     import pgolf_lit.quant.code_lzma  # noqa: F401  (registers the lzma wrapper)
 
     if wrapper not in CODE_WRAPPERS:
@@ -323,6 +356,8 @@ def measure_code_size(
     containers, eval_methods = _registries()
     formats = tuple(containers) if formats is None else tuple(formats)
     methods = tuple(eval_methods) if methods is None else tuple(methods)
-    program, raw, files = package_program(formats, methods, root or PACKAGE_ROOT, minify_options=how.minify_options)
+    program, raw, files = package_program(
+        formats, methods, root or PACKAGE_ROOT, minify_options=how.minify_options, model=model
+    )
     wrapped = len(how.wrap(program).encode("utf-8"))
     return CodeSize(tuple(files), raw, len(program.encode("utf-8")), wrapped, formats, methods, wrapper)

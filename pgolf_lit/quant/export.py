@@ -518,7 +518,8 @@ def export_model(
     )
     seconds["quantize"] = time.perf_counter() - mark
 
-    code = code if code is not None else measure_code_size((cfg.format,), eval_methods, wrapper=cfg.code_wrapper)
+    if code is None:  # counted for this model's config: its COUNTED_WHEN techniques only
+        code = measure_code_size((cfg.format,), eval_methods, wrapper=cfg.code_wrapper, model=_model_config(model))
     blobs: dict[int, tuple[Mapping[str, Tensor], bytes]] = {}
 
     def total_bytes(candidate: Mapping[str, Tensor]) -> int:
@@ -562,6 +563,14 @@ def export_model(
         raise ArtifactError(f"{out_path}: wrote {len(blob)} bytes but {on_disk} are on disk")
     seconds["total"] = time.perf_counter() - started
     return report
+
+
+def _model_config(model: nn.Module):
+    """The GPTConfig a model was built from (None for a module that is not a GPT: every technique is counted)."""
+    from pgolf_lit.model.config import GPTConfig
+
+    config = getattr(model, "config", None)
+    return config if isinstance(config, GPTConfig) else None
 
 
 def _export_state_dict(model: nn.Module, cfg: ExportConfig, roles: Mapping[str, ParamRole]) -> dict[str, Tensor]:

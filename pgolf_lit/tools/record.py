@@ -374,14 +374,17 @@ def seed_manifests(dirs: dict[int, tuple[Path, Path]]) -> dict[str, dict[str, An
 def shipped_code(config_path: Path) -> str:
     """The counted code of the run's artifact (its export format, its config's scored passes), as the export
     measured it: the two-line self-extracting program (quant/code_size.py)."""
-    from pgolf_lit.quant.code_size import package_program, wrap
+    from pgolf_lit.model.config import GPTConfig
+    from pgolf_lit.quant.code_size import CODE_WRAPPERS, package_program
     from pgolf_lit.quant.export import ExportConfig
 
     config = load_config(config_path)
     export = ExportConfig.from_dict((callback_init_args(config, "GPTQExport") or {}).get("export") or {})
     methods = (config.get("model") or {}).get("test_methods") or list(DEFAULT_TEST_METHODS)
-    program, _, _ = package_program((export.format,), methods)
-    return wrap(program)
+    model = GPTConfig.from_dict((config.get("model") or {}).get("gpt") or {})
+    how = CODE_WRAPPERS[export.code_wrapper]  # ExportConfig checked the name against the registered wrappers
+    program, _, _ = package_program((export.format,), methods, minify_options=how.minify_options, model=model)
+    return how.wrap(program)
 
 
 def _sha256(path: Path) -> str:
