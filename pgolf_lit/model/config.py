@@ -89,14 +89,21 @@ class GPTConfig(CheckedConfig):
     skip_wiring: Literal["standard", "folder_copy"] = "standard"
     """folder_copy: the skip consumption of PR #1278's record-folder script (to load its checkpoints)."""
     parallel_start_layer: int = 0
-    """>0: attention and MLP run in two lanes from this physical decoder layer on (PR #1333/#1421, PR #1529/#1855)."""
-    parallel_residual: Literal["lane_merge", "lambdas", "sublayer"] = "lane_merge"
-    """Form of the two lanes. lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one
-    learned scalar. lambdas (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and
-    decays them by parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane.
-    sublayer (PR #1204, upstream PARALLEL_RESIDUAL=1): attention, then the MLP, each decays both lanes by its own
-    resid lambda (init √1.1) and writes both; the MLP reads the lane attention just wrote; skips go to both
-    lanes; the end is the lanes' mean (``sublayer_lanes.py``; needs block_controls position)."""
+    """>0: attention and MLP run in parallel from this physical layer on, in the form parallel_residual names
+    (upstream PARALLEL_START_LAYER in PR #1333/#1421/#1477, PARALLEL_RESIDUAL_START in PR #1412/#1493/#1514)."""
+    parallel_residual: Literal["lane_merge", "lambdas", "gptj", "sublayer"] = "lane_merge"
+    """Form of the parallel blocks. Two lanes from the first decoder position at or past parallel_start_layer:
+    lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one learned scalar. lambdas
+    (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and decays them by
+    parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane. One stream: gptj
+    (GPT-J, PR #1412/#1493/#1514, model/gptj_residual.py): every physical block >= parallel_start_layer adds
+    attention and MLP of the same normed input to x; no parameter is added. sublayer (PR #1204, upstream
+    PARALLEL_RESIDUAL=1): attention, then the MLP, each decays both lanes by its own resid lambda (init √1.1) and
+    writes both; the MLP reads the lane attention just wrote; skips go to both lanes; the end is the lanes' mean
+    (``sublayer_lanes.py``; needs block_controls position)."""
+    skip_after_fork: bool = False
+    """lane_merge form: the U-Net skips scheduled after the fork keep coming, added to the attention lane, instead
+    of being dropped (PR #1477, hard-coded there: no env var). The lambdas form always does this; gptj has no fork."""
     parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"
     """lambdas form: the hidden state after the last block: the lanes' mean, the attention lane or the MLP lane
     (upstream PARALLEL_FINAL_LANE)."""

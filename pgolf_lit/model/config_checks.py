@@ -81,7 +81,7 @@ def check_gpt_config(cfg: "GPTConfig") -> None:
         raise bad("mtp_num_heads", f"must be >= 0, got {cfg.mtp_num_heads}")
     choices = {
         "smear_gate_form": ("channel", "token"),
-        "parallel_residual": ("lane_merge", "lambdas", "sublayer"),
+        "parallel_residual": ("lane_merge", "lambdas", "gptj", "sublayer"),
         "block_controls": ("physical", "position"),
         "repeat_untie_mlp": ("none", "full"),
         "parallel_final_lane": ("mean", "attn", "mlp"),
