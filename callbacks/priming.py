@@ -63,6 +63,7 @@ class CompilePriming(Callback):
         if trainer.global_step > 0 or not (self.steps or self.recurrent_steps or self.qat_steps):
             return  # a resumed run is already compiled past this point in its first life; nothing to prime
         from .late_qat import set_qat_bits
+        from .recurrence import FIRST_PHASE_LOOPS, RecurrenceActivation, set_loop_repeats
         from pgolf_lit.module import StepSchedule
 
         started = time.perf_counter()
@@ -75,17 +76,21 @@ class CompilePriming(Callback):
         stage = pl_module.seq_stage  # a training-length schedule: the steps run at its first length
         steps = TrainSteps(dm.make_train_loader(), dm.grad_accum)
         first_len = stage.schedule.stages[0][1] if stage is not None else None
-        phases = [
-            (self.steps, False, False),
-            (self.recurrent_steps, True, False),
-            (self.qat_steps, was_recurrent, True),
-        ]
+        # (steps, recurrence, qat, loop repeats: None = the config's); a second loop phase (PR #1412) primes its
+        # one-repeat graph before the full loop's, as upstream's loop_warmup_phase1/2
+        full_loops = model.config.num_loops
+        phases = [(self.steps, False, False, None)]
+        if any(isinstance(cb, RecurrenceActivation) and cb.phase2_at is not None for cb in trainer.callbacks):
+            phases.append((self.recurrent_steps, True, False, FIRST_PHASE_LOOPS))
+        phases += [(self.recurrent_steps, True, False, None), (self.qat_steps, was_recurrent, True, None)]
         index = itertools.count()
         with trainer.precision_plugin.train_step_context():
             if self.cu_buckets and pl_module.compile:  # only the compiled graphs care about bucket widths
                 batch = TrainSteps(dm.make_train_loader(), 1).take()
                 self._prime_cu_buckets(pl_module, batch, self._shapes(trainer, pl_module, batch))
-            for n, recurrent, qat in phases:
+            for n, recurrent, qat, loops in phases:
+                if model.config.recurrence == "loop":
+                    set_loop_repeats(model, full_loops if loops is None else loops)
                 model.set_recurrence(recurrent)
                 set_qat_bits(model, self.qat_bits if qat else 0)
                 for _ in range(n):
@@ -100,8 +105,11 @@ class CompilePriming(Callback):
                         sched = StepSchedule(i, 0.0, 0.0, 1.0, pl_module.optim_config.muon_momentum_at(i))
                     pl_module.run_optimizer_step(batch, sched, chain, clip=self.mode != "construction")
                     if i < 5 or (i + 1) % 10 == 0:
-                        pl_module.log_text(f"warmup_step:{i + 1} recurrent:{recurrent} qat:{qat}")
+                        loops_note = f" loops:{loops}" if loops else ""
+                        pl_module.log_text(f"warmup_step:{i + 1} recurrent:{recurrent} qat:{qat}{loops_note}")
         set_qat_bits(model, 0)
+        if model.config.recurrence == "loop":
+            set_loop_repeats(model, full_loops)
         model.set_recurrence(was_recurrent)
         model.zero_grad(set_to_none=True)
         model.load_state_dict(weights)

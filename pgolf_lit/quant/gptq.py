@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from pgolf_lit.errors import ArtifactError, ConfigError
+from pgolf_lit.quant.hessian_sdclip import hessian_sdclip_scale
 from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range
 from pgolf_lit.quant.rtn import PERCENTILE_CANDIDATES, floored_scale, percentile_row_clip, quantize_rtn, sdclip_scale
 
@@ -138,12 +139,17 @@ def gptq_sdclip(
     clip_sigmas: float,
     damping: float = DAMPING,
     block_size: int = BLOCK_SIZE,
+    hessian_clip_lambda: float = 0.0,
 ) -> Quantized:
-    """One sweep with the SDClip scale fp16(k · std_row / R) of the original weight (no floor)."""
+    """One sweep with the SDClip scale fp16(k · std_row / R) of the original weight (no floor); with
+    ``hessian_clip_lambda`` > 0 the scale of Hessian-aware SDClip (PR #1412, ``hessian_sdclip.py``)."""
     w32 = w.float()
     factor = factor_hessian(hessian, damping)
     r = clip_range(bits)
-    scale = sdclip_scale(w32, clip_sigmas, r)
+    if hessian_clip_lambda > 0:
+        scale = hessian_sdclip_scale(w32, hessian, clip_sigmas, r, hessian_clip_lambda, damping)
+    else:
+        scale = sdclip_scale(w32, clip_sigmas, r)
     codes = gptq_sweep(permuted_weight(w32, factor), factor.upper, scale.float(), r, block_size)
     return Quantized(codes[:, factor.inv_perm], scale)
 
@@ -206,6 +212,9 @@ class GPTQSettings:
     """Damping added at collection, on top of ``damping`` (PR #1263: 0.01)."""
     calibration_batches: Optional[int] = None
     """Cap on the calibration batches taken from what the exporter is given (None: all of them)."""
+    hessian_clip_lambda: float = 0.0
+    """Hessian-aware SDClip (PR #1412: 0.175; upstream HESSIAN_CLIP_LAMBDA): the sdclip scale of every GPTQ tensor
+    × (1 + λ · (row importance − 1)), see ``hessian_sdclip.py``; 0 = plain SDClip."""
 
     def validate(self) -> None:
         if self.fallback not in ("rtn", "error"):
@@ -216,6 +225,8 @@ class GPTQSettings:
             raise ConfigError("export.gptq.damping/hessian_damping: must be >= 0")
         if self.block_size < 1:
             raise ConfigError(f"export.gptq.block_size: must be >= 1, got {self.block_size}")
+        if not self.hessian_clip_lambda >= 0:
+            raise ConfigError(f"export.gptq.hessian_clip_lambda: must be >= 0, got {self.hessian_clip_lambda}")
         if self.calibration_batches is not None and self.calibration_batches < 1:
             raise ConfigError(f"export.gptq.calibration_batches: must be >= 1 or null, got {self.calibration_batches}")
         try:
@@ -238,8 +249,11 @@ def quantize_gptq(
     w, h = t.to(settings.device), hessian.to(settings.device)
     try:
         if rule.scale == "sdclip":
-            q = gptq_sdclip(w, h, bits, rule.clip_sigmas, settings.damping, settings.block_size)
+            lam = settings.hessian_clip_lambda
+            q = gptq_sdclip(w, h, bits, rule.clip_sigmas, settings.damping, settings.block_size, lam)
             how: dict[str, Any] = {"method": "gptq", "clip_sigmas": rule.clip_sigmas}
+            if lam:
+                how["hessian_clip_lambda"] = lam
         else:
             q = gptq_percentile_search(w, h, bits, settings.damping, settings.block_size)
             how = {"method": "gptq", "percentile": q.percentile}
