@@ -63,7 +63,7 @@ def record_test_methods(record: str) -> list[str]:
 # The ``record:`` keys that describe the published record itself. They belong to the file that states them: a
 # config that ``extends`` it (a tiny twin, a user's variant, the next leaderboard row) does not inherit them
 # (``pgolf_lit.config.load_config`` drops them from the base), so a twin never carries its record's parameter count.
-PUBLISHED_FIELDS = ("pr", "folder", "score", "params", "param_groups", "approx", "missing")
+PUBLISHED_FIELDS = ("pr", "folder", "score", "params", "param_groups", "approx", "missing", "not_built")
 PARAM_GROUPS = ("muon", "scalar", "token", "untrained")
 
 
@@ -95,6 +95,9 @@ class RecordRun:
     """Set when the config can only come close to the record: what differs (``pgolf leaderboard`` marks it ≈)."""
     missing: Optional[list[str]] = None
     """Techniques of the record that pgolf_lit lacks, so this config leaves them out (marked missing)."""
+    not_built: Optional[str] = None
+    """With ``missing``: why pgolf_lit leaves those techniques out on purpose (one line), where building them costs
+    out of proportion to one row; without it a missing technique is simply not yet built."""
     rope_follows_train_seq_len: bool = False
     """The record's script sizes RoPE's length-rescale threshold from TRAIN_SEQ_LEN (the scripts of PR #1334's line
     and PR #1394; the baseline's family hard-codes 1024): ``pgolf convert --from-upstream`` with a TRAIN_SEQ_LEN
@@ -108,6 +111,8 @@ class RecordRun:
             raise ConfigError(f"record.pr: expected a pull request number (0 for the baseline), got {self.pr}")
         if self.score is not None and not 0 < self.score < 10:
             raise ConfigError(f"record.score: expected a val_bpb such as 1.0611, got {self.score}")
+        if self.not_built and not self.missing:
+            raise ConfigError("record.not_built: says why techniques are left out, but record.missing lists none")
         if self.params is not None and self.params < 1:
             raise ConfigError(f"record.params: expected the logged parameter count, got {self.params}")
         if self.param_groups is not None and not isinstance(self.param_groups, dict):
@@ -140,7 +145,8 @@ class RecordRun:
         name = f"PR #{self.pr}" if self.pr else "its record"
         lines = []
         if self.missing:
-            lines.append(f"record: this config lacks techniques of {name}: " + "; ".join(self.missing))
+            why = f" (not built: {self.not_built})" if self.not_built else ""
+            lines.append(f"record: this config lacks techniques of {name}: " + "; ".join(self.missing) + why)
         if self.approx:
             lines.append(f"record: this config approximates {name}: {self.approx}")
         return lines

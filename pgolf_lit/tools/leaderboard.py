@@ -37,7 +37,8 @@ class Row:
     @property
     def lacks(self) -> str:
         if self.record.missing:
-            return "missing: " + "; ".join(self.record.missing)
+            why = f" (not built: {self.record.not_built})" if self.record.not_built else ""
+            return "missing: " + "; ".join(self.record.missing) + why
         return f"≈: {self.record.approx}" if self.record.approx else ""
 
     @property
