@@ -15,17 +15,8 @@ from pgolf_lit.eval.audit import AuditSetup, audit, audit_method, audit_methods,
 from pgolf_lit.eval.phased_ttt import find_documents
 from pgolf_lit.eval.recording import NO_STATE
 from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome, eval_methods
-from pgolf_lit.eval.windows import (
-    SlidingSettings,
-    StandardSettings,
-    WindowBatch,
-    batched,
-    evaluate_sliding,
-    evaluate_standard,
-    model_device,
-    rank_share,
-    sequence_windows,
-)
+from pgolf_lit.eval.scoring import WindowBatch, batched, model_device, rank_share, sequence_windows
+from pgolf_lit.eval.windows import SlidingSettings, StandardSettings, evaluate_sliding, evaluate_standard
 
 SETUP = AuditSetup()
 

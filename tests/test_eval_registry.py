@@ -21,7 +21,8 @@ REVERSED = '''
 from dataclasses import dataclass
 
 from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome
-from pgolf_lit.eval.windows import evaluate_windows, rank_share, sequence_windows
+from pgolf_lit.eval.scoring import rank_share, sequence_windows
+from pgolf_lit.eval.windows import evaluate_windows
 
 
 @dataclass
@@ -101,7 +102,7 @@ def test_the_registry_is_complete_before_eval_settings_exists():
     from pgolf_lit.eval.runner import EvalBase
 
     shared = {f.name for f in dataclasses.fields(EvalBase)}
-    sections = [f for f in EvalSettings.__dataclass_fields__ if f not in shared]
+    sections = [f.name for f in dataclasses.fields(EvalSettings) if f.name not in shared]
     assert sections == list(eval_methods())
     declared = [m.name for module in METHOD_MODULES for m in importlib.import_module(module).METHODS]
     assert declared == list(eval_methods())

@@ -28,8 +28,8 @@ _EXPORTS = {
     "StandardSettings": "windows",
     "TTTSettings": "ttt",
     "Weights": "context",
-    "Window": "windows",
-    "WindowBatch": "windows",
+    "Window": "scoring",
+    "WindowBatch": "scoring",
     "eval_methods": "registry",
     "evaluate_doc_isolated": "phased_ttt",
     "evaluate_ngram_tilt": "ngram_tilt",
@@ -42,12 +42,12 @@ _EXPORTS = {
     "evaluation_context": "context",
     "format_result_line": "runner",
     "forward_options": "context",
-    "rank_share": "windows",
+    "rank_share": "scoring",
     "run_method": "runner",
-    "score_batch": "windows",
+    "score_batch": "scoring",
     "scored_counts": "runner",
-    "sequence_windows": "windows",
-    "sliding_windows": "windows",
+    "sequence_windows": "scoring",
+    "sliding_windows": "scoring",
 }
 
 __all__ = sorted(_EXPORTS)

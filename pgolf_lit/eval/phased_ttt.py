@@ -44,7 +44,7 @@ from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval.context import ForwardOptions
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
 from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome, PassSetup
-from pgolf_lit.eval.windows import (
+from pgolf_lit.eval.scoring import (
     Window,
     WindowBatch,
     at_least_fp32,

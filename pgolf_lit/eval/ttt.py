@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pgolf_lit.errors import ConfigError
 from pgolf_lit.eval.recording import NO_STATE, ScoreRecorder
 from pgolf_lit.eval.registry import AuditCase, EvalMethod, PassOutcome, PassSetup
-from pgolf_lit.eval.windows import (
+from pgolf_lit.eval.scoring import (
     WINDOW_RULES,
     Window,
     WindowBatch,
