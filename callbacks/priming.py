@@ -38,7 +38,7 @@ class CompilePriming(Callback):
         steps: int = 20,
         recurrent_steps: int = 0,
         qat_steps: int = 0,
-        qat_bits: int = 6,
+        qat_bits: Optional[int] = None,
         mode: Literal["construction", "step_fn"] = "step_fn",
         cu_buckets: Optional[list[int]] = None,
     ):
@@ -47,7 +47,7 @@ class CompilePriming(Callback):
             steps: real optimizer steps with recurrence off.
             recurrent_steps: real optimizer steps with recurrence on.
             qat_steps: steps with late-QAT fake quantization on (primes that graph).
-            qat_bits: the fake-quantization width of those steps.
+            qat_bits: the fake-quantization width of those steps; null: each layer's export rule width (as LateQAT).
             mode: ``construction`` (PR #1263 family) or ``step_fn`` (PR #1333 onwards), see the module docstring.
             cu_buckets: packed-document ``cu_seqlens`` widths to compile before the real steps (PR #1855: 64, 128,
                 192, 256); empty for dense training.
@@ -62,7 +62,7 @@ class CompilePriming(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 or not (self.steps or self.recurrent_steps or self.qat_steps):
             return  # a resumed run is already compiled past this point in its first life; nothing to prime
-        from .late_qat import set_qat_bits
+        from .late_qat import run_export_config, set_qat_bits
         from .recurrence import FIRST_PHASE_LOOPS, RecurrenceActivation, set_loop_repeats
         from pgolf_lit.module import StepSchedule
 
@@ -92,7 +92,7 @@ class CompilePriming(Callback):
                 if model.config.recurrence == "loop":
                     set_loop_repeats(model, full_loops if loops is None else loops)
                 model.set_recurrence(recurrent)
-                set_qat_bits(model, self.qat_bits if qat else 0)
+                set_qat_bits(model, self.qat_bits if qat else 0, run_export_config(trainer))
                 for _ in range(n):
                     i = next(index)
                     batch = tuple(
@@ -107,7 +107,7 @@ class CompilePriming(Callback):
                     if i < 5 or (i + 1) % 10 == 0:
                         loops_note = f" loops:{loops}" if loops else ""
                         pl_module.log_text(f"warmup_step:{i + 1} recurrent:{recurrent} qat:{qat}{loops_note}")
-        set_qat_bits(model, 0)
+        set_qat_bits(model, 0, run_export_config(trainer))
         if model.config.recurrence == "loop":
             set_loop_repeats(model, full_loops)
         model.set_recurrence(was_recurrent)

@@ -19,6 +19,7 @@ from pgolf_lit.errors import ArtifactError, ConfigError
 from pgolf_lit.model.convert import to_upstream_state_dict
 from pgolf_lit.model.gpt import GPT
 from pgolf_lit.model.roles import matrix
+from pgolf_lit.model.layers import CastedLinear
 from pgolf_lit.quant import artifact as art
 from pgolf_lit.quant.artifact import decode_native, encode_native, encode_upstream, read_upstream_artifact
 from pgolf_lit.quant.calibration import generate_calibration_tokens, token_batches
@@ -620,3 +621,21 @@ def test_export_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="export.gptq.fallback"):
         ExportConfig(gptq={"fallback": "maybe"})
     assert record_export_config("pr1394").mlp is not record_export_config("pr1394").mlp
+
+
+def test_hessians_are_hooked_where_the_export_rules_use_them():
+    """The calibration hooks the large matrices of the groups whose rule needs a Hessian (ExportConfig.
+    hessian_groups): GPTQ on MLP only hooks no attention matrix; "all" hooks every CastedLinear."""
+    from pgolf_lit.quant.hessians import hooked_linears
+    from pgolf_lit.quant.quantizers import TensorRule
+
+    model = tiny_model()
+    roles = model.roles
+    mlp_only = ExportConfig(attn=TensorRule(6, "rtn", "quantile"))
+    assert mlp_only.hessian_groups == ("mlp",) and ExportConfig().hessian_groups == ("mlp", "attn")
+    hooked = hooked_linears(model, "large", 0, mlp_only.hessian_groups)
+    assert hooked and {roles[n].quant for n in hooked} == {"mlp"}
+    both = hooked_linears(model, "large", 0, ExportConfig().hessian_groups)
+    assert {roles[n].quant for n in both} == {"mlp", "attn"} and set(hooked) < set(both)
+    every = hooked_linears(model, "all", 0, mlp_only.hessian_groups)
+    assert set(every) == {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, CastedLinear)}

@@ -255,3 +255,22 @@ def test_an_error_during_training_starts_on_a_line_of_its_own(embedded_data_root
     frames = [f for f in screen.replace("\r", "\n").split("\n") if "it/s" in f or "s/it" in f]
     assert frames and all("/10 [" in f and f.startswith("train (steps)") for f in frames), frames
     assert screen.endswith("\n"), repr(screen[-200:])
+
+
+def test_late_qat_trains_each_layer_at_its_export_rules_width():
+    """Without its own bits, LateQAT reads the run's export rules: MLP int5, attention int6, and a group the export
+    keeps float is not fake-quantized; a stated width applies to every exported layer."""
+    from pgolf_lit.callbacks.late_qat import set_qat_bits
+    from pgolf_lit.quant.export import ExportConfig, TensorRule
+
+    model = tiny_module().model
+    block = model.blocks[0]
+    export = ExportConfig(mlp=TensorRule(5, "rtn"), attn=TensorRule(6, "rtn"))
+    layers = set_qat_bits(model, None, export)
+    assert (block.mlp.fc.qat_bits, block.mlp.proj.qat_bits, block.attn.c_q.qat_bits) == (5, 5, 6)
+    assert layers == sum(1 for m in model.modules() if isinstance(m, CastedLinear) and m.qat_bits) > 0
+    set_qat_bits(model, 0, export)
+    assert not any(m.qat_bits for m in model.modules() if isinstance(m, CastedLinear))
+    float_attention = ExportConfig(mlp=TensorRule(5, "rtn"), attn=None)
+    set_qat_bits(model, 4, float_attention)
+    assert (block.mlp.fc.qat_bits, block.attn.c_q.qat_bits) == (4, 0)  # the export keeps attention float

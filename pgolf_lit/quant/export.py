@@ -247,6 +247,12 @@ class ExportBase(CheckedConfig):
         return any(r is not None and quantizers()[r.method].needs_hessian for r in rules)
 
     @property
+    def hessian_groups(self) -> tuple[str, ...]:
+        """The matrix groups whose rule quantizes with a Hessian (GPTQ): the layers the calibration hooks."""
+        rules = {g: getattr(self, g) for g in RULE_GROUPS if g != "embed"}
+        return tuple(g for g, r in rules.items() if r is not None and quantizers()[r.method].needs_hessian)
+
+    @property
     def head_uses_gptq(self) -> bool:
         return quantizers()[self.embed.method].needs_hessian
 
@@ -523,6 +529,7 @@ def export_model(
             damping=cfg.gptq.hessian_damping,
             num_batches=cfg.gptq.calibration_batches,
             min_numel=cfg.keep_float_max_numel,
+            groups=cfg.hessian_groups,
             progress=progress,
         )
         seconds["hessians"] = hessian_report.seconds

@@ -1,9 +1,9 @@
 """GPTQ Hessians H = Σ XᵀX / batches from forward hooks on the GPT's linear layers (PR #1263/#1334/#1394
 ``collect_hessians``).
 
-Which layers: ``"large"`` hooks the CastedLinear modules with more than ``min_numel`` (65,536) weights in the
-mlp/attn quant groups of their declared roles (PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263,
-PR #1019).
+Which layers: ``"large"`` hooks the CastedLinear modules with more than ``min_numel`` (65,536) weights whose
+declared quant group the export quantizes with a Hessian-using method (``groups``: ``ExportConfig.hessian_groups``,
+mlp and attn in every record: PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263, PR #1019).
 ``head=True`` adds the output head's Hessian, taken from the vector that multiplies the head weight: the
 final-norm (and ``head_proj``) output ``model.normalize_hidden(h)`` for a tied embedding (PR #1394's
 ``tok_emb.weight``), the ``lm_head`` input otherwise.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +44,13 @@ class HessianReport:
 
 
 def hooked_linears(
-    model: nn.Module, modules: HessianModules = "large", min_numel: int = KEEP_FLOAT_MAX_NUMEL
+    model: nn.Module,
+    modules: HessianModules = "large",
+    min_numel: int = KEEP_FLOAT_MAX_NUMEL,
+    groups: Sequence[str] = ("mlp", "attn"),
 ) -> dict[str, CastedLinear]:
-    """Weight name → CastedLinear whose input Hessian is collected ("large": more than ``min_numel`` weights)."""
+    """Weight name → CastedLinear whose input Hessian is collected ("large": more than ``min_numel`` weights, in a
+    quant group of ``groups``; the output head has its own hook, ``head=``)."""
     if modules not in ("large", "all"):
         raise ValueError(f"modules must be 'large' or 'all', got {modules!r}")
     roles = parameter_roles(model)
@@ -55,7 +59,8 @@ def hooked_linears(
         if not isinstance(module, CastedLinear):
             continue
         weight_name = f"{name}.weight"
-        large = module.weight.numel() > min_numel and roles[weight_name].quant in ("mlp", "attn")
+        role = roles[weight_name]
+        large = module.weight.numel() > min_numel and role.quant in groups and role.kind != "head"
         if modules == "all" or large:
             chosen[weight_name] = module
     return chosen
@@ -90,6 +95,7 @@ def collect_hessians(
     damping: float = 0.0,
     num_batches: Optional[int] = None,
     min_numel: int = KEEP_FLOAT_MAX_NUMEL,
+    groups: Sequence[str] = ("mlp", "attn"),
     progress: bool = True,
 ) -> tuple[dict[str, Tensor], HessianReport]:
     """Run ``model.forward_logits`` on each token batch ``[B, T]`` (eval mode, no grad) and return CPU fp32 Hessians.
@@ -100,7 +106,7 @@ def collect_hessians(
     acc = _Accumulator()
     handles = [
         module.register_forward_hook(lambda _m, inputs, _out, name=name: acc.add(name, inputs[0]))
-        for name, module in hooked_linears(model, modules, min_numel).items()
+        for name, module in hooked_linears(model, modules, min_numel, groups).items()
     ]
     restore_head = _hook_head(model, acc) if head else None
     was_training = model.training
