@@ -117,9 +117,10 @@ def test_dtg_in_parallel_lanes_is_refused():
 def test_quantizers_are_a_registry():
     from pgolf_lit.quant.gptq import GPTQSettings
     from pgolf_lit.quant.quantizers import TensorRule, quantizers
+    from pgolf_lit.quant.rtn import RtnSettings
 
     assert {"rtn", "gptq"} <= set(quantizers()) and quantizers()["gptq"].needs_hessian
-    assert quantizers()["gptq"].settings is GPTQSettings and quantizers()["rtn"].settings is None
+    assert quantizers()["gptq"].settings is GPTQSettings and quantizers()["rtn"].settings is RtnSettings
     with pytest.raises(ConfigError, match="gptq takes one of"):
         TensorRule(bits=6, method="gptq", scale="quantile").validate("export.mlp")
     with pytest.raises(ConfigError, match=r"export.gptq: unknown field\(s\) \['fallbak'\]"):

@@ -37,6 +37,7 @@ from pgolf_lit.quant.code_size import CodeSize, measure_code_size
 from pgolf_lit.quant.code_step import CodeStepSettings, step_codes
 from pgolf_lit.quant.compress import CODECS
 from pgolf_lit.quant.awq import AwqGroups, AwqSettings, protect_mask, select_groups
+from pgolf_lit.quant.bank_percentile import bank_members, quantize_banks
 from pgolf_lit.quant.gptq import gptq_sdclip_protected
 from pgolf_lit.quant.gate import gate_shape_qualifies
 from pgolf_lit.quant.keep_float import check_patterns, keeps_float, validate_patterns
@@ -312,6 +313,7 @@ def quantize_state_dict(
         raise ConfigError(f"export.code_step.layers: the model has no block {absent}")
     low_bits = _trace_ranked_low_bits(state_dict, cfg, hessians, roles)
     protected = _awq_selection(state_dict, cfg, roles, act_rms, low_bits) if cfg.awq is not None else {}
+    banked = _bank_searched(state_dict, cfg, roles) if cfg.rtn.percentile_scope == "bank" else {}
     quant: dict[str, Tensor] = {}
     meta: Meta = {}
     for name, tensor in tqdm(state_dict.items(), desc="quantize", disable=not progress, leave=False):
@@ -331,6 +333,8 @@ def quantize_state_dict(
             q, groups = _quantize_protected(name, t, rule, bits, hessians.get(name), cfg, protected[name])
             quant.update(groups.tensors(name))
             how = {"method": "gptq", "clip_sigmas": rule.clip_sigmas, "awq": cfg.awq.bits}
+        elif name in banked:
+            q, how = banked[name]
         else:
             settings = cfg.quantizer_settings(rule.method)
             q, how = quantizers()[rule.method].quantize(name, t, rule, bits, hessians.get(name), settings)
@@ -341,6 +345,18 @@ def quantize_state_dict(
     if cfg.lqer is not None:
         _add_lqer(state_dict, quant, meta, cfg.lqer)
     return quant, meta
+
+
+def _bank_searched(
+    state_dict: Mapping[str, Tensor], cfg: ExportConfig, roles: Mapping[str, ParamRole]
+) -> dict[str, tuple[Quantized, dict[str, Any]]]:
+    """The percentile-search RTN matrices that live in a parameter bank, quantized bank by bank (PR #1120)."""
+    bits = {}
+    for name, t in state_dict.items():
+        rule = _rule_for(name, t, roles[name], cfg) if t.is_floating_point() else None
+        if rule is not None and rule.method == "rtn" and rule.scale == "percentile_search" and t.ndim == 2:
+            bits[name] = rule.bits
+    return quantize_banks(state_dict, bank_members(bits, roles), bits)
 
 
 def _awq_selection(

@@ -12,15 +12,20 @@ Three ways to pick a row's scale, each as the records compute it so that codes m
   scale, here without GPTQ).
 
 Integer codes of every width are stored one per byte (int8). Tensors that are not 2-D get one per-tensor scale.
+
+``RtnSettings.percentile_scope: bank`` widens the percentile search from one matrix to its whole parameter bank
+(``bank_percentile.py``, PR #1120).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor
 
+from pgolf_lit.errors import ConfigError
 from pgolf_lit.quant.quantized import dequantize_codes  # noqa: F401  (re-exported: the reading side)
 from pgolf_lit.quant.quantizers import Quantized, Quantizer, TensorRule, clip_range
 
@@ -147,6 +152,21 @@ def quantize_row_amax(t: Tensor, bits: int) -> Quantized:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RtnSettings:
+    """Round to nearest's knob beyond the per-group ``TensorRule``."""
+
+    percentile_scope: Literal["matrix", "bank"] = "matrix"
+    """What one ``percentile_search`` candidate is chosen for: each matrix, or each parameter bank (qo, kv, mlp_up,
+    mlp_down: the winner has the lowest squared error over all the bank's matrices; ``bank_percentile.py``). PR
+    #1120 with SKIP_GPTQ=1 (upstream env var; no GPTQ, so its 3-D banks reach ``quantize_int6_per_row`` unsplit)."""
+
+    def validate(self) -> None:
+        if self.percentile_scope not in ("matrix", "bank"):
+            scope = self.percentile_scope
+            raise ConfigError(f"export.rtn.percentile_scope: expected 'matrix' or 'bank', got {scope!r}")
+
+
 def quantize_rtn(
     name: str, t: Tensor, rule: TensorRule, bits: int, hessian: Optional[Tensor], settings: Any
 ) -> tuple[Quantized, dict[str, Any]]:
@@ -163,4 +183,8 @@ def quantize_rtn(
     return q, {"method": "rtn", "percentile": q.percentile}
 
 
-QUANTIZERS = (Quantizer("rtn", quantize_rtn, scales=("quantile", "percentile_search", "sdclip", "row_amax")),)
+QUANTIZERS = (
+    Quantizer(
+        "rtn", quantize_rtn, scales=("quantile", "percentile_search", "sdclip", "row_amax"), settings=RtnSettings
+    ),
+)
