@@ -3,7 +3,8 @@
 
 Which layers: ``"large"`` hooks the CastedLinear modules with more than ``min_numel`` (65,536) weights in the
 mlp/attn quant groups of their declared roles (PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263,
-PR #1019).
+PR #1019), ``"layers"`` the mlp/attn CastedLinears of the transformer layers at any size, the untied MLPs of repeated
+passes included, and nothing outside them (PR #1204's ``_init_hessians``: no Hessian for ``bigram.proj``).
 ``head=True`` adds the output head's Hessian, taken from the vector that multiplies the head weight: the
 final-norm (and ``head_proj``) output ``model.normalize_hidden(h)`` for a tied embedding (PR #1394's
 ``tok_emb.weight``), the ``lm_head`` input otherwise.
@@ -29,7 +30,8 @@ from pgolf_lit.model.roles import parameter_roles
 from pgolf_lit.quant.awq import activation_rms
 from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL
 
-HessianModules = Literal["large", "all"]
+HessianModules = Literal["large", "all", "layers"]
+HESSIAN_MODULES: tuple[str, ...] = ("large", "all", "layers")
 
 
 @dataclass
@@ -47,16 +49,18 @@ def hooked_linears(
     model: nn.Module, modules: HessianModules = "large", min_numel: int = KEEP_FLOAT_MAX_NUMEL
 ) -> dict[str, CastedLinear]:
     """Weight name → CastedLinear whose input Hessian is collected ("large": more than ``min_numel`` weights)."""
-    if modules not in ("large", "all"):
-        raise ValueError(f"modules must be 'large' or 'all', got {modules!r}")
+    if modules not in HESSIAN_MODULES:
+        raise ValueError(f"modules must be one of {HESSIAN_MODULES}, got {modules!r}")
     roles = parameter_roles(model)
     chosen = {}
     for name, module in model.named_modules():
         if not isinstance(module, CastedLinear):
             continue
         weight_name = f"{name}.weight"
-        large = module.weight.numel() > min_numel and roles[weight_name].quant in ("mlp", "attn")
-        if modules == "all" or large:
+        role = roles[weight_name]
+        large = module.weight.numel() > min_numel and role.quant in ("mlp", "attn")
+        in_layer = role.layer is not None and role.quant in ("mlp", "attn")
+        if modules == "all" or (large if modules == "large" else in_layer):
             chosen[weight_name] = module
     return chosen
 
