@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Collection, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,7 @@ from pgolf_lit.quant.pergroup import PergroupSettings, encode_pergroup, pergroup
 from pgolf_lit.quant.pergroup_v2 import encode_pergroup_v2, record_v2_order
 from pgolf_lit.quant.hessians import HessianReport, collect_hessians
 from pgolf_lit.quant.prune import PruneReport, selective_prune
+from pgolf_lit.quant.trace_rank import recurrent_layers, trace_ranked_int6
 from pgolf_lit.quant.quantized import Meta, dequantize, dtype_name, tensor_keys
 from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL, Quantized, TensorRule, clip_range, quantizers
 from pgolf_lit.quant.reader import (  # the reading side, re-exported (reading never imports this module)
@@ -119,9 +120,13 @@ class ExportBase(CheckedConfig):
     gate: Optional[TensorRule] = None
     """Rule for the attention gates (PR #1855's QuantGate: rtn, 8 bits, row_amax); null keeps them as floats."""
     trace_rank_keep: Optional[int] = None
-    """Mixed int5/int6: rank the GPTQ mlp/attn matrices by trace(H); all but the top N get ``trace_rank_low_bits``."""
+    """Mixed int5/int6 (``trace_rank.py``; PR #1105, upstream MIXED_QUANT=1 with N_INT6_LAYERS=N): rank the GPTQ
+    mlp/attn matrices by trace(H) (0 without a Hessian); all but the top N tensors get ``trace_rank_low_bits``."""
     trace_rank_low_bits: int = 5
     """Bits of the matrices outside the trace-ranked top N."""
+    trace_rank_recurrent_first: bool = False
+    """PR #1204's order (its MIXED_QUANT=1 with RECUR_LAYERS): the matrices of the recurrent layers (the physical
+    layers the layer schedule runs twice, with their untied MLPs) take the top N first, by trace among themselves."""
     lqer: Optional[LqerSettings] = None
     """LQER (PR #1855): a low-rank correction of the top-k GPTQ tensors by quantization error; null = off."""
     awq: Optional[AwqSettings] = None
@@ -227,6 +232,8 @@ class ExportBase(CheckedConfig):
             raise ConfigError(f"export.keep_float_max_numel: must be >= 0, got {self.keep_float_max_numel}")
         if self.trace_rank_keep is not None and self.trace_rank_keep < 0:
             raise ConfigError(f"export.trace_rank_keep: must be >= 0 or null, got {self.trace_rank_keep}")
+        if self.trace_rank_recurrent_first and self.trace_rank_keep is None:
+            raise ConfigError("export.trace_rank_recurrent_first: orders the trace ranking; set trace_rank_keep too")
         try:
             clip_range(self.trace_rank_low_bits)
         except ConfigError:
@@ -293,12 +300,14 @@ def quantize_state_dict(
     roles: Mapping[str, ParamRole],
     progress: bool = False,
     act_rms: Optional[Mapping[str, Tensor]] = None,
+    recurrent_layers: Optional[Collection[int]] = None,
 ) -> tuple[dict[str, Tensor], Meta]:
     """Route and quantize every entry by its role (see ``quantized.py`` for the result's layout), in state-dict order.
 
     ``roles`` is the model's ``parameter_roles`` table. Tensors arrive in the dtypes they should dequantize to
     (reproduce mode: the record's live dtypes, bf16 tables). ``act_rms``: the activation statistics AWQ-lite
-    scores with (``HessianReport.act_rms``), needed when ``cfg.awq`` is set.
+    scores with (``HessianReport.act_rms``), needed when ``cfg.awq`` is set. ``recurrent_layers``: the physical
+    layers the model runs more than once (``trace_rank.recurrent_layers``), needed with ``trace_rank_recurrent_first``.
     """
     hessians = hessians or {}
     missing = [name for name in state_dict if name not in roles]
@@ -311,7 +320,7 @@ def quantize_state_dict(
     absent = sorted(stepped - {roles[name].layer for name in state_dict})
     if absent:
         raise ConfigError(f"export.code_step.layers: the model has no block {absent}")
-    low_bits = _trace_ranked_low_bits(state_dict, cfg, hessians, roles)
+    low_bits = _trace_ranked_low_bits(state_dict, cfg, hessians, roles, recurrent_layers)
     protected = _awq_selection(state_dict, cfg, roles, act_rms, low_bits) if cfg.awq is not None else {}
     banked = _bank_searched(state_dict, cfg, roles) if cfg.rtn.percentile_scope == "bank" else {}
     quant: dict[str, Tensor] = {}
@@ -445,24 +454,26 @@ def _to_fp16(t: Tensor) -> Tensor:
 
 
 def _trace_ranked_low_bits(
-    state_dict: Mapping[str, Tensor], cfg: ExportConfig, hessians: Mapping[str, Tensor], roles: Mapping[str, ParamRole]
+    state_dict: Mapping[str, Tensor],
+    cfg: ExportConfig,
+    hessians: Mapping[str, Tensor],
+    roles: Mapping[str, ParamRole],
+    recurrent_layers: Optional[Collection[int]],
 ) -> dict[str, int]:
-    """int5/int6 mixing: names of the GPTQ matrices outside the top ``trace_rank_keep`` by trace(H) → low bits."""
+    """int5/int6 mixing (``trace_rank.py``): the GPTQ mlp/attn matrices outside the chosen top N → low bits."""
     if cfg.trace_rank_keep is None:
         return {}
-    ranked = []
+    if cfg.trace_rank_recurrent_first and recurrent_layers is None:
+        raise ConfigError("export.trace_rank_recurrent_first: needs the model's recurrent layers (recurrent_layers=)")
+    candidates = []
     for name, t in state_dict.items():
         rule = _rule_for(name, t, roles[name], cfg) if t.is_floating_point() else None
-        if (
-            name in hessians
-            and roles[name].quant in ("mlp", "attn")
-            and t.ndim == 2
-            and rule is not None
-            and quantizers()[rule.method].needs_hessian
-        ):
-            ranked.append(name)
-    ranked.sort(key=lambda name: -float(torch.trace(hessians[name].float())))
-    return {name: cfg.trace_rank_low_bits for name in ranked[cfg.trace_rank_keep :]}
+        if roles[name].quant in ("mlp", "attn") and rule is not None and quantizers()[rule.method].needs_hessian:
+            candidates.append(name)
+    recurrent = set(recurrent_layers or ()) if cfg.trace_rank_recurrent_first else set()
+    first = {name for name in candidates if roles[name].layer in recurrent}
+    kept = set(trace_ranked_int6(candidates, hessians, cfg.trace_rank_keep, first))
+    return {name: cfg.trace_rank_low_bits for name in candidates if name not in kept}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -556,7 +567,11 @@ def export_model(
     weights = _export_state_dict(model, cfg, roles)
     if cfg.magnitude_prune is not None:
         weights = magnitude_prune(weights, cfg.magnitude_prune)
-    quant, meta = quantize_state_dict(weights, cfg, hessians, roles=roles, progress=progress, act_rms=act_rms)
+    model_cfg = _model_config(model)
+    recurrent = recurrent_layers(model_cfg) if model_cfg is not None else None
+    quant, meta = quantize_state_dict(
+        weights, cfg, hessians, roles=roles, progress=progress, act_rms=act_rms, recurrent_layers=recurrent
+    )
     seconds["quantize"] = time.perf_counter() - mark
 
     if code is None:  # counted for this model's config: its COUNTED_WHEN techniques only

@@ -206,8 +206,9 @@ class GPTQSettings:
     """No Hessian for a tensor, or a failed Cholesky: RTN with the rule's scale (records before PR #1394), or stop."""
     device: str = "cpu"
     """Where the sweep runs; the records use the CPU, "cuda" is far faster but may flip codes at rounding ties."""
-    hessian_modules: Literal["large", "all"] = "large"
-    """Hook the mlp/attn matrices above the keep-float size (PR #1333/#1394) or every CastedLinear (PR #1263)."""
+    hessian_modules: Literal["large", "all", "layers"] = "large"
+    """Hook the mlp/attn matrices above the keep-float size (PR #1333/#1394), every CastedLinear (PR #1263), or the
+    mlp/attn matrices of the transformer layers only (PR #1204; ``hessians.py``)."""
     hessian_damping: float = 0.0
     """Damping added at collection, on top of ``damping`` (PR #1263: 0.01)."""
     calibration_batches: Optional[int] = None
@@ -219,8 +220,10 @@ class GPTQSettings:
     def validate(self) -> None:
         if self.fallback not in ("rtn", "error"):
             raise ConfigError(f"export.gptq.fallback: expected 'rtn' or 'error', got {self.fallback!r}")
-        if self.hessian_modules not in ("large", "all"):
-            raise ConfigError(f"export.gptq.hessian_modules: expected 'large' or 'all', got {self.hessian_modules!r}")
+        if self.hessian_modules not in ("large", "all", "layers"):
+            raise ConfigError(
+                f"export.gptq.hessian_modules: expected 'large', 'all' or 'layers', got {self.hessian_modules!r}"
+            )
         if not self.damping >= 0 or not self.hessian_damping >= 0:
             raise ConfigError("export.gptq.damping/hessian_damping: must be >= 0")
         if self.block_size < 1:

@@ -3,7 +3,9 @@
 
 Which layers: ``"large"`` hooks the CastedLinear modules with more than ``min_numel`` (65,536) weights whose
 declared quant group the export quantizes with a Hessian-using method (``groups``: ``ExportConfig.hessian_groups``,
-mlp and attn in every record: PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263, PR #1019).
+mlp and attn in every record: PR #1333/#1334/#1421/#1394), ``"all"`` every CastedLinear (PR #1263, PR #1019),
+``"layers"`` the CastedLinears of those groups inside the transformer layers at any size, the untied MLPs of repeated
+passes included, and nothing outside them (PR #1204's ``_init_hessians``: no Hessian for ``bigram.proj``).
 ``head=True`` adds the output head's Hessian, taken from the vector that multiplies the head weight: the
 final-norm (and ``head_proj``) output ``model.normalize_hidden(h)`` for a tied embedding (PR #1394's
 ``tok_emb.weight``), the ``lm_head`` input otherwise.
@@ -29,7 +31,8 @@ from pgolf_lit.model.roles import parameter_roles
 from pgolf_lit.quant.awq import activation_rms
 from pgolf_lit.quant.quantizers import KEEP_FLOAT_MAX_NUMEL
 
-HessianModules = Literal["large", "all"]
+HessianModules = Literal["large", "all", "layers"]
+HESSIAN_MODULES: tuple[str, ...] = ("large", "all", "layers")
 
 
 @dataclass
@@ -50,9 +53,10 @@ def hooked_linears(
     groups: Sequence[str] = ("mlp", "attn"),
 ) -> dict[str, CastedLinear]:
     """Weight name → CastedLinear whose input Hessian is collected ("large": more than ``min_numel`` weights, in a
-    quant group of ``groups``; the output head has its own hook, ``head=``)."""
-    if modules not in ("large", "all"):
-        raise ValueError(f"modules must be 'large' or 'all', got {modules!r}")
+    quant group of ``groups``; "layers": in a layer and a group of ``groups``; the output head has its own hook,
+    ``head=``)."""
+    if modules not in HESSIAN_MODULES:
+        raise ValueError(f"modules must be one of {HESSIAN_MODULES}, got {modules!r}")
     roles = parameter_roles(model)
     chosen = {}
     for name, module in model.named_modules():
@@ -60,8 +64,10 @@ def hooked_linears(
             continue
         weight_name = f"{name}.weight"
         role = roles[weight_name]
-        large = module.weight.numel() > min_numel and role.quant in groups and role.kind != "head"
-        if modules == "all" or large:
+        quantized = role.quant in groups and role.kind != "head"
+        large = quantized and module.weight.numel() > min_numel
+        in_layer = quantized and role.layer is not None
+        if modules == "all" or (large if modules == "large" else in_layer):
             chosen[weight_name] = module
     return chosen
 
