@@ -20,6 +20,11 @@ if not torch.cuda.is_available():
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
+# Under pytest-xdist (setup.cfg runs the suite on one worker per core) each worker gets its share of the cores: torch's
+# default of one thread per core in every worker oversubscribes them (the tests' ops are small, so threads buy little).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_hash_cache(tmp_path_factory):
