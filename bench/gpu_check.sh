@@ -73,7 +73,7 @@ if torch.cuda.is_available():
 print("flash_attn_interface (FA3):", importlib.util.find_spec("flash_attn_interface") is not None)
 print("triton:", importlib.util.find_spec("triton") is not None)
 EOF
-step cuda_tests 300 "$PY" -m pytest -q -n0 -p no:cacheprovider tests/test_cuda.py tests/test_compile.py
+step cuda_tests 300 "$PY" -m pytest -q -n0 -p no:cacheprovider tests/train/test_cuda.py tests/train/test_compile.py
 step throughput_pr1394 360 "$PY" bench/throughput.py --config "$R1394" --device "$DEVICE" "${TP[@]}" -- "${DATA8192[@]}"
 step throughput_pr1321 300 "$PY" bench/throughput.py --config "$R1321" --device "$DEVICE" "${TP[@]}" -- "${DATA1024[@]}"
 step throughput_pr1855 360 "$PY" bench/throughput.py --config "$R1855" --device "$DEVICE" "${TP[@]}" -- "${DATA1855[@]}"

@@ -1,6 +1,6 @@
 """A record config's tiny twin, derived: the overlay that shrinks its sizes and changes nothing else.
 
-The hand-written ``configs/records/*_tiny.yaml`` follow one rule (tests/test_architecture.py checks it: only sizes,
+The hand-written ``configs/records/*_tiny.yaml`` follow one rule (tests/cli/test_architecture.py checks it: only sizes,
 step counts, where the data is and the device count change; every switch, callback and evaluation procedure stays);
 ``tiny_twin_overlay`` applies the same rule to any config, so a leaderboard row gets its twin without a file:
 one CPU process, 64-wide blocks over the embedded corpus at vocabulary 1024 (its CaseOps form when the record reads

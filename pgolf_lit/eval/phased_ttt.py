@@ -266,7 +266,7 @@ def phase_cuts(batch_sizes: list[int], boundaries: list[int], world_size: int = 
     are left than ranks, the record's ranks that find the queue empty leave while the others wait for them at the
     pause; here the phase follows the last batch). A pure function of its arguments. At the records' settings the
     counts do not depend on the finishing order (PR #1855's logs: 1,296 / 2,128 / 2,960 documents scored on 8
-    ranks; tests/test_phased_ttt.py simulates the protocol with random batch times); in general a short batch
+    ranks; tests/eval/test_phased_ttt.py simulates the protocol with random batch times); in general a short batch
     finishing late can move a phase by one batch."""
     if world_size < 1:
         raise ValueError(f"world_size must be positive, got {world_size}")

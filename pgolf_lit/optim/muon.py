@@ -127,7 +127,7 @@ def balanced_owners(shapes: Sequence[tuple[int, int]], world: int) -> list[int]:
     largest load within one matrix's cost of the mean. The records assigned parameter ``i`` to rank
     ``i % world`` (PR #1394, round robin) or gave every rank an equal share of each bank (PR #1855).
 
-    Max load / mean load at world 8 (``tests/test_optim.py::test_balanced_owners_on_record_shapes``): the Muon
+    Max load / mean load at world 8 (``tests/optim/test_optim.py::test_balanced_owners_on_record_shapes``): the Muon
     group of PR #1394 and of PR #1855 (the same 66 matrices: 11 × c_q 512×512, c_k and c_v 256×512, attn.proj
     512×512, mlp.fc 2048×512, mlp.proj 512×2048): round robin over the parameters 1.091, balanced 1.004. Stored as
     PR #1855's four banks, round robin over the banks would give 3.048; balanced over their slices, 1.004.

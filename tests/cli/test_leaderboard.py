@@ -198,7 +198,7 @@ def _plain_corpus(path) -> bool:
 
 def _switches(gpt: dict) -> tuple:
     """A model's architecture switches: every GPTConfig field but the sizes a twin shrinks."""
-    from tests.test_architecture import SIZE_FIELDS
+    from test_architecture import SIZE_FIELDS
 
     cfg = dataclasses.asdict(GPTConfig.from_dict(gpt))
     return tuple(sorted((k, str(v)) for k, v in cfg.items() if k not in SIZE_FIELDS["gpt"]))

@@ -21,7 +21,7 @@ from pgolf_lit.errors import ConfigError
 from pgolf_lit.tools import seeds as seeds_tool
 from pgolf_lit.tools.seeds import ResultsError, load_baseline, load_results
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "records" / "pr1421_recur_ema9965_tiny.yaml"
 SEEDS = (42, 1337, 2024)
 FAST = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3"]

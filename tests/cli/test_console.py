@@ -20,7 +20,7 @@ import yaml
 from pgolf_lit.config import CONFIG_DIR
 from cli_process import run_pgolf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = CONFIG_DIR / "records" / "pr1394_sp8192_loop45_tiny.yaml"
 QUIET = [
     "--trainer.max_steps",

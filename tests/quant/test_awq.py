@@ -1,7 +1,7 @@
 """AWQ-lite (PR #1945's ``export.awq``) inside ``export_model`` on a tiny GPT: the calibration pass's activation
 statistics choose the groups, the protected columns use the finer grid, the artifact (native and PGRP) reads back to
 the same weights, and the settings refuse what cannot work. The record's numbers are pinned by
-tests/test_frontier_fixtures.py (quant/pr1945_awq_lite_gptq)."""
+tests/fixtures/test_frontier_fixtures.py (quant/pr1945_awq_lite_gptq)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pgolf_lit.data.shards import load_validation_byte_sidecar, load_validation_
 from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.errors import DataError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
 DATASET = f"datasets/datasets/{NAME}"
 TOKENIZER = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"

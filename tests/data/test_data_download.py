@@ -18,7 +18,7 @@ from pgolf_lit.data.shards import read_num_tokens
 from pgolf_lit.data.shards_write import write_shard
 from pgolf_lit.errors import DataError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REPO_ID = "someone/parameter-golf"
 DATASET = "datasets/datasets/fineweb10B_sp1024"
 TRAIN_SHARDS = 3

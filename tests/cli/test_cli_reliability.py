@@ -34,7 +34,8 @@ from pgolf_lit.cli import main
 from pgolf_lit.errors import CheckpointError, DataError
 from trainer_utils import TINY_GPT, fit, tiny_datamodule, tiny_module, tiny_trainer
 
-TESTS = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # this room (the callbacks below), and the tests' shared helpers above it
+TESTS = (HERE, HERE.parent)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -615,7 +616,7 @@ def test_an_error_on_one_ddp_rank_ends_every_rank_with_its_line(tmp_path, embedd
             "NODE_RANK": "0",
             "LOCAL_RANK": str(rank),
             "RANK": str(rank),
-            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join([*map(str, TESTS), os.environ.get("PYTHONPATH", "")]),
         }
         procs.append(
             subprocess.Popen(

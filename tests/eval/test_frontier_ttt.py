@@ -1,6 +1,6 @@
 """PR #1953's TTT deltas without fixtures: the adapter mask (TTT_MASK=no_qv: no q/v adapters; PR #2135's k off) and
 the per-document LoRA learning-rate multiplier (TTT_LOCAL_LR_MULT), on a random model. The record's own run is pinned
-by tests/test_frontier_fixtures.py."""
+by tests/fixtures/test_frontier_fixtures.py."""
 
 from __future__ import annotations
 

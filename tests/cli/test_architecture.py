@@ -24,7 +24,7 @@ from pgolf_lit.quant.export import ExportConfig, quantize_state_dict
 from pgolf_lit.records import published_record_configs
 from pgolf_lit.tiny_twin import tiny_twin, tiny_twin_overlay
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
 TINY_TWINS = sorted((CONFIG_DIR / "records").glob("*_tiny.yaml"))
 

@@ -16,7 +16,7 @@ from pgolf_lit.quant.export import ExportConfig, _trace_ranked_low_bits, quantiz
 from pgolf_lit.quant.hessians import hooked_linears
 from pgolf_lit.quant.quantizers import clip_range, quantizers
 from pgolf_lit.quant.trace_rank import recurrent_layers
-from test_pr1204 import randomized, tiny_cfg
+from pr1204_case import randomized, tiny_cfg
 
 KEEP_FLOAT = 128  # the tiny model's bigram.proj (8×32) and every block matrix are quantized, as at full size
 GPTQ = dict(method="gptq", bits=6, scale="percentile_search")
