@@ -355,7 +355,7 @@ def test_wrapper_alone_scores_a_twin_artifact_as_the_package(tmp_path, embedded_
     export = dataclasses.replace(record_export_config(twin), allow_over_budget=True)
     report = export_model(model, export, tmp_path / "m.ptz", calib_batches=calib, progress=False, eval_methods=methods)
     wrapper = CODE_WRAPPERS[export.code_wrapper]
-    program, _, _ = package_program([export.format], methods, minify_options=wrapper.minify_options)
+    program, _, _ = package_program([export.format], methods, minify_options=wrapper.minify_options, model=gpt)
     (tmp_path / "code.py").write_text(wrapper.wrap(program))
     # what the export counted is this file's length
     assert report.code_bytes == (tmp_path / "code.py").stat().st_size == report.code.counted_bytes
