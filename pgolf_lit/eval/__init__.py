@@ -7,7 +7,7 @@ The names below load on first use (PEP 562), so importing one submodule imports 
 the method modules itself (``registry.METHOD_MODULES``), before ``runner.py`` builds ``EvalSettings`` from it.
 """
 
-import importlib
+from pgolf_lit.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "AuditCase": "registry",
@@ -52,10 +52,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)

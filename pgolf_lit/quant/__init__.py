@@ -12,7 +12,7 @@ The names below load on first use (PEP 562), so importing one submodule does not
 registry (``quantizers.QUANTIZER_MODULES``) is complete before ``export.py`` builds ``ExportConfig`` from it.
 """
 
-import importlib
+from pgolf_lit.lazy_exports import lazy_exports
 
 from pgolf_lit.quant import native_read, pergroup_read, pergroup_v2_read, upstream_read  # noqa: F401  (registers all)
 
@@ -35,10 +35,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)
