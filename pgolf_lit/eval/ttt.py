@@ -220,11 +220,13 @@ def evaluate_ttt(
     return PassOutcome(cfg.compliant, extra)
 
 
-def _audit_ttt(rule: WindowRule) -> AuditCase:
-    # chunks of 64 positions, one epoch; the batch is part of TTT (its training batches)
+def _audit_ttt(rule: WindowRule, hash_embed_size: int = 0) -> AuditCase:
+    # chunks of 64 positions, one epoch; the batch is part of TTT (its training batches); PR #1529's hash embedding
+    # with 64 rows at the audit's 40-token vocabulary, so that pairs share rows as they do at 16384 rows
+    name = f"ttt_{'score_first' if rule == 'ttt' else rule}" + ("_hash_embed" if hash_embed_size else "")
     return AuditCase(
-        f"ttt_{'score_first' if rule == 'ttt' else rule}",
-        lambda a: TTTSettings(rule, 64, epochs=1, batch_seqs=a.batch_windows),
+        name,
+        lambda a: TTTSettings(rule, 64, epochs=1, batch_seqs=a.batch_windows, hash_embed_size=hash_embed_size),
         spans_documents=True,
     )
 
@@ -237,6 +239,6 @@ METHODS = (
         evaluate_ttt,
         "final_{q}_ttt",
         "ttt",
-        audit=(_audit_ttt("ttt"), _audit_ttt("exact")),
+        audit=(_audit_ttt("ttt"), _audit_ttt("exact"), _audit_ttt("exact", hash_embed_size=64)),
     ),
 )

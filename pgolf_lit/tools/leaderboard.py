@@ -85,6 +85,8 @@ def audit_procedure(config: dict[str, Any], method: str) -> Optional[str]:
     if method == "sliding":
         return {"exact": "sliding_exact", "legacy": "sliding_legacy"}.get(settings.sliding.window_rule)
     if method == "ttt":
+        if settings.ttt.hash_embed_size and settings.ttt.window_rule == "exact":
+            return "ttt_exact_hash_embed"  # PR #1529's TTT-time hash embedding trains with the adapted weights
         return {"exact": "ttt_exact", "ttt": "ttt_score_first"}.get(settings.ttt.window_rule)
     if method in ("slot", "causal_slot"):
         slot = getattr(settings, method)

@@ -263,6 +263,7 @@ def test_the_audit_column_runs_the_audit_of_the_scored_pass(rows):
         ("sliding", {}, "sliding_exact"),
         ("ttt", {"ttt": {"window_rule": "ttt"}}, "ttt_score_first"),
         ("ttt", {}, "ttt_exact"),
+        ("ttt", {"ttt": {"hash_embed_size": 16384}}, "ttt_exact_hash_embed"),
         ("slot", {"slot": {"mode": "standard", "window_rule": "legacy"}}, "slot_standard"),
         ("slot", {}, "causal_slot_per_window"),
         ("causal_slot", {"causal_slot": {"mode": "causal_batch_shared"}}, "causal_slot_batch_shared"),

@@ -32,6 +32,7 @@ EXPECTED = {
     "causal_slot_per_window": (True, True, True, True, True, True, None, None),
     "ttt_score_first": (True, False, True, None, True, True, None, True),
     "ttt_exact": (True, True, True, None, True, True, None, True),
+    "ttt_exact_hash_embed": (True, True, True, None, True, True, None, True),  # PR #1529's table: score first too
     "doc_isolated": (True, True, True, None, True, True, True, None),
     "phased_ttt": (True, True, True, None, True, True, None, True),
     "phased_ttt_no_qv": (True, True, True, None, True, True, None, True),
