@@ -130,6 +130,7 @@ def test_eval_table_audit_section(bench):
         "sliding_exact",
         "causal_slot_per_window",
         "ttt_exact",
+        "ttt_exact_hash_embed",  # PR #1529's TTT-time hash embedding trains after scoring, as the adapted weights
         "doc_isolated",  # PR #1855's diagnostic and its score-first phased TTT audit compliant too
         "phased_ttt",
         "phased_ttt_no_qv",
