@@ -124,9 +124,10 @@ class TokenLoader:
         """Advance the loader by one call and describe what to read (no token is read)."""
         raise NotImplementedError
 
-    def _read(self, plan) -> np.ndarray:
-        """The planned windows as an int64 array of shape (rows, seq_len + 1)."""
-        raise NotImplementedError
+    def _read(self, plan: list[tuple[int, int]]) -> np.ndarray:
+        """The planned windows as an int64 array of shape (rows, seq_len + 1): by default ``plan`` lists
+        (shard, start) of windows in ``self.shards``, as the multi-shard loaders plan them."""
+        return np.stack([self.shards.window(shard, start, self.seq_len + 1) for shard, start in plan])
 
     def _position_state(self) -> dict:
         raise NotImplementedError
@@ -343,9 +344,6 @@ class ShuffledSequenceLoader(TokenLoader):
             plan.append((index, int(self.starts[index][self.remaining[index]])))
         return plan
 
-    def _read(self, plan: list[tuple[int, int]]) -> np.ndarray:
-        return np.stack([self.shards.window(index, start, self.seq_len + 1) for index, start in plan])
-
     def _position_state(self) -> dict:
         return {
             "rng": self.rng.bit_generator.state,
@@ -498,9 +496,6 @@ class CoprimeStrideLoader(TokenLoader):
             active = [bucket for bucket in visiting if bucket]
         return windows[self.rank :: self.world_size]
 
-    def _read(self, plan: list[tuple[int, int]]) -> np.ndarray:
-        return np.stack([self.shards.window(shard, start, self.seq_len + 1) for shard, start in plan])
-
     def _position_state(self) -> dict:
         return {
             "rng": self.rng.bit_generator.state,
@@ -600,9 +595,6 @@ class ShardHoldLoader(TokenLoader):
             self.visits[shard] += count
             plan += [(shard, int(b) * self.seq_len) for b in blocks]
         return plan
-
-    def _read(self, plan: list[tuple[int, int]]) -> np.ndarray:
-        return np.stack([self.shards.window(shard, start, self.seq_len + 1) for shard, start in plan])
 
     def _resume_key(self) -> dict:
         return {
