@@ -47,7 +47,8 @@ class CompilePriming(Callback):
             steps: real optimizer steps with recurrence off.
             recurrent_steps: real optimizer steps with recurrence on.
             qat_steps: steps with late-QAT fake quantization on (primes that graph).
-            qat_bits: the fake-quantization width of those steps; null: each layer's export rule width (as LateQAT).
+            qat_bits: the fake-quantization width of those steps; null: LateQAT's (its bits, else each layer's
+                export rule width).
             mode: ``construction`` (PR #1263 family) or ``step_fn`` (PR #1333 onwards), see the module docstring.
             cu_buckets: packed-document ``cu_seqlens`` widths to compile before the real steps (PR #1855: 64, 128,
                 192, 256); empty for dense training.
@@ -62,7 +63,7 @@ class CompilePriming(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 or not (self.steps or self.recurrent_steps or self.qat_steps):
             return  # a resumed run is already compiled past this point in its first life; nothing to prime
-        from .late_qat import run_export_config, set_qat_bits
+        from .late_qat import LateQAT, run_export_config, set_qat_bits
         from .recurrence import FIRST_PHASE_LOOPS, RecurrenceActivation, set_loop_repeats
         from pgolf_lit.module import StepSchedule
 
@@ -79,6 +80,9 @@ class CompilePriming(Callback):
         # (steps, recurrence, qat, loop repeats: None = the config's); a second loop phase (PR #1412) primes its
         # one-repeat graph before the full loop's, as upstream's loop_warmup_phase1/2
         full_loops = model.config.num_loops
+        # the QAT graph is primed at the widths LateQAT will set: its bits when it states them, else the export rules'
+        late_qat = [cb.bits for cb in trainer.callbacks if isinstance(cb, LateQAT)]
+        qat_bits = self.qat_bits if self.qat_bits is not None else (late_qat[0] if late_qat else None)
         phases = [(self.steps, False, False, None)]
         if any(isinstance(cb, RecurrenceActivation) and cb.phase2_at is not None for cb in trainer.callbacks):
             phases.append((self.recurrent_steps, True, False, FIRST_PHASE_LOOPS))
@@ -92,7 +96,7 @@ class CompilePriming(Callback):
                 if model.config.recurrence == "loop":
                     set_loop_repeats(model, full_loops if loops is None else loops)
                 model.set_recurrence(recurrent)
-                set_qat_bits(model, self.qat_bits if qat else 0, run_export_config(trainer))
+                set_qat_bits(model, qat_bits if qat else 0, run_export_config(trainer))
                 for _ in range(n):
                     i = next(index)
                     batch = tuple(

@@ -274,3 +274,18 @@ def test_late_qat_trains_each_layer_at_its_export_rules_width():
     float_attention = ExportConfig(mlp=TensorRule(5, "rtn"), attn=None)
     set_qat_bits(model, 4, float_attention)
     assert (block.mlp.fc.qat_bits, block.attn.c_q.qat_bits) == (4, 0)  # the export keeps attention float
+
+
+def test_compile_priming_primes_qat_at_the_widths_late_qat_sets(embedded_data_root, tmp_path, monkeypatch):
+    """CompilePriming without its own qat_bits primes the QAT graph at LateQAT's stated width (else the export
+    rules'), so the graph it compiles is the one LateQAT switches to."""
+    import pgolf_lit.callbacks.late_qat as late_qat
+
+    seen = []
+    real = late_qat.set_qat_bits
+    monkeypatch.setattr(
+        late_qat, "set_qat_bits", lambda model, bits, export=None: seen.append(bits) or real(model, bits, export)
+    )
+    callbacks = [CompilePriming(steps=1, qat_steps=1, mode="step_fn"), LateQAT(lr_scale_below=0.0, bits=4, apply=True)]
+    fit(tiny_module(), tiny_datamodule(embedded_data_root), tiny_trainer(tmp_path, 2, callbacks))
+    assert 4 in seen and seen[-1] == 0  # primed at LateQAT's 4 bits, then switched off for the real run
